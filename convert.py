@@ -1,0 +1,198 @@
+"""Convert between julian checkpoints and Hugging Face Llama folders.
+
+    python convert.py --to=hf --checkpoint=runs/tiny --out=hf/tiny
+    python convert.py --to=julian --hf=hf/tiny --out=runs/imported
+
+The Hugging Face folder loads with `transformers.AutoModelForCausalLM.from_pretrained` as
+`LlamaForCausalLM` and `AutoTokenizer.from_pretrained` as a `LlamaTokenizer` that reproduces our
+SentencePiece ids. Weights are safetensors (no pickle anywhere).
+
+Layout: our matmul weights are (in, out) for `x @ w`; torch's `nn.Linear` stores (out, in), so
+every projection is transposed. Our rotary embedding already rotates halves, as Hugging Face's
+does, so q and k need no permutation. Blocks are stacked on a leading layer axis here and
+numbered `model.layers.{i}` there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from safetensors import flax as safetensors_jax
+
+import checkpoint
+from model import ModelConfig, Transformer
+from tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, save_hf_tokenizer
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("to", None, ["hf", "julian"], "Direction: to a Hugging Face folder, or back to julian.")
+flags.DEFINE_string("checkpoint", None, "--to=hf: julian output dir (newest step) or Orbax step dir.")
+flags.DEFINE_string("hf", None, "--to=julian: a Hugging Face Llama folder (config.json, *.safetensors, tokenizer.model).")
+flags.DEFINE_string("out", None, "Where to write: the HF folder, or the julian checkpoint dir.")
+
+# (ours, Hugging Face's, transpose?) for the per-layer weights; {} is the layer number.
+LAYER_WEIGHTS = (
+    ("attn_norm.weight", "model.layers.{}.input_layernorm.weight", False),
+    ("attn.wq", "model.layers.{}.self_attn.q_proj.weight", True),
+    ("attn.wk", "model.layers.{}.self_attn.k_proj.weight", True),
+    ("attn.wv", "model.layers.{}.self_attn.v_proj.weight", True),
+    ("attn.wo", "model.layers.{}.self_attn.o_proj.weight", True),
+    ("mlp_norm.weight", "model.layers.{}.post_attention_layernorm.weight", False),
+    ("mlp.w_gate", "model.layers.{}.mlp.gate_proj.weight", True),
+    ("mlp.w_up", "model.layers.{}.mlp.up_proj.weight", True),
+    ("mlp.w_down", "model.layers.{}.mlp.down_proj.weight", True),
+)
+
+
+def _get(obj, dotted: str):
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def hf_config(config: ModelConfig) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "dtype": "float32",
+    }
+
+
+def to_hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
+    tensors = {"model.embed_tokens.weight": model.embed,
+               "model.norm.weight": model.final_norm.weight,
+               "lm_head.weight": model.lm_head.T}
+    for ours, theirs, transpose in LAYER_WEIGHTS:
+        stacked = _get(model.blocks, ours)
+        for i in range(model.config.n_layers):
+            tensors[theirs.format(i)] = stacked[i].T if transpose else stacked[i]
+    return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
+
+
+def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(model.config), f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}, f, indent=2)
+    tensors = {k: jnp.asarray(v) for k, v in to_hf_state_dict(model).items()}
+    safetensors_jax.save_file(tensors, os.path.join(out_dir, "model.safetensors"),
+                              metadata={"format": "pt"})
+    save_hf_tokenizer(tokenizer, out_dir)
+
+
+def _read_hf_tensors(hf_dir: str) -> dict[str, jax.Array]:
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        path = os.path.join(hf_dir, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist: expected the model's safetensors weights")
+        tensors.update(safetensors_jax.load_file(path))
+    return tensors
+
+
+def model_config_from_hf(hf: dict, path: str) -> ModelConfig:
+    problems = []
+    if hf.get("model_type") != "llama":
+        problems.append(f"model_type={hf.get('model_type')!r}, expected 'llama'")
+    heads = hf["num_attention_heads"]
+    if hf.get("num_key_value_heads", heads) != heads:
+        problems.append(f"num_key_value_heads={hf['num_key_value_heads']} != num_attention_heads={heads} "
+                        "(grouped-query attention is not supported)")
+    if hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
+        problems.append("head_dim * num_attention_heads must equal hidden_size")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        problems.append("biases are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r}, expected 'silu'")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        problems.append(f"rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    if problems:
+        raise ValueError(f"{path}: cannot import: " + "; ".join(problems))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=heads, d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+        norm_eps=hf.get("rms_norm_eps", 1e-6))
+
+
+def import_hf(hf_dir: str) -> tuple[Transformer, Tokenizer]:
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist: expected a Hugging Face Llama folder")
+    with open(config_path) as f:
+        config = model_config_from_hf(json.load(f), config_path)
+    tensors = {k: v.astype(jnp.float32) for k, v in _read_hf_tensors(hf_dir).items()}
+    # A tied model has no lm_head: its output projection is the input embedding.
+    lm_head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+    model = jax.eval_shape(Transformer, config, jax.random.key(0))
+    leaves = {"embed": tensors["model.embed_tokens.weight"], "final_norm.weight": tensors["model.norm.weight"],
+              "lm_head": lm_head.T}
+    for ours, theirs, transpose in LAYER_WEIGHTS:
+        layers = [tensors[theirs.format(i)] for i in range(config.n_layers)]
+        leaves["blocks." + ours] = jnp.stack([w.T if transpose else w for w in layers])
+    for name, value in leaves.items():
+        expected = _get(model, name).shape
+        if value.shape != expected:
+            raise ValueError(f"{hf_dir}: tensor for {name} has shape {value.shape}, expected {expected}")
+    model = _replace_leaves(model, leaves)
+    tokenizer = Tokenizer.load(os.path.join(hf_dir, "tokenizer.model"))
+    return model, tokenizer
+
+
+def _replace_leaves(model: Transformer, leaves: dict[str, jax.Array]) -> Transformer:
+    names = list(leaves)
+    return eqx.tree_at(lambda m: [_get(m, n) for n in names], model, [leaves[n] for n in names])
+
+
+def main(argv):
+    del argv
+    if not FLAGS.out:
+        raise app.UsageError("--out is required")
+    if FLAGS.to == "hf":
+        if not FLAGS.checkpoint:
+            raise app.UsageError("--to=hf needs --checkpoint=DIR (a train.py --output_dir)")
+        model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint)
+        export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), FLAGS.out)
+        print(f"wrote Hugging Face Llama folder {FLAGS.out}")
+    else:
+        if not FLAGS.hf:
+            raise app.UsageError("--to=julian needs --hf=HF_DIR")
+        model, tokenizer = import_hf(FLAGS.hf)
+        checkpoint.save(FLAGS.out, 0, model, tokenizer.model_bytes, {"imported_from": FLAGS.hf})
+        print(f"wrote julian checkpoint {FLAGS.out} (step 0)")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("to")
+    app.run(main)

@@ -1,0 +1,324 @@
+"""The Julian model: a LLaMA-style decoder in Equinox.
+
+RoPE (rotate-halves layout, as Hugging Face Llama), SwiGLU MLP, pre-norm RMSNorm, no biases,
+untied input and output embeddings. Blocks are stacked along a leading layer axis
+(`eqx.filter_vmap` at init) and run with `lax.scan` or an unrolled loop.
+
+Precision: parameters are fp32; activations and matmul inputs use `config.dtype` (bf16 by
+default) with fp32 accumulation; norms, softmax, logits and the loss are fp32. Every matmul goes
+through `einsum` below, whose backward pass also feeds bf16 operands with fp32 accumulation: plain
+autodiff of an fp32-accumulating dot hands the backward fp32 cotangents, which take the slow path
+on CPUs (AMX) and waste bandwidth everywhere.
+
+This file imports nothing of ours: no I/O, no flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("einsum", "dot_product")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50_000
+    d_model: int = 1280
+    n_layers: int = 18
+    n_heads: int = 20
+    d_ff: int = 5120
+    max_seq_len: int = 2048
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    dtype: str = "bfloat16"  # activations and matmul inputs; "float32" for exact checks
+    scan_layers: bool = True  # one compiled block for all layers; unrolled runs faster on CPU
+    remat: str = "none"  # "none" | "full" | "dots" (keep matmul outputs, recompute the rest)
+    attention: str = "einsum"  # "einsum" | "dot_product" (jax.nn.dot_product_attention: cuDNN flash on GPU)
+
+    def __post_init__(self):
+        problems = []
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)} must be positive")
+        if self.n_heads > 0 and self.d_model % self.n_heads:
+            problems.append(
+                f"n_heads={self.n_heads} does not divide d_model={self.d_model}: "
+                "expected d_model to be a multiple of n_heads")
+        elif self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
+            problems.append(f"head_dim={self.d_model // self.n_heads} must be even for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout} must be in [0, 1)")
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat={self.remat!r} must be one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            problems.append(f"attention={self.attention!r} must be one of {ATTENTION_IMPLS}")
+        if self.dtype not in ("bfloat16", "float32", "float16"):
+            problems.append(f"dtype={self.dtype!r} must be bfloat16, float16 or float32")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def num_params(config: ModelConfig) -> int:
+    """Exact parameter count, from the shapes alone (nothing is allocated)."""
+    shapes = eqx.filter_eval_shape(Transformer, config, jax.random.key(0))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N + 12·L·T·d_model (PaLM appendix B, nanoGPT's MFU).
+
+    6·N counts the forward (2·N) and backward (4·N) matmuls over all weights, the embedding lookup
+    included as PaLM does; 12·L·T·d is the attention scores and weighted sum (QK^T and AV, forward
+    and backward) at full, unmasked length T.
+    """
+    return 6.0 * num_params(config) + 12.0 * config.n_layers * seq_len * config.d_model
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed-precision matmul.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def einsum(spec: str, a: Array, b: Array, dtype: str) -> Float[Array, "..."]:
+    """`jnp.einsum(spec, a, b)` on `dtype` operands, accumulated and returned in fp32.
+
+    Valid for specs where every index of an operand appears in the other operand or the output
+    (true of every projection and attention product here), so the gradients are einsums too.
+    """
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _einsum_fwd(spec, a, b, dtype):
+    return einsum(spec, a, b, dtype), (a, b)
+
+
+def _einsum_bwd(spec, dtype, residuals, g):
+    a, b = residuals
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    g = g.astype(dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g, b.astype(dtype), preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{out},{sa}->{sb}", g, a.astype(dtype), preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+einsum.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers.
+
+
+def _normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float) -> Float[Array, "..."]:
+    return std * jax.random.normal(key, shape, jnp.float32)
+
+
+class RMSNorm(eqx.Module):
+    weight: Float[Array, " d_model"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, d_model: int, eps: float):
+        self.weight = jnp.ones((d_model,), jnp.float32)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*batch d_model"], dtype: str) -> Float[Array, "*batch d_model"]:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (self.weight * x).astype(dtype)
+
+
+def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
+    """Position of each token within its segment: positions restart where the segment id changes."""
+    t = jnp.arange(segment_ids.shape[1])
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+
+
+def rotary(x: Float[Array, "batch heads seq head_dim"], positions: Int[Array, "batch seq"],
+           theta: float) -> Float[Array, "batch heads seq head_dim"]:
+    """Rotate the two halves of each head by position-dependent angles (Hugging Face's layout)."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[:, None, :, None] * inv_freq  # batch 1 seq half
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(q_segments: Int[Array, "batch q"], kv_segments: Int[Array, "batch k"],
+                   q_positions: Int[Array, "batch q"], kv_positions: Int[Array, "batch k"]
+                   ) -> Bool[Array, "batch q k"]:
+    """A query sees keys of its own segment at the same or an earlier position."""
+    same = q_segments[:, :, None] == kv_segments[:, None, :]
+    return same & (kv_positions[:, None, :] <= q_positions[:, :, None])
+
+
+class Attention(eqx.Module):
+    wq: Float[Array, "d_model d_attn"]
+    wk: Float[Array, "d_model d_attn"]
+    wv: Float[Array, "d_model d_attn"]
+    wo: Float[Array, "d_attn d_model"]
+    n_heads: int = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, key: PRNGKeyArray):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        d = config.d_model
+        self.wq, self.wk, self.wv = (_normal(k, (d, d), 0.02) for k in (kq, kk, kv))
+        # Scaled so the residual stream's variance does not grow with depth (GPT-2).
+        self.wo = _normal(ko, (d, d), 0.02 / math.sqrt(2 * config.n_layers))
+        self.n_heads = config.n_heads
+
+    def __call__(self, x: Float[Array, "batch seq d_model"], mask: Bool[Array, "batch seq seq"],
+                 positions: Int[Array, "batch seq"], config: ModelConfig
+                 ) -> Float[Array, "batch seq d_model"]:
+        b, t, d = x.shape
+        # Heads before time, so every attention product batches over leading (batch, head) axes:
+        # XLA:CPU rejects bf16 -> f32 batched dots whose batch axes are not leading.
+        heads = lambda w: einsum("btd,de->bte", x, w, config.dtype).reshape(
+            b, t, self.n_heads, -1).transpose(0, 2, 1, 3)
+        q = rotary(heads(self.wq), positions, config.rope_theta)
+        k = rotary(heads(self.wk), positions, config.rope_theta)
+        v = heads(self.wv).astype(config.dtype)
+        if config.attention == "dot_product":
+            swap = lambda a: a.astype(config.dtype).transpose(0, 2, 1, 3)  # it wants (b, t, h, d)
+            out = jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=mask[:, None])
+        else:
+            scores = einsum("bhqd,bhkd->bhqk", q, k, config.dtype) / math.sqrt(q.shape[-1])
+            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1)
+            out = einsum("bhqk,bhkd->bhqd", probs, v, config.dtype).transpose(0, 2, 1, 3)
+        out = out.reshape(b, t, d).astype(config.dtype)
+        return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype)
+
+
+class MLP(eqx.Module):
+    w_gate: Float[Array, "d_model d_ff"]
+    w_up: Float[Array, "d_model d_ff"]
+    w_down: Float[Array, "d_ff d_model"]
+
+    def __init__(self, config: ModelConfig, key: PRNGKeyArray):
+        kg, ku, kd = jax.random.split(key, 3)
+        self.w_gate = _normal(kg, (config.d_model, config.d_ff), 0.02)
+        self.w_up = _normal(ku, (config.d_model, config.d_ff), 0.02)
+        self.w_down = _normal(kd, (config.d_ff, config.d_model), 0.02 / math.sqrt(2 * config.n_layers))
+
+    def __call__(self, x: Float[Array, "batch seq d_model"], config: ModelConfig
+                 ) -> Float[Array, "batch seq d_model"]:
+        gate = einsum("btd,df->btf", x, self.w_gate, config.dtype)
+        up = einsum("btd,df->btf", x, self.w_up, config.dtype)
+        hidden = (jax.nn.silu(gate) * up).astype(config.dtype)
+        return einsum("btf,fd->btd", hidden, self.w_down, config.dtype).astype(config.dtype)
+
+
+class Block(eqx.Module):
+    attn_norm: RMSNorm
+    attn: Attention
+    mlp_norm: RMSNorm
+    mlp: MLP
+
+    def __init__(self, config: ModelConfig, key: PRNGKeyArray):
+        ka, km = jax.random.split(key)
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, ka)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config, km)
+
+    def __call__(self, x: Float[Array, "batch seq d_model"], mask: Bool[Array, "batch seq seq"],
+                 positions: Int[Array, "batch seq"], config: ModelConfig,
+                 key: PRNGKeyArray | None) -> Float[Array, "batch seq d_model"]:
+        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
+        h = self.attn(self.attn_norm(x, config.dtype), mask, positions, config)
+        x = x + _dropout(h, config.dropout, k_attn)
+        h = self.mlp(self.mlp_norm(x, config.dtype), config)
+        return x + _dropout(h, config.dropout, k_mlp)
+
+
+def _dropout(x: Float[Array, "..."], rate: float, key: PRNGKeyArray | None) -> Float[Array, "..."]:
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    saveable = jax.checkpoint_policies.dots_saveable if policy == "dots" else None
+    return jax.checkpoint(fn, policy=saveable)
+
+
+class Transformer(eqx.Module):
+    embed: Float[Array, "vocab d_model"]
+    blocks: Block  # every array has a leading n_layers axis
+    final_norm: RMSNorm
+    lm_head: Float[Array, "d_model vocab"]
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, key: PRNGKeyArray):
+        ke, kb, kh = jax.random.split(key, 3)
+        self.embed = _normal(ke, (config.vocab_size, config.d_model), 0.02)
+        self.blocks = eqx.filter_vmap(lambda k: Block(config, k))(jax.random.split(kb, config.n_layers))
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = _normal(kh, (config.d_model, config.vocab_size), 0.02)
+        self.config = config
+
+    def hidden(self, tokens: Int[Array, "batch seq"], segment_ids: Int[Array, "batch seq"] | None = None,
+               *, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq d_model"]:
+        """Final-norm hidden states; `segment_ids` isolate packed documents from each other."""
+        config = self.config
+        if segment_ids is None:
+            segment_ids = jnp.zeros_like(tokens)
+        positions = segment_positions(segment_ids)
+        # Positions restart per segment, so mask on the raw index to keep attention causal.
+        index = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        mask = attention_mask(segment_ids, segment_ids, index, index)
+        x = self.embed.astype(config.dtype)[tokens]
+        keys = jax.random.split(key, config.n_layers) if key is not None else None
+
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def layer(x, layer_params, layer_key):
+            block = eqx.combine(layer_params, static)
+            return block(x, mask, positions, config, layer_key)
+
+        layer = _remat(layer, config.remat)
+        if config.scan_layers:
+            x, _ = jax.lax.scan(lambda x, pk: (layer(x, *pk), None), x, (params, keys))
+        else:
+            for i in range(config.n_layers):
+                x = layer(x, jax.tree.map(lambda a: a[i], params), None if keys is None else keys[i])
+        return self.final_norm(x, config.dtype)
+
+    def __call__(self, tokens: Int[Array, "batch seq"], segment_ids: Int[Array, "batch seq"] | None = None,
+                 *, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq vocab"]:
+        """fp32 next-token logits."""
+        return einsum("btd,dv->btv", self.hidden(tokens, segment_ids, key=key), self.lm_head,
+                      self.config.dtype)
+
+
+def cross_entropy(logits: Float[Array, "batch seq vocab"], targets: Int[Array, "batch seq"],
+                  weights: Float[Array, "batch seq"]) -> Float[Array, ""]:
+    """Weighted mean next-token loss in fp32.
+
+    Written as logsumexp minus the selected logit through a one-hot `where`: the gradient of
+    `take_along_axis` scatters into a zeroed vocab-sized buffer, which measured slower on CPU.
+    """
+    logits = logits.astype(jnp.float32)
+    onehot = targets[..., None] == jnp.arange(logits.shape[-1])
+    picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    losses = jax.nn.logsumexp(logits, axis=-1) - picked
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)

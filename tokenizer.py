@@ -1,0 +1,303 @@
+"""The SentencePiece BPE tokenizer: training, loading, special ids, ChatML rendering, a CLI.
+
+The report's settings: BPE, vocabulary 50,000, character coverage 0.9999, byte fallback, and
+eight special pieces at fixed ids, present from pretraining on:
+
+    0 <pad>  1 <unk>  2 <s>  3 </s>  4 <|code|>  5 <|endcode|>  6 <|im_start|>  7 <|im_end|>
+
+Choices that are ours (each measured, see tests/test_tokenizer.py):
+
+* Text is kept byte for byte: identity normalization (no NFKC), whitespace runs kept, and byte
+  fallback, so `decode(encode(x)) == x` for any text (one exception: U+2581 "▁", the piece
+  space symbol, decodes to a space, as in LLaMA). Digits are split into single pieces.
+* Newlines: SentencePiece trains on lines, so we feed each line of a document as one sentence.
+  "\\n" therefore never enters the vocabulary and is encoded as the byte piece <0x0A>, as in
+  LLaMA; a newline never merges with its neighbours.
+* No dummy prefix (unlike LLaMA): `encode("Paris")` is ["Par", "is"], not ["▁Paris"]. With it,
+  Hugging Face's tokenizer (which drops the dummy prefix when the text already starts with a
+  space) disagrees with SentencePiece on text such as " answer" or indented code; without it
+  the two agree on all text (save_hf_tokenizer), `encode(a) + encode(" b")` is usually
+  `encode(a + " b")` (what loglikelihood evaluation wants), and text between ChatML control
+  tokens needs no special case. The price: a text's first word is spelled as after a newline.
+* The ChatML/code tokens are control symbols, not user-defined ones: SentencePiece never
+  produces them from text, so a user typing "<|im_end|>" cannot end a turn. Only
+  `render_chat` emits them.
+
+Usage:
+    python tokenizer.py --input=data/a.txt,data/b.txt --model_prefix=/tmp/tok --vocab_size=2000
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+SPECIAL_TOKENS = (
+    "<pad>", "<unk>", "<s>", "</s>", "<|code|>", "<|endcode|>", "<|im_start|>", "<|im_end|>"
+)
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, CODE_ID, ENDCODE_ID, IM_START_ID, IM_END_ID = range(8)
+CHAT_ROLES = ("system", "user", "assistant")
+
+NUM_BYTE_PIECES = 256  # byte fallback reserves one piece per byte value
+# SentencePiece skips longer lines; its default (4192 bytes) would drop long paragraphs.
+MAX_SENTENCE_BYTES = 16_384
+
+# The same rendering as Tokenizer.render_chat, for Hugging Face's apply_chat_template. It gives
+# identical ids because HF splits the rendered string at special tokens and encodes each chunk
+# on its own, as render_chat does (checked in the tests).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _lines_of_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:  # one line at a time: memory stays bounded whatever the file size
+                yield line.rstrip("\n")
+
+
+def _lines_of_documents(documents: Iterable[str]) -> Iterator[str]:
+    for doc in documents:
+        # split("\n"), not splitlines(): only "\n" is a line break to the tokenizer; other
+        # separators (\r, \x0b, \u2028...) stay ordinary characters and round-trip as such.
+        yield from doc.split("\n")
+
+
+def train_tokenizer(
+    inputs: Sequence[str | os.PathLike] | Iterator[str],
+    model_prefix: str,
+    vocab_size: int = 50_000,
+    character_coverage: float = 0.9999,
+    max_sentences: int = 2_000_000,
+    num_threads: int | None = None,
+    verbose: bool = False,
+) -> str:
+    """Trains the BPE model and writes PREFIX.model and PREFIX.vocab; returns PREFIX.model.
+
+    inputs: a list or tuple of text files (UTF-8, read line by line), or an iterator of
+      document strings (e.g. a generator over a corpus; pass iter(docs) for a list of texts).
+    max_sentences: how many lines SentencePiece keeps, drawn uniformly at random from all the
+      input (reservoir sampling), so a corpus of any size trains in bounded memory.
+    """
+    min_vocab = len(SPECIAL_TOKENS) + NUM_BYTE_PIECES
+    if vocab_size <= min_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: it must exceed {min_vocab} "
+            f"({len(SPECIAL_TOKENS)} special + {NUM_BYTE_PIECES} byte pieces) plus the characters "
+            "of the corpus"
+        )
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]  # one file path
+    if isinstance(inputs, (list, tuple)):
+        for path in inputs:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"tokenizer training input not found: {os.fspath(path)!r} (to train on "
+                    "document strings, pass an iterator, e.g. iter(documents))"
+                )
+        sentences = _lines_of_files(inputs)
+    else:
+        sentences = _lines_of_documents(inputs)
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=(s for s in sentences if s),
+            model_prefix=model_prefix,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            control_symbols=list(SPECIAL_TOKENS[CODE_ID:]),  # ids 4..7, in this order
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            # As LLaMA: keep text as is (NFKC and collapsed spaces lose code indentation and
+            # make the Hugging Face export disagree), one piece per digit, and pieces made of
+            # spaces only (indentation).
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            add_dummy_prefix=False,  # see the module docstring
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=0 if verbose else 2,
+        )
+    except RuntimeError as e:
+        if "Vocabulary size" in str(e):  # too small for the corpus' characters, or too large for it
+            raise ValueError(f"vocab_size={vocab_size} does not fit this corpus: {e}") from e
+        raise
+    return model_prefix + ".model"
+
+
+class Tokenizer:
+    """A trained model: encode/decode text and render ChatML conversations to ids."""
+
+    def __init__(self, model_proto: bytes):
+        self._proto = bytes(model_proto)
+        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        pieces = tuple(self._sp.id_to_piece(i) for i in range(len(SPECIAL_TOKENS)))
+        if pieces != SPECIAL_TOKENS:
+            # Model code hard-codes these ids; a foreign model would silently break them.
+            raise ValueError(
+                f"not a julian tokenizer: ids 0..7 are {pieces}, expected {SPECIAL_TOKENS}"
+            )
+        self._num_threads = os.cpu_count() or 1
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer model not found: {os.fspath(path)!r}")
+        with open(path, "rb") as f:
+            return cls(f.read())
+
+    @classmethod
+    def from_bytes(cls, serialized_model_proto: bytes) -> Tokenizer:
+        return cls(serialized_model_proto)
+
+    @property
+    def model_bytes(self) -> bytes:
+        """The serialized model, so that a checkpoint can carry its tokenizer."""
+        return self._proto
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return self._sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(
+        self, texts: Sequence[str], bos: bool = False, eos: bool = False
+    ) -> list[list[int]]:
+        return self._sp.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=self._num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Special ids carry no text (SentencePiece would print <unk> as " ⁇ ").
+        return self._sp.decode([int(i) for i in ids if int(i) >= len(SPECIAL_TOKENS)])
+
+    def render_chat(
+        self, messages: Sequence[dict], add_generation_prompt: bool = False
+    ) -> list[int]:
+        """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+
+        Control ids come from here and only here; role and content go through `encode`, so a
+        "<|im_end|>" typed by a user becomes ordinary pieces. Each stretch of text between
+        control tokens is encoded on its own, which is how Hugging Face tokenizes the string
+        CHATML_TEMPLATE renders, and (no dummy prefix) it starts with exactly its own text, not
+        an extra "▁". The newline after the role is the byte <0x0A>, which never merges, so
+        the content's ids do not depend on the role.
+        """
+        ids: list[int] = []
+        for i, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role not in CHAT_ROLES:
+                expected = ", ".join(CHAT_ROLES)
+                raise ValueError(f"message {i}: unknown role {role!r}; expected one of {expected}")
+            if not isinstance(content, str):
+                kind = type(content).__name__
+                raise ValueError(f"message {i}: content must be a string, got {kind}")
+            ids += [IM_START_ID, *self.encode(f"{role}\n{content}"), IM_END_ID, *self.encode("\n")]
+        if add_generation_prompt:
+            ids += [IM_START_ID, *self.encode("assistant\n")]
+        return ids
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def save_hf_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
+    """Writes a folder that `transformers.LlamaTokenizer/AutoTokenizer.from_pretrained` loads
+    with the same ids as `tok` (transformers 5; needs sentencepiece and protobuf to convert).
+
+    add_prefix_space=False matches our model (no dummy prefix); legacy=False is the modern
+    Llama behaviour. HF, unlike us, turns special-token strings found in text into their ids
+    (that is how its chat template works); pass split_special_tokens=True to encode text as
+    text.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+        f.write(tok.model_bytes)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    extra = list(SPECIAL_TOKENS[CODE_ID:])
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        **special,
+        "additional_special_tokens": extra,
+        "add_bos_token": True,  # as LLaMA: hf(text) starts with <s>
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHATML_TEMPLATE,
+    }
+    special_map = {**special, "additional_special_tokens": extra}  # read by older transformers
+    files = {"tokenizer_config.json": config, "special_tokens_map.json": special_map}
+    for name, content in files.items():
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+
+def _define_flags() -> None:
+    # Defined only when run as a script: importing tokenizer.py must not add flags that could
+    # collide with train.py's (e.g. --vocab_size).
+    from absl import flags
+
+    flags.DEFINE_list("input", None, "Comma-separated UTF-8 text files, one paragraph per line.")
+    flags.DEFINE_string("model_prefix", None, "Writes PREFIX.model and PREFIX.vocab.")
+    flags.DEFINE_integer("vocab_size", 50_000, "Vocabulary size, special and byte pieces included.")
+    flags.DEFINE_float("character_coverage", 0.9999, "Share of characters that get their own "
+                       "piece; the rarest others are spelled with byte pieces.")
+    flags.DEFINE_integer("max_sentences", 2_000_000, "Lines sampled at random from the input "
+                         "to train on (bounds memory and time).")
+    flags.DEFINE_bool("verbose", False, "Show SentencePiece's training log.")
+    flags.mark_flags_as_required(["input", "model_prefix"])
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    del argv
+    FLAGS = flags.FLAGS
+    start = time.time()
+    try:
+        path = train_tokenizer(
+            FLAGS.input, FLAGS.model_prefix, vocab_size=FLAGS.vocab_size,
+            character_coverage=FLAGS.character_coverage, max_sentences=FLAGS.max_sentences,
+            verbose=FLAGS.verbose,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"tokenizer.py: {e}")  # the message says it all; no traceback
+    tok = Tokenizer.load(path)
+    print(f"wrote {path} ({tok.vocab_size} pieces) in {time.time() - start:.1f}s")
+    sample = "Le chat dort.\nThe cat sleeps, 42 times."
+    print(f"sample: {sample!r} -> {[tok.id_to_piece(i) for i in tok.encode(sample)]}")
+    # Compression on a bounded prefix of the input, so the summary stays quick on a big corpus.
+    lines = [line for _, line in zip(range(10_000), _lines_of_files(FLAGS.input))]
+    chars = sum(len(line) for line in lines)
+    tokens = sum(len(ids) for ids in tok.encode_batch(lines))
+    print(f"tokens/char on the first {len(lines)} input lines: {tokens / max(chars, 1):.3f}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
