@@ -19,8 +19,16 @@ import equinox as eqx
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from model import ModelConfig, Transformer
+
+
+def quiet_logging(verbosity_flag_given: bool) -> None:
+    """Orbax logs every save step at INFO, which absl shows by default: keep the console to our
+    own lines unless the user asked for a --verbosity."""
+    if not verbosity_flag_given:
+        logging.set_verbosity(logging.WARNING)
 
 
 def _manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:

@@ -177,6 +177,7 @@ def _replace_leaves(model: Transformer, leaves: dict[str, jax.Array]) -> Transfo
 
 def main(argv):
     del argv
+    checkpoint.quiet_logging(FLAGS["verbosity"].present)
     if not FLAGS.out:
         raise app.UsageError("--out is required")
     if FLAGS.to == "hf":

@@ -90,6 +90,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 def main(argv):
     del argv
+    checkpoint.quiet_logging(FLAGS["verbosity"].present)
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint is required: a train.py --output_dir")
     model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from tqdm import tqdm
@@ -271,16 +271,21 @@ def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines off the console
-    model_config, config = configs_from_flags()
+    checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    try:
+        model_config, config = configs_from_flags()
+    except ValueError as e:  # a flag combination the configs refuse: say which, without a traceback
+        raise app.UsageError(str(e)) from e
     mesh = Mesh(np.array(jax.devices()), ("data",))
     if FLAGS.dry_run:
         return dry_run(model_config, config, mesh)
     tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
     if not FLAGS.train_data:
         raise app.UsageError("--train_data is required: comma-separated text files")
-    records = TokenRecords(FLAGS.train_data, tokenizer, model_config.max_seq_len, config.seed)
+    try:
+        records = TokenRecords(FLAGS.train_data, tokenizer, model_config.max_seq_len, config.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(str(e)) from e
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     run_config = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config),
                   "tokenizer": FLAGS.tokenizer, "train_data": FLAGS.train_data}

@@ -1,0 +1,263 @@
+"""Throughput and MFU of julian's train step on this CPU, against Hugging Face Llama in torch.
+
+    python benchmarks/train_cpu.py                       # tiny and 100m, batch 4 x 512, 5 timed steps
+    python benchmarks/train_cpu.py --configs=tiny --steps=10 --hugetlb
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/train_cpu.py --impls=julian
+
+1) The peak: the best FLOP/s of a bf16 x bf16 -> f32 `jnp.dot` over large square and model-shaped
+   matrices, measured here first, since a CPU has no spec-sheet bf16 number (AMX or not, cores
+   shared with other processes). MFU = flops_per_token (6N + attention) x tokens/s / that peak.
+2) julian: `train.make_train_step` on `train.init_state`, unrolled and `lax.scan` over layers.
+3) HF torch: `transformers.LlamaForCausalLM` of the same shapes (untied embeddings, fp32 master
+   weights), `torch.autocast("cpu", bfloat16)`, fp32 loss, global-norm clipping, `torch.optim.AdamW`.
+Each runs `--warmup` untimed steps (compilation, first allocations) and then `--steps` timed steps;
+the step time is the median. The load average is printed: other processes on the same cores skew
+everything, so rerun when it is near 0.
+
+`--hugetlb` also runs the julian rows in a child process started with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35: malloc madvises transparent huge pages; the
+tunable is read at process start, hence the child). Prints one table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from model import ModelConfig, flops_per_token, num_params  # noqa: E402
+from train import TrainConfig, init_state, make_optimizer, make_train_step  # noqa: E402
+
+CONFIGS = {  # configs/tiny.flags and configs/100m.flags
+    "tiny": dict(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512),
+    "100m": dict(vocab_size=50_000, d_model=640, n_layers=12, n_heads=10, d_ff=2560),
+}
+HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def time_fn(fn, min_reps: int = 3, min_seconds: float = 0.5) -> float:
+    """Best wall time of `fn()` (which blocks) after one warm-up call."""
+    fn()
+    times = []
+    while len(times) < min_reps or sum(times) < min_seconds:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_peak(shapes: list[tuple[int, int, int]]) -> tuple[float, list[str]]:
+    """Best FLOP/s of bf16 x bf16 -> f32 jnp.dot over (m, k, n) shapes; also a line per shape."""
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    best, lines = 0.0, []
+    for m, k, n in shapes:
+        a = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
+        b = jax.random.normal(jax.random.key(1), (k, n), jnp.bfloat16)
+        seconds = time_fn(lambda: jax.block_until_ready(dot(a, b)))
+        flops = 2.0 * m * k * n / seconds
+        best = max(best, flops)
+        lines.append(f"  bf16 dot {m}x{k} @ {k}x{n}: {flops / 1e12:.3f} TFLOP/s")
+        log(lines[-1])
+        del a, b
+    return best, lines
+
+
+def torch_matmul_flops(m: int, k: int, n: int) -> float:
+    """For context only: torch's bf16 matmul (oneDNN) on the same cores."""
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+    return 2.0 * m * k * n / time_fn(lambda: torch.matmul(a, b))
+
+
+def bench_julian(name: str, batch: int, seq_len: int, steps: int, warmup: int, scan: bool) -> dict:
+    config = ModelConfig(**CONFIGS[name], max_seq_len=seq_len, scan_layers=scan)
+    train_config = TrainConfig(steps=1_000_000, batch_size=batch, warmup_steps=10)
+    optimizer = make_optimizer(train_config)
+    state = init_state(config, optimizer, jax.random.key(0))
+    train_step = make_train_step(optimizer)
+    tokens = jax.random.randint(jax.random.key(1), (1, batch, seq_len + 1), 0, config.vocab_size)
+    key = jax.random.key(2)
+
+    start = time.perf_counter()
+    state, metrics = train_step(state, tokens, key)
+    jax.block_until_ready((state, metrics))
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        state, metrics = jax.block_until_ready(train_step(state, tokens, key))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = jax.block_until_ready(train_step(state, tokens, key))
+        times.append(time.perf_counter() - start)
+    loss = float(metrics["loss"])
+    del state, metrics
+    gc.collect()
+    return {"seconds": statistics.median(times), "times": times, "first_step": first, "loss": loss}
+
+
+def bench_hf(name: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    c = CONFIGS[name]
+    hf_config = transformers.LlamaConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["d_model"], intermediate_size=c["d_ff"],
+        num_hidden_layers=c["n_layers"], num_attention_heads=c["n_heads"],
+        num_key_value_heads=c["n_heads"], max_position_embeddings=seq_len, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, attention_dropout=0.0)
+    model = transformers.LlamaForCausalLM(hf_config).float().train()  # fp32 master weights
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
+                                  weight_decay=0.1)
+    tokens = torch.randint(0, c["vocab_size"], (batch, seq_len + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(  # fp32 loss, as ours
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    del model, optimizer
+    gc.collect()
+    return {"seconds": statistics.median(times), "times": times, "first_step": first, "loss": loss,
+            "params": n_params}
+
+
+def julian_rows(args) -> list[dict]:
+    rows = []
+    for name in args.configs:
+        for scan in (False, True):
+            label = f"julian {'scan' if scan else 'unrolled'}"
+            log(f"[{name}] {label} (load {load()}) ...")
+            result = bench_julian(name, args.batch, args.seq_len, args.steps, args.warmup, scan)
+            log(f"[{name}] {label}: {result['seconds']:.3f} s/step (first step {result['first_step']:.1f} s,"
+                f" steps {', '.join(f'{t:.3f}' for t in result['times'])})")
+            rows.append({"config": name, "impl": label, **result})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="tiny,100m", type=lambda s: s.split(","),
+                        help=f"comma-separated, of {sorted(CONFIGS)}")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first compiles")
+    parser.add_argument("--impls", default="julian,hf", type=lambda s: s.split(","),
+                        help="julian and/or hf")
+    parser.add_argument("--hugetlb", action="store_true",
+                        help=f"also run the julian rows in a child with GLIBC_TUNABLES={HUGETLB}")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="skip measuring the peak")
+    parser.add_argument("--julian_json", action="store_true", help=argparse.SUPPRESS)  # the child
+    args = parser.parse_args()
+    if unknown := set(args.configs) - set(CONFIGS):
+        parser.error(f"--configs: unknown {sorted(unknown)}, expected some of {sorted(CONFIGS)}")
+    if args.julian_json:
+        print(json.dumps(julian_rows(args)))
+        return
+
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    log(f"{os.cpu_count()} CPUs, load {load()}, jax {jax.__version__}, GLIBC_TUNABLES={tunables!r}")
+    load_start = load()
+    tokens = args.batch * args.seq_len
+    if args.peak_tflops:
+        peak, peak_lines = args.peak_tflops * 1e12, [f"  given: {args.peak_tflops} TFLOP/s"]
+    else:
+        shapes = [(2048, 2048, 2048), (4096, 4096, 4096)]
+        for name in args.configs:
+            c = CONFIGS[name]
+            shapes += [(tokens, c["d_model"], c["d_ff"]), (tokens, c["d_ff"], c["d_model"]),
+                       (tokens, c["d_model"], c["vocab_size"])]
+        peak, peak_lines = measure_peak(shapes)
+
+    rows = []
+    if "julian" in args.impls:
+        rows += [dict(r, impl=r["impl"] + (" hugetlb" if HUGETLB in tunables else "")) for r in julian_rows(args)]
+        if args.hugetlb and HUGETLB not in tunables:
+            env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGETLB])))
+            child = [sys.executable, os.path.abspath(__file__), "--julian_json",
+                     f"--configs={','.join(args.configs)}", f"--batch={args.batch}",
+                     f"--seq_len={args.seq_len}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
+            log(f"julian rows again with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} ...")
+            out = subprocess.run(child, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+            rows += [dict(r, impl=r["impl"] + " hugetlb") for r in json.loads(out)]
+    torch_line = ""
+    if "hf" in args.impls:
+        for name in args.configs:
+            log(f"[{name}] HF torch (load {load()}) ...")
+            result = bench_hf(name, args.batch, args.seq_len, args.steps, args.warmup)
+            log(f"[{name}] HF torch: {result['seconds']:.3f} s/step (first step {result['first_step']:.1f} s,"
+                f" steps {', '.join(f'{t:.3f}' for t in result['times'])})")
+            rows.append({"config": name, "impl": "HF torch", **result})
+        torch_line = f"torch bf16 matmul 4096^3 for context: {torch_matmul_flops(4096, 4096, 4096) / 1e12:.3f} TFLOP/s"
+
+    # 4) The table.
+    header = ("config", "params", "implementation", "tokens/s", "step time", "MFU", "julian/HF")
+    table = []
+    for r in rows:
+        config = ModelConfig(**CONFIGS[r["config"]], max_seq_len=args.seq_len)
+        n = num_params(config)
+        if "params" in r and r["params"] != n:
+            log(f"warning: HF {r['config']} has {r['params']:,} parameters, julian {n:,}")
+        hf = next((h for h in rows if h["config"] == r["config"] and h["impl"] == "HF torch"), None)
+        ratio = f"{hf['seconds'] / r['seconds']:.2f}x" if hf and r["impl"] != "HF torch" else ""
+        mfu = flops_per_token(config, args.seq_len) * tokens / r["seconds"] / peak
+        table.append((r["config"], f"{n / 1e6:.1f}M", r["impl"], f"{tokens / r['seconds']:,.0f}",
+                      f"{r['seconds'] * 1e3:,.0f} ms", f"{mfu:.1%}", ratio))
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
+    fmt = lambda row: "  ".join(f"{x:<{w}}" if i < 3 else f"{x:>{w}}" for i, (x, w) in enumerate(zip(row, widths)))
+    print(f"\nbatch {args.batch} x seq {args.seq_len} = {tokens:,} tokens/step; median of {args.steps} "
+          f"timed steps after {args.warmup} warm-up; {os.cpu_count()} CPUs; GLIBC_TUNABLES={tunables!r}")
+    print(f"load average (1/5/15 min): {load_start} at start, {load()} at end")
+    print(f"MFU against the measured bf16 x bf16 -> f32 jnp.dot peak: {peak / 1e12:.3f} TFLOP/s")
+    print("\n".join(peak_lines))
+    if torch_line:
+        print(torch_line)
+    print()
+    print(fmt(header))
+    print(fmt(["-" * w for w in widths]))
+    print("\n".join(fmt(row) for row in table))
+
+
+if __name__ == "__main__":
+    main()

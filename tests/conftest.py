@@ -1,0 +1,41 @@
+"""Fixtures shared by the test files: one real tokenizer and one real tiny training run per session."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_FILES = sorted(glob.glob(os.path.join(REPO, "data", "*.txt")))
+TINY_VOCAB = 4096  # configs/tiny.flags
+TINY_STEPS = 150
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user would; fail the test with its output if it fails."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode:
+        pytest.fail(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory) -> str:
+    """A SentencePiece model with the tiny config's vocabulary, trained on the bundled sample."""
+    from tokenizer import train_tokenizer
+
+    prefix = str(tmp_path_factory.mktemp("tokenizer") / "tiny")
+    return train_tokenizer(DATA_FILES, prefix, vocab_size=TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_tokenizer_path) -> str:
+    """Output dir of `train.py --flagfile=configs/tiny.flags` after TINY_STEPS steps on the sample."""
+    out = str(tmp_path_factory.mktemp("tiny_run"))
+    run_script("train.py", "--flagfile=configs/tiny.flags", f"--tokenizer={tiny_tokenizer_path}",
+               "--train_data=" + ",".join(DATA_FILES), f"--steps={TINY_STEPS}", f"--output_dir={out}",
+               "--log_every=10")
+    return out
