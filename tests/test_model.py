@@ -129,9 +129,11 @@ def test_a_packed_segment_has_the_logits_of_the_same_tokens_run_alone():
     model, toks = build(), tokens()
     seg = _segments((8, 8), (8, 8))  # [A]*8 + [B]*8
     packed = forward(model, toks, seg)
-    # Each half run as its own sequence of 8 tokens, without segment ids: positions 0..7.
-    assert_close(packed[:, 8:], forward(model, toks[:, 8:]), rtol=1e-5)
-    assert_close(packed[:, :8], forward(model, toks[:, :8]), rtol=1e-5)
+    # B run alone, without segment ids (positions 0..7): its 8 tokens first, then filler that the
+    # causal mask hides from them (test_changing_a_token_never_changes_earlier_logits).
+    b_first = np.concatenate([toks[:, 8:], toks[:, :8]], axis=1)
+    assert_close(packed[:, 8:], forward(model, b_first)[:, :8], rtol=1e-5)
+    assert_close(packed[:, :8], forward(model, toks)[:, :8], rtol=1e-5)
     # If segment B were not isolated (or its positions did not restart), it would see A:
     assert differs(packed[:, 8:], forward(model, toks)[:, 8:])
 
