@@ -33,6 +33,13 @@ from data import TokenRecords
 from model import ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from tokenizer import Tokenizer
 
+# bf16 dense TFLOP/s per chip, from vendor spec sheets.
+PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+               "TPU v6 lite": 918.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Named pods for --dry_run: (chips, peak TFLOP/s per chip). A v4-32 has 16 chips (32 cores).
+HARDWARE = {"v4-8": (4, 275.0), "v4-32": (16, 275.0), "v5e-16": (16, 197.0),
+            "v5p-32": (16, 459.0), "1xH100": (1, 989.0), "8xH100": (8, 989.0)}
+
 FLAGS = flags.FLAGS
 # Model shape (configs/*.flags hold the report's three sizes).
 flags.DEFINE_integer("vocab_size", 50_000, "Vocabulary size; must equal the tokenizer's.")
@@ -69,19 +76,11 @@ flags.DEFINE_string("output_dir", "runs/default", "Checkpoints, metrics.jsonl, l
 flags.DEFINE_integer("seed", 0, "Seeds initialization, data order and dropout.")
 flags.DEFINE_integer("log_every", 10, "Steps between log lines.")
 flags.DEFINE_bool("dry_run", False, "Print sizes, compiled memory and compute budget; train nothing.")
-flags.DEFINE_string("hardware", "", "For --dry_run's time estimate: one of HARDWARE (default: these devices).")
+flags.DEFINE_enum("hardware", "", ["", *HARDWARE],
+                  "--dry_run on a CPU as if on this pod: memory per chip and the time estimate.")
 flags.DEFINE_float("assumed_mfu", 0.4, "For --dry_run's time estimate.")
 flags.DEFINE_float("peak_tflops", 0.0,
-                   "bf16 peak TFLOP/s per device for MFU; 0 looks the device up (CPU: 1.4 per process).")
-
-# bf16 dense TFLOP/s per chip, from vendor spec sheets.
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-               "TPU v6 lite": 918.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
-# Named pods for --dry_run: (chips, peak TFLOP/s per chip). A v4-32 has 16 chips (32 cores).
-HARDWARE = {"v4-8": (4, 275.0), "v4-32": (16, 275.0), "v5e-16": (16, 197.0),
-            "v5p-32": (16, 459.0), "1xH100": (1, 989.0), "8xH100": (8, 989.0)}
-# What this project's reference 2-core CPU reaches on bf16 x bf16 -> f32 dots (AMX), whole process.
-CPU_PEAK_TFLOPS = 1.4
+                   "bf16 peak TFLOP/s per device for MFU; 0 looks the chip up (CPU: measured at start).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,17 +169,33 @@ def make_train_step(optimizer: optax.GradientTransformation):
     return jax.jit(train_step, donate_argnums=0)
 
 
+def measure_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
+    """Best bf16 x bf16 -> f32 matmul FLOP/s of the default device.
+
+    The MFU denominator where no spec sheet applies: CPUs differ by 10x (with AMX or without).
+    """
+    a = jnp.ones((n, n), jnp.bfloat16)
+    matmul = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def device_peak_flops() -> float:
     """Peak bf16 FLOP/s of all devices together, for MFU."""
     devices = jax.devices()
     if FLAGS.peak_tflops:
         return FLAGS.peak_tflops * 1e12 * len(devices)
     if devices[0].platform == "cpu":
-        return CPU_PEAK_TFLOPS * 1e12  # fake CPU devices share the same cores
+        return measure_matmul_flops()  # fake CPU devices share the same cores
     kind = devices[0].device_kind
     per_chip = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     if per_chip is None:
-        raise ValueError(f"unknown peak for device {kind!r}: pass --peak_tflops")
+        raise app.UsageError(f"unknown peak FLOP/s for device {kind!r}: pass --peak_tflops")
     return per_chip * 1e12 * len(devices)
 
 
@@ -276,9 +291,13 @@ def main(argv):
         model_config, config = configs_from_flags()
     except ValueError as e:  # a flag combination the configs refuse: say which, without a traceback
         raise app.UsageError(str(e)) from e
+    if FLAGS.dry_run and FLAGS.hardware:
+        # On a CPU, fake the named pod's chips so the batch splits and memory is per chip.
+        jax.config.update("jax_num_cpu_devices", HARDWARE[FLAGS.hardware][0])
     mesh = Mesh(np.array(jax.devices()), ("data",))
     if FLAGS.dry_run:
         return dry_run(model_config, config, mesh)
+
     tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
     if not FLAGS.train_data:
         raise app.UsageError("--train_data is required: comma-separated text files")
@@ -304,7 +323,8 @@ def main(argv):
     flops_per_step = flops_per_token(model_config, model_config.max_seq_len) * tokens_per_step
     peak = device_peak_flops()
     print(f"{num_params(model_config):,} parameters | {records.num_tokens:,} training tokens | "
-          f"{tokens_per_step:,} tokens per step | {len(jax.devices())} devices")
+          f"{tokens_per_step:,} tokens per step | {len(jax.devices())} devices | "
+          f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
 
     metrics_path = os.path.join(FLAGS.output_dir, "metrics.jsonl")
     pending, last_time, last_step = [], 0.0, 0

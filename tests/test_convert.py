@@ -6,6 +6,7 @@ embeddings) must import into a model that computes its logits.
 """
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -129,7 +130,7 @@ def random_hf_model(random_hf_dir):
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):
-    model, tokenizer_bytes, config = checkpoint.load(tiny_run, model_overrides={"dtype": "float32"})
+    model, tokenizer_bytes, _ = checkpoint.load(tiny_run, model_overrides={"dtype": "float32"})
     return model, tokenizer_bytes
 
 
@@ -303,8 +304,6 @@ def test_import_of_a_folder_without_config_json_names_the_path(tmp_path):
 
 
 def test_import_of_grouped_query_attention_is_refused_naming_num_key_value_heads(random_hf_dir, tmp_path):
-    import json
-
     with open(os.path.join(random_hf_dir, "config.json")) as f:
         config = json.load(f)
     config["num_key_value_heads"] = 1
