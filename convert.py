@@ -35,7 +35,13 @@ flags.DEFINE_string("checkpoint", None, "--to=hf: julian output dir (newest step
 flags.DEFINE_string("hf", None, "--to=julian: a Hugging Face Llama folder (config.json, *.safetensors, tokenizer.model).")
 flags.DEFINE_string("out", None, "Where to write: the HF folder, or the julian checkpoint dir.")
 
-# (ours, Hugging Face's, transpose?) for the per-layer weights; {} is the layer number.
+# (ours, Hugging Face's, transpose?) for the weights outside the blocks...
+MODEL_WEIGHTS = (
+    ("embed", "model.embed_tokens.weight", False),
+    ("final_norm.weight", "model.norm.weight", False),
+    ("lm_head", "lm_head.weight", True),
+)
+# ...and for each block's; {} is the layer number.
 LAYER_WEIGHTS = (
     ("attn_norm.weight", "model.layers.{}.input_layernorm.weight", False),
     ("attn.wq", "model.layers.{}.self_attn.q_proj.weight", True),
@@ -82,9 +88,8 @@ def hf_config(config: ModelConfig) -> dict:
 
 
 def to_hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
-    tensors = {"model.embed_tokens.weight": model.embed,
-               "model.norm.weight": model.final_norm.weight,
-               "lm_head.weight": model.lm_head.T}
+    tensors = {theirs: _get(model, ours).T if transpose else _get(model, ours)
+               for ours, theirs, transpose in MODEL_WEIGHTS}
     for ours, theirs, transpose in LAYER_WEIGHTS:
         stacked = _get(model.blocks, ours)
         for i in range(model.config.n_layers):
@@ -152,27 +157,32 @@ def import_hf(hf_dir: str) -> tuple[Transformer, Tokenizer]:
         raise FileNotFoundError(f"{config_path} does not exist: expected a Hugging Face Llama folder")
     with open(config_path) as f:
         config = model_config_from_hf(json.load(f), config_path)
-    tensors = {k: v.astype(jnp.float32) for k, v in _read_hf_tensors(hf_dir).items()}
-    # A tied model has no lm_head: its output projection is the input embedding.
-    lm_head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
-    model = jax.eval_shape(Transformer, config, jax.random.key(0))
-    leaves = {"embed": tensors["model.embed_tokens.weight"], "final_norm.weight": tensors["model.norm.weight"],
-              "lm_head": lm_head.T}
-    for ours, theirs, transpose in LAYER_WEIGHTS:
-        layers = [tensors[theirs.format(i)] for i in range(config.n_layers)]
-        leaves["blocks." + ours] = jnp.stack([w.T if transpose else w for w in layers])
-    for name, value in leaves.items():
-        expected = _get(model, name).shape
+    tensors = _read_hf_tensors(hf_dir)
+    if "lm_head.weight" not in tensors:  # a tied model: its output projection is the input embedding
+        tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+    model = eqx.filter_eval_shape(Transformer, config, jax.random.key(0))
+
+    def tensor(name: str, shape: tuple[int, ...], transpose: bool) -> jax.Array:
+        value = tensors.get(name)
+        if value is None:
+            raise ValueError(f"{hf_dir}: tensor {name} is missing")
+        expected = tuple(reversed(shape)) if transpose else tuple(shape)
         if value.shape != expected:
-            raise ValueError(f"{hf_dir}: tensor for {name} has shape {value.shape}, expected {expected}")
-    model = _replace_leaves(model, leaves)
+            raise ValueError(f"{hf_dir}: tensor {name} has shape {value.shape}, expected {expected}")
+        value = value.astype(jnp.float32)
+        return value.T if transpose else value
+
+    paths, values = [], []
+    for ours, theirs, transpose in MODEL_WEIGHTS:
+        paths.append(ours)
+        values.append(tensor(theirs, _get(model, ours).shape, transpose))
+    for ours, theirs, transpose in LAYER_WEIGHTS:
+        shape = _get(model.blocks, ours).shape[1:]
+        paths.append("blocks." + ours)
+        values.append(jnp.stack([tensor(theirs.format(i), shape, transpose) for i in range(config.n_layers)]))
+    model = eqx.tree_at(lambda m: [_get(m, p) for p in paths], model, values)
     tokenizer = Tokenizer.load(os.path.join(hf_dir, "tokenizer.model"))
     return model, tokenizer
-
-
-def _replace_leaves(model: Transformer, leaves: dict[str, jax.Array]) -> Transformer:
-    names = list(leaves)
-    return eqx.tree_at(lambda m: [_get(m, n) for n in names], model, [leaves[n] for n in names])
 
 
 def main(argv):
@@ -180,18 +190,21 @@ def main(argv):
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
     if not FLAGS.out:
         raise app.UsageError("--out is required")
-    if FLAGS.to == "hf":
-        if not FLAGS.checkpoint:
-            raise app.UsageError("--to=hf needs --checkpoint=DIR (a train.py --output_dir)")
-        model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint)
-        export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), FLAGS.out)
-        print(f"wrote Hugging Face Llama folder {FLAGS.out}")
-    else:
-        if not FLAGS.hf:
-            raise app.UsageError("--to=julian needs --hf=HF_DIR")
-        model, tokenizer = import_hf(FLAGS.hf)
-        checkpoint.save(FLAGS.out, 0, model, tokenizer.model_bytes, {"imported_from": FLAGS.hf})
-        print(f"wrote julian checkpoint {FLAGS.out} (step 0)")
+    if FLAGS.to == "hf" and not FLAGS.checkpoint:
+        raise app.UsageError("--to=hf needs --checkpoint=DIR (a train.py --output_dir)")
+    if FLAGS.to == "julian" and not FLAGS.hf:
+        raise app.UsageError("--to=julian needs --hf=HF_DIR")
+    try:
+        if FLAGS.to == "hf":
+            model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint)
+            export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), FLAGS.out)
+            print(f"wrote Hugging Face Llama folder {FLAGS.out}")
+        else:
+            model, tokenizer = import_hf(FLAGS.hf)
+            checkpoint.save(FLAGS.out, 0, model, tokenizer.model_bytes, {"imported_from": FLAGS.hf})
+            print(f"wrote julian checkpoint {FLAGS.out} (step 0)")
+    except (FileNotFoundError, ValueError) as e:  # bad input: say what, without a traceback
+        raise app.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":
