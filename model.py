@@ -140,12 +140,15 @@ class RMSNorm(eqx.Module):
         return (self.weight * x).astype(dtype)
 
 
+def _segment_starts(segment_ids: Int[Array, "batch seq"]) -> Bool[Array, "batch seq"]:
+    first = jnp.ones_like(segment_ids[:, :1], bool)
+    return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+
 def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
     """Position of each token within its segment: positions restart where the segment id changes."""
     t = jnp.arange(segment_ids.shape[1])
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+    return t - jax.lax.cummax(jnp.where(_segment_starts(segment_ids), t, 0), axis=1)
 
 
 def rotary(x: Float[Array, "batch heads seq head_dim"], positions: Int[Array, "batch seq"],
@@ -280,12 +283,16 @@ class Transformer(eqx.Module):
                *, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq d_model"]:
         """Final-norm hidden states; `segment_ids` isolate packed documents from each other."""
         config = self.config
+        if tokens.shape[1] > config.max_seq_len:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_seq_len={config.max_seq_len}")
         if segment_ids is None:
             segment_ids = jnp.zeros_like(tokens)
         positions = segment_positions(segment_ids)
-        # Positions restart per segment, so mask on the raw index to keep attention causal.
+        # A segment is a run of equal ids: number the runs, so an id that comes back later starts
+        # a new segment; and mask on the raw index, since positions restart per segment.
+        runs = jnp.cumsum(_segment_starts(segment_ids), axis=1)
         index = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        mask = attention_mask(segment_ids, segment_ids, index, index)
+        mask = attention_mask(runs, runs, index, index)
         x = self.embed.astype(config.dtype)[tokens]
         keys = jax.random.split(key, config.n_layers) if key is not None else None
 
@@ -321,4 +328,5 @@ def cross_entropy(logits: Float[Array, "batch seq vocab"], targets: Int[Array, "
     onehot = targets[..., None] == jnp.arange(logits.shape[-1])
     picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
     losses = jax.nn.logsumexp(logits, axis=-1) - picked
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    total = jnp.sum(weights)
+    return jnp.sum(losses * weights) / jnp.where(total > 0, total, 1.0)
