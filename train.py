@@ -185,11 +185,11 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / best
 
 
-def device_peak_flops() -> float:
-    """Peak bf16 FLOP/s of all devices together, for MFU."""
+def device_peak_flops(peak_tflops: float = 0.0) -> float:
+    """Peak bf16 FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides."""
     devices = jax.devices()
-    if FLAGS.peak_tflops:
-        return FLAGS.peak_tflops * 1e12 * len(devices)
+    if peak_tflops:
+        return peak_tflops * 1e12 * len(devices)
     if devices[0].platform == "cpu":
         return measure_matmul_flops()  # fake CPU devices share the same cores
     kind = devices[0].device_kind
@@ -199,8 +199,12 @@ def device_peak_flops() -> float:
     return per_chip * 1e12 * len(devices)
 
 
-def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh) -> None:
-    """Print parameter count, compiled per-device memory and the compute budget; allocate nothing."""
+def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware: str,
+            assumed_mfu: float, peak_tflops: float) -> None:
+    """Print parameter count, compiled per-device memory and the compute budget; allocate nothing.
+
+    `hardware` names a pod in HARDWARE for the time estimate ("" for the devices at hand).
+    """
     optimizer = make_optimizer(config)
     abstract_state = jax.eval_shape(lambda k: init_state(model_config, optimizer, k), jax.random.key(0))
     replicated = NamedSharding(mesh, P())
@@ -215,12 +219,13 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh) -> None:
     n = num_params(model_config)
     tokens_per_step = config.batch_size * model_config.max_seq_len
     total_flops = flops_per_token(model_config, model_config.max_seq_len) * tokens_per_step * config.steps
-    if FLAGS.hardware:
-        chips, tflops = HARDWARE[FLAGS.hardware]
-        where, peak = f"{FLAGS.hardware} ({chips} chips x {tflops:g} TFLOP/s)", chips * tflops * 1e12
+    if hardware:
+        chips, tflops = HARDWARE[hardware]
+        where, peak = f"{hardware} ({chips} chips x {tflops:g} TFLOP/s)", chips * tflops * 1e12
     else:
-        where, peak = f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}", device_peak_flops()
-    days = total_flops / (peak * FLAGS.assumed_mfu) / 86400
+        where = f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}"
+        peak = device_peak_flops(peak_tflops)
+    days = total_flops / (peak * assumed_mfu) / 86400
     gib = lambda b: f"{b / 2**30:.2f} GiB"
     rows = [
         ("parameters", f"{n:,}"),
@@ -231,16 +236,52 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh) -> None:
         ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {model_config.max_seq_len})"),
         ("training tokens", f"{tokens_per_step * config.steps:,} ({config.steps:,} steps)"),
         ("FLOPs (6N + attention)", f"{total_flops:.3g}"),
-        (f"time at {FLAGS.assumed_mfu:.0%} MFU on {where}", f"{days:.2f} days"),
+        (f"time at {assumed_mfu:.0%} MFU on {where}", f"{days:.2f} days"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
-def log_line(record: dict) -> str:
-    return (f"step {record['step']:>7} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-            f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-            f"MFU {record['mfu']:.1%} | ETA {record['eta_s'] / 60:.1f} min")
+class IntervalLogger:
+    """Every `every` steps: one console line and one metrics.jsonl record (step, loss, lr, grad
+    norm, tokens/s, MFU, ETA). Metrics stay on device until then, so logging adds no sync per step;
+    the clock starts after the first step, which includes compilation."""
+
+    def __init__(self, path: str, every: int, steps: int, schedule: optax.Schedule,
+                 tokens_per_step: int, flops_per_step: float, peak_flops: float):
+        self.file = open(path, "w")
+        self.every, self.steps, self.schedule = every, steps, schedule
+        self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
+        self.pending: list[dict] = []
+        self.clock, self.clock_step = 0.0, 0
+
+    def log(self, step: int, metrics: dict) -> str | None:
+        """Record step `step`'s metrics; return the log line when an interval ends."""
+        self.pending.append(metrics)
+        if step == 0:
+            jax.block_until_ready(metrics)
+            self.clock, self.clock_step = time.perf_counter(), 1
+        if (step + 1) % self.every and step + 1 != self.steps:
+            return None
+        fetched = jax.device_get(self.pending)
+        now, timed = time.perf_counter(), step + 1 - self.clock_step
+        seconds_per_step = (now - self.clock) / timed if timed else float("nan")
+        record = {"step": step + 1,
+                  "loss": float(np.mean([m["loss"] for m in fetched])),
+                  "grad_norm": float(fetched[-1]["grad_norm"]),
+                  "lr": float(self.schedule(step)),
+                  "tokens_per_s": self.tokens_per_step / seconds_per_step,
+                  "mfu": self.flops_per_step / seconds_per_step / self.peak_flops,
+                  "eta_s": seconds_per_step * (self.steps - step - 1)}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.pending, self.clock, self.clock_step = [], now, step + 1
+        return (f"step {record['step']:>7} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+                f"MFU {record['mfu']:.1%} | ETA {record['eta_s'] / 60:.1f} min")
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def plot_loss(metrics_path: str, png_path: str) -> None:
@@ -296,7 +337,7 @@ def main(argv):
         jax.config.update("jax_num_cpu_devices", HARDWARE[FLAGS.hardware][0])
     mesh = Mesh(np.array(jax.devices()), ("data",))
     if FLAGS.dry_run:
-        return dry_run(model_config, config, mesh)
+        return dry_run(model_config, config, mesh, FLAGS.hardware, FLAGS.assumed_mfu, FLAGS.peak_tflops)
 
     tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
     if not FLAGS.train_data:
@@ -312,7 +353,6 @@ def main(argv):
         json.dump(run_config, f, indent=2)
 
     optimizer = make_optimizer(config)
-    schedule = learning_rate_schedule(config)
     key = jax.random.key(config.seed)
     # Parameters and optimizer state replicated; the batch split over all devices.
     state = jax.device_put(init_state(model_config, optimizer, key), NamedSharding(mesh, P()))
@@ -320,41 +360,22 @@ def main(argv):
     train_step = make_train_step(optimizer)
     micro = config.batch_size // config.grad_accum
     tokens_per_step = config.batch_size * model_config.max_seq_len
-    flops_per_step = flops_per_token(model_config, model_config.max_seq_len) * tokens_per_step
-    peak = device_peak_flops()
+    peak = device_peak_flops(FLAGS.peak_tflops)
     print(f"{num_params(model_config):,} parameters | {records.num_tokens:,} training tokens | "
           f"{tokens_per_step:,} tokens per step | {len(jax.devices())} devices | "
           f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
-
     metrics_path = os.path.join(FLAGS.output_dir, "metrics.jsonl")
-    pending, last_time, last_step = [], 0.0, 0
-    with open(metrics_path, "w") as metrics_file, tqdm(total=config.steps, disable=None) as bar:
-        for step in range(config.steps):
-            batch = records.batch(step, config.batch_size).reshape(config.grad_accum, micro, -1)
-            batch = jax.device_put(batch, batch_sharding)
-            state, metrics = train_step(state, batch, jax.random.fold_in(key, step))
-            pending.append(metrics)
-            bar.update()
-            if step == 0:  # start the clock after compilation
-                jax.block_until_ready(metrics)
-                last_time, last_step = time.perf_counter(), 1
-            if (step + 1) % FLAGS.log_every and step + 1 != config.steps:
-                continue
-            fetched = jax.device_get(pending)
-            now = time.perf_counter()
-            timed = step + 1 - last_step
-            seconds_per_step = (now - last_time) / timed if timed else float("nan")
-            record = {"step": step + 1,
-                      "loss": float(np.mean([m["loss"] for m in fetched])),
-                      "grad_norm": float(fetched[-1]["grad_norm"]),
-                      "lr": float(schedule(step)),
-                      "tokens_per_s": tokens_per_step / seconds_per_step,
-                      "mfu": flops_per_step / seconds_per_step / peak,
-                      "eta_s": seconds_per_step * (config.steps - step - 1)}
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            bar.write(log_line(record))
-            pending, last_time, last_step = [], now, step + 1
+    logger = IntervalLogger(metrics_path, FLAGS.log_every, config.steps, learning_rate_schedule(config),
+                            tokens_per_step, flops_per_token(model_config, model_config.max_seq_len)
+                            * tokens_per_step, peak)
+
+    for step in tqdm(range(config.steps), disable=None):
+        batch = records.batch(step, config.batch_size).reshape(config.grad_accum, micro, -1)
+        state, metrics = train_step(state, jax.device_put(batch, batch_sharding),
+                                    jax.random.fold_in(key, step))
+        if line := logger.log(step, metrics):
+            tqdm.write(line)
+    logger.close()
 
     checkpoint.save(FLAGS.output_dir, config.steps, state.model, tokenizer.model_bytes, run_config)
     plot_loss(metrics_path, os.path.join(FLAGS.output_dir, "loss.png"))
