@@ -30,10 +30,15 @@ from model import ModelConfig, Transformer
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, save_hf_tokenizer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("to", None, ["hf", "julian"], "Direction: to a Hugging Face folder, or back to julian.")
-flags.DEFINE_string("checkpoint", None, "--to=hf: julian output dir (newest step) or Orbax step dir.")
-flags.DEFINE_string("hf", None, "--to=julian: a Hugging Face Llama folder (config.json, *.safetensors, tokenizer.model).")
-flags.DEFINE_string("out", None, "Where to write: the HF folder, or the julian checkpoint dir.")
+
+
+def define_flags() -> None:
+    """Defined on demand, not at import: other scripts and the tests import this file."""
+    flags.DEFINE_enum("to", None, ["hf", "julian"], "Direction: to a Hugging Face folder, or back to julian.")
+    flags.DEFINE_string("checkpoint", None, "--to=hf: julian output dir (newest step) or Orbax step dir.")
+    flags.DEFINE_string("hf", None, "--to=julian: a Hugging Face Llama folder (config.json, *.safetensors, tokenizer.model).")
+    flags.DEFINE_string("out", None, "Where to write: the HF folder, or the julian checkpoint dir.")
+
 
 # (ours, Hugging Face's, transpose?) for the weights outside the blocks...
 MODEL_WEIGHTS = (
@@ -208,5 +213,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flag_as_required("to")
     app.run(main)

@@ -20,14 +20,19 @@ from model import Transformer
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step) to sample from.")
-flags.DEFINE_multi_string("prompt", ["The"], "Prompt text; repeat the flag for a batch of prompts.")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
-flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
-flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: all).")
-flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose probability reaches p.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Compute dtype for sampling.")
+
+
+def define_flags() -> None:
+    """Defined on demand, not at import: other scripts and the tests import this file."""
+    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step) to sample from.")
+    flags.DEFINE_multi_string("prompt", ["The"], "Prompt text; repeat the flag for a batch of prompts.")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+    flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
+    flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: all).")
+    flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose probability reaches p.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Compute dtype for sampling.")
+
 
 
 def sample_logits(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, temperature: float,
@@ -103,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

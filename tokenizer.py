@@ -255,7 +255,7 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
 # --- CLI --------------------------------------------------------------------------------------
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     # Defined only when run as a script: importing tokenizer.py must not add flags that could
     # collide with train.py's (e.g. --vocab_size).
     from absl import flags
@@ -299,5 +299,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     from absl import app
 
-    _define_flags()
+    define_flags()
     app.run(main)

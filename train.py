@@ -41,46 +41,51 @@ HARDWARE = {"v4-8": (4, 275.0), "v4-32": (16, 275.0), "v5e-16": (16, 197.0),
             "v5p-32": (16, 459.0), "1xH100": (1, 989.0), "8xH100": (8, 989.0)}
 
 FLAGS = flags.FLAGS
-# Model shape (configs/*.flags hold the report's three sizes).
-flags.DEFINE_integer("vocab_size", 50_000, "Vocabulary size; must equal the tokenizer's.")
-flags.DEFINE_integer("d_model", 1280, "Width of the residual stream.")
-flags.DEFINE_integer("n_layers", 18, "Number of transformer blocks.")
-flags.DEFINE_integer("n_heads", 20, "Attention heads; must divide d_model (head dim 64 in the report).")
-flags.DEFINE_integer("d_ff", 5120, "Hidden width of the SwiGLU MLP.")
-flags.DEFINE_integer("seq_len", 2048, "Training sequence length, and the model's context length.")
-flags.DEFINE_float("rope_theta", 10_000.0, "Rotary embedding base.")
-flags.DEFINE_float("norm_eps", 1e-6, "RMSNorm epsilon.")
-flags.DEFINE_float("dropout", 0.0, "Residual dropout (the report's table says 0.1).")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation and matmul dtype.")
-flags.DEFINE_bool("scan_layers", True, "lax.scan over layers (fast compile) instead of unrolling.")
-flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Rematerialize activations per block.")
-flags.DEFINE_enum("attention", "einsum", ["einsum", "dot_product"],
-                  "einsum, or jax.nn.dot_product_attention (cuDNN flash attention on GPU).")
-# Data.
-flags.DEFINE_string("tokenizer", None, "SentencePiece model (tokenizer.py writes one).")
-flags.DEFINE_list("train_data", [], "Text files, one document per line.")
-# Optimization (defaults: the report's).
-flags.DEFINE_integer("steps", 300_000, "Optimizer steps.")
-flags.DEFINE_integer("batch_size", 64, "Global batch, in sequences per optimizer step.")
-flags.DEFINE_integer("grad_accum", 1, "Micro-batches per step (batch_size must divide evenly).")
-flags.DEFINE_float("learning_rate", 1.2e-3, "Peak learning rate.")
-flags.DEFINE_float("min_lr_ratio", 0.1, "Cosine decay ends at learning_rate * min_lr_ratio.")
-flags.DEFINE_integer("warmup_steps", 3000, "Linear warmup steps from 0 to the peak.")
-flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matmul weights only).")
-flags.DEFINE_float("beta1", 0.9, "AdamW beta1.")
-flags.DEFINE_float("beta2", 0.95, "AdamW beta2.")
-flags.DEFINE_float("adam_eps", 1e-8, "AdamW epsilon.")
-flags.DEFINE_float("grad_clip", 1.0, "Global gradient norm clip.")
-# Run.
-flags.DEFINE_string("output_dir", "runs/default", "Checkpoints, metrics.jsonl, loss.png.")
-flags.DEFINE_integer("seed", 0, "Seeds initialization, data order and dropout.")
-flags.DEFINE_integer("log_every", 10, "Steps between log lines.")
-flags.DEFINE_bool("dry_run", False, "Print sizes, compiled memory and compute budget; train nothing.")
-flags.DEFINE_enum("hardware", "", ["", *HARDWARE],
-                  "--dry_run on a CPU as if on this pod: memory per chip and the time estimate.")
-flags.DEFINE_float("assumed_mfu", 0.4, "For --dry_run's time estimate.")
-flags.DEFINE_float("peak_tflops", 0.0,
-                   "bf16 peak TFLOP/s per device for MFU; 0 looks the chip up (CPU: measured at start).")
+
+
+def define_flags() -> None:
+    """Defined on demand, not at import: other scripts and the tests import this file."""
+    # Model shape (configs/*.flags hold the report's three sizes).
+    flags.DEFINE_integer("vocab_size", 50_000, "Vocabulary size; must equal the tokenizer's.")
+    flags.DEFINE_integer("d_model", 1280, "Width of the residual stream.")
+    flags.DEFINE_integer("n_layers", 18, "Number of transformer blocks.")
+    flags.DEFINE_integer("n_heads", 20, "Attention heads; must divide d_model (head dim 64 in the report).")
+    flags.DEFINE_integer("d_ff", 5120, "Hidden width of the SwiGLU MLP.")
+    flags.DEFINE_integer("seq_len", 2048, "Training sequence length, and the model's context length.")
+    flags.DEFINE_float("rope_theta", 10_000.0, "Rotary embedding base.")
+    flags.DEFINE_float("norm_eps", 1e-6, "RMSNorm epsilon.")
+    flags.DEFINE_float("dropout", 0.0, "Residual dropout (the report's table says 0.1).")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation and matmul dtype.")
+    flags.DEFINE_bool("scan_layers", True, "lax.scan over layers (fast compile) instead of unrolling.")
+    flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Rematerialize activations per block.")
+    flags.DEFINE_enum("attention", "einsum", ["einsum", "dot_product"],
+                      "einsum, or jax.nn.dot_product_attention (cuDNN flash attention on GPU).")
+    # Data.
+    flags.DEFINE_string("tokenizer", None, "SentencePiece model (tokenizer.py writes one).")
+    flags.DEFINE_list("train_data", [], "Text files, one document per line.")
+    # Optimization (defaults: the report's).
+    flags.DEFINE_integer("steps", 300_000, "Optimizer steps.")
+    flags.DEFINE_integer("batch_size", 64, "Global batch, in sequences per optimizer step.")
+    flags.DEFINE_integer("grad_accum", 1, "Micro-batches per step (batch_size must divide evenly).")
+    flags.DEFINE_float("learning_rate", 1.2e-3, "Peak learning rate.")
+    flags.DEFINE_float("min_lr_ratio", 0.1, "Cosine decay ends at learning_rate * min_lr_ratio.")
+    flags.DEFINE_integer("warmup_steps", 3000, "Linear warmup steps from 0 to the peak.")
+    flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matmul weights only).")
+    flags.DEFINE_float("beta1", 0.9, "AdamW beta1.")
+    flags.DEFINE_float("beta2", 0.95, "AdamW beta2.")
+    flags.DEFINE_float("adam_eps", 1e-8, "AdamW epsilon.")
+    flags.DEFINE_float("grad_clip", 1.0, "Global gradient norm clip.")
+    # Run.
+    flags.DEFINE_string("output_dir", "runs/default", "Checkpoints, metrics.jsonl, loss.png.")
+    flags.DEFINE_integer("seed", 0, "Seeds initialization, data order and dropout.")
+    flags.DEFINE_integer("log_every", 10, "Steps between log lines.")
+    flags.DEFINE_bool("dry_run", False, "Print sizes, compiled memory and compute budget; train nothing.")
+    flags.DEFINE_enum("hardware", "", ["", *HARDWARE],
+                      "--dry_run on a CPU as if on this pod: memory per chip and the time estimate.")
+    flags.DEFINE_float("assumed_mfu", 0.4, "For --dry_run's time estimate.")
+    flags.DEFINE_float("peak_tflops", 0.0,
+                       "bf16 peak TFLOP/s per device for MFU; 0 looks the chip up (CPU: measured at start).")
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,4 +388,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,22 +1,27 @@
 """Throughput and MFU of julian's train step on this CPU, against Hugging Face Llama in torch.
 
-    python benchmarks/train_cpu.py                       # tiny and 100m, batch 4 x 512, 5 timed steps
-    python benchmarks/train_cpu.py --configs=tiny --steps=10 --hugetlb
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/train_cpu.py --impls=julian
+    python benchmarks/train_cpu.py                          # tiny and 100m, batch 4 x 512, 5 timed steps
+    python benchmarks/train_cpu.py --malloc=default,keep    # each row under two malloc settings
+    python benchmarks/train_cpu.py --configs=tiny --steps=10 --impls=julian
 
 1) The peak: the best FLOP/s of a bf16 x bf16 -> f32 `jnp.dot` over large square and model-shaped
    matrices, measured here first, since a CPU has no spec-sheet bf16 number (AMX or not, cores
-   shared with other processes). MFU = flops_per_token (6N + attention) x tokens/s / that peak.
-2) julian: `train.make_train_step` on `train.init_state`, unrolled and `lax.scan` over layers.
+   shared with other processes). MFU = flops_per_token (6N + attention) x tokens/s / that peak,
+   for both implementations.
+2) julian: `train.make_train_step` on `train.init_state`, layers unrolled and under `lax.scan`.
 3) HF torch: `transformers.LlamaForCausalLM` of the same shapes (untied embeddings, fp32 master
    weights), `torch.autocast("cpu", bfloat16)`, fp32 loss, global-norm clipping, `torch.optim.AdamW`.
-Each runs `--warmup` untimed steps (compilation, first allocations) and then `--steps` timed steps;
-the step time is the median. The load average is printed: other processes on the same cores skew
-everything, so rerun when it is near 0.
+Each runs `--warmup` untimed steps (compilation, first allocations), then `--steps` timed steps,
+each ended by `jax.block_until_ready` (torch is synchronous); the step time is their median. The
+load average is printed: other processes on the same cores skew everything (the benchmark's own
+two busy threads count ~2 in it), so rerun when it is near 0 before the start.
 
-`--hugetlb` also runs the julian rows in a child process started with
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35: malloc madvises transparent huge pages; the
-tunable is read at process start, hence the child). Prints one table at the end.
+Memory: XLA:CPU mallocs its temporaries (GBs for 100m) on every step, and glibc hands big blocks
+back to the kernel on free, so every step page-faults them in again (~1.2M faults/step for 100m).
+glibc tunables change that, but are read at process start: `--malloc` runs the rows once per named
+preset (see MALLOC), in a child process started with that GLIBC_TUNABLES (or in this process when
+it already has it). Without `--malloc`, rows run in this process's environment as it is. Prints one
+table at the end; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +50,16 @@ CONFIGS = {  # configs/tiny.flags and configs/100m.flags
     "tiny": dict(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512),
     "100m": dict(vocab_size=50_000, d_model=640, n_layers=12, n_heads=10, d_ff=2560),
 }
-HUGETLB = "glibc.malloc.hugetlb=1"
+# GLIBC_TUNABLES presets. hugetlb: malloc madvises transparent huge pages (glibc >= 2.35; THP is
+# in "madvise" mode here), so a re-faulted buffer costs a fault per 2 MiB instead of per 4 KiB.
+# keep: also keep freed memory in the heap (one arena, no mmap'd chunks, no trimming), so buffers are
+# reused without faults at all; the process keeps its peak footprint.
+MALLOC = {
+    "default": "",
+    "hugetlb": "glibc.malloc.hugetlb=1",
+    "keep": "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+            "glibc.malloc.trim_threshold=68719476736",
+}
 
 
 def log(*args) -> None:
@@ -53,6 +68,10 @@ def log(*args) -> None:
 
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_fn(fn, min_reps: int = 3, min_seconds: float = 0.5) -> float:
@@ -105,15 +124,17 @@ def bench_julian(name: str, batch: int, seq_len: int, steps: int, warmup: int, s
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         state, metrics = jax.block_until_ready(train_step(state, tokens, key))
-    times = []
+    times, faults = [], minor_faults()
     for _ in range(steps):
         start = time.perf_counter()
         state, metrics = jax.block_until_ready(train_step(state, tokens, key))
         times.append(time.perf_counter() - start)
+    faults = (minor_faults() - faults) / steps
     loss = float(metrics["loss"])
     del state, metrics
     gc.collect()
-    return {"seconds": statistics.median(times), "times": times, "first_step": first, "loss": loss}
+    return {"seconds": statistics.median(times), "times": times, "first_step": first, "loss": loss,
+            "faults": faults}
 
 
 def bench_hf(name: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
@@ -151,28 +172,43 @@ def bench_hf(name: str, batch: int, seq_len: int, steps: int, warmup: int) -> di
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         step()
-    times = []
+    times, faults = [], minor_faults()
     for _ in range(steps):
         start = time.perf_counter()
         loss = step()
         times.append(time.perf_counter() - start)
+    faults = (minor_faults() - faults) / steps
     del model, optimizer
     gc.collect()
     return {"seconds": statistics.median(times), "times": times, "first_step": first, "loss": loss,
-            "params": n_params}
+            "faults": faults, "params": n_params}
 
 
-def julian_rows(args) -> list[dict]:
-    rows = []
+
+def run_rows(args) -> list[dict]:
+    """Every requested (config, implementation) row, in this process."""
+    benches = []
     for name in args.configs:
-        for scan in (False, True):
-            label = f"julian {'scan' if scan else 'unrolled'}"
-            log(f"[{name}] {label} (load {load()}) ...")
-            result = bench_julian(name, args.batch, args.seq_len, args.steps, args.warmup, scan)
-            log(f"[{name}] {label}: {result['seconds']:.3f} s/step (first step {result['first_step']:.1f} s,"
-                f" steps {', '.join(f'{t:.3f}' for t in result['times'])})")
-            rows.append({"config": name, "impl": label, **result})
+        if "julian" in args.impls:
+            for scan in (False, True):
+                benches.append((name, f"julian {'scan' if scan else 'unrolled'}",
+                                lambda name=name, scan=scan: bench_julian(
+                                    name, args.batch, args.seq_len, args.steps, args.warmup, scan)))
+        if "hf" in args.impls:
+            benches.append((name, "HF torch", lambda name=name: bench_hf(
+                name, args.batch, args.seq_len, args.steps, args.warmup)))
+    rows = []
+    for name, impl, bench in benches:
+        log(f"[{name}] {impl} (load {load()}) ...")
+        result = bench()
+        log(f"[{name}] {impl}: {result['seconds']:.3f} s/step (first step {result['first_step']:.1f} s; "
+            f"steps {', '.join(f'{t:.3f}' for t in result['times'])}; {result['faults']:,.0f} page faults/step)")
+        rows.append({"config": name, "impl": impl, **result})
     return rows
+
+
+def malloc_name(tunables: str) -> str:
+    return next((k for k, v in MALLOC.items() if v == tunables), f"GLIBC_TUNABLES={tunables}")
 
 
 def main() -> None:
@@ -182,23 +218,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the first compiles")
-    parser.add_argument("--impls", default="julian,hf", type=lambda s: s.split(","),
-                        help="julian and/or hf")
-    parser.add_argument("--hugetlb", action="store_true",
-                        help=f"also run the julian rows in a child with GLIBC_TUNABLES={HUGETLB}")
-    parser.add_argument("--peak_tflops", type=float, default=0.0, help="skip measuring the peak")
-    parser.add_argument("--julian_json", action="store_true", help=argparse.SUPPRESS)  # the child
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps; the first compiles")
+    parser.add_argument("--impls", default="julian,hf", type=lambda s: s.split(","), help="julian and/or hf")
+    parser.add_argument("--malloc", default="", type=lambda s: [x for x in s.split(",") if x],
+                        help=f"comma-separated GLIBC_TUNABLES presets of {list(MALLOC)}, each run in its "
+                             "own process; empty: this process's environment")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="use this peak instead of measuring")
+    parser.add_argument("--rows_json", action="store_true", help=argparse.SUPPRESS)  # a --malloc child
     args = parser.parse_args()
-    if unknown := set(args.configs) - set(CONFIGS):
-        parser.error(f"--configs: unknown {sorted(unknown)}, expected some of {sorted(CONFIGS)}")
-    if args.julian_json:
-        print(json.dumps(julian_rows(args)))
+    for option, values, known in (("configs", args.configs, CONFIGS), ("impls", args.impls, ("julian", "hf")),
+                                  ("malloc", args.malloc, MALLOC)):
+        if unknown := set(values) - set(known):
+            parser.error(f"--{option}: unknown {sorted(unknown)}, expected some of {list(known)}")
+    if args.rows_json:
+        print(json.dumps(run_rows(args)))
         return
 
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    log(f"{os.cpu_count()} CPUs, load {load()}, jax {jax.__version__}, GLIBC_TUNABLES={tunables!r}")
     load_start = load()
+    log(f"{os.cpu_count()} CPUs, load {load_start}, jax {jax.__version__}, GLIBC_TUNABLES={tunables!r}")
     tokens = args.batch * args.seq_len
     if args.peak_tflops:
         peak, peak_lines = args.peak_tflops * 1e12, [f"  given: {args.peak_tflops} TFLOP/s"]
@@ -211,48 +249,50 @@ def main() -> None:
         peak, peak_lines = measure_peak(shapes)
 
     rows = []
-    if "julian" in args.impls:
-        rows += [dict(r, impl=r["impl"] + (" hugetlb" if HUGETLB in tunables else "")) for r in julian_rows(args)]
-        if args.hugetlb and HUGETLB not in tunables:
-            env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGETLB])))
-            child = [sys.executable, os.path.abspath(__file__), "--julian_json",
-                     f"--configs={','.join(args.configs)}", f"--batch={args.batch}",
-                     f"--seq_len={args.seq_len}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
-            log(f"julian rows again with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} ...")
-            out = subprocess.run(child, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
-            rows += [dict(r, impl=r["impl"] + " hugetlb") for r in json.loads(out)]
+    for preset in args.malloc or [malloc_name(tunables)]:
+        if preset not in MALLOC or MALLOC[preset] == tunables:
+            rows += [dict(r, malloc=preset) for r in run_rows(args)]
+            continue
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if MALLOC[preset]:
+            env["GLIBC_TUNABLES"] = MALLOC[preset]
+        child = [sys.executable, os.path.abspath(__file__), "--rows_json", f"--configs={','.join(args.configs)}",
+                 f"--impls={','.join(args.impls)}", f"--batch={args.batch}", f"--seq_len={args.seq_len}",
+                 f"--steps={args.steps}", f"--warmup={args.warmup}"]
+        log(f"rows with malloc preset {preset!r}: GLIBC_TUNABLES={MALLOC[preset]!r}, in a child process ...")
+        out = subprocess.run(child, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+        rows += [dict(r, malloc=preset) for r in json.loads(out)]
     torch_line = ""
     if "hf" in args.impls:
-        for name in args.configs:
-            log(f"[{name}] HF torch (load {load()}) ...")
-            result = bench_hf(name, args.batch, args.seq_len, args.steps, args.warmup)
-            log(f"[{name}] HF torch: {result['seconds']:.3f} s/step (first step {result['first_step']:.1f} s,"
-                f" steps {', '.join(f'{t:.3f}' for t in result['times'])})")
-            rows.append({"config": name, "impl": "HF torch", **result})
-        torch_line = f"torch bf16 matmul 4096^3 for context: {torch_matmul_flops(4096, 4096, 4096) / 1e12:.3f} TFLOP/s"
+        torch_line = (f"  torch bf16 matmul 4096^3, for context: "
+                      f"{torch_matmul_flops(4096, 4096, 4096) / 1e12:.3f} TFLOP/s")
 
-    # 4) The table.
-    header = ("config", "params", "implementation", "tokens/s", "step time", "MFU", "julian/HF")
+    # The table: per config, per malloc preset, julian rows then HF.
+    header = ("config", "params", "implementation", "malloc", "tokens/s", "step time", "MFU", "julian/HF")
     table = []
+    order = {name: i for i, name in enumerate(args.configs)}
+    rows.sort(key=lambda r: order[r["config"]])  # stable: keeps preset and implementation order
     for r in rows:
         config = ModelConfig(**CONFIGS[r["config"]], max_seq_len=args.seq_len)
         n = num_params(config)
         if "params" in r and r["params"] != n:
             log(f"warning: HF {r['config']} has {r['params']:,} parameters, julian {n:,}")
-        hf = next((h for h in rows if h["config"] == r["config"] and h["impl"] == "HF torch"), None)
+        hf = next((h for h in rows if h["impl"] == "HF torch" and h["config"] == r["config"]
+                   and h["malloc"] == r["malloc"]), None)
         ratio = f"{hf['seconds'] / r['seconds']:.2f}x" if hf and r["impl"] != "HF torch" else ""
         mfu = flops_per_token(config, args.seq_len) * tokens / r["seconds"] / peak
-        table.append((r["config"], f"{n / 1e6:.1f}M", r["impl"], f"{tokens / r['seconds']:,.0f}",
+        table.append((r["config"], f"{n / 1e6:.1f}M", r["impl"], r["malloc"], f"{tokens / r['seconds']:,.0f}",
                       f"{r['seconds'] * 1e3:,.0f} ms", f"{mfu:.1%}", ratio))
     widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
-    fmt = lambda row: "  ".join(f"{x:<{w}}" if i < 3 else f"{x:>{w}}" for i, (x, w) in enumerate(zip(row, widths)))
-    print(f"\nbatch {args.batch} x seq {args.seq_len} = {tokens:,} tokens/step; median of {args.steps} "
-          f"timed steps after {args.warmup} warm-up; {os.cpu_count()} CPUs; GLIBC_TUNABLES={tunables!r}")
+    fmt = lambda row: "  ".join(f"{x:<{w}}" if i < 4 else f"{x:>{w}}" for i, (x, w) in enumerate(zip(row, widths)))
+    print(f"\nbatch {args.batch} x seq {args.seq_len} = {tokens:,} tokens/step; median of {args.steps} timed "
+          f"steps after {args.warmup} warm-up; {os.cpu_count()} CPUs; jax {jax.__version__}")
     print(f"load average (1/5/15 min): {load_start} at start, {load()} at end")
-    print(f"MFU against the measured bf16 x bf16 -> f32 jnp.dot peak: {peak / 1e12:.3f} TFLOP/s")
+    print(f"MFU = flops_per_token x tokens/s / the measured bf16 x bf16 -> f32 jnp.dot peak, {peak / 1e12:.3f} TFLOP/s:")
     print("\n".join(peak_lines))
     if torch_line:
         print(torch_line)
+    print("malloc presets: " + "; ".join(f"{k}: GLIBC_TUNABLES={MALLOC[k]!r}" for k in dict.fromkeys(r["malloc"] for r in rows) if k in MALLOC))
     print()
     print(fmt(header))
     print(fmt(["-" * w for w in widths]))
