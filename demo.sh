@@ -3,6 +3,9 @@
 # tokenizer -> tiny model pretraining -> Hugging Face export -> samples.
 set -euo pipefail
 cd "$(dirname "$0")"
+# XLA:CPU mallocs the step's temporaries afresh every step; by default glibc hands them back to
+# the kernel and every step page-faults them in again. Keep them (see benchmarks/README.md).
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
 out=${1:-runs/demo}
 data=$(ls data/*.txt | paste -sd, -)
 mkdir -p "$out"

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 
 import equinox as eqx
 import jax
@@ -174,29 +175,35 @@ def make_train_step(optimizer: optax.GradientTransformation):
     return jax.jit(train_step, donate_argnums=0)
 
 
-def measure_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
-    """Best bf16 x bf16 -> f32 matmul FLOP/s of the default device.
+def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 3) -> float:
+    """Best bf16 x bf16 -> f32 FLOP/s of the default device over (m, k, n) matmul shapes.
 
-    The MFU denominator where no spec sheet applies: CPUs differ by 10x (with AMX or without).
+    The MFU denominator where no spec sheet applies: CPUs differ by 10x (with AMX or without),
+    and a CPU reaches its best on shapes like the model's, not on large squares.
     """
-    a = jnp.ones((n, n), jnp.bfloat16)
-    matmul = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
-    matmul(a).block_until_ready()
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    for m, k, n in shapes:
+        a, b = jnp.ones((m, k), jnp.bfloat16), jnp.ones((k, n), jnp.bfloat16)
+        matmul(a, b).block_until_ready()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, b).block_until_ready()
+            best = min(best, (time.perf_counter() - start) / (2 * m * k * n))
+    return 1 / best
 
 
-def device_peak_flops(peak_tflops: float = 0.0) -> float:
-    """Peak bf16 FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides."""
+def device_peak_flops(model_config: ModelConfig, tokens: int, peak_tflops: float = 0.0) -> float:
+    """Peak bf16 FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides.
+
+    On a CPU it is measured on the MLP's matmul shapes for a micro-batch of `tokens` tokens.
+    """
     devices = jax.devices()
     if peak_tflops:
         return peak_tflops * 1e12 * len(devices)
-    if devices[0].platform == "cpu":
-        return measure_matmul_flops()  # fake CPU devices share the same cores
+    if devices[0].platform == "cpu":  # fake CPU devices share the same cores: one peak in all
+        d, f = model_config.d_model, model_config.d_ff
+        return measure_matmul_flops([(2048, 2048, 2048), (tokens, d, f), (tokens, f, d)])
     kind = devices[0].device_kind
     per_chip = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     if per_chip is None:
@@ -229,7 +236,8 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
         where, peak = f"{hardware} ({chips} chips x {tflops:g} TFLOP/s)", chips * tflops * 1e12
     else:
         where = f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}"
-        peak = device_peak_flops(peak_tflops)
+        peak = device_peak_flops(model_config, config.batch_size // config.grad_accum
+                                 * model_config.max_seq_len, peak_tflops)
     days = total_flops / (peak * assumed_mfu) / 86400
     gib = lambda b: f"{b / 2**30:.2f} GiB"
     rows = [
@@ -365,7 +373,7 @@ def main(argv):
     train_step = make_train_step(optimizer)
     micro = config.batch_size // config.grad_accum
     tokens_per_step = config.batch_size * model_config.max_seq_len
-    peak = device_peak_flops(FLAGS.peak_tflops)
+    peak = device_peak_flops(model_config, micro * model_config.max_seq_len, FLAGS.peak_tflops)
     print(f"{num_params(model_config):,} parameters | {records.num_tokens:,} training tokens | "
           f"{tokens_per_step:,} tokens per step | {len(jax.devices())} devices | "
           f"peak {peak / 1e12:.2f} TFLOP/s for MFU")

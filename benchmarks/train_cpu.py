@@ -44,7 +44,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from model import ModelConfig, flops_per_token, num_params  # noqa: E402
-from train import TrainConfig, init_state, make_optimizer, make_train_step  # noqa: E402
+from train import (TrainConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
+                   measure_matmul_flops)
 
 CONFIGS = {  # configs/tiny.flags and configs/100m.flags
     "tiny": dict(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512),
@@ -70,6 +71,12 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: over wall time, the cores it kept busy."""
+    t = os.times()
+    return t.user + t.system
+
+
 def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -87,17 +94,12 @@ def time_fn(fn, min_reps: int = 3, min_seconds: float = 0.5) -> float:
 
 def measure_peak(shapes: list[tuple[int, int, int]]) -> tuple[float, list[str]]:
     """Best FLOP/s of bf16 x bf16 -> f32 jnp.dot over (m, k, n) shapes; also a line per shape."""
-    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     best, lines = 0.0, []
     for m, k, n in shapes:
-        a = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
-        b = jax.random.normal(jax.random.key(1), (k, n), jnp.bfloat16)
-        seconds = time_fn(lambda: jax.block_until_ready(dot(a, b)))
-        flops = 2.0 * m * k * n / seconds
+        flops = measure_matmul_flops([(m, k, n)])
         best = max(best, flops)
         lines.append(f"  bf16 dot {m}x{k} @ {k}x{n}: {flops / 1e12:.3f} TFLOP/s")
         log(lines[-1])
-        del a, b
     return best, lines
 
 
@@ -200,9 +202,14 @@ def run_rows(args) -> list[dict]:
     rows = []
     for name, impl, bench in benches:
         log(f"[{name}] {impl} (load {load()}) ...")
+        cpu, wall = cpu_seconds(), time.perf_counter()
         result = bench()
+        # Cores this process kept busy over the whole row (compile included): well under the core
+        # count means serial stretches or, often, other processes taking the cores.
+        result["cores"] = (cpu_seconds() - cpu) / (time.perf_counter() - wall)
         log(f"[{name}] {impl}: {result['seconds']:.3f} s/step (first step {result['first_step']:.1f} s; "
-            f"steps {', '.join(f'{t:.3f}' for t in result['times'])}; {result['faults']:,.0f} page faults/step)")
+            f"steps {', '.join(f'{t:.3f}' for t in result['times'])}; {result['faults']:,.0f} page faults/step; "
+            f"{result['cores']:.2f} cores busy; load {load()})")
         rows.append({"config": name, "impl": impl, **result})
     return rows
 
@@ -268,7 +275,8 @@ def main() -> None:
                       f"{torch_matmul_flops(4096, 4096, 4096) / 1e12:.3f} TFLOP/s")
 
     # The table: per config, per malloc preset, julian rows then HF.
-    header = ("config", "params", "implementation", "malloc", "tokens/s", "step time", "MFU", "julian/HF")
+    header = ("config", "params", "implementation", "malloc", "tokens/s", "step time", "MFU", "julian/HF",
+              "cores busy")
     table = []
     order = {name: i for i, name in enumerate(args.configs)}
     rows.sort(key=lambda r: order[r["config"]])  # stable: keeps preset and implementation order
@@ -282,7 +290,7 @@ def main() -> None:
         ratio = f"{hf['seconds'] / r['seconds']:.2f}x" if hf and r["impl"] != "HF torch" else ""
         mfu = flops_per_token(config, args.seq_len) * tokens / r["seconds"] / peak
         table.append((r["config"], f"{n / 1e6:.1f}M", r["impl"], r["malloc"], f"{tokens / r['seconds']:,.0f}",
-                      f"{r['seconds'] * 1e3:,.0f} ms", f"{mfu:.1%}", ratio))
+                      f"{r['seconds'] * 1e3:,.0f} ms", f"{mfu:.1%}", ratio, f"{r['cores']:.2f}"))
     widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
     fmt = lambda row: "  ".join(f"{x:<{w}}" if i < 4 else f"{x:>{w}}" for i, (x, w) in enumerate(zip(row, widths)))
     print(f"\nbatch {args.batch} x seq {args.seq_len} = {tokens:,} tokens/step; median of {args.steps} timed "
