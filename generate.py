@@ -56,9 +56,10 @@ def sample_logits(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, temper
 @jax.jit
 def _next_logits(model: Transformer, buffer: Int[Array, "batch seq"], lengths: Int[Array, " batch"]
                  ) -> Float[Array, "batch vocab"]:
-    # Causal attention: tokens after each row's length cannot change the logits we read.
-    logits = model(buffer)
-    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    # Causal attention: tokens after each row's length cannot change the position we read, and
+    # only that position goes through the vocabulary-sized output projection.
+    last = jnp.take_along_axis(model.hidden(buffer), (lengths - 1)[:, None, None], axis=1)
+    return model.head(last)[:, 0]
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, key: PRNGKeyArray,

@@ -313,16 +313,20 @@ class Transformer(eqx.Module):
     def __call__(self, tokens: Int[Array, "batch seq"], segment_ids: Int[Array, "batch seq"] | None = None,
                  *, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq vocab"]:
         """fp32 next-token logits."""
-        return einsum("btd,dv->btv", self.hidden(tokens, segment_ids, key=key), self.lm_head,
-                      self.config.dtype)
+        return self.head(self.hidden(tokens, segment_ids, key=key))
+
+    def head(self, hidden: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
+        """fp32 logits of final hidden states (a sampler applies it to the last position only)."""
+        return einsum("btd,dv->btv", hidden, self.lm_head, self.config.dtype)
 
 
 def cross_entropy(logits: Float[Array, "batch seq vocab"], targets: Int[Array, "batch seq"],
                   weights: Float[Array, "batch seq"]) -> Float[Array, ""]:
     """Weighted mean next-token loss in fp32.
 
-    Written as logsumexp minus the selected logit through a one-hot `where`: the gradient of
-    `take_along_axis` scatters into a zeroed vocab-sized buffer, which measured slower on CPU.
+    Written as logsumexp minus the selected logit through a one-hot `where`, not
+    `take_along_axis`, whose gradient scatters into a zeroed vocab-sized buffer: that measured
+    slower on an AMX CPU; on the AVX-512 CPU of benchmarks/ the whole step times the same.
     """
     logits = logits.astype(jnp.float32)
     onehot = targets[..., None] == jnp.arange(logits.shape[-1])

@@ -236,8 +236,7 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
         where, peak = f"{hardware} ({chips} chips x {tflops:g} TFLOP/s)", chips * tflops * 1e12
     else:
         where = f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}"
-        peak = device_peak_flops(model_config, config.batch_size // config.grad_accum
-                                 * model_config.max_seq_len, peak_tflops)
+        peak = device_peak_flops(model_config, micro * model_config.max_seq_len, peak_tflops)
     days = total_flops / (peak * assumed_mfu) / 86400
     gib = lambda b: f"{b / 2**30:.2f} GiB"
     rows = [
