@@ -831,9 +831,9 @@ def main(argv):
         fit(model_config, config, run, train_data, validation_data, tokenizer.model_bytes,
             resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data))
     except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
-        raise app.UsageError(str(e)) from e
+        sys.exit(f"train.py: error: {e}")
     except TrainingStopped as e:
-        sys.exit(f"training stopped: {e}")
+        sys.exit(f"train.py: training stopped: {e}")
 
 
 if __name__ == "__main__":
