@@ -4,8 +4,15 @@ import glob
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+# Tests run many small training processes with the same programs: share compiled executables
+# between them (and with this process) through JAX's persistent compilation cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="julian-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_FILES = sorted(glob.glob(os.path.join(REPO, "data", "*.txt")))

@@ -266,7 +266,8 @@ def test_dry_run_shows_fsdp_dividing_the_per_device_state(tmp_path):
 # --- Whole runs: resume, preemption, NaNs, processes, fsdp ----------------------------------------
 
 SMALL = ["--flagfile=configs/tiny.flags", "--d_model=64", "--n_layers=2", "--n_heads=2", "--d_ff=128",
-         "--seq_len=32", "--batch_size=4", "--warmup_steps=2", "--log_every=1", "--learning_rate=1e-2"]
+         "--seq_len=32", "--batch_size=4", "--warmup_steps=2", "--log_every=1", "--learning_rate=1e-2",
+         "--peak_tflops=1"]
 
 
 def train_command(out, tokenizer: str, *args: str) -> list[str]:
