@@ -287,7 +287,7 @@ def _open_binary(path: str):
     if path.endswith(".zst"):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data))
+        return io.BytesIO(zstandard.ZstdDecompressor().decompressobj().decompress(data))
     return io.BytesIO(data)
 
 
@@ -823,9 +823,9 @@ def merge(output: str) -> dict:
         out: dict = {}
         for part in parts:
             for name, entry in part[key].items():
-                into = out.setdefault(name, dict.fromkeys(entry, 0))
+                into = out.setdefault(name, {})
                 for k, v in entry.items():
-                    into[k] += v
+                    into[k] = into.get(k, 0) + v
         return out
 
     def shards(part_shards, path):
