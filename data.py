@@ -400,7 +400,10 @@ def minhash(text: str, num_perm: int):
         _minhash_templates[num_perm] = MinHash(num_perm=num_perm, seed=1)
     template = _minhash_templates[num_perm]
     m = MinHash(num_perm=num_perm, seed=1, permutations=template.permutations, scheme=template.scheme)
-    m.update_batch(list(shingles(text)))
+    grams = list(shingles(text))
+    # update_batch builds num_perm x batch matrices: batches that stay in cache are ~4x faster.
+    for i in range(0, len(grams), 1024):
+        m.update_batch(grams[i:i + 1024])
     return m
 
 
