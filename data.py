@@ -202,18 +202,36 @@ def read_bytes(path: str, start: int = 0, length: int | None = None) -> bytes:
         raise
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file atomically: readers see the old state or the complete new one."""
+def write_bytes(path: str, data: bytes, exclusive: bool = False) -> bool:
+    """Write a whole file atomically: readers see the old state or the complete new one. With
+    `exclusive`, only if the file does not exist yet; returns whether this call wrote it."""
     if is_gcs(path):  # a GCS object appears only when its upload completes
-        _gcs_retry()(lambda: _blob(path).upload_from_string(data, timeout=300))()
-        return
+        from google.api_core import exceptions
+
+        if exclusive and file_size(path) is not None:  # the emulator ignores preconditions
+            return False
+        try:
+            _gcs_retry()(lambda: _blob(path).upload_from_string(
+                data, timeout=300, if_generation_match=0 if exclusive else None))()
+        except exceptions.PreconditionFailed:
+            return False
+        return True
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not exclusive:
+        os.replace(tmp, path)
+        return True
+    try:
+        os.link(tmp, path)  # fails if the path exists, atomically
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(tmp)
 
 
 def file_size(path: str) -> int | None:
@@ -279,25 +297,30 @@ def _source_name(path: str) -> str:
 
 
 def _open_binary(path: str):
-    data = read_bytes(path)
-    if not data:
+    """A streaming binary reader of a local file or gs:// object, decompressed by extension."""
+    size = file_size(path)
+    if size is None:
+        raise FileNotFoundError(f"input file {path} does not exist (or is not readable)")
+    if size == 0:
         raise ValueError(f"input file {path} is empty: remove it from --input")
+    raw = _blob(path).open("rb", retry=_gcs_retry()) if is_gcs(path) else open(path, "rb")
     if path.endswith(".gz"):
-        return io.BytesIO(gzip.decompress(data))
+        return gzip.GzipFile(fileobj=raw)
     if path.endswith(".zst"):
         import zstandard
 
-        return io.BytesIO(zstandard.ZstdDecompressor().decompressobj().decompress(data))
-    return io.BytesIO(data)
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return raw
 
 
 def _lines(path: str) -> Iterator[tuple[int, str | None]]:
     """(line number, text or None for non-UTF-8 bytes)."""
-    for number, raw in enumerate(_open_binary(path), 1):
-        try:
-            yield number, raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            yield number, None
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                yield number, None
 
 
 def iter_documents(path: str) -> Iterator[Document | BadRecord]:
@@ -312,18 +335,20 @@ def iter_documents(path: str) -> Iterator[Document | BadRecord]:
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        table = pq.read_table(io.BytesIO(read_bytes(path)))
-        if "text" not in table.column_names:
-            raise ValueError(f"{path}: no column 'text' (columns: {table.column_names})")
-        columns = {c: table.column(c).to_pylist() if c in table.column_names else None
-                   for c in ("text", "lang", "source")}
-        for i, text in enumerate(columns["text"]):
-            if not isinstance(text, str):
-                yield BadRecord(f"{path}:row {i}", "'text' is not a string")
-                continue
-            lang = columns["lang"][i] if columns["lang"] else None
-            row_source = columns["source"][i] if columns["source"] else None
-            yield Document(text, lang, str(row_source or source), f"{path}:row {i}")
+        with _open_binary(path) as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            if "text" not in names:
+                raise ValueError(f"{path}: no column 'text' (columns: {names})")
+            row = 0
+            for batch in parquet.iter_batches(columns=[c for c in ("text", "lang", "source") if c in names]):
+                for record in batch.to_pylist():
+                    row += 1
+                    if not isinstance(record["text"], str):
+                        yield BadRecord(f"{path}:row {row}", "'text' is not a string")
+                        continue
+                    yield Document(record["text"], record.get("lang"), str(record.get("source") or source),
+                                   f"{path}:row {row}")
     elif re.search(r"\.jsonl(\.gz|\.zst)?$", path):
         for number, line in _lines(path):
             where = f"{path}:{number}"
@@ -582,6 +607,9 @@ def _settings(config: PrepareConfig, files: list[str], tokenizer: Tokenizer) -> 
 
 def _claim_output(output: str, settings: dict) -> dict | None:
     """The finished manifest if this exact run is done; refuse an output holding another run."""
+    # The claim is exclusive (link / if_generation_match=0): of two runs started at once into
+    # one output, the second reads the first's settings and resumes with it or is refused.
+    write_bytes(join(output, RUN_FILE), json.dumps(settings, indent=1).encode(), exclusive=True)
     for name in (MANIFEST, RUN_FILE):
         previous = _read_json(join(output, name))
         if previous is None:
@@ -595,7 +623,6 @@ def _claim_output(output: str, settings: dict) -> dict | None:
                 "or delete it")
         if name == MANIFEST:
             return previous
-    write_bytes(join(output, RUN_FILE), json.dumps(settings, indent=1).encode())
     return None
 
 
@@ -1001,8 +1028,8 @@ class RecordStream:
                 last = ((step + 1) * self.global_batch_size - 1) // self.num_sequences
                 if last > epoch:
                     epoch = last
-                    logging.info("%s: epoch %d begins during step %d (%d records per epoch)",
-                                 self.name, epoch, step, self.num_sequences)
+                    print(f"{self.name}: epoch {epoch} begins during step {step} "
+                          f"({self.num_sequences:,} records per epoch)", flush=True)
                 yield item
         finally:
             stop.set()

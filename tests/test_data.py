@@ -441,8 +441,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 def test_prepare_to_gcs_and_stream_from_it_despite_faults(prepared, corpus, tiny_tokenizer_path, tokenizer,
                                                           gcs_bucket, tmp_path, monkeypatch):
     directory, manifest = prepared
+    for path in corpus[:2]:  # inputs on GCS too, read through the client's streaming reader
+        with open(path, "rb") as f:
+            data.write_bytes(f"gs://{gcs_bucket}/raw/{os.path.basename(path)}.gz", gzip.compress(f.read()))
     uri = f"gs://{gcs_bucket}/corpus"
-    on_gcs = data.prepare(config(tmp_path, corpus[:2], tiny_tokenizer_path, output=uri))
+    on_gcs = data.prepare(config(tmp_path, [f"gs://{gcs_bucket}/raw/*.jsonl.gz"], tiny_tokenizer_path, output=uri))
     assert on_gcs["shards"] == manifest["shards"]  # the same bytes as the local run
     local = open_stream(directory, tokenizer)
     expected = [local.batch(step) for step in range(12)]
