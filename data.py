@@ -113,6 +113,7 @@ import glob
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -127,7 +128,12 @@ from collections.abc import Iterator, Sequence
 
 import google_crc32c
 import numpy as np
-from absl import logging
+import zstandard
+from absl import app, flags, logging
+from google.api_core import exceptions as gcs_errors
+from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
+from tqdm import tqdm
 
 from tokenizer import Tokenizer
 
@@ -149,8 +155,6 @@ _clients: dict = {}
 
 
 def _gcs_client():
-    from google.cloud import storage
-
     # Keyed by the emulator address: tests point the same process at different endpoints.
     key = os.environ.get("STORAGE_EMULATOR_HOST")
     if key not in _clients:
@@ -168,8 +172,6 @@ class ShortRead(ConnectionError):
 
 
 def _gcs_retry():
-    from google.cloud.storage.retry import DEFAULT_RETRY
-
     return DEFAULT_RETRY.with_delay(initial=0.05, maximum=4.0, multiplier=2.0).with_timeout(300.0)
 
 
@@ -194,26 +196,20 @@ def read_bytes(path: str, start: int = 0, length: int | None = None) -> bytes:
 
     try:
         return _gcs_retry()(attempt)()
-    except Exception as e:
-        from google.api_core import exceptions
-
-        if isinstance(e, exceptions.NotFound):
-            raise FileNotFoundError(f"{path} does not exist (or is not readable)") from e
-        raise
+    except gcs_errors.NotFound as e:
+        raise FileNotFoundError(f"{path} does not exist (or is not readable)") from e
 
 
 def write_bytes(path: str, data: bytes, exclusive: bool = False) -> bool:
     """Write a whole file atomically: readers see the old state or the complete new one. With
     `exclusive`, only if the file does not exist yet; returns whether this call wrote it."""
     if is_gcs(path):  # a GCS object appears only when its upload completes
-        from google.api_core import exceptions
-
         if exclusive and file_size(path) is not None:  # the emulator ignores preconditions
             return False
         try:
             _gcs_retry()(lambda: _blob(path).upload_from_string(
                 data, timeout=300, if_generation_match=0 if exclusive else None))()
-        except exceptions.PreconditionFailed:
+        except gcs_errors.PreconditionFailed:
             return False
         return True
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -237,12 +233,10 @@ def write_bytes(path: str, data: bytes, exclusive: bool = False) -> bool:
 def file_size(path: str) -> int | None:
     """Size in bytes, or None when the file does not exist."""
     if is_gcs(path):
-        from google.api_core import exceptions
-
         blob = _blob(path)
         try:
             _gcs_retry()(blob.reload)()
-        except exceptions.NotFound:
+        except gcs_errors.NotFound:
             return None
         return blob.size
     return os.path.getsize(path) if os.path.isfile(path) else None
@@ -307,8 +301,6 @@ def _open_binary(path: str):
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if path.endswith(".zst"):
-        import zstandard
-
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return raw
 
@@ -367,24 +359,20 @@ def iter_documents(path: str) -> Iterator[Document | BadRecord]:
                 continue
             yield Document(record["text"], record.get("lang"), str(record.get("source") or source), where)
     elif re.search(r"\.txt(\.gz|\.zst)?$", path):
-        block, first, bad = [], 0, None
-        for number, line in _lines(path):
-            if line is None:
-                bad = bad or number
-            elif line.strip():
+        block, first, bad = [], 0, 0
+        for number, line in itertools.chain(_lines(path), [(0, "")]):  # "" ends the last document
+            if line is None or line.strip():
                 first = first or number
-                block.append(line)
-                continue
-            if line is not None and block:  # a blank line ends the document
-                if bad:
-                    yield BadRecord(f"{path}:{bad}", "bytes that are not UTF-8")
+                if line is None:
+                    bad = bad or number
                 else:
-                    yield Document("\n".join(block), None, source, f"{path}:{first}")
-                block, first, bad = [], 0, None
-        if bad:
-            yield BadRecord(f"{path}:{bad}", "bytes that are not UTF-8")
-        elif block:
-            yield Document("\n".join(block), None, source, f"{path}:{first}")
+                    block.append(line)
+                continue
+            if bad:
+                yield BadRecord(f"{path}:{bad}", "bytes that are not UTF-8")
+            elif block:
+                yield Document("\n".join(block), None, source, f"{path}:{first}")
+            block, first, bad = [], 0, 0
     else:
         raise ValueError(f"input file {path}: unknown format; expected .jsonl[.gz|.zst], "
                          ".txt[.gz|.zst] or .parquet")
@@ -419,7 +407,7 @@ _minhash_templates: dict = {}
 
 def minhash(text: str, num_perm: int):
     """datasketch MinHash of the text's shingles (seeded, so equal in every process)."""
-    from datasketch import MinHash
+    from datasketch import MinHash  # imports scipy (~1 s): only prepare pays for it
 
     if num_perm not in _minhash_templates:
         _minhash_templates[num_perm] = MinHash(num_perm=num_perm, seed=1)
@@ -631,21 +619,106 @@ def _mixture_copies(languages: list[str], sources: list[str], tokens: np.ndarray
     """How many times each kept document is emitted (see the module docstring)."""
     source_weight = dict(config.source_weights)
     weight = np.array([source_weight.get(s, 1.0) for s in sources])
-    total = tokens.sum()
-    factor = np.ones(len(tokens))
-    shares = dict(config.languages)
-    natural = all(share is None for share in shares.values())
-    for lang, share in shares.items():
+    weighted = weight * tokens
+    factor = np.full(len(tokens), tokens.sum() / weighted.sum())  # natural shares
+    for lang, share in config.languages:
         mine = np.array([doc_lang == lang for doc_lang in languages], bool)
-        weighted = (weight * tokens)[mine].sum()
-        if not mine.any():
-            logging.warning("no document of language %s survived the filters: its share %s cannot "
-                            "be reached", lang, share)
+        if share is None:
             continue
-        factor[mine] = (total / (weight * tokens).sum()) if natural else share * total / weighted
+        if not mine.any():
+            logging.warning("no %s document survived the filters: its share %s cannot be reached",
+                            lang, share)
+            continue
+        factor[mine] = share * tokens.sum() / weighted[mine].sum()
     x = weight * factor
     u = np.random.default_rng([config.seed, 0]).random(len(x))
     return (np.floor(x) + (u < x - np.floor(x))).astype(np.int64)
+
+
+@dataclasses.dataclass
+class _Filtered:
+    """What the stages kept, and their counts."""
+    tokens: list[np.ndarray] = dataclasses.field(default_factory=list)
+    languages: list[str] = dataclasses.field(default_factory=list)
+    sources: list[str] = dataclasses.field(default_factory=list)
+    counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    by_language: dict = dataclasses.field(default_factory=lambda: {stage: {} for stage in STAGES[1:]})
+    bad: list[BadRecord] = dataclasses.field(default_factory=list)
+    input_bytes: int = 0
+    seconds: dict = dataclasses.field(default_factory=dict)
+
+    def count(self, stages: list[str], lang: str) -> None:
+        for stage in stages:
+            self.counts[stage] += 1
+            self.by_language[stage][lang] = self.by_language[stage].get(lang, 0) + 1
+
+
+def _filter(config: PrepareConfig, tokenizer: Tokenizer, files: list[str], total_bytes: int) -> _Filtered:
+    """Read, clean, dedup and language-ID every document of `files`, in input order."""
+    from datasketch import MinHash, MinHashLSH
+
+    out = _Filtered()
+    progress = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc="prepare", disable=None)
+
+    def documents() -> Iterator[Document]:
+        for path in files:
+            for item in iter_documents(path):
+                if isinstance(item, BadRecord):
+                    out.bad.append(item)
+                    if config.max_bad_fraction == 0:
+                        raise ValueError(f"{item.where}: {item.problem} (--max_bad_fraction=0: any "
+                                         "bad record fails the run; raise it to skip and count them)")
+                    continue
+                out.counts["read"] += 1
+                size = len(item.text.encode())
+                out.input_bytes += size
+                progress.update(size)
+                yield item
+
+    seen: set[bytes] = set()
+    lsh = MinHashLSH(threshold=config.near_dup_threshold, num_perm=config.num_perm)
+    signatures: list = []
+    template = minhash("", config.num_perm)
+    wanted = {lang for lang, _ in config.languages}
+    analysed, out.seconds = _analysed(config, tokenizer, documents())
+    for doc, result in analysed:
+        if result is None:
+            continue
+        digest, signature, lang, score, ids = result
+        stages = ["cleaned"]
+        if config.dedup:
+            if digest in seen:
+                out.count(stages, lang)
+                continue
+            seen.add(digest)
+            stages.append("exact_dedup")
+            m = MinHash(hashvalues=signature, seed=1, permutations=template.permutations,
+                        scheme=template.scheme)
+            # LSH candidates include pairs below the threshold: keep only true near duplicates.
+            if any(m.jaccard(signatures[k]) >= config.near_dup_threshold for k in lsh.query(m)):
+                out.count(stages, lang)
+                continue
+            lsh.insert(len(signatures), m)
+            signatures.append(m)
+            stages.append("near_dedup")
+        else:
+            stages += ["exact_dedup", "near_dedup"]
+        if lang in wanted and score >= config.min_language_confidence:
+            stages.append("language_kept")
+            out.tokens.append(ids)
+            out.languages.append(lang)
+            out.sources.append(doc.source)
+        out.count(stages, lang)
+    progress.close()
+    records = out.counts["read"] + len(out.bad)
+    if out.bad and len(out.bad) > config.max_bad_fraction * records:
+        examples = "; ".join(f"{b.where}: {b.problem}" for b in out.bad[:5])
+        raise ValueError(f"{len(out.bad)} of {records} records are malformed, more than "
+                         f"--max_bad_fraction={config.max_bad_fraction}: {examples}")
+    if not out.tokens:
+        raise ValueError(f"no document survived the filters (counts: {out.counts}); check --languages "
+                         "and the cleaning thresholds")
+    return out
 
 
 def prepare(config: PrepareConfig) -> dict:
@@ -665,86 +738,13 @@ def prepare(config: PrepareConfig) -> dict:
     if finished is not None:
         print(f"{output} already holds this run's shards and manifest: nothing to do")
         return finished
+    kept = _filter(config, tokenizer, files, sum(entry["bytes"] or 0 for entry in settings["input_files"]))
 
-    counts = {stage: 0 for stage in STAGES}
-    by_language = {stage: {} for stage in STAGES[1:]}
-    bad: list[BadRecord] = []
-    input_bytes = 0
-
-    def documents() -> Iterator[Document]:
-        nonlocal input_bytes
-        for path in files:
-            for item in iter_documents(path):
-                if isinstance(item, BadRecord):
-                    bad.append(item)
-                    if config.max_bad_fraction == 0:
-                        raise ValueError(f"{item.where}: {item.problem} (--max_bad_fraction=0: any "
-                                         "bad record fails the run; raise it to skip and count them)")
-                    continue
-                counts["read"] += 1
-                input_bytes += len(item.text.encode())
-                progress.update(len(item.text.encode()))
-                yield item
-
-    from tqdm import tqdm
-
-    total = sum(entry["bytes"] or 0 for entry in settings["input_files"])
-    progress = tqdm(total=total or None, unit="B", unit_scale=True, desc="prepare", disable=None)
-    seen: set[bytes] = set()
-    lsh = signatures = None
-    if config.dedup:
-        from datasketch import MinHash, MinHashLSH
-
-        lsh = MinHashLSH(threshold=config.near_dup_threshold, num_perm=config.num_perm)
-        signatures = {}
-        template = minhash("", config.num_perm)
-    kept_tokens, kept_lang, kept_source = [], [], []
-    wanted = {lang for lang, _ in config.languages}
-    analysed, seconds = _analysed(config, tokenizer, documents())
-    for doc, result in analysed:
-        if result is None:
-            continue
-        digest, signature, lang, score, ids = result
-        stages = ["cleaned"]
-        if config.dedup:
-            if digest in seen:
-                _count(counts, by_language, stages, lang)
-                continue
-            seen.add(digest)
-            stages.append("exact_dedup")
-            m = MinHash(hashvalues=signature, seed=1, permutations=template.permutations,
-                        scheme=template.scheme)
-            if any(m.jaccard(signatures[k]) >= config.near_dup_threshold for k in lsh.query(m)):
-                _count(counts, by_language, stages, lang)
-                continue
-            key = len(signatures)
-            signatures[key] = m
-            lsh.insert(key, m)
-        stages.append("near_dedup")
-        if lang in wanted and score >= config.min_language_confidence:
-            stages.append("language_kept")
-            kept_tokens.append(ids)
-            kept_lang.append(lang)
-            kept_source.append(doc.source)
-        _count(counts, by_language, stages, lang)
-    progress.close()
-    if not config.dedup:  # the dedup stages keep everything when switched off
-        counts["near_dedup"] = counts["exact_dedup"] = counts["cleaned"]
-        by_language["near_dedup"] = by_language["exact_dedup"] = dict(by_language["cleaned"])
-    records_total = counts["read"] + len(bad)
-    if bad and len(bad) > config.max_bad_fraction * records_total:
-        examples = "; ".join(f"{b.where}: {b.problem}" for b in bad[:5])
-        raise ValueError(f"{len(bad)} of {records_total} records are malformed, more than "
-                         f"--max_bad_fraction={config.max_bad_fraction}: {examples}")
-    if not kept_tokens:
-        raise ValueError(f"no document survived the filters (counts: {counts}); check --languages "
-                         "and the cleaning thresholds")
-
-    lengths = np.array([len(t) for t in kept_tokens], np.int64)
-    copies = _mixture_copies(kept_lang, kept_source, lengths, config)
-    emitted = np.repeat(np.arange(len(kept_tokens)), copies)
+    lengths = np.array([len(t) for t in kept.tokens], np.int64)
+    copies = _mixture_copies(kept.languages, kept.sources, lengths, config)
+    emitted = np.repeat(np.arange(len(kept.tokens)), copies)
     emitted = emitted[np.random.default_rng([config.seed, 1]).permutation(len(emitted))]
-    stream = np.concatenate([kept_tokens[i] for i in emitted]) if len(emitted) else np.zeros(0, np.uint16)
+    stream = np.concatenate([kept.tokens[i] for i in emitted] or [np.zeros(0, lengths.dtype)])
     record_len = config.seq_len + 1
     n = len(stream) // record_len
     n_val = max(1, round(config.validation_fraction * n)) if config.validation_fraction > 0 and n > 1 else 0
@@ -753,9 +753,8 @@ def prepare(config: PrepareConfig) -> dict:
                          f"for validation), fewer than --num_shards={config.num_shards}: lower "
                          "--num_shards or --seq_len, or add data")
     records = stream[: n * record_len].reshape(n, record_len)
-    train_parts = np.array_split(records[: n - n_val], config.num_shards)
     shards = [_write_shard(output, f"train-{i:05d}-of-{config.num_shards:05d}.bin", part)
-              for i, part in enumerate(train_parts)]
+              for i, part in enumerate(np.array_split(records[: n - n_val], config.num_shards))]
     validation = [_write_shard(output, "validation-00000-of-00001.bin", records[n - n_val:])] if n_val else []
 
     def breakdown(keys):
@@ -773,29 +772,23 @@ def prepare(config: PrepareConfig) -> dict:
         "shards": shards,
         "sequences": int(n - n_val),
         "tokens": int((n - n_val) * record_len),
-        "documents": counts,
-        "languages": breakdown(kept_lang),
-        "sources": breakdown(kept_source),
+        "documents": kept.counts,
+        "languages": breakdown(kept.languages),
+        "sources": breakdown(kept.sources),
         "settings": settings,
         "record_len": record_len,
         "block_records": config.block_records,
-        "bad_records": len(bad),
+        "bad_records": len(kept.bad),
         "dropped_tail_tokens": int(len(stream) - n * record_len),
         "validation": {"shards": validation, "sequences": int(n_val), "tokens": int(n_val * record_len)},
-        "documents_by_language": by_language,
-        "stage_cpu_seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "input_bytes": input_bytes,
+        "documents_by_language": kept.by_language,
+        "stage_cpu_seconds": {k: round(v, 3) for k, v in kept.seconds.items()},
+        "input_bytes": kept.input_bytes,
         "wall_seconds": round(time.time() - start, 3),
     }
     write_bytes(join(output, MANIFEST), json.dumps(manifest, indent=1).encode())
     print(summary_table(manifest))
     return manifest
-
-
-def _count(counts: dict, by_language: dict, stages: list[str], lang: str) -> None:
-    for stage in stages:
-        counts[stage] += 1
-        by_language[stage][lang] = by_language[stage].get(lang, 0) + 1
 
 
 def _write_shard(output: str, name: str, records: np.ndarray) -> dict:
@@ -1204,8 +1197,6 @@ def open_train_data(spec: str, *, tokenizer: Tokenizer, seq_len: int, seed: int,
 
 # ----------------------------------------------------------------------------- CLI
 def define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_list("input", None, "Input files: paths, globs or gs:// globs of .jsonl[.gz|.zst] "
                       "(field 'text', optional 'lang', 'source'), .parquet (same columns), or "
                       ".txt[.gz|.zst] (a document is a run of lines ended by a blank line); "
@@ -1241,8 +1232,6 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import app, flags
-
     FLAGS = flags.FLAGS
     if len(argv) != 2 or argv[1] not in ("prepare", "merge"):
         raise app.UsageError("usage: data.py prepare --input=... --output=... --tokenizer=...  |  "
@@ -1273,7 +1262,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     define_flags()
     app.run(main)

@@ -262,6 +262,10 @@ def test_bad_records_name_file_and_line_or_are_counted_up_to_the_allowed_fractio
     lines = [(b.where, b.problem) for b in data.iter_documents(str(path)) if isinstance(b, data.BadRecord)]
     assert lines == [(f"{path}:3", lines[0][1]), (f"{path}:6", "no string field 'text'"),
                      (f"{path}:11", "bytes that are not UTF-8")]
+    text = tmp_path / "bad.txt"
+    text.write_bytes(b"first document\n\nsecond \xff document\nstill second\n\nthird\n")
+    assert [(type(d).__name__, d.where) for d in data.iter_documents(str(text))] == [
+        ("Document", f"{text}:1"), ("BadRecord", f"{text}:3"), ("Document", f"{text}:6")]
 
 
 def test_file_level_problems_fail_at_once(tmp_path, tiny_tokenizer_path, gcs_bucket):
