@@ -40,8 +40,8 @@ Then the mixture: per-language token shares from --languages (`en:0.7,fr:0.3`; n
 weights keep natural shares) and per-source weights (--source_weights=wiki:2,oscar:0.5) are
 reached by deterministic up/down-sampling that keeps the total token count: a document of
 language l and source weight w is emitted `floor(x) + [u < frac(x)]` times, with
-`x = w * f_l`, `f_l = share_l * T / sum over language l of w * tokens`, and `u` uniform from a
-hash of (--seed, document number). The emitted documents are shuffled (--seed), each encoded as
+`x = w * f_l`, `f_l = share_l * T / sum over language l of w * tokens`, and `u` uniform, drawn
+from a generator seeded by --seed, one draw per kept document in input order. The emitted documents are shuffled (--seed), each encoded as
 `<s> text </s>`, concatenated, and cut into records of `seq_len + 1` tokens (a document may
 span records; the last partial record is dropped). The last `max(1, round(fraction * n))`
 records (--validation_fraction, 0.005) are held out as the validation split: since documents
@@ -51,9 +51,11 @@ straddles the boundary.
 Workers (--num_workers processes, default all cores) clean, MinHash, language-ID and tokenize
 each document in one pass; the main process reads, keeps the exact-dedup set and the one LSH
 index, and packs, in input order. Output bytes depend only on inputs and settings, not on the
-worker count. Memory in the main process per document kept: its tokens (2 bytes each), its
-MinHash signature (8 bytes x num_perm) and its LSH entries (about 1 KB with num_perm=128), plus
-32 bytes of sha256. Past one machine: run one prepare per host with --num_hosts/--host_index
+worker count. Inputs are streamed (gs:// through the client's chunked reader). Memory in the
+main process per document kept: its tokens (2 bytes each, twice while packing), its MinHash
+(~1.1 KB with num_perm=128), its LSH entries (~3 KB, measured by benchmarks/data_prep.py) and a
+sha256 (32 bytes): ~4 KB + 4 bytes per token, so 10M documents of 2,000 tokens need ~120 GB.
+Past one machine: run one prepare per host with --num_hosts/--host_index
 (each takes every num_hosts-th input file and writes its own complete dataset under
 OUTPUT/host-K-of-N/), then `data.py merge --output=OUTPUT` writes one manifest over all of them.
 Deduplication is then per host; a corpus-wide index would use datasketch's Redis storage
@@ -65,7 +67,7 @@ OUTPUT/train-00000-of-0000N.bin, ..., OUTPUT/validation-00000-of-00001.bin: raw 
 token ids (uint16 while the vocabulary fits in 65,536 ids, else uint32), no header, a whole
 number of records of `record_len = seq_len + 1` ids each. OUTPUT/manifest.json:
     seq_len, vocab_size, dtype ("<u2" or "<u4"), tokenizer (sha256 of the .model bytes),
-    shards: [{name, sequences, sha256}], sequences, tokens,
+    shards: [{name, sequences, sha256, crc32c}], sequences, tokens,
     documents: {read, cleaned, exact_dedup, near_dedup, language_kept} (counts after each stage),
     languages: {en: {documents, tokens}, ...} and sources (after the mixture),
     settings (every flag that shapes the output, and the input files),
@@ -73,9 +75,9 @@ number of records of `record_len = seq_len + 1` ids each. OUTPUT/manifest.json:
     validation: {shards, sequences, tokens}.
 Atomic: a shard file gets its final name only when complete (local: rename; gs://: an upload
 becomes visible only once finished), and manifest.json is written last. OUTPUT/_run.json,
-written first, names the run's settings: a rerun with the same settings resumes (keeps the
-finished shards) or, if the manifest exists, reports it done; a rerun with other settings is
-refused, so two runs never mix.
+created first and exclusively, names the run's settings: a rerun with the same settings resumes
+(recomputes, and keeps the shards already written) or, if the manifest exists, reports it done;
+a run with other settings is refused, so two runs never mix.
 
 Stream (what train.py calls)
 ----------------------------
@@ -101,6 +103,16 @@ micro-batches of B/grad_accum consecutive rows; process p reads only the p-th co
 1 process x 4 devices sees the same global arrays as 2 processes x 2 devices. gs:// ranges
 are read by a few threads, retried with exponential backoff on 429/5xx, timeouts, resets and
 short reads; `iterate` prefetches batches on a background thread.
+
+The stream object: `batch(step)` -> int32 [global_batch_size // process_count, seq_len + 1];
+`iterate(start_step)` -> (step, batch) pairs, prefetched a few batches ahead (an error on the
+thread is raised in the caller; epoch rollovers are printed); `close()` stops the threads;
+`epoch(step)` (epochs seen by the end of step), `num_sequences`, `num_tokens`, `seq_len`,
+`manifest` (None for text files), `wait_seconds` (time `iterate`'s caller waited). Opening it
+raises ValueError when the manifest's seq_len, vocabulary size or tokenizer sha256 differ from
+the model's, when global_batch_size is not divisible by grad_accum x process_count, or when a
+shard's size (every shard) or content (local: sha256; gs://: the object's crc32c, unread) is
+not the manifest's; FileNotFoundError when the manifest or a shard is missing.
 """
 
 from __future__ import annotations
@@ -115,7 +127,6 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import multiprocessing
 import os
 import queue
@@ -933,6 +944,7 @@ class RecordStream:
         self.block_records, self.manifest = block_records, manifest
         self.wait_seconds = 0.0  # time `iterate`'s consumer spent waiting for a batch
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._orders_lock = threading.Lock()
         self._stops: list[threading.Event] = []
 
     @property
@@ -949,14 +961,15 @@ class RecordStream:
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's block permutation and where each of its blocks starts in the epoch."""
-        if epoch not in self._orders:
-            k, n = self.block_records, self.num_sequences
-            perm = np.random.default_rng([self.seed, epoch]).permutation(-(-n // k))
-            sizes = np.minimum(k, n - perm * k)
-            if len(self._orders) > 4:
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = perm, np.cumsum(sizes) - sizes
-        return self._orders[epoch]
+        with self._orders_lock:  # batch() may run on the prefetch thread and the caller's
+            if epoch not in self._orders:
+                k, n = self.block_records, self.num_sequences
+                perm = np.random.default_rng([self.seed, epoch]).permutation(-(-n // k))
+                sizes = np.minimum(k, n - perm * k)
+                if len(self._orders) > 4:
+                    self._orders.pop(min(self._orders))
+                self._orders[epoch] = perm, np.cumsum(sizes) - sizes
+            return self._orders[epoch]
 
     def record_indices(self, positions: np.ndarray) -> np.ndarray:
         """Record index at each position of the endless sequence of epochs."""
