@@ -290,7 +290,7 @@ def open_stream(spec, tokenizer, **overrides):
     return data.open_train_data(spec, **kwargs)
 
 
-def test_one_epoch_of_the_stream_is_every_record_once(prepared, tokenizer):
+def test_one_epoch_of_the_stream_is_every_record_once(prepared, tokenizer, capsys):
     directory, manifest = prepared
     stream = open_stream(directory, tokenizer, global_batch_size=manifest["sequences"], grad_accum=1)
     epoch = stream.batch(0)
@@ -299,6 +299,10 @@ def test_one_epoch_of_the_stream_is_every_record_once(prepared, tokenizer):
     assert stream.epoch(0) == 1.0 and stream.seq_len == 64 and stream.num_sequences == manifest["sequences"]
     assert not np.array_equal(epoch, expected)  # shuffled
     assert not np.array_equal(stream.batch(1), epoch)  # a new order each epoch
+    for _ in zip(range(3), stream.iterate(0)):
+        pass
+    assert "epoch 1 begins during step 1" in capsys.readouterr().out
+    stream.close()
     validation = open_stream(directory, tokenizer, split="validation", global_batch_size=1, grad_accum=1)
     assert validation.num_sequences == manifest["validation"]["sequences"]
     assert bytes(validation.batch(0)[0]) in set(map(bytes, shard_records(directory, manifest, "validation").astype(np.int32)))
