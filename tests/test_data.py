@@ -446,15 +446,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 
 
-def test_prepare_to_gcs_and_stream_from_it_despite_faults(prepared, corpus, tiny_tokenizer_path, tokenizer,
-                                                          gcs_bucket, tmp_path, monkeypatch):
-    directory, manifest = prepared
-    for path in corpus[:2]:  # inputs on GCS too, read through the client's streaming reader
+@pytest.fixture(scope="module")
+def on_gcs(corpus, tiny_tokenizer_path, gcs_bucket, tmp_path_factory):
+    """The corpus, uploaded as .jsonl.gz, prepared from GCS to GCS: (URI, manifest)."""
+    for path in corpus[:2]:  # inputs read through the client's streaming reader
         with open(path, "rb") as f:
             data.write_bytes(f"gs://{gcs_bucket}/raw/{os.path.basename(path)}.gz", gzip.compress(f.read()))
     uri = f"gs://{gcs_bucket}/corpus"
-    on_gcs = data.prepare(config(tmp_path, [f"gs://{gcs_bucket}/raw/*.jsonl.gz"], tiny_tokenizer_path, output=uri))
-    assert on_gcs["shards"] == manifest["shards"]  # the same bytes as the local run
+    tmp = tmp_path_factory.mktemp("gcs")
+    return uri, data.prepare(config(tmp, [f"gs://{gcs_bucket}/raw/*.jsonl.gz"], tiny_tokenizer_path, output=uri))
+
+
+def test_prepare_to_gcs_and_stream_from_it_despite_faults(prepared, on_gcs, tokenizer, monkeypatch):
+    directory, manifest = prepared
+    uri, gcs_manifest = on_gcs
+    assert gcs_manifest["shards"] == manifest["shards"]  # the same bytes as the local run
     local = open_stream(directory, tokenizer)
     expected = [local.batch(step) for step in range(12)]
     emulator_port = int(os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
@@ -470,6 +476,18 @@ def test_prepare_to_gcs_and_stream_from_it_despite_faults(prepared, corpus, tiny
     for step, batch in enumerate(got):
         np.testing.assert_array_equal(batch, expected[step].reshape(2, 2, 2, 65)[:, 1].reshape(-1, 65))
     assert {"503", "reset", "cut"} <= set(proxy.faults), proxy.faults
+
+
+def test_a_replaced_gcs_shard_is_refused_without_reading_it(on_gcs, tokenizer):
+    uri, manifest = on_gcs
+    name = f"{uri}/{manifest['validation']['shards'][0]['name']}"
+    original = data.read_bytes(name)
+    data.write_bytes(name, bytes([original[0] ^ 1]) + original[1:])
+    try:
+        with pytest.raises(ValueError, match="crc32c"):
+            open_stream(uri, tokenizer, split="validation", global_batch_size=1, grad_accum=1)
+    finally:
+        data.write_bytes(name, original)
 
 
 def test_multi_host_prepare_then_merge_streams_every_document(tmp_path, corpus, tiny_tokenizer_path, tokenizer):
