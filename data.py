@@ -448,6 +448,8 @@ def detect_language(text: str) -> tuple[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
+    """prepare's settings: the flags of the same names (see define_flags)."""
+
     inputs: tuple[str, ...]
     output: str
     tokenizer: str
@@ -636,9 +638,9 @@ def _mixture_copies(languages: list[str], sources: list[str], tokens: np.ndarray
         mine = np.array([doc_lang == lang for doc_lang in languages], bool)
         if share is None:
             continue
-        if not mine.any():
-            logging.warning("no %s document survived the filters: its share %s cannot be reached",
-                            lang, share)
+        if not weighted[mine].sum():
+            logging.warning("no %s document (of non-zero source weight) survived the filters: its "
+                            "share %s cannot be reached", lang, share)
             continue
         factor[mine] = share * tokens.sum() / weighted[mine].sum()
     x = weight * factor

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -153,6 +154,13 @@ def main():
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     tmp = tempfile.mkdtemp(prefix="data_prep_bench_")
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp)
+
+
+def run(args, tmp: str) -> None:
     tokenizer_path = train_tokenizer(sorted(os.path.join(ROOT, "data", f) for f in os.listdir(
         os.path.join(ROOT, "data")) if f.endswith(".txt")), os.path.join(tmp, "tok"), vocab_size=4096)
     tokenizer = Tokenizer.load(tokenizer_path)
