@@ -13,6 +13,11 @@ mkdir -p "$out"
 echo "== 1. SentencePiece BPE tokenizer (report's settings, vocab 4096 for the tiny model)"
 python tokenizer.py --input="$data" --model_prefix="$out/tokenizer" --vocab_size=4096
 
+echo "== 1b. Corpus pipeline: clean, dedup, language ID, 70/30 EN/FR mix, pack into shards"
+python data.py prepare --input="$data" --output="$out/shards" --tokenizer="$out/tokenizer.model" \
+  --seq_len=128 --num_shards=4 --languages=en:0.7,fr:0.3
+
+# train.py reads the shards once it takes a manifest: --train_data="$out/shards".
 echo "== 2. Pretrain the tiny model (configs/tiny.flags)"
 python train.py --flagfile=configs/tiny.flags --tokenizer="$out/tokenizer.model" \
   --train_data="$data" --output_dir="$out/tiny"
