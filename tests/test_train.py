@@ -396,3 +396,17 @@ def test_an_unwritable_output_dir_fails_before_training(tmp_path, tiny_tokenizer
     err = run_train(tmp_path / "file" / "run", tiny_tokenizer_path, "--steps=3", expect=1).stderr
     assert f"--output_dir={tmp_path / 'file' / 'run'} is not writable" in err
     assert "parameters" not in err
+
+
+def test_checkpoints_on_gcs_resume_like_local_ones(tmp_path, tiny_tokenizer_path, gcs_bucket, uninterrupted):
+    # Orbax writes arrays through TensorStore and directories through gcsfs, both pointed at the
+    # emulator by the fixture: the real clients, a local server.
+    run = f"gs://{gcs_bucket}/runs/resume"
+    run_train(run, tiny_tokenizer_path, "--steps=150", "--checkpoint_every=50",
+              "--test_sigkill_during_save=100", f"--metrics_dir={tmp_path}", expect=-signal.SIGKILL)
+    assert checkpoint.latest_step(run) == 50
+    resumed = run_train(run, tiny_tokenizer_path, "--steps=150", f"--metrics_dir={tmp_path}").stdout
+    assert "resumed from step 50" in resumed
+    assert logged(tmp_path) == uninterrupted
+    model, _, config = checkpoint.load(run)
+    assert config["train"]["steps"] == 150 and model.config.d_model == 64
