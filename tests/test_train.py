@@ -410,3 +410,26 @@ def test_checkpoints_on_gcs_resume_like_local_ones(tmp_path, tiny_tokenizer_path
     assert logged(tmp_path) == uninterrupted
     model, _, config = checkpoint.load(run)
     assert config["train"]["steps"] == 150 and model.config.d_model == 64
+
+
+def test_tpu_script_copies_the_repo_to_every_worker_and_runs_the_same_command(tmp_path):
+    # A stand-in for the gcloud CLI with two "workers" (directories): scp copies, ssh runs the
+    # command in each. The script's packaging and quoting are what is under test.
+    fake = tmp_path / "gcloud"
+    fake.write_text(r'''#!/usr/bin/env bash
+set -e
+case "$4" in
+  scp) for w in 0 1; do mkdir -p "$ROOT/w$w"; cp "$5" "$ROOT/w$w/julian.tgz"; done ;;
+  ssh) command=${@: -1}; command=${command#--command=}
+       for w in 0 1; do (cd "$ROOT/w$w" && bash -c "$command") > "$ROOT/w$w.log" 2>&1 || true; done ;;
+esac
+''')
+    fake.chmod(0o755)
+    env = {**os.environ, "GCLOUD": str(fake), "ROOT": str(tmp_path)}
+    # (absl's --help exits with status 1, so the status is not the check: the workers' output is.)
+    subprocess.run([os.path.join(REPO, "scripts", "tpu.sh"), "my-v4-32", "us-central2-b", sys.executable,
+                    "train.py", "--help"], env=env, capture_output=True, timeout=120)
+    for w in (0, 1):
+        log = (tmp_path / f"w{w}.log").read_text()
+        assert "--coordinator_address" in log and "--fsdp" in log, log
+        assert (tmp_path / f"w{w}" / "julian" / "configs" / "600m.flags").exists()
