@@ -44,8 +44,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from model import ModelConfig, flops_per_token, num_params  # noqa: E402
-from train import (TrainConfig, init_state, make_optimizer, make_train_step,  # noqa: E402
-                   measure_matmul_flops)
+import checkpoint  # noqa: E402
+import train  # noqa: E402
+from train import (TrainConfig, abstract_state, init_state, make_mesh, make_optimizer,  # noqa: E402
+                   make_train_step, measure_matmul_flops, shardings)
 
 CONFIGS = {  # configs/tiny.flags and configs/100m.flags
     "tiny": dict(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512),
@@ -116,8 +118,11 @@ def bench_julian(name: str, batch: int, seq_len: int, steps: int, warmup: int, s
     train_config = TrainConfig(steps=1_000_000, batch_size=batch, warmup_steps=10)
     optimizer = make_optimizer(train_config)
     state = init_state(config, optimizer, jax.random.key(0))
-    train_step = make_train_step(optimizer)
-    tokens = jax.random.randint(jax.random.key(1), (1, batch, seq_len + 1), 0, config.vocab_size)
+    mesh = make_mesh(1)
+    step_fn = make_train_step(optimizer, shardings(abstract_state(config, optimizer, mesh)), mesh)
+    votes = jnp.zeros((1,), bool)
+    train_step = lambda state, batch, key: step_fn(state, batch, key, 0, False, votes)
+    tokens = {"tokens": jax.random.randint(jax.random.key(1), (1, batch, seq_len + 1), 0, config.vocab_size)}
     key = jax.random.key(2)
 
     start = time.perf_counter()
@@ -187,6 +192,48 @@ def bench_hf(name: str, batch: int, seq_len: int, steps: int, warmup: int) -> di
 
 
 
+def bench_checkpoint(name: str, directory: str) -> dict:
+    """Save time and size of a full training state (fp32 params, bf16 moments) with train.py's
+    Checkpointer: the blocking part (device -> host copy) and the time until it is committed."""
+    config = ModelConfig(**CONFIGS[name], max_seq_len=2048)
+    optimizer = make_optimizer(TrainConfig(steps=10, batch_size=1, warmup_steps=1))
+    state = jax.block_until_ready(init_state(config, optimizer, jax.random.key(0)))
+    ckpt = checkpoint.Checkpointer(directory, keep=1)
+    meta = {"data_offset": 0, "rollbacks": 0, "rng": [0, 0]}
+    result = {}
+    for step in (1, 2):  # the first save also creates the directory layout
+        start = time.perf_counter()
+        ckpt.save(step, state.model, state.opt_state, meta, {"model": {}}, b"tokenizer")
+        blocking = time.perf_counter() - start
+        ckpt.wait()
+        result = {"blocking": blocking, "total": time.perf_counter() - start}
+    ckpt.close()
+    step_dir = os.path.join(directory, "2")
+    result["bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(step_dir) for f in fs)
+    result["params"] = num_params(config)
+    return result
+
+
+def bench_loop(name: str, batch: int, seq_len: int, steps: int, directory: str) -> dict:
+    """train.fit itself on the bundled text (a 4,096-piece tokenizer trained here): the share of
+    wall time the loop waited for data, from metrics.jsonl's data_wait_fraction."""
+    from tokenizer import Tokenizer, train_tokenizer
+    import data
+
+    files = sorted(os.path.join(ROOT, "data", f) for f in os.listdir(os.path.join(ROOT, "data")) if f.endswith(".txt"))
+    tokenizer = Tokenizer.load(train_tokenizer(files, os.path.join(directory, "tok"), vocab_size=4096))
+    config = ModelConfig(**{**CONFIGS[name], "vocab_size": 4096}, max_seq_len=seq_len, scan_layers=False)
+    train_config = TrainConfig(steps=steps, batch_size=batch, warmup_steps=1)
+    run = train.RunConfig(output_dir=os.path.join(directory, "run"), metrics_dir=os.path.join(directory, "run"),
+                          checkpoint_every=steps, log_every=max(1, steps // 2))
+    stream = data.open_train_data(",".join(files), tokenizer=tokenizer, seq_len=seq_len, seed=0,
+                                  global_batch_size=batch)
+    train.fit(config, train_config, run, stream, None, tokenizer.model_bytes, {})
+    with open(os.path.join(run.metrics_dir, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    return {"data_wait": last["data_wait_fraction"], "tokens_per_s": last["tokens_per_s"]}
+
+
 def run_rows(args) -> list[dict]:
     """Every requested (config, implementation) row, in this process."""
     benches = []
@@ -231,6 +278,10 @@ def main() -> None:
                         help=f"comma-separated GLIBC_TUNABLES presets of {list(MALLOC)}, each run in its "
                              "own process; empty: this process's environment")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="use this peak instead of measuring")
+    parser.add_argument("--checkpoint", default="", help="also time saving this config's full training "
+                        "state (and its size) with train.py's Checkpointer, e.g. 100m")
+    parser.add_argument("--loop", default="", help="also run train.fit on this config (4,096-piece "
+                        "vocabulary) and report the share of time spent waiting for data")
     parser.add_argument("--rows_json", action="store_true", help=argparse.SUPPRESS)  # a --malloc child
     args = parser.parse_args()
     for option, values, known in (("configs", args.configs, CONFIGS), ("impls", args.impls, ("julian", "hf")),
@@ -305,6 +356,25 @@ def main() -> None:
     print(fmt(header))
     print(fmt(["-" * w for w in widths]))
     print("\n".join(fmt(row) for row in table))
+    extras(args)
+
+
+def extras(args) -> None:
+    """The --checkpoint and --loop measurements, each one line, after the table."""
+    import tempfile
+
+    if args.checkpoint:
+        with tempfile.TemporaryDirectory() as directory:
+            r = bench_checkpoint(args.checkpoint, directory)
+        rate = r["bytes"] / r["total"]
+        print(f"\ncheckpoint of {args.checkpoint} ({r['params'] / 1e6:.0f}M parameters, fp32 params + bf16 "
+              f"moments): {r['bytes'] / 2**30:.2f} GiB; training blocked {r['blocking']:.2f} s, committed "
+              f"after {r['total']:.2f} s ({rate / 2**20:,.0f} MiB/s to local disk)")
+    if args.loop:
+        with tempfile.TemporaryDirectory() as directory:
+            r = bench_loop(args.loop, args.batch, args.seq_len, max(args.steps, 4), directory)
+        print(f"train.fit on {args.loop} (vocabulary 4,096): {r['tokens_per_s']:,.0f} tokens/s, "
+              f"{r['data_wait']:.2%} of the time waiting for data, the rest computing")
 
 
 if __name__ == "__main__":
