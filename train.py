@@ -347,9 +347,14 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         total_weight = jnp.maximum(total_weight, 1.0)
         keys = jax.random.split(jax.random.fold_in(key, step), batch["tokens"].shape[0])
 
+        # With sharded parameters, gather them once per step for the compute: left to itself, XLA
+        # keeps the matmuls' weights sharded and moves the activations instead (measured: 252 GiB
+        # of temporaries per device for 600m on 32 devices). Gradients go back sharded to `carry`.
+        model = jax.lax.with_sharding_constraint(state.model, NamedSharding(mesh, P()))
+
         def accumulate(carry, xs):
             micro, micro_key = xs
-            loss, grads = jax.value_and_grad(_micro_loss)(state.model, micro, total_weight, micro_key)
+            loss, grads = jax.value_and_grad(_micro_loss)(model, micro, total_weight, micro_key)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), state.model))
