@@ -380,9 +380,11 @@ def test_fsdp_over_two_devices_trains_like_replicated_parameters(tmp_path, tiny_
               env=with_devices(4))
     replicated, sharded = logged(tmp_path / "replicated"), logged(tmp_path / "fsdp")
     assert replicated.keys() == sharded.keys() == set(range(1, 7))
-    # Sharded parameters change where the gradient sums happen, hence their float rounding.
+    # Sharded parameters change where the gradient sums happen (reduce-scatter instead of
+    # all-reduce), hence their float rounding: measured 3e-7 on losses, 2e-5 on gradient norms.
     for step in replicated:
-        np.testing.assert_allclose(replicated[step], sharded[step], rtol=1e-5)
+        np.testing.assert_allclose(replicated[step][0], sharded[step][0], rtol=1e-5)
+        np.testing.assert_allclose(replicated[step][1], sharded[step][1], rtol=1e-4)
 
 
 def test_resuming_another_models_checkpoint_names_the_differing_flag(tmp_path, tiny_tokenizer_path):
