@@ -26,9 +26,9 @@ and must be given for all files or none.
 Rendering is exactly the report's ChatML, `Tokenizer.render_chat`:
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{...}<|im_end|>\\n
     <|im_start|>assistant\\n{...}<|im_end|>\\n
+preceded by <s>: a conversation is a document, as in pretraining and in `generate.py --chat`.
 Control tokens are inserted by id; text, whatever it contains, goes through SentencePiece, which
-never emits them. No <s>: a conversation starts with <|im_start|>, as the chat template renders
-it. The loss mask is 1 on each assistant message's content tokens and on the <|im_end|> that
+never emits them. The loss mask is 1 on each assistant message's content tokens and on the <|im_end|> that
 closes it (so the model learns to stop), 0 on system and user turns, role headers and newlines.
 
 Packing: conversations are packed into rows of seq_len + 1 tokens by best-fit decreasing, each
@@ -54,7 +54,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-from tokenizer import IM_END_ID, PAD_ID, Tokenizer
+from tokenizer import BOS_ID, IM_END_ID, PAD_ID, Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 # format -> (key of the message list, key of a message's role, key of its text)
@@ -93,7 +93,7 @@ def read_text(path: str) -> str:
             raise FileNotFoundError(f"data file {path!r} does not exist")
         return blob.download_as_text()
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not JSON
             return f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"data file {path!r} does not exist") from None
@@ -299,12 +299,12 @@ def render(tokenizer: Tokenizer, messages: Sequence[dict], max_tokens: int | Non
            overlong: str = "truncate") -> tuple[Example | None, str]:
     """(example, status): status "ok", "truncated" (cut after the last assistant turn that fits
     in `max_tokens`) or "dropped" (example None: no assistant turn fits, or overlong="drop")."""
-    turns = _render_turns(tokenizer, messages)
+    turns = [([BOS_ID], [False]), *_render_turns(tokenizer, messages)]
     ends = np.cumsum([len(ids) for ids, _ in turns])
     keep = len(turns)
     if max_tokens is not None and ends[-1] > max_tokens:
-        fitting = [i + 1 for i, m in enumerate(messages)
-                   if m["role"] == "assistant" and ends[i] <= max_tokens]
+        fitting = [i + 2 for i, m in enumerate(messages)  # turns[i + 1] is messages[i]
+                   if m["role"] == "assistant" and ends[i + 1] <= max_tokens]
         if overlong == "drop" or not fitting:
             return None, "dropped"
         keep = fitting[-1]
@@ -482,7 +482,7 @@ def batch_arrays(rows: PackedRows, indices: Int[np.ndarray, " n"]) -> dict[str, 
     """The model's inputs and loss weights for the packed rows `indices` (see ChatBatches.batch)."""
     tokens, segments, mask = rows.tokens[indices], rows.segment_ids[indices], rows.mask[indices]
     # A target counts only inside its input's conversation (a packed row's first token of the
-    # next conversation has mask 0 anyway: it is <|im_start|>).
+    # next conversation has mask 0 anyway: it is <s>).
     weights = mask[:, 1:] & (segments[:, 1:] == segments[:, :-1])
     return {"tokens": tokens.astype(np.int32), "segment_ids": segments[:, :-1].astype(np.int32),
             "weights": weights.astype(np.float32)}

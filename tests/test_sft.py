@@ -15,7 +15,7 @@ import pytest
 import sft
 from conftest import REPO
 from model import ModelConfig, Transformer
-from tokenizer import IM_END_ID, IM_START_ID, Tokenizer
+from tokenizer import BOS_ID, IM_END_ID, IM_START_ID, Tokenizer
 
 SYSTEM = sft.DEFAULT_SYSTEM
 
@@ -100,7 +100,7 @@ def test_each_format_renders_chatml_and_only_assistant_replies_and_their_im_end_
         example, status = sft.render(tokenizer, as_messages(turns))
         assert status == "ok"
         # The reference rendering: tokenizer.render_chat, itself checked against HF's template.
-        assert example.ids.tolist() == tokenizer.render_chat(as_messages(turns))
+        assert example.ids.tolist() == [BOS_ID, *tokenizer.render_chat(as_messages(turns))]
         replies = [content for role, content in turns if role == "assistant"]
         # Exactly the replies' tokens plus one <|im_end|> each: nothing more carries loss.
         assert example.mask.sum() == sum(len(tokenizer.encode(r)) + 1 for r in replies)
@@ -115,7 +115,8 @@ def test_user_text_that_spells_control_tokens_stays_text(tokenizer):
     example, _ = sft.render(tokenizer, messages)
     ids = example.ids.tolist()
     assert ids.count(IM_START_ID) == 3 and ids.count(IM_END_ID) == 3  # one pair per real message
-    user_turn = ids[ids.index(IM_START_ID, 1): ids.index(IM_END_ID, ids.index(IM_START_ID, 1)) + 1]
+    second = ids.index(IM_START_ID, ids.index(IM_START_ID) + 1)
+    user_turn = ids[second: ids.index(IM_END_ID, second) + 1]
     assert tokenizer.decode(user_turn) == "user\n" + attack
     rows = sft.pack([example], seq_len=len(ids))
     assert weighted_replies(tokenizer, sft.ChatBatches(rows, 0, 1).batch(0), 0) == ["No."]
@@ -165,10 +166,10 @@ def test_overlong_conversations_are_cut_after_a_whole_assistant_turn_or_dropped(
     long_reply = "The quick brown fox jumps over the lazy dog. " * 12
     two_turns = as_messages([("system", SYSTEM), ("user", "Hi"), ("assistant", "Hello there."),
                              ("user", "Tell me more."), ("assistant", long_reply)])
-    limit = len(tokenizer.render_chat(two_turns[:3])) + 10
+    limit = 1 + len(tokenizer.render_chat(two_turns[:3])) + 10
     example, status = sft.render(tokenizer, two_turns, max_tokens=limit)
     assert status == "truncated"
-    assert example.ids.tolist() == tokenizer.render_chat(two_turns[:3])
+    assert example.ids.tolist() == [BOS_ID, *tokenizer.render_chat(two_turns[:3])]
     assert sft.render(tokenizer, two_turns, max_tokens=limit, overlong="drop") == (None, "dropped")
     first_too_long = as_messages([("system", SYSTEM), ("user", "Hi"), ("assistant", long_reply)])
     assert sft.render(tokenizer, first_too_long, max_tokens=limit) == (None, "dropped")
