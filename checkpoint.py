@@ -1,13 +1,21 @@
-"""Checkpoints: one Orbax step directory per save, committed atomically.
+"""Checkpoints: one Orbax step directory per save, committed atomically, local or gs://.
 
-A step directory holds three items:
-  params     the model's arrays (an Equinox `Transformer` pytree, fp32)
+A step directory holds five items:
+  params     the model's arrays (an Equinox `Transformer` pytree, fp32 master weights)
+  opt_state  the optimizer's state (AdamW moments in --opt_state_dtype, counters)
+  meta       JSON: {"step", "data_offset", "rollbacks", "rng"}: where training stands. The batch
+             of step s is read at data position s + data_offset (a rollback past bad batches
+             raises the offset); "rng" is the raw PRNG key all per-step keys are folded from.
   config     JSON: {"model": ModelConfig fields, "run": the resolved run config}
-  tokenizer  the SentencePiece model's serialized bytes, so a checkpoint is self-contained
+  tokenizer  the SentencePiece model's bytes, so a checkpoint is self-contained
 
-Orbax writes into a temporary directory and renames it on success, so a crash mid-save leaves
-nothing that `latest_step` would pick up. (The training issue adds optimizer state, data
-position, async saves and emergency saves on preemption.)
+Orbax writes a step into a temporary directory and renames it when every process has finished
+(on GCS, a commit marker), so a process killed mid-save leaves nothing `latest_step` picks up:
+the next run resumes from the previous complete step. Saves are asynchronous: the arrays are
+copied to host memory, then written by a background thread while training goes on.
+
+For inference, `load()` restores only params, config and tokenizer, and `save()` writes only
+those (convert.py's imports).
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ from absl import logging
 
 from model import ModelConfig, Transformer
 
+# ModelConfig fields that change how the model runs, not what its weights mean.
+EXECUTION_FIELDS = ("dtype", "scan_layers", "remat", "attention", "dropout")
+
 
 def quiet_logging(verbosity_flag_given: bool) -> None:
     """Orbax logs every save step at INFO, which absl shows by default: keep the console to our
@@ -31,30 +42,95 @@ def quiet_logging(verbosity_flag_given: bool) -> None:
         logging.set_verbosity(logging.WARNING)
 
 
-def _manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-    directory = directory if "://" in directory else os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(directory, options=options)
+def _path(directory: str) -> str:
+    return directory if "://" in directory else os.path.abspath(directory)
+
+
+def _manager(directory: str, max_to_keep: int | None = None, keep_period: int | None = None,
+             create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period, create=create)
+    return ocp.CheckpointManager(_path(directory), options=options)
+
+
+def _exists(directory: str) -> bool:
+    return "://" in directory or os.path.isdir(directory)
+
+
+def latest_step(directory: str) -> int | None:
+    """Newest complete step under `directory`, or None."""
+    if not _exists(directory):
+        return None
+    with _manager(directory, create=False) as manager:
+        return manager.latest_step()
+
+
+def config_mismatch(saved: dict, model_config: ModelConfig) -> str | None:
+    """Name the first weight-shaping field where `saved` (a checkpoint's config["model"]) and
+    `model_config` differ, as 'field: checkpoint has X, flags say Y'; None when they agree."""
+    for field, value in dataclasses.asdict(model_config).items():
+        if field not in EXECUTION_FIELDS and saved.get(field) != value:
+            return f"--{'seq_len' if field == 'max_seq_len' else field}: the checkpoint has " \
+                   f"{saved.get(field)!r}, the flags say {value!r}"
+    return None
+
+
+class Checkpointer:
+    """Asynchronous saves and restores of the full training state under one directory.
+
+    Every process of a multi-host run makes one and calls it at the same steps (Orbax
+    synchronizes them). `keep` most recent steps are kept, plus every multiple of `keep_every`.
+    """
+
+    def __init__(self, directory: str, keep: int | None = 3, keep_every: int | None = None):
+        self.directory = directory
+        self.manager = _manager(directory, keep, keep_every)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, model: Transformer, opt_state, meta: dict, config: dict,
+             tokenizer_bytes: bytes) -> None:
+        """Start saving step `step`; returns once the arrays are copied off the devices."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(model),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({**meta, "step": step}),
+            config=ocp.args.JsonSave(config),
+            tokenizer=ocp.args.StandardSave({"model": np.frombuffer(tokenizer_bytes, np.uint8)}),
+        ), force=True)
+
+    def wait(self) -> None:
+        """Block until every started save is committed."""
+        self.manager.wait_until_finished()
+
+    def restore_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def restore(self, step: int, abstract_model, abstract_opt_state) -> tuple[Transformer, object, dict]:
+        """(model, opt_state, meta) of `step`, laid out as the abstract trees' shardings say."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_model),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            meta=ocp.args.JsonRestore(),
+        ))
+        return restored.params, restored.opt_state, restored.meta
+
+    def close(self) -> None:
+        self.manager.close()
 
 
 def save(directory: str, step: int, model: Transformer, tokenizer_bytes: bytes,
-         run_config: dict | None = None, max_to_keep: int | None = 3) -> None:
-    """Save `model` as step `step` under `directory` and wait until it is committed."""
+         run_config: dict | None = None) -> None:
+    """Save an inference checkpoint (params, config, tokenizer; no optimizer state), e.g. a model
+    imported from Hugging Face. Training starts from one with --init_from."""
     config = {"model": dataclasses.asdict(model.config), "run": run_config or {}}
-    with _manager(directory, max_to_keep) as manager:
+    with _manager(directory) as manager:
         manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(model),
             config=ocp.args.JsonSave(config),
             tokenizer=ocp.args.StandardSave({"model": np.frombuffer(tokenizer_bytes, np.uint8)}),
         ))
         manager.wait_until_finished()
-
-
-def latest_step(directory: str) -> int | None:
-    if "://" not in directory and not os.path.isdir(directory):
-        return None
-    with _manager(directory) as manager:
-        return manager.latest_step()
 
 
 def load(directory: str, step: int | None = None, model_overrides: dict | None = None
@@ -68,7 +144,7 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
     if step is None:
         raise FileNotFoundError(
             f"no checkpoint in {directory!r}: expected an Orbax step directory written by train.py")
-    with _manager(directory) as manager:
+    with _manager(directory, create=False) as manager:
         config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         model_config = dataclasses.replace(ModelConfig(**config["model"]), **(model_overrides or {}))
         abstract = eqx.filter_eval_shape(Transformer, model_config, jax.random.key(0))

@@ -1,14 +1,27 @@
-"""Pretrain a Julian model.
+"""Pretrain a Julian model, on one CPU or on every host of a TPU pod.
 
-    python train.py --flagfile=configs/tiny.flags --tokenizer=tok.model --train_data=data/a.txt
+    python train.py --flagfile=configs/tiny.flags --tokenizer=tok.model --train_data=shards/
+    python train.py --flagfile=configs/600m.flags ...      # the same command on every host
 
 One jitted step does everything between two optimizer updates: `lax.scan` over micro-batches
-(gradient accumulation), AdamW with decoupled weight decay, global-norm clipping, and a warmup +
-cosine learning rate. The global batch is split over all devices along the mesh's "data" axis;
-parameters and optimizer state are replicated (the report's setup).
+(gradient accumulation), AdamW with both moments stored in --opt_state_dtype, global-norm
+clipping, a warmup + cosine learning rate, and a health check that skips the update when the
+loss or gradient norm is not finite. The mesh has axes ("data", "fsdp") over all devices of all
+processes: the batch is split over every device; parameters and optimizer state are replicated
+(--fsdp=1, the report's setup) or sharded over --fsdp devices. Each process reads only its rows.
 
-Outputs in --output_dir: Orbax checkpoint step directories (see checkpoint.py), metrics.jsonl (one
-object per logged step), config.json (the resolved run), loss.png.
+What makes a 21-day run on preemptible hardware work:
+- Resume: a run started again with the same --output_dir continues from the newest complete
+  checkpoint, at exactly the batches an uninterrupted run would see (the batch of step s is a
+  pure function of the seed and s + data_offset; see data.py). The relaunch is the same command.
+- Preemption: SIGTERM or SIGINT on any process makes every process stop after the same step
+  (the step itself carries each process's vote), write a checkpoint, wait for it and exit 0.
+- NaNs: a non-finite step is skipped (parameters and moments unchanged). After --max_bad_steps
+  in a row, training rolls back to the newest checkpoint and moves the data past the offending
+  batches; after --max_rollbacks rollbacks it stops and says where.
+
+Outputs: Orbax checkpoints in --output_dir (see checkpoint.py); in --metrics_dir (default
+--output_dir): metrics.jsonl, TensorBoard events under tb/, config.json, loss.png.
 """
 
 from __future__ import annotations
@@ -16,8 +29,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -26,20 +43,22 @@ import numpy as np
 import optax
 from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from tqdm import tqdm
 
 import checkpoint
-from data import TokenRecords
+import data
 from model import ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from tokenizer import Tokenizer
 
-# bf16 dense TFLOP/s per chip, from vendor spec sheets.
+# bf16 dense TFLOP/s per chip, from vendor spec sheets, keyed by a substring of device_kind.
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-               "TPU v6 lite": 918.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+               "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0,
+               "H200": 989.0, "A100": 312.0}
 # Named pods for --dry_run: (chips, peak TFLOP/s per chip). A v4-32 has 16 chips (32 cores).
 HARDWARE = {"v4-8": (4, 275.0), "v4-32": (16, 275.0), "v5e-16": (16, 197.0),
             "v5p-32": (16, 459.0), "1xH100": (1, 989.0), "8xH100": (8, 989.0)}
+AXES = ("data", "fsdp")
 
 FLAGS = flags.FLAGS
 
@@ -55,7 +74,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seq_len", 2048, "Training sequence length, and the model's context length.")
     flags.DEFINE_float("rope_theta", 10_000.0, "Rotary embedding base.")
     flags.DEFINE_float("norm_eps", 1e-6, "RMSNorm epsilon.")
-    flags.DEFINE_float("dropout", 0.0, "Residual dropout (the report's table says 0.1).")
+    flags.DEFINE_float("dropout", 0.0, "Residual dropout (the report's table says 0.1); a fresh key per step.")
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation and matmul dtype.")
     flags.DEFINE_bool("scan_layers", True, "lax.scan over layers (fast compile) instead of unrolling.")
     flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Rematerialize activations per block.")
@@ -63,10 +82,15 @@ def define_flags() -> None:
                       "einsum, or jax.nn.dot_product_attention (cuDNN flash attention on GPU).")
     # Data.
     flags.DEFINE_string("tokenizer", None, "SentencePiece model (tokenizer.py writes one).")
-    flags.DEFINE_list("train_data", [], "Text files, one document per line.")
+    flags.DEFINE_string("train_data", None,
+                        "A shard manifest from `data.py prepare` (manifest.json or its directory, "
+                        "local or gs://), or comma-separated text files (one document per line).")
+    flags.DEFINE_string("validation_data", None,
+                        "Held-out data for --eval_every, in --train_data's forms; default: the "
+                        "manifest's validation split when --train_data is a manifest.")
     # Optimization (defaults: the report's).
     flags.DEFINE_integer("steps", 300_000, "Optimizer steps.")
-    flags.DEFINE_integer("batch_size", 64, "Global batch, in sequences per optimizer step.")
+    flags.DEFINE_integer("batch_size", 64, "Global batch, in sequences per optimizer step, over all hosts.")
     flags.DEFINE_integer("grad_accum", 1, "Micro-batches per step (batch_size must divide evenly).")
     flags.DEFINE_float("learning_rate", 1.2e-3, "Peak learning rate.")
     flags.DEFINE_float("min_lr_ratio", 0.1, "Cosine decay ends at learning_rate * min_lr_ratio.")
@@ -76,10 +100,42 @@ def define_flags() -> None:
     flags.DEFINE_float("beta2", 0.95, "AdamW beta2.")
     flags.DEFINE_float("adam_eps", 1e-8, "AdamW epsilon.")
     flags.DEFINE_float("grad_clip", 1.0, "Global gradient norm clip.")
-    # Run.
-    flags.DEFINE_string("output_dir", "runs/default", "Checkpoints, metrics.jsonl, loss.png.")
+    flags.DEFINE_enum("opt_state_dtype", "bfloat16", ["bfloat16", "float32"],
+                      "Storage dtype of both AdamW moments (the report: bfloat16; math is fp32).")
+    # Parallelism.
+    flags.DEFINE_integer("fsdp", 1, "Shard parameters and optimizer state over this many devices "
+                         "(1: replicated, the report's setup). Must divide the device count.")
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0, for multi-process runs on CPU/GPU clusters "
+                        "(a TPU pod needs none: every host finds the others itself).")
+    flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+    # Checkpoints and health.
+    flags.DEFINE_string("output_dir", "runs/default",
+                        "Checkpoints (local or gs://). Started again with the same directory, "
+                        "training resumes from its newest complete checkpoint.")
+    flags.DEFINE_integer("checkpoint_every", 10_000, "Steps between (asynchronous) checkpoints.")
+    flags.DEFINE_integer("keep", 3, "Most recent checkpoints to keep.")
+    flags.DEFINE_integer("keep_every", 0, "Also keep every checkpoint whose step is a multiple of this (0: none).")
+    flags.DEFINE_string("init_from", None,
+                        "Start from this checkpoint directory's parameters only (fresh optimizer, "
+                        "step 0); ignored when --output_dir already holds a checkpoint to resume.")
+    flags.DEFINE_integer("max_bad_steps", 3,
+                         "Consecutive non-finite steps (each skipped) before rolling back to the "
+                         "newest checkpoint and moving the data past the offending batches.")
+    flags.DEFINE_integer("max_rollbacks", 3, "Rollbacks before the run stops with an error.")
+    flags.DEFINE_list("test_nan_batches", [],
+                      "Testing only: data positions whose step gets a NaN loss injected.")
+    flags.DEFINE_integer("test_sigkill_during_save", -1,
+                         "Testing only: SIGKILL this process right after starting the save of this step.")
+    # Logging.
+    flags.DEFINE_string("metrics_dir", None,
+                        "metrics.jsonl, TensorBoard events (tb/), config.json, loss.png; default "
+                        "--output_dir, or runs/<its last component> when that is gs://.")
     flags.DEFINE_integer("seed", 0, "Seeds initialization, data order and dropout.")
     flags.DEFINE_integer("log_every", 10, "Steps between log lines.")
+    flags.DEFINE_integer("eval_every", 0, "Steps between held-out losses (0: never).")
+    flags.DEFINE_integer("eval_batches", 4, "Global batches of --validation_data per held-out loss.")
     flags.DEFINE_bool("dry_run", False, "Print sizes, compiled memory and compute budget; train nothing.")
     flags.DEFINE_enum("hardware", "", ["", *HARDWARE],
                       "--dry_run on a CPU as if on this pod: memory per chip and the time estimate.")
@@ -88,9 +144,9 @@ def define_flags() -> None:
                        "bf16 peak TFLOP/s per device for MFU; 0 looks the chip up (CPU: measured at start).")
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """What decides the numbers: optimization and data order."""
     steps: int
     batch_size: int
     grad_accum: int = 1
@@ -102,6 +158,7 @@ class TrainConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    opt_state_dtype: str = "bfloat16"
     seed: int = 0
 
     def __post_init__(self):
@@ -111,6 +168,28 @@ class TrainConfig:
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"--warmup_steps={self.warmup_steps} must be in [0, --steps={self.steps})")
 
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where and how a run executes; none of it changes the numbers."""
+    output_dir: str
+    metrics_dir: str
+    fsdp: int = 1
+    checkpoint_every: int = 10_000
+    keep: int = 3
+    keep_every: int = 0
+    init_from: str | None = None
+    max_bad_steps: int = 3
+    max_rollbacks: int = 3
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 4
+    peak_tflops: float = 0.0
+    test_nan_batches: tuple[int, ...] = ()
+    test_sigkill_during_save: int = -1
+
+
+# --- The optimizer -------------------------------------------------------------------------------
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     # 1) linear warmup from 0 avoids early Adam steps on noisy moment estimates;
@@ -130,50 +209,207 @@ def decay_mask(model: Transformer) -> Transformer:
     return eqx.tree_at(weights, mask, replace=(True,) * 8)
 
 
+class AdamState(NamedTuple):
+    count: Int[Array, ""]
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str) -> optax.GradientTransformation:
+    """Adam's direction with both moments *stored* in `moment_dtype`, computed in fp32.
+
+    optax.scale_by_adam's `mu_dtype` covers the first moment only; the report kept both in bf16,
+    which halves the optimizer state (a third of the 600m model's checkpoint and memory).
+    """
+    def init(params):
+        zeros = lambda p: jnp.zeros(p.shape, moment_dtype)
+        return AdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+
+    def update(grads, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m.astype(jnp.float32), grads, state.mu)
+        nu = jax.tree.map(lambda g, v: (1 - b2) * g * g + b2 * v.astype(jnp.float32), grads, state.nu)
+        correction1 = 1 - b1 ** count.astype(jnp.float32)
+        correction2 = 1 - b2 ** count.astype(jnp.float32)
+        direction = jax.tree.map(lambda m, v: (m / correction1) / (jnp.sqrt(v / correction2) + eps), mu, nu)
+        cast = lambda tree: jax.tree.map(lambda x: x.astype(moment_dtype), tree)
+        return direction, AdamState(count, cast(mu), cast(nu))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(learning_rate_schedule(config), b1=config.beta1, b2=config.beta2,
-                    eps=config.adam_eps, weight_decay=config.weight_decay, mask=decay_mask),
+        scale_by_adam(config.beta1, config.beta2, config.adam_eps, config.opt_state_dtype),
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(learning_rate_schedule(config)),
     )
 
+
+# --- Sharding and the step -----------------------------------------------------------------------
 
 class TrainState(eqx.Module):
     model: Transformer
     opt_state: optax.OptState
-    step: Int[Array, ""]
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """Join the other processes of a multi-host run; must come before any other JAX call."""
+    if coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
+        jax.distributed.initialize()
+
+
+def make_mesh(fsdp: int) -> Mesh:
+    devices = jax.devices()
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"--fsdp={fsdp} must divide the number of devices, {len(devices)}")
+    return Mesh(np.array(devices).reshape(-1, fsdp), AXES)
+
+
+def leaf_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Replicated, or (fsdp > 1) split over "fsdp" along the largest axis it divides."""
+    fsdp = mesh.shape["fsdp"]
+    axes = [i for i in np.argsort(shape)[::-1] if shape[i] % fsdp == 0 and shape[i] >= fsdp]
+    if fsdp == 1 or not axes:
+        return NamedSharding(mesh, P())
+    spec = [None] * len(shape)
+    spec[axes[0]] = "fsdp"
+    return NamedSharding(mesh, P(*spec))
+
+
+def abstract_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                   mesh: Mesh) -> TrainState:
+    """The state's shapes, dtypes and shardings, without allocating it."""
+    shapes = eqx.filter_eval_shape(lambda k: init_state(model_config, optimizer, k), jax.random.key(0))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=leaf_sharding(mesh, x.shape)),
+                        shapes)
+
+
+def shardings(tree) -> object:
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def init_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
                key: PRNGKeyArray) -> TrainState:
     model = Transformer(model_config, key)
-    return TrainState(model, optimizer.init(model), jnp.zeros((), jnp.int32))
+    return TrainState(model, optimizer.init(model))
 
 
-def make_train_step(optimizer: optax.GradientTransformation):
-    """The jitted update: (state, tokens[accum, micro, seq+1], key) -> (state, metrics)."""
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[grad_accum, micro, ...]: every micro-batch split over all devices."""
+    return NamedSharding(mesh, P(None, AXES))
 
-    def loss_fn(model: Transformer, tokens: Int[Array, "micro seq_plus_1"], key: PRNGKeyArray
-                ) -> Float[Array, ""]:
-        logits = model(tokens[:, :-1], key=key if model.config.dropout else None)
-        return cross_entropy(logits, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape, jnp.float32))
 
-    def train_step(state: TrainState, tokens: Int[Array, "accum micro seq_plus_1"], key: PRNGKeyArray):
-        def accumulate(carry, micro):
-            loss, grads = jax.value_and_grad(loss_fn)(state.model, *micro)
+def global_batch(local: dict[str, np.ndarray], grad_accum: int, mesh: Mesh) -> dict[str, Array]:
+    """Assemble the global [grad_accum, micro, ...] arrays from each process's rows (data.py's
+    row layout: this process's part of each micro-batch, in micro-batch order)."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for name, rows in local.items():
+        rows = rows.reshape(grad_accum, -1, *rows.shape[1:])
+        shape = (grad_accum, rows.shape[1] * jax.process_count(), *rows.shape[2:])
+        out[name] = jax.make_array_from_process_local_data(sharding, rows, shape)
+    return out
+
+
+def as_batch(rows: np.ndarray | dict) -> dict[str, np.ndarray]:
+    """Pretraining streams yield token rows; SFT yields {"tokens", "segment_ids", "weights"}."""
+    return rows if isinstance(rows, dict) else {"tokens": rows}
+
+
+def _micro_loss(model: Transformer, micro: dict[str, Array], total_weight: Float[Array, ""],
+                key: PRNGKeyArray | None) -> Float[Array, ""]:
+    """This micro-batch's share of the step's loss: its weighted loss sum / the step's weight."""
+    tokens = micro["tokens"]
+    weights = micro.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
+    logits = model(tokens[:, :-1], micro.get("segment_ids"), key=key if model.config.dropout else None)
+    return cross_entropy(logits, tokens[:, 1:], weights) * (weights.sum() / total_weight)
+
+
+def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mesh: Mesh) -> Callable:
+    """The jitted update: (state, batch, step, inject_nan, stop_votes) -> (state, metrics).
+
+    `batch` holds [grad_accum, micro, ...] arrays. `stop_votes` holds one bool per device (each
+    process sets its own): their OR comes back as metrics["stop"], so every process learns of a
+    signal any of them received at the same step, without a separate collective.
+    """
+    def train_step(state: TrainState, batch: dict[str, Array], key: PRNGKeyArray, step: Int[Array, ""],
+                   inject_nan: Bool[Array, ""], stop_votes: Bool[Array, " devices"]):
+        weights = batch.get("weights")
+        total_weight = (weights.sum() if weights is not None
+                        else jnp.float32(np.prod(batch["tokens"].shape[:2]) * (batch["tokens"].shape[2] - 1)))
+        total_weight = jnp.maximum(total_weight, 1.0)
+        keys = jax.random.split(jax.random.fold_in(key, step), batch["tokens"].shape[0])
+
+        def accumulate(carry, xs):
+            micro, micro_key = xs
+            loss, grads = jax.value_and_grad(_micro_loss)(state.model, micro, total_weight, micro_key)
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), state.model))
-        keys = jax.random.split(key, tokens.shape[0])
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (tokens, keys))
-        loss, grads = jax.tree.map(lambda x: x / tokens.shape[0], (loss, grads))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
+        loss = jnp.where(inject_nan, jnp.nan, loss)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.model)
-        model = optax.apply_updates(state.model, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-        return TrainState(model, opt_state, state.step + 1), metrics
+        updated = TrainState(optax.apply_updates(state.model, updates), opt_state)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated, state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok,
+                   "supervised_tokens": weights.sum() if weights is not None else total_weight,
+                   "stop": jnp.any(stop_votes)}
+        return state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(state_sharding, batch_sharding(mesh), replicated, replicated,
+                                 replicated, NamedSharding(mesh, P(AXES))),
+                   out_shardings=(state_sharding, replicated))
 
+
+def make_eval_step(state_sharding, mesh: Mesh) -> Callable:
+    """Jitted (model, batch) -> (summed token loss, token count) over a [1, rows, ...] batch."""
+    def eval_step(model: Transformer, batch: dict[str, Array]):
+        micro = jax.tree.map(lambda x: x[0], batch)
+        weight = micro["weights"].sum() if "weights" in micro else jnp.float32(micro["tokens"][:, 1:].size)
+        return _micro_loss(model, micro, jnp.float32(1.0), None), weight
+
+    return jax.jit(eval_step, in_shardings=(state_sharding.model, batch_sharding(mesh)))
+
+
+def stop_votes(requested: bool, mesh: Mesh) -> Array:
+    local = np.full(len(jax.local_devices()), requested)
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXES)), local, (mesh.size,))
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (too many rollbacks); the message says what happened and where."""
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (a preemption notice) and SIGINT (Ctrl-C) into a stop request at the next
+    step boundary; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# --- Peak FLOP/s, dry run, logging -------------------------------------------------------------
 
 def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 3) -> float:
     """Best bf16 x bf16 -> f32 FLOP/s of the default device over (m, k, n) matmul shapes.
@@ -207,25 +443,24 @@ def device_peak_flops(model_config: ModelConfig, tokens: int, peak_tflops: float
     kind = devices[0].device_kind
     per_chip = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     if per_chip is None:
-        raise app.UsageError(f"unknown peak FLOP/s for device {kind!r}: pass --peak_tflops")
+        raise ValueError(f"unknown peak FLOP/s for device {kind!r}: pass --peak_tflops")
     return per_chip * 1e12 * len(devices)
+
 
 
 def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware: str,
             assumed_mfu: float, peak_tflops: float) -> None:
-    """Print parameter count, compiled per-device memory and the compute budget; allocate nothing.
-
-    `hardware` names a pod in HARDWARE for the time estimate ("" for the devices at hand).
-    """
+    """Print parameter count, compiled per-device memory for `mesh` and the compute budget;
+    allocate nothing. `hardware` names a pod in HARDWARE for the time estimate."""
     optimizer = make_optimizer(config)
-    abstract_state = jax.eval_shape(lambda k: init_state(model_config, optimizer, k), jax.random.key(0))
-    replicated = NamedSharding(mesh, P())
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
+    state = abstract_state(model_config, optimizer, mesh)
     micro = config.batch_size // config.grad_accum
     tokens = jax.ShapeDtypeStruct((config.grad_accum, micro, model_config.max_seq_len + 1), jnp.int32,
-                                  sharding=NamedSharding(mesh, P(None, "data")))
-    compiled = make_train_step(optimizer).lower(abstract_state, tokens, jax.random.key(0)).compile()
+                                  sharding=batch_sharding(mesh))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    compiled = make_train_step(optimizer, shardings(state), mesh).lower(
+        state, {"tokens": tokens}, jax.random.key(0), scalar, jax.ShapeDtypeStruct((), jnp.bool_),
+        jax.ShapeDtypeStruct((mesh.size,), jnp.bool_)).compile()
     memory = compiled.memory_analysis()
 
     n = num_params(model_config)
@@ -235,12 +470,13 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
         chips, tflops = HARDWARE[hardware]
         where, peak = f"{hardware} ({chips} chips x {tflops:g} TFLOP/s)", chips * tflops * 1e12
     else:
-        where = f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}"
+        where = f"{mesh.size} x {jax.devices()[0].device_kind}"
         peak = device_peak_flops(model_config, micro * model_config.max_seq_len, peak_tflops)
     days = total_flops / (peak * assumed_mfu) / 86400
     gib = lambda b: f"{b / 2**30:.2f} GiB"
     rows = [
         ("parameters", f"{n:,}"),
+        ("mesh", f"{dict(mesh.shape)} ({mesh.size} devices)"),
         ("per-device memory: arguments", gib(memory.argument_size_in_bytes)),
         ("per-device memory: outputs", gib(memory.output_size_in_bytes)),
         ("per-device memory: temporaries", gib(memory.temp_size_in_bytes)),
@@ -254,49 +490,86 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
-class IntervalLogger:
-    """Every `every` steps: one console line and one metrics.jsonl record (step, loss, lr, grad
-    norm, tokens/s, MFU, ETA). Metrics stay on device until then, so logging adds no sync per step;
-    the clock starts after the first step, which includes compilation."""
+def keep_metrics_until(path: str, step: int) -> None:
+    """Drop metrics.jsonl records after `step`: a resumed or rolled-back run logs them again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
 
-    def __init__(self, path: str, every: int, steps: int, schedule: optax.Schedule,
+
+class IntervalLogger:
+    """Every `every` steps: one console line, one metrics.jsonl record and TensorBoard scalars
+    (step, loss, lr, grad norm, tokens/s, MFU, ETA, time waiting for data). The clock starts
+    after the first step of this process, which includes compilation."""
+
+    def __init__(self, metrics_dir: str, every: int, steps: int, schedule: optax.Schedule,
                  tokens_per_step: int, flops_per_step: float, peak_flops: float):
-        self.file = open(path, "w")
+        from tensorboardX import SummaryWriter
+
+        self.path = os.path.join(metrics_dir, "metrics.jsonl")
+        self.file = open(self.path, "a")
+        self.tensorboard = SummaryWriter(os.path.join(metrics_dir, "tb"))
         self.every, self.steps, self.schedule = every, steps, schedule
         self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
         self.pending: list[dict] = []
-        self.clock, self.clock_step = 0.0, 0
+        self.clock, self.clock_step, self.data_wait = None, 0, 0.0
 
-    def log(self, step: int, metrics: dict) -> str | None:
-        """Record step `step`'s metrics; return the log line when an interval ends."""
+    def restart(self, step: int) -> None:
+        """Forget the open interval (after a rollback to `step`)."""
+        self.file.close()
+        keep_metrics_until(self.path, step)
+        self.file = open(self.path, "a")
+        self.pending, self.clock = [], None
+
+    def log(self, step: int, metrics: dict, data_wait: float, extra: dict) -> str | None:
+        """Record the metrics of the step that ends at `step`; return a line when an interval ends."""
         self.pending.append(metrics)
-        if step == 0:
-            jax.block_until_ready(metrics)
-            self.clock, self.clock_step = time.perf_counter(), 1
-        if (step + 1) % self.every and step + 1 != self.steps:
+        self.data_wait += data_wait
+        if self.clock is None:
+            self.clock, self.clock_step, self.data_wait = time.perf_counter(), step, 0.0
+        if step % self.every and step != self.steps:
             return None
-        fetched = jax.device_get(self.pending)
-        now, timed = time.perf_counter(), step + 1 - self.clock_step
+        now, timed = time.perf_counter(), step - self.clock_step
         seconds_per_step = (now - self.clock) / timed if timed else float("nan")
-        record = {"step": step + 1,
-                  "loss": float(np.mean([m["loss"] for m in fetched])),
-                  "grad_norm": float(fetched[-1]["grad_norm"]),
-                  "lr": float(self.schedule(step)),
+        good = [m for m in self.pending if not m["skipped"]] or self.pending
+        record = {"step": step,
+                  "loss": float(np.mean([m["loss"] for m in good])),
+                  "lr": float(self.schedule(step - 1)),
+                  "grad_norm": float(good[-1]["grad_norm"]),
                   "tokens_per_s": self.tokens_per_step / seconds_per_step,
                   "mfu": self.flops_per_step / seconds_per_step / self.peak_flops,
-                  "eta_s": seconds_per_step * (self.steps - step - 1)}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        self.pending, self.clock, self.clock_step = [], now, step + 1
-        return (f"step {record['step']:>7} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                  "time": time.time(),
+                  "eta_s": seconds_per_step * (self.steps - step),
+                  "data_wait_fraction": self.data_wait / (now - self.clock) if timed else 0.0,
+                  "supervised_tokens": float(np.mean([m["supervised_tokens"] for m in self.pending])),
+                  **extra}
+        self.write(record)
+        self.pending, self.clock, self.clock_step, self.data_wait = [], now, step, 0.0
+        line = (f"step {step:>7} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                 f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
                 f"MFU {record['mfu']:.1%} | ETA {record['eta_s'] / 60:.1f} min")
+        if "epoch" in extra:
+            line += f" | epoch {extra['epoch']:.2f}"
+        if extra.get("skipped_steps"):
+            line += f" | {extra['skipped_steps']} skipped"
+        return line
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for name, value in record.items():
+            if name not in ("step", "time") and isinstance(value, (int, float)) and np.isfinite(value):
+                self.tensorboard.add_scalar(f"train/{name}", value, record["step"])
 
     def close(self) -> None:
         self.file.close()
+        self.tensorboard.close()
 
 
-def plot_loss(metrics_path: str, png_path: str) -> None:
+def plot_loss(metrics_path: str, png_path: str, title: str = "julian pretraining") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -304,15 +577,186 @@ def plot_loss(metrics_path: str, png_path: str) -> None:
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
-    ax.set(xlabel="step", ylabel="training loss", title="julian pretraining")
+    train = [r for r in records if "loss" in r]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training")
+    held_out = [r for r in records if "eval_loss" in r]
+    if held_out:
+        ax.plot([r["step"] for r in held_out], [r["eval_loss"] for r in held_out], "o-", label="held out")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
 
 
-def configs_from_flags() -> tuple[ModelConfig, TrainConfig]:
+# --- The run ---------------------------------------------------------------------------------------
+
+def check_writable(directory: str, flag: str) -> None:
+    """Fail before any compute when `directory` cannot hold the run's output."""
+    if "://" in directory:
+        return  # Orbax reports an unwritable bucket on the first save's metadata write, at start
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}={directory} is not writable: {e.strerror or e}") from e
+
+
+def start_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                run: RunConfig, seed: int, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, dict, str]:
+    """(state, meta, how) from the newest checkpoint in --output_dir, else --init_from's
+    parameters with a fresh optimizer, else a fresh initialization."""
+    abstract = abstract_state(model_config, optimizer, mesh)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        mismatch = checkpoint.config_mismatch(ckpt.restore_config(latest)["model"], model_config)
+        if mismatch:
+            raise ValueError(f"--output_dir={run.output_dir} holds step {latest} of a different model "
+                             f"({mismatch}): use another --output_dir, or --init_from to start from it")
+        model, opt_state, meta = ckpt.restore(latest, abstract.model, abstract.opt_state)
+        return TrainState(model, opt_state), meta, f"resumed from step {latest} in {run.output_dir}"
+    key = jax.random.key(seed)
+    meta = {"step": 0, "data_offset": 0, "rollbacks": 0,
+            "rng": np.asarray(jax.random.key_data(key)).tolist()}
+    if run.init_from:
+        saved = checkpoint.load(run.init_from)
+        mismatch = checkpoint.config_mismatch(saved[2]["model"], model_config)
+        if mismatch:
+            raise ValueError(f"--init_from={run.init_from} holds a different model ({mismatch})")
+        model = jax.device_put(saved[0], shardings(abstract.model))
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings(abstract.opt_state))(model)
+        return TrainState(model, opt_state), meta, f"parameters from {run.init_from}"
+    init = jax.jit(lambda k: init_state(model_config, optimizer, k), out_shardings=shardings(abstract))
+    return init(key), meta, "initialized from scratch"
+
+
+def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_data,
+        validation_data, tokenizer_bytes: bytes, run_config: dict, title: str = "pretraining") -> None:
+    """The training loop, shared by pretraining and SFT (sft.py).
+
+    `train_data.batch(step)` gives this process's rows of a global batch (data.py's layout):
+    token rows [rows, seq_len + 1], or a dict with "tokens", optional "segment_ids" and "weights"
+    [rows, seq_len] (the loss weight of each target). `validation_data` (optional) is read the
+    same way at steps 0..eval_batches-1.
+    """
+    primary = jax.process_index() == 0
+    mesh = make_mesh(run.fsdp)
+    check_writable(run.output_dir, "--output_dir")
+    check_writable(run.metrics_dir, "--metrics_dir")
+    optimizer = make_optimizer(config)
+    ckpt = checkpoint.Checkpointer(run.output_dir, run.keep, run.keep_every or None)
+    state, meta, how = start_state(model_config, optimizer, mesh, run, config.seed, ckpt)
+    state_sharding = shardings(state)
+    train_step = make_train_step(optimizer, state_sharding, mesh)
+    eval_step = make_eval_step(state_sharding, mesh)
+    key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
+    step, data_offset, rollbacks, bad_streak, skipped = meta["step"], meta["data_offset"], meta["rollbacks"], 0, 0
+    saved_meta = lambda: {"data_offset": data_offset, "rollbacks": rollbacks, "rng": meta["rng"]}
+
+    tokens_per_step = config.batch_size * model_config.max_seq_len
+    micro_tokens = config.batch_size // config.grad_accum * model_config.max_seq_len
+    peak = device_peak_flops(model_config, micro_tokens, run.peak_tflops)
+    logger = None
+    if primary:
+        with open(os.path.join(run.metrics_dir, "config.json"), "w") as f:
+            json.dump(run_config, f, indent=2)
+        keep_metrics_until(os.path.join(run.metrics_dir, "metrics.jsonl"), step)
+        logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, learning_rate_schedule(config),
+                                tokens_per_step, flops_per_token(model_config, model_config.max_seq_len)
+                                * tokens_per_step, peak)
+        print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
+              f"per step | {jax.process_count()} processes, mesh {dict(mesh.shape)} | peak "
+              f"{peak / 1e12:.2f} TFLOP/s for MFU")
+
+    def save(at: int) -> None:
+        ckpt.save(at, state.model, state.opt_state, saved_meta(), run_config, tokenizer_bytes)
+        if at == run.test_sigkill_during_save:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def held_out_loss() -> float:
+        total = count = 0.0
+        for i in range(run.eval_batches):
+            loss, weight = eval_step(state.model, global_batch(as_batch(validation_data.batch(i)), 1, mesh))
+            total, count = total + float(loss), count + float(weight)
+        return total / max(count, 1.0)
+
+    guard = PreemptionGuard()
+    batches = train_data.iterate(step + data_offset)
+    bar = tqdm(initial=step, total=config.steps, disable=None if primary else True, desc=title)
+    try:
+        while step < config.steps:
+            waited = time.perf_counter()
+            position, rows = next(batches)
+            waited = time.perf_counter() - waited
+            state, metrics = train_step(state, global_batch(as_batch(rows), config.grad_accum, mesh), key,
+                                        step, position in run.test_nan_batches, stop_votes(guard.requested, mesh))
+            metrics = jax.device_get(metrics)
+            step += 1
+            bar.update()
+            bad_streak = bad_streak + 1 if metrics["skipped"] else 0
+            skipped += bool(metrics["skipped"])
+            if bad_streak >= run.max_bad_steps:
+                rollbacks += 1
+                restored = ckpt.latest_step() or 0
+                if rollbacks > run.max_rollbacks:
+                    raise TrainingStopped(
+                        f"{bad_streak} non-finite steps in a row ending at step {step} (data positions "
+                        f"{position - bad_streak + 1}..{position}) after {rollbacks - 1} rollbacks "
+                        f"(--max_rollbacks={run.max_rollbacks}); the newest checkpoint is step {restored} "
+                        f"in {run.output_dir}. Look at those batches, or lower --learning_rate.")
+                ckpt.wait()
+                # The newest checkpoint, or the initial parameters when there is none yet.
+                state, _, _ = start_state(model_config, optimizer, mesh, run, config.seed, ckpt)
+                data_offset = position + 1 - restored  # go on right after the offending batches
+                bar.write(f"step {step}: {bad_streak} non-finite steps in a row; rolled back to step "
+                          f"{restored}, the data moves on to position {position + 1} (rollback "
+                          f"{rollbacks} of at most {run.max_rollbacks})")
+                step, bad_streak = restored, 0
+                bar.reset(total=config.steps)
+                bar.update(step)
+                batches = train_data.iterate(step + data_offset)
+                if logger:
+                    logger.restart(step)
+                continue
+            if logger:
+                extra = {"skipped_steps": skipped, "rollbacks": rollbacks}
+                if hasattr(train_data, "epoch"):
+                    extra["epoch"] = float(train_data.epoch(position))
+                if line := logger.log(step, metrics, waited, extra):
+                    bar.write(line)
+            if validation_data is not None and run.eval_every and (step % run.eval_every == 0 or step == config.steps):
+                loss = held_out_loss()
+                if logger:
+                    logger.write({"step": step, "eval_loss": loss})
+                    bar.write(f"step {step:>7} | held-out loss {loss:.4f}")
+            if metrics["stop"]:
+                started = time.perf_counter()
+                save(step)
+                ckpt.wait()
+                if primary:
+                    bar.write(f"stop requested (SIGTERM/SIGINT): checkpoint of step {step} written to "
+                              f"{run.output_dir} in {time.perf_counter() - started:.1f} s; the same "
+                              "command resumes from it")
+                return
+            if step % run.checkpoint_every == 0 or step == config.steps:
+                save(step)
+        ckpt.wait()
+    finally:
+        bar.close()
+        guard.close()
+        ckpt.close()
+        if logger:
+            logger.close()
+    if primary:
+        plot_loss(logger.path, os.path.join(run.metrics_dir, "loss.png"), f"julian {title}")
+        print(f"{title} done: step {step} saved to {run.output_dir} (metrics and loss curve in {run.metrics_dir})")
+
+
+# --- The command line --------------------------------------------------------------------------
+
+def configs_from_flags() -> tuple[ModelConfig, TrainConfig, RunConfig]:
     model_config = ModelConfig(
         vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
         n_heads=FLAGS.n_heads, d_ff=FLAGS.d_ff, max_seq_len=FLAGS.seq_len, rope_theta=FLAGS.rope_theta,
@@ -322,76 +766,74 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig]:
         steps=FLAGS.steps, batch_size=FLAGS.batch_size, grad_accum=FLAGS.grad_accum,
         learning_rate=FLAGS.learning_rate, min_lr_ratio=FLAGS.min_lr_ratio,
         warmup_steps=FLAGS.warmup_steps, weight_decay=FLAGS.weight_decay, beta1=FLAGS.beta1,
-        beta2=FLAGS.beta2, adam_eps=FLAGS.adam_eps, grad_clip=FLAGS.grad_clip, seed=FLAGS.seed)
-    return model_config, train_config
+        beta2=FLAGS.beta2, adam_eps=FLAGS.adam_eps, grad_clip=FLAGS.grad_clip,
+        opt_state_dtype=FLAGS.opt_state_dtype, seed=FLAGS.seed)
+    output_dir = FLAGS.output_dir
+    metrics_dir = FLAGS.metrics_dir or (os.path.join("runs", output_dir.rstrip("/").rsplit("/", 1)[-1])
+                                if "://" in output_dir else output_dir)
+    for name in ("checkpoint_every", "keep", "log_every", "max_bad_steps"):
+        if FLAGS[name].value < 1:
+            raise ValueError(f"--{name}={FLAGS[name].value} must be at least 1")
+    run = RunConfig(
+        output_dir=output_dir, metrics_dir=metrics_dir, fsdp=FLAGS.fsdp, checkpoint_every=FLAGS.checkpoint_every,
+        keep=FLAGS.keep, keep_every=FLAGS.keep_every, init_from=FLAGS.init_from,
+        max_bad_steps=FLAGS.max_bad_steps, max_rollbacks=FLAGS.max_rollbacks, log_every=FLAGS.log_every,
+        eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches, peak_tflops=FLAGS.peak_tflops,
+        test_nan_batches=tuple(int(s) for s in FLAGS.test_nan_batches),
+        test_sigkill_during_save=FLAGS.test_sigkill_during_save)
+    return model_config, train_config, run
+
+
+def resolved_config(model_config: ModelConfig, config: TrainConfig, run: RunConfig, **more) -> dict:
+    return {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config),
+            "run": dataclasses.asdict(run), **more}
 
 
 def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
     if not path:
-        raise app.UsageError("--tokenizer is required: a SentencePiece .model (see tokenizer.py)")
+        raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py)")
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size != vocab_size:
-        raise app.UsageError(
+        raise ValueError(
             f"--tokenizer={path} has {tokenizer.vocab_size} pieces but --vocab_size={vocab_size}: "
             "expected them to match (set --vocab_size to the tokenizer's size)")
     return tokenizer
 
 
+def open_data(spec: str, split: str, tokenizer: Tokenizer, model_config: ModelConfig,
+              config: TrainConfig, batch_size: int | None = None, grad_accum: int | None = None):
+    return data.open_train_data(
+        spec, tokenizer=tokenizer, seq_len=model_config.max_seq_len, seed=config.seed,
+        global_batch_size=batch_size or config.batch_size, grad_accum=grad_accum or config.grad_accum,
+        process_index=jax.process_index(), process_count=jax.process_count(), split=split)
+
+
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
-    try:
-        model_config, config = configs_from_flags()
-    except ValueError as e:  # a flag combination the configs refuse: say which, without a traceback
-        raise app.UsageError(str(e)) from e
     if FLAGS.dry_run and FLAGS.hardware:
         # On a CPU, fake the named pod's chips so the batch splits and memory is per chip.
         jax.config.update("jax_num_cpu_devices", HARDWARE[FLAGS.hardware][0])
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    if FLAGS.dry_run:
-        return dry_run(model_config, config, mesh, FLAGS.hardware, FLAGS.assumed_mfu, FLAGS.peak_tflops)
-
-    tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
-    if not FLAGS.train_data:
-        raise app.UsageError("--train_data is required: comma-separated text files")
     try:
-        records = TokenRecords(FLAGS.train_data, tokenizer, model_config.max_seq_len, config.seed)
-    except (FileNotFoundError, ValueError) as e:
+        model_config, config, run = configs_from_flags()
+        if FLAGS.dry_run:
+            return dry_run(model_config, config, make_mesh(run.fsdp), FLAGS.hardware,
+                           FLAGS.assumed_mfu, FLAGS.peak_tflops)
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
+        if not FLAGS.train_data:
+            raise ValueError("--train_data is required: a shard manifest (data.py prepare) or text files")
+        train_data = open_data(FLAGS.train_data, "train", tokenizer, model_config, config)
+        validation_data = None
+        if FLAGS.eval_every:
+            validation_data = open_data(FLAGS.validation_data or FLAGS.train_data,
+                                        "validation", tokenizer, model_config, config, grad_accum=1)
+        fit(model_config, config, run, train_data, validation_data, tokenizer.model_bytes,
+            resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data))
+    except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
         raise app.UsageError(str(e)) from e
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    run_config = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config),
-                  "tokenizer": FLAGS.tokenizer, "train_data": FLAGS.train_data}
-    with open(os.path.join(FLAGS.output_dir, "config.json"), "w") as f:
-        json.dump(run_config, f, indent=2)
-
-    optimizer = make_optimizer(config)
-    key = jax.random.key(config.seed)
-    # Parameters and optimizer state replicated; the batch split over all devices.
-    state = jax.device_put(init_state(model_config, optimizer, key), NamedSharding(mesh, P()))
-    batch_sharding = NamedSharding(mesh, P(None, "data"))
-    train_step = make_train_step(optimizer)
-    micro = config.batch_size // config.grad_accum
-    tokens_per_step = config.batch_size * model_config.max_seq_len
-    peak = device_peak_flops(model_config, micro * model_config.max_seq_len, FLAGS.peak_tflops)
-    print(f"{num_params(model_config):,} parameters | {records.num_tokens:,} training tokens | "
-          f"{tokens_per_step:,} tokens per step | {len(jax.devices())} devices | "
-          f"peak {peak / 1e12:.2f} TFLOP/s for MFU")
-    metrics_path = os.path.join(FLAGS.output_dir, "metrics.jsonl")
-    logger = IntervalLogger(metrics_path, FLAGS.log_every, config.steps, learning_rate_schedule(config),
-                            tokens_per_step, flops_per_token(model_config, model_config.max_seq_len)
-                            * tokens_per_step, peak)
-
-    for step in tqdm(range(config.steps), disable=None):
-        batch = records.batch(step, config.batch_size).reshape(config.grad_accum, micro, -1)
-        state, metrics = train_step(state, jax.device_put(batch, batch_sharding),
-                                    jax.random.fold_in(key, step))
-        if line := logger.log(step, metrics):
-            tqdm.write(line)
-    logger.close()
-
-    checkpoint.save(FLAGS.output_dir, config.steps, state.model, tokenizer.model_bytes, run_config)
-    plot_loss(metrics_path, os.path.join(FLAGS.output_dir, "loss.png"))
-    print(f"saved step {config.steps} to {FLAGS.output_dir} (loss curve: loss.png)")
+    except TrainingStopped as e:
+        sys.exit(f"training stopped: {e}")
 
 
 if __name__ == "__main__":

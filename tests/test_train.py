@@ -15,7 +15,8 @@ from conftest import DATA_FILES, TINY_STEPS, run_script
 from data import TokenRecords
 from model import ModelConfig, num_params
 from tokenizer import Tokenizer
-from train import TrainConfig, init_state, learning_rate_schedule, make_optimizer, make_train_step
+from train import (TrainConfig, abstract_state, init_state, learning_rate_schedule, make_mesh,
+                   make_optimizer, make_train_step, shardings)
 
 TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
                    dtype="float32")
@@ -45,7 +46,7 @@ def test_tiny_run_leaves_a_checkpoint_with_params_config_and_tokenizer(tiny_run,
     assert checkpoint.latest_step(tiny_run) == TINY_STEPS
     assert config["model"] == dataclasses.asdict(model.config)
     assert model.config.vocab_size == 4096 and model.config.n_layers == 4
-    assert config["run"]["train"]["steps"] == TINY_STEPS
+    assert config["train"]["steps"] == TINY_STEPS
     assert os.path.getsize(os.path.join(tiny_run, "loss.png")) > 1000
 
 
@@ -56,18 +57,26 @@ def test_generate_cli_samples_text_from_the_tiny_run(tiny_run):
     assert len(out) > len("Sherlock Holmes") + len("Le jeune homme") + 20
 
 
+def one_device_step(model_config: ModelConfig, optimizer):
+    """train.py's jitted step on a one-device mesh, called like the training loop calls it."""
+    mesh = make_mesh(1)
+    step = make_train_step(optimizer, shardings(abstract_state(model_config, optimizer, mesh)), mesh)
+    votes = jnp.zeros((1,), bool)
+    return lambda state, batch, i, nan=False: step(state, batch, jax.random.key(1), i, nan, votes)
+
+
 def _step_once(batch_size: int, grad_accum: int, tokens: np.ndarray):
     # A large Adam epsilon: with the default 1e-8, Adam divides near-zero gradient entries by
     # their own magnitude, blowing float summation-order noise up to the full step size.
     config = TrainConfig(steps=10, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=1,
-                         learning_rate=1e-2, adam_eps=1e-3)
+                         learning_rate=1e-2, adam_eps=1e-3, opt_state_dtype="float32")
     optimizer = make_optimizer(config)
     state = init_state(TINY, optimizer, jax.random.key(0))
-    batch = jnp.asarray(tokens.reshape(grad_accum, batch_size // grad_accum, -1))
+    batch = {"tokens": jnp.asarray(tokens.reshape(grad_accum, batch_size // grad_accum, -1))}
     # Two steps, so the second uses Adam moments built from the accumulated gradient.
-    step = make_train_step(optimizer)
-    state, m1 = step(state, batch, jax.random.key(1))
-    state, m2 = step(state, batch, jax.random.key(2))
+    step = one_device_step(TINY, optimizer)
+    state, m1 = step(state, batch, 0)
+    state, m2 = step(state, batch, 1)
     return state, m1, m2
 
 
