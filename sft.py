@@ -48,12 +48,19 @@ import collections
 import dataclasses
 import itertools
 import json
+import math
 import re
+import sys
 from collections.abc import Iterator, Sequence
 
+import jax
 import numpy as np
-from jaxtyping import Bool, Float, Int
+from absl import app, flags
+from jaxtyping import Bool, Int
 
+import checkpoint
+import train
+from model import ModelConfig
 from tokenizer import BOS_ID, IM_END_ID, PAD_ID, Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -422,14 +429,15 @@ class ChatBatches:
     """The batches of a fine-tuning run: step s -> this process's rows, a pure function of (seed, s).
 
     The global batch of step s is `global_batch_size` rows of an endless sequence in which epoch e
-    visits all packed rows in a permutation seeded by (seed, e). It splits into `grad_accum`
+    visits all packed rows in a permutation seeded by (seed, e) (without `shuffle`: every row
+    once, in order, then empty rows). It splits into `grad_accum`
     micro-batches of consecutive rows; process p takes the p-th contiguous part (of
     `process_count`) of each micro-batch, concatenated in micro-batch order, so
     `batch[k].reshape(grad_accum, -1, ...)` is this process's slice of each micro-batch.
     """
 
     def __init__(self, rows: PackedRows, seed: int, global_batch_size: int, grad_accum: int = 1,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, shuffle: bool = True):
         if rows.num_rows == 0:
             raise ValueError("no packed rows: every conversation was bad, dropped or held out")
         if global_batch_size % (grad_accum * process_count):
@@ -439,6 +447,7 @@ class ChatBatches:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         self.rows, self.seed, self.global_batch_size = rows, seed, global_batch_size
         self.grad_accum, self.process_index, self.process_count = grad_accum, process_index, process_count
+        self.shuffle = shuffle
 
     @property
     def num_rows(self) -> int:
@@ -449,13 +458,22 @@ class ChatBatches:
         """Loss-carrying tokens in one epoch."""
         return self.rows.supervised_tokens
 
-    def epoch(self, steps_done: int) -> float:
-        """Epochs seen once `steps_done` steps (batches 0 .. steps_done - 1) have run."""
-        return steps_done * self.global_batch_size / self.num_rows
+    @property
+    def num_batches(self) -> int:
+        """Batches that cover every row once (the last one partly)."""
+        return -(-self.num_rows // self.global_batch_size)
+
+    def epoch(self, step: int) -> float:
+        """Epochs seen once the batch of step `step` (counted from 0) has been trained on."""
+        return (step + 1) * self.global_batch_size / self.num_rows
 
     def global_rows(self, step: int) -> Int[np.ndarray, " global_batch"]:
+        """Row indices of step `step`'s global batch; without `shuffle`, the rows in order and
+        then -1 (an empty row) past the last, for a held-out pass over each row once."""
         n = self.num_rows
         flat = np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size)
+        if not self.shuffle:
+            return np.where(flat < n, flat, -1)
         epochs, offsets = np.divmod(flat, n)
         rows = np.empty_like(flat)
         for epoch in np.unique(epochs):
@@ -479,8 +497,11 @@ class ChatBatches:
 
 
 def batch_arrays(rows: PackedRows, indices: Int[np.ndarray, " n"]) -> dict[str, np.ndarray]:
-    """The model's inputs and loss weights for the packed rows `indices` (see ChatBatches.batch)."""
-    tokens, segments, mask = rows.tokens[indices], rows.segment_ids[indices], rows.mask[indices]
+    """The model's inputs and loss weights for the packed rows `indices` (see ChatBatches.batch);
+    index -1 is an empty row (padding, no loss)."""
+    real = indices >= 0
+    take = lambda a: np.where(real[:, None], a[np.where(real, indices, 0)], 0)
+    tokens, segments, mask = take(rows.tokens), take(rows.segment_ids), take(rows.mask).astype(bool)
     # A target counts only inside its input's conversation (a packed row's first token of the
     # next conversation has mask 0 anyway: it is <s>).
     weights = mask[:, 1:] & (segments[:, 1:] == segments[:, :-1])
@@ -574,3 +595,89 @@ def summary_table(stats: Sequence[FileStats], rows: PackedRows) -> str:
              f"{rows.supervised_tokens:,} supervised tokens "
              f"({rows.supervised_tokens / max(rows.tokens.size, 1):.1%} of all)")
     return text
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: train.py's loop, flags and checkpoints.
+
+FLAGS = flags.FLAGS
+# The report's SFT optimization (design.md); a --flagfile on the command line still wins.
+SFT_DEFAULTS = {"learning_rate": 2e-5, "warmup_steps": 1000, "weight_decay": 0.01, "grad_clip": 1.0,
+                "eval_every": 200}
+
+
+def define_flags() -> None:
+    """train.py's flags (model, optimization, run, logging) plus SFT's own."""
+    train.define_flags()
+    flags.DEFINE_enum("format", "auto", FORMATS, "Record shape of --train_data (auto: by each record's keys).")
+    flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of records that bring none.")
+    flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
+                       "and counted); above it the run stops naming them. 0: any bad record fails.")
+    flags.DEFINE_bool("packing", True, "Pack several conversations per row (segment ids keep them "
+                      "apart); --nopacking pads one conversation per row.")
+    flags.DEFINE_enum("overlong", "truncate", OVERLONG, "A conversation longer than a row: cut after "
+                      "its last assistant turn that fits, or drop it.")
+    flags.DEFINE_float("epochs", 0.0, "Train this many passes over the packed rows, setting --steps "
+                       "(0: use --steps). The report found less than one epoch best.")
+    flags.DEFINE_float("validation_fraction", 0.02, "Share of each file's conversations held out for "
+                       "the held-out loss every --eval_every steps (unless --validation_data is given).")
+    for name, value in SFT_DEFAULTS.items():
+        FLAGS.set_default(name, value)
+
+
+def _model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelConfig, Tokenizer]:
+    """The --init_from checkpoint's model (this run's execution settings) and its tokenizer; or,
+    without --init_from, the flags' model and --tokenizer."""
+    if not run.init_from:
+        return from_flags, train.load_tokenizer(FLAGS.tokenizer, from_flags.vocab_size)
+    _, tokenizer_bytes, saved = checkpoint.load(run.init_from)
+    runtime = {name: getattr(from_flags, name) for name in checkpoint.EXECUTION_FIELDS}
+    return dataclasses.replace(ModelConfig(**saved["model"]), **runtime), Tokenizer.from_bytes(tokenizer_bytes)
+
+
+def main(argv):
+    del argv
+    checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    try:
+        flag_model, config, run = train.configs_from_flags()
+        train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        model_config, tokenizer = _model_config(run, flag_model)
+        # Rows of --seq_len tokens when given (at most the model's context), else the context.
+        seq_len = FLAGS.seq_len if FLAGS["seq_len"].present else model_config.max_seq_len
+        if seq_len > model_config.max_seq_len:
+            raise ValueError(f"--seq_len={seq_len} exceeds the model's context of {model_config.max_seq_len}")
+        if not FLAGS.train_data:
+            raise ValueError("--train_data is required: JSON or JSONL conversation files, PATH[:WEIGHT],...")
+        held_out = FLAGS.validation_fraction if FLAGS.eval_every and not FLAGS.validation_data else 0.0
+        data_config = DataConfig(
+            tuple(FLAGS.train_data.split(",")), seq_len, FLAGS.format, FLAGS.system_prompt,
+            FLAGS.max_bad_fraction, FLAGS.packing, FLAGS.overlong, held_out, config.seed)
+        rows, validation_rows, stats = prepare(data_config, tokenizer)
+        if FLAGS.eval_every and FLAGS.validation_data:
+            validation_rows, _, more = prepare(dataclasses.replace(
+                data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0), tokenizer)
+            stats += more
+        if jax.process_index() == 0:
+            print(summary_table(stats, rows))
+        if FLAGS.epochs:
+            config = dataclasses.replace(config, steps=math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size))
+        where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)
+        validation = None
+        if validation_rows is not None and run.eval_every:
+            validation = ChatBatches(validation_rows, config.seed, config.batch_size, shuffle=False, **where)
+            run = dataclasses.replace(run, eval_batches=validation.num_batches)  # each row once
+        sft_settings = {**dataclasses.asdict(data_config), "epochs": FLAGS.epochs,
+                        "rows": rows.num_rows, "supervised_tokens_per_epoch": rows.supervised_tokens,
+                        "files": [dataclasses.asdict(s) for s in stats]}
+        train.fit(model_config, config, run, source, validation, tokenizer.model_bytes,
+                  train.resolved_config(model_config, config, run, sft=sft_settings), title="sft")
+    except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
+        raise app.UsageError(str(e)) from e
+    except train.TrainingStopped as e:
+        sys.exit(f"training stopped: {e}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

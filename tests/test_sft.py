@@ -259,7 +259,7 @@ def test_batches_are_a_pure_function_of_seed_and_step_and_visit_each_row_once_pe
     for epoch in range(2):
         seen = np.concatenate([batches.batch(s)["tokens"][:, 0] for s in range(3 * epoch, 3 * epoch + 3)])
         assert sorted(seen) == list(range(12))
-    assert batches.epoch(3) == 1.0 and batches.epoch(4) == pytest.approx(4 / 3)
+    assert batches.epoch(2) == 1.0 and batches.epoch(3) == pytest.approx(4 / 3)  # after steps 0..2, 0..3
     first, second = [batches.batch(s)["tokens"][:, 0] for s in range(3)], [
         sft.ChatBatches(rows, seed=4, global_batch_size=4).batch(s)["tokens"][:, 0] for s in range(3)]
     assert not all(np.array_equal(a, b) for a, b in zip(first, second))
