@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+import checkpoint
 import sft
-from conftest import REPO
+from conftest import REPO, run_script
 from model import ModelConfig, Transformer
 from tokenizer import BOS_ID, IM_END_ID, IM_START_ID, Tokenizer
 
@@ -347,3 +348,82 @@ def test_the_bundled_sample_loads_cleanly_in_both_languages(tokenizer):
     assert all(not s.bad and s.mixed > 50 for s in stats)
     assert validation is not None and rows.supervised_tokens > 10_000
     assert "supervised tokens" in sft.summary_table(stats, rows)
+
+
+# --- Behaviour: fine-tuning the tiny pretrained model -------------------------------------------
+
+REPLY = "Bien sûr ! Here is my answer."
+PROMPTS = [  # each repeated in training: they would be memorized if they carried loss
+    "What is the capital of France?", "Quelle heure est-il ?", "Tell me a story about a dog.",
+    "Combien font deux et deux ?", "Why is the sky blue?", "Écris un poème sur la mer.",
+    "Name three colours.", "Qui a écrit Madame Bovary ?", "How do I boil an egg?",
+    "Traduis « good morning » en français.", "What is your name?", "Où se trouve Lyon ?",
+]
+UNSEEN = "Peux-tu me parler de Sherlock Holmes ?"
+
+
+_forward = eqx.filter_jit(lambda model, tokens: model(tokens))
+
+
+def _greedy_reply(model, prompt: list[int], max_new_tokens: int = 24) -> tuple[list[int], bool]:
+    """Greedy decoding until <|im_end|>: (reply ids, whether it ended with <|im_end|>)."""
+    buffer = np.zeros((1, model.config.max_seq_len), np.int32)
+    buffer[0, : len(prompt)] = prompt
+    length, reply = len(prompt), []
+    while len(reply) < max_new_tokens:
+        token = int(np.argmax(_forward(model, buffer)[0, length - 1]))
+        if token == IM_END_ID:
+            return reply, True
+        reply.append(token)
+        buffer[0, length] = token
+        length += 1
+    return reply, False
+
+
+def _mean_losses(model, tokenizer: Tokenizer, prompts: list[str]) -> tuple[float, float]:
+    """Mean next-token loss on the user's text and on the reply (+ <|im_end|>), one chat per row."""
+    rows = np.zeros((len(prompts), model.config.max_seq_len), np.int32)
+    user, reply = np.zeros(rows.shape, bool), np.zeros(rows.shape, bool)
+    for r, prompt in enumerate(prompts):
+        turns = [tokenizer.render_chat([m]) for m in as_messages(
+            [("system", SYSTEM), ("user", prompt), ("assistant", REPLY)])]
+        ids = [BOS_ID, *turns[0], *turns[1], *turns[2]]
+        rows[r, : len(ids)] = ids
+        start = 1 + len(turns[0]) + 1 + len(tokenizer.encode("user\n"))
+        user[r, start: start + len(tokenizer.encode(prompt))] = True
+        start = 1 + len(turns[0]) + len(turns[1]) + 1 + len(tokenizer.encode("assistant\n"))
+        reply[r, start: start + len(tokenizer.encode(REPLY)) + 1] = True
+    logits = np.asarray(_forward(model, rows), np.float64)[:, :-1]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, rows[:, 1:, None], axis=-1)[..., 0]
+    return float(nll[user[:, 1:]].mean()), float(nll[reply[:, 1:]].mean())
+
+
+def test_fine_tuning_teaches_the_reply_pattern_but_not_the_repeated_user_messages(tiny_run, tmp_path):
+    chats = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": REPLY}]}
+             for _ in range(8) for p in PROMPTS]
+    path = write_jsonl(tmp_path / "pattern.jsonl", chats)
+    out = str(tmp_path / "sft")
+    log = run_script("sft.py", "--flagfile=configs/sft_tiny.flags", f"--init_from={tiny_run}",
+                     f"--train_data={path}", "--steps=40", f"--output_dir={out}", "--eval_every=0",
+                     "--peak_tflops=1").stdout
+    assert "supervised tokens" in log and f"{len(chats):,}" in log  # the summary table
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    assert metrics[-1]["step"] == 40 and metrics[-1]["epoch"] > metrics[0]["epoch"] > 0
+    assert all(m["supervised_tokens"] > 0 for m in metrics)
+
+    before, tokenizer_bytes, _ = checkpoint.load(tiny_run, model_overrides={"dtype": "float32"})
+    after, _, _ = checkpoint.load(out, model_overrides={"dtype": "float32"})
+    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    user_before, reply_before = _mean_losses(before, tokenizer, PROMPTS)
+    user_after, reply_after = _mean_losses(after, tokenizer, PROMPTS)
+    print(f"user {user_before:.3f} -> {user_after:.3f}, reply {reply_before:.3f} -> {reply_after:.3f}")
+    assert reply_after < 0.1 * reply_before
+    assert user_after > 0.8 * user_before
+
+    prompt = [BOS_ID, *tokenizer.render_chat(as_messages([("system", SYSTEM), ("user", UNSEEN)]),
+                                             add_generation_prompt=True)]
+    reply, stopped = _greedy_reply(after, prompt)
+    assert tokenizer.decode(reply) == REPLY and stopped
