@@ -420,8 +420,9 @@ def test_fine_tuning_teaches_the_reply_pattern_but_not_the_repeated_user_message
     user_before, reply_before = _mean_losses(before, tokenizer, PROMPTS)
     user_after, reply_after = _mean_losses(after, tokenizer, PROMPTS)
     print(f"user {user_before:.3f} -> {user_after:.3f}, reply {reply_before:.3f} -> {reply_after:.3f}")
-    assert reply_after < 0.1 * reply_before
+    # With loss on every token (a mask bug), the user messages' loss halved here (7.4 -> 3.7).
     assert user_after > 0.8 * user_before
+    assert reply_after < 0.1 * reply_before
 
     prompt = [BOS_ID, *tokenizer.render_chat(as_messages([("system", SYSTEM), ("user", UNSEEN)]),
                                              add_generation_prompt=True)]
