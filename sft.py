@@ -1,5 +1,11 @@
 """Supervised fine-tuning on ChatML conversations, with the loss on the assistant's tokens only.
 
+    python sft.py --flagfile=configs/sft_600m.flags --init_from=runs/600m \
+        --train_data=chats.jsonl:0.7,fr.json:0.3 --output_dir=runs/600m-sft
+
+Training is train.py's loop (`train.fit`: checkpoints, resume, preemption, logging) and flags;
+the model's shape and tokenizer come from the --init_from checkpoint. Here: the data.
+
 Inputs are JSON arrays or JSONL files, local or gs://. Each record is one conversation (seed
 tasks: one per instance); `--format=auto` recognises the shape of each record by its keys:
 
@@ -154,14 +160,16 @@ def detect_format(record: dict) -> str:
     for name, key in (("seed_tasks", "instances"), ("dolly", "response"), ("alpaca", "output")):
         if key in record:
             return name
-    raise BadRecord("unrecognized shape", f"keys {sorted(record)}; expected one of messages, "
+    raise BadRecord("wrong shape", f"keys {sorted(record)}; expected one of messages, "
                     "conversations, conversation, instances, response or output")
 
 
 def _string(record: dict, key: str, required: bool) -> str:
+    if required and key not in record:
+        raise BadRecord("wrong shape", f"no {key!r} in keys {sorted(record)}")
     value = record.get(key, "")
     if not isinstance(value, str):
-        raise BadRecord("wrong type", f"{key!r} must be a string, got {type(value).__name__}")
+        raise BadRecord("wrong shape", f"{key!r} must be a string, got {type(value).__name__}")
     if required and not value.strip():
         raise BadRecord("empty content", f"{key!r} is empty")
     return value
@@ -175,11 +183,11 @@ def _message_list(record: dict, fmt: str) -> list[dict]:
     list_key, role_key, text_key = MESSAGE_LISTS[fmt]
     turns = record.get(list_key)
     if not isinstance(turns, list) or not turns:
-        raise BadRecord("wrong type", f"{list_key!r} must be a non-empty list of messages")
+        raise BadRecord("wrong shape", f"{list_key!r} must be a non-empty list of messages")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise BadRecord("wrong type", f"message {i} must be an object, got {type(turn).__name__}")
+            raise BadRecord("wrong shape", f"message {i} must be an object, got {type(turn).__name__}")
         name = turn.get(role_key)
         role = ROLES.get(name.casefold()) if isinstance(name, str) else None
         if role is None:
@@ -198,7 +206,7 @@ def to_conversations(record: object, fmt: str = "auto", default_system: str = DE
     Raises BadRecord if the record is not a usable conversation in format `fmt` (FORMATS).
     """
     if not isinstance(record, dict):
-        raise BadRecord("wrong type", f"expected a JSON object, got {type(record).__name__}")
+        raise BadRecord("wrong shape", f"expected a JSON object, got {type(record).__name__}")
     fmt = detect_format(record) if fmt == "auto" else fmt
     system = _string(record, "system", required=False) or default_system
     if fmt in MESSAGE_LISTS:
@@ -207,11 +215,11 @@ def to_conversations(record: object, fmt: str = "auto", default_system: str = DE
         instruction = _string(record, "instruction", required=True)
         instances = record.get("instances")
         if not isinstance(instances, list) or not instances:
-            raise BadRecord("wrong type", "'instances' must be a non-empty list")
+            raise BadRecord("wrong shape", "'instances' must be a non-empty list")
         conversations = []
         for instance in instances:
             if not isinstance(instance, dict):
-                raise BadRecord("wrong type", f"an instance must be an object, got {type(instance).__name__}")
+                raise BadRecord("wrong shape", f"an instance must be an object, got {type(instance).__name__}")
             user = _instruction(instruction, _string(instance, "input", required=False))
             conversations.append([{"role": "user", "content": user}, {
                 "role": "assistant", "content": _string(instance, "output", required=True)}])

@@ -152,14 +152,14 @@ def test_bad_records_are_counted_and_skipped_or_fail_naming_file_line_and_reason
     conversations, stats = sft.load_conversations(path, max_bad_fraction=0.75)
     assert len(conversations) == 2 and stats.records == 8
     assert stats.bad == {"no assistant turn": 1, "unknown role": 1, "empty content": 1,
-                         "wrong type": 1, "unrecognized shape": 1, "invalid JSON": 1}
+                         "wrong shape": 2, "invalid JSON": 1}
     with pytest.raises(ValueError, match=r"mixed\.jsonl, line 2: no assistant turn") as error:
         sft.load_conversations(path, max_bad_fraction=0.0)
     assert "line 3: unknown role" in str(error.value) and "6 of 8 records" in str(error.value)
     with pytest.raises(ValueError, match="more than --max_bad_fraction=0.7"):
         sft.load_conversations(path, max_bad_fraction=0.7)
     # A format named on the command line is enforced: a good "messages" record is bad as alpaca.
-    with pytest.raises(ValueError, match="line 1: "):
+    with pytest.raises(ValueError, match="line 1: wrong shape: no 'instruction'"):
         sft.load_conversations(path, "alpaca", max_bad_fraction=0.0)
 
 
