@@ -280,6 +280,15 @@ def test_each_process_gets_its_contiguous_part_of_every_micro_batch():
         sft.ChatBatches(rows, 0, 6, grad_accum=4)
 
 
+def test_held_out_batches_cover_every_row_once_then_empty_rows_without_loss():
+    rows = _numbered_rows(10)
+    held_out = sft.ChatBatches(rows, seed=0, global_batch_size=4, shuffle=False)
+    assert held_out.num_batches == 3
+    batches = [held_out.batch(i) for i in range(3)]
+    np.testing.assert_array_equal(np.concatenate([b["tokens"][:, 0] for b in batches])[:10], np.arange(10))
+    assert not batches[2]["weights"][2:].any() and batches[2]["weights"][:2].all()
+
+
 def test_weights_are_the_mask_shifted_to_targets_and_never_cross_segments():
     tokens = np.arange(8, dtype=np.int32)[None]
     segments = np.array([[1, 1, 1, 2, 2, 2, 0, 0]], np.int32)
@@ -406,13 +415,16 @@ def test_fine_tuning_teaches_the_reply_pattern_but_not_the_repeated_user_message
     path = write_jsonl(tmp_path / "pattern.jsonl", chats)
     out = str(tmp_path / "sft")
     log = run_script("sft.py", "--flagfile=configs/sft_tiny.flags", f"--init_from={tiny_run}",
-                     f"--train_data={path}", "--steps=40", f"--output_dir={out}", "--eval_every=0",
-                     "--peak_tflops=1").stdout
+                     f"--train_data={path}", "--steps=40", f"--output_dir={out}", "--eval_every=20",
+                     "--validation_fraction=0.05", "--peak_tflops=1").stdout
     assert "supervised tokens" in log and f"{len(chats):,}" in log  # the summary table
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
+        records = [json.loads(line) for line in f]
+    metrics = [r for r in records if "loss" in r]
     assert metrics[-1]["step"] == 40 and metrics[-1]["epoch"] > metrics[0]["epoch"] > 0
     assert all(m["supervised_tokens"] > 0 for m in metrics)
+    held_out = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(held_out) == 2 and held_out[1] < held_out[0]
 
     before, tokenizer_bytes, _ = checkpoint.load(tiny_run, model_overrides={"dtype": "float32"})
     after, _, _ = checkpoint.load(out, model_overrides={"dtype": "float32"})
@@ -428,3 +440,18 @@ def test_fine_tuning_teaches_the_reply_pattern_but_not_the_repeated_user_message
                                              add_generation_prompt=True)]
     reply, stopped = _greedy_reply(after, prompt)
     assert tokenizer.decode(reply) == REPLY and stopped
+
+
+def test_cli_names_the_file_line_and_reason_of_bad_records(tiny_tokenizer_path, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        {"instruction": "Say hi.", "output": "Hi."},
+        {"messages": [{"role": "user", "content": "Anyone there?"}]}])
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "sft.py"), "--flagfile=configs/sft_tiny.flags",
+         "--vocab_size=4096", "--d_model=32", "--n_layers=1", "--n_heads=1", "--d_ff=32",
+         f"--tokenizer={tiny_tokenizer_path}", f"--train_data={path}", "--steps=20",
+         f"--output_dir={tmp_path / 'out'}", "--max_bad_fraction=0.1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "bad.jsonl, line 2: no assistant turn" in result.stderr
+    assert "--max_bad_fraction=0.1" in result.stderr
