@@ -646,9 +646,12 @@ def _model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelC
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    if FLAGS.dry_run and FLAGS.hardware:  # as train.py: the named pod's chips, faked on a CPU
+        jax.config.update("jax_num_cpu_devices", train.HARDWARE[FLAGS.hardware][0])
     try:
         flag_model, config, run = train.configs_from_flags()
-        train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        if not FLAGS.dry_run:
+            train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         model_config, tokenizer = _model_config(run, flag_model)
         # Rows of --seq_len tokens when given (at most the model's context), else the context.
         seq_len = FLAGS.seq_len if FLAGS["seq_len"].present else model_config.max_seq_len
@@ -669,6 +672,9 @@ def main(argv):
             print(summary_table(stats, rows))
         if FLAGS.epochs:
             config = dataclasses.replace(config, steps=math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size))
+        if FLAGS.dry_run:  # sizes, memory and budget of this fine-tuning (steps from --epochs)
+            return train.dry_run(model_config, config, train.make_mesh(run.fsdp), FLAGS.hardware,
+                                 FLAGS.assumed_mfu, FLAGS.peak_tflops)
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
