@@ -671,7 +671,12 @@ def main(argv):
         if jax.process_index() == 0:
             print(summary_table(stats, rows))
         if FLAGS.epochs:
-            config = dataclasses.replace(config, steps=math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size))
+            steps = math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size)
+            try:
+                config = dataclasses.replace(config, steps=steps)
+            except ValueError as e:
+                raise ValueError(f"--epochs={FLAGS.epochs:g} of {rows.num_rows:,} rows at --batch_size="
+                                 f"{config.batch_size} is {steps} steps: {e}") from None
         if FLAGS.dry_run:  # sizes, memory and budget of this fine-tuning (steps from --epochs)
             return train.dry_run(model_config, config, train.make_mesh(run.fsdp), FLAGS.hardware,
                                  FLAGS.assumed_mfu, FLAGS.peak_tflops)
