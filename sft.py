@@ -297,15 +297,15 @@ class Example:
 
 def _render_turns(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[tuple[list[int], list[bool]]]:
     turns = []
-    header = len(tokenizer.encode("assistant\n"))
+    header = tokenizer.encode("assistant\n")
     for message in messages:
         ids = tokenizer.render_chat([message])  # <|im_start|>role\ncontent<|im_end|>\n
         mask = [False] * len(ids)
         if message["role"] == "assistant":
             # The header is a prefix of the turn's ids: "\n" is a byte piece that never merges.
-            assert ids[1: 1 + header] == tokenizer.encode("assistant\n"), "header merged with content"
-            end = ids.index(IM_END_ID, 1 + header)  # the first: content cannot produce the id
-            mask[1 + header: end + 1] = [True] * (end - header)
+            assert ids[1: 1 + len(header)] == header, "role header merged with the content"
+            end = ids.index(IM_END_ID, 1 + len(header))  # the first: content cannot produce the id
+            mask[1 + len(header): end + 1] = [True] * (end - len(header))
         turns.append((ids, mask))
     return turns
 
