@@ -473,7 +473,7 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
         where = f"{mesh.size} x {jax.devices()[0].device_kind}"
         peak = device_peak_flops(model_config, micro * model_config.max_seq_len, peak_tflops)
     days = total_flops / (peak * assumed_mfu) / 86400
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
     rows = [
         ("parameters", f"{n:,}"),
         ("mesh", f"{dict(mesh.shape)} ({mesh.size} devices)"),
@@ -831,9 +831,9 @@ def main(argv):
         fit(model_config, config, run, train_data, validation_data, tokenizer.model_bytes,
             resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data))
     except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
-        raise app.UsageError(str(e)) from e
+        sys.exit(f"train.py: error: {e}")
     except TrainingStopped as e:
-        sys.exit(f"training stopped: {e}")
+        sys.exit(f"train.py: training stopped: {e}")
 
 
 if __name__ == "__main__":

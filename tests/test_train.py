@@ -3,20 +3,27 @@
 import dataclasses
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import checkpoint
-from conftest import DATA_FILES, TINY_STEPS, run_script
+from conftest import DATA_FILES, REPO, TINY_STEPS, run_script
 from data import TokenRecords
 from model import ModelConfig, num_params
 from tokenizer import Tokenizer
 from train import (TrainConfig, abstract_state, init_state, learning_rate_schedule, make_mesh,
-                   make_optimizer, make_train_step, shardings)
+                   make_optimizer, make_train_step, scale_by_adam, shardings)
 
 TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
                    dtype="float32")
@@ -143,7 +150,7 @@ def test_dry_run_prints_parameters_and_compiled_memory_without_training(tmp_path
                      f"--output_dir={tmp_path}/never").stdout
     tiny = ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512, max_seq_len=128)
     assert f"{num_params(tiny):,}" in out
-    assert "per-device memory: temporaries" in out and "GiB" in out
+    assert "per-device memory: temporaries" in out and "MiB" in out
     assert "training tokens" in out and "days" in out
     assert not os.path.exists(f"{tmp_path}/never")
 
@@ -178,3 +185,213 @@ def test_heads_not_dividing_d_model_is_named(tmp_path, tiny_tokenizer_path):
 def test_batch_not_divisible_by_accumulation_is_named():
     with pytest.raises(ValueError, match="--batch_size=6 is not divisible by --grad_accum=4"):
         TrainConfig(steps=10, batch_size=6, grad_accum=4, warmup_steps=1)
+
+
+# --- The optimizer's bf16 moments, the health check, the mesh ------------------------------------
+
+def _quadratic_problem():
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(64,)), jnp.float32)
+    loss = lambda w: jnp.mean((a @ w["x"] - b) ** 2) + jnp.sum(w["y"] ** 2)
+    return loss, {"x": jnp.zeros(32), "y": jnp.ones(8)}
+
+
+def _descend(optimizer, steps=60):
+    loss, params = _quadratic_problem()
+    state = optimizer.init(params)
+    trajectory = []
+    for _ in range(steps):
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        trajectory.append(float(value))
+    return params, np.array(trajectory), state
+
+
+def test_adamw_with_fp32_moments_is_optax_adamw():
+    ours = optax.chain(scale_by_adam(0.9, 0.95, 1e-8, "float32"), optax.add_decayed_weights(0.1),
+                       optax.scale_by_learning_rate(1e-2))
+    reference = optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    p1, t1, _ = _descend(ours)
+    p2, t2, _ = _descend(reference)
+    np.testing.assert_allclose(t1, t2, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_with_bf16_moments_stores_bf16_and_tracks_optax_fp32_adamw():
+    ours = optax.chain(scale_by_adam(0.9, 0.95, 1e-8, "bfloat16"), optax.add_decayed_weights(0.1),
+                       optax.scale_by_learning_rate(1e-2))
+    p1, t1, state = _descend(ours)
+    p2, t2, _ = _descend(optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1))
+    moments = jax.tree.leaves((state[0].mu, state[0].nu))
+    assert moments and all(m.dtype == jnp.bfloat16 for m in moments)
+    assert t1[-1] < 0.5 * t1[0]  # it optimizes
+    # bf16 keeps 8 bits of mantissa: the moments are off by up to ~0.4%, the path by about as much.
+    np.testing.assert_allclose(t1, t2, rtol=2e-2)
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(x, y, rtol=5e-2, atol=5e-3)
+
+
+def test_a_non_finite_step_leaves_parameters_and_moments_untouched():
+    config = TrainConfig(steps=10, batch_size=2, warmup_steps=0)
+    optimizer = make_optimizer(config)
+    state = init_state(TINY, optimizer, jax.random.key(0))
+    before = jax.tree.map(np.asarray, state)
+    tokens = {"tokens": jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 2, TINY.max_seq_len + 1)))}
+    step = one_device_step(TINY, optimizer)
+    state, metrics = step(state, tokens, 0, True)
+    assert bool(metrics["skipped"]) and not np.isfinite(metrics["loss"])
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(x, y)
+    state, metrics = step(state, tokens, 1, False)  # ...and a finite one changes them
+    assert not bool(metrics["skipped"])
+    assert not np.array_equal(before.model.lm_head, state.model.lm_head)
+
+
+def test_dry_run_shows_fsdp_dividing_the_per_device_state(tmp_path):
+    def argument_mib(*args):
+        out = run_script("train.py", "--flagfile=configs/tiny.flags", "--dry_run", "--hardware=v4-8",
+                         f"--output_dir={tmp_path}/never", *args).stdout
+        assert "{'data': %d, 'fsdp': %d}" % (4 // int(args[0][7:]), int(args[0][7:])) in out
+        line = next(l for l in out.splitlines() if l.startswith("per-device memory: arguments"))
+        value, unit = line.split()[-2:]
+        return float(value) * {"GiB": 1024, "MiB": 1}[unit]
+
+    replicated, sharded = argument_mib("--fsdp=1"), argument_mib("--fsdp=4")
+    assert sharded < 0.3 * replicated, (replicated, sharded)
+
+
+# --- Whole runs: resume, preemption, NaNs, processes, fsdp ----------------------------------------
+
+SMALL = ["--flagfile=configs/tiny.flags", "--d_model=64", "--n_layers=2", "--n_heads=2", "--d_ff=128",
+         "--seq_len=32", "--batch_size=4", "--warmup_steps=2", "--log_every=1", "--learning_rate=1e-2"]
+
+
+def train_command(out, tokenizer: str, *args: str) -> list[str]:
+    return [sys.executable, os.path.join(REPO, "train.py"), *SMALL, f"--tokenizer={tokenizer}",
+            f"--train_data={DATA_FILES[0]}", f"--output_dir={out}", *args]
+
+
+def run_train(out, tokenizer, *args, env=None, expect=0) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(out, tokenizer, *args), cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == expect, result.stdout + result.stderr
+    return result
+
+
+def logged(out) -> dict[int, tuple[float, float]]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records if "loss" in r}
+
+
+def with_devices(n: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_tokenizer_path):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_train(out, tiny_tokenizer_path, "--steps=150")
+    return logged(out)
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes_with_identical_losses(
+        tmp_path, tiny_tokenizer_path, uninterrupted):
+    command = train_command(tmp_path, tiny_tokenizer_path, "--steps=150")
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    stopped = checkpoint.latest_step(str(tmp_path))
+    assert f"checkpoint of step {stopped} written" in output and 5 <= stopped < 150, output
+
+    resumed = run_train(tmp_path, tiny_tokenizer_path, "--steps=150").stdout
+    assert f"resumed from step {stopped}" in resumed
+    # The same batches, dropout keys and optimizer state: bit-for-bit the same losses on CPU.
+    assert logged(tmp_path) == uninterrupted
+
+
+def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpoint(
+        tmp_path, tiny_tokenizer_path, uninterrupted):
+    run_train(tmp_path, tiny_tokenizer_path, "--steps=150", "--checkpoint_every=40",
+              "--test_sigkill_during_save=80", expect=-signal.SIGKILL)
+    assert checkpoint.latest_step(str(tmp_path)) == 40
+    resumed = run_train(tmp_path, tiny_tokenizer_path, "--steps=150", "--checkpoint_every=40").stdout
+    assert "resumed from step 40" in resumed
+    assert logged(tmp_path) == uninterrupted
+
+
+def test_nan_steps_are_skipped_then_rolled_back_past_then_stop_the_run(tmp_path, tiny_tokenizer_path):
+    once = run_train(tmp_path / "once", tiny_tokenizer_path, "--steps=12", "--test_nan_batches=3")
+    record = [json.loads(l) for l in open(tmp_path / "once" / "metrics.jsonl")][-1]
+    assert record["skipped_steps"] == 1 and record["rollbacks"] == 0 and np.isfinite(record["loss"])
+    assert "rolled back" not in once.stdout
+
+    rolled = run_train(tmp_path / "rolled", tiny_tokenizer_path, "--steps=12", "--checkpoint_every=4",
+                       "--max_bad_steps=2", "--test_nan_batches=5,6").stdout
+    assert "rolled back to step 4, the data moves on to position 7" in rolled
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "rolled"))
+    meta = ckpt.manager.restore(12, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    ckpt.close()
+    assert meta["data_offset"] == 3 and meta["rollbacks"] == 1
+    assert all(np.isfinite(loss) for loss, _ in logged(tmp_path / "rolled").values())
+
+    stopped = run_train(tmp_path / "stopped", tiny_tokenizer_path, "--steps=12", "--checkpoint_every=4",
+                        "--max_bad_steps=2", "--max_rollbacks=1", "--test_nan_batches=5,6,9,10",
+                        expect=1).stderr
+    assert "after 1 rollbacks (--max_rollbacks=1)" in stopped and "data positions 9..10" in stopped
+
+
+def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, tiny_tokenizer_path):
+    run_train(tmp_path / "one", tiny_tokenizer_path, "--steps=6", "--dtype=float32", env=with_devices(4))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = [subprocess.Popen(
+        train_command(tmp_path / "two", tiny_tokenizer_path, "--steps=6", "--dtype=float32",
+                      f"--coordinator_address=127.0.0.1:{port}",
+                      "--num_processes=2", f"--process_id={i}"),
+        cwd=REPO, env=with_devices(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert "2 processes, mesh {'data': 4, 'fsdp': 1}" in outputs[0]
+    assert "parameters" not in outputs[1]  # only process 0 logs
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert one.keys() == two.keys() == set(range(1, 7))
+    # Same global arrays and program; only the cross-device sums' transport differs (in-process
+    # vs gloo), which may reorder float additions: agreement to float32 rounding.
+    for step in one:
+        np.testing.assert_allclose(one[step], two[step], rtol=1e-5)
+
+
+def test_fsdp_over_two_devices_trains_like_replicated_parameters(tmp_path, tiny_tokenizer_path):
+    run_train(tmp_path / "replicated", tiny_tokenizer_path, "--steps=6", "--dtype=float32", env=with_devices(4))
+    run_train(tmp_path / "fsdp", tiny_tokenizer_path, "--steps=6", "--dtype=float32", "--fsdp=2",
+              env=with_devices(4))
+    replicated, sharded = logged(tmp_path / "replicated"), logged(tmp_path / "fsdp")
+    assert replicated.keys() == sharded.keys() == set(range(1, 7))
+    # Sharded parameters change where the gradient sums happen, hence their float rounding.
+    for step in replicated:
+        np.testing.assert_allclose(replicated[step], sharded[step], rtol=1e-5)
+
+
+def test_resuming_another_models_checkpoint_names_the_differing_flag(tmp_path, tiny_tokenizer_path):
+    run_train(tmp_path, tiny_tokenizer_path, "--steps=3")
+    err = run_train(tmp_path, tiny_tokenizer_path, "--steps=6", "--d_ff=256", expect=1).stderr
+    assert "--d_ff: the checkpoint has 128, the flags say 256" in err and str(tmp_path) in err
+
+
+def test_an_unwritable_output_dir_fails_before_training(tmp_path, tiny_tokenizer_path):
+    (tmp_path / "file").write_text("not a directory")
+    err = run_train(tmp_path / "file" / "run", tiny_tokenizer_path, "--steps=3", expect=1).stderr
+    assert f"--output_dir={tmp_path / 'file' / 'run'} is not writable" in err
+    assert "parameters" not in err
