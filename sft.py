@@ -692,9 +692,9 @@ def main(argv):
         train.fit(model_config, config, run, source, validation, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, sft=sft_settings), title="sft")
     except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
-        raise app.UsageError(str(e)) from e
+        sys.exit(f"sft.py: error: {e}")
     except train.TrainingStopped as e:
-        sys.exit(f"training stopped: {e}")
+        sys.exit(f"sft.py: training stopped: {e}")
 
 
 if __name__ == "__main__":
