@@ -667,7 +667,7 @@ def main(argv):
         if FLAGS.eval_every and FLAGS.validation_data:
             validation_rows, _, more = prepare(dataclasses.replace(
                 data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0), tokenizer)
-            stats += more
+            stats += [dataclasses.replace(s, validation=s.mixed, mixed=0, supervised_tokens=0) for s in more]
         if jax.process_index() == 0:
             print(summary_table(stats, rows))
         if FLAGS.epochs:
