@@ -361,7 +361,8 @@ def mix(per_file: Sequence[Sequence[Example]], weights: Sequence[float | None], 
     for i, (n, p) in enumerate(zip(sizes, share)):
         count = int(round(p * total))
         if count and not n:
-            raise ValueError(f"--train_data file {i} has weight {weights[i]} but no usable conversation")
+            raise ValueError(f"--train_data file number {i + 1} has weight {weights[i]} but no "
+                             "usable conversation")
         repeats, rest = divmod(count, n) if n else (0, 0)
         extra = np.random.default_rng([seed, i]).choice(n, rest, replace=False) if rest else []
         chosen.append([*range(n)] * repeats + sorted(int(j) for j in extra))
@@ -416,8 +417,10 @@ def pack(examples: Sequence[Example], seq_len: int, packing: bool = True) -> Pac
             has_space[space - sizes[i]] = True
     else:
         rows = [[i] for i in range(len(examples))]
-    tokens = np.full((len(rows), length), PAD_ID, np.int32)
-    segments = np.zeros((len(rows), length), np.int32)
+    # Stored compactly (a 2.5M-conversation mix is ~0.5M rows of 2,049); batches widen to int32.
+    largest = max((int(e.ids.max()) for e in examples), default=0)
+    tokens = np.full((len(rows), length), PAD_ID, np.uint16 if largest < 2**16 else np.int32)
+    segments = np.zeros((len(rows), length), np.uint16)  # a row holds at most `length` segments
     mask = np.zeros((len(rows), length), bool)
     for r, members in enumerate(rows):
         start = 0
