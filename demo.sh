@@ -13,9 +13,17 @@ mkdir -p "$out"
 echo "== 1. SentencePiece BPE tokenizer (report's settings, vocab 4096 for the tiny model)"
 python tokenizer.py --input="$data" --model_prefix="$out/tokenizer" --vocab_size=4096
 
-echo "== 2. Pretrain the tiny model (configs/tiny.flags)"
-python train.py --flagfile=configs/tiny.flags --tokenizer="$out/tokenizer.model" \
-  --train_data="$data" --output_dir="$out/tiny"
+echo "== 1b. Corpus pipeline: clean, dedup, language ID, 70/30 EN/FR mix, pack into shards"
+python data.py prepare --input="$data" --output="$out/shards" --tokenizer="$out/tokenizer.model" \
+  --seq_len=128 --num_shards=4 --languages=en:0.7,fr:0.3
+
+echo "== 2. Pretrain the tiny model from the shards (configs/tiny.flags): a checkpoint and a"
+echo "   held-out loss every 100 steps. A preemption is simulated with SIGTERM after 25 s: the run"
+echo "   checkpoints and exits 0, and the same command resumes where it stopped."
+train=(python train.py --flagfile=configs/tiny.flags --tokenizer="$out/tokenizer.model"
+       --train_data="$out/shards" --output_dir="$out/tiny" --checkpoint_every=100 --eval_every=100)
+timeout --preserve-status --signal=TERM 25 "${train[@]}"
+"${train[@]}"
 
 echo "== 3. Export to a Hugging Face Llama folder"
 python convert.py --to=hf --checkpoint="$out/tiny" --out="$out/hf"

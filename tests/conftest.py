@@ -4,8 +4,15 @@ import glob
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+# Tests run many small training processes with the same programs: share compiled executables
+# between them (and with this process) through JAX's persistent compilation cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="julian-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_FILES = sorted(glob.glob(os.path.join(REPO, "data", "*.txt")))
@@ -39,3 +46,43 @@ def tiny_run(tmp_path_factory, tiny_tokenizer_path) -> str:
                "--train_data=" + ",".join(DATA_FILES), f"--steps={TINY_STEPS}", f"--output_dir={out}",
                "--log_every=10")
     return out
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """A bucket on a local gcp-storage-emulator (in memory) for this session; yields its name.
+
+    Sets STORAGE_EMULATOR_HOST (google-cloud-storage) and TENSORSTORE_GCS_HTTP_URL (Orbax's
+    TensorStore) to the emulator, and restores them afterwards.
+    """
+    import socket
+    import time
+
+    bucket = "julian-test"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    emulator = subprocess.Popen(
+        ["gcp-storage-emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+         "--default-bucket", bucket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if emulator.poll() is not None or time.time() > deadline:
+                emulator.kill()
+                pytest.fail("gcp-storage-emulator did not start")
+            time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
+    yield bucket
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    emulator.terminate()
+    emulator.wait(timeout=10)

@@ -266,7 +266,8 @@ def test_dry_run_shows_fsdp_dividing_the_per_device_state(tmp_path):
 # --- Whole runs: resume, preemption, NaNs, processes, fsdp ----------------------------------------
 
 SMALL = ["--flagfile=configs/tiny.flags", "--d_model=64", "--n_layers=2", "--n_heads=2", "--d_ff=128",
-         "--seq_len=32", "--batch_size=4", "--warmup_steps=2", "--log_every=1", "--learning_rate=1e-2"]
+         "--seq_len=32", "--batch_size=4", "--warmup_steps=2", "--log_every=1", "--learning_rate=1e-2",
+         "--peak_tflops=1"]
 
 
 def train_command(out, tokenizer: str, *args: str) -> list[str]:
@@ -395,3 +396,17 @@ def test_an_unwritable_output_dir_fails_before_training(tmp_path, tiny_tokenizer
     err = run_train(tmp_path / "file" / "run", tiny_tokenizer_path, "--steps=3", expect=1).stderr
     assert f"--output_dir={tmp_path / 'file' / 'run'} is not writable" in err
     assert "parameters" not in err
+
+
+def test_checkpoints_on_gcs_resume_like_local_ones(tmp_path, tiny_tokenizer_path, gcs_bucket, uninterrupted):
+    # Orbax writes arrays through TensorStore and directories through gcsfs, both pointed at the
+    # emulator by the fixture: the real clients, a local server.
+    run = f"gs://{gcs_bucket}/runs/resume"
+    run_train(run, tiny_tokenizer_path, "--steps=150", "--checkpoint_every=50",
+              "--test_sigkill_during_save=100", f"--metrics_dir={tmp_path}", expect=-signal.SIGKILL)
+    assert checkpoint.latest_step(run) == 50
+    resumed = run_train(run, tiny_tokenizer_path, "--steps=150", f"--metrics_dir={tmp_path}").stdout
+    assert "resumed from step 50" in resumed
+    assert logged(tmp_path) == uninterrupted
+    model, _, config = checkpoint.load(run)
+    assert config["train"]["steps"] == 150 and model.config.d_model == 64

@@ -1,0 +1,502 @@
+"""data.py: prepare's stages on real text, the shard format, and the stream train.py reads."""
+
+import gzip
+import hashlib
+import http.client
+import itertools
+import json
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import zstandard
+
+import data
+from conftest import DATA_FILES
+from tokenizer import BOS_ID, EOS_ID, Tokenizer, train_tokenizer
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "text")
+
+
+def fixture_documents(name: str, chars: int = 1500) -> list[str]:
+    """A fixture novel cut at paragraph boundaries into documents of about `chars` characters."""
+    with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
+        paragraphs = [line.strip() for line in f if line.strip()]
+    docs, current = [], ""
+    for paragraph in paragraphs:
+        current = f"{current}\n{paragraph}" if current else paragraph
+        if len(current) >= chars:
+            docs.append(current)
+            current = ""
+    return docs
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def config(tmp_path, inputs, tokenizer_path, **overrides) -> data.PrepareConfig:
+    settings = dict(inputs=tuple(inputs), output=str(tmp_path / "out"), tokenizer=tokenizer_path,
+                    seq_len=64, num_shards=2, languages=(("en", None), ("fr", None)), num_workers=1,
+                    validation_fraction=0.05, block_records=4)
+    settings.update(overrides)
+    return data.PrepareConfig(**settings)
+
+
+def shard_records(directory, manifest, split="train") -> np.ndarray:
+    """All records of a split, read straight from the files with NumPy."""
+    shards = manifest["shards"] if split == "train" else manifest["validation"]["shards"]
+    parts = [np.fromfile(os.path.join(directory, s["name"]), manifest["dtype"]) for s in shards]
+    return np.concatenate(parts).reshape(-1, manifest["record_len"])
+
+
+def documents_of(tokens: np.ndarray, tokenizer: Tokenizer) -> list[str]:
+    """Decoded `<s> ... </s>` spans of a token stream (whole documents only)."""
+    text = []
+    starts = np.flatnonzero(tokens == BOS_ID)
+    for a, b in zip(starts, starts[1:]):
+        assert tokens[b - 1] == EOS_ID
+        text.append(tokenizer.decode(tokens[a + 1:b - 1].tolist()))
+    return text
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_path):
+    return Tokenizer.load(tiny_tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Real English and French documents (novels not in data/) as JSONL, with a source field."""
+    directory = tmp_path_factory.mktemp("corpus")
+    en = fixture_documents("en_bronte.txt") + fixture_documents("en_wells.txt")
+    fr = fixture_documents("fr_verne.txt") + fixture_documents("fr_balzac.txt")
+    return (write_jsonl(directory / "en.jsonl", [{"text": t, "source": "novels_en"} for t in en]),
+            write_jsonl(directory / "fr.jsonl", [{"text": t, "source": "novels_fr"} for t in fr]),
+            en, fr)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, corpus, tiny_tokenizer_path):
+    """The corpus prepared locally: (directory, manifest)."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    manifest = data.prepare(config(tmp, corpus[:2], tiny_tokenizer_path))
+    return str(tmp / "out"), manifest
+
+
+# ----------------------------------------------------------------------------- prepare
+def test_language_id_keeps_english_and_french_and_drops_german_and_spanish():
+    for name, lang in [("en_bronte.txt", "en"), ("en_wells.txt", "en"), ("fr_verne.txt", "fr"),
+                       ("fr_balzac.txt", "fr")]:
+        results = [data.detect_language(doc) for doc in fixture_documents(name)]
+        assert all(r[0] == lang for r in results), (name, results)
+        assert np.mean([r[1] >= 0.8 for r in results]) >= 0.9, (name, results)
+    for name in ["de_eltec_DEU060.txt", "es_eltec_SPA3026.txt"]:
+        results = [data.detect_language(doc) for doc in fixture_documents(name)]
+        assert not any(lang in ("en", "fr") for lang, _ in results), (name, results)
+
+
+def test_prepare_keeps_every_english_and_french_document_whole(prepared, corpus, tokenizer):
+    directory, manifest = prepared
+    en, fr = corpus[2], corpus[3]
+    records = np.concatenate([shard_records(directory, manifest), shard_records(directory, manifest, "validation")])
+    decoded = documents_of(records.ravel(), tokenizer)
+    # Every whole document in the records is one of the inputs, each at most once; only the
+    # document cut by the dropped tail can be missing.
+    assert set(decoded) <= set(en + fr) and len(decoded) == len(set(decoded))
+    assert len(decoded) >= len(en + fr) - 2
+    assert manifest["documents"] == {"read": len(en + fr), "cleaned": len(en + fr),
+                                     "exact_dedup": len(en + fr), "near_dedup": len(en + fr),
+                                     "language_kept": len(en + fr)}
+    assert manifest["languages"]["en"]["documents"] == len(en)
+    assert manifest["languages"]["en"]["tokens"] == sum(len(tokenizer.encode(d)) + 2 for d in en)
+    assert set(manifest["sources"]) == {"novels_en", "novels_fr"}
+    keys = list(manifest)
+    demanded = ["seq_len", "vocab_size", "dtype", "tokenizer", "shards", "sequences", "tokens",
+                "documents", "languages", "sources", "settings"]
+    assert [k for k in keys if k in demanded] == demanded
+    assert list(manifest["documents"]) == ["read", "cleaned", "exact_dedup", "near_dedup", "language_kept"]
+    # Shard files match the manifest's sizes and hashes, computed here with hashlib.
+    for shard in manifest["shards"] + manifest["validation"]["shards"]:
+        with open(os.path.join(directory, shard["name"]), "rb") as f:
+            blob = f.read()
+        assert hashlib.sha256(blob).hexdigest() == shard["sha256"]
+        assert len(blob) == shard["sequences"] * 65 * 2
+    assert manifest["sequences"] == sum(s["sequences"] for s in manifest["shards"])
+    assert manifest["tokens"] == manifest["sequences"] * 65 and manifest["dtype"] == "<u2"
+    assert manifest["validation"]["sequences"] == max(1, round(0.05 * (manifest["sequences"] + manifest["validation"]["sequences"])))
+    assert manifest["tokenizer"] == hashlib.sha256(tokenizer.model_bytes).hexdigest()
+
+
+def jaccard_of_word_5grams(a: str, b: str) -> float:
+    def grams(t):
+        w = re.findall(r"\w+", t.lower())
+        return {tuple(w[i:i + 5]) for i in range(len(w) - 4)}
+    return len(grams(a) & grams(b)) / len(grams(a) | grams(b))
+
+
+def test_near_duplicates_with_a_few_words_changed_are_removed_and_distinct_documents_kept(
+        tmp_path, tiny_tokenizer_path):
+    originals = fixture_documents("en_bronte.txt", chars=3000)[:4]
+    variants = []
+    for i, doc in enumerate(originals):
+        words = doc.split(" ")
+        for j in (10, len(words) // 2, len(words) - 10):  # three words changed
+            words[j] = ["lantern", "orchard", "quietly"][i % 3]
+        variants.append(" ".join(words))
+    for original, variant in zip(originals, variants):  # the premise, measured independently
+        assert 0.8 < jaccard_of_word_5grams(original, variant) < 1
+    assert max(jaccard_of_word_5grams(a, b) for a, b in itertools.combinations(originals, 2)) < 0.2
+    exact_copy = originals[0]
+    path = write_jsonl(tmp_path / "dups.jsonl", [{"text": t} for t in originals + variants + [exact_copy]])
+    manifest = data.prepare(config(tmp_path, [path], tiny_tokenizer_path, num_shards=1,
+                                   languages=(("en", None),)))
+    n = len(originals)
+    assert manifest["documents"] == {"read": 2 * n + 1, "cleaned": 2 * n + 1, "exact_dedup": 2 * n,
+                                     "near_dedup": n, "language_kept": n}
+
+
+def test_cleaning_drops_short_long_and_symbol_heavy_documents_and_normalises(
+        tmp_path, tiny_tokenizer_path, tokenizer):
+    prose = fixture_documents("en_wells.txt", chars=400)
+    too_long = (prose[1] + " ") * (500_001 // len(prose[1]) + 1)
+    records = [{"text": "Cafe\u0301 " + prose[0] + "\x07"},  # NFD é and a bell character
+               {"text": "Too short."}, {"text": too_long}, {"text": "#### | ---- | ==== | " * 30},
+               {"text": prose[2]}]
+    path = write_jsonl(tmp_path / "clean.jsonl", records)
+    manifest = data.prepare(config(tmp_path, [path], tiny_tokenizer_path, num_shards=1, dedup=False,
+                                   languages=(("en", None),), seq_len=16, validation_fraction=0))
+    assert manifest["documents"]["read"] == 5 and manifest["documents"]["cleaned"] == 2
+    text = tokenizer.decode(shard_records(str(tmp_path / "out"), manifest).ravel().tolist())
+    assert "Caf\u00e9 " + prose[0][:50] in text and prose[2][:50] in text
+    assert "\x07" not in text and "e\u0301" not in text and "####" not in text and "Too short" not in text
+
+
+def test_prepare_is_deterministic_whatever_the_worker_count(tmp_path, corpus, tiny_tokenizer_path, prepared):
+    directory, manifest = prepared
+    again = data.prepare(config(tmp_path, corpus[:2], tiny_tokenizer_path, num_workers=2))
+    for shard in manifest["shards"] + manifest["validation"]["shards"]:
+        with open(os.path.join(directory, shard["name"]), "rb") as a, \
+                open(tmp_path / "out" / shard["name"], "rb") as b:
+            assert a.read() == b.read()
+    volatile = ("stage_cpu_seconds", "wall_seconds")
+    assert {k: v for k, v in again.items() if k not in volatile} == \
+           {k: v for k, v in manifest.items() if k not in volatile}
+
+
+def test_mixture_reaches_the_requested_token_shares(tmp_path, corpus, tiny_tokenizer_path):
+    manifest = data.prepare(config(tmp_path, corpus[:2], tiny_tokenizer_path,
+                                   languages=(("en", 0.7), ("fr", 0.3)), seq_len=32))
+    tokens = {lang: e["tokens"] for lang, e in manifest["languages"].items()}
+    assert abs(tokens["en"] / sum(tokens.values()) - 0.7) < 0.08, tokens
+    # Checked on the shards themselves: count the tokens of each language's documents.
+    en, fr = set(corpus[2]), set(corpus[3])
+    records = shard_records(str(tmp_path / "out"), manifest)
+    docs = documents_of(records.ravel(), Tokenizer.load(tiny_tokenizer_path))
+    en_chars = sum(len(d) for d in docs if d in en)
+    fr_chars = sum(len(d) for d in docs if d in fr)
+    assert abs(en_chars / (en_chars + fr_chars) - 0.7) < 0.1
+
+
+def test_rerun_resumes_a_partial_output_refuses_other_settings_and_reports_done(
+        tmp_path, corpus, tiny_tokenizer_path, capsys):
+    cfg = config(tmp_path, corpus[:2], tiny_tokenizer_path)
+    first = data.prepare(cfg)
+    out = tmp_path / "out"
+    full = {p.name: p.read_bytes() for p in out.iterdir()}
+    # A run killed before the end: no manifest, one shard missing.
+    os.remove(out / "manifest.json")
+    os.remove(out / first["shards"][1]["name"])
+    second = data.prepare(cfg)
+    assert second["shards"] == first["shards"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"} == \
+           {k: v for k, v in full.items() if k != "manifest.json"}
+    data.prepare(cfg)
+    assert "nothing to do" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"other settings \(differing: seq_len\)"):
+        data.prepare(config(tmp_path, corpus[:2], tiny_tokenizer_path, seq_len=32))
+    os.remove(out / "manifest.json")  # a partial run is protected too
+    with pytest.raises(ValueError, match="partial run with other settings"):
+        data.prepare(config(tmp_path, corpus[:2], tiny_tokenizer_path, seed=1))
+
+
+def test_all_input_formats_give_the_same_documents(tmp_path, corpus):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"text": t, "lang": "en", "source": "s"} for t in corpus[2][:5]]
+    lines = "".join(json.dumps(r) + "\n" for r in records).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "a.parquet")
+    (tmp_path / "s.txt").write_text("\n\n".join(r["text"] for r in records) + "\n")
+    expected = [(r["text"], "en", "s") for r in records]
+    for name in ("a.jsonl.gz", "a.jsonl.zst", "a.parquet"):
+        got = [(d.text, d.lang, d.source) for d in data.iter_documents(str(tmp_path / name))]
+        assert got == expected, name
+    got = [(d.text, d.source) for d in data.iter_documents(str(tmp_path / "s.txt"))]
+    assert got == [(t, "s") for t, _, _ in expected]
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_records_name_file_and_line_or_are_counted_up_to_the_allowed_fraction(
+        tmp_path, corpus, tiny_tokenizer_path):
+    good = [json.dumps({"text": t}) for t in corpus[2][:8]]
+    lines = good[:2] + ["{not json"] + good[2:4] + [json.dumps({"txt": "x"})] + good[4:]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes("\n".join(lines).encode() + b"\n" + b"{\"text\": \"caf\xe9\"}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: invalid JSON")):
+        data.prepare(config(tmp_path, [str(path)], tiny_tokenizer_path, num_shards=1))
+    with pytest.raises(ValueError, match="3 of 11 records are malformed"):
+        data.prepare(config(tmp_path, [str(path)], tiny_tokenizer_path, num_shards=1, max_bad_fraction=0.2,
+                            output=str(tmp_path / "b")))
+    manifest = data.prepare(config(tmp_path, [str(path)], tiny_tokenizer_path, num_shards=1,
+                                   max_bad_fraction=0.3, output=str(tmp_path / "c")))
+    assert manifest["bad_records"] == 3 and manifest["documents"]["read"] == 8
+    lines = [(b.where, b.problem) for b in data.iter_documents(str(path)) if isinstance(b, data.BadRecord)]
+    assert lines == [(f"{path}:3", lines[0][1]), (f"{path}:6", "no string field 'text'"),
+                     (f"{path}:11", "bytes that are not UTF-8")]
+    text = tmp_path / "bad.txt"
+    text.write_bytes(b"first document\n\nsecond \xff document\nstill second\n\nthird\n")
+    assert [(type(d).__name__, d.where) for d in data.iter_documents(str(text))] == [
+        ("Document", f"{text}:1"), ("BadRecord", f"{text}:3"), ("Document", f"{text}:6")]
+
+
+def test_file_level_problems_fail_at_once(tmp_path, tiny_tokenizer_path, gcs_bucket):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.jsonl is empty"):
+        data.prepare(config(tmp_path, [str(tmp_path / "empty.jsonl")], tiny_tokenizer_path))
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        data.prepare(config(tmp_path, [str(tmp_path / "missing*.jsonl")], tiny_tokenizer_path))
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        data.prepare(config(tmp_path, [f"gs://{gcs_bucket}/nothing/*.jsonl"], tiny_tokenizer_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.read_bytes(f"gs://{gcs_bucket}/no/such/object.jsonl")
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        data.open_train_data(f"gs://{gcs_bucket}/nowhere", tokenizer=Tokenizer.load(tiny_tokenizer_path),
+                             seq_len=64, seed=0, global_batch_size=4)
+
+
+# ----------------------------------------------------------------------------- stream
+def open_stream(spec, tokenizer, **overrides):
+    kwargs = dict(tokenizer=tokenizer, seq_len=64, seed=7, global_batch_size=8, grad_accum=2)
+    kwargs.update(overrides)
+    return data.open_train_data(spec, **kwargs)
+
+
+def test_one_epoch_of_the_stream_is_every_record_once(prepared, tokenizer, capsys):
+    directory, manifest = prepared
+    stream = open_stream(directory, tokenizer, global_batch_size=manifest["sequences"], grad_accum=1)
+    epoch = stream.batch(0)
+    expected = shard_records(directory, manifest).astype(np.int32)
+    assert sorted(map(bytes, epoch)) == sorted(map(bytes, expected))
+    assert stream.epoch(0) == 1.0 and stream.seq_len == 64 and stream.num_sequences == manifest["sequences"]
+    assert not np.array_equal(epoch, expected)  # shuffled
+    assert not np.array_equal(stream.batch(1), epoch)  # a new order each epoch
+    for _ in zip(range(3), stream.iterate(0)):
+        pass
+    assert "epoch 1 begins during step 1" in capsys.readouterr().out
+    stream.close()
+    validation = open_stream(directory, tokenizer, split="validation", global_batch_size=1, grad_accum=1)
+    assert validation.num_sequences == manifest["validation"]["sequences"]
+    assert bytes(validation.batch(0)[0]) in set(map(bytes, shard_records(directory, manifest, "validation").astype(np.int32)))
+
+
+def test_resuming_at_step_k_gives_the_batches_of_an_uninterrupted_run(prepared, tokenizer):
+    directory, _ = prepared
+    stream = open_stream(directory, tokenizer)
+    uninterrupted = list(itertools.islice(stream.iterate(0), 30))
+    resumed = list(itertools.islice(open_stream(directory, tokenizer).iterate(17), 13))
+    for (s1, b1), (s2, b2) in zip(uninterrupted[17:], resumed):
+        assert s1 == s2
+        np.testing.assert_array_equal(b1, b2)
+    assert [s for s, _ in uninterrupted] == list(range(30))
+    stream.close()
+
+
+@pytest.mark.parametrize("grad_accum,process_count", [(1, 2), (2, 2), (2, 4)])
+def test_process_slices_together_are_the_one_process_batch(prepared, tokenizer, grad_accum, process_count):
+    directory, _ = prepared
+    one = open_stream(directory, tokenizer, grad_accum=grad_accum)
+    parts = [open_stream(directory, tokenizer, grad_accum=grad_accum, process_index=p,
+                         process_count=process_count) for p in range(process_count)]
+    for step in (0, 5, 40):
+        whole = one.batch(step).reshape(grad_accum, -1, 65)
+        sliced = np.concatenate([p.batch(step).reshape(grad_accum, -1, 65) for p in parts], axis=1)
+        np.testing.assert_array_equal(whole, sliced)
+        assert parts[0].batch(step).shape == (8 // process_count, 65)
+
+
+def test_stream_refuses_a_mismatched_model_or_batch_layout(prepared, tokenizer, tmp_path):
+    directory, _ = prepared
+    with pytest.raises(ValueError, match="seq_len=64, but the model's context is 32"):
+        open_stream(directory, tokenizer, seq_len=32)
+    other = Tokenizer.load(train_tokenizer(DATA_FILES[:1], str(tmp_path / "other"), vocab_size=400))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        open_stream(directory, other)
+    with pytest.raises(ValueError, match="not divisible by grad_accum"):
+        open_stream(directory, tokenizer, global_batch_size=6, grad_accum=2, process_count=2)
+    with pytest.raises(ValueError, match="split='test'"):
+        open_stream(directory, tokenizer, split="test")
+
+
+def test_truncated_or_corrupted_shards_are_refused(prepared, tokenizer, tmp_path):
+    directory, manifest = prepared
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in os.listdir(directory):
+        (copy / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+    shard = copy / manifest["shards"][0]["name"]
+    blob = shard.read_bytes()
+    shard.write_bytes(blob[:-2])
+    with pytest.raises(ValueError, match=f"shard {re.escape(str(shard))} holds"):
+        open_stream(str(copy), tokenizer)
+    shard.write_bytes(blob[:100] + bytes([blob[100] ^ 1]) + blob[101:])
+    with pytest.raises(ValueError, match="sha256"):
+        open_stream(str(copy), tokenizer)
+
+
+def test_a_failure_in_the_prefetch_thread_reaches_the_consumer(prepared, tokenizer, tmp_path):
+    directory, manifest = prepared
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in os.listdir(directory):
+        (copy / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+    stream = open_stream(str(copy), tokenizer)
+    for shard in manifest["shards"]:
+        os.remove(copy / shard["name"])  # gone after the stream checked them
+    with pytest.raises(FileNotFoundError):
+        for _ in stream.iterate(0):
+            pass
+
+
+def test_text_files_give_the_same_stream_interface(tokenizer):
+    records = data.open_train_data(",".join(DATA_FILES[:1]), tokenizer=tokenizer, seq_len=64, seed=3,
+                                   global_batch_size=8, grad_accum=2, process_index=1, process_count=2)
+    assert records.batch(4).shape == (4, 65) and records.batch(4).dtype == np.int32 and records.manifest is None
+    whole = data.TokenRecords(DATA_FILES[:1], tokenizer, 64, 3).batch(4, 8).reshape(2, 4, 65)
+    np.testing.assert_array_equal(records.batch(4).reshape(2, 2, 65), whole[:, 2:])
+    validation = data.open_train_data(DATA_FILES[0], tokenizer=tokenizer, seq_len=64, seed=3,
+                                      global_batch_size=1, split="validation")
+    train_rows = set(map(bytes, data.TokenRecords(DATA_FILES[:1], tokenizer, 64, 3).records))
+    assert not set(map(bytes, validation.records)) & train_rows
+
+
+# ----------------------------------------------------------------------------- GCS
+class FaultyProxy(ThreadingHTTPServer):
+    """Forwards HTTP to the emulator; every `every`-th GET fails: 503, a reset, or a cut body."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream_port: int, every: int):
+        self.upstream_port, self.every, self.requests, self.faults = upstream_port, every, 0, []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), ProxyHandler)
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        server = self.server
+        with server.lock:
+            server.requests += 1
+            fault = None
+            if self.command == "GET" and server.requests % server.every == 0:
+                fault = ("503", "reset", "cut")[len(server.faults) % 3]
+                server.faults.append(fault)
+        if fault == "503":
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if fault == "reset":
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        upstream = http.client.HTTPConnection("127.0.0.1", server.upstream_port, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        upstream.request(self.command, self.path, body, headers)
+        response = upstream.getresponse()
+        payload = response.read()
+        self.send_response(response.status)
+        for k, v in response.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if fault == "cut":  # the headers promise more than comes: a connection dropped mid-body
+            self.wfile.write(payload[: len(payload) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+
+@pytest.fixture(scope="module")
+def on_gcs(corpus, tiny_tokenizer_path, gcs_bucket, tmp_path_factory):
+    """The corpus, uploaded as .jsonl.gz, prepared from GCS to GCS: (URI, manifest)."""
+    for path in corpus[:2]:  # inputs read through the client's streaming reader
+        with open(path, "rb") as f:
+            data.write_bytes(f"gs://{gcs_bucket}/raw/{os.path.basename(path)}.gz", gzip.compress(f.read()))
+    uri = f"gs://{gcs_bucket}/corpus"
+    tmp = tmp_path_factory.mktemp("gcs")
+    return uri, data.prepare(config(tmp, [f"gs://{gcs_bucket}/raw/*.jsonl.gz"], tiny_tokenizer_path, output=uri))
+
+
+def test_prepare_to_gcs_and_stream_from_it_despite_faults(prepared, on_gcs, tokenizer, monkeypatch):
+    directory, manifest = prepared
+    uri, gcs_manifest = on_gcs
+    assert gcs_manifest["shards"] == manifest["shards"]  # the same bytes as the local run
+    local = open_stream(directory, tokenizer)
+    expected = [local.batch(step) for step in range(12)]
+    emulator_port = int(os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
+    proxy = FaultyProxy(emulator_port, every=3)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{proxy.server_address[1]}")
+    try:
+        remote = open_stream(uri + "/manifest.json", tokenizer, process_index=1, process_count=2)
+        got = [b for _, b in itertools.islice(remote.iterate(0), 12)]
+        remote.close()
+    finally:
+        proxy.shutdown()
+    for step, batch in enumerate(got):
+        np.testing.assert_array_equal(batch, expected[step].reshape(2, 2, 2, 65)[:, 1].reshape(-1, 65))
+    assert {"503", "reset", "cut"} <= set(proxy.faults), proxy.faults
+
+
+def test_a_replaced_gcs_shard_is_refused_without_reading_it(on_gcs, tokenizer):
+    uri, manifest = on_gcs
+    name = f"{uri}/{manifest['validation']['shards'][0]['name']}"
+    original = data.read_bytes(name)
+    data.write_bytes(name, bytes([original[0] ^ 1]) + original[1:])
+    try:
+        with pytest.raises(ValueError, match="crc32c"):
+            open_stream(uri, tokenizer, split="validation", global_batch_size=1, grad_accum=1)
+    finally:
+        data.write_bytes(name, original)
+
+
+def test_multi_host_prepare_then_merge_streams_every_document(tmp_path, corpus, tiny_tokenizer_path, tokenizer):
+    parts = [data.prepare(config(tmp_path, corpus[:2], tiny_tokenizer_path, host_index=h, num_hosts=2,
+                                 num_shards=1)) for h in (0, 1)]
+    merged = data.merge(str(tmp_path / "out"))
+    assert merged["documents"]["read"] == len(corpus[2]) + len(corpus[3])
+    assert merged["sequences"] == sum(p["sequences"] for p in parts)
+    stream = open_stream(str(tmp_path / "out"), tokenizer, global_batch_size=merged["sequences"], grad_accum=1)
+    rows = np.concatenate([shard_records(str(tmp_path / "out" / f"host-0000{h}-of-00002"), p)
+                           for h, p in enumerate(parts)])
+    assert sorted(map(bytes, stream.batch(0))) == sorted(map(bytes, rows.astype(np.int32)))
