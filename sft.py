@@ -65,6 +65,7 @@ from absl import app, flags
 from jaxtyping import Bool, Int
 
 import checkpoint
+import data
 import train
 from model import ModelConfig
 from tokenizer import BOS_ID, IM_END_ID, PAD_ID, Tokenizer
@@ -96,20 +97,15 @@ class BadRecord(ValueError):
 
 
 def read_text(path: str) -> str:
-    """A whole UTF-8 file, local or gs://bucket/name (google-cloud-storage's default client)."""
-    if path.startswith("gs://"):
-        from google.cloud import storage
-
-        bucket, _, name = path[len("gs://"):].partition("/")
-        blob = storage.Client().bucket(bucket).blob(name)
-        if not blob.exists():
-            raise FileNotFoundError(f"data file {path!r} does not exist")
-        return blob.download_as_text()
+    """A whole UTF-8 file, local or gs:// (data.read_bytes: GCS reads retried)."""
     try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not JSON
-            return f.read()
+        raw = data.read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"data file {path!r} does not exist") from None
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a byte-order mark is not JSON
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 _SPACE = re.compile(r"\s*")

@@ -2,10 +2,8 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import equinox as eqx
 import jax
@@ -315,36 +313,15 @@ def test_weighted_files_get_their_share_of_the_mix(tokenizer, tmp_path):
         sft.parse_data_spec("a.jsonl:lots")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_reads_conversations_from_gcs(tmp_path, monkeypatch):
+def test_reads_conversations_from_gcs(gcs_bucket):
     from google.cloud import storage
 
-    port = _free_port()
-    emulator = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-                                 "--port", str(port), "--in-memory", "--default-bucket", "chats"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        record, expected = FORMAT_CASES["vigogne"]
-        storage.Client().bucket("chats").blob("fr/chat.jsonl").upload_from_string(json.dumps(record) + "\n")
-        conversations, _ = sft.load_conversations("gs://chats/fr/chat.jsonl")
-        assert conversations == [as_messages(turns) for turns in expected]
-        with pytest.raises(FileNotFoundError, match="gs://chats/missing.jsonl"):
-            sft.load_conversations("gs://chats/missing.jsonl")
-    finally:
-        emulator.terminate()
-        emulator.wait()
+    record, expected = FORMAT_CASES["vigogne"]
+    storage.Client().bucket(gcs_bucket).blob("sft/chat.jsonl").upload_from_string(json.dumps(record) + "\n")
+    conversations, _ = sft.load_conversations(f"gs://{gcs_bucket}/sft/chat.jsonl")
+    assert conversations == [as_messages(turns) for turns in expected]
+    with pytest.raises(FileNotFoundError, match=f"gs://{gcs_bucket}/missing.jsonl"):
+        sft.load_conversations(f"gs://{gcs_bucket}/missing.jsonl")
 
 
 def test_the_bundled_sample_loads_cleanly_in_both_languages(tokenizer):
