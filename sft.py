@@ -1,0 +1,701 @@
+"""Supervised fine-tuning on ChatML conversations, with the loss on the assistant's tokens only.
+
+    python sft.py --flagfile=configs/sft_600m.flags --init_from=runs/600m \
+        --train_data=chats.jsonl:0.7,fr.json:0.3 --output_dir=runs/600m-sft
+
+Training is train.py's loop (`train.fit`: checkpoints, resume, preemption, logging) and flags;
+the model's shape and tokenizer come from the --init_from checkpoint. Here: the data.
+
+Inputs are JSON arrays or JSONL files, local or gs://. Each record is one conversation (seed
+tasks: one per instance); `--format=auto` recognises the shape of each record by its keys:
+
+    messages    {"messages": [{"role", "content"}, ...]}             OpenAI style
+    sharegpt    {"conversations": [{"from", "value"}, ...]}         roles human / gpt / system
+    vigogne     {"conversation": [{"role", "content"}, ...]}        roles UTILISATEUR / ASSISTANT
+    alpaca      {"instruction", "input", "output"}                   user = instruction, blank line, input
+    dolly       {"instruction", "context", "response"}               likewise with the context
+    seed_tasks  {"instruction", "instances": [{"input", "output"}]}  Alpaca's and vigogne's seeds
+
+Roles are matched case-insensitively (ROLES). A record's "system" string, or a leading system
+message, is its system prompt; otherwise the default ("You are a helpful assistant."). Trailing
+messages after the last assistant turn carry no loss and are dropped. A record that is not a
+usable conversation (invalid JSON, unknown shape or role, empty content, no assistant turn) is
+counted and skipped; if a file's share of such records exceeds `max_bad_fraction` (0: any), the
+load fails with the file, the line and the reason of the first ones.
+
+Mixing: `--train_data=a.jsonl:0.7,b.json:0.3` gives each file a share of the training
+conversations. The mix holds as many conversations as the files together (N); file i contributes
+round(share_i * N): whole copies of the file, then a seeded random subset of it without repeats.
+Without weights every file is taken once, as is. Weights need not sum to 1 (they are normalised)
+and must be given for all files or none.
+
+Rendering is exactly the report's ChatML, `Tokenizer.render_chat`:
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{...}<|im_end|>\\n
+    <|im_start|>assistant\\n{...}<|im_end|>\\n
+preceded by <s>: a conversation is a document, as in pretraining and in `generate.py --chat`.
+Control tokens are inserted by id; text, whatever it contains, goes through SentencePiece, which
+never emits them. The loss mask is 1 on each assistant message's content tokens and on the <|im_end|> that
+closes it (so the model learns to stop), 0 on system and user turns, role headers and newlines.
+
+Packing: conversations are packed into rows of seq_len + 1 tokens by best-fit decreasing, each
+with its own segment id (1, 2, ... per row; padding is 0), so attention stays within a
+conversation and positions restart (model.py). `packing=False` puts one conversation per row.
+A conversation longer than a row is cut after its last assistant turn that fits, or dropped if
+its first assistant turn does not fit (`overlong="drop"` drops every one): a cut never leaves
+part of an assistant turn. Both are counted and reported.
+
+Batches (`ChatBatches`): the batch of step s is a pure function of (seed, s): epoch e visits the
+packed rows in a permutation seeded by (seed, e), as data.py does for pretraining records.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+from absl import app, flags
+from jaxtyping import Bool, Int
+
+import checkpoint
+import data
+import train
+from model import ModelConfig
+from tokenizer import BOS_ID, IM_END_ID, PAD_ID, Tokenizer
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+# format -> (key of the message list, key of a message's role, key of its text)
+MESSAGE_LISTS = {"messages": ("messages", "role", "content"),
+                 "sharegpt": ("conversations", "from", "value"),
+                 "vigogne": ("conversation", "role", "content")}
+# format -> (key of the optional text appended to the instruction, key of the answer)
+INSTRUCTIONS = {"alpaca": ("input", "output"), "dolly": ("context", "response")}
+FORMATS = ("auto", *MESSAGE_LISTS, *INSTRUCTIONS, "seed_tasks")
+# Role names found in the wild (casefolded) -> ChatML role.
+ROLES = {"system": "system", "user": "user", "human": "user", "utilisateur": "user",
+         "assistant": "assistant", "gpt": "assistant"}
+OVERLONG = ("truncate", "drop")
+
+
+class BadRecord(ValueError):
+    """A record that is not a usable conversation: counted and skipped, within limits."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+# --------------------------------------------------------------------------------------------
+# Reading records.
+
+
+def read_text(path: str) -> str:
+    """A whole UTF-8 file, local or gs:// (data.read_bytes: GCS reads retried)."""
+    try:
+        raw = data.read_bytes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file {path!r} does not exist") from None
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a byte-order mark is not JSON
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+_SPACE = re.compile(r"\s*")
+
+
+def iter_records(path: str, text: str) -> Iterator[tuple[str, object]]:
+    """(where, record) for a JSON array or a JSONL text; `where` is "line 7" or, in an array,
+    "line 7, record 3". An unparsable JSONL line yields a BadRecord in place of its record; a
+    broken JSON array raises ValueError (no way to resync)."""
+    if not text.lstrip().startswith("["):
+        # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    record = BadRecord("invalid JSON", f"{e.msg} at column {e.colno}")
+                yield f"line {number}", record
+        return
+    decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
+    for index in itertools.count():
+        pos = _SPACE.match(text, pos).end()
+        if pos < len(text) and text[pos] == "]":
+            return
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: invalid JSON array: {e.msg}") from None
+        yield f"line {line}, record {index}", record
+        pos = _SPACE.match(text, pos).end()
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos >= len(text) or text[pos] != "]":
+            where = line + text.count("\n", counted, pos)
+            raise ValueError(f"{path}: line {where}: invalid JSON array: expected ',' or ']'")
+
+
+# --------------------------------------------------------------------------------------------
+# Records to conversations.
+
+
+def detect_format(record: dict) -> str:
+    for name, (key, _, _) in MESSAGE_LISTS.items():
+        if key in record:
+            return name
+    for name, key in (("seed_tasks", "instances"), ("dolly", "response"), ("alpaca", "output")):
+        if key in record:
+            return name
+    raise BadRecord("wrong shape", f"keys {sorted(record)}; expected one of messages, "
+                    "conversations, conversation, instances, response or output")
+
+
+def _string(record: dict, key: str, required: bool) -> str:
+    if required and key not in record:
+        raise BadRecord("wrong shape", f"no {key!r} in keys {sorted(record)}")
+    value = record.get(key, "")
+    if not isinstance(value, str):
+        raise BadRecord("wrong shape", f"{key!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise BadRecord("empty content", f"{key!r} is empty")
+    return value
+
+
+def _instruction(instruction: str, extra: str) -> str:
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _message_list(record: dict, fmt: str) -> list[dict]:
+    list_key, role_key, text_key = MESSAGE_LISTS[fmt]
+    turns = record.get(list_key)
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("wrong shape", f"{list_key!r} must be a non-empty list of messages")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRecord("wrong shape", f"message {i} must be an object, got {type(turn).__name__}")
+        name = turn.get(role_key)
+        role = ROLES.get(name.casefold()) if isinstance(name, str) else None
+        if role is None:
+            raise BadRecord("unknown role", f"message {i} has {role_key}={name!r}; expected one of "
+                            f"{', '.join(ROLES)} (any case)")
+        if role == "system" and i > 0:
+            raise BadRecord("misplaced system", f"message {i} is a system message; expected only first")
+        messages.append({"role": role, "content": _string(turn, text_key, required=True)})
+    return messages
+
+
+def to_conversations(record: object, fmt: str = "auto", default_system: str = DEFAULT_SYSTEM
+                     ) -> list[list[dict]]:
+    """A record's conversations as ChatML messages [{role, content}], the system message first.
+
+    Raises BadRecord if the record is not a usable conversation in format `fmt` (FORMATS).
+    """
+    if not isinstance(record, dict):
+        raise BadRecord("wrong shape", f"expected a JSON object, got {type(record).__name__}")
+    fmt = detect_format(record) if fmt == "auto" else fmt
+    system = _string(record, "system", required=False) or default_system
+    if fmt in MESSAGE_LISTS:
+        conversations = [_message_list(record, fmt)]
+    elif fmt == "seed_tasks":
+        instruction = _string(record, "instruction", required=True)
+        instances = record.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise BadRecord("wrong shape", "'instances' must be a non-empty list")
+        conversations = []
+        for instance in instances:
+            if not isinstance(instance, dict):
+                raise BadRecord("wrong shape", f"an instance must be an object, got {type(instance).__name__}")
+            user = _instruction(instruction, _string(instance, "input", required=False))
+            conversations.append([{"role": "user", "content": user}, {
+                "role": "assistant", "content": _string(instance, "output", required=True)}])
+    else:
+        extra_key, answer_key = INSTRUCTIONS[fmt]
+        user = _instruction(_string(record, "instruction", required=True),
+                            _string(record, extra_key, required=False))
+        conversations = [[{"role": "user", "content": user},
+                          {"role": "assistant", "content": _string(record, answer_key, required=True)}]]
+    result = []
+    for messages in conversations:
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise BadRecord("no assistant turn")
+        result.append(messages[: last + 1])
+    return result
+
+
+@dataclasses.dataclass
+class FileStats:
+    """What loading one file did, for the summary table and for errors."""
+    path: str
+    records: int = 0
+    conversations: int = 0
+    bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    first_bad: list[str] = dataclasses.field(default_factory=list)
+    truncated: int = 0
+    dropped: int = 0
+    validation: int = 0
+    mixed: int = 0  # conversations in the training mix, repeats included
+    supervised_tokens: int = 0  # in the training mix
+
+
+def load_conversations(path: str, fmt: str = "auto", max_bad_fraction: float = 0.0,
+                       default_system: str = DEFAULT_SYSTEM) -> tuple[list[list[dict]], FileStats]:
+    """All conversations of one file, and its stats. Bad records are skipped unless more than
+    `max_bad_fraction` of the records are bad: then ValueError names the file, lines and reasons."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    stats = FileStats(path)
+    conversations = []
+    for where, record in iter_records(path, read_text(path)):
+        stats.records += 1
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            conversations += to_conversations(record, fmt, default_system)
+        except BadRecord as e:
+            stats.bad[e.kind] += 1
+            if len(stats.first_bad) < 5:
+                stats.first_bad.append(f"{path}, {where}: {e}")
+    if not stats.records:
+        raise ValueError(f"{path}: no records; expected a JSON array or JSONL of conversations")
+    bad = sum(stats.bad.values())
+    if bad > max_bad_fraction * stats.records:
+        raise ValueError(
+            f"{path}: {bad} of {stats.records} records are bad ({bad / stats.records:.1%}, more "
+            f"than --max_bad_fraction={max_bad_fraction:g}), e.g.\n  " + "\n  ".join(stats.first_bad))
+    stats.conversations = len(conversations)
+    return conversations, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering and the loss mask.
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One rendered conversation: token ids and the loss mask over them (1 = predict this token)."""
+    ids: Int[np.ndarray, " length"]
+    mask: Bool[np.ndarray, " length"]
+
+
+def _render_turns(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[tuple[list[int], list[bool]]]:
+    turns = []
+    header = tokenizer.encode("assistant\n")
+    for message in messages:
+        ids = tokenizer.render_chat([message])  # <|im_start|>role\ncontent<|im_end|>\n
+        mask = [False] * len(ids)
+        if message["role"] == "assistant":
+            # The header is a prefix of the turn's ids: "\n" is a byte piece that never merges.
+            assert ids[1: 1 + len(header)] == header, "role header merged with the content"
+            end = ids.index(IM_END_ID, 1 + len(header))  # the first: content cannot produce the id
+            mask[1 + len(header): end + 1] = [True] * (end - len(header))
+        turns.append((ids, mask))
+    return turns
+
+
+def render(tokenizer: Tokenizer, messages: Sequence[dict], max_tokens: int | None = None,
+           overlong: str = "truncate") -> tuple[Example | None, str]:
+    """(example, status): status "ok", "truncated" (cut after the last assistant turn that fits
+    in `max_tokens`) or "dropped" (example None: no assistant turn fits, or overlong="drop")."""
+    turns = [([BOS_ID], [False]), *_render_turns(tokenizer, messages)]
+    ends = np.cumsum([len(ids) for ids, _ in turns])
+    keep = len(turns)
+    if max_tokens is not None and ends[-1] > max_tokens:
+        fitting = [i + 2 for i, m in enumerate(messages)  # turns[i + 1] is messages[i]
+                   if m["role"] == "assistant" and ends[i + 1] <= max_tokens]
+        if overlong == "drop" or not fitting:
+            return None, "dropped"
+        keep = fitting[-1]
+    ids = [t for turn_ids, _ in turns[:keep] for t in turn_ids]
+    mask = [m for _, turn_mask in turns[:keep] for m in turn_mask]
+    example = Example(np.asarray(ids, np.int32), np.asarray(mask, bool))
+    return example, ("ok" if keep == len(turns) else "truncated")
+
+
+# --------------------------------------------------------------------------------------------
+# Mixing several files.
+
+
+def parse_data_spec(spec: str) -> tuple[str, float | None]:
+    """"path" or "path:weight" (a gs:// path keeps its scheme's colon)."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and "/" not in weight:
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"--train_data entry {spec!r}: expected PATH or PATH:WEIGHT with a "
+                             f"numeric weight, got {weight!r}") from None
+        if not value > 0:
+            raise ValueError(f"--train_data entry {spec!r}: the weight must be positive")
+        return path, value
+    return spec, None
+
+
+def mix(per_file: Sequence[Sequence[Example]], weights: Sequence[float | None], seed: int
+        ) -> list[list[int]]:
+    """Indices into each file's examples making up the training mix (see the module docstring)."""
+    sizes = [len(examples) for examples in per_file]
+    if all(w is None for w in weights):
+        return [list(range(n)) for n in sizes]
+    if any(w is None for w in weights):
+        raise ValueError("--train_data: give a weight to every file or to none")
+    total, share = sum(sizes), np.asarray(weights, float) / sum(weights)
+    chosen = []
+    for i, (n, p) in enumerate(zip(sizes, share)):
+        count = int(round(p * total))
+        if count and not n:
+            raise ValueError(f"--train_data file number {i + 1} has weight {weights[i]} but no "
+                             "usable conversation")
+        repeats, rest = divmod(count, n) if n else (0, 0)
+        extra = np.random.default_rng([seed, i]).choice(n, rest, replace=False) if rest else []
+        chosen.append([*range(n)] * repeats + sorted(int(j) for j in extra))
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Packing.
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+    """Rows of seq_len + 1 tokens, each holding whole conversations.
+
+    segment_ids number the conversations of a row 1, 2, ...; padding is segment 0 with mask 0.
+    """
+    tokens: Int[np.ndarray, "rows length"]
+    segment_ids: Int[np.ndarray, "rows length"]
+    mask: Bool[np.ndarray, "rows length"]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def supervised_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def pack(examples: Sequence[Example], seq_len: int, packing: bool = True) -> PackedRows:
+    """Best-fit decreasing into rows of seq_len + 1 tokens (inputs plus the last target), or one
+    example per row if not `packing`. Every example must fit in a row (see `render`)."""
+    length = seq_len + 1
+    sizes = [len(e.ids) for e in examples]
+    if sizes and max(sizes) > length:
+        raise ValueError(f"an example of {max(sizes)} tokens exceeds the row of seq_len + 1 = {length}")
+    rows: list[list[int]] = []
+    if packing:
+        by_space: list[list[int]] = [[] for _ in range(length + 1)]  # open rows by tokens left
+        has_space = np.zeros(length + 1, bool)
+        for i in sorted(range(len(examples)), key=lambda i: -sizes[i]):
+            fits = np.flatnonzero(has_space[sizes[i]:])
+            if fits.size:  # the fullest row that still fits: rows fill up
+                space = sizes[i] + int(fits[0])
+                row = by_space[space].pop()
+                has_space[space] = bool(by_space[space])
+            else:
+                row, space = len(rows), length
+                rows.append([])
+            rows[row].append(i)
+            by_space[space - sizes[i]].append(row)
+            has_space[space - sizes[i]] = True
+    else:
+        rows = [[i] for i in range(len(examples))]
+    # Stored compactly (a 2.5M-conversation mix is ~0.5M rows of 2,049); batches widen to int32.
+    largest = max((int(e.ids.max()) for e in examples), default=0)
+    tokens = np.full((len(rows), length), PAD_ID, np.uint16 if largest < 2**16 else np.int32)
+    segments = np.zeros((len(rows), length), np.uint16)  # a row holds at most `length` segments
+    mask = np.zeros((len(rows), length), bool)
+    for r, members in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(members, 1):
+            end = start + sizes[i]
+            tokens[r, start:end], mask[r, start:end] = examples[i].ids, examples[i].mask
+            segments[r, start:end] = segment
+            start = end
+    return PackedRows(tokens, segments, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches.
+
+
+class ChatBatches:
+    """The batches of a fine-tuning run: step s -> this process's rows, a pure function of (seed, s).
+
+    The global batch of step s is `global_batch_size` rows of an endless sequence in which epoch e
+    visits all packed rows in a permutation seeded by (seed, e) (without `shuffle`: every row
+    once, in order, then empty rows). It splits into `grad_accum`
+    micro-batches of consecutive rows; process p takes the p-th contiguous part (of
+    `process_count`) of each micro-batch, concatenated in micro-batch order, so
+    `batch[k].reshape(grad_accum, -1, ...)` is this process's slice of each micro-batch.
+    """
+
+    def __init__(self, rows: PackedRows, seed: int, global_batch_size: int, grad_accum: int = 1,
+                 process_index: int = 0, process_count: int = 1, shuffle: bool = True):
+        if rows.num_rows == 0:
+            raise ValueError("no packed rows: every conversation was bad, dropped or held out")
+        if global_batch_size % (grad_accum * process_count):
+            raise ValueError(f"global batch {global_batch_size} does not split into {grad_accum} "
+                             f"micro-batches x {process_count} processes")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        self.rows, self.seed, self.global_batch_size = rows, seed, global_batch_size
+        self.grad_accum, self.process_index, self.process_count = grad_accum, process_index, process_count
+        self.shuffle = shuffle
+
+    @property
+    def num_rows(self) -> int:
+        return self.rows.num_rows
+
+    @property
+    def supervised_tokens(self) -> int:
+        """Loss-carrying tokens in one epoch."""
+        return self.rows.supervised_tokens
+
+    @property
+    def num_batches(self) -> int:
+        """Batches that cover every row once (the last one partly)."""
+        return -(-self.num_rows // self.global_batch_size)
+
+    def epoch(self, step: int) -> float:
+        """Epochs seen once the batch of step `step` (counted from 0) has been trained on."""
+        return (step + 1) * self.global_batch_size / self.num_rows
+
+    def global_rows(self, step: int) -> Int[np.ndarray, " global_batch"]:
+        """Row indices of step `step`'s global batch; without `shuffle`, the rows in order and
+        then -1 (an empty row) past the last, for a held-out pass over each row once."""
+        n = self.num_rows
+        flat = np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size)
+        if not self.shuffle:
+            return np.where(flat < n, flat, -1)
+        epochs, offsets = np.divmod(flat, n)
+        rows = np.empty_like(flat)
+        for epoch in np.unique(epochs):
+            permutation = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+            rows[epochs == epoch] = permutation[offsets[epochs == epoch]]
+        return rows
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """tokens int32 [rows, T+1] (inputs tokens[:, :-1], targets tokens[:, 1:]); segment_ids
+        int32 [rows, T] of the inputs; weights float32 [rows, T], the loss weight of each target.
+        rows = global_batch_size // process_count."""
+        parts = self.global_rows(step).reshape(self.grad_accum, self.process_count, -1)
+        local = parts[:, self.process_index].reshape(-1)
+        return batch_arrays(self.rows, local)
+
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        step = start_step
+        while True:
+            yield step, self.batch(step)
+            step += 1
+
+
+def batch_arrays(rows: PackedRows, indices: Int[np.ndarray, " n"]) -> dict[str, np.ndarray]:
+    """The model's inputs and loss weights for the packed rows `indices` (see ChatBatches.batch);
+    index -1 is an empty row (padding, no loss)."""
+    real = indices >= 0
+    take = lambda a: np.where(real[:, None], a[np.where(real, indices, 0)], 0)
+    tokens, segments, mask = take(rows.tokens), take(rows.segment_ids), take(rows.mask).astype(bool)
+    # A target counts only inside its input's conversation (a packed row's first token of the
+    # next conversation has mask 0 anyway: it is <s>).
+    weights = mask[:, 1:] & (segments[:, 1:] == segments[:, :-1])
+    return {"tokens": tokens.astype(np.int32), "segment_ids": segments[:, :-1].astype(np.int32),
+            "weights": weights.astype(np.float32)}
+
+
+# --------------------------------------------------------------------------------------------
+# Files to packed rows.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train_data: tuple[str, ...]  # "path" or "path:weight" each
+    seq_len: int
+    format: str = "auto"
+    system_prompt: str = DEFAULT_SYSTEM
+    max_bad_fraction: float = 0.0
+    packing: bool = True
+    overlong: str = "truncate"
+    validation_fraction: float = 0.0  # of each file's conversations, held out before mixing
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.train_data:
+            raise ValueError("--train_data is required: JSON or JSONL files of conversations")
+        if self.format not in FORMATS:
+            raise ValueError(f"--format={self.format!r}: expected one of {', '.join(FORMATS)}")
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"--overlong={self.overlong!r}: expected one of {', '.join(OVERLONG)}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"--max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"--validation_fraction={self.validation_fraction} must be in [0, 1)")
+
+
+def prepare(config: DataConfig, tokenizer: Tokenizer
+            ) -> tuple[PackedRows, PackedRows | None, list[FileStats]]:
+    """(training rows, validation rows or None, per-file stats): load, render, cut or drop
+    overlong conversations, hold out each file's validation share, mix, pack."""
+    from tqdm import tqdm
+
+    train_parts, validation, weights, all_stats = [], [], [], []
+    for file_index, spec in enumerate(config.train_data):
+        path, weight = parse_data_spec(spec)
+        conversations, stats = load_conversations(path, config.format, config.max_bad_fraction,
+                                                  config.system_prompt)
+        examples = []
+        for messages in tqdm(conversations, desc=f"render {path}", disable=None, leave=False):
+            example, status = render(tokenizer, messages, config.seq_len + 1, config.overlong)
+            stats.truncated += status == "truncated"
+            stats.dropped += status == "dropped"
+            if example is not None:
+                examples.append(example)
+        order = np.random.default_rng([config.seed, file_index]).permutation(len(examples))
+        held_out = int(round(config.validation_fraction * len(examples)))
+        validation += [examples[i] for i in sorted(order[:held_out])]
+        train_parts.append([examples[i] for i in sorted(order[held_out:])])
+        stats.validation = held_out
+        weights.append(weight)
+        all_stats.append(stats)
+    chosen = mix(train_parts, weights, config.seed)
+    train = []
+    for part, indices, stats in zip(train_parts, chosen, all_stats):
+        stats.mixed = len(indices)
+        stats.supervised_tokens = sum(int(part[i].mask.sum()) for i in indices)
+        train += [part[i] for i in indices]
+    valid_rows = pack(validation, config.seq_len, config.packing) if validation else None
+    return pack(train, config.seq_len, config.packing), valid_rows, all_stats
+
+
+def summary_table(stats: Sequence[FileStats], rows: PackedRows) -> str:
+    """One line per file and a total: what was read, skipped, cut and mixed."""
+    header = ("file", "records", "bad", "conversations", "truncated", "dropped", "validation",
+              "in mix", "supervised tokens")
+    lines = [(s.path, s.records, sum(s.bad.values()), s.conversations, s.truncated, s.dropped,
+              s.validation, s.mixed, s.supervised_tokens) for s in stats]
+    lines.append(("total", *(sum(line[k] for line in lines) for k in range(1, len(header)))))
+    cells = [header, *[(str(c) if isinstance(c, str) else f"{c:,}" for c in line) for line in lines]]
+    cells = [tuple(line) for line in cells]
+    widths = [max(len(line[k]) for line in cells) for k in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in
+                               enumerate(zip(line, widths))) for line in cells)
+    reasons = collections.Counter()
+    for s in stats:
+        reasons.update(s.bad)
+    if reasons:
+        text += "\nbad records: " + ", ".join(f"{k} {v:,}" for k, v in reasons.most_common())
+    filled = rows.tokens.size and (rows.segment_ids > 0).sum() / rows.segment_ids.size
+    text += (f"\n{rows.num_rows:,} rows of {rows.tokens.shape[1]:,} tokens, {filled:.1%} filled, "
+             f"{rows.supervised_tokens:,} supervised tokens "
+             f"({rows.supervised_tokens / max(rows.tokens.size, 1):.1%} of all)")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: train.py's loop, flags and checkpoints.
+
+FLAGS = flags.FLAGS
+# The report's SFT optimization (design.md); a --flagfile on the command line still wins.
+SFT_DEFAULTS = {"learning_rate": 2e-5, "warmup_steps": 1000, "weight_decay": 0.01, "grad_clip": 1.0,
+                "eval_every": 200}
+
+
+def define_flags() -> None:
+    """train.py's flags (model, optimization, run, logging) plus SFT's own."""
+    train.define_flags()
+    flags.DEFINE_enum("format", "auto", FORMATS, "Record shape of --train_data (auto: by each record's keys).")
+    flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of records that bring none.")
+    flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
+                       "and counted); above it the run stops naming them. 0: any bad record fails.")
+    flags.DEFINE_bool("packing", True, "Pack several conversations per row (segment ids keep them "
+                      "apart); --nopacking pads one conversation per row.")
+    flags.DEFINE_enum("overlong", "truncate", OVERLONG, "A conversation longer than a row: cut after "
+                      "its last assistant turn that fits, or drop it.")
+    flags.DEFINE_float("epochs", 0.0, "Train this many passes over the packed rows, setting --steps "
+                       "(0: use --steps). The report found less than one epoch best.")
+    flags.DEFINE_float("validation_fraction", 0.02, "Share of each file's conversations held out for "
+                       "the held-out loss every --eval_every steps (unless --validation_data is given).")
+    for name, value in SFT_DEFAULTS.items():
+        FLAGS.set_default(name, value)
+
+
+def _model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelConfig, Tokenizer]:
+    """The --init_from checkpoint's model (this run's execution settings) and its tokenizer; or,
+    without --init_from, the flags' model and --tokenizer."""
+    if not run.init_from:
+        return from_flags, train.load_tokenizer(FLAGS.tokenizer, from_flags.vocab_size)
+    _, tokenizer_bytes, saved = checkpoint.load(run.init_from)
+    runtime = {name: getattr(from_flags, name) for name in checkpoint.EXECUTION_FIELDS}
+    return dataclasses.replace(ModelConfig(**saved["model"]), **runtime), Tokenizer.from_bytes(tokenizer_bytes)
+
+
+def main(argv):
+    del argv
+    checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    if FLAGS.dry_run and FLAGS.hardware:  # as train.py: the named pod's chips, faked on a CPU
+        jax.config.update("jax_num_cpu_devices", train.HARDWARE[FLAGS.hardware][0])
+    try:
+        flag_model, config, run = train.configs_from_flags()
+        if not FLAGS.dry_run:
+            train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        model_config, tokenizer = _model_config(run, flag_model)
+        # Rows of --seq_len tokens when given (at most the model's context), else the context.
+        seq_len = FLAGS.seq_len if FLAGS["seq_len"].present else model_config.max_seq_len
+        if seq_len > model_config.max_seq_len:
+            raise ValueError(f"--seq_len={seq_len} exceeds the model's context of {model_config.max_seq_len}")
+        if not FLAGS.train_data:
+            raise ValueError("--train_data is required: JSON or JSONL conversation files, PATH[:WEIGHT],...")
+        held_out = FLAGS.validation_fraction if FLAGS.eval_every and not FLAGS.validation_data else 0.0
+        data_config = DataConfig(
+            tuple(FLAGS.train_data.split(",")), seq_len, FLAGS.format, FLAGS.system_prompt,
+            FLAGS.max_bad_fraction, FLAGS.packing, FLAGS.overlong, held_out, config.seed)
+        rows, validation_rows, stats = prepare(data_config, tokenizer)
+        if FLAGS.eval_every and FLAGS.validation_data:
+            validation_rows, _, more = prepare(dataclasses.replace(
+                data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0), tokenizer)
+            stats += [dataclasses.replace(s, validation=s.mixed, mixed=0, supervised_tokens=0) for s in more]
+        if jax.process_index() == 0:
+            print(summary_table(stats, rows))
+        if FLAGS.epochs:
+            steps = math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size)
+            try:
+                config = dataclasses.replace(config, steps=steps)
+            except ValueError as e:
+                raise ValueError(f"--epochs={FLAGS.epochs:g} of {rows.num_rows:,} rows at --batch_size="
+                                 f"{config.batch_size} is {steps} steps: {e}") from None
+        if FLAGS.dry_run:  # sizes, memory and budget of this fine-tuning (steps from --epochs)
+            return train.dry_run(model_config, config, train.make_mesh(run.fsdp), FLAGS.hardware,
+                                 FLAGS.assumed_mfu, FLAGS.peak_tflops)
+        where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)
+        validation = None
+        if validation_rows is not None and run.eval_every:
+            validation = ChatBatches(validation_rows, config.seed, config.batch_size, shuffle=False, **where)
+            run = dataclasses.replace(run, eval_batches=validation.num_batches)  # each row once
+        sft_settings = {**dataclasses.asdict(data_config), "epochs": FLAGS.epochs,
+                        "rows": rows.num_rows, "supervised_tokens_per_epoch": rows.supervised_tokens,
+                        "files": [dataclasses.asdict(s) for s in stats]}
+        train.fit(model_config, config, run, source, validation, tokenizer.model_bytes,
+                  train.resolved_config(model_config, config, run, sft=sft_settings), title="sft")
+    except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
+        sys.exit(f"sft.py: error: {e}")
+    except train.TrainingStopped as e:
+        sys.exit(f"sft.py: training stopped: {e}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
