@@ -295,13 +295,13 @@ def with_devices(n: int) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_tokenizer_path):
     out = tmp_path_factory.mktemp("uninterrupted")
-    run_train(out, tiny_tokenizer_path, "--steps=150")
+    run_train(out, tiny_tokenizer_path, "--steps=60")
     return logged(out)
 
 
 def test_sigterm_checkpoints_and_the_same_command_resumes_with_identical_losses(
         tmp_path, tiny_tokenizer_path, uninterrupted):
-    command = train_command(tmp_path, tiny_tokenizer_path, "--steps=150")
+    command = train_command(tmp_path, tiny_tokenizer_path, "--steps=60")
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
@@ -312,9 +312,9 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_with_identical_losses(
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
     stopped = checkpoint.latest_step(str(tmp_path))
-    assert f"checkpoint of step {stopped} written" in output and 5 <= stopped < 150, output
+    assert f"checkpoint of step {stopped} written" in output and 5 <= stopped < 60, output
 
-    resumed = run_train(tmp_path, tiny_tokenizer_path, "--steps=150").stdout
+    resumed = run_train(tmp_path, tiny_tokenizer_path, "--steps=60").stdout
     assert f"resumed from step {stopped}" in resumed
     # The same batches, dropout keys and optimizer state: bit-for-bit the same losses on CPU.
     assert logged(tmp_path) == uninterrupted
@@ -322,11 +322,11 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_with_identical_losses(
 
 def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpoint(
         tmp_path, tiny_tokenizer_path, uninterrupted):
-    run_train(tmp_path, tiny_tokenizer_path, "--steps=150", "--checkpoint_every=40",
-              "--test_sigkill_during_save=80", expect=-signal.SIGKILL)
-    assert checkpoint.latest_step(str(tmp_path)) == 40
-    resumed = run_train(tmp_path, tiny_tokenizer_path, "--steps=150", "--checkpoint_every=40").stdout
-    assert "resumed from step 40" in resumed
+    run_train(tmp_path, tiny_tokenizer_path, "--steps=60", "--checkpoint_every=20",
+              "--test_sigkill_during_save=40", expect=-signal.SIGKILL)
+    assert checkpoint.latest_step(str(tmp_path)) == 20
+    resumed = run_train(tmp_path, tiny_tokenizer_path, "--steps=60", "--checkpoint_every=20").stdout
+    assert "resumed from step 20" in resumed
     assert logged(tmp_path) == uninterrupted
 
 
@@ -404,14 +404,14 @@ def test_checkpoints_on_gcs_resume_like_local_ones(tmp_path, tiny_tokenizer_path
     # Orbax writes arrays through TensorStore and directories through gcsfs, both pointed at the
     # emulator by the fixture: the real clients, a local server.
     run = f"gs://{gcs_bucket}/runs/resume"
-    run_train(run, tiny_tokenizer_path, "--steps=150", "--checkpoint_every=50",
-              "--test_sigkill_during_save=100", f"--metrics_dir={tmp_path}", expect=-signal.SIGKILL)
-    assert checkpoint.latest_step(run) == 50
-    resumed = run_train(run, tiny_tokenizer_path, "--steps=150", f"--metrics_dir={tmp_path}").stdout
-    assert "resumed from step 50" in resumed
+    run_train(run, tiny_tokenizer_path, "--steps=60", "--checkpoint_every=25",
+              "--test_sigkill_during_save=50", f"--metrics_dir={tmp_path}", expect=-signal.SIGKILL)
+    assert checkpoint.latest_step(run) == 25
+    resumed = run_train(run, tiny_tokenizer_path, "--steps=60", f"--metrics_dir={tmp_path}").stdout
+    assert "resumed from step 25" in resumed
     assert logged(tmp_path) == uninterrupted
     model, _, config = checkpoint.load(run)
-    assert config["train"]["steps"] == 150 and model.config.d_model == 64
+    assert config["train"]["steps"] == 60 and model.config.d_model == 64
 
 
 def test_tpu_script_copies_the_repo_to_every_worker_and_runs_the_same_command(tmp_path):
