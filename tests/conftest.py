@@ -63,8 +63,9 @@ def gcs_bucket():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     emulator = subprocess.Popen(
-        ["gcp-storage-emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-         "--default-bucket", bucket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), "start", "--host", "127.0.0.1",
+         "--port", str(port), "--in-memory", "--default-bucket", bucket],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 30
     while True:
         try:
