@@ -351,8 +351,16 @@ def test_nan_steps_are_skipped_then_rolled_back_past_then_stop_the_run(tmp_path,
     assert "after 1 rollbacks (--max_rollbacks=1)" in stopped and "data positions 9..10" in stopped
 
 
-def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, tiny_tokenizer_path):
-    run_train(tmp_path / "one", tiny_tokenizer_path, "--steps=6", "--dtype=float32", env=with_devices(4))
+@pytest.fixture(scope="module")
+def one_process_of_four(tmp_path_factory, tiny_tokenizer_path):
+    """6 float32 steps on one process with 4 devices, parameters replicated."""
+    out = tmp_path_factory.mktemp("one_process_of_four")
+    run_train(out, tiny_tokenizer_path, "--steps=6", "--dtype=float32", env=with_devices(4))
+    return logged(out)
+
+
+def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, tiny_tokenizer_path,
+                                                                     one_process_of_four):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -366,7 +374,7 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, t
     assert [p.returncode for p in processes] == [0, 0], outputs
     assert "2 processes, mesh {'data': 4, 'fsdp': 1}" in outputs[0]
     assert "parameters" not in outputs[1]  # only process 0 logs
-    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    one, two = one_process_of_four, logged(tmp_path / "two")
     assert one.keys() == two.keys() == set(range(1, 7))
     # Same global arrays and program; only the cross-device sums' transport differs (in-process
     # vs gloo), which may reorder float additions: agreement to float32 rounding.
@@ -374,11 +382,11 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, t
         np.testing.assert_allclose(one[step], two[step], rtol=1e-5)
 
 
-def test_fsdp_over_two_devices_trains_like_replicated_parameters(tmp_path, tiny_tokenizer_path):
-    run_train(tmp_path / "replicated", tiny_tokenizer_path, "--steps=6", "--dtype=float32", env=with_devices(4))
+def test_fsdp_over_two_devices_trains_like_replicated_parameters(tmp_path, tiny_tokenizer_path,
+                                                                one_process_of_four):
     run_train(tmp_path / "fsdp", tiny_tokenizer_path, "--steps=6", "--dtype=float32", "--fsdp=2",
               env=with_devices(4))
-    replicated, sharded = logged(tmp_path / "replicated"), logged(tmp_path / "fsdp")
+    replicated, sharded = one_process_of_four, logged(tmp_path / "fsdp")
     assert replicated.keys() == sharded.keys() == set(range(1, 7))
     # Sharded parameters change where the gradient sums happen (reduce-scatter instead of
     # all-reduce), hence their float rounding: measured 3e-7 on losses, 2e-5 on gradient norms.
