@@ -283,6 +283,7 @@ class JulianLM(TemplateLM):
         self.batch_size = int(batch_size)
         self.buckets = tuple(sorted(buckets))
         self.max_gen_toks = max_gen_toks
+        self.scored_requests = 0  # by this process: the others score their own share
 
     @property
     def eot_token_id(self) -> int:
@@ -325,6 +326,7 @@ class JulianLM(TemplateLM):
             for number, batch in enumerate(batches):
                 if number % world == rank:
                     mine.update(self._score_batch(batch, requests))
+                    self.scored_requests += sum(len(g.members) for g in batch)
                 bar.update(sum(len(g.members) for g in batch))
         answers = _gather_from_processes(mine)
         return [tuple(answers[i]) for i in range(len(requests))]
@@ -408,6 +410,7 @@ class JulianLM(TemplateLM):
                             top_k=int(settings.get("top_k") or 0), top_p=float(settings.get("top_p") or 1.0),
                             stop_strings=until)
                         mine.update(zip(chunk, texts))
+                        self.scored_requests += len(chunk)
                     number += 1
                     bar.update(len(chunk))
         answers = _gather_from_processes(mine)
@@ -489,6 +492,13 @@ def report_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def perplexity_table(results: dict) -> str:
+    lines = ["| data | documents | tokens | loss | perplexity | bits/byte |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v['documents']} | {v['tokens']} | {v['loss']:.4f} | {v['perplexity']:.2f} | "
+              f"{v['bits_per_byte']:.4f} |" for k, v in results.items()]
+    return "\n".join(lines)
+
+
 def _write_json(path: str, content: dict) -> None:
     """Written under a temporary name and renamed: a crash never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -508,25 +518,22 @@ def main(argv):
         start = time.perf_counter()
         if FLAGS.ppl_data:
             results = perplexity(model, tokenizer, FLAGS.ppl_data, FLAGS.batch_size, FLAGS.dtype)
-            table = ["| data | documents | tokens | loss | perplexity | bits/byte |", "| --- | --- | --- | --- | --- | --- |"]
-            table += [f"| {k} | {v['documents']} | {v['tokens']} | {v['loss']:.4f} | {v['perplexity']:.2f} | "
-                      f"{v['bits_per_byte']:.4f} |" for k, v in results.items()]
-            summary = "\n".join(table)
+            summary = perplexity_table(results)
         else:
             lm = JulianLM(model, tokenizer, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype)
             output = evaluate_with(lm, FLAGS.tasks, FLAGS.data_dir, FLAGS.limit,
                                    bootstrap_iters=FLAGS.bootstrap_iters)
             results = output["results"]
-            summary = make_table(output) + "\n" + report_table(results)
+            seconds = time.perf_counter() - start
+            summary = (f"{make_table(output)}\n{report_table(results)}\n\n{lm.scored_requests} requests "
+                       f"in {seconds:.1f} s ({lm.scored_requests / seconds:.1f} requests/s, this process)")
     except (FileNotFoundError, ValueError) as e:  # bad input: say what, without a traceback
         raise app.UsageError(str(e)) from e
     if jax.process_index() == 0:
         print(summary)
-        print(f"({time.perf_counter() - start:.1f} s)")
         if FLAGS.output:
             _write_json(FLAGS.output, results)
             print(f"wrote {FLAGS.output}")
-
 
 if __name__ == "__main__":
     define_flags()

@@ -39,3 +39,16 @@ def tiny_run(tmp_path_factory, tiny_tokenizer_path) -> str:
                "--train_data=" + ",".join(DATA_FILES), f"--steps={TINY_STEPS}", f"--output_dir={out}",
                "--log_every=10")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, tiny_run) -> str:
+    """The tiny run's newest checkpoint exported as a Hugging Face Llama folder (convert.py)."""
+    import checkpoint
+    import convert
+    from tokenizer import Tokenizer
+
+    out = str(tmp_path_factory.mktemp("tiny_hf"))
+    model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
+    convert.export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), out)
+    return out
