@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import os
+import pathlib
 import re
 import tempfile
 import time
@@ -56,6 +57,7 @@ from lm_eval import evaluator as lm_evaluator
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
+from lm_eval.tasks._index import Kind
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 from tqdm import tqdm
 
@@ -109,10 +111,16 @@ def define_flags() -> None:
 def _stock_task_file(task: str) -> str:
     if task in REPORT_TASKS:
         return os.path.join(LM_EVAL_TASKS, REPORT_TASKS[task][0])
-    entry = TaskManager().task_index.get(task)
-    if entry is None or entry.yaml_path is None:
-        raise ValueError(f"unknown task {task!r}: lm-eval has no such task (the report's are "
+    unknown = ValueError(f"unknown task {task!r}: lm-eval has no such task (the report's are "
                          f"{', '.join(REPORT_TASKS)}; `lm_eval ls tasks` lists all)")
+    # Indexing lm-eval's ~14,000 task files takes seconds: a name none of them mentions is a typo.
+    if not any(task in p.read_text(errors="ignore") for p in pathlib.Path(LM_EVAL_TASKS).rglob("*.yaml")):
+        raise unknown
+    entry = TaskManager().task_index.get(task)
+    if entry is None:
+        raise unknown
+    if entry.kind not in (Kind.TASK, Kind.PY_TASK) or entry.yaml_path is None:
+        raise ValueError(f"{task!r} is an lm-eval {entry.kind.name.lower()}, not a task: name its tasks")
     return str(entry.yaml_path)
 
 
@@ -257,9 +265,11 @@ def _local_copy(model: Transformer) -> Transformer:
     return jax.tree.map(local, model)
 
 
-def with_dtype(model: Transformer, dtype: str) -> Transformer:
-    """The same weights run with another activation dtype (an execution choice, not a weight)."""
-    config = dataclasses.replace(model.config, dtype=dtype)
+def for_inference(model: Transformer, dtype: str) -> Transformer:
+    """The same weights run with another activation dtype, and layers under `lax.scan`: evaluation
+    compiles one program per padded shape, and a scanned stack compiles in a fraction of the time
+    of an unrolled one (execution choices, not weights)."""
+    config = dataclasses.replace(model.config, dtype=dtype, scan_layers=True)
     like = eqx.filter_eval_shape(Transformer, config, jax.random.key(0))
     return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(model))
 
@@ -278,7 +288,7 @@ class JulianLM(TemplateLM):
             tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
         if model is None or tokenizer is None:
             raise ValueError("JulianLM needs a model and its tokenizer, or checkpoint=DIR")
-        self.model = with_dtype(_local_copy(model), dtype)
+        self.model = for_inference(_local_copy(model), dtype)
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.buckets = tuple(sorted(buckets))

@@ -90,7 +90,7 @@ def test_the_bundled_samples_are_long_enough_to_exercise_truncation(tiny):
 def test_batch_size_and_buckets_do_not_change_the_answers(tiny, our_output):
     # 3 rows split hellaswag's four choices across batches; odd buckets pad differently.
     lm = evaluate.JulianLM(*tiny, dtype="float32", batch_size=3, buckets=(8, 24, 200))
-    tasks = ["hellaswag", "boolq", "lambada_openai"]
+    tasks = ["hellaswag", "boolq"]
     other = evaluate.evaluate_with(lm, tasks, DATA_DIR, LIMIT, log_samples=True)
     for task in tasks:
         _assert_same_answers(other, our_output, task, atol=1e-4)
@@ -171,7 +171,7 @@ def test_a_data_dir_missing_a_task_file_names_the_file_and_the_split_it_should_h
         evaluate.evaluate_with(lm, ["piqa"], str(tmp_path / "nowhere"))
 
 
-def test_an_unknown_task_is_named_in_the_error(tmp_path, tiny):
+def test_an_unknown_task_is_named_in_the_error(tiny):
     with pytest.raises(ValueError, match="unknown task 'hellaswagg'"):
         evaluate.evaluate_with(evaluate.JulianLM(*tiny), ["hellaswagg"], DATA_DIR)
 
@@ -188,15 +188,15 @@ def test_the_command_line_names_a_missing_checkpoint(tmp_path):
 def test_the_command_line_prints_both_tables_and_writes_the_results_json(tiny_run, tmp_path):
     output = tmp_path / "results.json"
     result = subprocess.run(
-        [sys.executable, "evaluate.py", f"--checkpoint={tiny_run}", "--tasks=piqa,lambada_openai",
-         f"--data_dir={DATA_DIR}", "--limit=3", "--bootstrap_iters=0", f"--output={output}"],
+        [sys.executable, "evaluate.py", f"--checkpoint={tiny_run}", "--tasks=lambada_openai",
+         f"--data_dir={DATA_DIR}", "--limit=2", "--bootstrap_iters=0", f"--output={output}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "|piqa" in result.stdout.replace(" ", "")  # lm-eval's table...
-    assert "| piqa | acc |" in result.stdout and "66.8" in result.stdout  # beside the report
+    assert "|lambada_openai|" in result.stdout.replace(" ", "")  # lm-eval's table...
+    assert "| lambada_openai | acc |" in result.stdout and "37.3" in result.stdout  # ...and the report's
     results = json.loads(output.read_text())
-    assert set(results) == {"piqa", "lambada_openai"}
-    assert "acc,none" in results["piqa"] and "perplexity,none" in results["lambada_openai"]
+    assert set(results) == {"lambada_openai"}
+    assert {"acc,none", "perplexity,none"} <= set(results["lambada_openai"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ WORKER = textwrap.dedent("""
     import convert, evaluate
     model, tokenizer = convert.import_hf(sys.argv[3])
     lm = evaluate.JulianLM(model, tokenizer, dtype="float32", batch_size=4)
-    out = evaluate.evaluate_with(lm, ["hellaswag", "piqa"], sys.argv[4], limit=3, log_samples=True)
+    out = evaluate.evaluate_with(lm, ["hellaswag"], sys.argv[4], limit=2, log_samples=True)
     answers = {t: [[r[0] for r in s["resps"]] for s in sorted(out["samples"][t], key=lambda s: s["doc_id"])]
                for t in out["samples"]}
     with open(sys.argv[5], "w") as f:
@@ -233,7 +233,7 @@ def test_two_processes_share_the_requests_and_both_return_the_single_process_ans
         assert p.returncode == 0, log[-3000:]
     results = [json.loads(o.read_text()) for o in outs]
     single_lm = evaluate.JulianLM(*tiny, dtype="float32", batch_size=4)
-    single = evaluate.evaluate_with(single_lm, ["hellaswag", "piqa"], DATA_DIR, limit=3, log_samples=True)
+    single = evaluate.evaluate_with(single_lm, ["hellaswag"], DATA_DIR, limit=2, log_samples=True)
     assert results[0]["answers"] == results[1]["answers"]  # every process gets every answer
     for task, items in results[0]["answers"].items():
         reference = _responses(single, task)
