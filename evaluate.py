@@ -328,18 +328,32 @@ class JulianLM(TemplateLM):
 
     def score(self, requests: Sequence[tuple[list[int], list[int]]], disable_tqdm: bool = False
               ) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), whether greedy decoding gives it) per token-id pair."""
-        batches = plan_batches(requests, self.max_length, self.batch_size)
+        """(log p(continuation | context), whether greedy decoding gives it) per token-id pair.
+
+        A continuation longer than the model's context (lm-eval's `hf` backend refuses those) is
+        scored in pieces of half the context, each after as much preceding text as fits."""
+        pieces, owners = [], []
+        for i, (context, continuation) in enumerate(requests):
+            step = len(continuation) if len(continuation) <= self.max_length else self.max_length // 2
+            for start in range(0, len(continuation), step):
+                pieces.append((list(context) + list(continuation[:start]), list(continuation[start: start + step])))
+                owners.append(i)
+        batches = plan_batches(pieces, self.max_length, self.batch_size)
         rank, world = jax.process_index(), jax.process_count()
         mine: dict[int, tuple[float, bool]] = {}
-        with tqdm(total=len(requests), desc="loglikelihood", disable=disable_tqdm or rank != 0) as bar:
+        with tqdm(total=len(pieces), desc="loglikelihood", disable=disable_tqdm or rank != 0) as bar:
             for number, batch in enumerate(batches):
                 if number % world == rank:
-                    mine.update(self._score_batch(batch, requests))
+                    mine.update(self._score_batch(batch, pieces))
                     self.scored_requests += sum(len(g.members) for g in batch)
                 bar.update(sum(len(g.members) for g in batch))
         answers = _gather_from_processes(mine)
-        return [tuple(answers[i]) for i in range(len(requests))]
+        totals = [[0.0, True] for _ in requests]
+        for piece, owner in enumerate(owners):
+            logprob, greedy = answers[piece]
+            totals[owner][0] += logprob
+            totals[owner][1] &= greedy
+        return [(logprob, greedy) for logprob, greedy in totals]
 
     def _score_batch(self, batch: list[_Group], requests) -> dict[int, tuple[float, bool]]:
         # The context's last token is fed with the continuation: its output predicts the

@@ -243,3 +243,24 @@ def test_two_processes_share_the_requests_and_both_return_the_single_process_ans
     # ...and each computed only its share.
     assert all(r["scored"] > 0 for r in results)
     assert results[0]["scored"] + results[1]["scored"] == single_lm.scored_requests
+
+
+def test_a_continuation_longer_than_the_context_is_scored_in_pieces_after_the_text_before_them(tiny, tiny_hf):
+    # lm-eval's hf backend refuses such a request; the reference is transformers on each piece.
+    import transformers
+
+    model, tokenizer = tiny
+    with open(os.path.join(REPO, "data", "en_doyle_sign_of_four.txt")) as f:
+        ids = tokenizer.encode(" ".join(line.strip() for line in f.readlines()[:40]))
+    context, continuation = [BOS_ID, *ids[:30]], ids[30:330]  # 300 > 128 tokens: pieces of 64
+    (ours, _), = evaluate.JulianLM(model, tokenizer, dtype="float32").score([(context, continuation)])
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32)
+    expected, text = 0.0, context + continuation
+    for start in range(0, len(continuation), 64):
+        end = len(context) + min(start + 64, len(continuation))
+        window = torch.tensor([text[max(0, end - 129): end]])  # at most 128 inputs + the last target
+        with torch.no_grad():
+            logprobs = torch.log_softmax(hf_model(window[:, :-1]).logits[0].double(), dim=-1)
+        n = end - len(context) - start
+        expected += float(logprobs[-n:].gather(1, window[0, -n:, None]).sum())
+    assert ours == pytest.approx(expected, abs=LOGPROB_ATOL)
