@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on the bundled EN/FR sample, on CPU, in a few minutes:
-# tokenizer -> tiny model pretraining -> Hugging Face export -> samples.
+# tokenizer -> tiny model pretraining -> Hugging Face export -> samples -> benchmark scores.
 set -euo pipefail
 cd "$(dirname "$0")"
 # XLA:CPU mallocs the step's temporaries afresh every step; by default glibc hands them back to
@@ -24,4 +24,7 @@ echo "== 4. Samples"
 python generate.py --checkpoint="$out/tiny" --max_new_tokens=40 --temperature=0.8 --top_k=40 \
   --prompt="Sherlock Holmes" --prompt="Il était une fois" --prompt="The"
 
-echo "Done: loss curve $out/tiny/loss.png, metrics $out/tiny/metrics.jsonl, HF model $out/hf"
+echo "== 5. Zero-shot evaluation with lm-evaluation-harness on the bundled benchmark samples (data/eval)"
+python evaluate.py --checkpoint="$out/tiny" --data_dir=data/eval --output="$out/eval_results.json"
+
+echo "Done: loss curve $out/tiny/loss.png, metrics $out/tiny/metrics.jsonl, HF model $out/hf, scores $out/eval_results.json"
