@@ -438,7 +438,7 @@ class JulianLM(TemplateLM):
                     number += 1
                     bar.update(len(chunk))
         answers = _gather_from_processes(mine)
-        for req, i in zip(requests, range(len(requests))):
+        for i, req in enumerate(requests):
             self.cache_hook.add_partial("generate_until", req.args, answers[i])
         return [answers[i] for i in range(len(requests))]
 
@@ -458,7 +458,8 @@ def load_checkpoint(directory: str, step: int | None = None) -> tuple[Transforme
 def run_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[str], data_dir: str | None,
               limit: int | None = None, batch_size: int = 16, dtype: str = "bfloat16",
               bootstrap_iters: int = 0) -> dict:
-    """lm-eval's `results` dict keyed by task (metrics such as "acc,none", "acc_norm,none")."""
+    """lm-eval's `results` dict keyed by task (metrics such as "acc,none", "acc_norm,none").
+    In a multi-host run, call it from every process: they share the work and all get the results."""
     lm = JulianLM(model, tokenizer, batch_size=batch_size, dtype=dtype)
     return evaluate_with(lm, tasks, data_dir, limit, bootstrap_iters=bootstrap_iters)["results"]
 

@@ -168,8 +168,9 @@ def complete(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
         if on_text is None:
             return
         text = text_of(out_ids[row])
-        # Hold back the tail that could still grow into a stop string.
-        ready = len(text) if stop(row, out_ids[row]) else len(text) - longest_stop
+        # Hold back the tail that could still grow into a stop string, and an incomplete
+        # multi-byte character (decoded as U+FFFD until its last byte comes).
+        ready = len(text) if stop(row, out_ids[row]) else len(text.rstrip("\ufffd")) - longest_stop
         if ready > shown[row]:
             on_text(row, text[shown[row]: ready])
             shown[row] = ready
