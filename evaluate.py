@@ -276,12 +276,14 @@ def for_inference(model: Transformer, dtype: str) -> Transformer:
 
 @register_model("julian")
 class JulianLM(TemplateLM):
-    """lm-eval's view of a julian model: `JulianLM(model, tokenizer)` or, from lm-eval's own
-    entry points, `--model julian --model_args checkpoint=DIR,dtype=float32`."""
+    """lm-eval's view of a julian model: `JulianLM(model, tokenizer)`, or by name once this file
+    is imported: `lm_eval.simple_evaluate(model="julian", model_args="checkpoint=DIR,dtype=float32")`."""
 
     def __init__(self, model: Transformer | None = None, tokenizer: Tokenizer | None = None,
                  checkpoint: str | None = None, batch_size: int | str = 16, dtype: str = "bfloat16",
-                 buckets: Sequence[int] = BUCKETS, max_gen_toks: int = 256):
+                 buckets: Sequence[int] = BUCKETS, max_gen_toks: int = 256,
+                 max_batch_size: int | None = None, device: str | None = None):
+        del max_batch_size, device  # lm-eval passes them to every model; JAX places arrays itself
         super().__init__()
         if checkpoint is not None:
             model, tokenizer_bytes, _ = load_checkpoint(checkpoint)
