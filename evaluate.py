@@ -58,6 +58,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import Kind
+from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 from tqdm import tqdm
 
@@ -130,8 +131,11 @@ def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str)
         stock = _stock_task_file(task)
         config = {"include": stock, "task": task}
         if data_dir is not None:
-            base = lm_eval_yaml(stock)
-            split = base.get("test_split") or base.get("validation_split")
+            base = load_yaml(stock, resolve_func=False)  # includes resolved, `!function`s not
+            split = base.get("test_split") or base.get("validation_split")  # what lm-eval scores
+            if split is None:
+                raise ValueError(f"task {task!r} scores neither a test nor a validation split: "
+                                 "not supported offline")
             path = os.path.abspath(os.path.join(data_dir, f"{task}.jsonl"))
             if not os.path.isfile(path):
                 raise FileNotFoundError(
@@ -145,13 +149,6 @@ def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str)
                           fewshot_split=None)
         with open(os.path.join(out_dir, f"{task}.yaml"), "w") as f:
             yaml.safe_dump(config, f)
-
-
-def lm_eval_yaml(path: str) -> dict:
-    """A task file with its includes resolved, `!function` tags left unresolved."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    return load_yaml(path, resolve_func=False)
 
 
 def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: int | None = None,
