@@ -1,13 +1,24 @@
-"""Sample text from a julian checkpoint.
+"""Sample text from a julian checkpoint, or chat with it.
 
     python generate.py --checkpoint=runs/tiny --prompt="Sherlock Holmes" --max_new_tokens=60
+    python generate.py --checkpoint=runs/sft --chat --prompt="Bonjour !"    # one reply
+    python generate.py --checkpoint=runs/sft --chat                         # a conversation (REPL)
 
-A simple sampler: each new token re-runs the model over a fixed-size buffer (one compiled shape
-for the whole generation), greedy at --temperature=0, else temperature with optional top-k and
-top-p. (The evaluation issue adds a KV cache and chat.)
+Decoding runs on the model's KV cache (model.py): one jitted prefill of the right-padded batch
+of prompts, then one jitted step per token, every shape static (prompts are padded to a multiple
+of PAD_TO tokens, so a handful of shapes serves every prompt). Greedy at --temperature=0, else
+temperature with optional top-k and top-p. A row ends at a stop id (</s>; in chat also
+<|im_end|>) or once its text contains a stop string, where it is cut.
+
+A conversation is a document: <s>, then ChatML (Tokenizer.render_chat) up to the assistant's turn.
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
+import sys
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,23 +27,30 @@ from absl import app, flags
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import checkpoint
-from model import Transformer
-from tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from model import KVCache, Transformer, init_cache
+from tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, Tokenizer
 
 FLAGS = flags.FLAGS
+PAD_TO = 64  # prompt and cache lengths are rounded up to this: one compiled shape per bucket
+DEFAULT_SYSTEM = "You are a helpful assistant."  # the report's ChatML system turn (design.md)
+CHAT_STOP_IDS = (EOS_ID, IM_END_ID)
 
 
 def define_flags() -> None:
     """Defined on demand, not at import: other scripts and the tests import this file."""
     flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step) to sample from.")
-    flags.DEFINE_multi_string("prompt", ["The"], "Prompt text; repeat the flag for a batch of prompts.")
-    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+    flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch of prompts. "
+                              "With --chat: the user's message (without it, --chat is interactive).")
+    flags.DEFINE_boolean("chat", False, "Render the prompt as a ChatML user turn and print the "
+                         "assistant's reply; without --prompt, hold a conversation on stdin.")
+    flags.DEFINE_string("system", DEFAULT_SYSTEM, "--chat: the system message ('' for none).")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (per reply in --chat).")
     flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
     flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: all).")
     flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose probability reaches p.")
+    flags.DEFINE_multi_string("stop", [], "Also stop a row where its text contains this string (repeatable).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Compute dtype for sampling.")
-
 
 
 def sample_logits(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, temperature: float,
@@ -53,45 +71,170 @@ def sample_logits(logits: Float[Array, "batch vocab"], key: PRNGKeyArray, temper
     return jax.random.categorical(key, logits, axis=-1)
 
 
-@jax.jit
-def _next_logits(model: Transformer, buffer: Int[Array, "batch seq"], lengths: Int[Array, " batch"]
-                 ) -> Float[Array, "batch vocab"]:
-    # Causal attention: tokens after each row's length cannot change the position we read, and
-    # only that position goes through the vocabulary-sized output projection.
-    last = jnp.take_along_axis(model.hidden(buffer), (lengths - 1)[:, None, None], axis=1)
-    return model.head(last)[:, 0]
+SAMPLING = ("temperature", "top_k", "top_p")
+
+
+@functools.partial(jax.jit, static_argnames=("size", *SAMPLING))
+def _prefill(model: Transformer, prompts: Int[Array, "batch prompt"], lengths: Int[Array, " batch"],
+             key: PRNGKeyArray, size: int, temperature: float, top_k: int, top_p: float
+             ) -> tuple[Int[Array, " batch"], KVCache]:
+    hidden, cache = model.extend(prompts, init_cache(model.config, prompts.shape[0], size), lengths)
+    # Only each row's last prompt position goes through the vocabulary-sized output projection.
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+    return sample_logits(model.head(last)[:, 0], key, temperature, top_k, top_p), cache
+
+
+@functools.partial(jax.jit, static_argnames=SAMPLING, donate_argnames=("cache",))
+def _step(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], key: PRNGKeyArray,
+          temperature: float, top_k: int, top_p: float) -> tuple[Int[Array, " batch"], KVCache]:
+    hidden, cache = model.extend(tokens[:, None], cache)
+    return sample_logits(model.head(hidden)[:, 0], key, temperature, top_k, top_p), cache
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, key: PRNGKeyArray,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: tuple[int, ...] = (EOS_ID,)) -> list[list[int]]:
-    """New token ids for each prompt (a stop id ends a row and is not returned)."""
+             stop_ids: tuple[int, ...] = (EOS_ID,),
+             stop: Callable[[int, list[int]], bool] | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New token ids for each prompt. A stop id ends a row and is not returned; `stop(row, ids)`
+    may end a row after a token (stop strings); `on_token(row, id)` sees each kept token as it comes."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token (e.g. <s>)")
     longest = max(len(p) for p in prompts)
-    size = longest + max_new_tokens
-    if size > model.config.max_seq_len:
+    context = model.config.max_seq_len
+    if longest + max_new_tokens > context:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"model's context of {model.config.max_seq_len}")
-    buffer = np.full((len(prompts), size), PAD_ID, np.int32)
+                         f"model's context of {context}")
+    width = min(_round_up(longest, PAD_TO), context)
+    size = min(width + _round_up(max_new_tokens, PAD_TO), context)
+    buffer = np.full((len(prompts), width), PAD_ID, np.int32)
     for row, prompt in enumerate(prompts):
         buffer[row, : len(prompt)] = prompt
-    lengths = np.array([len(p) for p in prompts])
-    done = np.zeros(len(prompts), bool)
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     out: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    cache = None
     for step in range(max_new_tokens):
-        logits = _next_logits(model, jnp.asarray(buffer), jnp.asarray(lengths))
-        tokens = np.asarray(sample_logits(logits, jax.random.fold_in(key, step), temperature, top_k, top_p))
-        for row, token in enumerate(tokens):
+        step_key = jax.random.fold_in(key, step)
+        if cache is None:
+            tokens, cache = _prefill(model, jnp.asarray(buffer), lengths, step_key, size=size, **sampling)
+        else:
+            tokens, cache = _step(model, cache, tokens, step_key, **sampling)
+        for row, token in enumerate(np.asarray(tokens).tolist()):
             if done[row]:
                 continue
             if token in stop_ids:
                 done[row] = True
                 continue
-            out[row].append(int(token))
-            buffer[row, lengths[row]] = token
-            lengths[row] += 1
+            out[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+            if stop is not None and stop(row, out[row]):
+                done[row] = True
         if done.all():
             break
     return out
+
+
+def _cut_at(text: str, stop_strings: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in stop_strings if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def complete(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
+             key: PRNGKeyArray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             stop_ids: tuple[int, ...] = (EOS_ID,), stop_strings: Sequence[str] = (),
+             on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """Text generated after each prompt, cut before the first stop string. `on_text(row, piece)`
+    streams each row's text as it grows (never past a stop string)."""
+    shown = [0] * len(prompts)
+    longest_stop = max((len(s) for s in stop_strings), default=0)
+    out_ids: list[list[int]] = [[] for _ in prompts]
+
+    def text_of(ids: list[int]) -> str:
+        # Decoding only the newest token would split multi-byte characters: decode the row.
+        return _cut_at(tokenizer.decode(ids), stop_strings)
+
+    def stop(row: int, ids: list[int]) -> bool:
+        return bool(stop_strings) and text_of(ids) != tokenizer.decode(ids)
+
+    def on_token(row: int, token: int) -> None:
+        out_ids[row].append(token)
+        if on_text is None:
+            return
+        text = text_of(out_ids[row])
+        # Hold back the tail that could still grow into a stop string, and an incomplete
+        # multi-byte character (decoded as U+FFFD until its last byte comes).
+        ready = len(text) if stop(row, out_ids[row]) else len(text.rstrip("\ufffd")) - longest_stop
+        if ready > shown[row]:
+            on_text(row, text[shown[row]: ready])
+            shown[row] = ready
+
+    generate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, stop_ids, stop, on_token)
+    texts = [text_of(ids) for ids in out_ids]
+    if on_text is not None:
+        for row, text in enumerate(texts):
+            if len(text) > shown[row]:
+                on_text(row, text[shown[row]:])
+    return texts
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
+    """<s>, the conversation in ChatML, and the opening of the assistant's turn."""
+    return [BOS_ID, *tokenizer.render_chat(messages, add_generation_prompt=True)]
+
+
+def chat(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict], max_new_tokens: int = 256,
+         key: PRNGKeyArray | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+         on_text: Callable[[str], None] | None = None) -> str:
+    """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content": ...}]),
+    ending at <|im_end|> or </s>. Greedy by default; `on_text` streams the reply."""
+    key = jax.random.key(0) if key is None else key
+    stream = None if on_text is None else (lambda row, piece: on_text(piece))
+    return complete(model, tokenizer, [chat_prompt(tokenizer, messages)], max_new_tokens, key,
+                    temperature, top_k, top_p, CHAT_STOP_IDS, on_text=stream)[0]
+
+
+def _print_stream(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new_tokens: int,
+                  key: PRNGKeyArray, sampling: dict) -> None:
+    """A REPL: each line is a user turn; the history grows until it no longer fits the context,
+    then the oldest exchanges are dropped. '/reset' clears it; an empty line or EOF ends."""
+    opening = [{"role": "system", "content": system}] if system else []
+    budget = model.config.max_seq_len - max_new_tokens
+    history: list[dict] = []
+    print("Chat: an empty line or Ctrl-D ends, /reset forgets the conversation.")
+    for turn in itertools.count():
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        while len(history) > 1 and len(chat_prompt(tokenizer, opening + history)) > budget:
+            history = history[2:]  # the oldest user turn and its reply
+        if len(chat_prompt(tokenizer, opening + history)) > budget:
+            print(f"(too long for the model's context of {model.config.max_seq_len} tokens "
+                  f"with --max_new_tokens={max_new_tokens})")
+            history = []
+            continue
+        reply = chat(model, tokenizer, opening + history, max_new_tokens, jax.random.fold_in(key, turn),
+                     on_text=_print_stream, **sampling)
+        print()
+        history.append({"role": "assistant", "content": reply})
 
 
 def main(argv):
@@ -99,13 +242,36 @@ def main(argv):
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint is required: a train.py --output_dir")
-    model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
+    if not FLAGS.prompt and not FLAGS.chat:
+        raise app.UsageError("--prompt is required (or --chat for a conversation)")
+    try:
+        model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from e
     tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
-    prompts = [[BOS_ID] + tokenizer.encode(p) for p in FLAGS.prompt]
-    completions = generate(model, prompts, FLAGS.max_new_tokens, jax.random.key(FLAGS.seed),
-                           FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-    for prompt, completion in zip(FLAGS.prompt, completions):
-        print(f"{prompt}{tokenizer.decode(completion)}\n")
+    key = jax.random.key(FLAGS.seed)
+    sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+    if FLAGS.chat and not FLAGS.prompt:
+        _conversation(model, tokenizer, FLAGS.system, FLAGS.max_new_tokens, key, sampling)
+        return
+    if FLAGS.chat:
+        prompts = [chat_prompt(tokenizer, ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else [])
+                               + [{"role": "user", "content": p}]) for p in FLAGS.prompt]
+        stop_ids = CHAT_STOP_IDS
+    else:
+        prompts = [[BOS_ID, *tokenizer.encode(p)] for p in FLAGS.prompt]
+        stop_ids = (EOS_ID,)
+    single = len(prompts) == 1
+    if single and not FLAGS.chat:
+        _print_stream(FLAGS.prompt[0])
+    texts = complete(model, tokenizer, prompts, FLAGS.max_new_tokens, key, stop_ids=stop_ids,
+                     stop_strings=FLAGS.stop, on_text=(lambda row, piece: _print_stream(piece)) if single else None,
+                     **sampling)
+    if single:
+        print("\n")
+        return
+    for prompt, text in zip(FLAGS.prompt, texts):
+        print(text if FLAGS.chat else f"{prompt}{text}", end="\n\n")
 
 
 if __name__ == "__main__":

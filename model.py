@@ -2,7 +2,9 @@
 
 RoPE (rotate-halves layout, as Hugging Face Llama), SwiGLU MLP, pre-norm RMSNorm, no biases,
 untied input and output embeddings. Blocks are stacked along a leading layer axis
-(`eqx.filter_vmap` at init) and run with `lax.scan` or an unrolled loop.
+(`eqx.filter_vmap` at init) and run with `lax.scan` or an unrolled loop. For inference,
+`Transformer.extend` runs new tokens against a `KVCache` of fixed size (prefill, then one token
+per step, every shape static).
 
 Precision: parameters are fp32; activations and matmul inputs use `config.dtype` (bf16 by
 default) with fp32 accumulation; norms, softmax, logits and the loss are fp32. Every matmul goes
@@ -185,17 +187,23 @@ class Attention(eqx.Module):
         self.wo = _normal(ko, (d, d), 0.02 / math.sqrt(2 * config.n_layers))
         self.n_heads = config.n_heads
 
-    def __call__(self, x: Float[Array, "batch seq d_model"], mask: Bool[Array, "batch seq seq"],
-                 positions: Int[Array, "batch seq"], config: ModelConfig
-                 ) -> Float[Array, "batch seq d_model"]:
-        b, t, d = x.shape
+    def qkv(self, x: Float[Array, "batch seq d_model"], positions: Int[Array, "batch seq"],
+            config: ModelConfig) -> tuple[Float[Array, "batch heads seq head_dim"], ...]:
+        """Rotated queries and keys, and values, heads before time."""
+        b, t, _ = x.shape
         # Heads before time, so every attention product batches over leading (batch, head) axes:
         # XLA:CPU rejects bf16 -> f32 batched dots whose batch axes are not leading.
         heads = lambda w: einsum("btd,de->bte", x, w, config.dtype).reshape(
             b, t, self.n_heads, -1).transpose(0, 2, 1, 3)
         q = rotary(heads(self.wq), positions, config.rope_theta)
         k = rotary(heads(self.wk), positions, config.rope_theta)
-        v = heads(self.wv).astype(config.dtype)
+        return q, k, heads(self.wv).astype(config.dtype)
+
+    def __call__(self, x: Float[Array, "batch seq d_model"], mask: Bool[Array, "batch seq seq"],
+                 positions: Int[Array, "batch seq"], config: ModelConfig
+                 ) -> Float[Array, "batch seq d_model"]:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x, positions, config)
         if config.attention == "dot_product":
             swap = lambda a: a.astype(config.dtype).transpose(0, 2, 1, 3)  # it wants (b, t, h, d)
             out = jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=mask[:, None])
@@ -206,6 +214,27 @@ class Attention(eqx.Module):
             out = einsum("bhqk,bhkd->bhqd", probs, v, config.dtype).transpose(0, 2, 1, 3)
         out = out.reshape(b, t, d).astype(config.dtype)
         return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype)
+
+    def extend(self, x: Float[Array, "batch new d_model"], k_cache: Float[Array, "batch heads cache head_dim"],
+               v_cache: Float[Array, "batch heads cache head_dim"], positions: Int[Array, "batch new"],
+               config: ModelConfig) -> tuple[Float[Array, "batch new d_model"], Float[Array, "batch heads cache head_dim"],
+                                             Float[Array, "batch heads cache head_dim"]]:
+        """Attend from new tokens to the cache and to each other; write their keys and values
+        into the cache at their positions (each row's new tokens are contiguous from positions[:, 0])."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(x, positions, config)
+        write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice(cache, new, (0, start, 0)))
+        k_cache = write(k_cache, k.astype(k_cache.dtype), positions[:, 0])
+        v_cache = write(v_cache, v.astype(v_cache.dtype), positions[:, 0])
+        # Slots up to a token's own position hold the row's earlier tokens; later slots hold
+        # padding or stale entries, and causality alone hides them.
+        visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]
+        scores = einsum("bhqd,bhkd->bhqk", q, k_cache, config.dtype) / math.sqrt(q.shape[-1])
+        scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = einsum("bhqk,bhkd->bhqd", probs, v_cache, config.dtype).transpose(0, 2, 1, 3)
+        out = out.reshape(b, t, d).astype(config.dtype)
+        return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype), k_cache, v_cache
 
 
 class MLP(eqx.Module):
@@ -248,6 +277,15 @@ class Block(eqx.Module):
         x = x + _dropout(h, config.dropout, k_attn)
         h = self.mlp(self.mlp_norm(x, config.dtype), config)
         return x + _dropout(h, config.dropout, k_mlp)
+
+    def extend(self, x: Float[Array, "batch new d_model"], k_cache: Float[Array, "batch heads cache head_dim"],
+               v_cache: Float[Array, "batch heads cache head_dim"], positions: Int[Array, "batch new"],
+               config: ModelConfig) -> tuple[Float[Array, "batch new d_model"], Float[Array, "batch heads cache head_dim"],
+                                             Float[Array, "batch heads cache head_dim"]]:
+        """The block on new tokens against a cache of earlier ones (inference: no dropout)."""
+        h, k_cache, v_cache = self.attn.extend(self.attn_norm(x, config.dtype), k_cache, v_cache, positions, config)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x, config.dtype), config), k_cache, v_cache
 
 
 def _dropout(x: Float[Array, "..."], rate: float, key: PRNGKeyArray | None) -> Float[Array, "..."]:
@@ -318,6 +356,50 @@ class Transformer(eqx.Module):
     def head(self, hidden: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
         """fp32 logits of final hidden states (a sampler applies it to the last position only)."""
         return einsum("btd,dv->btv", hidden, self.lm_head, self.config.dtype)
+
+    def extend(self, tokens: Int[Array, "batch new"], cache: KVCache,
+               valid: Int[Array, " batch"] | None = None) -> tuple[Float[Array, "batch new d_model"], KVCache]:
+        """Final-norm hidden states of `tokens` appended to each row of `cache`, and the cache
+        holding them: a prefill (many new tokens) or a decoding step (one).
+
+        Row r's tokens take positions `cache.lengths[r]` onwards; only its first `valid[r]` (default:
+        all) count as written, so a right-padded batch of prompts prefills in one call. The caller
+        keeps `cache.lengths + new` within the cache's size (a write past it would be clamped).
+        """
+        config = self.config
+        positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])
+        x = self.embed.astype(config.dtype)[tokens]
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def layer(x, layer_params_and_cache):
+            layer_params, k_cache, v_cache = layer_params_and_cache
+            x, k_cache, v_cache = eqx.combine(layer_params, static).extend(x, k_cache, v_cache, positions, config)
+            return x, (k_cache, v_cache)
+
+        if config.scan_layers:
+            x, (k, v) = jax.lax.scan(layer, x, (params, cache.k, cache.v))
+        else:
+            written = []
+            for i in range(config.n_layers):
+                x, k_and_v = layer(x, jax.tree.map(lambda a: a[i], (params, cache.k, cache.v)))
+                written.append(k_and_v)
+            k, v = (jnp.stack(a) for a in zip(*written))
+        lengths = cache.lengths + (tokens.shape[1] if valid is None else valid)
+        return self.final_norm(x, config.dtype), KVCache(k, v, lengths)
+
+
+class KVCache(eqx.Module):
+    """Keys and values of every layer at `size` positions per row; row r holds `lengths[r]` tokens."""
+    k: Float[Array, "layers batch heads size head_dim"]
+    v: Float[Array, "layers batch heads size head_dim"]
+    lengths: Int[Array, " batch"]
+
+
+def init_cache(config: ModelConfig, batch: int, size: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `size` tokens, in the activation dtype."""
+    shape = (config.n_layers, batch, config.n_heads, size, config.head_dim)
+    zeros = jnp.zeros(shape, config.dtype)
+    return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
 
 
 def cross_entropy(logits: Float[Array, "batch seq vocab"], targets: Int[Array, "batch seq"],

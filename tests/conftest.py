@@ -87,3 +87,16 @@ def gcs_bucket():
             os.environ[k] = v
     emulator.terminate()
     emulator.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, tiny_run) -> str:
+    """The tiny run's newest checkpoint exported as a Hugging Face Llama folder (convert.py)."""
+    import checkpoint
+    import convert
+    from tokenizer import Tokenizer
+
+    out = str(tmp_path_factory.mktemp("tiny_hf"))
+    model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
+    convert.export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), out)
+    return out

@@ -1,11 +1,27 @@
-"""generate.py: the sampling rules and the simple sampler."""
+"""generate.py: the sampling rules, KV-cache decoding, stop strings, streaming and chat.
 
+References: greedy decoding by full recomputation (one causal forward pass over prompt + output
+gives every step's prediction), and Hugging Face's `generate` on the exported tiny model.
+"""
+
+import os
+import subprocess
+import sys
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+import checkpoint
+import generate as G
+from conftest import REPO
 from generate import generate, sample_logits
 from model import ModelConfig, Transformer
+from tokenizer import BOS_ID, EOS_ID, IM_END_ID, Tokenizer
+
+full_forward = eqx.filter_jit(lambda model, tokens: model(tokens))
 
 LOGITS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
 
@@ -47,7 +63,7 @@ def test_greedy_generation_continues_each_prompt_as_the_model_predicts():
         assert len(new) == 6
         # Each generated token is the argmax of the model run on everything before it (one
         # causal forward pass over the whole sequence gives all those predictions at once).
-        logits = model(jnp.array([prompt + new]))[0]
+        logits = full_forward(model, jnp.array([prompt + new]))[0]
         predicted = jnp.argmax(logits[len(prompt) - 1 : -1], axis=-1)
         np.testing.assert_array_equal(predicted, new)
 
@@ -61,3 +77,106 @@ def test_generation_stops_at_a_stop_id():
     stop_later = next(t for t in first if t != first[0])
     stopped = generate(model, [[2, 5]], 4, jax.random.key(1), temperature=0.0, stop_ids=(stop_later,))[0]
     assert stopped == first[: first.index(stop_later)]
+
+
+# ---------------------------------------------------------------------------------------------
+# On the trained tiny model.
+
+PROMPTS = ["Sherlock Holmes", "Il était une fois, dans un petit village de Normandie, un", "The"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run):
+    model, tokenizer_bytes, _ = checkpoint.load(tiny_run, model_overrides={"dtype": "float32"})
+    return model, Tokenizer.from_bytes(tokenizer_bytes)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_kv_cache_greedy_decoding_equals_greedy_by_full_recomputation(tiny, scan_layers):
+    model, tokenizer = tiny
+    model = jax.tree.unflatten(jax.tree.structure(eqx.filter_eval_shape(
+        Transformer, ModelConfig(**{**model.config.__dict__, "scan_layers": scan_layers}), jax.random.key(0))),
+        jax.tree.leaves(model))
+    prompts = [[BOS_ID, *tokenizer.encode(p)] for p in PROMPTS]  # different lengths: right-padded
+    out = generate(model, prompts, 20, jax.random.key(0), temperature=0.0, stop_ids=())
+    for prompt, new in zip(prompts, out):
+        assert len(new) == 20
+        logits = full_forward(model, jnp.array([prompt + new]))[0]
+        np.testing.assert_array_equal(np.argmax(logits[len(prompt) - 1: -1], axis=-1), new)
+
+
+def test_each_prompt_of_a_batch_gets_what_it_gets_alone(tiny):
+    model, tokenizer = tiny
+    prompts = [[BOS_ID, *tokenizer.encode(p)] for p in PROMPTS]
+    batch = generate(model, prompts, 12, jax.random.key(0), temperature=0.0)
+    assert batch == [generate(model, [p], 12, jax.random.key(0), temperature=0.0)[0] for p in prompts]
+
+
+def test_stop_strings_cut_the_text_and_streaming_shows_exactly_the_returned_text(tiny):
+    model, tokenizer = tiny
+    prompt = [[BOS_ID, *tokenizer.encode("Sherlock Holmes")]]
+    full = G.complete(model, tokenizer, prompt, 40, jax.random.key(0), stop_ids=())[0]
+    stop = next(c for c in (" the", "e", " ") if c in full[1:])  # a string the greedy text contains
+    pieces = []
+    cut = G.complete(model, tokenizer, prompt, 40, jax.random.key(0), stop_ids=(), stop_strings=[stop],
+                     on_text=lambda row, piece: pieces.append(piece))[0]
+    assert cut == full[: full.index(stop)]
+    assert "".join(pieces) == cut
+
+
+def test_a_prompt_that_leaves_no_room_is_refused_with_the_lengths(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=r"prompt \(100 tokens\) \+ max_new_tokens \(64\) exceeds"):
+        generate(model, [[BOS_ID] * 100], 64, jax.random.key(0))
+
+
+def test_chat_renders_chatml_and_replies_as_hugging_face_generate_does(tiny, tiny_hf):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer = tiny
+    messages = [{"role": "system", "content": G.DEFAULT_SYSTEM}, {"role": "user", "content": "Who is Holmes?"}]
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf)
+    template = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=False)
+    assert G.chat_prompt(tokenizer, messages) == [BOS_ID, *template]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32)
+    with torch.no_grad():
+        hf_ids = hf_model.generate(torch.tensor([[BOS_ID, *template]]), max_new_tokens=16, do_sample=False,
+                                   eos_token_id=[EOS_ID, IM_END_ID], pad_token_id=0)[0, len(template) + 1:]
+    pieces = []
+    reply = G.chat(model, tokenizer, messages, max_new_tokens=16, on_text=pieces.append)
+    assert reply == tokenizer.decode([t for t in hf_ids.tolist() if t not in (EOS_ID, IM_END_ID)])
+    assert "".join(pieces) == reply
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _run(*args, stdin=None):
+    return subprocess.run([sys.executable, "generate.py", *args], cwd=REPO, capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def test_the_command_line_completes_a_prompt_and_answers_in_chat(tiny_run, tiny):
+    model, tokenizer = tiny
+    result = _run(f"--checkpoint={tiny_run}", "--prompt=Sherlock Holmes", "--temperature=0",
+                  "--max_new_tokens=10", "--chat", "--system=")
+    assert result.returncode == 0, result.stderr
+    messages = [{"role": "user", "content": "Sherlock Holmes"}]
+    reply = G.chat(model, tokenizer, messages, max_new_tokens=10)
+    assert result.stdout.strip() == reply.strip()
+
+
+def test_chat_without_a_prompt_holds_a_conversation_on_stdin(tiny_run):
+    result = _run(f"--checkpoint={tiny_run}", "--chat", "--temperature=0", "--max_new_tokens=6",
+                  stdin="Hello there\n/reset\nBonjour\n\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("> ") == 4  # three turns read, then the empty line that ends it
+
+
+def test_the_command_line_names_what_is_missing(tmp_path):
+    result = _run(f"--checkpoint={tmp_path / 'nothing'}", "--prompt=x")
+    assert result.returncode != 0 and "no checkpoint in" in result.stderr and "Traceback" not in result.stderr
+    result = _run(f"--checkpoint={tmp_path}")
+    assert result.returncode != 0 and "--prompt is required" in result.stderr

@@ -1,0 +1,565 @@
+"""Zero-shot evaluation with lm-evaluation-harness, in process on model.py; and perplexity.
+
+    python evaluate.py --checkpoint=runs/600m --tasks=hellaswag,piqa,lambada_openai --output=results.json
+    python evaluate.py --checkpoint=runs/demo/tiny --data_dir=data/eval          # offline, bundled samples
+    python evaluate.py --checkpoint=runs/600m --ppl_data=heldout/en_a.txt,heldout/fr_b.txt
+
+`JulianLM` is an lm_eval `LM` (registered as "julian"). lm-eval's own task definitions build the
+requests and score them, so the numbers compare with published ones; we only answer
+`loglikelihood`, `loglikelihood_rolling` and `generate_until` (the latter with generate.py's
+KV-cache sampler). The tokenization of a (context, continuation) pair is lm-eval's own
+(`TemplateLM`: <s> + context, continuation = the rest of the encoded whole), which is what its
+`hf` backend does on our exported tokenizer, so both see the same tokens.
+
+Speed:
+  * Requests that share their context (the choices of a multiple-choice item) form a group. A
+    batch runs each group's context once into a KV cache, then every continuation of the group
+    against that cache: the context is encoded once, not once per choice.
+  * Groups go longest first and lengths are padded up to a few bucket lengths, rows up to the
+    batch size, so only a handful of shapes ever compile.
+  * bf16 matmuls by default (`--dtype=float32` for exact comparisons); log-softmax in fp32.
+
+Offline (`--data_dir=DIR`): DIR holds one JSONL per task, named after it (`hellaswag.jsonl`...),
+in the Hugging Face schema the task loads, holding the split the task scores (its test split if
+it has one, else validation). For each task we write a YAML that includes lm-eval's stock task
+file and points it at that file (`dataset_path: json`); README.md shows how to mirror the hub.
+
+Multi-host: lm-eval runs in every process on all requests (it sees world_size 1, so it needs no
+torch.distributed); `JulianLM` deals each request list's batches out to the processes (batch i to
+process i mod P), evaluates its share on one local device, and all-gathers the answers, so every
+process returns the same results (train.py's --eval_tasks can call it from every host). The
+parameters are gathered to each process whole: fine for replicated parameters, costly for large
+FSDP-sharded ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
+from jaxtyping import Array, Bool, Float, Int
+from lm_eval import evaluator as lm_evaluator
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._index import Kind
+from lm_eval.tasks._yaml_loader import load_yaml
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
+from tqdm import tqdm
+
+import checkpoint
+import generate
+from model import KVCache, Transformer, init_cache
+from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
+
+FLAGS = flags.FLAGS
+
+LM_EVAL_TASKS = os.path.join(os.path.dirname(lm_evaluator.__file__), "tasks")
+# The report's seven tasks, each with lm-eval's task file (so that naming them needs no scan of
+# lm-eval's 14,000 task files) and the metric the report quotes.
+REPORT_TASKS = {
+    "hellaswag": ("hellaswag/hellaswag.yaml", "acc_norm"),
+    "piqa": ("piqa/piqa.yaml", "acc"),
+    "lambada_openai": ("lambada/lambada_openai.yaml", "acc"),
+    "arc_easy": ("arc/arc_easy.yaml", "acc"),
+    "arc_challenge": ("arc/arc_challenge.yaml", "acc_norm"),
+    "winogrande": ("winogrande/default.yaml", "acc"),
+    "boolq": ("super_glue/boolq/default.yaml", "acc"),
+}
+# The report's zero-shot scores for its 600M base model, in percent (as quoted in design.md;
+# the other tasks' figures are not in our notes).
+REPORT_SCORES = {"hellaswag": 53.5, "piqa": 66.8, "lambada_openai": 37.3}
+BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def define_flags() -> None:
+    """Defined on demand, not at import: other scripts and the tests import this file."""
+    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step), local or gs://.")
+    flags.DEFINE_integer("step", None, "Evaluate this step instead of the newest.")
+    flags.DEFINE_list("tasks", list(REPORT_TASKS), "lm-eval task names.")
+    flags.DEFINE_string("data_dir", None, "Offline: a directory with one <task>.jsonl per task "
+                        "(Hugging Face schema, the split the task scores). Default: the hub.")
+    flags.DEFINE_integer("limit", None, "Evaluate only the first N items of each task.")
+    flags.DEFINE_integer("batch_size", 16, "Requests per forward pass.")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation/matmul dtype.")
+    flags.DEFINE_integer("bootstrap_iters", 1000, "lm-eval's bootstrap iterations for standard "
+                         "errors (0: none).")
+    flags.DEFINE_string("output", None, "Write lm-eval's results dict (keyed by task) here as JSON.")
+    flags.DEFINE_list("ppl_data", [], "Instead of tasks: loss, perplexity and bits per byte of text "
+                      "files (one document per line), per language: [lang=]path; without 'lang=', "
+                      "a file named xx_*.txt counts as language xx.")
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks, online or from a data_dir.
+
+
+def _stock_task_file(task: str) -> str:
+    if task in REPORT_TASKS:
+        return os.path.join(LM_EVAL_TASKS, REPORT_TASKS[task][0])
+    unknown = ValueError(f"unknown task {task!r}: lm-eval has no such task (the report's are "
+                         f"{', '.join(REPORT_TASKS)}; `lm_eval ls tasks` lists all)")
+    # Indexing lm-eval's ~14,000 task files takes seconds: a name none of them mentions is a typo.
+    if not any(task in p.read_text(errors="ignore") for p in pathlib.Path(LM_EVAL_TASKS).rglob("*.yaml")):
+        raise unknown
+    entry = TaskManager().task_index.get(task)
+    if entry is None:
+        raise unknown
+    if entry.kind not in (Kind.TASK, Kind.PY_TASK) or entry.yaml_path is None:
+        raise ValueError(f"{task!r} is an lm-eval {entry.kind.name.lower()}, not a task: name its tasks")
+    return str(entry.yaml_path)
+
+
+def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str) -> None:
+    """One YAML per task into out_dir: lm-eval's stock task, read from data_dir/<task>.jsonl if given."""
+    for task in tasks:
+        stock = _stock_task_file(task)
+        config = {"include": stock, "task": task}
+        if data_dir is not None:
+            base = load_yaml(stock, resolve_func=False)  # includes resolved, `!function`s not
+            split = base.get("test_split") or base.get("validation_split")  # what lm-eval scores
+            if split is None:
+                raise ValueError(f"task {task!r} scores neither a test nor a validation split: "
+                                 "not supported offline")
+            path = os.path.abspath(os.path.join(data_dir, f"{task}.jsonl"))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"--data_dir {data_dir!r} has no {task}.jsonl: expected the {split!r} split of "
+                    f"{base.get('dataset_path')} ({base.get('dataset_name') or 'default'}) as JSONL "
+                    "(README.md, 'Evaluation', shows how to mirror it)")
+            config.update(dataset_path="json", dataset_name=None,
+                          dataset_kwargs={"data_files": {split: path}}, training_split=None,
+                          validation_split=split if split == base.get("validation_split") else None,
+                          test_split=split if split == base.get("test_split") else None,
+                          fewshot_split=None)
+        with open(os.path.join(out_dir, f"{task}.yaml"), "w") as f:
+            yaml.safe_dump(config, f)
+
+
+def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: int | None = None,
+                  log_samples: bool = False, bootstrap_iters: int = 0) -> dict:
+    """lm-eval's `simple_evaluate` of any LM (ours or its `hf` backend) on `tasks`, online or
+    from data_dir; returns lm-eval's whole output (results, samples if asked, configs...)."""
+    tasks = list(tasks)
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory")
+    with tempfile.TemporaryDirectory() as configs:
+        write_task_configs(tasks, data_dir, configs)
+        manager = TaskManager(include_path=configs, include_defaults=False)
+        return lm_evaluator.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring on the KV cache.
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def _score(model: Transformer, contexts: Int[Array, "groups context"], context_lengths: Int[Array, " groups"],
+           rows: Int[Array, " batch"], inputs: Int[Array, "batch continuation"],
+           targets: Int[Array, "batch continuation"], size: int
+           ) -> tuple[Float[Array, "batch continuation"], Bool[Array, "batch continuation"]]:
+    """Log-probabilities of `targets` (and whether each is the argmax) for continuation rows that
+    start after the context `rows[r]`; `inputs` is that context's last token and the targets
+    but the last."""
+    _, cache = model.extend(contexts, init_cache(model.config, contexts.shape[0], size), context_lengths)
+    cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.lengths[rows])
+    hidden, _ = model.extend(inputs, cache)
+    logits = model.head(hidden)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return -(-n // buckets[-1]) * buckets[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    context: tuple[int, ...]  # what the continuations follow, truncated to the model's context
+    members: tuple[int, ...]  # indices of the requests
+
+
+def plan_batches(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batch_size: int
+                 ) -> list[list[_Group]]:
+    """Batches of at most batch_size requests, requests with the same context grouped, longest
+    contexts first (as lm-eval's `hf` backend orders them: memory errors show at once, and
+    neighbours have similar lengths). A context that would not fit is cut from the left, as the
+    `hf` backend does: the model sees the last max_length tokens of context + continuation."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (context, continuation) in enumerate(requests):
+        if not context or not continuation or len(continuation) > max_length:
+            raise ValueError(f"request {i}: {len(context)} context and {len(continuation)} continuation "
+                             f"tokens; expected at least one of each and a continuation of at most "
+                             f"{max_length}")
+        whole = (context + continuation)[-(max_length + 1):]
+        groups.setdefault(tuple(whole[: len(whole) - len(continuation)]), []).append(i)
+    longest_continuation = {c: max(len(requests[i][1]) for i in m) for c, m in groups.items()}
+    order = sorted(groups, key=lambda c: (-len(c), -longest_continuation[c], c))
+    batches: list[list[_Group]] = []
+    current: list[_Group] = []
+    used = 0
+    for context in order:
+        members = groups[context]
+        for start in range(0, len(members), batch_size):
+            chunk = tuple(members[start: start + batch_size])
+            if used + len(chunk) > batch_size:
+                batches.append(current)
+                current, used = [], 0
+            current.append(_Group(context, chunk))
+            used += len(chunk)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _gather_from_processes(mine: dict) -> dict:
+    """Every process's dict merged, on every process (JSON through a uint8 all-gather)."""
+    if jax.process_count() == 1:
+        return mine
+    data = np.frombuffer(json.dumps(list(mine.items())).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size]))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    everyone = multihost_utils.process_allgather(padded)
+    merged = {}
+    for size, row in zip(sizes.reshape(-1), everyone):
+        merged.update({int(k): v for k, v in json.loads(row[: int(size)].tobytes())})
+    return merged
+
+
+def _local_copy(model: Transformer) -> Transformer:
+    """The model on this process's first device: every process evaluates on its own."""
+    device = jax.local_devices()[0]
+
+    def local(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_put(x, device)
+
+    return jax.tree.map(local, model)
+
+
+def for_inference(model: Transformer, dtype: str) -> Transformer:
+    """The same weights run with another activation dtype, and layers under `lax.scan`: evaluation
+    compiles one program per padded shape, and a scanned stack compiles in a fraction of the time
+    of an unrolled one (execution choices, not weights)."""
+    config = dataclasses.replace(model.config, dtype=dtype, scan_layers=True)
+    like = eqx.filter_eval_shape(Transformer, config, jax.random.key(0))
+    return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(model))
+
+
+@register_model("julian")
+class JulianLM(TemplateLM):
+    """lm-eval's view of a julian model: `JulianLM(model, tokenizer)`, or by name once this file
+    is imported: `lm_eval.simple_evaluate(model="julian", model_args="checkpoint=DIR,dtype=float32")`."""
+
+    def __init__(self, model: Transformer | None = None, tokenizer: Tokenizer | None = None,
+                 checkpoint: str | None = None, batch_size: int | str = 16, dtype: str = "bfloat16",
+                 buckets: Sequence[int] = BUCKETS, max_gen_toks: int = 256,
+                 max_batch_size: int | None = None, device: str | None = None):
+        del max_batch_size, device  # lm-eval passes them to every model; JAX places arrays itself
+        super().__init__()
+        if checkpoint is not None:
+            model, tokenizer_bytes, _ = load_checkpoint(checkpoint)
+            tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+        if model is None or tokenizer is None:
+            raise ValueError("JulianLM needs a model and its tokenizer, or checkpoint=DIR")
+        self.model = for_inference(_local_copy(model), dtype)
+        self.tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self.buckets = tuple(sorted(buckets))
+        self.max_gen_toks = max_gen_toks
+        self.scored_requests = 0  # by this process: the others score their own share
+
+    @property
+    def eot_token_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def prefix_token_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_seq_len
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        """<s> + the text's ids (no <s> when add_special_tokens=False), like the exported HF
+        tokenizer; a text that already starts with "<s>" gets no second one."""
+        bos = SPECIAL_TOKENS[BOS_ID]
+        if string.startswith(bos) and add_special_tokens is None:
+            string = string[len(bos):]
+        ids = self.tokenizer.encode(string)
+        return ids if add_special_tokens is False else [BOS_ID, *ids]
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        scores = self.score([(list(ctx), list(cont)) for _, ctx, cont in requests], disable_tqdm)
+        for (request, _, _), answer in zip(requests, scores):
+            if request is not None:
+                self.cache_hook.add_partial("loglikelihood", request, answer)
+        return scores
+
+    def score(self, requests: Sequence[tuple[list[int], list[int]]], disable_tqdm: bool = False
+              ) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), whether greedy decoding gives it) per token-id pair.
+
+        A continuation longer than the model's context (lm-eval's `hf` backend refuses those) is
+        scored in pieces of half the context, each after as much preceding text as fits."""
+        pieces, owners = [], []
+        for i, (context, continuation) in enumerate(requests):
+            step = len(continuation) if len(continuation) <= self.max_length else self.max_length // 2
+            for start in range(0, len(continuation), step):
+                pieces.append((list(context) + list(continuation[:start]), list(continuation[start: start + step])))
+                owners.append(i)
+        batches = plan_batches(pieces, self.max_length, self.batch_size)
+        rank, world = jax.process_index(), jax.process_count()
+        mine: dict[int, tuple[float, bool]] = {}
+        with tqdm(total=len(pieces), desc="loglikelihood", disable=disable_tqdm or rank != 0) as bar:
+            for number, batch in enumerate(batches):
+                if number % world == rank:
+                    mine.update(self._score_batch(batch, pieces))
+                    self.scored_requests += sum(len(g.members) for g in batch)
+                bar.update(sum(len(g.members) for g in batch))
+        answers = _gather_from_processes(mine)
+        totals = [[0.0, True] for _ in requests]
+        for piece, owner in enumerate(owners):
+            logprob, greedy = answers[piece]
+            totals[owner][0] += logprob
+            totals[owner][1] &= greedy
+        return [(logprob, greedy) for logprob, greedy in totals]
+
+    def _score_batch(self, batch: list[_Group], requests) -> dict[int, tuple[float, bool]]:
+        # The context's last token is fed with the continuation: its output predicts the
+        # continuation's first token, so only the continuation rows need the vocabulary.
+        groups_width = min(1 << (len(batch) - 1).bit_length(), self.batch_size)
+        context_width = _bucket(max(len(g.context) - 1 for g in batch), self.buckets)
+        continuations = [(row, i) for row, group in enumerate(batch) for i in group.members]
+        width = _bucket(max(len(requests[i][1]) for _, i in continuations), self.buckets)
+        contexts = np.full((groups_width, context_width), PAD_ID, np.int32)
+        context_lengths = np.zeros(groups_width, np.int32)
+        for row, group in enumerate(batch):
+            contexts[row, : len(group.context) - 1] = group.context[:-1]
+            context_lengths[row] = len(group.context) - 1
+        rows = np.zeros(self.batch_size, np.int32)
+        inputs = np.full((self.batch_size, width), PAD_ID, np.int32)
+        targets = np.full((self.batch_size, width), PAD_ID, np.int32)
+        for r, (row, i) in enumerate(continuations):
+            continuation = requests[i][1]
+            rows[r] = row
+            inputs[r, : len(continuation)] = [batch[row].context[-1], *continuation[:-1]]
+            targets[r, : len(continuation)] = continuation
+        picked, greedy = _score(self.model, contexts, context_lengths, rows, inputs, targets,
+                                size=context_width + width)
+        picked, greedy = np.asarray(picked, np.float64), np.asarray(greedy)
+        out = {}
+        for r, (_, i) in enumerate(continuations):
+            n = len(requests[i][1])
+            out[i] = (float(picked[r, :n].sum()), bool(greedy[r, :n].all()))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        totals = self.rolling([req.args[0] for req in requests], disable_tqdm)
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def rolling(self, texts: Sequence[str], disable_tqdm: bool = False) -> list[float]:
+        """log p(text | <s>) of each text, in windows of the model's context where it is longer
+        (lm-eval's rolling windows: every token predicted once, with as much context as fits).
+        The text itself is encoded without <s>, so <s> is not scored as if it were text."""
+        windows, owners = [], []
+        for owner, text in enumerate(texts):
+            tokens = self.tok_encode(text, add_special_tokens=False)
+            for window in get_rolling_token_windows(tokens, BOS_ID, self.max_length, context_len=1):
+                windows.append(make_disjoint_window(window))
+                owners.append(owner)
+        totals = [0.0] * len(texts)
+        for owner, (logprob, _) in zip(owners, self.score(windows, disable_tqdm)):
+            totals[owner] += logprob
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, if the task asks) continuations on generate.py's KV-cache sampler,
+        cut at the task's stop strings."""
+        by_settings: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            by_settings.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        rank, world = jax.process_index(), jax.process_count()
+        mine: dict[int, str] = {}
+        number = 0
+        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or rank != 0) as bar:
+            for indices in by_settings.values():
+                settings = dict(requests[indices[0]].args[1])
+                until = settings.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                max_new = min(int(settings.pop("max_gen_toks", self.max_gen_toks)), self.max_length - 1)
+                sampled = settings.get("do_sample", False)
+                temperature = float(settings.get("temperature", 1.0)) if sampled else 0.0
+                prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):]
+                           for i in indices}
+                order = sorted(indices, key=lambda i: -len(prompts[i]))
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start: start + self.batch_size]
+                    if number % world == rank:
+                        texts = generate.complete(
+                            self.model, self.tokenizer, [prompts[i] for i in chunk], max_new,
+                            jax.random.key(number), temperature=temperature,
+                            top_k=int(settings.get("top_k") or 0), top_p=float(settings.get("top_p") or 1.0),
+                            stop_strings=until)
+                        mine.update(zip(chunk, texts))
+                        self.scored_requests += len(chunk)
+                    number += 1
+                    bar.update(len(chunk))
+        answers = _gather_from_processes(mine)
+        for i, req in enumerate(requests):
+            self.cache_hook.add_partial("generate_until", req.args, answers[i])
+        return [answers[i] for i in range(len(requests))]
+
+
+def load_checkpoint(directory: str, step: int | None = None) -> tuple[Transformer, bytes, dict]:
+    """checkpoint.load, with a message that names the directory when nothing is there."""
+    if "://" not in directory and not os.path.isdir(directory):
+        raise FileNotFoundError(f"--checkpoint {directory!r} does not exist: expected a train.py "
+                                "--output_dir holding Orbax step directories")
+    return checkpoint.load(directory, step)
+
+
+# --------------------------------------------------------------------------------------------
+# What train.py and sft.py call.
+
+
+def run_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[str], data_dir: str | None,
+              limit: int | None = None, batch_size: int = 16, dtype: str = "bfloat16",
+              bootstrap_iters: int = 0) -> dict:
+    """lm-eval's `results` dict keyed by task (metrics such as "acc,none", "acc_norm,none").
+    In a multi-host run, call it from every process: they share the work and all get the results."""
+    lm = JulianLM(model, tokenizer, batch_size=batch_size, dtype=dtype)
+    return evaluate_with(lm, tasks, data_dir, limit, bootstrap_iters=bootstrap_iters)["results"]
+
+
+def _language(spec: str) -> tuple[str, str]:
+    """'lang=path', or a path whose file name starts with a language code: 'en_novel.txt'."""
+    if "=" in spec:
+        return tuple(spec.split("=", 1))
+    match = re.match(r"([a-z]{2})_", os.path.basename(spec))
+    return (match.group(1) if match else os.path.basename(spec)), spec
+
+
+def perplexity(model: Transformer, tokenizer: Tokenizer, paths: Sequence[str], batch_size: int = 16,
+               dtype: str = "bfloat16") -> dict[str, dict[str, float]]:
+    """Per language (and "all"): loss (nats per token), perplexity and bits per byte of held-out
+    text files, one document per non-empty line, each scored on its own after <s> (lm-eval's
+    rolling log-likelihood). `paths` are [lang=]path; xx_*.txt counts as language xx."""
+    documents: dict[str, list[str]] = {}
+    for spec in paths:
+        label, path = _language(spec)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--ppl_data file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            documents.setdefault(label, []).extend(line.rstrip("\n") for line in f if line.strip())
+    lm = JulianLM(model, tokenizer, batch_size=batch_size, dtype=dtype)
+    sums = {}
+    for label, docs in documents.items():
+        logprob = sum(lm.rolling(docs))
+        tokens = sum(len(ids) for ids in tokenizer.encode_batch(docs))
+        sums[label] = (-logprob, tokens, sum(len(d.encode("utf-8")) for d in docs), len(docs))
+    if len(sums) > 1:
+        sums["all"] = tuple(sum(column) for column in zip(*sums.values()))
+    return {label: {"loss": nll / tokens, "perplexity": math.exp(nll / tokens),
+                    "bits_per_byte": nll / math.log(2) / n_bytes, "tokens": tokens, "bytes": n_bytes,
+                    "documents": docs}
+            for label, (nll, tokens, n_bytes, docs) in sums.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+
+
+def report_table(results: dict) -> str:
+    """Our scores beside the report's (its 600M base model), in percent, markdown."""
+    lines = ["| task | metric | julian | report (600M base) |", "| --- | --- | --- | --- |"]
+    for task, metrics in results.items():
+        metric = REPORT_TASKS.get(task, (None, "acc"))[1]
+        value = metrics.get(f"{metric},none")
+        if value is None or isinstance(value, str):
+            continue
+        reported = REPORT_SCORES.get(task)
+        lines.append(f"| {task} | {metric} | {100 * value:.1f} | {'' if reported is None else reported} |")
+        if f"perplexity,none" in metrics:
+            lines.append(f"| {task} | perplexity | {metrics['perplexity,none']:.2f} | |")
+    return "\n".join(lines)
+
+
+def perplexity_table(results: dict) -> str:
+    lines = ["| data | documents | tokens | loss | perplexity | bits/byte |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v['documents']} | {v['tokens']} | {v['loss']:.4f} | {v['perplexity']:.2f} | "
+              f"{v['bits_per_byte']:.4f} |" for k, v in results.items()]
+    return "\n".join(lines)
+
+
+def _write_json(path: str, content: dict) -> None:
+    """Written under a temporary name and renamed: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(content, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv):
+    del argv
+    checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    if not FLAGS.checkpoint:
+        raise app.UsageError("--checkpoint is required: a train.py --output_dir")
+    try:
+        model, tokenizer_bytes, _ = load_checkpoint(FLAGS.checkpoint, FLAGS.step)
+        tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+        start = time.perf_counter()
+        if FLAGS.ppl_data:
+            results = perplexity(model, tokenizer, FLAGS.ppl_data, FLAGS.batch_size, FLAGS.dtype)
+            summary = perplexity_table(results)
+        else:
+            lm = JulianLM(model, tokenizer, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype)
+            output = evaluate_with(lm, FLAGS.tasks, FLAGS.data_dir, FLAGS.limit,
+                                   bootstrap_iters=FLAGS.bootstrap_iters)
+            results = output["results"]
+            seconds = time.perf_counter() - start
+            summary = (f"{make_table(output)}\n{report_table(results)}\n\n{lm.scored_requests} requests "
+                       f"in {seconds:.1f} s ({lm.scored_requests / seconds:.1f} requests/s, this process)")
+    except (FileNotFoundError, ValueError) as e:  # bad input: say what, without a traceback
+        raise app.UsageError(str(e)) from e
+    if jax.process_index() == 0:
+        print(summary)
+        if FLAGS.output:
+            _write_json(FLAGS.output, results)
+            print(f"wrote {FLAGS.output}")
+
+if __name__ == "__main__":
+    define_flags()
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)

@@ -1,0 +1,266 @@
+"""evaluate.py: our lm-eval backend, checked against lm-eval's own `hf` backend on the same weights.
+
+The reference is always independent of our code: lm-eval's HFLM (transformers' Llama, torch) on
+the tiny trained model exported with convert.py, run through the same offline task files, and
+transformers' forward pass for perplexity.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
+
+import checkpoint  # noqa: E402
+import evaluate  # noqa: E402
+from conftest import REPO  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from tokenizer import BOS_ID, Tokenizer  # noqa: E402
+
+DATA_DIR = os.path.join(REPO, "data", "eval")
+TASKS = list(evaluate.REPORT_TASKS)
+LIMIT = 5  # items per task: every request shape of every task, in seconds
+LOGPROB_ATOL = 1e-3  # fp32 on both sides: a wrong token or position is off by O(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run):
+    model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
+    return model, Tokenizer.from_bytes(tokenizer_bytes)
+
+
+@pytest.fixture(scope="module")
+def hf_lm(tiny_hf):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=tiny_hf, dtype="float32", batch_size=16, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf_output(hf_lm):
+    return evaluate.evaluate_with(hf_lm, TASKS, DATA_DIR, LIMIT, log_samples=True)
+
+
+@pytest.fixture(scope="module")
+def our_output(tiny):
+    lm = evaluate.JulianLM(*tiny, dtype="float32")
+    return evaluate.evaluate_with(lm, TASKS, DATA_DIR, LIMIT, log_samples=True)
+
+
+def _responses(output, task):
+    """Per item, per choice: (log-likelihood, is greedy)."""
+    return [[tuple(r[0]) for r in sample["resps"]] for sample in sorted(output["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def _assert_same_answers(ours, reference, task, atol=LOGPROB_ATOL):
+    ours, reference = _responses(ours, task), _responses(reference, task)
+    assert len(ours) == len(reference) > 0
+    for item, (a, b) in enumerate(zip(ours, reference)):
+        np.testing.assert_allclose([x[0] for x in a], [x[0] for x in b], atol=atol, err_msg=f"{task} item {item}")
+        assert [x[1] for x in a] == [x[1] for x in b], f"{task} item {item}: greedy flags differ"
+        assert np.argmax([x[0] for x in a]) == np.argmax([x[0] for x in b]), f"{task} item {item}: choice differs"
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_report_task_scores_as_lm_evals_hf_backend_on_the_exported_model(task, our_output, hf_output):
+    _assert_same_answers(our_output, hf_output, task)
+    ours, theirs = our_output["results"][task], hf_output["results"][task]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours.get(metric) == theirs.get(metric), metric
+    if "perplexity,none" in theirs:
+        assert ours["perplexity,none"] == pytest.approx(theirs["perplexity,none"], rel=1e-3)
+
+
+def test_the_bundled_samples_are_long_enough_to_exercise_truncation(tiny):
+    # boolq passages exceed the tiny model's 128-token context: lm-eval cuts from the left, and
+    # the parity above covers that path only if it is taken.
+    _, tokenizer = tiny
+    with open(os.path.join(DATA_DIR, "boolq.jsonl")) as f:
+        passages = [json.loads(line)["passage"] for line in f][:LIMIT]
+    assert max(len(tokenizer.encode(p)) for p in passages) > 128
+
+
+def test_batch_size_and_buckets_do_not_change_the_answers(tiny, our_output):
+    # 3 rows split hellaswag's four choices across batches; odd buckets pad differently.
+    lm = evaluate.JulianLM(*tiny, dtype="float32", batch_size=3, buckets=(8, 24, 200))
+    tasks = ["hellaswag", "boolq"]
+    other = evaluate.evaluate_with(lm, tasks, DATA_DIR, LIMIT, log_samples=True)
+    for task in tasks:
+        _assert_same_answers(other, our_output, task, atol=1e-4)
+
+
+def test_rolling_loglikelihood_matches_the_hf_backend_scoring_text_after_bos(tiny, tiny_hf):
+    from lm_eval.models.huggingface import HFLM
+
+    # add_bos_token=False: the text is scored after <s> without <s> being scored as text itself.
+    reference = HFLM(pretrained=tiny_hf, dtype="float32", batch_size=4, device="cpu", add_bos_token=False)
+    with open(os.path.join(REPO, "data", "en_doyle_sign_of_four.txt")) as f:
+        texts = [line.strip() for line in f if len(line) > 40][:3]
+    texts.append(" ".join(texts))  # longer than the 128-token context: several windows
+    assert len(tiny[1].encode(texts[-1])) > 2 * 128
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    ours = evaluate.JulianLM(*tiny, dtype="float32", batch_size=4).loglikelihood_rolling(requests)
+    np.testing.assert_allclose(ours, reference.loglikelihood_rolling(requests), atol=LOGPROB_ATOL)
+
+
+def test_generate_until_matches_the_hf_backend_greedy_generation(tiny, hf_lm):
+    settings = {"until": ["\n", "."], "max_gen_toks": 24, "do_sample": False}
+    prompts = ["Sherlock Holmes took his bottle", "Il était une fois", "The door opened and"]
+    requests = [Instance("generate_until", {}, (p, dict(settings)), i) for i, p in enumerate(prompts)]
+    ours = evaluate.JulianLM(*tiny, dtype="float32", batch_size=2).generate_until(requests)
+    assert ours == hf_lm.generate_until(requests)
+    assert any(ours) and not any("\n" in t or "." in t for t in ours)
+
+
+def _hf_document_logprob(hf_dir, tokenizer, text):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    ids = torch.tensor([[BOS_ID, *tokenizer.encode(text)]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+    return float(logprobs.gather(1, ids[0, 1:, None]).sum())
+
+
+def test_perplexity_reports_loss_perplexity_and_bits_per_byte_per_language(tiny, tiny_hf, tmp_path):
+    _, tokenizer = tiny
+    docs = {"en": ["It was a dark night.", "Holmes smiled at me."], "fr": ["Il était une fois un roi."]}
+    paths = []
+    for lang, lines in docs.items():
+        path = tmp_path / f"{lang}_heldout.txt"
+        path.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+        paths.append(str(path))
+    paths.append(f"fr={tmp_path / 'en_heldout.txt'}")  # an explicit label wins over the name
+    docs["fr"] += docs["en"]
+    out = evaluate.perplexity(*tiny, paths, dtype="float32")
+    assert set(out) == {"en", "fr", "all"}
+    for lang, lines in docs.items():
+        nll = -sum(_hf_document_logprob(tiny_hf, tokenizer, t) for t in lines)
+        tokens = sum(len(tokenizer.encode(t)) for t in lines)
+        n_bytes = sum(len(t.encode()) for t in lines)
+        assert out[lang]["documents"] == len(lines) and out[lang]["tokens"] == tokens
+        assert out[lang]["loss"] == pytest.approx(nll / tokens, abs=1e-4)
+        assert out[lang]["perplexity"] == pytest.approx(np.exp(nll / tokens), rel=1e-4)
+        assert out[lang]["bits_per_byte"] == pytest.approx(nll / np.log(2) / n_bytes, abs=1e-4)
+
+
+def test_run_tasks_returns_lm_evals_results_keyed_by_task(tiny, our_output):
+    results = evaluate.run_tasks(*tiny, ["piqa", "winogrande"], DATA_DIR, limit=LIMIT, dtype="float32")
+    assert set(results) == {"piqa", "winogrande"}
+    for task in results:
+        assert results[task]["acc,none"] == our_output["results"][task]["acc,none"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_a_data_dir_missing_a_task_file_names_the_file_and_the_split_it_should_hold(tmp_path, tiny):
+    (tmp_path / "hellaswag.jsonl").write_text(open(os.path.join(DATA_DIR, "hellaswag.jsonl")).read())
+    lm = evaluate.JulianLM(*tiny)
+    with pytest.raises(FileNotFoundError, match=r"has no piqa\.jsonl: expected the 'validation' split of baber/piqa"):
+        evaluate.evaluate_with(lm, ["hellaswag", "piqa"], str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        evaluate.evaluate_with(lm, ["piqa"], str(tmp_path / "nowhere"))
+
+
+def test_an_unknown_task_is_named_in_the_error(tiny):
+    with pytest.raises(ValueError, match="unknown task 'hellaswagg'"):
+        evaluate.evaluate_with(evaluate.JulianLM(*tiny), ["hellaswagg"], DATA_DIR)
+
+
+def test_the_command_line_names_a_missing_checkpoint(tmp_path):
+    missing = str(tmp_path / "no_run")
+    result = subprocess.run([sys.executable, "evaluate.py", f"--checkpoint={missing}", "--tasks=piqa"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"--checkpoint {missing!r} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_command_line_prints_both_tables_and_writes_the_results_json(tiny_run, tmp_path):
+    output = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, "evaluate.py", f"--checkpoint={tiny_run}", "--tasks=lambada_openai",
+         f"--data_dir={DATA_DIR}", "--limit=2", "--bootstrap_iters=0", f"--output={output}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "|lambada_openai|" in result.stdout.replace(" ", "")  # lm-eval's table...
+    assert "| lambada_openai | acc |" in result.stdout and "37.3" in result.stdout  # ...and the report's
+    results = json.loads(output.read_text())
+    assert set(results) == {"lambada_openai"}
+    assert {"acc,none", "perplexity,none"} <= set(results["lambada_openai"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes.
+
+WORKER = textwrap.dedent("""
+    import json, os, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+    import convert, evaluate
+    model, tokenizer = convert.import_hf(sys.argv[3])
+    lm = evaluate.JulianLM(model, tokenizer, dtype="float32", batch_size=4)
+    out = evaluate.evaluate_with(lm, ["hellaswag"], sys.argv[4], limit=2, log_samples=True)
+    answers = {t: [[r[0] for r in s["resps"]] for s in sorted(out["samples"][t], key=lambda s: s["doc_id"])]
+               for t in out["samples"]}
+    with open(sys.argv[5], "w") as f:
+        json.dump({"answers": answers, "scored": lm.scored_requests}, f)
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_requests_and_both_return_the_single_process_answers(tiny, tiny_hf, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)
+    outs = [tmp_path / f"process{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(i), tiny_hf, DATA_DIR, str(outs[i])],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    results = [json.loads(o.read_text()) for o in outs]
+    single_lm = evaluate.JulianLM(*tiny, dtype="float32", batch_size=4)
+    single = evaluate.evaluate_with(single_lm, ["hellaswag"], DATA_DIR, limit=2, log_samples=True)
+    assert results[0]["answers"] == results[1]["answers"]  # every process gets every answer
+    for task, items in results[0]["answers"].items():
+        reference = _responses(single, task)
+        for got, want in zip(items, reference):
+            np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4)
+            assert [g[1] for g in got] == [w[1] for w in want]
+    # ...and each computed only its share.
+    assert all(r["scored"] > 0 for r in results)
+    assert results[0]["scored"] + results[1]["scored"] == single_lm.scored_requests
+
+
+def test_a_continuation_longer_than_the_context_is_scored_in_pieces_after_the_text_before_them(tiny, tiny_hf):
+    # lm-eval's hf backend refuses such a request; the reference is transformers on each piece.
+    import transformers
+
+    model, tokenizer = tiny
+    with open(os.path.join(REPO, "data", "en_doyle_sign_of_four.txt")) as f:
+        ids = tokenizer.encode(" ".join(line.strip() for line in f.readlines()[:40]))
+    context, continuation = [BOS_ID, *ids[:30]], ids[30:330]  # 300 > 128 tokens: pieces of 64
+    (ours, _), = evaluate.JulianLM(model, tokenizer, dtype="float32").score([(context, continuation)])
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32)
+    expected, text = 0.0, context + continuation
+    for start in range(0, len(continuation), 64):
+        end = len(context) + min(start + 64, len(continuation))
+        window = torch.tensor([text[max(0, end - 129): end]])  # at most 128 inputs + the last target
+        with torch.no_grad():
+            logprobs = torch.log_softmax(hf_model(window[:, :-1]).logits[0].double(), dim=-1)
+        n = end - len(context) - start
+        expected += float(logprobs[-n:].gather(1, window[0, -n:, None]).sum())
+    assert ours == pytest.approx(expected, abs=LOGPROB_ATOL)
