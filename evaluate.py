@@ -534,6 +534,9 @@ def _write_json(path: str, content: dict) -> None:
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    # lm-eval bootstraps standard errors in forked workers; forking a process that runs JAX's
+    # threads can deadlock, so it bootstraps in process.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint is required: a train.py --output_dir")
     try:
