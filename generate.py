@@ -28,11 +28,10 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import checkpoint
 from model import KVCache, Transformer, init_cache
-from tokenizer import BOS_ID, EOS_ID, IM_END_ID, PAD_ID, Tokenizer
+from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokenizer
 
 FLAGS = flags.FLAGS
 PAD_TO = 64  # prompt and cache lengths are rounded up to this: one compiled shape per bucket
-DEFAULT_SYSTEM = "You are a helpful assistant."  # the report's ChatML system turn (design.md)
 CHAT_STOP_IDS = (EOS_ID, IM_END_ID)
 
 

@@ -68,9 +68,8 @@ import checkpoint
 import data
 import train
 from model import ModelConfig
-from tokenizer import BOS_ID, IM_END_ID, PAD_ID, Tokenizer
+from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, PAD_ID, Tokenizer
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
 # format -> (key of the message list, key of a message's role, key of its text)
 MESSAGE_LISTS = {"messages": ("messages", "role", "content"),
                  "sharegpt": ("conversations", "from", "value"),

@@ -42,6 +42,8 @@ SPECIAL_TOKENS = (
 )
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CODE_ID, ENDCODE_ID, IM_START_ID, IM_END_ID = range(8)
 CHAT_ROLES = ("system", "user", "assistant")
+# The report's system turn, for chats and SFT records that bring none.
+DEFAULT_SYSTEM = "You are a helpful assistant."
 
 NUM_BYTE_PIECES = 256  # byte fallback reserves one piece per byte value
 # SentencePiece skips longer lines; its default (4192 bytes) would drop long paragraphs.
