@@ -136,6 +136,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("log_every", 10, "Steps between log lines.")
     flags.DEFINE_integer("eval_every", 0, "Steps between held-out losses (0: never).")
     flags.DEFINE_integer("eval_batches", 4, "Global batches of --validation_data per held-out loss.")
+    flags.DEFINE_list("eval_tasks", [], "lm-eval tasks (evaluate.py) scored every --eval_every steps, "
+                      "e.g. hellaswag,piqa, to follow the benchmark curve during training.")
+    flags.DEFINE_string("eval_data_dir", None, "Offline task data for --eval_tasks (evaluate.py --data_dir).")
+    flags.DEFINE_integer("eval_limit", 0, "Items per task for --eval_tasks (0: all).")
     flags.DEFINE_bool("dry_run", False, "Print sizes, compiled memory and compute budget; train nothing.")
     flags.DEFINE_enum("hardware", "", ["", *HARDWARE],
                       "--dry_run on a CPU as if on this pod: memory per chip and the time estimate.")
@@ -184,6 +188,9 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 0
     eval_batches: int = 4
+    eval_tasks: tuple[str, ...] = ()
+    eval_data_dir: str | None = None
+    eval_limit: int = 0
     peak_tflops: float = 0.0
     test_nan_batches: tuple[int, ...] = ()
     test_sigkill_during_save: int = -1
@@ -609,6 +616,21 @@ def check_writable(directory: str, flag: str) -> None:
         raise ValueError(f"{flag}={directory} is not writable: {e.strerror or e}") from e
 
 
+def benchmark_scores(model: Transformer, tokenizer_bytes: bytes, run: RunConfig, mesh: Mesh) -> dict[str, float]:
+    """lm-eval scores of `model` on run.eval_tasks through evaluate.py, as {"task/metric": value}.
+    Every process calls it; each gets a whole local copy of the parameters (evaluate.py splits
+    the requests between processes)."""
+    import evaluate  # lm-eval takes seconds to import: only when asked for
+
+    gathered = jax.jit(lambda m: m, out_shardings=NamedSharding(mesh, P()))(model)
+    local = jax.tree.map(lambda x: x.addressable_data(0), gathered)
+    results = evaluate.run_tasks(local, Tokenizer.from_bytes(tokenizer_bytes), list(run.eval_tasks),
+                                 run.eval_data_dir, run.eval_limit or None)
+    return {f"{task}/{name.split(',')[0]}": float(value) for task, metrics in results.items()
+            for name, value in metrics.items()
+            if isinstance(value, (int, float)) and "stderr" not in name and name != "alias"}
+
+
 def start_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                 run: RunConfig, seed: int, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, dict, str]:
     """(state, meta, how) from the newest checkpoint in --output_dir, else --init_from's
@@ -731,11 +753,14 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                     extra["epoch"] = float(train_data.epoch(position))
                 if line := logger.log(step, metrics, waited, extra):
                     bar.write(line)
-            if validation_data is not None and run.eval_every and (step % run.eval_every == 0 or step == config.steps):
-                loss = held_out_loss()
-                if logger:
-                    logger.write({"step": step, "eval_loss": loss})
-                    bar.write(f"step {step:>7} | held-out loss {loss:.4f}")
+            if run.eval_every and (step % run.eval_every == 0 or step == config.steps):
+                record = {"eval_loss": held_out_loss()} if validation_data is not None else {}
+                if run.eval_tasks:
+                    record.update(benchmark_scores(state.model, tokenizer_bytes, run, mesh))
+                if logger and record:
+                    logger.write({"step": step, **record})
+                    bar.write(f"step {step:>7} | " + " | ".join(
+                        f"{'held-out loss' if k == 'eval_loss' else k} {v:.4f}" for k, v in record.items()))
             if metrics["stop"]:
                 started = time.perf_counter()
                 save(step)
@@ -783,7 +808,8 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, RunConfig]:
         output_dir=output_dir, metrics_dir=metrics_dir, fsdp=FLAGS.fsdp, checkpoint_every=FLAGS.checkpoint_every,
         keep=FLAGS.keep, keep_every=FLAGS.keep_every, init_from=FLAGS.init_from,
         max_bad_steps=FLAGS.max_bad_steps, max_rollbacks=FLAGS.max_rollbacks, log_every=FLAGS.log_every,
-        eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches, peak_tflops=FLAGS.peak_tflops,
+        eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches, eval_tasks=tuple(FLAGS.eval_tasks),
+        eval_data_dir=FLAGS.eval_data_dir, eval_limit=FLAGS.eval_limit, peak_tflops=FLAGS.peak_tflops,
         test_nan_batches=tuple(int(s) for s in FLAGS.test_nan_batches),
         test_sigkill_during_save=FLAGS.test_sigkill_during_save)
     return model_config, train_config, run
