@@ -460,6 +460,11 @@ class ChatBatches:
         return self.rows.num_rows
 
     @property
+    def seq_len(self) -> int:
+        """Tokens a row feeds the model (rows hold one more: the last target)."""
+        return self.rows.tokens.shape[1] - 1
+
+    @property
     def supervised_tokens(self) -> int:
         """Loss-carrying tokens in one epoch."""
         return self.rows.supervised_tokens

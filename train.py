@@ -682,8 +682,9 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
     step, data_offset, rollbacks, bad_streak, skipped = meta["step"], meta["data_offset"], meta["rollbacks"], 0, 0
     saved_meta = lambda: {"data_offset": data_offset, "rollbacks": rollbacks, "rng": meta["rng"]}
 
-    tokens_per_step = config.batch_size * model_config.max_seq_len
-    micro_tokens = config.batch_size // config.grad_accum * model_config.max_seq_len
+    seq_len = getattr(train_data, "seq_len", model_config.max_seq_len)  # SFT rows may be shorter
+    tokens_per_step = config.batch_size * seq_len
+    micro_tokens = config.batch_size // config.grad_accum * seq_len
     peak = device_peak_flops(model_config, micro_tokens, run.peak_tflops)
     logger = None
     if primary:
@@ -691,8 +692,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
             json.dump(run_config, f, indent=2)
         keep_metrics_until(os.path.join(run.metrics_dir, "metrics.jsonl"), step)
         logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, learning_rate_schedule(config),
-                                tokens_per_step, flops_per_token(model_config, model_config.max_seq_len)
-                                * tokens_per_step, peak)
+                                tokens_per_step, flops_per_token(model_config, seq_len) * tokens_per_step, peak)
         print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
               f"per step | {jax.process_count()} processes, mesh {dict(mesh.shape)} | peak "
               f"{peak / 1e12:.2f} TFLOP/s for MFU")
