@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the bundled EN/FR sample, on CPU, in a few minutes:
 # tokenizer -> shards -> tiny model pretraining (with a simulated preemption) -> Hugging Face
-# export -> samples -> benchmark scores -> SFT -> one chat.
+# export -> samples -> SFT -> one chat -> benchmark scores (lm-evaluation-harness).
 set -euo pipefail
 cd "$(dirname "$0")"
 # XLA:CPU mallocs the step's temporaries afresh every step; by default glibc hands them back to
@@ -33,16 +33,16 @@ echo "== 4. Samples"
 python generate.py --checkpoint="$out/tiny" --max_new_tokens=40 --temperature=0.8 --top_k=40 \
   --prompt="Sherlock Holmes" --prompt="Il était une fois" --prompt="The"
 
-echo "== 5. Zero-shot evaluation with lm-evaluation-harness on the bundled benchmark samples (data/eval)"
-python evaluate.py --checkpoint="$out/tiny" --data_dir=data/eval --output="$out/eval_results.json"
-
-echo "== 6. Fine-tune on the bundled EN/FR instructions (ChatML, loss on the replies only)"
+echo "== 5. Fine-tune on the bundled EN/FR instructions (ChatML, loss on the replies only)"
 sft_data=data/sft/en_alpaca_seed_tasks.jsonl,data/sft/fr_vigogne_oasst_part.jsonl
 python sft.py --flagfile=configs/sft_tiny.flags --init_from="$out/tiny" --train_data="$sft_data" \
   --epochs=3 --output_dir="$out/sft"
 
-echo "== 7. Chat with the fine-tuned model once (greedy)"
+echo "== 6. Chat with the fine-tuned model once (greedy)"
 python generate.py --checkpoint="$out/sft" --chat --temperature=0 --max_new_tokens=40 \
   --prompt="Quelle est la capitale de la France ?"
+
+echo "== 7. Zero-shot evaluation with lm-evaluation-harness on the bundled benchmark samples (data/eval)"
+python evaluate.py --checkpoint="$out/tiny" --data_dir=data/eval --output="$out/eval_results.json"
 
 echo "Done: loss curve $out/tiny/loss.png, metrics $out/tiny/metrics.jsonl, HF model $out/hf, scores $out/eval_results.json, SFT run $out/sft"
