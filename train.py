@@ -743,6 +743,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 step, bad_streak = restored, 0
                 bar.reset(total=config.steps)
                 bar.update(step)
+                batches.close()  # stops its prefetch thread
                 batches = train_data.iterate(step + data_offset)
                 if logger:
                     logger.restart(step)
@@ -774,6 +775,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 save(step)
         ckpt.wait()
     finally:
+        batches.close()
         bar.close()
         guard.close()
         ckpt.close()
