@@ -63,6 +63,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_
 from tqdm import tqdm
 
 import checkpoint
+import data
 import generate
 from model import KVCache, Transformer, init_cache
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
@@ -102,7 +103,8 @@ def define_flags() -> None:
     flags.DEFINE_string("output", None, "Write lm-eval's results dict (keyed by task) here as JSON.")
     flags.DEFINE_list("ppl_data", [], "Instead of tasks: loss, perplexity and bits per byte of text "
                       "files (one document per line), per language: [lang=]path; without 'lang=', "
-                      "a file named xx_*.txt counts as language xx.")
+                      "a file named xx_*.txt counts as language xx. A shard manifest (data.py "
+                      "prepare: manifest.json, its directory, or gs://) scores its validation split.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,8 +479,12 @@ def perplexity(model: Transformer, tokenizer: Tokenizer, paths: Sequence[str], b
     text files, one document per non-empty line, each scored on its own after <s> (lm-eval's
     rolling log-likelihood). `paths` are [lang=]path; xx_*.txt counts as language xx."""
     documents: dict[str, list[str]] = {}
+    manifests: dict[str, str] = {}
     for spec in paths:
         label, path = _language(spec)
+        if data.is_gcs(path) or path.endswith(".json") or os.path.isdir(path):
+            manifests[label if "=" in spec else "validation shards"] = path
+            continue
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--ppl_data file {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
@@ -489,12 +495,29 @@ def perplexity(model: Transformer, tokenizer: Tokenizer, paths: Sequence[str], b
         logprob = sum(lm.rolling(docs))
         tokens = sum(len(ids) for ids in tokenizer.encode_batch(docs))
         sums[label] = (-logprob, tokens, sum(len(d.encode("utf-8")) for d in docs), len(docs))
+    for label, spec in manifests.items():
+        sums[label] = _held_out_records_nll(lm, tokenizer, spec)
     if len(sums) > 1:
         sums["all"] = tuple(sum(column) for column in zip(*sums.values()))
     return {label: {"loss": nll / tokens, "perplexity": math.exp(nll / tokens),
                     "bits_per_byte": nll / math.log(2) / n_bytes, "tokens": tokens, "bytes": n_bytes,
                     "documents": docs}
             for label, (nll, tokens, n_bytes, docs) in sums.items()}
+
+
+def _held_out_records_nll(lm: "JulianLM", tokenizer: Tokenizer, spec: str) -> tuple[float, int, int, int]:
+    """(summed NLL, tokens, bytes, records) of a manifest's validation records: each record is
+    scored as it is, every token after its first predicted from the ones before (packed
+    documents are not separated: this is the loss training reports). Bytes are those of the
+    predicted tokens' text, control tokens counting none. Languages are mixed in a record, so
+    shards give one row; per-language figures need text files."""
+    manifest, _ = data.load_manifest(spec)
+    stream = data.open_train_data(spec, tokenizer=tokenizer, seq_len=manifest["seq_len"], seed=0,
+                                  global_batch_size=1, split="validation")
+    records = [stream.batch(i)[0] for i in range(stream.num_sequences)]
+    scored = lm.score([([int(r[0])], r[1:].tolist()) for r in records])
+    n_bytes = sum(len(tokenizer.decode(r[1:].tolist()).encode("utf-8")) for r in records)
+    return -sum(logprob for logprob, _ in scored), sum(len(r) - 1 for r in records), n_bytes, len(records)
 
 
 # --------------------------------------------------------------------------------------------

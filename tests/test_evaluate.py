@@ -151,6 +151,34 @@ def test_perplexity_reports_loss_perplexity_and_bits_per_byte_per_language(tiny,
         assert out[lang]["bits_per_byte"] == pytest.approx(nll / np.log(2) / n_bytes, abs=1e-4)
 
 
+def test_perplexity_of_held_out_shards_is_the_hf_models_loss_on_their_records(tiny, tiny_hf, tmp_path,
+                                                                              tiny_tokenizer_path):
+    import torch
+    import transformers
+
+    import data
+    from conftest import DATA_FILES
+
+    _, tokenizer = tiny
+    manifest = data.prepare(data.PrepareConfig(
+        inputs=(DATA_FILES[0],), output=str(tmp_path / "shards"), tokenizer=tiny_tokenizer_path,
+        seq_len=64, num_shards=1, languages=(("en", None), ("fr", None)), num_workers=1,
+        validation_fraction=0.02, dedup=False))
+    out = evaluate.perplexity(*tiny, [str(tmp_path / "shards")], dtype="float32")["validation shards"]
+    # The records, read with NumPy straight from the files the manifest names.
+    shards = manifest["validation"]["shards"]
+    records = np.concatenate([np.fromfile(tmp_path / "shards" / s["name"], manifest["dtype"]) for s in shards])
+    records = records.reshape(-1, manifest["record_len"]).astype(np.int64)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny_hf, torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.from_numpy(records[:, :-1])).logits
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(records[:, 1:]).flatten(),
+                                            reduction="sum").item()
+    assert out["documents"] == len(records) > 0 and out["tokens"] == records[:, 1:].size
+    assert out["loss"] == pytest.approx(nll / records[:, 1:].size, abs=1e-4)
+    assert out["bits_per_byte"] > 0
+
+
 def test_run_tasks_returns_lm_evals_results_keyed_by_task(tiny, our_output):
     results = evaluate.run_tasks(*tiny, ["piqa", "winogrande"], DATA_DIR, limit=LIMIT, dtype="float32")
     assert set(results) == {"piqa", "winogrande"}
