@@ -6,7 +6,9 @@ import http.client
 import itertools
 import json
 import os
+import pathlib
 import re
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -346,12 +348,14 @@ def test_stream_refuses_a_mismatched_model_or_batch_layout(prepared, tokenizer, 
         open_stream(directory, tokenizer, split="test")
 
 
+def copy_of(directory: str, tmp_path) -> pathlib.Path:
+    """A copy of a prepared output, for tests that damage it."""
+    return pathlib.Path(shutil.copytree(directory, tmp_path / "copy"))
+
+
 def test_truncated_or_corrupted_shards_are_refused(prepared, tokenizer, tmp_path):
     directory, manifest = prepared
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in os.listdir(directory):
-        (copy / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+    copy = copy_of(directory, tmp_path)
     shard = copy / manifest["shards"][0]["name"]
     blob = shard.read_bytes()
     shard.write_bytes(blob[:-2])
@@ -364,10 +368,7 @@ def test_truncated_or_corrupted_shards_are_refused(prepared, tokenizer, tmp_path
 
 def test_a_failure_in_the_prefetch_thread_reaches_the_consumer(prepared, tokenizer, tmp_path):
     directory, manifest = prepared
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for name in os.listdir(directory):
-        (copy / name).write_bytes(open(os.path.join(directory, name), "rb").read())
+    copy = copy_of(directory, tmp_path)
     stream = open_stream(str(copy), tokenizer)
     for shard in manifest["shards"]:
         os.remove(copy / shard["name"])  # gone after the stream checked them
