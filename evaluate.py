@@ -540,7 +540,7 @@ def report_table(results: dict) -> str:
             continue
         reported = REPORT_SCORES.get(task)
         lines.append(f"| {task} | {metric} | {100 * value:.1f} | {'' if reported is None else reported} |")
-        if f"perplexity,none" in metrics:
+        if "perplexity,none" in metrics:
             lines.append(f"| {task} | perplexity | {metrics['perplexity,none']:.2f} | |")
     return "\n".join(lines)
 
