@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 # the kernel and every step page-faults them in again. Keep them (see benchmarks/README.md).
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
 out=${1:-runs/demo}
-data=$(ls data/*.txt | paste -sd, -)
+data=$(ls samples/*.txt | paste -sd, -)
 mkdir -p "$out"
 
 echo "== 1. SentencePiece BPE tokenizer (report's settings, vocab 4096 for the tiny model)"
@@ -34,7 +34,7 @@ python generate.py --checkpoint="$out/tiny" --max_new_tokens=40 --temperature=0.
   --prompt="Sherlock Holmes" --prompt="Il était une fois" --prompt="The"
 
 echo "== 5. Fine-tune on the bundled EN/FR instructions (ChatML, loss on the replies only)"
-sft_data=data/sft/en_alpaca_seed_tasks.jsonl,data/sft/fr_vigogne_oasst_part.jsonl
+sft_data=samples/sft/en_alpaca_seed_tasks.jsonl,samples/sft/fr_vigogne_oasst_part.jsonl
 python sft.py --flagfile=configs/sft_tiny.flags --init_from="$out/tiny" --train_data="$sft_data" \
   --epochs=3 --output_dir="$out/sft"
 
@@ -42,7 +42,7 @@ echo "== 6. Chat with the fine-tuned model once (greedy)"
 python generate.py --checkpoint="$out/sft" --chat --temperature=0 --max_new_tokens=40 \
   --prompt="Quelle est la capitale de la France ?"
 
-echo "== 7. Zero-shot evaluation with lm-evaluation-harness on the bundled benchmark samples (data/eval)"
-python evaluate.py --checkpoint="$out/tiny" --data_dir=data/eval --output="$out/eval_results.json"
+echo "== 7. Zero-shot evaluation with lm-evaluation-harness on the bundled benchmark samples (samples/eval)"
+python evaluate.py --checkpoint="$out/tiny" --data_dir=samples/eval --output="$out/eval_results.json"
 
 echo "Done: loss curve $out/tiny/loss.png, metrics $out/tiny/metrics.jsonl, HF model $out/hf, scores $out/eval_results.json, SFT run $out/sft"

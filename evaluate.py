@@ -1,7 +1,7 @@
 """Zero-shot evaluation with lm-evaluation-harness, in process on model.py; and perplexity.
 
     python evaluate.py --checkpoint=runs/600m --tasks=hellaswag,piqa,lambada_openai --output=results.json
-    python evaluate.py --checkpoint=runs/demo/tiny --data_dir=data/eval          # offline, bundled samples
+    python evaluate.py --checkpoint=runs/demo/tiny --data_dir=samples/eval          # offline, bundled samples
     python evaluate.py --checkpoint=runs/600m --ppl_data=heldout/en_a.txt,heldout/fr_b.txt
 
 `JulianLM` is an lm_eval `LM` (registered as "julian"). lm-eval's own task definitions build the

@@ -24,7 +24,7 @@ Choices that are ours (each measured, see tests/test_tokenizer.py):
   `render_chat` emits them.
 
 Usage:
-    python tokenizer.py --input=data/a.txt,data/b.txt --model_prefix=/tmp/tok --vocab_size=2000
+    python tokenizer.py --input=samples/a.txt,samples/b.txt --model_prefix=/tmp/tok --vocab_size=2000
 """
 
 from __future__ import annotations

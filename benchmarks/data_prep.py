@@ -3,7 +3,7 @@
     python benchmarks/data_prep.py                 # ~100 MB corpus (~15 min on 2 cores)
     python benchmarks/data_prep.py --mb=10 --stage_mb=2
 
-1) Corpus: the bundled sample (data/*.txt, 2.4 MB) scaled to --mb as JSONL files of chapter-sized
+1) Corpus: the bundled sample (samples/*.txt, 2.4 MB) scaled to --mb as JSONL files of chapter-sized
    documents. Each copy after the first replaces 30% of the words of every document by other
    words of the same document (seeded), so copies stay English/French but are not near
    duplicates (5-gram Jaccard ~0.2); the first copy's documents are repeated once more in full,
@@ -52,9 +52,9 @@ HOSTS = 4
 def make_corpus(directory: str, megabytes: float) -> list[str]:
     """JSONL files of ~--mb of distinct-enough documents built from the bundled sample."""
     sample = []
-    for path in sorted(os.listdir(os.path.join(ROOT, "data"))):
+    for path in sorted(os.listdir(os.path.join(ROOT, "samples"))):
         if path.endswith(".txt"):
-            sample += [d.text for d in data.iter_documents(os.path.join(ROOT, "data", path))]
+            sample += [d.text for d in data.iter_documents(os.path.join(ROOT, "samples", path))]
     size = sum(len(d.encode()) for d in sample)
     paths, written, copy = [], 0, 0
     rng = np.random.default_rng(0)
@@ -161,8 +161,8 @@ def main():
 
 
 def run(args, tmp: str) -> None:
-    tokenizer_path = train_tokenizer(sorted(os.path.join(ROOT, "data", f) for f in os.listdir(
-        os.path.join(ROOT, "data")) if f.endswith(".txt")), os.path.join(tmp, "tok"), vocab_size=4096)
+    tokenizer_path = train_tokenizer(sorted(os.path.join(ROOT, "samples", f) for f in os.listdir(
+        os.path.join(ROOT, "samples")) if f.endswith(".txt")), os.path.join(tmp, "tok"), vocab_size=4096)
     tokenizer = Tokenizer.load(tokenizer_path)
     paths = make_corpus(tmp, args.mb)
     rows, lsh_bytes = time_stages(paths, tokenizer, args.stage_mb)

@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 def define_flags() -> None:
     flags.DEFINE_list("tasks", ["hellaswag"], "lm-eval tasks to time.")
-    flags.DEFINE_string("data_dir", os.path.join(REPO, "data", "eval"), "Offline task data (evaluate.py --data_dir).")
+    flags.DEFINE_string("data_dir", os.path.join(REPO, "samples", "eval"), "Offline task data (evaluate.py --data_dir).")
     flags.DEFINE_integer("limit", None, "Items per task (default: all in data_dir).")
     flags.DEFINE_integer("batch_size", 16, "Requests per forward pass, both backends.")
     flags.DEFINE_integer("new_tokens", 128, "Generation: new tokens per prompt.")
@@ -63,7 +63,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     work = tempfile.mkdtemp(prefix="eval_speed_")
-    texts = sorted(glob.glob(os.path.join(REPO, "data", "*.txt")))
+    texts = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
     tokenizer = Tokenizer.load(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=CONFIG.vocab_size))
     model = Transformer(CONFIG, jax.random.key(0))
     hf_dir = os.path.join(work, "hf")

@@ -224,7 +224,7 @@ def bench_loop(name: str, batch: int, seq_len: int, steps: int, directory: str) 
     from tokenizer import Tokenizer, train_tokenizer
     import data
 
-    files = sorted(os.path.join(ROOT, "data", f) for f in os.listdir(os.path.join(ROOT, "data")) if f.endswith(".txt"))
+    files = sorted(os.path.join(ROOT, "samples", f) for f in os.listdir(os.path.join(ROOT, "samples")) if f.endswith(".txt"))
     tokenizer = Tokenizer.load(train_tokenizer(files, os.path.join(directory, "tok"), vocab_size=4096))
     config = ModelConfig(**{**CONFIGS[name], "vocab_size": 4096}, max_seq_len=seq_len, scan_layers=False)
     train_config = TrainConfig(steps=steps, batch_size=batch, warmup_steps=1)

@@ -15,7 +15,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_FILES = sorted(glob.glob(os.path.join(REPO, "data", "*.txt")))
+DATA_FILES = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
 TINY_VOCAB = 4096  # configs/tiny.flags
 TINY_STEPS = 150
 

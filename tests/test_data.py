@@ -75,7 +75,7 @@ def tokenizer(tiny_tokenizer_path):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Real English and French documents (novels not in data/) as JSONL, with a source field."""
+    """Real English and French documents (novels not in samples/) as JSONL, with a source field."""
     directory = tmp_path_factory.mktemp("corpus")
     en = fixture_documents("en_bronte.txt") + fixture_documents("en_wells.txt")
     fr = fixture_documents("fr_verne.txt") + fixture_documents("fr_balzac.txt")

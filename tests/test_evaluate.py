@@ -24,7 +24,7 @@ from conftest import REPO  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from tokenizer import BOS_ID, Tokenizer  # noqa: E402
 
-DATA_DIR = os.path.join(REPO, "data", "eval")
+DATA_DIR = os.path.join(REPO, "samples", "eval")
 TASKS = list(evaluate.REPORT_TASKS)
 LIMIT = 5  # items per task: every request shape of every task, in seconds
 LOGPROB_ATOL = 1e-3  # fp32 on both sides: a wrong token or position is off by O(1)
@@ -101,7 +101,7 @@ def test_rolling_loglikelihood_matches_the_hf_backend_scoring_text_after_bos(tin
 
     # add_bos_token=False: the text is scored after <s> without <s> being scored as text itself.
     reference = HFLM(pretrained=tiny_hf, dtype="float32", batch_size=4, device="cpu", add_bos_token=False)
-    with open(os.path.join(REPO, "data", "en_doyle_sign_of_four.txt")) as f:
+    with open(os.path.join(REPO, "samples", "en_doyle_sign_of_four.txt")) as f:
         texts = [line.strip() for line in f if len(line) > 40][:3]
     texts.append(" ".join(texts))  # longer than the 128-token context: several windows
     assert len(tiny[1].encode(texts[-1])) > 2 * 128
@@ -278,7 +278,7 @@ def test_a_continuation_longer_than_the_context_is_scored_in_pieces_after_the_te
     import transformers
 
     model, tokenizer = tiny
-    with open(os.path.join(REPO, "data", "en_doyle_sign_of_four.txt")) as f:
+    with open(os.path.join(REPO, "samples", "en_doyle_sign_of_four.txt")) as f:
         ids = tokenizer.encode(" ".join(line.strip() for line in f.readlines()[:40]))
     context, continuation = [BOS_ID, *ids[:30]], ids[30:330]  # 300 > 128 tokens: pieces of 64
     (ours, _), = evaluate.JulianLM(model, tokenizer, dtype="float32").score([(context, continuation)])

@@ -325,7 +325,7 @@ def test_reads_conversations_from_gcs(gcs_bucket):
 
 
 def test_the_bundled_sample_loads_cleanly_in_both_languages(tokenizer):
-    sample = os.path.join(REPO, "data", "sft")
+    sample = os.path.join(REPO, "samples", "sft")
     data = [os.path.join(sample, name) for name in sorted(os.listdir(sample))
             if name.endswith(".jsonl")]
     rows, validation, stats = sft.prepare(sft.DataConfig(tuple(data), seq_len=1024,

@@ -1,4 +1,4 @@
-"""tokenizer.py: a small real tokenizer trained on data/, checked against the spec and against
+"""tokenizer.py: a small real tokenizer trained on samples/, checked against the spec and against
 Hugging Face's LlamaTokenizer."""
 
 import glob
@@ -15,7 +15,7 @@ import tokenizer as T
 from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA_FILES = sorted(glob.glob(os.path.join(REPO, "data", "*.txt")))
+DATA_FILES = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
 
 CODE = (
     "def mean(xs: list[float]) -> float:\n"
@@ -36,7 +36,7 @@ any_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters=[
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
-    assert DATA_FILES, "the bundled data/*.txt files are missing"
+    assert DATA_FILES, "the bundled samples/*.txt files are missing"
     prefix = str(tmp_path_factory.mktemp("tok") / "julian")
     path = T.train_tokenizer(
         DATA_FILES, prefix, vocab_size=2000, max_sentences=20_000, num_threads=2

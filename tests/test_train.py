@@ -447,13 +447,13 @@ esac
 
 def test_eval_tasks_score_the_model_during_training_as_evaluate_py_does(tmp_path, tiny_tokenizer_path):
     run_train(tmp_path, tiny_tokenizer_path, "--steps=3", "--eval_every=3", "--eval_tasks=piqa",
-              f"--eval_data_dir={os.path.join(REPO, 'data', 'eval')}", "--eval_limit=6")
+              f"--eval_data_dir={os.path.join(REPO, 'samples', 'eval')}", "--eval_limit=6")
     with open(tmp_path / "metrics.jsonl") as f:
         scores = [json.loads(line) for line in f if "piqa/acc" in line]
     assert [s["step"] for s in scores] == [3]
     import evaluate
     model, tokenizer_bytes, _ = checkpoint.load(str(tmp_path))
     reference = evaluate.run_tasks(model, Tokenizer.from_bytes(tokenizer_bytes), ["piqa"],
-                                   os.path.join(REPO, "data", "eval"), limit=6)["piqa"]
+                                   os.path.join(REPO, "samples", "eval"), limit=6)["piqa"]
     assert scores[0]["piqa/acc"] == reference["acc,none"]
     assert scores[0]["piqa/acc_norm"] == reference["acc_norm,none"]
