@@ -41,6 +41,7 @@ import math
 import os
 import pathlib
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ import checkpoint
 import data
 import generate
 from model import KVCache, Transformer, init_cache
-from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer
+from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
 
 FLAGS = flags.FLAGS
 
@@ -85,6 +86,32 @@ REPORT_TASKS = {
 # The report's zero-shot scores for its 600M base model, in percent (as quoted in design.md;
 # the other tasks' figures are not in our notes).
 REPORT_SCORES = {"hellaswag": 53.5, "piqa": 66.8, "lambada_openai": 37.3}
+# French: lm-eval's French configs of multilingual sets, and FrenchBench's (CroissantLLM) tasks
+# that are scored by likelihood (its generative ones need a chat-tuned model to mean anything).
+FRENCH_TASKS = {
+    "xwinograd_fr": ("xwinograd/xwinograd_fr.yaml", "acc"),
+    "xnli_fr": ("xnli/xnli_fr.yaml", "acc"),
+    "paws_fr": ("paws-x/paws_fr.yaml", "acc"),
+    "belebele_fra_Latn": ("belebele/belebele_fra_Latn.yaml", "acc"),
+    "lambada_openai_mt_fr": ("lambada_multilingual/lambada_mt_fr.yaml", "acc"),
+    "french_bench_hellaswag": ("french_bench/french_bench_hellaswag.yaml", "acc_norm"),
+    "french_bench_arc_challenge": ("french_bench/french_bench_arc_challenge.yaml", "acc_norm"),
+    "french_bench_boolqa": ("french_bench/french_bench_boolqa.yaml", "acc"),
+    "french_bench_grammar": ("french_bench/french_bench_grammar.yaml", "acc"),
+    "french_bench_vocab": ("french_bench/french_bench_vocab.yaml", "acc"),
+    "french_bench_reading_comp": ("french_bench/french_bench_reading_comp.yaml", "acc"),
+    "french_bench_topic_based_nli": ("french_bench/french_bench_topic_based_nli.yaml", "acc"),
+    "french_bench_xnli": ("french_bench/french_bench_xnli.yaml", "acc"),
+}
+KNOWN_TASKS = {**REPORT_TASKS, **FRENCH_TASKS}
+PRESETS = {"report": list(REPORT_TASKS), "french": list(FRENCH_TASKS), "all": list(KNOWN_TASKS)}
+# Published zero-shot accuracies (percent) from lm-eval's archived results of 2023 (its
+# `pawsx_fr` is today's `paws_fr`); that harness's prompts differ slightly from today's.
+FRENCH_BASELINES = {
+    "BLOOM-560m": {"xnli_fr": 45.29, "paws_fr": 47.95, "xwinograd_fr": 60.24},
+    "XGLM-564M": {"xnli_fr": 45.49, "paws_fr": 50.80, "xwinograd_fr": 57.83},
+    "BLOOM-1b1": {"xnli_fr": 47.15, "paws_fr": 46.15, "xwinograd_fr": 66.27},
+}
 BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -92,7 +119,9 @@ def define_flags() -> None:
     """Defined on demand, not at import: other scripts and the tests import this file."""
     flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step), local or gs://.")
     flags.DEFINE_integer("step", None, "Evaluate this step instead of the newest.")
-    flags.DEFINE_list("tasks", list(REPORT_TASKS), "lm-eval task names.")
+    flags.DEFINE_list("tasks", ["report"], "lm-eval task names, or presets: report (the report's "
+                      "seven English tasks), french (XWinograd, XNLI, PAWS-X, Belebele, LAMBADA "
+                      "and FrenchBench in French), all (both).")
     flags.DEFINE_string("data_dir", None, "Offline: a directory with one <task>.jsonl per task "
                         "(Hugging Face schema, the split the task scores). Default: the hub.")
     flags.DEFINE_integer("limit", None, "Evaluate only the first N items of each task.")
@@ -111,11 +140,17 @@ def define_flags() -> None:
 # Tasks, online or from a data_dir.
 
 
+def expand_tasks(names: Sequence[str]) -> list[str]:
+    """Task names with presets (report, french, all) replaced by their tasks, each task once."""
+    tasks = [task for name in names for task in PRESETS.get(name, [name])]
+    return list(dict.fromkeys(tasks))
+
+
 def _stock_task_file(task: str) -> str:
-    if task in REPORT_TASKS:
-        return os.path.join(LM_EVAL_TASKS, REPORT_TASKS[task][0])
-    unknown = ValueError(f"unknown task {task!r}: lm-eval has no such task (the report's are "
-                         f"{', '.join(REPORT_TASKS)}; `lm_eval ls tasks` lists all)")
+    if task in KNOWN_TASKS:
+        return os.path.join(LM_EVAL_TASKS, KNOWN_TASKS[task][0])
+    unknown = ValueError(f"unknown task {task!r}: lm-eval has no such task (presets: "
+                         f"{', '.join(PRESETS)}; `lm_eval ls tasks` lists all)")
     # Indexing lm-eval's ~14,000 task files takes seconds: a name none of them mentions is a typo.
     if not any(task in p.read_text(errors="ignore") for p in pathlib.Path(LM_EVAL_TASKS).rglob("*.yaml")):
         raise unknown
@@ -127,28 +162,40 @@ def _stock_task_file(task: str) -> str:
     return str(entry.yaml_path)
 
 
+def task_source(task: str) -> tuple[str, str | None, str]:
+    """(Hugging Face dataset, config or None, split) that lm-eval's `task` scores: its test split
+    if it has one, else validation (read from lm-eval's own task file)."""
+    base = load_yaml(_stock_task_file(task), resolve_func=False)  # includes resolved, `!function`s not
+    split = base.get("test_split") or base.get("validation_split")
+    if split is None:
+        raise ValueError(f"task {task!r} scores neither a test nor a validation split: not supported offline")
+    return base.get("dataset_path"), base.get("dataset_name"), split
+
+
 def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str) -> None:
-    """One YAML per task into out_dir: lm-eval's stock task, read from data_dir/<task>.jsonl if given."""
+    """One YAML per task into out_dir: lm-eval's stock task, read from data_dir/<task>.jsonl if
+    given. Every task's file is checked before any runs: all the missing ones are named at once."""
+    configs, missing = {}, []
     for task in tasks:
         stock = _stock_task_file(task)
-        config = {"include": stock, "task": task}
-        if data_dir is not None:
-            base = load_yaml(stock, resolve_func=False)  # includes resolved, `!function`s not
-            split = base.get("test_split") or base.get("validation_split")  # what lm-eval scores
-            if split is None:
-                raise ValueError(f"task {task!r} scores neither a test nor a validation split: "
-                                 "not supported offline")
-            path = os.path.abspath(os.path.join(data_dir, f"{task}.jsonl"))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"--data_dir {data_dir!r} has no {task}.jsonl: expected the {split!r} split of "
-                    f"{base.get('dataset_path')} ({base.get('dataset_name') or 'default'}) as JSONL "
-                    "(README.md, 'Evaluation', shows how to mirror it)")
-            config.update(dataset_path="json", dataset_name=None,
-                          dataset_kwargs={"data_files": {split: path}}, training_split=None,
-                          validation_split=split if split == base.get("validation_split") else None,
-                          test_split=split if split == base.get("test_split") else None,
-                          fewshot_split=None)
+        configs[task] = {"include": stock, "task": task}
+        if data_dir is None:
+            continue
+        dataset, config, split = task_source(task)
+        path = os.path.abspath(os.path.join(data_dir, f"{task}.jsonl"))
+        if not os.path.isfile(path):
+            missing.append(f"task {task!r}: --data_dir {data_dir!r} has no {task}.jsonl: expected the "
+                           f"{split!r} split of {dataset} ({config or 'default'}) as JSONL at {path}")
+            continue
+        base = load_yaml(stock, resolve_func=False)
+        configs[task].update(dataset_path="json", dataset_name=None,
+                             dataset_kwargs={"data_files": {split: path}}, training_split=None,
+                             validation_split=split if split == base.get("validation_split") else None,
+                             test_split=split if split == base.get("test_split") else None,
+                             fewshot_split=None)
+    if missing:
+        raise FileNotFoundError("; ".join(missing) + " (README.md, 'Evaluation', shows how to mirror it)")
+    for task, config in configs.items():
         with open(os.path.join(out_dir, f"{task}.yaml"), "w") as f:
             yaml.safe_dump(config, f)
 
@@ -157,7 +204,7 @@ def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: 
                   log_samples: bool = False, bootstrap_iters: int = 0) -> dict:
     """lm-eval's `simple_evaluate` of any LM (ours or its `hf` backend) on `tasks`, online or
     from data_dir; returns lm-eval's whole output (results, samples if asked, configs...)."""
-    tasks = list(tasks)
+    tasks = expand_tasks(tasks)
     if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory")
     with tempfile.TemporaryDirectory() as configs:
@@ -471,14 +518,6 @@ def run_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[str], data_d
     return evaluate_with(lm, tasks, data_dir, limit, bootstrap_iters=bootstrap_iters)["results"]
 
 
-def _language(spec: str) -> tuple[str, str]:
-    """'lang=path', or a path whose file name starts with a language code: 'en_novel.txt'."""
-    if "=" in spec:
-        return tuple(spec.split("=", 1))
-    match = re.match(r"([a-z]{2})_", os.path.basename(spec))
-    return (match.group(1) if match else os.path.basename(spec)), spec
-
-
 def perplexity(model: Transformer, tokenizer: Tokenizer, paths: Sequence[str], batch_size: int = 16,
                dtype: str = "bfloat16") -> dict[str, dict[str, float]]:
     """Per language (and "all"): loss (nats per token), perplexity and bits per byte of held-out
@@ -487,7 +526,7 @@ def perplexity(model: Transformer, tokenizer: Tokenizer, paths: Sequence[str], b
     documents: dict[str, list[str]] = {}
     manifests: dict[str, str] = {}
     for spec in paths:
-        label, path = _language(spec)
+        label, path = language_of(spec)
         if data.is_gcs(path) or path.endswith(".json") or os.path.isdir(path):
             manifests[label if "=" in spec else "validation shards"] = path
             continue
@@ -531,24 +570,44 @@ def _held_out_records_nll(lm: "JulianLM", tokenizer: Tokenizer, spec: str) -> tu
 
 
 def report_table(results: dict) -> str:
-    """Our scores beside the report's (its 600M base model), in percent, markdown."""
-    lines = ["| task | metric | julian | report (600M base) |", "| --- | --- | --- | --- |"]
-    for task, metrics in results.items():
-        metric = REPORT_TASKS.get(task, (None, "acc"))[1]
-        value = metrics.get(f"{metric},none")
-        if value is None or isinstance(value, str):
-            continue
-        reported = REPORT_SCORES.get(task)
-        lines.append(f"| {task} | {metric} | {100 * value:.1f} | {'' if reported is None else reported} |")
-        if "perplexity,none" in metrics:
-            lines.append(f"| {task} | perplexity | {metrics['perplexity,none']:.2f} | |")
-    return "\n".join(lines)
+    """Our scores beside published ones, in percent, markdown: English tasks beside the report's
+    600M base model, French tasks beside BLOOM and XGLM (lm-eval's archived 2023 results)."""
+    english = [t for t in results if t not in FRENCH_TASKS]
+    french = [t for t in results if t in FRENCH_TASKS]
+    lines = []
+    if english:
+        lines += ["| task | metric | julian | report (600M base) |", "| --- | --- | --- | --- |"]
+        for task in english:
+            lines += _rows(task, results[task], [REPORT_SCORES.get(task)])
+    if french:
+        baselines = list(FRENCH_BASELINES)
+        lines += ["", "| French task | metric | julian | " + " | ".join(baselines) + " |",
+                  "| --- | --- | --- |" + " --- |" * len(baselines)]
+        for task in french:
+            lines += _rows(task, results[task], [FRENCH_BASELINES[b].get(task) for b in baselines])
+        lines += ["", "Baselines: lm-eval's archived zero-shot results, from the 2023 harness (pawsx_fr "
+                  "there is paws_fr); its prompts differ slightly from today's."]
+    return "\n".join(lines).strip("\n")
+
+
+def _rows(task: str, metrics: dict, published: list) -> list[str]:
+    metric = KNOWN_TASKS.get(task, (None, "acc"))[1]
+    value = metrics.get(f"{metric},none")
+    if value is None or isinstance(value, str):
+        return []
+    cells = " | ".join("" if p is None else f"{p}" for p in published)
+    rows = [f"| {task} | {metric} | {100 * value:.1f} | {cells} |"]
+    if "perplexity,none" in metrics:
+        rows.append(f"| {task} | perplexity | {metrics['perplexity,none']:.2f} |" + " |" * len(published))
+    return rows
 
 
 def perplexity_table(results: dict) -> str:
-    lines = ["| data | documents | tokens | loss | perplexity | bits/byte |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {k} | {v['documents']} | {v['tokens']} | {v['loss']:.4f} | {v['perplexity']:.2f} | "
-              f"{v['bits_per_byte']:.4f} |" for k, v in results.items()]
+    """Bits per byte first: unlike loss and perplexity (per token), it compares across tokenizers."""
+    lines = ["| data | bits/byte | bytes | documents | tokens | loss | perplexity |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v['bits_per_byte']:.4f} | {v['bytes']} | {v['documents']} | {v['tokens']} | "
+              f"{v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in results.items()]
     return "\n".join(lines)
 
 
@@ -583,8 +642,9 @@ def main(argv):
             seconds = time.perf_counter() - start
             summary = (f"{make_table(output)}\n{report_table(results)}\n\n{lm.scored_requests} requests "
                        f"in {seconds:.1f} s ({lm.scored_requests / seconds:.1f} requests/s, this process)")
-    except (FileNotFoundError, ValueError) as e:  # bad input: say what, without a traceback
-        raise app.UsageError(str(e)) from e
+    except (FileNotFoundError, ValueError) as e:  # bad input: say what, in one line, no usage dump
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if jax.process_index() == 0:
         print(summary)
         if FLAGS.output:

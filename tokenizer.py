@@ -25,12 +25,14 @@ Choices that are ours (each measured, see tests/test_tokenizer.py):
 
 Usage:
     python tokenizer.py --input=samples/a.txt,samples/b.txt --model_prefix=/tmp/tok --vocab_size=2000
+    python tokenizer.py --model=/tmp/tok.model --stats=samples/en_doyle_sign_of_four.txt,samples/fr_maupassant_bel_ami.txt
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -140,6 +142,16 @@ def train_tokenizer(
             raise ValueError(f"vocab_size={vocab_size} does not fit this corpus: {e}") from e
         raise
     return model_prefix + ".model"
+
+
+def language_of(spec: str) -> tuple[str, str]:
+    """(language, path) of 'lang=path', or of a path whose file name starts with a language code
+    ('en_novel.txt' is en); a file with neither counts as a language of its own name."""
+    if "=" in spec:
+        label, path = spec.split("=", 1)
+        return label, path
+    match = re.match(r"([a-z]{2})_", os.path.basename(spec))
+    return (match.group(1) if match else os.path.basename(spec)), spec
 
 
 class Tokenizer:
@@ -254,6 +266,34 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
             f.write("\n")
 
 
+def language_stats(tok: Tokenizer, specs: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per language (language_of each [lang=]path), the usual measures of what a tokenizer costs
+    a language: tokens per word (words split at whitespace) and UTF-8 bytes per token, with the
+    counts behind them. Each line is encoded on its own, as training and evaluation see text."""
+    counts: dict[str, list[int]] = {}
+    for spec in specs:
+        label, path = language_of(spec)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--stats file {path!r} does not exist")
+        lines = [line for line in _lines_of_files([path]) if line]
+        tokens = sum(len(ids) for ids in tok.encode_batch(lines))
+        words = sum(len(line.split()) for line in lines)
+        n_bytes = sum(len(line.encode("utf-8")) for line in lines)
+        total = counts.setdefault(label, [0, 0, 0, 0])
+        for i, n in enumerate((len(lines), words, n_bytes, tokens)):
+            total[i] += n
+    return {label: {"lines": lines, "words": words, "bytes": n_bytes, "tokens": tokens,
+                    "tokens_per_word": tokens / max(words, 1), "bytes_per_token": n_bytes / max(tokens, 1)}
+            for label, (lines, words, n_bytes, tokens) in counts.items()}
+
+
+def stats_table(stats: dict[str, dict[str, float]]) -> str:
+    lines = ["| language | tokens/word | bytes/token | words | bytes | tokens |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v['tokens_per_word']:.3f} | {v['bytes_per_token']:.3f} | {v['words']} | "
+              f"{v['bytes']} | {v['tokens']} |" for k, v in stats.items()]
+    return "\n".join(lines)
+
+
 # --- CLI --------------------------------------------------------------------------------------
 
 
@@ -270,7 +310,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_sentences", 2_000_000, "Lines sampled at random from the input "
                          "to train on (bounds memory and time).")
     flags.DEFINE_bool("verbose", False, "Show SentencePiece's training log.")
-    flags.mark_flags_as_required(["input", "model_prefix"])
+    flags.DEFINE_string("model", None, "With --stats: a trained PREFIX.model to measure.")
+    flags.DEFINE_list("stats", [], "Instead of training: tokens per word and bytes per token of "
+                      "--model on these text files, per language ([lang=]path; en_*.txt is en).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -278,6 +320,16 @@ def main(argv: Sequence[str]) -> None:
 
     del argv
     FLAGS = flags.FLAGS
+    if FLAGS.stats or FLAGS.model:
+        if not (FLAGS.stats and FLAGS.model):
+            _usage_error("--stats and --model go together: the files to measure and the model")
+        try:
+            print(stats_table(language_stats(Tokenizer.load(FLAGS.model), FLAGS.stats)))
+        except (FileNotFoundError, ValueError) as e:
+            _usage_error(str(e))
+        return
+    if not FLAGS.input or not FLAGS.model_prefix:
+        _usage_error("--input and --model_prefix are required to train (or --model and --stats to measure)")
     start = time.time()
     try:
         path = train_tokenizer(
@@ -296,6 +348,11 @@ def main(argv: Sequence[str]) -> None:
     chars = sum(len(line) for line in lines)
     tokens = sum(len(ids) for ids in tok.encode_batch(lines))
     print(f"tokens/char on the first {len(lines)} input lines: {tokens / max(chars, 1):.3f}")
+
+
+def _usage_error(message: str) -> None:
+    print(f"tokenizer.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
