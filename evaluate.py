@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint=runs/600m --tasks=hellaswag,piqa,lambada_openai --output=results.json
     python evaluate.py --checkpoint=runs/demo/tiny --data_dir=samples/eval          # offline, bundled samples
+    python evaluate.py --checkpoint=runs/600m --tasks=french --data_dir=eval_data   # presets: report, french, all
     python evaluate.py --checkpoint=runs/600m --ppl_data=heldout/en_a.txt,heldout/fr_b.txt
 
 `JulianLM` is an lm_eval `LM` (registered as "julian"). lm-eval's own task definitions build the
