@@ -93,6 +93,7 @@ def test_xwinograd_fr_real_items_choices_equal_the_hf_backend(our_output, hf_out
     assert len(ours) == len(theirs) == 77
     for item, (a, b) in enumerate(zip(ours, theirs)):
         np.testing.assert_allclose([x[0] for x in a], [x[0] for x in b], atol=LOGPROB_ATOL, err_msg=f"item {item}")
+        assert [x[1] for x in a] == [x[1] for x in b], f"item {item}: greedy flags differ"
         assert np.argmax([x[0] for x in a]) == np.argmax([x[0] for x in b]), f"item {item}: choice differs"
     assert our_output["results"]["xwinograd_fr"]["acc,none"] == hf_output["results"]["xwinograd_fr"]["acc,none"]
 
