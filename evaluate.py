@@ -88,7 +88,8 @@ REPORT_TASKS = {
 # the other tasks' figures are not in our notes).
 REPORT_SCORES = {"hellaswag": 53.5, "piqa": 66.8, "lambada_openai": 37.3}
 # French: lm-eval's French configs of multilingual sets, and FrenchBench's (CroissantLLM) tasks
-# that are scored by likelihood (its generative ones need a chat-tuned model to mean anything).
+# that are scored by likelihood: comparable with the English preset, cheap, no generation
+# settings to choose (its generative tasks run by name through --tasks).
 FRENCH_TASKS = {
     "xwinograd_fr": ("xwinograd/xwinograd_fr.yaml", "acc"),
     "xnli_fr": ("xnli/xnli_fr.yaml", "acc"),
