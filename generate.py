@@ -23,10 +23,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import checkpoint
+import cli
 from model import KVCache, Transformer, init_cache
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokenizer
 
@@ -240,13 +241,10 @@ def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
     if not FLAGS.checkpoint:
-        raise app.UsageError("--checkpoint is required: a train.py --output_dir")
+        raise cli.UsageError("--checkpoint is required: a train.py --output_dir")
     if not FLAGS.prompt and not FLAGS.chat:
-        raise app.UsageError("--prompt is required (or --chat for a conversation)")
-    try:
-        model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
-    except FileNotFoundError as e:
-        raise app.UsageError(str(e)) from e
+        raise cli.UsageError("--prompt is required (or --chat for a conversation)")
+    model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
     tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
     key = jax.random.key(FLAGS.seed)
     sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
@@ -275,4 +273,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -1,5 +1,7 @@
 """The SentencePiece BPE tokenizer: training, loading, special ids, ChatML rendering, a CLI.
 
+    python tokenizer.py --input=samples/a.txt,samples/b.txt --model_prefix=/tmp/tok --vocab_size=2000
+
 The report's settings: BPE, vocabulary 50,000, character coverage 0.9999, byte fallback, and
 eight special pieces at fixed ids, present from pretraining on:
 
@@ -22,16 +24,12 @@ Choices that are ours (each measured, see tests/test_tokenizer.py):
 * The ChatML/code tokens are control symbols, not user-defined ones: SentencePiece never
   produces them from text, so a user typing "<|im_end|>" cannot end a turn. Only
   `render_chat` emits them.
-
-Usage:
-    python tokenizer.py --input=samples/a.txt,samples/b.txt --model_prefix=/tmp/tok --vocab_size=2000
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -159,7 +157,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer model not found: {os.fspath(path)!r}")
+            raise FileNotFoundError(f"tokenizer model not found: {os.fspath(path)!r} (expected a "
+                                    "SentencePiece .model file, as tokenizer.py writes)")
         with open(path, "rb") as f:
             return cls(f.read())
 
@@ -279,14 +278,11 @@ def main(argv: Sequence[str]) -> None:
     del argv
     FLAGS = flags.FLAGS
     start = time.time()
-    try:
-        path = train_tokenizer(
-            FLAGS.input, FLAGS.model_prefix, vocab_size=FLAGS.vocab_size,
-            character_coverage=FLAGS.character_coverage, max_sentences=FLAGS.max_sentences,
-            verbose=FLAGS.verbose,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"tokenizer.py: {e}")  # the message says it all; no traceback
+    path = train_tokenizer(
+        FLAGS.input, FLAGS.model_prefix, vocab_size=FLAGS.vocab_size,
+        character_coverage=FLAGS.character_coverage, max_sentences=FLAGS.max_sentences,
+        verbose=FLAGS.verbose,
+    )
     tok = Tokenizer.load(path)
     print(f"wrote {path} ({tok.vocab_size} pieces) in {time.time() - start:.1f}s")
     sample = "Le chat dort.\nThe cat sleeps, 42 times."
@@ -299,7 +295,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    import cli
 
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -41,12 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
 from model import ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from tokenizer import Tokenizer
@@ -825,7 +826,10 @@ def resolved_config(model_config: ModelConfig, config: TrainConfig, run: RunConf
 def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
     if not path:
         raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py)")
-    tokenizer = Tokenizer.load(path)
+    try:
+        tokenizer = Tokenizer.load(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--tokenizer: {e}") from None
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(
             f"--tokenizer={path} has {tokenizer.vocab_size} pieces but --vocab_size={vocab_size}: "
@@ -863,12 +867,10 @@ def main(argv):
                                         "validation", tokenizer, model_config, config, grad_accum=1)
         fit(model_config, config, run, train_data, validation_data, tokenizer.model_bytes,
             resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data))
-    except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
-        sys.exit(f"train.py: error: {e}")
     except TrainingStopped as e:
         sys.exit(f"train.py: training stopped: {e}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
