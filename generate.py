@@ -200,6 +200,11 @@ def chat(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict], max
                     temperature, top_k, top_p, CHAT_STOP_IDS, on_text=stream)[0]
 
 
+def rule(label: str) -> str:
+    """The line above a prompt or an output, naming it: samples must not run into each other."""
+    return f"---- {label} " + "-" * max(4, 40 - len(label))
+
+
 def _print_stream(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
@@ -258,17 +263,24 @@ def main(argv):
     else:
         prompts = [[BOS_ID, *tokenizer.encode(p)] for p in FLAGS.prompt]
         stop_ids = (EOS_ID,)
+    asked, answered = ("user", "assistant") if FLAGS.chat else ("prompt", "continuation")
+
+    def show_prompt(row: int) -> None:
+        of = f" {row + 1} of {len(prompts)}" if len(prompts) > 1 else ""
+        print(f"{rule(asked + of)}\n{FLAGS.prompt[row]}\n{rule(answered)}", flush=True)
+
     single = len(prompts) == 1
-    if single and not FLAGS.chat:
-        _print_stream(FLAGS.prompt[0])
+    if single:  # shown before the first token; the output streams below it
+        show_prompt(0)
     texts = complete(model, tokenizer, prompts, FLAGS.max_new_tokens, key, stop_ids=stop_ids,
                      stop_strings=FLAGS.stop, on_text=(lambda row, piece: _print_stream(piece)) if single else None,
                      **sampling)
     if single:
-        print("\n")
+        print()
         return
-    for prompt, text in zip(FLAGS.prompt, texts):
-        print(text if FLAGS.chat else f"{prompt}{text}", end="\n\n")
+    for row, text in enumerate(texts):
+        show_prompt(row)
+        print(text, end="\n\n")
 
 
 if __name__ == "__main__":
