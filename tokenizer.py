@@ -11,7 +11,10 @@ Choices that are ours (each measured, see tests/test_tokenizer.py):
 
 * Text is kept byte for byte: identity normalization (no NFKC), whitespace runs kept, and byte
   fallback, so `decode(encode(x)) == x` for any text (one exception: U+2581 "▁", the piece
-  space symbol, decodes to a space, as in LLaMA). Digits are split into single pieces.
+  space symbol, decodes to a space, as in LLaMA). Digits are split into single pieces, and
+  0-9 are always pieces of the vocabulary, as in LLaMA, whatever the corpus: a corpus with few
+  numbers would otherwise spell them as byte pieces ("42" as <0x34><0x32>). They are required
+  characters, ordinary pieces, so the Hugging Face export needs nothing special for them.
 * Newlines: SentencePiece trains on lines, so we feed each line of a document as one sentence.
   "\\n" therefore never enters the vocabulary and is encoded as the byte piece <0x0A>, as in
   LLaMA; a newline never merges with its neighbours.
@@ -44,6 +47,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 NUM_BYTE_PIECES = 256  # byte fallback reserves one piece per byte value
+DIGITS = "0123456789"
 # SentencePiece skips longer lines; its default (4192 bytes) would drop long paragraphs.
 MAX_SENTENCE_BYTES = 16_384
 
@@ -88,12 +92,12 @@ def train_tokenizer(
     max_sentences: how many lines SentencePiece keeps, drawn uniformly at random from all the
       input (reservoir sampling), so a corpus of any size trains in bounded memory.
     """
-    min_vocab = len(SPECIAL_TOKENS) + NUM_BYTE_PIECES
+    min_vocab = len(SPECIAL_TOKENS) + NUM_BYTE_PIECES + len(DIGITS)
     if vocab_size <= min_vocab:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: it must exceed {min_vocab} "
-            f"({len(SPECIAL_TOKENS)} special + {NUM_BYTE_PIECES} byte pieces) plus the characters "
-            "of the corpus"
+            f"({len(SPECIAL_TOKENS)} special + {NUM_BYTE_PIECES} byte + {len(DIGITS)} digit pieces) "
+            "plus the characters of the corpus"
         )
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]  # one file path
@@ -128,6 +132,7 @@ def train_tokenizer(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             split_digits=True,
+            required_chars=DIGITS,  # pieces even when the corpus has none (see the docstring)
             allow_whitespace_only_pieces=True,
             add_dummy_prefix=False,  # see the module docstring
             num_threads=num_threads or os.cpu_count() or 1,
