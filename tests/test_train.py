@@ -182,6 +182,22 @@ def test_heads_not_dividing_d_model_is_named(tmp_path, tiny_tokenizer_path):
     assert "n_heads=5" in err and "d_model=192" in err
 
 
+def test_cpu_peak_is_measured_once_per_cpu_model_and_core_count_then_read_from_the_cache(tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "julian" / "cpu_peak_flops.json"
+    key = train.cpu_key()
+    assert str(len(os.sched_getaffinity(0))) in key
+    measured = train.device_peak_flops()
+    assert measured > 1e9 and json.loads(cache.read_text()) == {key: measured}
+    cache.write_text(json.dumps({key: 123e12}))  # the next call reads this, it does not measure
+    assert train.device_peak_flops() == 123e12
+    assert train.device_peak_flops(peak_tflops=2.0) == 2e12 * jax.device_count()  # the flag overrides
+    other = train.cpu_peak_flops(str(cache), key="another CPU, 3 cores")  # another key measures
+    assert other != 123e12 and json.loads(cache.read_text()) == {key: 123e12, "another CPU, 3 cores": other}
+
+
 def test_batch_not_divisible_by_accumulation_is_named():
     with pytest.raises(ValueError, match="--batch_size=6 is not divisible by --grad_accum=4"):
         TrainConfig(steps=10, batch_size=6, grad_accum=4, warmup_steps=1)
@@ -397,13 +413,13 @@ def test_fsdp_over_two_devices_trains_like_replicated_parameters(tmp_path, tiny_
 
 def test_resuming_another_models_checkpoint_names_the_differing_flag(tmp_path, tiny_tokenizer_path):
     run_train(tmp_path, tiny_tokenizer_path, "--steps=3")
-    err = run_train(tmp_path, tiny_tokenizer_path, "--steps=6", "--d_ff=256", expect=1).stderr
+    err = run_train(tmp_path, tiny_tokenizer_path, "--steps=6", "--d_ff=256", expect=2).stderr
     assert "--d_ff: the checkpoint has 128, the flags say 256" in err and str(tmp_path) in err
 
 
 def test_an_unwritable_output_dir_fails_before_training(tmp_path, tiny_tokenizer_path):
     (tmp_path / "file").write_text("not a directory")
-    err = run_train(tmp_path / "file" / "run", tiny_tokenizer_path, "--steps=3", expect=1).stderr
+    err = run_train(tmp_path / "file" / "run", tiny_tokenizer_path, "--steps=3", expect=2).stderr
     assert f"--output_dir={tmp_path / 'file' / 'run'} is not writable" in err
     assert "parameters" not in err
 
