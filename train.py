@@ -638,6 +638,14 @@ def plot_loss(metrics_path: str, png_path: str, title: str = "julian pretraining
     held_out = [r for r in records if "eval_loss" in r]
     if held_out:
         ax.plot([r["step"] for r in held_out], [r["eval_loss"] for r in held_out], "o-", label="held out")
+    # A resume or rollback explains a jump in the curve: a dashed line, labelled, at its step.
+    marks = {(r["step"], f"rolled back to {r['step']} (from {r['from_step']})" if r["event"] == "rollback"
+              else f"resumed at {r['step']}") for r in records if "event" in r}
+    for step, label in sorted(marks):
+        color = "tab:red" if label.startswith("rolled") else "tab:green"
+        ax.axvline(step, color=color, linestyle="--", linewidth=1)
+        ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(-3, -4),
+                    textcoords="offset points", rotation=90, ha="right", va="top", fontsize=7, color=color)
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -739,6 +747,8 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
         print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
               f"per step | {jax.process_count()} processes, mesh {dict(mesh.shape)} | peak "
               f"{peak / 1e12:.2f} TFLOP/s for MFU")
+        if step:  # loss.png marks where a resumed run took over
+            logger.write({"step": step, "event": "resume", "time": time.time()})
 
     def save(at: int) -> None:
         ckpt.save(at, state.model, state.opt_state, saved_meta(), run_config, tokenizer_bytes)
@@ -783,13 +793,14 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 bar.write(f"step {step}: {bad_streak} non-finite steps in a row; rolled back to step "
                           f"{restored}, the data moves on to position {position + 1} (rollback "
                           f"{rollbacks} of at most {run.max_rollbacks})")
-                step, bad_streak = restored, 0
+                failed_at, step, bad_streak = step, restored, 0
                 bar.reset(total=config.steps)
                 bar.update(step)
                 batches.close()  # stops its prefetch thread
                 batches = train_data.iterate(step + data_offset)
                 if logger:
                     logger.restart(step)
+                    logger.write({"step": step, "event": "rollback", "from_step": failed_at, "time": time.time()})
                 continue
             if logger:
                 extra = {"skipped_steps": skipped, "rollbacks": rollbacks}

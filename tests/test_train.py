@@ -304,6 +304,20 @@ def logged(out) -> dict[int, tuple[float, float]]:
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in records if "loss" in r}
 
 
+def events(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "event" in r]
+
+
+def drawn_in(png, color: str) -> bool:
+    """Whether `png` has pixels of this matplotlib color (the marks of plot_loss)."""
+    import matplotlib.colors
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(png)[..., :3]
+    return bool((np.abs(rgb - np.array(matplotlib.colors.to_rgb(color))).max(axis=-1) < 0.02).any())
+
+
 def with_devices(n: int) -> dict:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
 
@@ -334,6 +348,9 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_with_identical_losses(
     assert f"resumed from step {stopped}" in resumed
     # The same batches, dropout keys and optimizer state: bit-for-bit the same losses on CPU.
     assert logged(tmp_path) == uninterrupted
+    # metrics.jsonl records the resume, and loss.png marks it.
+    assert [(e["event"], e["step"]) for e in events(tmp_path)] == [("resume", stopped)]
+    assert drawn_in(tmp_path / "loss.png", "tab:green") and not drawn_in(tmp_path / "loss.png", "tab:red")
 
 
 def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpoint(
@@ -351,6 +368,7 @@ def test_nan_steps_are_skipped_then_rolled_back_past_then_stop_the_run(tmp_path,
     record = [json.loads(l) for l in open(tmp_path / "once" / "metrics.jsonl")][-1]
     assert record["skipped_steps"] == 1 and record["rollbacks"] == 0 and np.isfinite(record["loss"])
     assert "rolled back" not in once.stdout
+    assert events(tmp_path / "once") == [] and not drawn_in(tmp_path / "once" / "loss.png", "tab:red")
 
     rolled = run_train(tmp_path / "rolled", tiny_tokenizer_path, "--steps=12", "--checkpoint_every=4",
                        "--max_bad_steps=2", "--test_nan_batches=5,6").stdout
@@ -359,6 +377,8 @@ def test_nan_steps_are_skipped_then_rolled_back_past_then_stop_the_run(tmp_path,
     meta = ckpt.manager.restore(12, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     ckpt.close()
     assert meta["data_offset"] == 3 and meta["rollbacks"] == 1
+    assert [(e["event"], e["step"], e["from_step"]) for e in events(tmp_path / "rolled")] == [("rollback", 4, 7)]
+    assert drawn_in(tmp_path / "rolled" / "loss.png", "tab:red")
     assert all(np.isfinite(loss) for loss, _ in logged(tmp_path / "rolled").values())
 
     stopped = run_train(tmp_path / "stopped", tiny_tokenizer_path, "--steps=12", "--checkpoint_every=4",
