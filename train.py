@@ -476,7 +476,7 @@ def cpu_peak_flops(cache_path: str | None = None, key: str | None = None) -> flo
     except (OSError, ValueError):
         cached = {}
     if key not in cached:
-        cached[key] = measure_matmul_flops(CPU_PEAK_SHAPES, repeats=10)
+        cached[key] = measure_matmul_flops(CPU_PEAK_SHAPES, repeats=5)
         print(f"measured the bf16 matmul peak of this CPU ({key}) for MFU: {cached[key] / 1e12:.3f} "
               f"TFLOP/s, kept in {cache_path}")
         try:  # written whole or not at all: processes measuring at once each replace the file
@@ -580,13 +580,14 @@ class IntervalLogger:
         self.file = open(self.path, "a")
         self.pending, self.clock = [], None
 
-    def log(self, step: int, metrics: dict, data_wait: float, extra: dict) -> str | None:
-        """Record the metrics of the step that ends at `step`; return a line when an interval ends."""
+    def log(self, step: int, metrics: dict, data_wait: float, extra: dict, last: bool = False) -> str | None:
+        """Record the metrics of the step that ends at `step`; return a line when an interval ends
+        (or, `last`, when this process stops: the steps since the previous record are kept)."""
         self.pending.append(metrics)
         self.data_wait += data_wait
         if self.clock is None:
             self.clock, self.clock_step, self.data_wait = time.perf_counter(), step, 0.0
-        if step % self.every and step != self.steps:
+        if step % self.every and step != self.steps and not last:
             return None
         now, timed = time.perf_counter(), step - self.clock_step
         seconds_per_step = (now - self.clock) / timed if timed else float("nan")
@@ -806,7 +807,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 extra = {"skipped_steps": skipped, "rollbacks": rollbacks}
                 if hasattr(train_data, "epoch"):
                     extra["epoch"] = float(train_data.epoch(position))
-                if line := logger.log(step, metrics, waited, extra):
+                if line := logger.log(step, metrics, waited, extra, last=bool(metrics["stop"])):
                     bar.write(line)
             if run.eval_every and (step % run.eval_every == 0 or step == config.steps):
                 record = {"eval_loss": held_out_loss()} if validation_data is not None else {}

@@ -198,6 +198,19 @@ def test_cpu_peak_is_measured_once_per_cpu_model_and_core_count_then_read_from_t
     assert other != 123e12 and json.loads(cache.read_text()) == {key: 123e12, "another CPU, 3 cores": other}
 
 
+def test_a_stopping_run_logs_the_steps_since_its_last_record(tmp_path):
+    import train
+
+    logger = train.IntervalLogger(str(tmp_path), every=10, steps=100, schedule=lambda s: 1e-3,
+                                  tokens_per_step=8, flops_per_step=1.0, peak_flops=1.0)
+    lines = [logger.log(s, {"loss": float(s), "grad_norm": 1.0, "skipped": False, "supervised_tokens": 8},
+                        0.0, {}, last=s == 13) for s in range(1, 14)]
+    logger.close()
+    assert [bool(line) for line in lines] == [s in (10, 13) for s in range(1, 14)]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in records] == [(10, 5.5), (13, 12.0)]  # means of 1..10 and 11..13
+
+
 def test_batch_not_divisible_by_accumulation_is_named():
     with pytest.raises(ValueError, match="--batch_size=6 is not divisible by --grad_accum=4"):
         TrainConfig(steps=10, batch_size=6, grad_accum=4, warmup_steps=1)
@@ -472,7 +485,7 @@ esac
 ''')
     fake.chmod(0o755)
     env = {**os.environ, "GCLOUD": str(fake), "ROOT": str(tmp_path)}
-    # (absl's --help exits with status 1, so the status is not the check: the workers' output is.)
+    # The status is not the check (the fake gcloud hides it): the workers' output is.
     subprocess.run([os.path.join(REPO, "scripts", "tpu.sh"), "my-v4-32", "us-central2-b", sys.executable,
                     "train.py", "--help"], env=env, capture_output=True, timeout=120)
     for w in (0, 1):
