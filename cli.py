@@ -32,6 +32,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from absl import app, flags
 
@@ -42,7 +43,7 @@ REQUIRED = re.compile(r"flag --(\w+)=None: Flag --\1 must have a value other tha
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
-def error(message: str) -> None:
+def error(message: str) -> NoReturn:
     """Print `SCRIPT.py: error: MESSAGE` on one line and exit with status 2."""
     one_line = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
     sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {one_line}\n")
