@@ -26,6 +26,7 @@ from absl import app, flags
 from safetensors import flax as safetensors_jax
 
 import checkpoint
+import cli
 from model import ModelConfig, Transformer
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, save_hf_tokenizer
 
@@ -215,4 +216,4 @@ def main(argv):
 if __name__ == "__main__":
     define_flags()
     flags.mark_flag_as_required("to")
-    app.run(main)
+    cli.run(main)

@@ -65,6 +65,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
 import generate
 from model import KVCache, Transformer, init_cache
@@ -656,4 +657,4 @@ def main(argv):
 if __name__ == "__main__":
     define_flags()
     logging.set_verbosity(logging.WARNING)
-    app.run(main)
+    cli.run(main)

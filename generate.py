@@ -23,10 +23,11 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import checkpoint
+import cli
 from model import KVCache, Transformer, init_cache
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokenizer
 
@@ -199,6 +200,11 @@ def chat(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict], max
                     temperature, top_k, top_p, CHAT_STOP_IDS, on_text=stream)[0]
 
 
+def rule(label: str) -> str:
+    """The line above a prompt or an output, naming it: samples must not run into each other."""
+    return f"---- {label} " + "-" * max(4, 40 - len(label))
+
+
 def _print_stream(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
@@ -240,13 +246,10 @@ def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
     if not FLAGS.checkpoint:
-        raise app.UsageError("--checkpoint is required: a train.py --output_dir")
+        raise cli.UsageError("--checkpoint is required: a train.py --output_dir")
     if not FLAGS.prompt and not FLAGS.chat:
-        raise app.UsageError("--prompt is required (or --chat for a conversation)")
-    try:
-        model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
-    except FileNotFoundError as e:
-        raise app.UsageError(str(e)) from e
+        raise cli.UsageError("--prompt is required (or --chat for a conversation)")
+    model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
     tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
     key = jax.random.key(FLAGS.seed)
     sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
@@ -260,19 +263,26 @@ def main(argv):
     else:
         prompts = [[BOS_ID, *tokenizer.encode(p)] for p in FLAGS.prompt]
         stop_ids = (EOS_ID,)
+    asked, answered = ("user", "assistant") if FLAGS.chat else ("prompt", "continuation")
+
+    def show_prompt(row: int) -> None:
+        of = f" {row + 1} of {len(prompts)}" if len(prompts) > 1 else ""
+        print(f"{rule(asked + of)}\n{FLAGS.prompt[row]}\n{rule(answered)}", flush=True)
+
     single = len(prompts) == 1
-    if single and not FLAGS.chat:
-        _print_stream(FLAGS.prompt[0])
+    if single:  # shown before the first token; the output streams below it
+        show_prompt(0)
     texts = complete(model, tokenizer, prompts, FLAGS.max_new_tokens, key, stop_ids=stop_ids,
                      stop_strings=FLAGS.stop, on_text=(lambda row, piece: _print_stream(piece)) if single else None,
                      **sampling)
     if single:
-        print("\n")
+        print()
         return
-    for prompt, text in zip(FLAGS.prompt, texts):
-        print(text if FLAGS.chat else f"{prompt}{text}", end="\n\n")
+    for row, text in enumerate(texts):
+        show_prompt(row)
+        print(text, end="\n\n")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

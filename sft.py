@@ -1,6 +1,6 @@
 """Supervised fine-tuning on ChatML conversations, with the loss on the assistant's tokens only.
 
-    python sft.py --flagfile=configs/sft_600m.flags --init_from=runs/600m \
+    python sft.py --flagfile=configs/sft_600m.flags --init_from=runs/600m \\
         --train_data=chats.jsonl:0.7,fr.json:0.3 --output_dir=runs/600m-sft
 
 Training is train.py's loop (`train.fit`: checkpoints, resume, preemption, logging) and flags;
@@ -61,10 +61,11 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jaxtyping import Bool, Int
 
 import checkpoint
+import cli
 import data
 import train
 from model import ModelConfig
@@ -694,12 +695,10 @@ def main(argv):
                         "files": [dataclasses.asdict(s) for s in stats]}
         train.fit(model_config, config, run, source, validation, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, sft=sft_settings), title="sft")
-    except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
-        sys.exit(f"sft.py: error: {e}")
     except train.TrainingStopped as e:
         sys.exit(f"sft.py: training stopped: {e}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

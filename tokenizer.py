@@ -1,5 +1,8 @@
 """The SentencePiece BPE tokenizer: training, loading, special ids, ChatML rendering, a CLI.
 
+    python tokenizer.py --input=samples/a.txt,samples/b.txt --model_prefix=/tmp/tok --vocab_size=2000
+    python tokenizer.py --model=/tmp/tok.model --stats=samples/en_doyle_sign_of_four.txt,samples/fr_maupassant_bel_ami.txt
+
 The report's settings: BPE, vocabulary 50,000, character coverage 0.9999, byte fallback, and
 eight special pieces at fixed ids, present from pretraining on:
 
@@ -9,7 +12,10 @@ Choices that are ours (each measured, see tests/test_tokenizer.py):
 
 * Text is kept byte for byte: identity normalization (no NFKC), whitespace runs kept, and byte
   fallback, so `decode(encode(x)) == x` for any text (one exception: U+2581 "▁", the piece
-  space symbol, decodes to a space, as in LLaMA). Digits are split into single pieces.
+  space symbol, decodes to a space, as in LLaMA). Digits are split into single pieces, and
+  0-9 are always pieces of the vocabulary, as in LLaMA, whatever the corpus: a corpus with few
+  numbers would otherwise spell them as byte pieces ("42" as <0x34><0x32>). They are required
+  characters, ordinary pieces, so the Hugging Face export needs nothing special for them.
 * Newlines: SentencePiece trains on lines, so we feed each line of a document as one sentence.
   "\\n" therefore never enters the vocabulary and is encoded as the byte piece <0x0A>, as in
   LLaMA; a newline never merges with its neighbours.
@@ -22,10 +28,6 @@ Choices that are ours (each measured, see tests/test_tokenizer.py):
 * The ChatML/code tokens are control symbols, not user-defined ones: SentencePiece never
   produces them from text, so a user typing "<|im_end|>" cannot end a turn. Only
   `render_chat` emits them.
-
-Usage:
-    python tokenizer.py --input=samples/a.txt,samples/b.txt --model_prefix=/tmp/tok --vocab_size=2000
-    python tokenizer.py --model=/tmp/tok.model --stats=samples/en_doyle_sign_of_four.txt,samples/fr_maupassant_bel_ami.txt
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -48,6 +49,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 NUM_BYTE_PIECES = 256  # byte fallback reserves one piece per byte value
+DIGITS = "0123456789"
 # SentencePiece skips longer lines; its default (4192 bytes) would drop long paragraphs.
 MAX_SENTENCE_BYTES = 16_384
 
@@ -92,12 +94,12 @@ def train_tokenizer(
     max_sentences: how many lines SentencePiece keeps, drawn uniformly at random from all the
       input (reservoir sampling), so a corpus of any size trains in bounded memory.
     """
-    min_vocab = len(SPECIAL_TOKENS) + NUM_BYTE_PIECES
+    min_vocab = len(SPECIAL_TOKENS) + NUM_BYTE_PIECES + len(DIGITS)
     if vocab_size <= min_vocab:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: it must exceed {min_vocab} "
-            f"({len(SPECIAL_TOKENS)} special + {NUM_BYTE_PIECES} byte pieces) plus the characters "
-            "of the corpus"
+            f"({len(SPECIAL_TOKENS)} special + {NUM_BYTE_PIECES} byte + {len(DIGITS)} digit pieces) "
+            "plus the characters of the corpus"
         )
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]  # one file path
@@ -132,6 +134,7 @@ def train_tokenizer(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             split_digits=True,
+            required_chars=DIGITS,  # pieces even when the corpus has none (see the docstring)
             allow_whitespace_only_pieces=True,
             add_dummy_prefix=False,  # see the module docstring
             num_threads=num_threads or os.cpu_count() or 1,
@@ -171,7 +174,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer model not found: {os.fspath(path)!r}")
+            raise FileNotFoundError(f"tokenizer model not found: {os.fspath(path)!r} (expected a "
+                                    "SentencePiece .model file, as tokenizer.py writes)")
         with open(path, "rb") as f:
             return cls(f.read())
 
@@ -322,23 +326,17 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     if FLAGS.stats or FLAGS.model:
         if not (FLAGS.stats and FLAGS.model):
-            _usage_error("--stats and --model go together: the files to measure and the model")
-        try:
-            print(stats_table(language_stats(Tokenizer.load(FLAGS.model), FLAGS.stats)))
-        except (FileNotFoundError, ValueError) as e:
-            _usage_error(str(e))
+            raise ValueError("--stats and --model go together: the files to measure and the model")
+        print(stats_table(language_stats(Tokenizer.load(FLAGS.model), FLAGS.stats)))
         return
     if not FLAGS.input or not FLAGS.model_prefix:
-        _usage_error("--input and --model_prefix are required to train (or --model and --stats to measure)")
+        raise ValueError("--input and --model_prefix are required to train (or --model and --stats to measure)")
     start = time.time()
-    try:
-        path = train_tokenizer(
-            FLAGS.input, FLAGS.model_prefix, vocab_size=FLAGS.vocab_size,
-            character_coverage=FLAGS.character_coverage, max_sentences=FLAGS.max_sentences,
-            verbose=FLAGS.verbose,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"tokenizer.py: {e}")  # the message says it all; no traceback
+    path = train_tokenizer(
+        FLAGS.input, FLAGS.model_prefix, vocab_size=FLAGS.vocab_size,
+        character_coverage=FLAGS.character_coverage, max_sentences=FLAGS.max_sentences,
+        verbose=FLAGS.verbose,
+    )
     tok = Tokenizer.load(path)
     print(f"wrote {path} ({tok.vocab_size} pieces) in {time.time() - start:.1f}s")
     sample = "Le chat dort.\nThe cat sleeps, 42 times."
@@ -350,13 +348,8 @@ def main(argv: Sequence[str]) -> None:
     print(f"tokens/char on the first {len(lines)} input lines: {tokens / max(chars, 1):.3f}")
 
 
-def _usage_error(message: str) -> None:
-    print(f"tokenizer.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-    from absl import app
+    import cli
 
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import signal
 import sys
 import tempfile
@@ -41,12 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import data
 from model import ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from tokenizer import Tokenizer
@@ -59,6 +61,9 @@ PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p
 HARDWARE = {"v4-8": (4, 275.0), "v4-32": (16, 275.0), "v5e-16": (16, 197.0),
             "v5p-32": (16, 459.0), "1xH100": (1, 989.0), "8xH100": (8, 989.0)}
 AXES = ("data", "fsdp")
+# The CPU peak's matmuls (m, k, n), the same for every model so that runs on one machine compare:
+# a large square, and the 100m config's MLP on 2,048 tokens (a CPU does best on such shapes).
+CPU_PEAK_SHAPES = ((2048, 2048, 2048), (2048, 640, 2560), (2048, 2560, 640))
 
 FLAGS = flags.FLAGS
 
@@ -145,7 +150,8 @@ def define_flags() -> None:
                       "--dry_run on a CPU as if on this pod: memory per chip and the time estimate.")
     flags.DEFINE_float("assumed_mfu", 0.4, "For --dry_run's time estimate.")
     flags.DEFINE_float("peak_tflops", 0.0,
-                       "bf16 peak TFLOP/s per device for MFU; 0 looks the chip up (CPU: measured at start).")
+                       "bf16 peak TFLOP/s per device for MFU; 0 looks the chip up (CPU: measured once per "
+                       "CPU model and core count, kept in ~/.cache/julian).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,17 +447,55 @@ def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 
     return 1 / best
 
 
-def device_peak_flops(model_config: ModelConfig, tokens: int, peak_tflops: float = 0.0) -> float:
-    """Peak bf16 FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides.
+def cpu_key() -> str:
+    """What a CPU's peak depends on: its model and the cores this process may use."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores"
 
-    On a CPU it is measured on the MLP's matmul shapes for a micro-batch of `tokens` tokens.
+
+def cpu_peak_flops(cache_path: str | None = None, key: str | None = None) -> float:
+    """This CPU's bf16 matmul FLOP/s on CPU_PEAK_SHAPES, measured once per `key` (default
+    cpu_key()) and kept in `cache_path` (default ~/.cache/julian/cpu_peak_flops.json).
+
+    Measured at every start, the peak varied by 2x with the machine's load, and so did the MFU
+    of the same speed; cached, every run on a machine divides by the same number. Delete the
+    file to measure again.
     """
+    cache_path = cache_path or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                            "julian", "cpu_peak_flops.json")
+    key = key or cpu_key()
+    try:
+        with open(cache_path) as f:
+            cached = json.load(f)
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = measure_matmul_flops(CPU_PEAK_SHAPES, repeats=5)
+        print(f"measured the bf16 matmul peak of this CPU ({key}) for MFU: {cached[key] / 1e12:.3f} "
+              f"TFLOP/s, kept in {cache_path}")
+        try:  # written whole or not at all: processes measuring at once each replace the file
+            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(cache_path), delete=False) as f:
+                json.dump(cached, f, indent=1)
+            os.replace(f.name, cache_path)
+        except OSError:
+            pass  # an unwritable cache costs a measurement per run, nothing more
+    return cached[key]
+
+
+def device_peak_flops(peak_tflops: float = 0.0) -> float:
+    """Peak bf16 FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides."""
     devices = jax.devices()
     if peak_tflops:
         return peak_tflops * 1e12 * len(devices)
     if devices[0].platform == "cpu":  # fake CPU devices share the same cores: one peak in all
-        d, f = model_config.d_model, model_config.d_ff
-        return measure_matmul_flops([(2048, 2048, 2048), (tokens, d, f), (tokens, f, d)])
+        return cpu_peak_flops()
     kind = devices[0].device_kind
     per_chip = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     if per_chip is None:
@@ -483,7 +527,7 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
         where, peak = f"{hardware} ({chips} chips x {tflops:g} TFLOP/s)", chips * tflops * 1e12
     else:
         where = f"{mesh.size} x {jax.devices()[0].device_kind}"
-        peak = device_peak_flops(model_config, micro * model_config.max_seq_len, peak_tflops)
+        peak = device_peak_flops(peak_tflops)
     days = total_flops / (peak * assumed_mfu) / 86400
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
     rows = [
@@ -536,13 +580,14 @@ class IntervalLogger:
         self.file = open(self.path, "a")
         self.pending, self.clock = [], None
 
-    def log(self, step: int, metrics: dict, data_wait: float, extra: dict) -> str | None:
-        """Record the metrics of the step that ends at `step`; return a line when an interval ends."""
+    def log(self, step: int, metrics: dict, data_wait: float, extra: dict, last: bool = False) -> str | None:
+        """Record the metrics of the step that ends at `step`; return a line when an interval ends
+        (or, `last`, when this process stops: the steps since the previous record are kept)."""
         self.pending.append(metrics)
         self.data_wait += data_wait
         if self.clock is None:
             self.clock, self.clock_step, self.data_wait = time.perf_counter(), step, 0.0
-        if step % self.every and step != self.steps:
+        if step % self.every and step != self.steps and not last:
             return None
         now, timed = time.perf_counter(), step - self.clock_step
         seconds_per_step = (now - self.clock) / timed if timed else float("nan")
@@ -594,6 +639,14 @@ def plot_loss(metrics_path: str, png_path: str, title: str = "julian pretraining
     held_out = [r for r in records if "eval_loss" in r]
     if held_out:
         ax.plot([r["step"] for r in held_out], [r["eval_loss"] for r in held_out], "o-", label="held out")
+    # A resume or rollback explains a jump in the curve: a dashed line, labelled, at its step.
+    marks = {(r["step"], f"rolled back to {r['step']} (from {r['from_step']})" if r["event"] == "rollback"
+              else f"resumed at {r['step']}") for r in records if "event" in r}
+    for step, label in sorted(marks):
+        color = "tab:red" if label.startswith("rolled") else "tab:green"
+        ax.axvline(step, color=color, linestyle="--", linewidth=1)
+        ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(-3, -4),
+                    textcoords="offset points", rotation=90, ha="right", va="top", fontsize=7, color=color)
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -684,8 +737,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
 
     seq_len = getattr(train_data, "seq_len", model_config.max_seq_len)  # SFT rows may be shorter
     tokens_per_step = config.batch_size * seq_len
-    micro_tokens = config.batch_size // config.grad_accum * seq_len
-    peak = device_peak_flops(model_config, micro_tokens, run.peak_tflops)
+    peak = device_peak_flops(run.peak_tflops)
     logger = None
     if primary:
         with open(os.path.join(run.metrics_dir, "config.json"), "w") as f:
@@ -696,6 +748,8 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
         print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
               f"per step | {jax.process_count()} processes, mesh {dict(mesh.shape)} | peak "
               f"{peak / 1e12:.2f} TFLOP/s for MFU")
+        if step:  # loss.png marks where a resumed run took over
+            logger.write({"step": step, "event": "resume", "time": time.time()})
 
     def save(at: int) -> None:
         ckpt.save(at, state.model, state.opt_state, saved_meta(), run_config, tokenizer_bytes)
@@ -740,19 +794,20 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 bar.write(f"step {step}: {bad_streak} non-finite steps in a row; rolled back to step "
                           f"{restored}, the data moves on to position {position + 1} (rollback "
                           f"{rollbacks} of at most {run.max_rollbacks})")
-                step, bad_streak = restored, 0
+                failed_at, step, bad_streak = step, restored, 0
                 bar.reset(total=config.steps)
                 bar.update(step)
                 batches.close()  # stops its prefetch thread
                 batches = train_data.iterate(step + data_offset)
                 if logger:
                     logger.restart(step)
+                    logger.write({"step": step, "event": "rollback", "from_step": failed_at, "time": time.time()})
                 continue
             if logger:
                 extra = {"skipped_steps": skipped, "rollbacks": rollbacks}
                 if hasattr(train_data, "epoch"):
                     extra["epoch"] = float(train_data.epoch(position))
-                if line := logger.log(step, metrics, waited, extra):
+                if line := logger.log(step, metrics, waited, extra, last=bool(metrics["stop"])):
                     bar.write(line)
             if run.eval_every and (step % run.eval_every == 0 or step == config.steps):
                 record = {"eval_loss": held_out_loss()} if validation_data is not None else {}
@@ -825,7 +880,10 @@ def resolved_config(model_config: ModelConfig, config: TrainConfig, run: RunConf
 def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
     if not path:
         raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py)")
-    tokenizer = Tokenizer.load(path)
+    try:
+        tokenizer = Tokenizer.load(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--tokenizer: {e}") from None
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(
             f"--tokenizer={path} has {tokenizer.vocab_size} pieces but --vocab_size={vocab_size}: "
@@ -863,12 +921,10 @@ def main(argv):
                                         "validation", tokenizer, model_config, config, grad_accum=1)
         fit(model_config, config, run, train_data, validation_data, tokenizer.model_bytes,
             resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data))
-    except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
-        sys.exit(f"train.py: error: {e}")
     except TrainingStopped as e:
         sys.exit(f"train.py: training stopped: {e}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

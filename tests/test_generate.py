@@ -158,14 +158,27 @@ def _run(*args, stdin=None):
                           input=stdin, timeout=300)
 
 
-def test_the_command_line_completes_a_prompt_and_answers_in_chat(tiny_run, tiny):
+def test_the_chat_command_line_prints_the_question_above_the_streamed_reply(tiny_run, tiny):
     model, tokenizer = tiny
     result = _run(f"--checkpoint={tiny_run}", "--prompt=Sherlock Holmes", "--temperature=0",
                   "--max_new_tokens=10", "--chat", "--system=")
     assert result.returncode == 0, result.stderr
     messages = [{"role": "user", "content": "Sherlock Holmes"}]
     reply = G.chat(model, tokenizer, messages, max_new_tokens=10)
-    assert result.stdout.strip() == reply.strip()
+    assert result.stdout == f"{G.rule('user')}\nSherlock Holmes\n{G.rule('assistant')}\n{reply}\n"
+
+
+def test_samples_print_each_prompt_above_its_own_continuation(tiny_run, tiny):
+    model, tokenizer = tiny
+    prompts = ["Sherlock Holmes", "Il était une fois"]
+    result = _run(f"--checkpoint={tiny_run}", *(f"--prompt={p}" for p in prompts), "--temperature=0",
+                  "--max_new_tokens=8")
+    assert result.returncode == 0, result.stderr
+    texts = G.complete(model, tokenizer, [[BOS_ID, *tokenizer.encode(p)] for p in prompts], 8, jax.random.key(0))
+    assert all(texts)
+    assert result.stdout == "".join(
+        f"{G.rule(f'prompt {i + 1} of 2')}\n{prompt}\n{G.rule('continuation')}\n{text}\n\n"
+        for i, (prompt, text) in enumerate(zip(prompts, texts)))
 
 
 def test_chat_without_a_prompt_holds_a_conversation_on_stdin(tiny_run):

@@ -182,6 +182,35 @@ def test_heads_not_dividing_d_model_is_named(tmp_path, tiny_tokenizer_path):
     assert "n_heads=5" in err and "d_model=192" in err
 
 
+def test_cpu_peak_is_measured_once_per_cpu_model_and_core_count_then_read_from_the_cache(tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "julian" / "cpu_peak_flops.json"
+    key = train.cpu_key()
+    assert str(len(os.sched_getaffinity(0))) in key
+    measured = train.device_peak_flops()
+    assert measured > 1e9 and json.loads(cache.read_text()) == {key: measured}
+    cache.write_text(json.dumps({key: 123e12}))  # the next call reads this, it does not measure
+    assert train.device_peak_flops() == 123e12
+    assert train.device_peak_flops(peak_tflops=2.0) == 2e12 * jax.device_count()  # the flag overrides
+    other = train.cpu_peak_flops(str(cache), key="another CPU, 3 cores")  # another key measures
+    assert other != 123e12 and json.loads(cache.read_text()) == {key: 123e12, "another CPU, 3 cores": other}
+
+
+def test_a_stopping_run_logs_the_steps_since_its_last_record(tmp_path):
+    import train
+
+    logger = train.IntervalLogger(str(tmp_path), every=10, steps=100, schedule=lambda s: 1e-3,
+                                  tokens_per_step=8, flops_per_step=1.0, peak_flops=1.0)
+    lines = [logger.log(s, {"loss": float(s), "grad_norm": 1.0, "skipped": False, "supervised_tokens": 8},
+                        0.0, {}, last=s == 13) for s in range(1, 14)]
+    logger.close()
+    assert [bool(line) for line in lines] == [s in (10, 13) for s in range(1, 14)]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in records] == [(10, 5.5), (13, 12.0)]  # means of 1..10 and 11..13
+
+
 def test_batch_not_divisible_by_accumulation_is_named():
     with pytest.raises(ValueError, match="--batch_size=6 is not divisible by --grad_accum=4"):
         TrainConfig(steps=10, batch_size=6, grad_accum=4, warmup_steps=1)
@@ -288,6 +317,20 @@ def logged(out) -> dict[int, tuple[float, float]]:
     return {r["step"]: (r["loss"], r["grad_norm"]) for r in records if "loss" in r}
 
 
+def events(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if "event" in r]
+
+
+def drawn_in(png, color: str) -> bool:
+    """Whether `png` has pixels of this matplotlib color (the marks of plot_loss)."""
+    import matplotlib.colors
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(png)[..., :3]
+    return bool((np.abs(rgb - np.array(matplotlib.colors.to_rgb(color))).max(axis=-1) < 0.02).any())
+
+
 def with_devices(n: int) -> dict:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
 
@@ -318,6 +361,9 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_with_identical_losses(
     assert f"resumed from step {stopped}" in resumed
     # The same batches, dropout keys and optimizer state: bit-for-bit the same losses on CPU.
     assert logged(tmp_path) == uninterrupted
+    # metrics.jsonl records the resume, and loss.png marks it.
+    assert [(e["event"], e["step"]) for e in events(tmp_path)] == [("resume", stopped)]
+    assert drawn_in(tmp_path / "loss.png", "tab:green") and not drawn_in(tmp_path / "loss.png", "tab:red")
 
 
 def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpoint(
@@ -335,6 +381,7 @@ def test_nan_steps_are_skipped_then_rolled_back_past_then_stop_the_run(tmp_path,
     record = [json.loads(l) for l in open(tmp_path / "once" / "metrics.jsonl")][-1]
     assert record["skipped_steps"] == 1 and record["rollbacks"] == 0 and np.isfinite(record["loss"])
     assert "rolled back" not in once.stdout
+    assert events(tmp_path / "once") == [] and not drawn_in(tmp_path / "once" / "loss.png", "tab:red")
 
     rolled = run_train(tmp_path / "rolled", tiny_tokenizer_path, "--steps=12", "--checkpoint_every=4",
                        "--max_bad_steps=2", "--test_nan_batches=5,6").stdout
@@ -343,6 +390,8 @@ def test_nan_steps_are_skipped_then_rolled_back_past_then_stop_the_run(tmp_path,
     meta = ckpt.manager.restore(12, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     ckpt.close()
     assert meta["data_offset"] == 3 and meta["rollbacks"] == 1
+    assert [(e["event"], e["step"], e["from_step"]) for e in events(tmp_path / "rolled")] == [("rollback", 4, 7)]
+    assert drawn_in(tmp_path / "rolled" / "loss.png", "tab:red")
     assert all(np.isfinite(loss) for loss, _ in logged(tmp_path / "rolled").values())
 
     stopped = run_train(tmp_path / "stopped", tiny_tokenizer_path, "--steps=12", "--checkpoint_every=4",
@@ -397,13 +446,13 @@ def test_fsdp_over_two_devices_trains_like_replicated_parameters(tmp_path, tiny_
 
 def test_resuming_another_models_checkpoint_names_the_differing_flag(tmp_path, tiny_tokenizer_path):
     run_train(tmp_path, tiny_tokenizer_path, "--steps=3")
-    err = run_train(tmp_path, tiny_tokenizer_path, "--steps=6", "--d_ff=256", expect=1).stderr
+    err = run_train(tmp_path, tiny_tokenizer_path, "--steps=6", "--d_ff=256", expect=2).stderr
     assert "--d_ff: the checkpoint has 128, the flags say 256" in err and str(tmp_path) in err
 
 
 def test_an_unwritable_output_dir_fails_before_training(tmp_path, tiny_tokenizer_path):
     (tmp_path / "file").write_text("not a directory")
-    err = run_train(tmp_path / "file" / "run", tiny_tokenizer_path, "--steps=3", expect=1).stderr
+    err = run_train(tmp_path / "file" / "run", tiny_tokenizer_path, "--steps=3", expect=2).stderr
     assert f"--output_dir={tmp_path / 'file' / 'run'} is not writable" in err
     assert "parameters" not in err
 
@@ -436,7 +485,7 @@ esac
 ''')
     fake.chmod(0o755)
     env = {**os.environ, "GCLOUD": str(fake), "ROOT": str(tmp_path)}
-    # (absl's --help exits with status 1, so the status is not the check: the workers' output is.)
+    # The status is not the check (the fake gcloud hides it): the workers' output is.
     subprocess.run([os.path.join(REPO, "scripts", "tpu.sh"), "my-v4-32", "us-central2-b", sys.executable,
                     "train.py", "--help"], env=env, capture_output=True, timeout=120)
     for w in (0, 1):
