@@ -563,7 +563,7 @@ def test_a_batch_with_no_weighted_positions_has_a_finite_zero_loss():
     (dict(d_model=64, n_heads=3), ("n_heads", "d_model")),
     (dict(d_model=96, n_heads=32), ("head_dim",)),  # head_dim 3 cannot be rotated in halves
     (dict(remat="everything"), ("remat",)),
-    (dict(attention="flash"), ("attention",)),
+    (dict(attention="ring"), ("attention",)),
     (dict(dtype="int8"), ("dtype",)),
     (dict(dropout=1.0), ("dropout",)),
     (dict(n_layers=0), ("n_layers",)),
