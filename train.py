@@ -565,7 +565,7 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
         ("per-device memory: peak", gib(peak_bytes(memory))),
     ]
     if pod:
-        rows.append((f"fits a {hardware} chip", fit_verdict(model_config, config, mesh, pod, peak_bytes(memory))))
+        rows.append((f"fits one {hardware} chip", fit_verdict(model_config, config, mesh, pod, peak_bytes(memory))))
     rows += [
         ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
                             f"sequences per device per micro-batch)"),

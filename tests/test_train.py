@@ -256,7 +256,7 @@ def test_dry_run_shows_fsdp_dividing_the_per_device_state(tmp_path):
         out = run_script("train.py", "--flagfile=configs/tiny.flags", "--dry_run", "--hardware=v4-8",
                          f"--output_dir={tmp_path}/never", *args).stdout
         assert "{'data': %d, 'fsdp': %d}" % (4 // int(args[0][7:]), int(args[0][7:])) in out
-        fit_lines.extend(l for l in out.splitlines() if l.startswith("fits a v4-8 chip"))
+        fit_lines.extend(l for l in out.splitlines() if l.startswith("fits one v4-8 chip"))
         line = next(l for l in out.splitlines() if l.startswith("per-device memory: arguments"))
         value, unit = line.split()[-2:]
         return float(value) * {"GiB": 1024, "MiB": 1}[unit]
