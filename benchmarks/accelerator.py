@@ -307,8 +307,8 @@ def table(rows: list[dict]) -> str:
         else:
             throughput = f"blocked {r['blocked_s']:.2f} s, committed {r['commit_s']:.2f} s"
         lines.append((section, r["model"], r.get("attention", "-"), r.get("remat", "-"), fmt(r.get("batch"), "d"),
-                      throughput, fmt(r.get("mfu"), ".1%"), fmt(r.get("memory_gib"), ".1f"),
-                      fmt(r.get("peak_gib"), ".1f"), fmt(r.get("compile_s"), ".1f"),
+                      throughput, fmt(r.get("mfu"), ".1%"), fmt(r.get("memory_gib"), ".3g"),
+                      fmt(r.get("peak_gib"), ".3g"), fmt(r.get("compile_s"), ".1f"),
                       r.get("note") or (f"{r['gib']:.2f} GiB" if section == "checkpoint" else "")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(lines[0]))]
     out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
@@ -325,7 +325,7 @@ def main() -> None:
     parser.add_argument("--attention", default="", help="Attention implementations (default: all this backend runs).")
     parser.add_argument("--remat", default="", help="Remat policies of the training rows (default: none,dots,full; "
                         "--smoke: none,dots).")
-    parser.add_argument("--train_budget_s", type=float, default=200.0,
+    parser.add_argument("--train_budget_s", type=float, default=150.0,
                         help="No training row starts once this is spent (with the longest row so far).")
     parser.add_argument("--sections", default="training,evaluation,generation,checkpoint", help="What to run.")
     parser.add_argument("--checkpoint_dir", default=None, help="Local directory for the checkpoint (default: a temporary one).")

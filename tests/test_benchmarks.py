@@ -30,4 +30,4 @@ def test_accelerator_smoke_run_measures_every_section_and_writes_the_table_as_js
     assert 0 < saved["blocked_s"] <= saved["commit_s"] and saved["gib"] > 0
     # One table: a header, a rule and one line per JSON row.
     table = [line for line in printed.splitlines() if line.startswith("|")]
-    assert "tokens" not in table[0] and "throughput" in table[0] and len(table) == 2 + len(rows)
+    assert "throughput" in table[0] and "MFU" in table[0] and len(table) == 2 + len(rows)
