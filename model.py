@@ -12,6 +12,9 @@ through `einsum` below, whose backward pass also feeds bf16 operands with fp32 a
 autodiff of an fp32-accumulating dot hands the backward fp32 cotangents, which take the slow path
 on CPUs (AMX) and waste bandwidth everywhere.
 
+Attention (`attend`) is plain einsums on a CPU; on a TPU or GPU (`attention="auto"`) it is a fused
+Pallas kernel that takes the packed rows' segment ids and never builds the score array.
+
 This file imports nothing of ours: no I/O, no flags.
 """
 
@@ -256,12 +259,12 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
     segments = segments.astype(jnp.int32)
     if impl in ("splash", "flash"):
         return _per_device(_splash if impl == "splash" else _flash, q, k, v, segments)
-    index = jnp.broadcast_to(jnp.arange(t), (b, t))
     if impl in ("cudnn", "dot_product"):
         swap = lambda a: a.transpose(0, 2, 1, 3)  # it wants (batch, seq, heads, head_dim)
         same = segments[:, None, :, None] == segments[:, None, None, :]
         return jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=same, is_causal=True,
                                             implementation="cudnn" if impl == "cudnn" else "xla")
+    index = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = attention_mask(segments, segments, index, index)
     scores = einsum("bhqd,bhkd->bhqk", q, k, dtype) / math.sqrt(d)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
