@@ -12,6 +12,9 @@ through `einsum` below, whose backward pass also feeds bf16 operands with fp32 a
 autodiff of an fp32-accumulating dot hands the backward fp32 cotangents, which take the slow path
 on CPUs (AMX) and waste bandwidth everywhere.
 
+Attention (`attend`) is plain einsums on a CPU; on a TPU or GPU (`attention="auto"`) it is a fused
+Pallas kernel that takes the packed rows' segment ids and never builds the score array.
+
 This file imports nothing of ours: no I/O, no flags.
 """
 
@@ -27,7 +30,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("einsum", "dot_product")
+# "auto" follows the backend (see `attention_impl`); the others name one implementation.
+ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "splash", "flash", "cudnn")
+# What "auto" runs on each backend: the fused kernel that honours segment ids there.
+AUTO_ATTENTION = {"tpu": "splash", "gpu": "flash", "cpu": "einsum"}
+# The kernels' tile along the sequence: TPU splash attention takes multiples of 128 only.
+KERNEL_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +52,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # activations and matmul inputs; "float32" for exact checks
     scan_layers: bool = True  # one compiled block for all layers; unrolled runs faster on CPU
     remat: str = "none"  # "none" | "full" | "dots" (keep matmul outputs, recompute the rest)
-    attention: str = "einsum"  # "einsum" | "dot_product" (jax.nn.dot_product_attention: cuDNN flash on GPU)
+    attention: str = "einsum"  # one of ATTENTION_IMPLS; "auto" picks by backend at trace time
 
     def __post_init__(self):
         problems = []
@@ -172,6 +180,98 @@ def attention_mask(q_segments: Int[Array, "batch q"], kv_segments: Int[Array, "b
     return same & (kv_positions[:, None, :] <= q_positions[:, :, None])
 
 
+def attention_impl(requested: str, seq_len: int, backend: str | None = None) -> str:
+    """What runs for `requested`: itself, or for "auto" the backend's fused kernel
+    (AUTO_ATTENTION) when the sequence is a whole number of kernel tiles, else einsum (the
+    short rows of a unit test or an evaluation bucket)."""
+    if requested != "auto":
+        return requested
+    impl = AUTO_ATTENTION.get(backend or jax.default_backend(), "einsum")
+    return impl if impl == "einsum" or seq_len % KERNEL_BLOCK == 0 else "einsum"
+
+
+def _per_device(fn, *args: Array) -> Array:
+    """`fn` on each device's rows of the batch. A Pallas kernel is a custom call XLA cannot
+    partition (it would gather the whole batch onto every device); train.py sets the mesh
+    while tracing, so the kernel runs under shard_map over the batch's mesh axes instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(*args)
+    spec = jax.sharding.PartitionSpec(mesh.axis_names)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+
+
+def _splash_kernel(heads: int, seq_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    # The largest tile that divides the sequence: bigger tiles keep the TPU's matrix units busier.
+    block = next(b for b in (512, 256, KERNEL_BLOCK) if seq_len % b == 0)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                              block_kv_dq=block)
+    mask = masks.MultiHeadMask([masks.CausalMask((seq_len, seq_len))] * heads)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
+            v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"]
+            ) -> Float[Array, "batch seq heads head_dim"]:
+    """TPU Pallas splash attention, causal within segments (a CPU runs it interpreted)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    b, h, t, d = q.shape
+    kernel = _splash_kernel(h, t, jax.default_backend() == "cpu")
+    q = q / math.sqrt(d)  # the kernel does not scale the scores
+    out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)))(q, k, v, segments)
+    return out.transpose(0, 2, 1, 3)
+
+
+def _flash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
+           v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"]
+           ) -> Float[Array, "batch seq heads head_dim"]:
+    """Pallas GPU (Triton) flash attention, causal within segments (a CPU runs it interpreted)."""
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+
+    swap = lambda a: a.transpose(0, 2, 1, 3)  # it wants (batch, seq, heads, head_dim)
+    return gpu_attention.mha(swap(q), swap(k), swap(v), segments, sm_scale=1 / math.sqrt(q.shape[-1]),
+                             causal=True, interpret=jax.default_backend() == "cpu")
+
+
+def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
+           v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"], impl: str,
+           dtype: str) -> Float[Array, "batch seq heads head_dim"]:
+    """Causal attention within segments (a token sees earlier tokens of its own segment), in `dtype`.
+
+    `segments` numbers the runs of a packed row (each run a document); `impl` is one of
+    ATTENTION_IMPLS. einsum builds the [batch, heads, seq, seq] scores; splash (TPU) and flash
+    (GPU) are Pallas kernels that take segment ids and never build them; cudnn is cuDNN's fused
+    kernel through jax.nn.dot_product_attention, which takes no segment ids, so the segments
+    reach it as a [batch, 1, seq, seq] mask (a bias in cuDNN); dot_product is the same call on
+    XLA's own path.
+    """
+    b, h, t, d = q.shape
+    impl = attention_impl(impl, t)
+    if impl in ("splash", "flash") and t % KERNEL_BLOCK:
+        raise ValueError(f"attention={impl} needs a sequence length that is a multiple of "
+                         f"{KERNEL_BLOCK}, got {t}: use attention=auto or einsum for this shape")
+    q, k, v = (a.astype(dtype) for a in (q, k, v))
+    segments = segments.astype(jnp.int32)
+    if impl in ("splash", "flash"):
+        return _per_device(_splash if impl == "splash" else _flash, q, k, v, segments)
+    if impl in ("cudnn", "dot_product"):
+        swap = lambda a: a.transpose(0, 2, 1, 3)  # it wants (batch, seq, heads, head_dim)
+        same = segments[:, None, :, None] == segments[:, None, None, :]
+        return jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=same, is_causal=True,
+                                            implementation="cudnn" if impl == "cudnn" else "xla")
+    index = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = attention_mask(segments, segments, index, index)
+    scores = einsum("bhqd,bhkd->bhqk", q, k, dtype) / math.sqrt(d)
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return einsum("bhqk,bhkd->bhqd", probs, v, dtype).transpose(0, 2, 1, 3).astype(dtype)
+
+
 class Attention(eqx.Module):
     wq: Float[Array, "d_model d_attn"]
     wk: Float[Array, "d_model d_attn"]
@@ -199,19 +299,12 @@ class Attention(eqx.Module):
         k = rotary(heads(self.wk), positions, config.rope_theta)
         return q, k, heads(self.wv).astype(config.dtype)
 
-    def __call__(self, x: Float[Array, "batch seq d_model"], mask: Bool[Array, "batch seq seq"],
+    def __call__(self, x: Float[Array, "batch seq d_model"], segments: Int[Array, "batch seq"],
                  positions: Int[Array, "batch seq"], config: ModelConfig
                  ) -> Float[Array, "batch seq d_model"]:
         b, t, d = x.shape
         q, k, v = self.qkv(x, positions, config)
-        if config.attention == "dot_product":
-            swap = lambda a: a.astype(config.dtype).transpose(0, 2, 1, 3)  # it wants (b, t, h, d)
-            out = jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=mask[:, None])
-        else:
-            scores = einsum("bhqd,bhkd->bhqk", q, k, config.dtype) / math.sqrt(q.shape[-1])
-            scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1)
-            out = einsum("bhqk,bhkd->bhqd", probs, v, config.dtype).transpose(0, 2, 1, 3)
+        out = attend(q, k, v, segments, config.attention, config.dtype)
         out = out.reshape(b, t, d).astype(config.dtype)
         return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype)
 
@@ -269,11 +362,11 @@ class Block(eqx.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config, km)
 
-    def __call__(self, x: Float[Array, "batch seq d_model"], mask: Bool[Array, "batch seq seq"],
+    def __call__(self, x: Float[Array, "batch seq d_model"], segments: Int[Array, "batch seq"],
                  positions: Int[Array, "batch seq"], config: ModelConfig,
                  key: PRNGKeyArray | None) -> Float[Array, "batch seq d_model"]:
         k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
-        h = self.attn(self.attn_norm(x, config.dtype), mask, positions, config)
+        h = self.attn(self.attn_norm(x, config.dtype), segments, positions, config)
         x = x + _dropout(h, config.dropout, k_attn)
         h = self.mlp(self.mlp_norm(x, config.dtype), config)
         return x + _dropout(h, config.dropout, k_mlp)
@@ -327,10 +420,8 @@ class Transformer(eqx.Module):
             segment_ids = jnp.zeros_like(tokens)
         positions = segment_positions(segment_ids)
         # A segment is a run of equal ids: number the runs, so an id that comes back later starts
-        # a new segment; and mask on the raw index, since positions restart per segment.
+        # a new segment (attention masks on the raw index, since positions restart per segment).
         runs = jnp.cumsum(_segment_starts(segment_ids), axis=1)
-        index = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        mask = attention_mask(runs, runs, index, index)
         x = self.embed.astype(config.dtype)[tokens]
         keys = jax.random.split(key, config.n_layers) if key is not None else None
 
@@ -338,7 +429,7 @@ class Transformer(eqx.Module):
 
         def layer(x, layer_params, layer_key):
             block = eqx.combine(layer_params, static)
-            return block(x, mask, positions, config, layer_key)
+            return block(x, runs, positions, config, layer_key)
 
         layer = _remat(layer, config.remat)
         if config.scan_layers:

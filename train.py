@@ -50,16 +50,33 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
-from model import ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
+from model import (ATTENTION_IMPLS, ModelConfig, Transformer, attention_impl, cross_entropy, flops_per_token,
+                   num_params)
 from tokenizer import Tokenizer
 
 # bf16 dense TFLOP/s per chip, from vendor spec sheets, keyed by a substring of device_kind.
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
                "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0,
                "H200": 989.0, "A100": 312.0}
-# Named pods for --dry_run: (chips, peak TFLOP/s per chip). A v4-32 has 16 chips (32 cores).
-HARDWARE = {"v4-8": (4, 275.0), "v4-32": (16, 275.0), "v5e-16": (16, 197.0),
-            "v5p-32": (16, 459.0), "1xH100": (1, 989.0), "8xH100": (8, 989.0)}
+
+
+class Pod(NamedTuple):
+    chips: int
+    tflops: float  # bf16 dense peak per chip
+    memory_gib: float  # HBM per chip
+    backend: str  # what --attention=auto runs there (model.AUTO_ATTENTION)
+
+
+# Named pods for --dry_run, from vendor spec sheets. A v4-32 has 16 chips (32 cores).
+HARDWARE = {"v4-8": Pod(4, 275.0, 32, "tpu"), "v4-32": Pod(16, 275.0, 32, "tpu"),
+            "v5e-16": Pod(16, 197.0, 16, "tpu"), "v5p-32": Pod(16, 459.0, 95, "tpu"),
+            "1xH100": Pod(1, 989.0, 80, "gpu"), "8xH100": Pod(8, 989.0, 80, "gpu"),
+            "1xH200": Pod(1, 989.0, 141, "gpu")}
+# A program fits a chip when it needs at most this share of its memory: the runtime, the
+# allocator's fragmentation and the other backend's fusion choices (the dry run compiles for a
+# CPU) need the rest.
+FIT_FRACTION = 0.9
+REMAT_ORDER = ("none", "dots", "full")  # least to most recomputation
 AXES = ("data", "fsdp")
 # The CPU peak's matmuls (m, k, n), the same for every model so that runs on one machine compare:
 # a large square, and the 100m config's MLP on 2,048 tokens (a CPU does best on such shapes).
@@ -83,8 +100,11 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation and matmul dtype.")
     flags.DEFINE_bool("scan_layers", True, "lax.scan over layers (fast compile) instead of unrolling.")
     flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Rematerialize activations per block.")
-    flags.DEFINE_enum("attention", "einsum", ["einsum", "dot_product"],
-                      "einsum, or jax.nn.dot_product_attention (cuDNN flash attention on GPU).")
+    flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLS),
+                      "auto: splash on TPU, flash on GPU, einsum on CPU. splash: TPU Pallas kernel; "
+                      "flash: Pallas GPU (Triton) kernel; cudnn: jax.nn.dot_product_attention on "
+                      "cuDNN with a segment mask; dot_product: the same on XLA; einsum: plain XLA. "
+                      "All honour packed rows' segment ids.")
     # Data.
     flags.DEFINE_string("tokenizer", None, "SentencePiece model (tokenizer.py writes one).")
     flags.DEFINE_string("train_data", None,
@@ -345,6 +365,15 @@ def _micro_loss(model: Transformer, micro: dict[str, Array], total_weight: Float
     return cross_entropy(logits, tokens[:, 1:], weights) * (weights.sum() / total_weight)
 
 
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn`, traced with `mesh` known: model.py runs Pallas attention kernels per device under it
+    (XLA cannot split a kernel's custom call over devices by itself)."""
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return traced
+
+
 def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mesh: Mesh) -> Callable:
     """The jitted update: (state, batch, step, inject_nan, stop_votes) -> (state, metrics).
 
@@ -384,7 +413,7 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         return state, metrics
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(train_step, donate_argnums=0,
+    return jax.jit(traced_on(mesh, train_step), donate_argnums=0,
                    in_shardings=(state_sharding, batch_sharding(mesh), replicated, replicated,
                                  replicated, NamedSharding(mesh, P(AXES))),
                    out_shardings=(state_sharding, replicated))
@@ -397,7 +426,7 @@ def make_eval_step(state_sharding, mesh: Mesh) -> Callable:
         weight = micro["weights"].sum() if "weights" in micro else jnp.float32(micro["tokens"][:, 1:].size)
         return _micro_loss(model, micro, jnp.float32(1.0), None), weight
 
-    return jax.jit(eval_step, in_shardings=(state_sharding.model, batch_sharding(mesh)))
+    return jax.jit(traced_on(mesh, eval_step), in_shardings=(state_sharding.model, batch_sharding(mesh)))
 
 
 def stop_votes(requested: bool, mesh: Mesh) -> Array:
@@ -504,27 +533,66 @@ def device_peak_flops(peak_tflops: float = 0.0) -> float:
 
 
 
-def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware: str,
-            assumed_mfu: float, peak_tflops: float) -> None:
-    """Print parameter count, compiled per-device memory for `mesh` and the compute budget;
-    allocate nothing. `hardware` names a pod in HARDWARE for the time estimate."""
+def step_memory(model_config: ModelConfig, config: TrainConfig, mesh: Mesh):
+    """XLA's memory analysis of the compiled train step for `mesh` (per device); allocates nothing."""
     optimizer = make_optimizer(config)
     state = abstract_state(model_config, optimizer, mesh)
     micro = config.batch_size // config.grad_accum
     tokens = jax.ShapeDtypeStruct((config.grad_accum, micro, model_config.max_seq_len + 1), jnp.int32,
                                   sharding=batch_sharding(mesh))
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    compiled = make_train_step(optimizer, shardings(state), mesh).lower(
+    return make_train_step(optimizer, shardings(state), mesh).lower(
         state, {"tokens": tokens}, jax.random.key(0), scalar, jax.ShapeDtypeStruct((), jnp.bool_),
-        jax.ShapeDtypeStruct((mesh.size,), jnp.bool_)).compile()
-    memory = compiled.memory_analysis()
+        jax.ShapeDtypeStruct((mesh.size,), jnp.bool_)).compile().memory_analysis()
+
+
+def peak_bytes(memory) -> int:
+    """What the step holds at once: its inputs, outputs that do not reuse a donated input, temporaries."""
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+
+
+def fit_verdict(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, pod: Pod, needed: int) -> str:
+    """Whether the step fits a chip of `pod`; if not, the first of --remat=dots, --remat=full,
+    then a doubled --grad_accum that does (each one compiled to find out)."""
+    limit = FIT_FRACTION * pod.memory_gib * 2**30
+    if needed <= limit:
+        return f"yes: {needed / 2**30:.1f} GiB of {pod.memory_gib:g} GiB per chip"
+    tries = [(f"--remat={r}", dataclasses.replace(model_config, remat=r), config)
+             for r in REMAT_ORDER if REMAT_ORDER.index(r) > REMAT_ORDER.index(model_config.remat)]
+    micro = config.batch_size // config.grad_accum
+    accum = config.grad_accum * 2
+    while config.batch_size % accum == 0 and config.batch_size // accum >= mesh.size and len(tries) < 5:
+        full = dataclasses.replace(model_config, remat="full")
+        tries.append((f"--remat=full --grad_accum={accum}", full, dataclasses.replace(config, grad_accum=accum)))
+        accum *= 2
+    advice = f"no flag tried makes it fit (micro-batch {micro}): shard with --fsdp or use a bigger chip"
+    for flag, model_try, config_try in tries:
+        if (other := peak_bytes(step_memory(model_try, config_try, mesh))) <= limit:
+            advice = f"with {flag} it needs {other / 2**30:.1f} GiB and fits"
+            break
+    return (f"NO: needs {needed / 2**30:.1f} GiB per chip, over {FIT_FRACTION:.0%} of a {pod.memory_gib:g} GiB "
+            f"chip; {advice}")
+
+
+def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware: str,
+            assumed_mfu: float, peak_tflops: float) -> None:
+    """Print parameter count, compiled per-device memory for `mesh` and the compute budget;
+    allocate nothing. `hardware` names a pod in HARDWARE: the time estimate, whether the step
+    fits its chips' memory (and which flag would make it fit), and its --attention=auto choice."""
+    seq_len = model_config.max_seq_len
+    pod = HARDWARE[hardware] if hardware else None
+    attention = attention_impl(model_config.attention, seq_len, pod.backend if pod else None)
+    # A TPU or GPU kernel compiles here in Pallas interpret mode: its loop over tiles, not a score array.
+    model_config = dataclasses.replace(model_config, attention=attention)
+    memory = step_memory(model_config, config, mesh)
 
     n = num_params(model_config)
-    tokens_per_step = config.batch_size * model_config.max_seq_len
-    total_flops = flops_per_token(model_config, model_config.max_seq_len) * tokens_per_step * config.steps
-    if hardware:
-        chips, tflops = HARDWARE[hardware]
-        where, peak = f"{hardware} ({chips} chips x {tflops:g} TFLOP/s)", chips * tflops * 1e12
+    micro = config.batch_size // config.grad_accum
+    tokens_per_step = config.batch_size * seq_len
+    total_flops = flops_per_token(model_config, seq_len) * tokens_per_step * config.steps
+    if pod:
+        where, peak = f"{hardware} ({pod.chips} chips x {pod.tflops:g} TFLOP/s)", pod.chips * pod.tflops * 1e12
     else:
         where = f"{mesh.size} x {jax.devices()[0].device_kind}"
         peak = device_peak_flops(peak_tflops)
@@ -533,11 +601,18 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
     rows = [
         ("parameters", f"{n:,}"),
         ("mesh", f"{dict(mesh.shape)} ({mesh.size} devices)"),
+        ("attention, remat", f"{attention}, {model_config.remat}"),
         ("per-device memory: arguments", gib(memory.argument_size_in_bytes)),
         ("per-device memory: outputs", gib(memory.output_size_in_bytes)),
         ("per-device memory: temporaries", gib(memory.temp_size_in_bytes)),
         ("per-device memory: code", gib(memory.generated_code_size_in_bytes)),
-        ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {model_config.max_seq_len})"),
+        ("per-device memory: peak", gib(peak_bytes(memory))),
+    ]
+    if pod:
+        rows.append((f"fits one {hardware} chip", fit_verdict(model_config, config, mesh, pod, peak_bytes(memory))))
+    rows += [
+        ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
+                            f"sequences per device per micro-batch)"),
         ("training tokens", f"{tokens_per_step * config.steps:,} ({config.steps:,} steps)"),
         ("FLOPs (6N + attention)", f"{total_flops:.3g}"),
         (f"time at {assumed_mfu:.0%} MFU on {where}", f"{days:.2f} days"),
@@ -904,7 +979,7 @@ def main(argv):
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
     if FLAGS.dry_run and FLAGS.hardware:
         # On a CPU, fake the named pod's chips so the batch splits and memory is per chip.
-        jax.config.update("jax_num_cpu_devices", HARDWARE[FLAGS.hardware][0])
+        jax.config.update("jax_num_cpu_devices", HARDWARE[FLAGS.hardware].chips)
     try:
         model_config, config, run = configs_from_flags()
         if FLAGS.dry_run:

@@ -393,6 +393,95 @@ def test_dot_product_attention_agrees_with_the_einsum_implementation(with_segmen
 
 
 # ---------------------------------------------------------------------------------------------
+# Fused attention kernels against the einsum path, on packed rows, in bf16. The Pallas kernels
+# run in interpret mode on a CPU; their tile is 128 tokens, so these rows are 128 long.
+
+KERNEL_SEQ = M.KERNEL_BLOCK
+# Rows of several documents each, one of them a segment id that comes back after another.
+PACKED = np.array([np.repeat([0, 1, 2, 3], [40, 7, 50, 31]), np.repeat([5, 9, 5], [64, 1, 63])])
+
+
+@functools.cache
+def attend_with_grads(impl: str):
+    """(output, dq, dk, dv) of `impl` on fixed bf16 inputs and the packed rows above."""
+    shape = (2, 2, KERNEL_SEQ, 32)  # batch, heads, seq, head_dim
+    q, k, v = (normal(seed, shape).astype(jnp.bfloat16) for seed in (11, 12, 13))
+    weights = normal(14, (2, KERNEL_SEQ, 2, 32))  # a loss that weighs every output differently
+    runs = np.cumsum(np.concatenate([np.ones((2, 1)), PACKED[:, 1:] != PACKED[:, :-1]], axis=1), axis=1)
+
+    def loss(q, k, v):
+        out = M.attend(q, k, v, jnp.asarray(runs, jnp.int32), impl, "bfloat16")
+        return jnp.sum(out.astype(jnp.float32) * weights), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return (out, *grads)
+
+
+@pytest.mark.parametrize("impl", ["splash", "flash", "dot_product"])
+def test_fused_attention_matches_einsum_on_packed_rows_in_values_and_gradients(impl):
+    """splash (TPU) and flash (GPU) run as Pallas kernels in interpret mode here. cuDNN
+    (`--attention=cudnn`) has no CPU implementation, so it cannot run in this test: what can run
+    is the same call, jax.nn.dot_product_attention with the same segment mask, on XLA's path
+    (`dot_product`); the cuDNN kernel itself is exercised only by benchmarks/accelerator.py on a
+    GPU."""
+    want, got = attend_with_grads("einsum"), attend_with_grads(impl)
+    for name, g, w in zip(("output", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        # Both sides round their operands to bf16; the einsum path also rounds the probabilities.
+        assert_close(g, w, rtol=4 * BF16_EPS)
+
+
+def test_fused_attention_keeps_documents_apart():
+    """A document's outputs do not change when another document of the row changes."""
+    def out(impl, v_scale):
+        shape = (2, 2, KERNEL_SEQ, 32)
+        q, k, v = (normal(seed, shape).astype(jnp.bfloat16) for seed in (11, 12, 13))
+        v = v.at[:, :, :40].multiply(v_scale)  # only the first document of row 0 (and 0..39 of row 1)
+        runs = np.cumsum(np.concatenate([np.ones((2, 1)), PACKED[:, 1:] != PACKED[:, :-1]], axis=1), axis=1)
+        return np.asarray(jax.jit(M.attend, static_argnums=(4, 5))(
+            q, k, v, jnp.asarray(runs, jnp.int32), impl, "bfloat16"), np.float32)
+    for impl in ("splash", "flash"):
+        before, after = out(impl, 1.0), out(impl, 3.0)
+        np.testing.assert_array_equal(after[0, 40:], before[0, 40:])
+        np.testing.assert_array_equal(after[1, 64:], before[1, 64:])
+        assert differs(after[0, :40], before[0, :40])
+
+
+def test_a_fused_kernel_on_a_sequence_it_cannot_tile_is_refused_with_the_length():
+    x = jnp.zeros((1, 1, 100, 32), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 128, got 100"):
+        M.attend(x, x, x, jnp.zeros((1, 100), jnp.int32), "splash", "bfloat16")
+
+
+@pytest.mark.parametrize("backend, seq, expected", [
+    ("tpu", 2048, "splash"), ("gpu", 2048, "flash"), ("cpu", 2048, "einsum"),
+    ("tpu", 100, "einsum"), ("gpu", 64, "einsum")])
+def test_auto_attention_follows_the_backend_and_falls_back_to_einsum_on_untiled_rows(backend, seq, expected):
+    assert M.attention_impl("auto", seq, backend) == expected
+    assert M.attention_impl("flash", seq, backend) == "flash"  # an explicit choice is kept
+
+
+def test_a_model_with_flash_attention_trains_like_einsum_on_packed_rows():
+    toks = tokens(shape=(1, KERNEL_SEQ + 1))
+    seg = PACKED[:1]
+    def run(impl):
+        model = build(attention=impl, max_seq_len=KERNEL_SEQ, dtype="bfloat16")
+        return logits_and_grads_packed(model, toks, seg)
+    want, got = run("einsum"), run("flash")
+    assert_close(got[0], want[0], rtol=4 * BF16_EPS)
+    assert_trees_close(got[1], want[1], rtol=8 * BF16_EPS)
+
+
+@model_jit
+def logits_and_grads_packed(model, tokens, segment_ids):
+    def loss(m):
+        logits = m(tokens[:, :-1], segment_ids)
+        return M.cross_entropy(logits, tokens[:, 1:], jnp.ones(tokens[:, 1:].shape)), logits
+    (_, logits), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
+    return logits, grads
+
+
+# ---------------------------------------------------------------------------------------------
 # Dropout.
 
 
@@ -474,7 +563,7 @@ def test_a_batch_with_no_weighted_positions_has_a_finite_zero_loss():
     (dict(d_model=64, n_heads=3), ("n_heads", "d_model")),
     (dict(d_model=96, n_heads=32), ("head_dim",)),  # head_dim 3 cannot be rotated in halves
     (dict(remat="everything"), ("remat",)),
-    (dict(attention="flash"), ("attention",)),
+    (dict(attention="ring"), ("attention",)),
     (dict(dtype="int8"), ("dtype",)),
     (dict(dropout=1.0), ("dropout",)),
     (dict(n_layers=0), ("n_layers",)),

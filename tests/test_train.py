@@ -280,15 +280,18 @@ def test_a_non_finite_step_leaves_parameters_and_moments_untouched():
 
 
 def test_dry_run_shows_fsdp_dividing_the_per_device_state(tmp_path):
+    fit_lines = []
     def argument_mib(*args):
         out = run_script("train.py", "--flagfile=configs/tiny.flags", "--dry_run", "--hardware=v4-8",
                          f"--output_dir={tmp_path}/never", *args).stdout
         assert "{'data': %d, 'fsdp': %d}" % (4 // int(args[0][7:]), int(args[0][7:])) in out
+        fit_lines.extend(l for l in out.splitlines() if l.startswith("fits one v4-8 chip"))
         line = next(l for l in out.splitlines() if l.startswith("per-device memory: arguments"))
         value, unit = line.split()[-2:]
         return float(value) * {"GiB": 1024, "MiB": 1}[unit]
 
     replicated, sharded = argument_mib("--fsdp=1"), argument_mib("--fsdp=4")
+    assert fit_lines[0].split()[4] == "yes:", fit_lines  # the tiny model fits a v4 chip
     assert sharded < 0.3 * replicated, (replicated, sharded)
 
 
@@ -506,3 +509,19 @@ def test_eval_tasks_score_the_model_during_training_as_evaluate_py_does(tmp_path
                                    os.path.join(REPO, "samples", "eval"), limit=6)["piqa"]
     assert scores[0]["piqa/acc"] == reference["acc,none"]
     assert scores[0]["piqa/acc_norm"] == reference["acc_norm,none"]
+
+
+def test_dry_run_fit_verdict_names_the_remat_flag_that_makes_a_step_fit():
+    from train import FIT_FRACTION, Pod, fit_verdict, peak_bytes, step_memory
+    model_config = dataclasses.replace(TINY, max_seq_len=256, attention="einsum")
+    config = TrainConfig(steps=10, batch_size=8, warmup_steps=1)
+    mesh = make_mesh(1)
+    plain = peak_bytes(step_memory(model_config, config, mesh))
+    dots = peak_bytes(step_memory(dataclasses.replace(model_config, remat="dots"), config, mesh))
+    assert dots < plain
+    # A chip between the two: the step as configured does not fit, --remat=dots does.
+    between = Pod(1, 275.0, (dots + plain) / 2 / FIT_FRACTION / 2**30, "tpu")
+    verdict = fit_verdict(model_config, config, mesh, between, plain)
+    assert verdict.startswith(f"NO: needs {plain / 2**30:.1f} GiB per chip") and "with --remat=dots" in verdict
+    roomy = Pod(1, 275.0, 2 * plain / FIT_FRACTION / 2**30, "tpu")
+    assert fit_verdict(model_config, config, mesh, roomy, plain).startswith("yes")
