@@ -329,8 +329,9 @@ def main(argv: Sequence[str]) -> None:
             raise ValueError("--stats and --model go together: the files to measure and the model")
         print(stats_table(language_stats(Tokenizer.load(FLAGS.model), FLAGS.stats)))
         return
-    if not FLAGS.input or not FLAGS.model_prefix:
-        raise ValueError("--input and --model_prefix are required to train (or --model and --stats to measure)")
+    for name in ("input", "model_prefix"):
+        if not FLAGS[name].value:
+            raise ValueError(f"--{name} is required to train (or --model and --stats to measure)")
     start = time.time()
     path = train_tokenizer(
         FLAGS.input, FLAGS.model_prefix, vocab_size=FLAGS.vocab_size,
