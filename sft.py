@@ -64,9 +64,11 @@ import numpy as np
 from absl import flags
 from jaxtyping import Bool, Int
 
+import budget
 import checkpoint
 import cli
 import data
+import parallel
 import train
 from model import ModelConfig
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, PAD_ID, Tokenizer
@@ -651,11 +653,11 @@ def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
     if FLAGS.dry_run and FLAGS.hardware:  # as train.py: the named pod's chips, faked on a CPU
-        jax.config.update("jax_num_cpu_devices", train.HARDWARE[FLAGS.hardware][0])
+        jax.config.update("jax_num_cpu_devices", budget.HARDWARE[FLAGS.hardware].chips)
     try:
         flag_model, config, run = train.configs_from_flags()
         if not FLAGS.dry_run:
-            train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         model_config, tokenizer = _model_config(run, flag_model)
         # Rows of --seq_len tokens when given (at most the model's context), else the context.
         seq_len = FLAGS.seq_len if FLAGS["seq_len"].present else model_config.max_seq_len
@@ -682,7 +684,7 @@ def main(argv):
                 raise ValueError(f"--epochs={FLAGS.epochs:g} of {rows.num_rows:,} rows at --batch_size="
                                  f"{config.batch_size} is {steps} steps: {e}") from None
         if FLAGS.dry_run:  # sizes, memory and budget of this fine-tuning (steps from --epochs)
-            return train.dry_run(model_config, config, train.make_mesh(run.fsdp), FLAGS.hardware,
+            return train.dry_run(model_config, config, parallel.make_mesh(run.fsdp), FLAGS.hardware,
                                  FLAGS.assumed_mfu, FLAGS.peak_tflops)
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)

@@ -29,13 +29,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import signal
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -50,37 +47,15 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import data
-from model import (ATTENTION_IMPLS, ModelConfig, Transformer, attention_impl, cross_entropy, flops_per_token,
-                   num_params)
+import budget
+from budget import HARDWARE, device_peak_flops
+from optim import learning_rate_schedule, make_optimizer
+from parallel import (AXES, batch_sharding, global_batch, initialize_distributed, leaf_sharding, make_mesh,
+                      shardings, stop_votes, traced_on)
+from runlog import IntervalLogger, check_writable, keep_metrics_until, plot_loss
+from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from tokenizer import Tokenizer
 
-# bf16 dense TFLOP/s per chip, from vendor spec sheets, keyed by a substring of device_kind.
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-               "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0, "H100": 989.0,
-               "H200": 989.0, "A100": 312.0}
-
-
-class Pod(NamedTuple):
-    chips: int
-    tflops: float  # bf16 dense peak per chip
-    memory_gib: float  # HBM per chip
-    backend: str  # what --attention=auto runs there (model.AUTO_ATTENTION)
-
-
-# Named pods for --dry_run, from vendor spec sheets. A v4-32 has 16 chips (32 cores).
-HARDWARE = {"v4-8": Pod(4, 275.0, 32, "tpu"), "v4-32": Pod(16, 275.0, 32, "tpu"),
-            "v5e-16": Pod(16, 197.0, 16, "tpu"), "v5p-32": Pod(16, 459.0, 95, "tpu"),
-            "1xH100": Pod(1, 989.0, 80, "gpu"), "8xH100": Pod(8, 989.0, 80, "gpu"),
-            "1xH200": Pod(1, 989.0, 141, "gpu")}
-# A program fits a chip when it needs at most this share of its memory: the runtime, the
-# allocator's fragmentation and the other backend's fusion choices (the dry run compiles for a
-# CPU) need the rest.
-FIT_FRACTION = 0.9
-REMAT_ORDER = ("none", "dots", "full")  # least to most recomputation
-AXES = ("data", "fsdp")
-# The CPU peak's matmuls (m, k, n), the same for every model so that runs on one machine compare:
-# a large square, and the 100m config's MLP on 2,048 tokens (a CPU does best on such shapes).
-CPU_PEAK_SHAPES = ((2048, 2048, 2048), (2048, 640, 2560), (2048, 2560, 640))
 
 FLAGS = flags.FLAGS
 
@@ -222,98 +197,11 @@ class RunConfig:
     test_sigkill_during_save: int = -1
 
 
-# --- The optimizer -------------------------------------------------------------------------------
-
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    # 1) linear warmup from 0 avoids early Adam steps on noisy moment estimates;
-    # 2) cosine decay to min_lr_ratio of the peak, as the report does (1.2e-3 -> 1.2e-4).
-    return optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, config.steps,
-        end_value=config.learning_rate * config.min_lr_ratio)
-
-
-def decay_mask(model: Transformer) -> Transformer:
-    """True for the matmul weights. Norm gains and the input embedding are not decayed: a gain
-    decayed toward 0 fights the normalization, and embedding rows of rare tokens would shrink
-    merely for being rarely seen. The untied output projection is a matmul and is decayed."""
-    mask = jax.tree.map(lambda _: False, model)
-    weights = lambda m: (m.blocks.attn.wq, m.blocks.attn.wk, m.blocks.attn.wv, m.blocks.attn.wo,
-                         m.blocks.mlp.w_gate, m.blocks.mlp.w_up, m.blocks.mlp.w_down, m.lm_head)
-    return eqx.tree_at(weights, mask, replace=(True,) * 8)
-
-
-class AdamState(NamedTuple):
-    count: Int[Array, ""]
-    mu: optax.Updates
-    nu: optax.Updates
-
-
-def scale_by_adam(b1: float, b2: float, eps: float, moment_dtype: str) -> optax.GradientTransformation:
-    """Adam's direction with both moments *stored* in `moment_dtype`, computed in fp32.
-
-    optax.scale_by_adam's `mu_dtype` covers the first moment only; the report kept both in bf16,
-    which halves the optimizer state (a third of the 600m model's checkpoint and memory).
-    """
-    def init(params):
-        zeros = lambda p: jnp.zeros(p.shape, moment_dtype)
-        return AdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
-
-    def update(grads, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m.astype(jnp.float32), grads, state.mu)
-        nu = jax.tree.map(lambda g, v: (1 - b2) * g * g + b2 * v.astype(jnp.float32), grads, state.nu)
-        correction1 = 1 - b1 ** count.astype(jnp.float32)
-        correction2 = 1 - b2 ** count.astype(jnp.float32)
-        direction = jax.tree.map(lambda m, v: (m / correction1) / (jnp.sqrt(v / correction2) + eps), mu, nu)
-        cast = lambda tree: jax.tree.map(lambda x: x.astype(moment_dtype), tree)
-        return direction, AdamState(count, cast(mu), cast(nu))
-
-    return optax.GradientTransformation(init, update)
-
-
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(config.grad_clip),
-        scale_by_adam(config.beta1, config.beta2, config.adam_eps, config.opt_state_dtype),
-        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-        optax.scale_by_learning_rate(learning_rate_schedule(config)),
-    )
-
-
 # --- Sharding and the step -----------------------------------------------------------------------
 
 class TrainState(eqx.Module):
     model: Transformer
     opt_state: optax.OptState
-
-
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None) -> None:
-    """Join the other processes of a multi-host run; must come before any other JAX call."""
-    if coordinator_address:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # a multi-host TPU slice
-        jax.distributed.initialize()
-
-
-def make_mesh(fsdp: int) -> Mesh:
-    devices = jax.devices()
-    if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"--fsdp={fsdp} must divide the number of devices, {len(devices)}")
-    return Mesh(np.array(devices).reshape(-1, fsdp), AXES)
-
-
-def leaf_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """Replicated, or (fsdp > 1) split over "fsdp" along the largest axis it divides."""
-    fsdp = mesh.shape["fsdp"]
-    axes = [i for i in np.argsort(shape)[::-1] if shape[i] % fsdp == 0 and shape[i] >= fsdp]
-    if fsdp == 1 or not axes:
-        return NamedSharding(mesh, P())
-    spec = [None] * len(shape)
-    spec[axes[0]] = "fsdp"
-    return NamedSharding(mesh, P(*spec))
 
 
 def abstract_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
@@ -324,31 +212,10 @@ def abstract_state(model_config: ModelConfig, optimizer: optax.GradientTransform
                         shapes)
 
 
-def shardings(tree) -> object:
-    return jax.tree.map(lambda x: x.sharding, tree)
-
-
 def init_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
                key: PRNGKeyArray) -> TrainState:
     model = Transformer(model_config, key)
     return TrainState(model, optimizer.init(model))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[grad_accum, micro, ...]: every micro-batch split over all devices."""
-    return NamedSharding(mesh, P(None, AXES))
-
-
-def global_batch(local: dict[str, np.ndarray], grad_accum: int, mesh: Mesh) -> dict[str, Array]:
-    """Assemble the global [grad_accum, micro, ...] arrays from each process's rows (data.py's
-    row layout: this process's part of each micro-batch, in micro-batch order)."""
-    sharding = batch_sharding(mesh)
-    out = {}
-    for name, rows in local.items():
-        rows = rows.reshape(grad_accum, -1, *rows.shape[1:])
-        shape = (grad_accum, rows.shape[1] * jax.process_count(), *rows.shape[2:])
-        out[name] = jax.make_array_from_process_local_data(sharding, rows, shape)
-    return out
 
 
 def as_batch(rows: np.ndarray | dict) -> dict[str, np.ndarray]:
@@ -363,15 +230,6 @@ def _micro_loss(model: Transformer, micro: dict[str, Array], total_weight: Float
     weights = micro.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
     logits = model(tokens[:, :-1], micro.get("segment_ids"), key=key if model.config.dropout else None)
     return cross_entropy(logits, tokens[:, 1:], weights) * (weights.sum() / total_weight)
-
-
-def traced_on(mesh: Mesh, fn: Callable) -> Callable:
-    """`fn`, traced with `mesh` known: model.py runs Pallas attention kernels per device under it
-    (XLA cannot split a kernel's custom call over devices by itself)."""
-    def traced(*args):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args)
-    return traced
 
 
 def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mesh: Mesh) -> Callable:
@@ -429,11 +287,6 @@ def make_eval_step(state_sharding, mesh: Mesh) -> Callable:
     return jax.jit(traced_on(mesh, eval_step), in_shardings=(state_sharding.model, batch_sharding(mesh)))
 
 
-def stop_votes(requested: bool, mesh: Mesh) -> Array:
-    local = np.full(len(jax.local_devices()), requested)
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(AXES)), local, (mesh.size,))
-
-
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many rollbacks); the message says what happened and where."""
 
@@ -456,83 +309,6 @@ class PreemptionGuard:
             signal.signal(sig, handler)
 
 
-# --- Peak FLOP/s, dry run, logging -------------------------------------------------------------
-
-def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 3) -> float:
-    """Best bf16 x bf16 -> f32 FLOP/s of the default device over (m, k, n) matmul shapes.
-
-    The MFU denominator where no spec sheet applies: CPUs differ by 10x (with AMX or without),
-    and a CPU reaches its best on shapes like the model's, not on large squares.
-    """
-    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    best = float("inf")
-    for m, k, n in shapes:
-        a, b = jnp.ones((m, k), jnp.bfloat16), jnp.ones((k, n), jnp.bfloat16)
-        matmul(a, b).block_until_ready()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            matmul(a, b).block_until_ready()
-            best = min(best, (time.perf_counter() - start) / (2 * m * k * n))
-    return 1 / best
-
-
-def cpu_key() -> str:
-    """What a CPU's peak depends on: its model and the cores this process may use."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores"
-
-
-def cpu_peak_flops(cache_path: str | None = None, key: str | None = None) -> float:
-    """This CPU's bf16 matmul FLOP/s on CPU_PEAK_SHAPES, measured once per `key` (default
-    cpu_key()) and kept in `cache_path` (default ~/.cache/julian/cpu_peak_flops.json).
-
-    Measured at every start, the peak varied by 2x with the machine's load, and so did the MFU
-    of the same speed; cached, every run on a machine divides by the same number. Delete the
-    file to measure again.
-    """
-    cache_path = cache_path or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                            "julian", "cpu_peak_flops.json")
-    key = key or cpu_key()
-    try:
-        with open(cache_path) as f:
-            cached = json.load(f)
-    except (OSError, ValueError):
-        cached = {}
-    if key not in cached:
-        cached[key] = measure_matmul_flops(CPU_PEAK_SHAPES, repeats=5)
-        print(f"measured the bf16 matmul peak of this CPU ({key}) for MFU: {cached[key] / 1e12:.3f} "
-              f"TFLOP/s, kept in {cache_path}")
-        try:  # written whole or not at all: processes measuring at once each replace the file
-            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(cache_path), delete=False) as f:
-                json.dump(cached, f, indent=1)
-            os.replace(f.name, cache_path)
-        except OSError:
-            pass  # an unwritable cache costs a measurement per run, nothing more
-    return cached[key]
-
-
-def device_peak_flops(peak_tflops: float = 0.0) -> float:
-    """Peak bf16 FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides."""
-    devices = jax.devices()
-    if peak_tflops:
-        return peak_tflops * 1e12 * len(devices)
-    if devices[0].platform == "cpu":  # fake CPU devices share the same cores: one peak in all
-        return cpu_peak_flops()
-    kind = devices[0].device_kind
-    per_chip = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    if per_chip is None:
-        raise ValueError(f"unknown peak FLOP/s for device {kind!r}: pass --peak_tflops")
-    return per_chip * 1e12 * len(devices)
-
-
-
 def step_memory(model_config: ModelConfig, config: TrainConfig, mesh: Mesh):
     """XLA's memory analysis of the compiled train step for `mesh` (per device); allocates nothing."""
     optimizer = make_optimizer(config)
@@ -546,203 +322,14 @@ def step_memory(model_config: ModelConfig, config: TrainConfig, mesh: Mesh):
         jax.ShapeDtypeStruct((mesh.size,), jnp.bool_)).compile().memory_analysis()
 
 
-def peak_bytes(memory) -> int:
-    """What the step holds at once: its inputs, outputs that do not reuse a donated input, temporaries."""
-    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
-
-
-def fit_verdict(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, pod: Pod, needed: int) -> str:
-    """Whether the step fits a chip of `pod`; if not, the first of --remat=dots, --remat=full,
-    then a doubled --grad_accum that does (each one compiled to find out)."""
-    limit = FIT_FRACTION * pod.memory_gib * 2**30
-    if needed <= limit:
-        return f"yes: {needed / 2**30:.1f} GiB of {pod.memory_gib:g} GiB per chip"
-    tries = [(f"--remat={r}", dataclasses.replace(model_config, remat=r), config)
-             for r in REMAT_ORDER if REMAT_ORDER.index(r) > REMAT_ORDER.index(model_config.remat)]
-    micro = config.batch_size // config.grad_accum
-    accum = config.grad_accum * 2
-    while config.batch_size % accum == 0 and config.batch_size // accum >= mesh.size and len(tries) < 5:
-        full = dataclasses.replace(model_config, remat="full")
-        tries.append((f"--remat=full --grad_accum={accum}", full, dataclasses.replace(config, grad_accum=accum)))
-        accum *= 2
-    advice = f"no flag tried makes it fit (micro-batch {micro}): shard with --fsdp or use a bigger chip"
-    for flag, model_try, config_try in tries:
-        if (other := peak_bytes(step_memory(model_try, config_try, mesh))) <= limit:
-            advice = f"with {flag} it needs {other / 2**30:.1f} GiB and fits"
-            break
-    return (f"NO: needs {needed / 2**30:.1f} GiB per chip, over {FIT_FRACTION:.0%} of a {pod.memory_gib:g} GiB "
-            f"chip; {advice}")
-
-
-def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware: str,
-            assumed_mfu: float, peak_tflops: float) -> None:
-    """Print parameter count, compiled per-device memory for `mesh` and the compute budget;
-    allocate nothing. `hardware` names a pod in HARDWARE: the time estimate, whether the step
-    fits its chips' memory (and which flag would make it fit), and its --attention=auto choice."""
-    seq_len = model_config.max_seq_len
-    pod = HARDWARE[hardware] if hardware else None
-    attention = attention_impl(model_config.attention, seq_len, pod.backend if pod else None)
-    # A TPU or GPU kernel compiles here in Pallas interpret mode: its loop over tiles, not a score array.
-    model_config = dataclasses.replace(model_config, attention=attention)
-    memory = step_memory(model_config, config, mesh)
-
-    n = num_params(model_config)
-    micro = config.batch_size // config.grad_accum
-    tokens_per_step = config.batch_size * seq_len
-    total_flops = flops_per_token(model_config, seq_len) * tokens_per_step * config.steps
-    if pod:
-        where, peak = f"{hardware} ({pod.chips} chips x {pod.tflops:g} TFLOP/s)", pod.chips * pod.tflops * 1e12
-    else:
-        where = f"{mesh.size} x {jax.devices()[0].device_kind}"
-        peak = device_peak_flops(peak_tflops)
-    days = total_flops / (peak * assumed_mfu) / 86400
-    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-    rows = [
-        ("parameters", f"{n:,}"),
-        ("mesh", f"{dict(mesh.shape)} ({mesh.size} devices)"),
-        ("attention, remat", f"{attention}, {model_config.remat}"),
-        ("per-device memory: arguments", gib(memory.argument_size_in_bytes)),
-        ("per-device memory: outputs", gib(memory.output_size_in_bytes)),
-        ("per-device memory: temporaries", gib(memory.temp_size_in_bytes)),
-        ("per-device memory: code", gib(memory.generated_code_size_in_bytes)),
-        ("per-device memory: peak", gib(peak_bytes(memory))),
-    ]
-    if pod:
-        rows.append((f"fits one {hardware} chip", fit_verdict(model_config, config, mesh, pod, peak_bytes(memory))))
-    rows += [
-        ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
-                            f"sequences per device per micro-batch)"),
-        ("training tokens", f"{tokens_per_step * config.steps:,} ({config.steps:,} steps)"),
-        ("FLOPs (6N + attention)", f"{total_flops:.3g}"),
-        (f"time at {assumed_mfu:.0%} MFU on {where}", f"{days:.2f} days"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-
-
-def keep_metrics_until(path: str, step: int) -> None:
-    """Drop metrics.jsonl records after `step`: a resumed or rolled-back run logs them again."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-class IntervalLogger:
-    """Every `every` steps: one console line, one metrics.jsonl record and TensorBoard scalars
-    (step, loss, lr, grad norm, tokens/s, MFU, ETA, time waiting for data). The clock starts
-    after the first step of this process, which includes compilation."""
-
-    def __init__(self, metrics_dir: str, every: int, steps: int, schedule: optax.Schedule,
-                 tokens_per_step: int, flops_per_step: float, peak_flops: float):
-        from tensorboardX import SummaryWriter
-
-        self.path = os.path.join(metrics_dir, "metrics.jsonl")
-        self.file = open(self.path, "a")
-        self.tensorboard = SummaryWriter(os.path.join(metrics_dir, "tb"))
-        self.every, self.steps, self.schedule = every, steps, schedule
-        self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
-        self.pending: list[dict] = []
-        self.clock, self.clock_step, self.data_wait = None, 0, 0.0
-
-    def restart(self, step: int) -> None:
-        """Forget the open interval (after a rollback to `step`)."""
-        self.file.close()
-        keep_metrics_until(self.path, step)
-        self.file = open(self.path, "a")
-        self.pending, self.clock = [], None
-
-    def log(self, step: int, metrics: dict, data_wait: float, extra: dict, last: bool = False) -> str | None:
-        """Record the metrics of the step that ends at `step`; return a line when an interval ends
-        (or, `last`, when this process stops: the steps since the previous record are kept)."""
-        self.pending.append(metrics)
-        self.data_wait += data_wait
-        if self.clock is None:
-            self.clock, self.clock_step, self.data_wait = time.perf_counter(), step, 0.0
-        if step % self.every and step != self.steps and not last:
-            return None
-        now, timed = time.perf_counter(), step - self.clock_step
-        seconds_per_step = (now - self.clock) / timed if timed else float("nan")
-        good = [m for m in self.pending if not m["skipped"]] or self.pending
-        record = {"step": step,
-                  "loss": float(np.mean([m["loss"] for m in good])),
-                  "lr": float(self.schedule(step - 1)),
-                  "grad_norm": float(good[-1]["grad_norm"]),
-                  "tokens_per_s": self.tokens_per_step / seconds_per_step,
-                  "mfu": self.flops_per_step / seconds_per_step / self.peak_flops,
-                  "time": time.time(),
-                  "eta_s": seconds_per_step * (self.steps - step),
-                  "data_wait_fraction": self.data_wait / (now - self.clock) if timed else 0.0,
-                  "supervised_tokens": float(np.mean([m["supervised_tokens"] for m in self.pending])),
-                  **extra}
-        self.write(record)
-        self.pending, self.clock, self.clock_step, self.data_wait = [], now, step, 0.0
-        line = (f"step {step:>7} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-                f"MFU {record['mfu']:.1%} | ETA {record['eta_s'] / 60:.1f} min")
-        if "epoch" in extra:
-            line += f" | epoch {extra['epoch']:.2f}"
-        if extra.get("skipped_steps"):
-            line += f" | {extra['skipped_steps']} skipped"
-        return line
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for name, value in record.items():
-            if name not in ("step", "time") and isinstance(value, (int, float)) and np.isfinite(value):
-                self.tensorboard.add_scalar(f"train/{name}", value, record["step"])
-
-    def close(self) -> None:
-        self.file.close()
-        self.tensorboard.close()
-
-
-def plot_loss(metrics_path: str, png_path: str, title: str = "julian pretraining") -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train = [r for r in records if "loss" in r]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training")
-    held_out = [r for r in records if "eval_loss" in r]
-    if held_out:
-        ax.plot([r["step"] for r in held_out], [r["eval_loss"] for r in held_out], "o-", label="held out")
-    # A resume or rollback explains a jump in the curve: a dashed line, labelled, at its step.
-    marks = {(r["step"], f"rolled back to {r['step']} (from {r['from_step']})" if r["event"] == "rollback"
-              else f"resumed at {r['step']}") for r in records if "event" in r}
-    for step, label in sorted(marks):
-        color = "tab:red" if label.startswith("rolled") else "tab:green"
-        ax.axvline(step, color=color, linestyle="--", linewidth=1)
-        ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(-3, -4),
-                    textcoords="offset points", rotation=90, ha="right", va="top", fontsize=7, color=color)
-    ax.set(xlabel="step", ylabel="loss", title=title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware: str, assumed_mfu: float,
+            peak_tflops: float) -> None:
+    """budget.dry_run of this file's train step (sizes, memory, fit on `hardware`, time budget)."""
+    budget.dry_run(model_config, config, mesh, hardware, assumed_mfu, peak_tflops,
+                   lambda m, c: step_memory(m, c, mesh))
 
 
 # --- The run ---------------------------------------------------------------------------------------
-
-def check_writable(directory: str, flag: str) -> None:
-    """Fail before any compute when `directory` cannot hold the run's output."""
-    if "://" in directory:
-        return  # Orbax reports an unwritable bucket on the first save's metadata write, at start
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise ValueError(f"{flag}={directory} is not writable: {e.strerror or e}") from e
-
 
 def benchmark_scores(model: Transformer, tokenizer_bytes: bytes, run: RunConfig, mesh: Mesh) -> dict[str, float]:
     """lm-eval scores of `model` on run.eval_tasks through evaluate.py, as {"task/metric": value}.

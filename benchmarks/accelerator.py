@@ -16,7 +16,7 @@ short still leaves what it measured.
    of --batches that fits: the compiled step's memory (XLA's memory analysis) is checked against
    the device's limit before running, and an out-of-memory error tries the next smaller batch.
    tokens/s over --steps timed steps after one untimed; MFU = model.flops_per_token (6N +
-   attention) x tokens/s / the chips' bf16 peak (train.device_peak_flops: train.py's table; a CPU
+   attention) x tokens/s / the chips' bf16 peak (budget.device_peak_flops: its table; a CPU
    measures its own); "memory" is the compiled step's (arguments + outputs not aliased to
    donated inputs + temporaries); "peak" is memory_stats()'s high-water mark of the process so far
    (None on a CPU); "compile" is lowering plus compiling.
@@ -55,9 +55,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import budget  # noqa: E402
 import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import generate  # noqa: E402
+import optim  # noqa: E402
+import parallel  # noqa: E402
 import train  # noqa: E402
 from model import AUTO_ATTENTION, ModelConfig, Transformer, flops_per_token, num_params  # noqa: E402
 from tokenizer import BOS_ID, Tokenizer, train_tokenizer  # noqa: E402
@@ -119,12 +122,12 @@ def compile_step(config: ModelConfig, per_device: int, mesh):
     """(compiled train step, its TrainConfig, compile seconds) for `per_device` sequences per device."""
     train_config = train.TrainConfig(steps=1_000, batch_size=per_device * mesh.size, warmup_steps=10,
                                      opt_state_dtype="bfloat16")
-    optimizer = train.make_optimizer(train_config)
+    optimizer = optim.make_optimizer(train_config)
     abstract = train.abstract_state(config, optimizer, mesh)
     tokens = jax.ShapeDtypeStruct((1, train_config.batch_size, config.max_seq_len + 1), jnp.int32,
-                                  sharding=train.batch_sharding(mesh))
+                                  sharding=parallel.batch_sharding(mesh))
     start = time.perf_counter()
-    compiled = train.make_train_step(optimizer, train.shardings(abstract), mesh).lower(
+    compiled = train.make_train_step(optimizer, parallel.shardings(abstract), mesh).lower(
         abstract, {"tokens": tokens}, jax.random.key(0), jax.ShapeDtypeStruct((), jnp.int32),
         jax.ShapeDtypeStruct((), jnp.bool_), jax.ShapeDtypeStruct((mesh.size,), jnp.bool_)).compile()
     return compiled, train_config, time.perf_counter() - start
@@ -132,14 +135,14 @@ def compile_step(config: ModelConfig, per_device: int, mesh):
 
 def time_step(config: ModelConfig, compiled, train_config: train.TrainConfig, mesh, steps: int) -> float:
     """Seconds per step of `compiled` on a fresh state, over `steps` steps after one untimed."""
-    optimizer = train.make_optimizer(train_config)
+    optimizer = optim.make_optimizer(train_config)
     abstract = train.abstract_state(config, optimizer, mesh)
     state = jax.jit(lambda k: train.init_state(config, optimizer, k),
-                    out_shardings=train.shardings(abstract))(jax.random.key(0))
+                    out_shardings=parallel.shardings(abstract))(jax.random.key(0))
     rows = np.random.default_rng(0).integers(0, config.vocab_size, (train_config.batch_size, config.max_seq_len + 1))
-    batch = train.global_batch({"tokens": rows.astype(np.int32)}, 1, mesh)
+    batch = parallel.global_batch({"tokens": rows.astype(np.int32)}, 1, mesh)
     key, step, nan = jax.random.key(1), jnp.int32(0), jnp.bool_(False)
-    votes = train.stop_votes(False, mesh)
+    votes = parallel.stop_votes(False, mesh)
     args = jax.device_put((key, step, nan, votes), compiled.input_shardings[0][2:])
     state, metrics = jax.block_until_ready(compiled(state, batch, *args))
     start = time.perf_counter()
@@ -164,7 +167,7 @@ def train_row(size: str, attention: str, remat: str, setup: dict, mesh, start_ba
         per_device = candidates.pop(0)
         try:
             compiled, train_config, compile_s = compile_step(config, per_device, mesh)
-            needed = train.peak_bytes(compiled.memory_analysis())
+            needed = budget.peak_bytes(compiled.memory_analysis())
             if limit and needed > limit:
                 # Temporaries grow with the batch: jump to the largest batch they would fit at.
                 fixed = needed - compiled.memory_analysis().temp_size_in_bytes
@@ -182,7 +185,7 @@ def train_row(size: str, attention: str, remat: str, setup: dict, mesh, start_ba
             row["note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             return row
         tokens = train_config.batch_size * config.max_seq_len
-        peak = train.device_peak_flops()
+        peak = budget.device_peak_flops()
         row.update(batch=per_device, tokens_per_s=tokens / seconds,
                    mfu=flops_per_token(config, config.max_seq_len) * tokens / seconds / peak,
                    memory_gib=needed / 2**30, peak_gib=device_peak_gib(), compile_s=compile_s)
@@ -195,7 +198,7 @@ def train_row(size: str, attention: str, remat: str, setup: dict, mesh, start_ba
 
 def training(setup: dict, sizes, impls, remats, budget_s: float, rows: list[dict], save) -> None:
     """Rows in order of interest: the largest size first, the backend's default attention first."""
-    mesh = train.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     started, longest = time.perf_counter(), 0.0
     best: dict[tuple[str, str], int] = {}  # (size, attention) -> batch at the previous remat
     for size in sorted(sizes, key=lambda s: -num_params(model_config(s, setup["seq_len"]))):
@@ -269,7 +272,7 @@ def generation(model: Transformer, size: str, batch: int, setup: dict) -> dict:
 
 def emergency_checkpoint(model: Transformer, size: str, directory: str) -> dict:
     """Save the whole training state twice (the first also lays out the directory); the second's figures."""
-    optimizer = train.make_optimizer(train.TrainConfig(steps=10, batch_size=1, warmup_steps=1))
+    optimizer = optim.make_optimizer(train.TrainConfig(steps=10, batch_size=1, warmup_steps=1))
     opt_state = jax.jit(optimizer.init)(model)
     # Fresh moments are zeros, which compress to nothing: give them trained-like noise.
     noise = lambda x: (1e-3 * jax.random.normal(jax.random.key(1), x.shape)).astype(x.dtype)

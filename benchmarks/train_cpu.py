@@ -46,8 +46,10 @@ import numpy as np  # noqa: E402
 from model import ModelConfig, flops_per_token, num_params  # noqa: E402
 import checkpoint  # noqa: E402
 import train  # noqa: E402
-from train import (TrainConfig, abstract_state, init_state, make_mesh, make_optimizer,  # noqa: E402
-                   make_train_step, measure_matmul_flops, shardings)
+from budget import measure_matmul_flops  # noqa: E402
+from optim import make_optimizer  # noqa: E402
+from parallel import make_mesh, shardings  # noqa: E402
+from train import TrainConfig, abstract_state, init_state, make_train_step  # noqa: E402
 
 CONFIGS = {  # configs/tiny.flags and configs/100m.flags
     "tiny": dict(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512),

@@ -9,11 +9,9 @@ import subprocess
 import sys
 import time
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -22,8 +20,9 @@ from conftest import DATA_FILES, REPO, TINY_STEPS, run_script
 from data import TokenRecords
 from model import ModelConfig, num_params
 from tokenizer import Tokenizer
-from train import (TrainConfig, abstract_state, init_state, learning_rate_schedule, make_mesh,
-                   make_optimizer, make_train_step, scale_by_adam, shardings)
+from optim import make_optimizer
+from parallel import make_mesh, shardings
+from train import TrainConfig, abstract_state, init_state, make_train_step
 
 TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
                    dtype="float32")
@@ -102,36 +101,6 @@ def test_k_micro_batches_give_the_same_update_as_one_k_times_larger_batch():
     assert not np.allclose(other.model.lm_head, whole.model.lm_head, atol=1e-5)
 
 
-def test_weight_decay_skips_norms_and_the_input_embedding():
-    config = TrainConfig(steps=10, batch_size=1, warmup_steps=1, weight_decay=0.5, learning_rate=0.1)
-    optimizer = make_optimizer(config)
-    model = init_state(TINY, optimizer, jax.random.key(0)).model
-    opt_state = optimizer.init(model)
-    zero_grads = jax.tree.map(jnp.zeros_like, model)
-    for _ in range(2):  # step 0 has learning rate 0 (warmup starts at 0)
-        updates, opt_state = optimizer.update(zero_grads, opt_state, model)
-        decayed = eqx.apply_updates(model, updates)
-    assert np.array_equal(decayed.embed, model.embed)
-    assert np.array_equal(decayed.final_norm.weight, model.final_norm.weight)
-    assert np.array_equal(decayed.blocks.attn_norm.weight, model.blocks.attn_norm.weight)
-    for name in ("wq", "wk", "wv", "wo"):
-        shrunk = np.abs(getattr(decayed.blocks.attn, name)) < np.abs(getattr(model.blocks.attn, name))
-        assert shrunk.all(), name
-    assert (np.abs(decayed.lm_head) < np.abs(model.lm_head)).all()
-    assert (np.abs(decayed.blocks.mlp.w_down) < np.abs(model.blocks.mlp.w_down)).all()
-
-
-def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_a_tenth_of_peak():
-    config = TrainConfig(steps=1000, batch_size=1, warmup_steps=100, learning_rate=1.2e-3)
-    lr = learning_rate_schedule(config)
-    assert float(lr(0)) == 0.0
-    np.testing.assert_allclose(float(lr(50)), 0.6e-3, rtol=1e-6)
-    np.testing.assert_allclose(float(lr(100)), 1.2e-3, rtol=1e-6)
-    halfway = 100 + 450  # cosine at half its span sits midway between peak and floor
-    np.testing.assert_allclose(float(lr(halfway)), (1.2e-3 + 1.2e-4) / 2, rtol=1e-4)
-    np.testing.assert_allclose(float(lr(1000)), 1.2e-4, rtol=1e-6)
-
-
 def test_batch_of_a_step_is_a_pure_function_of_seed_and_step(tiny_tokenizer_path):
     tokenizer = Tokenizer.load(tiny_tokenizer_path)
     a = TokenRecords(DATA_FILES[:1], tokenizer, 64, seed=3)
@@ -182,85 +151,12 @@ def test_heads_not_dividing_d_model_is_named(tmp_path, tiny_tokenizer_path):
     assert "n_heads=5" in err and "d_model=192" in err
 
 
-def test_cpu_peak_is_measured_once_per_cpu_model_and_core_count_then_read_from_the_cache(tmp_path, monkeypatch):
-    import train
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cache = tmp_path / "julian" / "cpu_peak_flops.json"
-    key = train.cpu_key()
-    assert str(len(os.sched_getaffinity(0))) in key
-    measured = train.device_peak_flops()
-    assert measured > 1e9 and json.loads(cache.read_text()) == {key: measured}
-    cache.write_text(json.dumps({key: 123e12}))  # the next call reads this, it does not measure
-    assert train.device_peak_flops() == 123e12
-    assert train.device_peak_flops(peak_tflops=2.0) == 2e12 * jax.device_count()  # the flag overrides
-    other = train.cpu_peak_flops(str(cache), key="another CPU, 3 cores")  # another key measures
-    assert other != 123e12 and json.loads(cache.read_text()) == {key: 123e12, "another CPU, 3 cores": other}
-
-
-def test_a_stopping_run_logs_the_steps_since_its_last_record(tmp_path):
-    import train
-
-    logger = train.IntervalLogger(str(tmp_path), every=10, steps=100, schedule=lambda s: 1e-3,
-                                  tokens_per_step=8, flops_per_step=1.0, peak_flops=1.0)
-    lines = [logger.log(s, {"loss": float(s), "grad_norm": 1.0, "skipped": False, "supervised_tokens": 8},
-                        0.0, {}, last=s == 13) for s in range(1, 14)]
-    logger.close()
-    assert [bool(line) for line in lines] == [s in (10, 13) for s in range(1, 14)]
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [(r["step"], r["loss"]) for r in records] == [(10, 5.5), (13, 12.0)]  # means of 1..10 and 11..13
-
-
 def test_batch_not_divisible_by_accumulation_is_named():
     with pytest.raises(ValueError, match="--batch_size=6 is not divisible by --grad_accum=4"):
         TrainConfig(steps=10, batch_size=6, grad_accum=4, warmup_steps=1)
 
 
-# --- The optimizer's bf16 moments, the health check, the mesh ------------------------------------
-
-def _quadratic_problem():
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
-    b = jnp.asarray(rng.normal(size=(64,)), jnp.float32)
-    loss = lambda w: jnp.mean((a @ w["x"] - b) ** 2) + jnp.sum(w["y"] ** 2)
-    return loss, {"x": jnp.zeros(32), "y": jnp.ones(8)}
-
-
-def _descend(optimizer, steps=60):
-    loss, params = _quadratic_problem()
-    state = optimizer.init(params)
-    trajectory = []
-    for _ in range(steps):
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, state = optimizer.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        trajectory.append(float(value))
-    return params, np.array(trajectory), state
-
-
-def test_adamw_with_fp32_moments_is_optax_adamw():
-    ours = optax.chain(scale_by_adam(0.9, 0.95, 1e-8, "float32"), optax.add_decayed_weights(0.1),
-                       optax.scale_by_learning_rate(1e-2))
-    reference = optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
-    p1, t1, _ = _descend(ours)
-    p2, t2, _ = _descend(reference)
-    np.testing.assert_allclose(t1, t2, rtol=1e-6)
-    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-
-
-def test_adamw_with_bf16_moments_stores_bf16_and_tracks_optax_fp32_adamw():
-    ours = optax.chain(scale_by_adam(0.9, 0.95, 1e-8, "bfloat16"), optax.add_decayed_weights(0.1),
-                       optax.scale_by_learning_rate(1e-2))
-    p1, t1, state = _descend(ours)
-    p2, t2, _ = _descend(optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1))
-    moments = jax.tree.leaves((state[0].mu, state[0].nu))
-    assert moments and all(m.dtype == jnp.bfloat16 for m in moments)
-    assert t1[-1] < 0.5 * t1[0]  # it optimizes
-    # bf16 keeps 8 bits of mantissa: the moments are off by up to ~0.4%, the path by about as much.
-    np.testing.assert_allclose(t1, t2, rtol=2e-2)
-    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_allclose(x, y, rtol=5e-2, atol=5e-3)
+# --- The health check, the mesh ------------------------------------
 
 
 def test_a_non_finite_step_leaves_parameters_and_moments_untouched():
@@ -509,19 +405,3 @@ def test_eval_tasks_score_the_model_during_training_as_evaluate_py_does(tmp_path
                                    os.path.join(REPO, "samples", "eval"), limit=6)["piqa"]
     assert scores[0]["piqa/acc"] == reference["acc,none"]
     assert scores[0]["piqa/acc_norm"] == reference["acc_norm,none"]
-
-
-def test_dry_run_fit_verdict_names_the_remat_flag_that_makes_a_step_fit():
-    from train import FIT_FRACTION, Pod, fit_verdict, peak_bytes, step_memory
-    model_config = dataclasses.replace(TINY, max_seq_len=256, attention="einsum")
-    config = TrainConfig(steps=10, batch_size=8, warmup_steps=1)
-    mesh = make_mesh(1)
-    plain = peak_bytes(step_memory(model_config, config, mesh))
-    dots = peak_bytes(step_memory(dataclasses.replace(model_config, remat="dots"), config, mesh))
-    assert dots < plain
-    # A chip between the two: the step as configured does not fit, --remat=dots does.
-    between = Pod(1, 275.0, (dots + plain) / 2 / FIT_FRACTION / 2**30, "tpu")
-    verdict = fit_verdict(model_config, config, mesh, between, plain)
-    assert verdict.startswith(f"NO: needs {plain / 2**30:.1f} GiB per chip") and "with --remat=dots" in verdict
-    roomy = Pod(1, 275.0, 2 * plain / FIT_FRACTION / 2**30, "tpu")
-    assert fit_verdict(model_config, config, mesh, roomy, plain).startswith("yes")

@@ -1,0 +1,46 @@
+"""budget.py: the cached CPU peak behind MFU, and the dry run's verdict on whether a step fits a chip."""
+
+import dataclasses
+import json
+import os
+
+import jax
+
+import budget
+from budget import FIT_FRACTION, Pod, fit_verdict, peak_bytes
+from model import ModelConfig
+from parallel import make_mesh
+from train import TrainConfig, step_memory
+
+TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
+                   dtype="float32")
+
+
+def test_cpu_peak_is_measured_once_per_cpu_model_and_core_count_then_read_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = tmp_path / "julian" / "cpu_peak_flops.json"
+    key = budget.cpu_key()
+    assert str(len(os.sched_getaffinity(0))) in key
+    measured = budget.device_peak_flops()
+    assert measured > 1e9 and json.loads(cache.read_text()) == {key: measured}
+    cache.write_text(json.dumps({key: 123e12}))  # the next call reads this, it does not measure
+    assert budget.device_peak_flops() == 123e12
+    assert budget.device_peak_flops(peak_tflops=2.0) == 2e12 * jax.device_count()  # the flag overrides
+    other = budget.cpu_peak_flops(str(cache), key="another CPU, 3 cores")  # another key measures
+    assert other != 123e12 and json.loads(cache.read_text()) == {key: 123e12, "another CPU, 3 cores": other}
+
+
+def test_dry_run_fit_verdict_names_the_remat_flag_that_makes_a_step_fit():
+    model_config = dataclasses.replace(TINY, max_seq_len=256, attention="einsum")
+    config = TrainConfig(steps=10, batch_size=8, warmup_steps=1)
+    mesh = make_mesh(1)
+    plain = peak_bytes(step_memory(model_config, config, mesh))
+    dots = peak_bytes(step_memory(dataclasses.replace(model_config, remat="dots"), config, mesh))
+    assert dots < plain
+    # A chip between the two: the step as configured does not fit, --remat=dots does.
+    between = Pod(1, 275.0, (dots + plain) / 2 / FIT_FRACTION / 2**30, "tpu")
+    memory_of = lambda m, c: step_memory(m, c, mesh)
+    verdict = fit_verdict(model_config, config, mesh, between, plain, memory_of)
+    assert verdict.startswith(f"NO: needs {plain / 2**30:.1f} GiB per chip") and "with --remat=dots" in verdict
+    roomy = Pod(1, 275.0, 2 * plain / FIT_FRACTION / 2**30, "tpu")
+    assert fit_verdict(model_config, config, mesh, roomy, plain, memory_of).startswith("yes")
