@@ -63,7 +63,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_
 from tqdm import tqdm
 
 import checkpoint
-import data
+import stream as data
 import generate
 from model import KVCache, Transformer, init_cache
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer

@@ -65,7 +65,7 @@ from absl import app, flags
 from jaxtyping import Bool, Int
 
 import checkpoint
-import data
+import stream as data
 import train
 from model import ModelConfig
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, PAD_ID, Tokenizer

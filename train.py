@@ -47,7 +47,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from tqdm import tqdm
 
 import checkpoint
-import data
+import stream as data
 from model import ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from tokenizer import Tokenizer
 

@@ -19,7 +19,7 @@ import pytest
 
 import checkpoint
 from conftest import DATA_FILES, REPO, TINY_STEPS, run_script
-from data import TokenRecords
+from stream import TokenRecords
 from model import ModelConfig, num_params
 from tokenizer import Tokenizer
 from train import (TrainConfig, abstract_state, init_state, learning_rate_schedule, make_mesh,
