@@ -410,12 +410,12 @@ def kept_documents(config: PrepareConfig, split: int, meta: dict) -> tuple[Kept,
     else:
         exact_kept = near_kept = np.ones(n, bool)
     language_kept = near_kept & (meta["tokens"] > 0)
-    counts = {stage_: {lang: int(np.sum(mask & (langs == lang))) for lang in np.unique(langs)}
+    counts = {stage_: {lang: int(np.sum(mask & (langs == lang))) for lang in np.unique(langs).tolist()}
               for stage_, mask in (("cleaned", np.ones(n, bool)), ("exact_dedup", exact_kept),
                                    ("near_dedup", near_kept), ("language_kept", language_kept))}
     rows = np.flatnonzero(language_kept)
     sources = np.array(meta["summary"]["sources"] or [""])[meta["source"][rows]]
-    return Kept(rows, list(langs[rows]), list(sources), meta["tokens"][rows]), counts
+    return Kept(rows, langs[rows].tolist(), sources.tolist(), meta["tokens"][rows]), counts
 
 
 def language_totals(config: PrepareConfig, split: int) -> dict:

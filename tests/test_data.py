@@ -324,13 +324,13 @@ def test_planted_near_duplicates_are_found_across_files_with_precision_and_recal
 
 def test_code_skips_language_id_is_wrapped_in_code_markers_and_gets_its_share(
         tmp_path, corpus, tiny_tokenizer_path, tokenizer):
-    code = sorted(glob.glob(os.path.join(REPO, "*.py")))  # this repository's own code
-    # The premise: the prose rule would drop most of it.
+    code = sorted(glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "tests", "*.py")))
+    # The premise: language ID would drop it (English, but below the 0.8 confidence).
     texts = [pathlib.Path(p).read_text() for p in code]
-    assert sum(documents.alnum_share(t) < 0.7 for t in texts) > len(code) / 2
+    assert sum(documents.detect_language(t)[1] < 0.8 for t in texts) > len(code) / 2
     stack = write_jsonl(tmp_path / "stack.jsonl", [{"text": t, "source": "stack"} for t in texts[:3]])
     manifest = data.prepare(config(tmp_path, [*corpus[0], *code, stack], tiny_tokenizer_path,
-                                   languages=(("en", 0.6), ("fr", 0.3), ("code", 0.1)), code_sources=("stack",),
+                                   languages=(("en", 0.5), ("fr", 0.2), ("code", 0.3)), code_sources=("stack",),
                                    dedup=True, seq_len=128))
     cleaned = manifest["documents_by_language"]["cleaned"]["code"]
     kept = sum(documents.keep_after_cleaning(documents.clean_text(t), True, 100, 500_000, 0.7, 0.25)
@@ -338,7 +338,8 @@ def test_code_skips_language_id_is_wrapped_in_code_markers_and_gets_its_share(
     assert cleaned == kept + 3 and kept >= len(code) - 2  # the stack copies are counted, then deduplicated
     assert manifest["documents_by_language"]["exact_dedup"]["code"] == kept
     tokens = {lang: e["tokens"] for lang, e in manifest["languages"].items()}
-    assert abs(tokens["code"] / sum(tokens.values()) - 0.1) < 0.05, tokens
+    # Whole files are few and long: the draw of copies is coarse, the share only roughly reached.
+    assert abs(tokens["code"] / sum(tokens.values()) - 0.3) < 0.1, tokens
     records = shard_records(str(tmp_path / "out"), manifest).ravel()
     starts, ends = np.flatnonzero(records == CODE_ID), np.flatnonzero(records == ENDCODE_ID)
     assert len(starts) and all(records[i - 1] == BOS_ID for i in starts if i)
