@@ -302,7 +302,10 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, split: int, path: s
         key_index[-1] = len(keys)
         seconds["minhash"] += time.perf_counter() - started
     write_bytes(stage(config, f"map-{split:05d}.keys"), keys.astype("<u8").tobytes())
-    summary.update(langs=langs, sources=sources, seconds=seconds, rows=n)
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    summary.update(langs=langs, sources=sources, seconds=seconds, rows=n, node=node)
     save_npz(stage(config, f"map-{split:05d}.meta.npz"),
              record=np.array(rows["record"], np.int64), lang=np.array(rows["lang"], np.int32),
              confidence=np.array(rows["confidence"], np.float32),
@@ -591,7 +594,10 @@ def run_stage(name: str, function, calls: list[tuple], sizes: list[int] | None =
     progress bar; returns the results in call order. A task's own error is raised here as is."""
     import ray
 
-    task = ray.remote(max_retries=5)(function).options(runtime_env={"env_vars": task_environment()})
+    # SPREAD: every node reads and writes its share of files from the start, instead of the
+    # head taking tasks until it is busy.
+    task = ray.remote(max_retries=5)(function).options(runtime_env={"env_vars": task_environment()},
+                                                         scheduling_strategy="SPREAD")
     futures = [task.remote(*args) for args in calls]
     position = {f: i for i, f in enumerate(futures)}
     results: list = [None] * len(futures)
