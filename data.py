@@ -844,6 +844,9 @@ def fail(message: str) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
+    if any(arg in ("-h", "-?", "--help", "--helpshort") for arg in argv[1:]):
+        print(f"{USAGE}\n\n{flags.FLAGS.module_help(__name__)}")  # this file's flags, not absl's
+        sys.exit(0)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -861,6 +864,5 @@ if __name__ == "__main__":
     # Ray workers find task functions by module name: run them from `data`, not `__main__`.
     import data
 
-    sys.modules["__main__"].__doc__ = USAGE  # what --help prints before the flags
     data.define_flags()
     app.run(data.main, flags_parser=data.parse_flags)

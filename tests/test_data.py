@@ -660,3 +660,22 @@ def test_a_replaced_gcs_shard_is_refused_without_reading_it(on_gcs, tokenizer):
             open_stream(uri, tokenizer, split="validation", global_batch_size=1, grad_accum=1)
     finally:
         storage.write_bytes(name, original)
+
+
+def test_command_line_help_is_short_and_bad_flags_are_one_line_with_status_2(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "data.py", *args], cwd=REPO, capture_output=True, text=True)
+
+    shown = run("prepare", "--help")
+    assert shown.returncode == 0 and shown.stdout.index("--input") < 60 * 80  # the flags come early
+    assert "--ray_address" in shown.stdout and "--num_hosts" not in shown.stdout
+    for args, named in [(["--bogus=1"], "bogus"), (["--seq_len=abc"], "--seq_len"),
+                        ([f"--input={tmp_path}/none*.jsonl", f"--output={tmp_path}/o", "--tokenizer=t.model"],
+                         "--tokenizer"),
+                        ([f"--input={tmp_path}/none*.jsonl", f"--output={tmp_path}/o",
+                          f"--tokenizer={os.path.join(REPO, 'data.py')}"], "--input"),
+                        (["--output=x"], "--input")]:
+        failed = run("prepare", *args)
+        assert failed.returncode == 2, (args, failed.stderr)
+        assert len(failed.stderr.strip().splitlines()) == 1 and named in failed.stderr, (args, failed.stderr)
+    assert run("merge").returncode == 2
