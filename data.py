@@ -9,8 +9,8 @@ with it, it joins a running cluster (scripts/tpu.sh starts one on a TPU VM's hos
 formats are documents.py's; the shard format and the stream train.py reads are stream.py's.
 
 A document's id is (input file index in the order given, record index in the file). Stages,
-each a set of Ray tasks whose outputs are files under OUTPUT/_stages/ (local or gs://), each
-written whole and atomically, the last one of a task marking it done:
+each a set of Ray tasks (stages.py) whose outputs are files under OUTPUT/_stages/ (local or
+gs://), each written whole and atomically, the last one of a task marking it done:
 1. map, one task per input file: read (malformed records are skipped and counted up to
    --max_bad_fraction of all records; at 0 the first one fails the run naming file and line);
    clean (NFC, control characters other than tab and newline stripped; documents outside
@@ -39,8 +39,9 @@ written whole and atomically, the last one of a task marking it done:
    of all n records, spread over the shards' tails, form the validation split.
 Output bytes depend only on the inputs and the settings, not on CPU, node or partition counts,
 nor on task retries. Memory: the driver holds per-task summaries, never per-document state; a
-map task holds one input file's metadata (tokens are written as they come), a dedup task one key
-range, a pack task one shard. A rerun of the same command resumes: finished stage files are
+map task holds one input file's tokens and metadata (a split is a whole file: cut very large
+files into several), a dedup task one key range, a pack task one shard, the components task the
+duplicate pairs. A rerun of the same command resumes: finished stage files are
 kept (no finished input file is read again) and finished shards are not rewritten; OUTPUT/_run.json,
 created first and exclusively, refuses a run with other settings into the same output.
 """

@@ -331,9 +331,10 @@ def run(args, tmp: str) -> None:
               f"removed {quality['removed']} of {quality['planted']} planted, distinct removed "
               f"{quality['distinct_removed']}")
     per_core = runs[0][2]["input_bytes"] / 1e6 / sum(runs[0][2]["stage_wall_seconds"].values())
-    print(f"\n39B tokens (~160 GB) on a v4-32's 4 hosts (240 vCPUs each) at {per_core:.2f} MB/s per core "
-          f"(1 CPU run) or {bound:.2f} (bound): {160e3 / (per_core * 960) / 3600:.1f} h or "
-          f"{160e3 / (bound * 960) / 3600:.1f} h")
+    cores = HOSTS * 240  # a v4-32's 4 hosts, 240 vCPUs each
+    print(f"\n39B tokens (~160 GB of text) on a v4-32's {cores} vCPUs: {160e3 / (per_core * cores) / 60:.0f} min "
+          f"at the 1-CPU run's {per_core:.2f} MB/s per core, {160e3 / (bound * cores) / 60:.0f} min at the "
+          f"bound's {bound:.2f} (map stage only; the rest took under 10% here)")
     if args.stream_steps:
         out = os.path.join(tmp, "out-3")
         rate = time_stream(out, tokenizer, args.stream_steps)
