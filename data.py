@@ -60,6 +60,7 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
+import documents
 from stages import (ENGINE_ONLY, KEY_INDEX, PrepareConfig, components, dedup_partition, language_totals,
                     load_meta, map_split, mixture_factors, pack_shard, plan_split, stage,
                     validation_shard)
@@ -235,7 +236,8 @@ def prepare(config: PrepareConfig) -> dict:
     # 1. map: the files without a finished metadata file.
     t = time.time()
     todo = [k for k in range(len(files)) if file_size(stage(config, f"map-{k:05d}.meta.npz")) is None]
-    run_stage("map", map_split, [(config, tokenizer_ref, k, files[k]) for k in todo],
+    bands = documents.lsh_bands(config.near_dup_threshold, config.num_perm)
+    run_stage("map", map_split, [(config, tokenizer_ref, bands, k, files[k]) for k in todo],
               [settings["input_files"][k]["bytes"] or 1 for k in todo], unit="B")
     summaries = [load_meta(config, k)["summary"] for k in range(len(files))]
     walls["map"] = time.time() - t

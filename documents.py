@@ -166,8 +166,8 @@ def clean_text(text: str) -> str:
 
 def alnum_share(text: str) -> float:
     """Letters and digits (any script) over non-whitespace characters; 0 for blank text."""
-    visible = len(text) - sum(c.isspace() for c in text)
-    return sum(c.isalnum() for c in text) / visible if visible else 0.0
+    visible = len(text) - sum(map(str.isspace, text))
+    return sum(map(str.isalnum, text)) / visible if visible else 0.0
 
 
 def code_line_rule(text: str) -> bool:

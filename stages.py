@@ -109,9 +109,11 @@ def load_meta(config: PrepareConfig, split: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- 1. map
-def map_split(config: PrepareConfig, tokenizer_bytes: bytes, split: int, path: str) -> dict:
+def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, int], split: int,
+              path: str) -> dict:
     """Reads, cleans, hashes, MinHashes, language-IDs and tokenizes one input file; writes its
-    stage files (the metadata last); returns its summary."""
+    stage files (the metadata last); returns its summary. `bands`: documents.lsh_bands of the
+    config, computed once by the driver (the optimiser takes ~1 s)."""
     tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
     code_sources = set(config.code_sources)
     wanted = {lang for lang, _ in config.languages}
@@ -184,7 +186,7 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, split: int, path: s
         sigs = np.stack(signatures)
         write_bytes(stage(config, f"map-{split:05d}.sigs"), sigs.tobytes())
         started = time.perf_counter()
-        bands, band_rows = documents.lsh_bands(config.near_dup_threshold, config.num_perm)
+        bands, band_rows = bands
         exact = np.frombuffer(b"".join(d[:8] for d in digests), "<u8") & ~np.uint64(1)  # even
         per_doc = np.concatenate([exact[:, None], documents.band_keys(sigs, bands, band_rows)], axis=1)
         ids_ = np.repeat(make_ids(split, np.arange(n)), per_doc.shape[1])
