@@ -244,12 +244,19 @@ def dedup_partition(config: PrepareConfig, num_splits: int, part: int) -> dict:
             for i, blob in zip(ids.tolist(), data):
                 signature[i] = np.frombuffer(blob, np.uint32)
         for group in bands:
-            sigs = np.stack([signature[int(i)] for i in group])
-            for i in range(len(group) - 1):  # each pair verified: a bucket collision is no proof
+            # Equal signatures (copies, boilerplate repeated thousands of times) are one node for
+            # the comparisons, each member linked to the first of its kind: a bucket's cost grows
+            # with its distinct signatures squared, not its members.
+            sigs, first, kind = np.unique(np.stack([signature[int(i)] for i in group]), axis=0,
+                                          return_index=True, return_inverse=True)
+            kind = kind.ravel()
+            pairs.append(np.stack([group[first[kind]], group], axis=1)[first[kind] != np.arange(len(group))])
+            heads = group[first]
+            for i in range(len(sigs) - 1):  # each pair verified: a bucket collision is no proof
                 similar = (sigs[i + 1:] == sigs[i]).mean(axis=1) >= config.near_dup_threshold
                 if similar.any():
-                    others = group[i + 1:][similar]
-                    pairs.append(np.stack([np.full(len(others), group[i], np.uint64), others], axis=1))
+                    others = heads[i + 1:][similar]
+                    pairs.append(np.stack([np.full(len(others), heads[i], np.uint64), others], axis=1))
     pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.uint64)
     save_npz(stage(config, f"dedup-{part:05d}-of-{config.num_partitions:05d}.npz"),
              pairs=pairs, exact_removed=np.unique(exact_removed))
