@@ -41,7 +41,6 @@ import json
 import math
 import os
 import pathlib
-import re
 import sys
 import tempfile
 import time
@@ -66,7 +65,8 @@ from tqdm import tqdm
 
 import checkpoint
 import cli
-import data
+import storage
+import stream
 import generate
 from model import KVCache, Transformer, init_cache
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
@@ -530,7 +530,7 @@ def perplexity(model: Transformer, tokenizer: Tokenizer, paths: Sequence[str], b
     manifests: dict[str, str] = {}
     for spec in paths:
         label, path = language_of(spec)
-        if data.is_gcs(path) or path.endswith(".json") or os.path.isdir(path):
+        if storage.is_gcs(path) or path.endswith(".json") or os.path.isdir(path):
             manifests[label if "=" in spec else "validation shards"] = path
             continue
         if not os.path.isfile(path):
@@ -559,10 +559,10 @@ def _held_out_records_nll(lm: "JulianLM", tokenizer: Tokenizer, spec: str) -> tu
     documents are not separated: this is the loss training reports). Bytes are those of the
     predicted tokens' text, control tokens counting none. Languages are mixed in a record, so
     shards give one row; per-language figures need text files."""
-    manifest, _ = data.load_manifest(spec)
-    stream = data.open_train_data(spec, tokenizer=tokenizer, seq_len=manifest["seq_len"], seed=0,
-                                  global_batch_size=1, split="validation")
-    records = [stream.batch(i)[0] for i in range(stream.num_sequences)]
+    manifest, _ = stream.load_manifest(spec)
+    validation = stream.open_train_data(spec, tokenizer=tokenizer, seq_len=manifest["seq_len"], seed=0,
+                                        global_batch_size=1, split="validation")
+    records = [validation.batch(i)[0] for i in range(validation.num_sequences)]
     scored = lm.score([([int(r[0])], r[1:].tolist()) for r in records])
     n_bytes = sum(len(tokenizer.decode(r[1:].tolist()).encode("utf-8")) for r in records)
     return -sum(logprob for logprob, _ in scored), sum(len(r) - 1 for r in records), n_bytes, len(records)

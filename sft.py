@@ -45,7 +45,7 @@ its first assistant turn does not fit (`overlong="drop"` drops every one): a cut
 part of an assistant turn. Both are counted and reported.
 
 Batches (`ChatBatches`): the batch of step s is a pure function of (seed, s): epoch e visits the
-packed rows in a permutation seeded by (seed, e), as data.py does for pretraining records.
+packed rows in a permutation seeded by (seed, e), as stream.py does for pretraining records.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ from jaxtyping import Bool, Int
 import budget
 import checkpoint
 import cli
-import data
 import parallel
+import storage
 import train
 from model import ModelConfig
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, PAD_ID, Tokenizer
@@ -99,9 +99,9 @@ class BadRecord(ValueError):
 
 
 def read_text(path: str) -> str:
-    """A whole UTF-8 file, local or gs:// (data.read_bytes: GCS reads retried)."""
+    """A whole UTF-8 file, local or gs:// (storage.read_bytes: GCS reads retried)."""
     try:
-        raw = data.read_bytes(path)
+        raw = storage.read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"data file {path!r} does not exist") from None
     try:

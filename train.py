@@ -13,7 +13,7 @@ processes: the batch is split over every device; parameters and optimizer state 
 What makes a 21-day run on preemptible hardware work:
 - Resume: a run started again with the same --output_dir continues from the newest complete
   checkpoint, at exactly the batches an uninterrupted run would see (the batch of step s is a
-  pure function of the seed and s + data_offset; see data.py). The relaunch is the same command.
+  pure function of the seed and s + data_offset; see stream.py). The relaunch is the same command.
 - Preemption: SIGTERM or SIGINT on any process makes every process stop after the same step
   (the step itself carries each process's vote), write a checkpoint, wait for it and exit 0.
 - NaNs: a non-finite step is skipped (parameters and moments unchanged). After --max_bad_steps
@@ -44,16 +44,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from tqdm import tqdm
 
+import budget
 import checkpoint
 import cli
-import data
-import budget
+import stream
 from budget import HARDWARE, device_peak_flops
+from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from optim import learning_rate_schedule, make_optimizer
 from parallel import (AXES, batch_sharding, global_batch, initialize_distributed, leaf_sharding, make_mesh,
                       shardings, stop_votes, traced_on)
 from runlog import IntervalLogger, check_writable, keep_metrics_until, plot_loss
-from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from tokenizer import Tokenizer
 
 
@@ -378,7 +378,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
         validation_data, tokenizer_bytes: bytes, run_config: dict, title: str = "pretraining") -> None:
     """The training loop, shared by pretraining and SFT (sft.py).
 
-    `train_data.batch(step)` gives this process's rows of a global batch (data.py's layout):
+    `train_data.batch(step)` gives this process's rows of a global batch (stream.py's layout):
     token rows [rows, seq_len + 1], or a dict with "tokens", optional "segment_ids" and "weights"
     [rows, seq_len] (the loss weight of each target). `validation_data` (optional) is read the
     same way at steps 0..eval_batches-1.
@@ -555,7 +555,7 @@ def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
 
 def open_data(spec: str, split: str, tokenizer: Tokenizer, model_config: ModelConfig,
               config: TrainConfig, batch_size: int | None = None, grad_accum: int | None = None):
-    return data.open_train_data(
+    return stream.open_train_data(
         spec, tokenizer=tokenizer, seq_len=model_config.max_seq_len, seed=config.seed,
         global_batch_size=batch_size or config.batch_size, grad_accum=grad_accum or config.grad_accum,
         process_index=jax.process_index(), process_count=jax.process_count(), split=split)

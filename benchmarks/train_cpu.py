@@ -224,7 +224,7 @@ def bench_loop(name: str, batch: int, seq_len: int, steps: int, directory: str) 
     """train.fit itself on the bundled text (a 4,096-piece tokenizer trained here): the share of
     wall time the loop waited for data, from metrics.jsonl's data_wait_fraction."""
     from tokenizer import Tokenizer, train_tokenizer
-    import data
+    import stream as data
 
     files = sorted(os.path.join(ROOT, "samples", f) for f in os.listdir(os.path.join(ROOT, "samples")) if f.endswith(".txt"))
     tokenizer = Tokenizer.load(train_tokenizer(files, os.path.join(directory, "tok"), vocab_size=4096))

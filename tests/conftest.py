@@ -13,6 +13,9 @@ import pytest
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="julian-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# `ray start --head` turns token authentication on: every node and driver of the session's Ray
+# cluster must expect it, and Ray reads this when it is first imported.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_FILES = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
@@ -100,3 +103,56 @@ def tiny_hf(tmp_path_factory, tiny_run) -> str:
     model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
     convert.export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), out)
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ray_node(*args: str) -> subprocess.Popen:
+    """`ray start --block` (the node's processes live as long as this one) on 127.0.0.1."""
+    return subprocess.Popen(["ray", "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_ray_node(node: subprocess.Popen) -> None:
+    """Stops a node this session started, by its process id (never a machine-wide `ray stop`)."""
+    node.terminate()
+    try:
+        node.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        node.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A one-node, one-CPU Ray cluster on 127.0.0.1 shared by the session, this process connected
+    to it as a driver; yields (address, head process). Stopped at the end by process id."""
+    import time
+
+    import ray
+
+    if ray.is_initialized():  # a local Ray some earlier test started in this process
+        ray.shutdown()
+
+    address = f"127.0.0.1:{free_port()}"
+    head = start_ray_node("--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1",
+                          "--include-dashboard=false")
+    deadline = time.time() + 120
+    while True:
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+            break
+        except (ConnectionError, RuntimeError):
+            if head.poll() is not None or time.time() > deadline:
+                stop_ray_node(head)
+                pytest.fail(f"ray start --head at {address} did not come up")
+            time.sleep(0.5)
+    yield address, head
+    ray.shutdown()
+    stop_ray_node(head)

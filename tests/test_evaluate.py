@@ -162,7 +162,7 @@ def test_perplexity_of_held_out_shards_is_the_hf_models_loss_on_their_records(ti
     _, tokenizer = tiny
     manifest = data.prepare(data.PrepareConfig(
         inputs=(DATA_FILES[0],), output=str(tmp_path / "shards"), tokenizer=tiny_tokenizer_path,
-        seq_len=64, num_shards=1, languages=(("en", None), ("fr", None)), num_workers=1,
+        seq_len=64, num_shards=1, languages=(("en", None), ("fr", None)), num_cpus=1,
         validation_fraction=0.02, dedup=False))
     out = evaluate.perplexity(*tiny, [str(tmp_path / "shards")], dtype="float32")["validation shards"]
     # The records, read with NumPy straight from the files the manifest names.

@@ -17,7 +17,7 @@ import pytest
 
 import checkpoint
 from conftest import DATA_FILES, REPO, TINY_STEPS, run_script
-from data import TokenRecords
+from stream import TokenRecords
 from model import ModelConfig, num_params
 from tokenizer import Tokenizer
 from optim import make_optimizer

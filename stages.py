@@ -1,0 +1,432 @@
+"""The tasks of data.py's corpus pipeline, one function per stage (data.py's docstring says what
+each does and guarantees), and the stage files they share under OUTPUT/_stages/. Each task takes
+the frozen PrepareConfig, reads and writes files (local or gs://, whole and atomic, the last one
+of a task marking it done), and returns a small summary: none holds the whole corpus."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import time
+
+import google_crc32c
+import numpy as np
+from absl import logging
+
+import documents
+from storage import file_size, join, read_bytes, read_ranges, write_bytes
+from stream import token_dtype
+from tokenizer import BOS_ID, CODE_ID, ENDCODE_ID, EOS_ID, Tokenizer
+
+STAGE_DIR = "_stages"
+KEY_INDEX = 4096  # key-range boundaries indexed per map output: up to this many partitions
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """prepare's settings: the flags of the same names (see define_flags)."""
+
+    inputs: tuple[str, ...]
+    output: str
+    tokenizer: str
+    seq_len: int = 2048
+    num_shards: int = 8
+    # (language, token share or None for natural shares)
+    languages: tuple[tuple[str, float | None], ...] = (("en", 0.7), ("fr", 0.3))
+    source_weights: tuple[tuple[str, float], ...] = ()
+    code_sources: tuple[str, ...] = ()
+    min_chars: int = 100
+    max_chars: int = 500_000
+    min_alnum: float = 0.70
+    min_code_alnum: float = 0.25
+    dedup: bool = True
+    num_perm: int = 128
+    near_dup_threshold: float = 0.8
+    language_id: bool = True
+    min_language_confidence: float = 0.8
+    validation_fraction: float = 0.005
+    block_records: int = 16
+    seed: int = 0
+    max_bad_fraction: float = 0.0
+    # Where and how wide it runs: no byte of the output depends on these.
+    num_cpus: int = 0  # local Ray's CPUs (0: every core); ignored with ray_address
+    ray_address: str | None = None
+    num_partitions: int = 16
+
+
+ENGINE_ONLY = ("output", "inputs", "num_cpus", "ray_address", "num_partitions")
+
+
+# ----------------------------------------------------------------------------- ids and draws
+def make_ids(split: int, rows: np.ndarray) -> np.ndarray:
+    """uint64 ids ordered like (input file, record): the file index above the file's row."""
+    return (np.uint64(split) << np.uint64(32)) | rows.astype(np.uint64)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 that scatters neighbouring ids."""
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def draw(seed: int, purpose: int, ids: np.ndarray, copy: np.ndarray | int = 0) -> np.ndarray:
+    """uint64 hash of (seed, purpose, id, copy): a document's draws, whatever task computes them."""
+    with np.errstate(over="ignore"):
+        salt = _mix64(np.array([seed * 1_000_003 + purpose], np.uint64))[0]
+        return _mix64(_mix64(ids ^ salt) + np.asarray(copy, np.uint64))
+
+
+def uniform(bits: np.ndarray) -> np.ndarray:
+    return (bits >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# ----------------------------------------------------------------------------- stage files
+def stage(config: PrepareConfig, name: str) -> str:
+    return join(join(config.output, STAGE_DIR), name)
+
+
+def save_npz(path: str, **arrays) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())
+
+
+def load_npz(path: str) -> dict:
+    with np.load(io.BytesIO(read_bytes(path)), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def load_meta(config: PrepareConfig, split: int) -> dict:
+    meta = load_npz(stage(config, f"map-{split:05d}.meta.npz"))
+    meta["summary"] = json.loads(str(meta["summary"]))
+    return meta
+
+
+# ----------------------------------------------------------------------------- 1. map
+def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, int], split: int,
+              path: str) -> dict:
+    """Reads, cleans, hashes, MinHashes, language-IDs and tokenizes one input file; writes its
+    stage files (the metadata last); returns its summary. `bands`: documents.lsh_bands of the
+    config, computed once by the driver (the optimiser takes ~1 s)."""
+    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    code_sources = set(config.code_sources)
+    wanted = {lang for lang, _ in config.languages}
+    dtype = token_dtype(tokenizer.vocab_size)
+    seconds = dict.fromkeys(("read", "clean", "minhash", "language_id", "tokenize"), 0.0)
+    summary = {"read": 0, "bad": 0, "bad_examples": [], "input_bytes": 0}
+    langs: list[str] = []
+    sources: list[str] = []
+    rows = {k: [] for k in ("record", "lang", "confidence", "source", "tokens")}
+    digests, signatures, token_parts = [], [], []
+    record = -1
+    clock = time.perf_counter()
+    for item in documents.iter_documents(path):
+        record += 1
+        if isinstance(item, documents.BadRecord):
+            if config.max_bad_fraction == 0:
+                raise ValueError(f"{item.where}: {item.problem} (--max_bad_fraction=0: any bad record "
+                                 "fails the run; raise it to skip and count them)")
+            summary["bad"] += 1
+            if len(summary["bad_examples"]) < 5:
+                summary["bad_examples"].append(f"{item.where}: {item.problem}")
+            continue
+        summary["read"] += 1
+        summary["input_bytes"] += len(item.text.encode())
+        t0 = time.perf_counter()
+        seconds["read"] += t0 - clock
+        is_code = item.lang == documents.CODE or item.source in code_sources
+        text = documents.clean_text(item.text)
+        keep = documents.keep_after_cleaning(text, is_code, config.min_chars, config.max_chars,
+                                             config.min_alnum, config.min_code_alnum)
+        t1 = time.perf_counter()
+        seconds["clean"] += t1 - t0
+        if not keep:
+            clock = time.perf_counter()
+            continue
+        digests.append(hashlib.sha256(text.encode()).digest())
+        if config.dedup:
+            signatures.append(documents.minhash(text, config.num_perm))
+        t2 = time.perf_counter()
+        if is_code:
+            lang, score = documents.CODE, 1.0
+        elif config.language_id:
+            lang, score = documents.detect_language(text)
+        else:
+            lang, score = item.lang or "und", 1.0
+        t3 = time.perf_counter()
+        ids = []
+        if lang in wanted and score >= config.min_language_confidence:
+            ids = tokenizer.encode(text)
+            ids = [BOS_ID, CODE_ID, *ids, ENDCODE_ID, EOS_ID] if is_code else [BOS_ID, *ids, EOS_ID]
+            token_parts.append(np.asarray(ids, dtype))
+        seconds["minhash"] += t2 - t1
+        seconds["language_id"] += t3 - t2
+        seconds["tokenize"] += time.perf_counter() - t3
+        if lang not in langs:
+            langs.append(lang)
+        if item.source not in sources:
+            sources.append(item.source)
+        for key, value in (("record", record), ("lang", langs.index(lang)), ("confidence", score),
+                           ("source", sources.index(item.source)), ("tokens", len(ids))):
+            rows[key].append(value)
+        clock = time.perf_counter()
+    seconds["read"] += time.perf_counter() - clock
+    n = len(digests)
+    tokens = np.array(rows["tokens"], np.int64)
+    write_bytes(stage(config, f"map-{split:05d}.tokens"),
+                np.concatenate(token_parts or [np.zeros(0, dtype)]).tobytes())
+    keys, key_index = np.zeros((0, 2), np.uint64), np.zeros(KEY_INDEX + 1, np.int64)
+    if config.dedup and n:
+        sigs = np.stack(signatures)
+        write_bytes(stage(config, f"map-{split:05d}.sigs"), sigs.tobytes())
+        started = time.perf_counter()
+        bands, band_rows = bands
+        exact = np.frombuffer(b"".join(d[:8] for d in digests), "<u8") & ~np.uint64(1)  # even
+        per_doc = np.concatenate([exact[:, None], documents.band_keys(sigs, bands, band_rows)], axis=1)
+        ids_ = np.repeat(make_ids(split, np.arange(n)), per_doc.shape[1])
+        keys = np.stack([per_doc.ravel(), ids_], axis=1)
+        keys = keys[np.lexsort((keys[:, 1], keys[:, 0]))]
+        bounds = (np.arange(KEY_INDEX + 1, dtype=np.float64) * 2.0**64 / KEY_INDEX)
+        key_index = np.searchsorted(keys[:, 0].astype(np.float64), bounds).astype(np.int64)
+        key_index[-1] = len(keys)
+        seconds["minhash"] += time.perf_counter() - started
+    write_bytes(stage(config, f"map-{split:05d}.keys"), keys.astype("<u8").tobytes())
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    summary.update(langs=langs, sources=sources, seconds=seconds, rows=n, node=node)
+    save_npz(stage(config, f"map-{split:05d}.meta.npz"),
+             record=np.array(rows["record"], np.int64), lang=np.array(rows["lang"], np.int32),
+             confidence=np.array(rows["confidence"], np.float32),
+             source=np.array(rows["source"], np.int32), tokens=tokens,
+             token_offsets=np.concatenate([[0], np.cumsum(tokens)]), key_index=key_index,
+             summary=np.array(json.dumps(summary)))
+    return summary
+
+
+# ----------------------------------------------------------------------------- 2. dedup
+def dedup_partition(config: PrepareConfig, num_splits: int, part: int) -> dict:
+    """Exact and verified near-duplicate pairs among the keys of one key range; writes them."""
+    started = time.perf_counter()
+    lo, hi = part * KEY_INDEX // config.num_partitions, (part + 1) * KEY_INDEX // config.num_partitions
+    chunks = []
+    for split in range(num_splits):
+        index = load_npz(stage(config, f"map-{split:05d}.meta.npz"))["key_index"]
+        a, b = int(index[lo]), int(index[hi])
+        if b > a:
+            data = read_bytes(stage(config, f"map-{split:05d}.keys"), a * 16, (b - a) * 16)
+            chunks.append(np.frombuffer(data, "<u8").reshape(-1, 2))
+    keys = np.concatenate(chunks) if chunks else np.zeros((0, 2), np.uint64)
+    keys = keys[np.lexsort((keys[:, 1], keys[:, 0]))]
+    starts = np.flatnonzero(np.r_[True, keys[1:, 0] != keys[:-1, 0]]) if len(keys) else np.zeros(0, int)
+    sizes = np.diff(np.r_[starts, len(keys)])
+    group_keys = keys[starts[sizes > 1], 0]
+    groups = [keys[s:s + k, 1] for s, k in zip(starts[sizes > 1], sizes[sizes > 1])]
+    exact = [g for g, key in zip(groups, group_keys) if not key & 1]  # even keys: sha256
+    bands = [g for g, key in zip(groups, group_keys) if key & 1]
+    pairs = [np.stack([g[np.zeros(len(g) - 1, int)], g[1:]], axis=1) for g in exact]
+    exact_removed = np.concatenate([g[1:] for g in exact]) if exact else np.zeros(0, np.uint64)
+    if bands:
+        needed = np.unique(np.concatenate(bands))
+        signature = {}
+        for split in np.unique(needed >> np.uint64(32)):
+            ids = needed[(needed >> np.uint64(32)) == split]
+            rows = (ids & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            size = config.num_perm * 4
+            data = read_ranges(stage(config, f"map-{int(split):05d}.sigs"),
+                               [(r * size, (r + 1) * size) for r in rows.tolist()])
+            for i, blob in zip(ids.tolist(), data):
+                signature[i] = np.frombuffer(blob, np.uint32)
+        for group in bands:
+            # Equal signatures (copies, boilerplate repeated thousands of times) are one node for
+            # the comparisons, each member linked to the first of its kind: a bucket's cost grows
+            # with its distinct signatures squared, not its members.
+            sigs, first, kind = np.unique(np.stack([signature[int(i)] for i in group]), axis=0,
+                                          return_index=True, return_inverse=True)
+            kind = kind.ravel()
+            pairs.append(np.stack([group[first[kind]], group], axis=1)[first[kind] != np.arange(len(group))])
+            heads = group[first]
+            for i in range(len(sigs) - 1):  # each pair verified: a bucket collision is no proof
+                similar = (sigs[i + 1:] == sigs[i]).mean(axis=1) >= config.near_dup_threshold
+                if similar.any():
+                    others = heads[i + 1:][similar]
+                    pairs.append(np.stack([np.full(len(others), heads[i], np.uint64), others], axis=1))
+    pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.uint64)
+    save_npz(stage(config, f"dedup-{part:05d}-of-{config.num_partitions:05d}.npz"),
+             pairs=pairs, exact_removed=np.unique(exact_removed))
+    return {"pairs": len(pairs), "seconds": time.perf_counter() - started}
+
+
+# ----------------------------------------------------------------------------- 3. components
+def components(config: PrepareConfig, num_splits: int) -> dict:
+    """Connected components of all pairs; writes, per input file, the rows removed (exact
+    duplicates apart), each component keeping its smallest id."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    started = time.perf_counter()
+    parts = [load_npz(stage(config, f"dedup-{p:05d}-of-{config.num_partitions:05d}.npz"))
+             for p in range(config.num_partitions)]
+    pairs = np.concatenate([p["pairs"] for p in parts])
+    exact_removed = np.unique(np.concatenate([p["exact_removed"] for p in parts]))
+    ids, inverse = np.unique(pairs, return_inverse=True)
+    inverse = inverse.reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (inverse[:, 0], inverse[:, 1])),
+                       shape=(len(ids), len(ids)))
+    _, label = connected_components(graph, directed=False)
+    smallest = np.full(label.max() + 1 if len(label) else 0, len(ids))
+    np.minimum.at(smallest, label, np.arange(len(ids)))  # ids are sorted: first index = smallest id
+    removed = ids[smallest[label] != np.arange(len(ids))]
+    for split in range(num_splits):
+        mine = lambda a: (a[(a >> np.uint64(32)) == split] & np.uint64(0xFFFFFFFF)).astype(np.int64)  # noqa: E731
+        save_npz(stage(config, f"removed-{split:05d}.npz"), removed=mine(removed),
+                 exact_removed=mine(exact_removed))
+    summary = {"pairs": len(pairs), "documents_in_pairs": len(ids), "removed": len(removed),
+               "seconds": time.perf_counter() - started}
+    write_bytes(stage(config, "components.json"), json.dumps(summary).encode())
+    return summary
+
+
+# ----------------------------------------------------------------------------- 4. mixture
+@dataclasses.dataclass(frozen=True)
+class Kept:
+    """One input file's documents after dedup and language ID."""
+
+    rows: np.ndarray  # row index in the file's stage files
+    lang: list[str]
+    source: list[str]
+    tokens: np.ndarray
+
+
+def kept_documents(config: PrepareConfig, split: int, meta: dict) -> tuple[Kept, dict]:
+    """The kept documents of one file, and its count per stage and language."""
+    n = len(meta["record"])
+    langs = np.array(meta["summary"]["langs"] or [""])[meta["lang"]] if n else np.zeros(0, str)
+    if config.dedup:
+        removed = load_npz(stage(config, f"removed-{split:05d}.npz"))
+        exact_kept = ~np.isin(np.arange(n), removed["exact_removed"])
+        near_kept = ~np.isin(np.arange(n), removed["removed"])
+    else:
+        exact_kept = near_kept = np.ones(n, bool)
+    language_kept = near_kept & (meta["tokens"] > 0)
+    counts = {stage_: {lang: int(np.sum(mask & (langs == lang))) for lang in np.unique(langs).tolist()}
+              for stage_, mask in (("cleaned", np.ones(n, bool)), ("exact_dedup", exact_kept),
+                                   ("near_dedup", near_kept), ("language_kept", language_kept))}
+    rows = np.flatnonzero(language_kept)
+    sources = np.array(meta["summary"]["sources"] or [""])[meta["source"][rows]]
+    return Kept(rows, langs[rows].tolist(), sources.tolist(), meta["tokens"][rows]), counts
+
+
+def language_totals(config: PrepareConfig, split: int) -> dict:
+    """Tokens and source-weighted tokens per language of one file's kept documents, and its
+    stage counts."""
+    meta = load_meta(config, split)
+    kept, counts = kept_documents(config, split, meta)
+    weights = dict(config.source_weights)
+    totals: dict = {}
+    for lang, source, tokens in zip(kept.lang, kept.source, kept.tokens.tolist()):
+        entry = totals.setdefault(lang, [0, 0.0])
+        entry[0] += tokens
+        entry[1] += weights.get(source, 1.0) * tokens
+    return {"totals": totals, "counts": counts}
+
+
+def mixture_factors(config: PrepareConfig, totals: dict) -> dict:
+    """Per-language factor f_l (see the docstring): natural shares unless a share is given."""
+    all_tokens = sum(t for t, _ in totals.values())
+    all_weighted = sum(w for _, w in totals.values()) or 1.0
+    factors = {lang: all_tokens / all_weighted for lang in totals}
+    for lang, share in config.languages:
+        if share is None:
+            continue
+        if not totals.get(lang, (0, 0))[1]:
+            logging.warning("no %s document (of non-zero source weight) survived the filters: its "
+                            "share %s cannot be reached", lang, share)
+            continue
+        factors[lang] = share * all_tokens / totals[lang][1]
+    return factors
+
+
+def emitted(config: PrepareConfig, split: int, kept: Kept, factors: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(kept-document index, shard) per emitted copy of one file's kept documents."""
+    weights = dict(config.source_weights)
+    x = np.array([weights.get(s, 1.0) * factors[lang] for lang, s in zip(kept.lang, kept.source)])
+    ids = make_ids(split, kept.rows)
+    u = uniform(draw(config.seed, 0, ids)) if len(ids) else np.zeros(0)
+    copies = (np.floor(x) + (u < x - np.floor(x))).astype(np.int64) if len(x) else np.zeros(0, np.int64)
+    doc = np.repeat(np.arange(len(ids)), copies)
+    copy = np.arange(len(doc)) - np.repeat(np.cumsum(copies) - copies, copies)
+    shard = (draw(config.seed, 1, ids[doc], copy) % np.uint64(config.num_shards)).astype(np.int64)
+    return doc, shard
+
+
+def plan_split(config: PrepareConfig, split: int, factors: dict) -> dict:
+    """Tokens per shard, and documents and tokens emitted per language and source, of one file."""
+    meta = load_meta(config, split)
+    kept, _ = kept_documents(config, split, meta)
+    doc, shard = emitted(config, split, kept, factors)
+    tokens = kept.tokens[doc]
+    out = {"shard_tokens": np.bincount(shard, tokens, config.num_shards).astype(np.int64).tolist(),
+           "languages": {}, "sources": {}}
+    for key, names in (("languages", kept.lang), ("sources", kept.source)):
+        for i, t in zip(doc.tolist(), tokens.tolist()):
+            entry = out[key].setdefault(names[i], {"documents": 0, "tokens": 0})
+            entry["documents"] += 1
+            entry["tokens"] += t
+    return out
+
+
+# ----------------------------------------------------------------------------- 5. pack
+def shard_entry(name: str, data: bytes, sequences: int) -> dict:
+    # crc32c as GCS reports it (base64, big-endian), so a stream can check an object unread.
+    crc32c = base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+    return {"name": name, "sequences": sequences, "sha256": hashlib.sha256(data).hexdigest(), "crc32c": crc32c}
+
+
+def pack_shard(config: PrepareConfig, num_splits: int, factors: dict, dtype: str, shard: int,
+               validation_records: int) -> dict:
+    """Train shard `shard`: its copies shuffled, concatenated and cut; its last
+    `validation_records` records go to a validation part."""
+    started = time.perf_counter()
+    dtype = np.dtype(dtype)
+    pieces = []  # token arrays in (file, document, copy) order, shuffled below
+    for split in range(num_splits):
+        meta = load_meta(config, split)
+        kept, _ = kept_documents(config, split, meta)
+        doc, where = emitted(config, split, kept, factors)
+        rows = kept.rows[doc[where == shard]]
+        offsets = meta["token_offsets"] * dtype.itemsize
+        unique = np.unique(rows)
+        data = read_ranges(stage(config, f"map-{split:05d}.tokens"),
+                           list(zip(offsets[unique].tolist(), offsets[unique + 1].tolist())))
+        tokens = {row: np.frombuffer(blob, dtype) for row, blob in zip(unique.tolist(), data)}
+        pieces += [tokens[row] for row in rows.tolist()]
+    order = np.random.default_rng([config.seed, 2, shard]).permutation(len(pieces))
+    stream = np.concatenate([pieces[i] for i in order] or [np.zeros(0, dtype)])
+    record_len = config.seq_len + 1
+    n = len(stream) // record_len
+    records = stream[: n * record_len].reshape(n, record_len)
+    train = records[: n - validation_records].tobytes()
+    name = f"train-{shard:05d}-of-{config.num_shards:05d}.bin"
+    if file_size(join(config.output, name)) != len(train):  # a finished shard of this run is kept
+        write_bytes(join(config.output, name), train)
+    write_bytes(stage(config, f"validation-{shard:05d}.bin"), records[n - validation_records:].tobytes())
+    entry = shard_entry(name, train, n - validation_records)
+    result = {"entry": entry, "dropped_tail_tokens": int(len(stream) - n * record_len),
+              "seconds": time.perf_counter() - started}
+    write_bytes(stage(config, f"pack-{shard:05d}.json"), json.dumps(result).encode())
+    return result
+
+
+def validation_shard(config: PrepareConfig, sequences: int) -> dict:
+    """The validation parts of the train shards, in shard order, as one shard."""
+    data = b"".join(read_bytes(stage(config, f"validation-{s:05d}.bin")) for s in range(config.num_shards))
+    name = "validation-00000-of-00001.bin"
+    write_bytes(join(config.output, name), data)
+    return shard_entry(name, data, sequences)
