@@ -174,7 +174,7 @@ def _instruction(instruction: str, extra: str) -> str:
     return f"{instruction}\n\n{extra}" if extra.strip() else instruction
 
 
-def _message_list(record: dict, fmt: str) -> list[dict]:
+def message_list(record: dict, fmt: str) -> list[dict]:
     list_key, role_key, text_key = MESSAGE_LISTS[fmt]
     turns = record.get(list_key)
     if not isinstance(turns, list) or not turns:
@@ -205,7 +205,7 @@ def to_conversations(record: object, fmt: str = "auto", default_system: str = DE
     fmt = detect_format(record) if fmt == "auto" else fmt
     system = _string(record, "system", required=False) or default_system
     if fmt in MESSAGE_LISTS:
-        conversations = [_message_list(record, fmt)]
+        conversations = [message_list(record, fmt)]
     elif fmt == "seed_tasks":
         instruction = _string(record, "instruction", required=True)
         instances = record.get("instances")

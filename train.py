@@ -665,7 +665,9 @@ def start_state(model_config: ModelConfig, optimizer: optax.GradientTransformati
     meta = {"step": 0, "data_offset": 0, "rollbacks": 0,
             "rng": np.asarray(jax.random.key_data(key)).tolist()}
     if run.init_from:
-        saved = checkpoint.load(run.init_from)
+        # This run's execution settings (dtype, remat, ...) may differ from the checkpoint's.
+        saved = checkpoint.load(run.init_from, model_overrides={
+            name: getattr(model_config, name) for name in checkpoint.EXECUTION_FIELDS})
         mismatch = checkpoint.config_mismatch(saved[2]["model"], model_config)
         if mismatch:
             raise ValueError(f"--init_from={run.init_from} holds a different model ({mismatch})")
