@@ -168,9 +168,8 @@ def load_pairs(path: str, fmt: str = "auto", max_bad_fraction: float = 0.0,
         raise ValueError(f"{path}: no records; expected a JSON array or JSONL of preference pairs")
     bad = sum(stats.bad.values())
     if bad > max_bad_fraction * stats.records:
-        raise ValueError(
-            f"{path}: {bad} of {stats.records} records are bad ({bad / stats.records:.1%}, more "
-            f"than --max_bad_fraction={max_bad_fraction:g}), e.g.\n  " + "\n  ".join(stats.first_bad))
+        raise ValueError(f"{stats.first_bad[0]} ({bad} of {stats.records} records are bad, "
+                         f"{bad / stats.records:.1%}, more than --max_bad_fraction={max_bad_fraction:g})")
     stats.conversations = len(pairs)
     return pairs, stats
 
@@ -549,8 +548,9 @@ def main(argv):
                     "files": [dataclasses.asdict(s) for s in stats]}
         train.fit(model_config, config, run, source, validation, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, dpo=settings), title="dpo", loss_fn=loss_fn)
-    except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
-        sys.exit(f"dpo.py: error: {e}")
+    except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, one line
+        print(f"dpo.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     except train.TrainingStopped as e:
         sys.exit(f"dpo.py: training stopped: {e}")
 
