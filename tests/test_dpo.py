@@ -174,10 +174,15 @@ def test_gradients_and_one_optimizer_step_equal_trls_trainer(models, real_pairs,
     stepped = convert.to_hf_state_dict(optax.apply_updates(policy, updates))
     before = convert.to_hf_state_dict(policy)
     after = {k: p.detach().numpy() for k, p in trainer.model.named_parameters()}
+    tiny = {k: (g != 0) & (np.abs(g) < 100 * config.adam_eps) for k, g in ours.items()}
+    moving = sum(int((g != 0).sum()) for g in ours.values())
+    assert sum(int(t.sum()) for t in tiny.values()) < 0.1 * moving  # most weights are compared
     for name, value in stepped.items():
-        # Adam's first step moves each weight by about lr: compare the moves, in units of lr.
-        np.testing.assert_allclose((value - before[name]) / 1e-3, (after[name] - before[name]) / 1e-3,
-                                   atol=2e-2, err_msg=name)
+        # Adam's first step moves each weight by lr * g / (|g| + eps): compare the moves in units
+        # of lr, except where |g| ~ eps and float rounding of g itself decides the move.
+        ours_move, their_move = (value - before[name]) / 1e-3, (after[name] - before[name]) / 1e-3
+        np.testing.assert_allclose(np.where(tiny[name], 0, ours_move), np.where(tiny[name], 0, their_move),
+                                   atol=2e-3, err_msg=name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,24 +222,27 @@ def test_reward_accuracy_on_held_out_pairs_rises_to_09_and_only_with_the_reply_m
     held = {k: jnp.asarray(v) for k, v in dpo.pair_arrays(held_rows, np.arange(held_rows.num_rows), ref_held).items()}
     loss_fn = dpo.make_loss_fn(dpo.LossConfig("sigmoid", 0.1))
 
+    @eqx.filter_jit
     def held_out(model):
+        """(share of pairs where the model's reply log-probabilities prefer the chosen reply,
+        DPO's reward accuracy)."""
         policy = dpo.sequence_logps(model, held["tokens"], held["weights"])
-        preferred = float(jnp.mean(policy[:, 0] > policy[:, 1]))
         _, count, sums = loss_fn(model, held, None)
-        return preferred, float(sums["rewards/accuracies"] / count)
+        return jnp.mean(policy[:, 0] > policy[:, 1]), sums["rewards/accuracies"] / count
 
-    before, _ = held_out(reference)
+    before = float(held_out(reference)[0])
     assert 0.2 <= before <= 0.8 or mask == "prompt"  # the untrained model has no such preference
-    config = train.TrainConfig(steps=30, batch_size=16, learning_rate=1e-3, warmup_steps=3, weight_decay=0.0,
+    config = train.TrainConfig(steps=15, batch_size=8, learning_rate=1e-3, warmup_steps=2, weight_decay=0.0,
                                opt_state_dtype="float32")
     optimizer = train.make_optimizer(config)
-    state = train.TrainState(reference, optimizer.init(reference))
+    start = jax.tree.map(jnp.copy, reference)  # the step donates its state
+    state = train.TrainState(start, optimizer.init(start))
     step_fn = train.make_train_step(optimizer, train.shardings(state), mesh, loss_fn)
-    source = dpo.PairBatches(train_rows, ref_train, 0, 16)
+    source = dpo.PairBatches(train_rows, ref_train, 0, 8)
     for step in range(config.steps):
         batch = train.global_batch(source.batch(step), 1, mesh)
         state, metrics = step_fn(state, batch, jax.random.key(0), step, False, train.stop_votes(False, mesh))
-    _, accuracy = held_out(state.model)
+    accuracy = float(held_out(state.model)[1])
     if mask == "reply":
         assert accuracy >= 0.9
     else:
