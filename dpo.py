@@ -1,6 +1,6 @@
 """Direct preference optimization (DPO, or IPO) of a fine-tuned model on chosen/rejected replies.
 
-    python dpo.py --flagfile=configs/dpo_600m.flags --init_from=runs/600m-sft \
+    python dpo.py --flagfile=configs/dpo_600m.flags --init_from=runs/600m-sft \\
         --train_data=pairs.jsonl --output_dir=runs/600m-dpo
 
 Training is train.py's loop (`train.fit`: checkpoints, resume, preemption, NaN handling,
@@ -565,5 +565,6 @@ def _with_steps(config: train.TrainConfig, steps: int, warmup: int | None = None
 
 
 if __name__ == "__main__":
+    __doc__ = __doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1] + "\n"  # --help: summary, usage, flags
     define_flags()
     app.run(main)
