@@ -185,6 +185,24 @@ def test_gradients_and_one_optimizer_step_equal_trls_trainer(models, real_pairs,
                                    atol=2e-3, err_msg=name)
 
 
+def test_online_reference_equals_the_stored_one_and_a_second_start_reads_it_back(models, real_pairs, tmp_path):
+    policy, reference = models
+    rows, batch = _our_batch(real_pairs, reference)
+    config = dpo.LossConfig("sigmoid", 0.1)
+    stored = dpo.make_loss_fn(config)(policy, batch, None)
+    online = dpo.make_loss_fn(config, reference)(policy, {k: v for k, v in batch.items() if k != "reference_logps"},
+                                                 None)
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(online)):
+        assert float(a) == pytest.approx(float(b), abs=1e-5)
+    mesh = train.make_mesh(1)
+    first, how = dpo.stored_reference_logps(rows, reference, "runs/sft", str(tmp_path), 4, mesh, "train")
+    assert how.startswith("computed") and np.allclose(first, batch["reference_logps"], atol=1e-5)
+    again, how = dpo.stored_reference_logps(rows, policy, "runs/sft", str(tmp_path), 4, mesh, "train")
+    assert how.startswith("read") and np.array_equal(again, first)  # not recomputed (with other weights)
+    _, how = dpo.stored_reference_logps(rows, reference, "runs/other", str(tmp_path), 4, mesh, "train")
+    assert how.startswith("computed")  # another --init_from is another reference
+
+
 # --------------------------------------------------------------------------------------------
 # A preference the tiny model can learn, and the loss mask that makes it learnable.
 
@@ -328,3 +346,11 @@ def test_cli_reports_bad_input_in_one_line_with_exit_status_2(tiny_run, tmp_path
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_the_bundled_preference_samples_load_cleanly(tokenizer):
+    for name in sorted(os.listdir(os.path.join(REPO, "samples", "preference"))):
+        if name.endswith(".jsonl"):
+            pairs, stats = dpo.load_pairs(os.path.join(REPO, "samples", "preference", name))
+            assert len(pairs) == stats.records >= 100 and not stats.bad
+            assert all(p.prompt[-1]["role"] == "user" and p.chosen == p.chosen.strip() for p in pairs)
