@@ -34,17 +34,19 @@ back (--ref_logps=online computes them at every step instead).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
@@ -345,14 +347,19 @@ def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> tr
     return loss_fn
 
 
+@functools.cache
+def _reference_forward(mesh) -> Callable:
+    """Jitted once per mesh: (model, [1, pairs, ...] batch) -> replicated [pairs, 2] log-probs."""
+    return jax.jit(lambda m, b: sequence_logps(m, b["tokens"][0], b["weights"][0]),
+                   out_shardings=NamedSharding(mesh, P()))
+
+
 def reference_logps(model: Transformer, rows: PairRows, batch_size: int, mesh) -> Float[np.ndarray, "pairs 2"]:
     """Every pair's (chosen, rejected) log-probabilities under `model`, in one pass over the
     rows; each process reads its part of every batch, and every process gets all of them."""
     from tqdm import tqdm
 
-    replicated = NamedSharding(mesh, P())
-    forward = jax.jit(lambda m, b: sequence_logps(m, b["tokens"][0], b["weights"][0]),
-                      out_shardings=replicated)
+    forward = _reference_forward(mesh)
     source = PairBatches(rows, None, 0, batch_size, shuffle=False, process_index=jax.process_index(),
                          process_count=jax.process_count())
     out = []
@@ -431,8 +438,17 @@ def stored_reference_logps(rows: PairRows, model: Transformer, init_from: str, o
     digest = hashlib.sha256(rows.tokens.tobytes() + rows.reply.tobytes()
                             + str(init_from).encode()).hexdigest()[:16]
     path = data.join(output_dir, f"reference_logps_{name}_{digest}.npy")
-    if data.file_size(path) is not None:
-        return np.load(io.BytesIO(data.read_bytes(path))), f"read from {path}"
+    # Process 0 decides and shares what it read: every process must take the same branch (the
+    # pass below is collective), also when --output_dir is a local folder only process 0 has.
+    found = data.file_size(path) is not None if jax.process_index() == 0 else False
+    if jax.process_count() > 1:
+        found = bool(multihost_utils.broadcast_one_to_all(np.asarray(found)))
+    if found:
+        values = (np.load(io.BytesIO(data.read_bytes(path))) if jax.process_index() == 0
+                  else np.zeros((rows.num_rows, 2), np.float32))
+        if jax.process_count() > 1:
+            values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+        return values, f"read from {path}"
     values = reference_logps(model, rows, batch_size, mesh)
     if jax.process_index() == 0:
         buffer = io.BytesIO()
@@ -462,7 +478,7 @@ def summary_table(stats: Sequence[sft.FileStats], rows: PairRows) -> str:
 
 FLAGS = flags.FLAGS
 # TRL's and Zephyr's DPO recipe; a --flagfile on the command line still wins.
-DPO_DEFAULTS = {"learning_rate": 5e-7, "weight_decay": 0.0, "grad_clip": 1.0, "min_lr_ratio": 0.0,
+DPO_DEFAULTS = {"learning_rate": 5e-7, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0, "min_lr_ratio": 0.0,
                 "eval_every": 100, "batch_size": 64}
 
 
