@@ -48,7 +48,7 @@ import numpy as np
 from absl import app, flags
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 import checkpoint
 import data
@@ -96,7 +96,7 @@ def _transcript(text: str) -> list[dict]:
 
 def _messages(value: object, key: str) -> list[dict]:
     return sft.message_list({"messages": value}, "messages") if isinstance(value, list) else \
-        [{"role": "user", "content": sft._string({key: value}, key, required=True)}]
+        [{"role": "user", "content": sft.text_field({key: value}, key, required=True)}]
 
 
 def _reply(messages: list[dict], key: str) -> str:
@@ -111,8 +111,8 @@ def to_pair(record: object, fmt: str = "auto", default_system: str = DEFAULT_SYS
         raise BadRecord("wrong shape", f"expected a JSON object, got {type(record).__name__}")
     fmt = detect_format(record) if fmt == "auto" else fmt
     if fmt == "standard":
-        prompt = sft._string(record, "prompt", required=True)
-        chosen, rejected = (sft._string(record, k, required=True) for k in ("chosen", "rejected"))
+        prompt = sft.text_field(record, "prompt", required=True)
+        chosen, rejected = (sft.text_field(record, k, required=True) for k in ("chosen", "rejected"))
         if _TURN.search(prompt) and prompt.rstrip().endswith("Assistant:"):
             prompt_messages = _transcript(prompt.rstrip()[: -len("Assistant:")].rstrip())
             chosen, rejected = chosen.strip(), rejected.strip()
@@ -122,7 +122,7 @@ def to_pair(record: object, fmt: str = "auto", default_system: str = DEFAULT_SYS
         prompt_messages = _messages(record.get("prompt"), "prompt")
         chosen, rejected = (_reply(_messages(record.get(k), k), k) for k in ("chosen", "rejected"))
     elif fmt == "hh_rlhf":
-        sides = [_transcript(sft._string(record, k, required=True)) for k in ("chosen", "rejected")]
+        sides = [_transcript(sft.text_field(record, k, required=True)) for k in ("chosen", "rejected")]
         if any(side[-1]["role"] != "assistant" for side in sides):
             raise BadRecord("no assistant turn", "a transcript must end with an Assistant reply")
         if sides[0][:-1] != sides[1][:-1]:
@@ -144,7 +144,7 @@ def to_pair(record: object, fmt: str = "auto", default_system: str = DEFAULT_SYS
     if chosen == rejected:
         raise BadRecord("identical replies", "chosen and rejected are the same text")
     if prompt_messages[0]["role"] != "system":
-        system = sft._string(record, "system", required=False) or default_system
+        system = sft.text_field(record, "system", required=False) or default_system
         prompt_messages = [{"role": "system", "content": system}, *prompt_messages]
     return Pair(tuple(prompt_messages), chosen, rejected)
 
@@ -219,7 +219,7 @@ class PairRows:
     """Pair i is tokens[i, 0] (prompt + chosen) and tokens[i, 1] (prompt + rejected), padded;
     reply[i, k, t] marks the reply tokens (targets of input t - 1)."""
     tokens: Int[np.ndarray, "pairs 2 length"]
-    reply: Float[np.ndarray, "pairs 2 length"]
+    reply: Bool[np.ndarray, "pairs 2 length"]
 
     @property
     def num_rows(self) -> int:
@@ -515,7 +515,7 @@ def main(argv):
         if not run.init_from:
             raise ValueError("--init_from is required: the fine-tuned checkpoint to align (also the reference)")
         train.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        model_config, tokenizer = sft._model_config(run, flag_model)
+        model_config, tokenizer = sft.init_model_config(run, flag_model)
         if FLAGS.max_length > model_config.max_seq_len:
             raise ValueError(f"--max_length={FLAGS.max_length} exceeds the model's context of "
                              f"{model_config.max_seq_len}")
