@@ -28,7 +28,7 @@ from safetensors import flax as safetensors_jax
 import checkpoint
 import cli
 from model import ModelConfig, Transformer
-from tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, save_hf_tokenizer
+from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, PAD_ID, Tokenizer, save_hf_tokenizer
 
 FLAGS = flags.FLAGS
 
@@ -58,6 +58,25 @@ LAYER_WEIGHTS = (
     ("mlp.w_gate", "model.layers.{}.mlp.gate_proj.weight", True),
     ("mlp.w_up", "model.layers.{}.mlp.up_proj.weight", True),
     ("mlp.w_down", "model.layers.{}.mlp.down_proj.weight", True),
+)
+
+
+# The export's chat template renders what sft.py and dpo.py trained on and what `generate.py
+# --chat` prompts with: <s>, the default system message when the conversation brings none, then
+# ChatML. A conversation that ends with an assistant message (no generation prompt) ends at that
+# reply's <|im_end|>, where the model stops: TRL and transformers trainers then put their loss on
+# the reply and its <|im_end|>, the tokens sft.py and dpo.py train on, and not on a newline after.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if not messages or messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n' + " + json.dumps(DEFAULT_SYSTEM) + " + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
+    "{% if not (loop.last and message['role'] == 'assistant' and not add_generation_prompt) %}"
+    "{{ '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -112,7 +131,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str) -> None:
     tensors = {k: jnp.asarray(v) for k, v in to_hf_state_dict(model).items()}
     safetensors_jax.save_file(tensors, os.path.join(out_dir, "model.safetensors"),
                               metadata={"format": "pt"})
-    save_hf_tokenizer(tokenizer, out_dir)
+    save_hf_tokenizer(tokenizer, out_dir, CHAT_TEMPLATE)
 
 
 def _read_hf_tensors(hf_dir: str) -> dict[str, jax.Array]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the bundled EN/FR sample, on CPU, in a few minutes:
 # tokenizer -> shards -> tiny model pretraining (with a simulated preemption) -> Hugging Face
-# export -> samples -> SFT -> one chat -> benchmark scores (lm-evaluation-harness).
+# export -> samples -> SFT -> DPO -> one chat -> benchmark scores (lm-evaluation-harness).
 set -euo pipefail
 cd "$(dirname "$0")"
 # XLA:CPU mallocs the step's temporaries afresh every step; by default glibc hands them back to
@@ -45,11 +45,16 @@ sft_data=samples/sft/en_alpaca_seed_tasks.jsonl,samples/sft/fr_vigogne_oasst_par
 python sft.py --flagfile=configs/sft_tiny.flags --init_from="$out/tiny" --train_data="$sft_data" \
   --epochs=3 --output_dir="$out/sft"
 
-echo "== 6. Chat with the fine-tuned model once (greedy)"
-python generate.py --checkpoint="$out/sft" --chat --temperature=0 --max_new_tokens=40 \
+echo "== 5b. Align the fine-tuned model on real human preference pairs (DPO against the frozen SFT"
+echo "   model; TRL's metric names: rewards/accuracies, rewards/margins, ...)"
+python dpo.py --flagfile=configs/dpo_tiny.flags --init_from="$out/sft" \
+  --train_data=samples/preference/en_hh_rlhf_sample100_pairs.jsonl --output_dir="$out/dpo"
+
+echo "== 6. Chat with the aligned model once (greedy)"
+python generate.py --checkpoint="$out/dpo" --chat --temperature=0 --max_new_tokens=40 \
   --prompt="Quelle est la capitale de la France ?"
 
 echo "== 7. Zero-shot evaluation with lm-evaluation-harness on the bundled benchmark samples (samples/eval)"
 python evaluate.py --checkpoint="$out/tiny" --data_dir=samples/eval --output="$out/eval_results.json"
 
-echo "Done: loss curve $out/tiny/loss.png, metrics $out/tiny/metrics.jsonl, HF model $out/hf, scores $out/eval_results.json, SFT run $out/sft"
+echo "Done: loss curve $out/tiny/loss.png, metrics $out/tiny/metrics.jsonl, HF model $out/hf, scores $out/eval_results.json, SFT run $out/sft, DPO run $out/dpo"

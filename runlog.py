@@ -39,6 +39,9 @@ def keep_metrics_until(path: str, step: int) -> None:
         f.writelines(kept)
 
 
+STEP_METRICS = ("loss", "grad_norm", "skipped", "supervised_tokens", "stop")
+
+
 class IntervalLogger:
     """Every `every` steps: one console line, one metrics.jsonl record and TensorBoard scalars
     (step, loss, lr, grad norm, tokens/s, MFU, ETA, time waiting for data). The clock starts
@@ -86,6 +89,9 @@ class IntervalLogger:
                   "data_wait_fraction": self.data_wait / (now - self.clock) if timed else 0.0,
                   "supervised_tokens": float(np.mean([m["supervised_tokens"] for m in self.pending])),
                   **extra}
+        # The loss function's own metrics (dpo.py's rewards/...), averaged like the loss.
+        own = [k for k in metrics if k not in STEP_METRICS]
+        record.update({k: float(np.mean([m[k] for m in good])) for k in own})
         self.write(record)
         self.pending, self.clock, self.clock_step, self.data_wait = [], now, step, 0.0
         line = (f"step {step:>7} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
@@ -95,7 +101,7 @@ class IntervalLogger:
             line += f" | epoch {extra['epoch']:.2f}"
         if extra.get("skipped_steps"):
             line += f" | {extra['skipped_steps']} skipped"
-        return line
+        return line + "".join(f" | {k} {record[k]:.3f}" for k in own)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -162,7 +162,7 @@ def detect_format(record: dict) -> str:
                     "conversations, conversation, instances, response or output")
 
 
-def _string(record: dict, key: str, required: bool) -> str:
+def text_field(record: dict, key: str, required: bool) -> str:
     if required and key not in record:
         raise BadRecord("wrong shape", f"no {key!r} in keys {sorted(record)}")
     value = record.get(key, "")
@@ -177,7 +177,7 @@ def _instruction(instruction: str, extra: str) -> str:
     return f"{instruction}\n\n{extra}" if extra.strip() else instruction
 
 
-def _message_list(record: dict, fmt: str) -> list[dict]:
+def message_list(record: dict, fmt: str) -> list[dict]:
     list_key, role_key, text_key = MESSAGE_LISTS[fmt]
     turns = record.get(list_key)
     if not isinstance(turns, list) or not turns:
@@ -193,7 +193,7 @@ def _message_list(record: dict, fmt: str) -> list[dict]:
                             f"{', '.join(ROLES)} (any case)")
         if role == "system" and i > 0:
             raise BadRecord("misplaced system", f"message {i} is a system message; expected only first")
-        messages.append({"role": role, "content": _string(turn, text_key, required=True)})
+        messages.append({"role": role, "content": text_field(turn, text_key, required=True)})
     return messages
 
 
@@ -206,11 +206,11 @@ def to_conversations(record: object, fmt: str = "auto", default_system: str = DE
     if not isinstance(record, dict):
         raise BadRecord("wrong shape", f"expected a JSON object, got {type(record).__name__}")
     fmt = detect_format(record) if fmt == "auto" else fmt
-    system = _string(record, "system", required=False) or default_system
+    system = text_field(record, "system", required=False) or default_system
     if fmt in MESSAGE_LISTS:
-        conversations = [_message_list(record, fmt)]
+        conversations = [message_list(record, fmt)]
     elif fmt == "seed_tasks":
-        instruction = _string(record, "instruction", required=True)
+        instruction = text_field(record, "instruction", required=True)
         instances = record.get("instances")
         if not isinstance(instances, list) or not instances:
             raise BadRecord("wrong shape", "'instances' must be a non-empty list")
@@ -218,15 +218,15 @@ def to_conversations(record: object, fmt: str = "auto", default_system: str = DE
         for instance in instances:
             if not isinstance(instance, dict):
                 raise BadRecord("wrong shape", f"an instance must be an object, got {type(instance).__name__}")
-            user = _instruction(instruction, _string(instance, "input", required=False))
+            user = _instruction(instruction, text_field(instance, "input", required=False))
             conversations.append([{"role": "user", "content": user}, {
-                "role": "assistant", "content": _string(instance, "output", required=True)}])
+                "role": "assistant", "content": text_field(instance, "output", required=True)}])
     else:
         extra_key, answer_key = INSTRUCTIONS[fmt]
-        user = _instruction(_string(record, "instruction", required=True),
-                            _string(record, extra_key, required=False))
+        user = _instruction(text_field(record, "instruction", required=True),
+                            text_field(record, extra_key, required=False))
         conversations = [[{"role": "user", "content": user},
-                          {"role": "assistant", "content": _string(record, answer_key, required=True)}]]
+                          {"role": "assistant", "content": text_field(record, answer_key, required=True)}]]
     result = []
     for messages in conversations:
         if messages[0]["role"] != "system":
@@ -639,7 +639,7 @@ def define_flags() -> None:
         FLAGS.set_default(name, value)
 
 
-def _model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelConfig, Tokenizer]:
+def init_model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelConfig, Tokenizer]:
     """The --init_from checkpoint's model (this run's execution settings) and its tokenizer; or,
     without --init_from, the flags' model and --tokenizer."""
     if not run.init_from:
@@ -658,7 +658,7 @@ def main(argv):
         flag_model, config, run = train.configs_from_flags()
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        model_config, tokenizer = _model_config(run, flag_model)
+        model_config, tokenizer = init_model_config(run, flag_model)
         # Rows of --seq_len tokens when given (at most the model's context), else the context.
         seq_len = FLAGS.seq_len if FLAGS["seq_len"].present else model_config.max_seq_len
         if seq_len > model_config.max_seq_len:

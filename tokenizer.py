@@ -237,7 +237,7 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size})"
 
 
-def save_hf_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
+def save_hf_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, chat_template: str = CHATML_TEMPLATE) -> None:
     """Writes a folder that `transformers.LlamaTokenizer/AutoTokenizer.from_pretrained` loads
     with the same ids as `tok` (transformers 5; needs sentencepiece and protobuf to convert).
 
@@ -260,7 +260,7 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
         "add_prefix_space": False,
         "legacy": False,
         "clean_up_tokenization_spaces": False,
-        "chat_template": CHATML_TEMPLATE,
+        "chat_template": chat_template,
     }
     special_map = {**special, "additional_special_tokens": extra}  # read by older transformers
     files = {"tokenizer_config.json": config, "special_tokens_map.json": special_map}

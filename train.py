@@ -223,16 +223,24 @@ def as_batch(rows: np.ndarray | dict) -> dict[str, np.ndarray]:
     return rows if isinstance(rows, dict) else {"tokens": rows}
 
 
-def _micro_loss(model: Transformer, micro: dict[str, Array], total_weight: Float[Array, ""],
-                key: PRNGKeyArray | None) -> Float[Array, ""]:
-    """This micro-batch's share of the step's loss: its weighted loss sum / the step's weight."""
+# A loss function: (model, micro-batch, dropout key or None) -> (summed loss, count, summed
+# metrics). The step's loss and each metric are their sums over micro-batches divided by the
+# summed count (tokens for language modelling, pairs for dpo.py); gradients likewise.
+LossFn = Callable[[Transformer, dict, PRNGKeyArray | None], tuple[Array, Array, dict[str, Array]]]
+
+
+def token_loss(model: Transformer, micro: dict[str, Array], key: PRNGKeyArray | None
+               ) -> tuple[Float[Array, ""], Float[Array, ""], dict[str, Array]]:
+    """Next-token cross-entropy summed over the weighted targets, and their count."""
     tokens = micro["tokens"]
     weights = micro.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
     logits = model(tokens[:, :-1], micro.get("segment_ids"), key=key if model.config.dropout else None)
-    return cross_entropy(logits, tokens[:, 1:], weights) * (weights.sum() / total_weight)
+    count = weights.sum()
+    return cross_entropy(logits, tokens[:, 1:], weights) * count, count, {}
 
 
-def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mesh: Mesh) -> Callable:
+def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mesh: Mesh,
+                    loss_fn: LossFn = token_loss) -> Callable:
     """The jitted update: (state, batch, step, inject_nan, stop_votes) -> (state, metrics).
 
     `batch` holds [grad_accum, micro, ...] arrays. `stop_votes` holds one bool per device (each
@@ -242,9 +250,6 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
     def train_step(state: TrainState, batch: dict[str, Array], key: PRNGKeyArray, step: Int[Array, ""],
                    inject_nan: Bool[Array, ""], stop_votes: Bool[Array, " devices"]):
         weights = batch.get("weights")
-        total_weight = (weights.sum() if weights is not None
-                        else jnp.float32(np.prod(batch["tokens"].shape[:2]) * (batch["tokens"].shape[2] - 1)))
-        total_weight = jnp.maximum(total_weight, 1.0)
         keys = jax.random.split(jax.random.fold_in(key, step), batch["tokens"].shape[0])
 
         # With sharded parameters, gather them once per step for the compute: left to itself, XLA
@@ -252,22 +257,30 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         # of temporaries per device for 600m on 32 devices). Gradients go back sharded to `carry`.
         model = jax.lax.with_sharding_constraint(state.model, NamedSharding(mesh, P()))
 
-        def accumulate(carry, xs):
-            micro, micro_key = xs
-            loss, grads = jax.value_and_grad(_micro_loss)(model, micro, total_weight, micro_key)
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+        def micro_loss(m, micro, micro_key):
+            loss, count, sums = loss_fn(m, micro, micro_key)
+            return loss, (count, sums)
 
-        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), state.model))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
-        loss = jnp.where(inject_nan, jnp.nan, loss)
+        def accumulate(carry, xs):
+            (loss, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(model, *xs)
+            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+        first = jax.tree.map(lambda x: x[0], (batch, keys))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_loss, model, *first))
+        (loss, (count, sums), grads), _ = jax.lax.scan(
+            accumulate, (*zeros, jax.tree.map(jnp.zeros_like, state.model)), (batch, keys))
+        # Sums over the step, then one division: the mean over every token (or pair) of the step.
+        count = jnp.maximum(count, 1.0)
+        loss = jnp.where(inject_nan, jnp.nan, loss / count)
+        grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.model)
         updated = TrainState(optax.apply_updates(state.model, updates), opt_state)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated, state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok,
-                   "supervised_tokens": weights.sum() if weights is not None else total_weight,
-                   "stop": jnp.any(stop_votes)}
+                   "supervised_tokens": weights.sum() if weights is not None else count,
+                   "stop": jnp.any(stop_votes), **{k: v / count for k, v in sums.items()}}
         return state, metrics
 
     replicated = NamedSharding(mesh, P())
@@ -277,12 +290,10 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
                    out_shardings=(state_sharding, replicated))
 
 
-def make_eval_step(state_sharding, mesh: Mesh) -> Callable:
-    """Jitted (model, batch) -> (summed token loss, token count) over a [1, rows, ...] batch."""
+def make_eval_step(state_sharding, mesh: Mesh, loss_fn: LossFn = token_loss) -> Callable:
+    """Jitted (model, batch) -> (summed loss, count, summed metrics) over a [1, rows, ...] batch."""
     def eval_step(model: Transformer, batch: dict[str, Array]):
-        micro = jax.tree.map(lambda x: x[0], batch)
-        weight = micro["weights"].sum() if "weights" in micro else jnp.float32(micro["tokens"][:, 1:].size)
-        return _micro_loss(model, micro, jnp.float32(1.0), None), weight
+        return loss_fn(model, jax.tree.map(lambda x: x[0], batch), None)
 
     return jax.jit(traced_on(mesh, eval_step), in_shardings=(state_sharding.model, batch_sharding(mesh)))
 
@@ -363,7 +374,9 @@ def start_state(model_config: ModelConfig, optimizer: optax.GradientTransformati
     meta = {"step": 0, "data_offset": 0, "rollbacks": 0,
             "rng": np.asarray(jax.random.key_data(key)).tolist()}
     if run.init_from:
-        saved = checkpoint.load(run.init_from)
+        # This run's execution settings (dtype, remat, ...) may differ from the checkpoint's.
+        saved = checkpoint.load(run.init_from, model_overrides={
+            name: getattr(model_config, name) for name in checkpoint.EXECUTION_FIELDS})
         mismatch = checkpoint.config_mismatch(saved[2]["model"], model_config)
         if mismatch:
             raise ValueError(f"--init_from={run.init_from} holds a different model ({mismatch})")
@@ -375,13 +388,15 @@ def start_state(model_config: ModelConfig, optimizer: optax.GradientTransformati
 
 
 def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_data,
-        validation_data, tokenizer_bytes: bytes, run_config: dict, title: str = "pretraining") -> None:
-    """The training loop, shared by pretraining and SFT (sft.py).
+        validation_data, tokenizer_bytes: bytes, run_config: dict, title: str = "pretraining",
+        loss_fn: LossFn = token_loss) -> None:
+    """The training loop, shared by pretraining, SFT (sft.py) and DPO (dpo.py).
 
     `train_data.batch(step)` gives this process's rows of a global batch (stream.py's layout):
     token rows [rows, seq_len + 1], or a dict with "tokens", optional "segment_ids" and "weights"
-    [rows, seq_len] (the loss weight of each target). `validation_data` (optional) is read the
-    same way at steps 0..eval_batches-1.
+    [rows, seq_len] (the loss weight of each target), or whatever else `loss_fn` reads (a row
+    may hold `sequences_per_row` sequences, as dpo.py's chosen and rejected pair).
+    `validation_data` (optional) is read the same way at steps 0..eval_batches-1.
     """
     primary = jax.process_index() == 0
     mesh = make_mesh(run.fsdp)
@@ -391,14 +406,14 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
     ckpt = checkpoint.Checkpointer(run.output_dir, run.keep, run.keep_every or None)
     state, meta, how = start_state(model_config, optimizer, mesh, run, config.seed, ckpt)
     state_sharding = shardings(state)
-    train_step = make_train_step(optimizer, state_sharding, mesh)
-    eval_step = make_eval_step(state_sharding, mesh)
+    train_step = make_train_step(optimizer, state_sharding, mesh, loss_fn)
+    eval_step = make_eval_step(state_sharding, mesh, loss_fn)
     key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
     step, data_offset, rollbacks, bad_streak, skipped = meta["step"], meta["data_offset"], meta["rollbacks"], 0, 0
     saved_meta = lambda: {"data_offset": data_offset, "rollbacks": rollbacks, "rng": meta["rng"]}
 
     seq_len = getattr(train_data, "seq_len", model_config.max_seq_len)  # SFT rows may be shorter
-    tokens_per_step = config.batch_size * seq_len
+    tokens_per_step = config.batch_size * getattr(train_data, "sequences_per_row", 1) * seq_len
     peak = device_peak_flops(run.peak_tflops)
     logger = None
     if primary:
@@ -418,12 +433,16 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
         if at == run.test_sigkill_during_save:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def held_out_loss() -> float:
-        total = count = 0.0
+    def held_out() -> dict[str, float]:
+        """eval_loss and the loss function's metrics (eval_<name>) over the held-out batches."""
+        loss = count = 0.0
+        sums: dict[str, float] = {}
         for i in range(run.eval_batches):
-            loss, weight = eval_step(state.model, global_batch(as_batch(validation_data.batch(i)), 1, mesh))
-            total, count = total + float(loss), count + float(weight)
-        return total / max(count, 1.0)
+            out = jax.device_get(eval_step(state.model, global_batch(as_batch(validation_data.batch(i)), 1, mesh)))
+            loss, count = loss + float(out[0]), count + float(out[1])
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in out[2].items()}
+        count = max(count, 1.0)
+        return {"eval_loss": loss / count, **{f"eval_{k}": v / count for k, v in sums.items()}}
 
     guard = PreemptionGuard()
     batches = train_data.iterate(step + data_offset)
@@ -472,7 +491,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 if line := logger.log(step, metrics, waited, extra, last=bool(metrics["stop"])):
                     bar.write(line)
             if run.eval_every and (step % run.eval_every == 0 or step == config.steps):
-                record = {"eval_loss": held_out_loss()} if validation_data is not None else {}
+                record = held_out() if validation_data is not None else {}
                 if run.eval_tasks:
                     record.update(benchmark_scores(state.model, tokenizer_bytes, run, mesh))
                 if logger and record:

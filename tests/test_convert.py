@@ -27,7 +27,7 @@ import checkpoint  # noqa: E402
 import convert  # noqa: E402
 from conftest import DATA_FILES, REPO, run_script  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tokenizer import BOS_ID, PAD_ID, Tokenizer  # noqa: E402
+from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_START_ID, PAD_ID, Tokenizer  # noqa: E402
 
 ATOL = 1e-4  # fp32 on both sides: a wrong layout is off by O(1), rounding by ~1e-6
 
@@ -219,6 +219,28 @@ def test_cli_export_of_the_trained_run_gives_our_ids_and_logits_on_english_and_f
 
 # --------------------------------------------------------------------------------------------
 # 3. The exported tokenizer: SentencePiece's ids on hard text.
+
+
+@pytest.mark.parametrize("system", [None, "Réponds en une phrase."])
+def test_exported_chat_template_gives_generate_chat_ids_and_sft_training_ids(tok, random_hf_dir, system):
+    """apply_chat_template on the export = `generate.py --chat`'s prompt (<s>, the default system
+    message when none is given, ChatML), and a whole conversation = what SFT trained on, up to
+    the last reply's <|im_end|>."""
+    import generate
+    import sft
+
+    hf = transformers.AutoTokenizer.from_pretrained(random_hf_dir)
+    turns = [{"role": "user", "content": "Écris f(x) = 2*x\n  en Python"}, {"role": "assistant", "content": " def f(x): 🎉"},
+             {"role": "user", "content": "Et en Rust ?"}]
+    given = ([{"role": "system", "content": system}] if system else []) + turns
+    rendered = [{"role": "system", "content": system or DEFAULT_SYSTEM}] + turns  # generate.py's
+    ids = lambda messages, prompt: hf.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True,
+                                                          return_dict=True)["input_ids"]
+    assert ids(given, True) == generate.chat_prompt(tok, rendered)
+    assert ids(given, True)[:2] == [BOS_ID, IM_START_ID]
+    example, _ = sft.render(tok, [*rendered, {"role": "assistant", "content": "Voilà."}])
+    assert ids([*given, {"role": "assistant", "content": "Voilà."}], False) == example.ids[:-1].tolist()
+    assert example.mask[-2] and not example.mask[-1]  # what is left out is the unsupervised newline
 
 
 def test_exported_tokenizer_gives_sentencepiece_ids_on_accents_emoji_code_and_digits(

@@ -138,11 +138,11 @@ def test_chat_renders_chatml_and_replies_as_hugging_face_generate_does(tiny, tin
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_hf)
     template = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                 return_dict=False)
-    assert G.chat_prompt(tokenizer, messages) == [BOS_ID, *template]
+    assert G.chat_prompt(tokenizer, messages) == template  # the export's template adds the <s>
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32)
     with torch.no_grad():
-        hf_ids = hf_model.generate(torch.tensor([[BOS_ID, *template]]), max_new_tokens=16, do_sample=False,
-                                   eos_token_id=[EOS_ID, IM_END_ID], pad_token_id=0)[0, len(template) + 1:]
+        hf_ids = hf_model.generate(torch.tensor([template]), max_new_tokens=16, do_sample=False,
+                                   eos_token_id=[EOS_ID, IM_END_ID], pad_token_id=0)[0, len(template):]
     pieces = []
     reply = G.chat(model, tokenizer, messages, max_new_tokens=16, on_text=pieces.append)
     assert reply == tokenizer.decode([t for t in hf_ids.tolist() if t not in (EOS_ID, IM_END_ID)])

@@ -1,0 +1,102 @@
+"""A DPO step against an SFT step at the same shapes, and the reference pass's cost.
+
+    python benchmarks/dpo_speed.py                       # tiny shape, 8 pairs x 2 x 128 tokens
+    python benchmarks/dpo_speed.py --d_model=512 --n_layers=8 --pairs=4 --length=256
+
+Both steps are train.make_train_step on the same model and the same tokens: the SFT step reads
+2 x pairs rows with token cross-entropy (train.token_loss), the DPO step reads the pairs
+(chosen and rejected in one forward) with stored reference log-probabilities, and with
+--ref_logps=online (one more forward per step). The reference pass is dpo.reference_logps over
+the same pairs. Times are medians of the timed steps after warm-up steps (compilation).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import dpo  # noqa: E402
+import optim  # noqa: E402
+import parallel  # noqa: E402
+import train  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+flags.DEFINE_integer("d_model", 192, "Model width (the tiny config's by default).")
+flags.DEFINE_integer("n_layers", 4, "Blocks.")
+flags.DEFINE_integer("vocab_size", 4096, "Vocabulary.")
+flags.DEFINE_integer("pairs", 8, "Pairs per step (the SFT step reads twice as many rows).")
+flags.DEFINE_integer("length", 128, "Tokens per sequence.")
+flags.DEFINE_integer("steps", 5, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps first (compilation).")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation dtype.")
+FLAGS = flags.FLAGS
+
+
+def timed(fn, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main(argv):
+    del argv
+    config = ModelConfig(vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
+                         n_heads=max(FLAGS.d_model // 64, 1), d_ff=4 * FLAGS.d_model, max_seq_len=FLAGS.length,
+                         dtype=FLAGS.dtype, scan_layers=True)
+    model = Transformer(config, jax.random.key(0))
+    mesh = parallel.make_mesh(1)
+    rng = np.random.default_rng(0)
+    n, t = FLAGS.pairs, FLAGS.length
+    tokens = rng.integers(8, config.vocab_size, (n, 2, t + 1)).astype(np.int32)
+    reply = np.zeros((n, 2, t + 1), bool)
+    reply[:, :, t // 2:] = True  # half prompt, half reply, as a typical pair
+    rows = dpo.PairRows(tokens, reply)
+    optimizer = optim.make_optimizer(train.TrainConfig(steps=100, batch_size=n, warmup_steps=1))
+    results = []
+
+    start = time.perf_counter()
+    ref = dpo.reference_logps(model, rows, n, mesh)
+    first = time.perf_counter() - start
+    ref_step = timed(lambda: dpo.reference_logps(model, rows, n, mesh), 0, FLAGS.steps)
+    sft_batch = {"tokens": tokens.reshape(2 * n, t + 1), "weights": reply.reshape(2 * n, t + 1)[:, 1:].astype(np.float32)}
+    dpo_batch = dpo.pair_arrays(rows, np.arange(n), ref)
+    online_batch = {k: v for k, v in dpo_batch.items() if k != "reference_logps"}
+    cases = [("SFT step (token loss)", sft_batch, train.token_loss),
+             ("DPO step, stored reference", dpo_batch, dpo.make_loss_fn(dpo.LossConfig())),
+             ("DPO step, online reference", online_batch, dpo.make_loss_fn(dpo.LossConfig(), model))]
+    for name, batch, loss_fn in cases:
+        state = train.TrainState(jax.tree.map(lambda x: x.copy(), model), optimizer.init(model))
+        step = train.make_train_step(optimizer, parallel.shardings(state), mesh, loss_fn)
+        global_batch = parallel.global_batch(batch, 1, mesh)
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = step(holder["state"], global_batch, jax.random.key(0), 0, False,
+                                            parallel.stop_votes(False, mesh))
+            return metrics["loss"]
+
+        results.append((name, timed(run, FLAGS.warmup, FLAGS.steps)))
+    results.append(("reference pass (forward only)", ref_step))
+
+    print(f"model d={config.d_model} layers={config.n_layers} vocab={config.vocab_size} {config.dtype}; "
+          f"{n} pairs = {2 * n} sequences x {t} tokens per step; {jax.devices()[0].device_kind}")
+    print(f"{'what':<32}{'s/step':>10}{'pairs/s':>10}{'tokens/s':>12}")
+    for name, seconds in results:
+        print(f"{name:<32}{seconds:>10.3f}{n / seconds:>10.1f}{2 * n * t / seconds:>12,.0f}")
+    print(f"reference pass incl. compilation: {first:.2f} s for {n} pairs")
+
+
+if __name__ == "__main__":
+    app.run(main)

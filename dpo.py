@@ -1,0 +1,584 @@
+"""Direct preference optimization (DPO, or IPO) of a fine-tuned model on chosen/rejected replies.
+
+    python dpo.py --flagfile=configs/dpo_600m.flags --init_from=runs/600m-sft \\
+        --train_data=pairs.jsonl --output_dir=runs/600m-dpo
+
+Training is train.py's loop (`train.fit`: checkpoints, resume, preemption, NaN handling,
+--fsdp, logging) with this file's loss; the reference model is --init_from's parameters, frozen.
+The numbers are TRL's `DPOTrainer`'s (tests/test_dpo.py checks them against TRL itself).
+
+Inputs are JSON arrays or JSONL files, local or gs://, mixed with weights as in sft.py
+(`a.jsonl:0.7,b.jsonl:0.3`). `--format=auto` recognises each record by its shape:
+
+    standard        {"prompt": str, "chosen": str, "rejected": str}            TRL's standard form
+    conversational  {"prompt": [messages], "chosen": [messages], "rejected": [...]}  TRL's
+    hh_rlhf         {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}  transcripts
+    ultrafeedback   {"chosen": [..., assistant], "rejected": [..., assistant]}  whole conversations
+
+A standard prompt written as an HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant:") is read
+as that conversation. Transcript texts lose their surrounding spaces. A record whose two
+prompts differ, whose two replies are identical, or that is otherwise unusable is counted and
+skipped; past --max_bad_fraction of a file the run stops, naming the file and the lines.
+
+Rendering is SFT's (sft.render): <s>, the system message (the default when the record brings
+none), ChatML turns, then the reply. The log-probabilities, and so the loss, cover the reply's
+tokens and its <|im_end|> only. An overlong pair keeps the end of its prompt (at most
+--max_prompt_length tokens) and then cuts both replies to --max_length in all; both are counted.
+
+Each pair is two rows (chosen, rejected) of --max_length + 1 tokens that go through the model in
+one forward pass. The reference log-probabilities are computed once before training, in a first
+pass, and stored in --output_dir keyed by the data and --init_from, so a resumed run reads them
+back (--ref_logps=online computes them at every step instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxtyping import Array, Bool, Float, Int
+
+import checkpoint
+import cli
+import parallel
+import sft
+import storage
+import train
+from model import Transformer
+from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
+
+FORMATS = ("auto", "standard", "conversational", "hh_rlhf", "ultrafeedback")
+LOSSES = ("sigmoid", "ipo")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")
+BadRecord = sft.BadRecord
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """A prompt (ChatML messages, the system message first) and its two replies."""
+    prompt: tuple[dict, ...]
+    chosen: str
+    rejected: str
+
+
+# --------------------------------------------------------------------------------------------
+# Records to pairs.
+
+
+def detect_format(record: dict) -> str:
+    if "chosen" not in record or "rejected" not in record:
+        raise BadRecord("wrong shape", f"keys {sorted(record)}; expected chosen and rejected")
+    if isinstance(record["chosen"], list):
+        return "conversational" if isinstance(record.get("prompt"), list) else "ultrafeedback"
+    return "standard" if "prompt" in record else "hh_rlhf"
+
+
+def _transcript(text: str) -> list[dict]:
+    """An HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as messages, texts stripped."""
+    parts = _TURN.split(text if text.startswith("\n\n") else "\n\n" + text)
+    if parts[0].strip() or len(parts) < 3:
+        raise BadRecord("wrong shape", "expected a transcript of '\\n\\nHuman:' and '\\n\\nAssistant:' turns")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[name], "content": body.strip()} for name, body in zip(parts[1::2], parts[2::2])]
+
+
+def _messages(value: object, key: str) -> list[dict]:
+    return sft.message_list({"messages": value}, "messages") if isinstance(value, list) else \
+        [{"role": "user", "content": sft.text_field({key: value}, key, required=True)}]
+
+
+def _reply(messages: list[dict], key: str) -> str:
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise BadRecord("wrong shape", f"{key!r} must hold exactly one assistant message")
+    return messages[0]["content"]
+
+
+def to_pair(record: object, fmt: str = "auto", default_system: str = DEFAULT_SYSTEM) -> Pair:
+    """The pair a record holds in format `fmt` (FORMATS); BadRecord if it is not a usable pair."""
+    if not isinstance(record, dict):
+        raise BadRecord("wrong shape", f"expected a JSON object, got {type(record).__name__}")
+    fmt = detect_format(record) if fmt == "auto" else fmt
+    if fmt == "standard":
+        prompt = sft.text_field(record, "prompt", required=True)
+        chosen, rejected = (sft.text_field(record, k, required=True) for k in ("chosen", "rejected"))
+        if _TURN.search(prompt) and prompt.rstrip().endswith("Assistant:"):
+            prompt_messages = _transcript(prompt.rstrip()[: -len("Assistant:")].rstrip())
+            chosen, rejected = chosen.strip(), rejected.strip()
+        else:
+            prompt_messages = [{"role": "user", "content": prompt}]
+    elif fmt == "conversational":
+        prompt_messages = _messages(record.get("prompt"), "prompt")
+        chosen, rejected = (_reply(_messages(record.get(k), k), k) for k in ("chosen", "rejected"))
+    elif fmt == "hh_rlhf":
+        sides = [_transcript(sft.text_field(record, k, required=True)) for k in ("chosen", "rejected")]
+        if any(side[-1]["role"] != "assistant" for side in sides):
+            raise BadRecord("no assistant turn", "a transcript must end with an Assistant reply")
+        if sides[0][:-1] != sides[1][:-1]:
+            raise BadRecord("prompts differ", "chosen and rejected transcripts differ before the last reply")
+        prompt_messages, chosen, rejected = sides[0][:-1], sides[0][-1]["content"], sides[1][-1]["content"]
+    elif fmt == "ultrafeedback":
+        sides = [_messages(record.get(k), k) for k in ("chosen", "rejected")]
+        if any(side[-1]["role"] != "assistant" for side in sides):
+            raise BadRecord("no assistant turn", "chosen and rejected must end with an assistant message")
+        if sides[0][:-1] != sides[1][:-1]:
+            raise BadRecord("prompts differ", "chosen and rejected differ before their last message")
+        prompt_messages, chosen, rejected = sides[0][:-1], sides[0][-1]["content"], sides[1][-1]["content"]
+    else:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not any(m["role"] == "user" for m in prompt_messages):
+        raise BadRecord("no user turn", "the prompt holds no user message")
+    if any(not text.strip() for text in (chosen, rejected)):
+        raise BadRecord("empty content", "a reply is empty")
+    if chosen == rejected:
+        raise BadRecord("identical replies", "chosen and rejected are the same text")
+    if prompt_messages[0]["role"] != "system":
+        system = sft.text_field(record, "system", required=False) or default_system
+        prompt_messages = [{"role": "system", "content": system}, *prompt_messages]
+    return Pair(tuple(prompt_messages), chosen, rejected)
+
+
+def load_pairs(path: str, fmt: str = "auto", max_bad_fraction: float = 0.0,
+               default_system: str = DEFAULT_SYSTEM) -> tuple[list[Pair], sft.FileStats]:
+    """All pairs of one file and its stats; ValueError naming the file and lines past
+    `max_bad_fraction` bad records."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    stats, pairs = sft.FileStats(path), []
+    for where, record in sft.iter_records(path, sft.read_text(path)):
+        stats.records += 1
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            pairs.append(to_pair(record, fmt, default_system))
+        except BadRecord as e:
+            stats.bad[e.kind] += 1
+            if len(stats.first_bad) < 5:
+                stats.first_bad.append(f"{path}, {where}: {e}")
+    if not stats.records:
+        raise ValueError(f"{path}: no records; expected a JSON array or JSONL of preference pairs")
+    bad = sum(stats.bad.values())
+    if bad > max_bad_fraction * stats.records:
+        raise ValueError(f"{stats.first_bad[0]} ({bad} of {stats.records} records are bad, "
+                         f"{bad / stats.records:.1%}, more than --max_bad_fraction={max_bad_fraction:g})")
+    stats.conversations = len(pairs)
+    return pairs, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering, truncation, rows.
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedPair:
+    prompt: Int[np.ndarray, " prompt"]  # <s> ... <|im_start|>assistant\n
+    chosen: Int[np.ndarray, " reply"]  # the reply's tokens and its <|im_end|>
+    rejected: Int[np.ndarray, " reply"]
+
+
+def _split_reply(tokenizer: Tokenizer, prompt: Sequence[dict], reply: str) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt ids, reply ids) from SFT's rendering of the conversation: the reply is the last
+    stretch of the loss mask (its content and <|im_end|>); the newline after it is left out."""
+    example, _ = sft.render(tokenizer, [*prompt, {"role": "assistant", "content": reply}])
+    end = len(example.mask) - int(np.argmax(example.mask[::-1]))
+    start = end - int(np.argmin(example.mask[:end][::-1]))
+    return example.ids[:start], example.ids[start:end]
+
+
+def render_pair(tokenizer: Tokenizer, pair: Pair, max_length: int, max_prompt_length: int
+                ) -> tuple[RenderedPair | None, str]:
+    """(rendered pair, status): "ok", "prompt cut" (its start dropped), "reply cut" (and maybe
+    the prompt too), or "dropped" (None: no reply token fits)."""
+    prompt, chosen = _split_reply(tokenizer, pair.prompt, pair.chosen)
+    rejected_prompt, rejected = _split_reply(tokenizer, pair.prompt, pair.rejected)
+    assert np.array_equal(prompt, rejected_prompt), "the prompt's ids depend on the reply"
+    status = "ok"
+    if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
+        prompt, status = prompt[len(prompt) - max_prompt_length:], "prompt cut"
+    room = max_length - len(prompt)
+    if room < 1:
+        return None, "dropped"
+    if max(len(chosen), len(rejected)) > room:
+        chosen, rejected, status = chosen[:room], rejected[:room], "reply cut"
+    return RenderedPair(prompt, chosen, rejected), status
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRows:
+    """Pair i is tokens[i, 0] (prompt + chosen) and tokens[i, 1] (prompt + rejected), padded;
+    reply[i, k, t] marks the reply tokens (targets of input t - 1)."""
+    tokens: Int[np.ndarray, "pairs 2 length"]
+    reply: Bool[np.ndarray, "pairs 2 length"]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def supervised_tokens(self) -> int:
+        return int(self.reply.sum())
+
+
+def to_rows(pairs: Sequence[RenderedPair], max_length: int) -> PairRows:
+    """Rows of max_length + 1 tokens, as sft.py's (the model reads max_length inputs)."""
+    tokens = np.full((len(pairs), 2, max_length + 1), PAD_ID, np.int32)
+    reply = np.zeros((len(pairs), 2, max_length + 1), bool)
+    for i, pair in enumerate(pairs):
+        for k, answer in enumerate((pair.chosen, pair.rejected)):
+            n, m = len(pair.prompt), len(answer)
+            tokens[i, k, :n + m] = np.concatenate([pair.prompt, answer])
+            reply[i, k, n:n + m] = True
+    return PairRows(tokens, reply)
+
+
+class PairBatches(sft.ChatBatches):
+    """sft.ChatBatches' order (a pure function of seed and step) over pairs; each batch also
+    holds the pairs' reference log-probabilities when they are known."""
+    sequences_per_row = 2  # chosen and rejected: train.fit counts their tokens
+
+    def __init__(self, rows: PairRows, reference_logps: np.ndarray | None, *args, **kwargs):
+        super().__init__(rows, *args, **kwargs)
+        self.reference_logps = reference_logps
+
+    @property
+    def seq_len(self) -> int:
+        return self.rows.tokens.shape[-1] - 1
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        parts = self.global_rows(step).reshape(self.grad_accum, self.process_count, -1)
+        return pair_arrays(self.rows, parts[:, self.process_index].reshape(-1), self.reference_logps)
+
+
+def pair_arrays(rows: PairRows, indices: Int[np.ndarray, " n"], reference_logps: np.ndarray | None
+                ) -> dict[str, np.ndarray]:
+    """tokens int32 [n, 2, T+1]; weights float32 [n, 2, T] (1 on reply targets); pairs float32
+    [n] (1 for a real pair, 0 for the empty row of index -1); reference_logps float32 [n, 2]."""
+    real = indices >= 0
+    at = np.where(real, indices, 0)
+    out = {"tokens": np.where(real[:, None, None], rows.tokens[at], PAD_ID).astype(np.int32),
+           "weights": (rows.reply[at][..., 1:] & real[:, None, None]).astype(np.float32),
+           "pairs": real.astype(np.float32)}
+    if reference_logps is not None:
+        out["reference_logps"] = np.where(real[:, None], reference_logps[at], 0.0).astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities and the losses.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if not self.beta > 0:
+            raise ValueError(f"--beta={self.beta} must be positive")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+
+
+def sequence_logps(model: Transformer, tokens: Int[Array, "n 2 length"], weights: Float[Array, "n 2 seq"]
+                   ) -> Float[Array, "n 2"]:
+    """Summed log-probability of the weighted targets of each sequence: chosen and rejected of
+    every pair go through one forward pass (the pairs axis and the pair axis flattened)."""
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    logits = model(flat[:, :-1]).astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, flat[:, 1:, None], axis=-1)[..., 0]
+    logps = picked - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(logps * weights.reshape(flat.shape[0], -1), axis=-1).reshape(tokens.shape[:2])
+
+
+def pair_losses(config: LossConfig, policy: Float[Array, "n 2"], reference: Float[Array, "n 2"],
+                lengths: Float[Array, "n 2"]) -> Float[Array, " n"]:
+    """Per-pair loss from summed log-probabilities (chosen, rejected) and reply lengths."""
+    ratios = policy - reference
+    if config.loss == "ipo":
+        # TRL's IPO: log-ratios averaged per reply token, squared distance to 1 / (2 beta).
+        per_token = ratios / jnp.maximum(lengths, 1.0)
+        return (per_token[:, 0] - per_token[:, 1] - 1 / (2 * config.beta)) ** 2
+    margin = config.beta * (ratios[:, 0] - ratios[:, 1])
+    # Conservative DPO: the preference label is wrong with probability label_smoothing.
+    return (-(1 - config.label_smoothing) * jax.nn.log_sigmoid(margin)
+            - config.label_smoothing * jax.nn.log_sigmoid(-margin))
+
+
+def pair_metrics(config: LossConfig, policy: Float[Array, "n 2"], reference: Float[Array, "n 2"]
+                 ) -> dict[str, Float[Array, " n"]]:
+    """TRL's per-pair metrics, under its names."""
+    rewards = config.beta * jax.lax.stop_gradient(policy - reference)
+    return {"rewards/chosen": rewards[:, 0], "rewards/rejected": rewards[:, 1],
+            "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).astype(jnp.float32),
+            "rewards/margins": rewards[:, 0] - rewards[:, 1],
+            "logps/chosen": jax.lax.stop_gradient(policy[:, 0]),
+            "logps/rejected": jax.lax.stop_gradient(policy[:, 1])}
+
+
+def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> train.LossFn:
+    """train.fit's loss over a micro-batch of pairs: (summed pair loss, pairs, summed metrics).
+    Reference log-probabilities come from the batch, or from `reference` (frozen) when given."""
+    def loss_fn(model: Transformer, micro: dict[str, Array], key):
+        del key  # DPO compares log-probabilities: no dropout, as TRL's reference forward
+        policy = sequence_logps(model, micro["tokens"], micro["weights"])
+        if reference is None:
+            ref = micro["reference_logps"]
+        else:
+            ref = jax.lax.stop_gradient(sequence_logps(reference, micro["tokens"], micro["weights"]))
+        real = micro["pairs"]
+        losses = pair_losses(config, policy, ref, micro["weights"].sum(-1))
+        metrics = {k: jnp.sum(v * real) for k, v in pair_metrics(config, policy, ref).items()}
+        return jnp.sum(losses * real), jnp.sum(real), metrics
+
+    return loss_fn
+
+
+@functools.cache
+def _reference_forward(mesh) -> Callable:
+    """Jitted once per mesh: (model, [1, pairs, ...] batch) -> replicated [pairs, 2] log-probs."""
+    return jax.jit(lambda m, b: sequence_logps(m, b["tokens"][0], b["weights"][0]),
+                   out_shardings=NamedSharding(mesh, P()))
+
+
+def reference_logps(model: Transformer, rows: PairRows, batch_size: int, mesh) -> Float[np.ndarray, "pairs 2"]:
+    """Every pair's (chosen, rejected) log-probabilities under `model`, in one pass over the
+    rows; each process reads its part of every batch, and every process gets all of them."""
+    from tqdm import tqdm
+
+    forward = _reference_forward(mesh)
+    source = PairBatches(rows, None, 0, batch_size, shuffle=False, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+    out = []
+    for step in tqdm(range(source.num_batches), desc="reference log-probabilities", disable=None):
+        batch = {k: v for k, v in source.batch(step).items() if k in ("tokens", "weights")}
+        out.append(np.asarray(jax.device_get(forward(model, parallel.global_batch(batch, 1, mesh)))))
+    return np.concatenate(out)[: rows.num_rows] if out else np.zeros((0, 2), np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Files to rows.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train_data: tuple[str, ...]  # "path" or "path:weight" each
+    max_length: int
+    max_prompt_length: int
+    format: str = "auto"
+    system_prompt: str = DEFAULT_SYSTEM
+    max_bad_fraction: float = 0.0
+    validation_fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.train_data:
+            raise ValueError("--train_data is required: JSON or JSONL files of preference pairs")
+        if self.format not in FORMATS:
+            raise ValueError(f"--format={self.format!r}: expected one of {', '.join(FORMATS)}")
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(f"--max_prompt_length={self.max_prompt_length} must be in [1, "
+                             f"--max_length={self.max_length})")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"--max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"--validation_fraction={self.validation_fraction} must be in [0, 1)")
+
+
+def prepare(config: DataConfig, tokenizer: Tokenizer) -> tuple[PairRows, PairRows | None, list[sft.FileStats]]:
+    """(training rows, held-out rows or None, per-file stats): load, render, cut, hold out, mix.
+    The stats' `truncated` counts pairs whose prompt or replies were cut; `dropped`, pairs
+    whose prompt left no room; `supervised_tokens`, reply tokens in the mix."""
+    from tqdm import tqdm
+
+    train_parts, held_out, weights, all_stats = [], [], [], []
+    for file_index, spec in enumerate(config.train_data):
+        path, weight = sft.parse_data_spec(spec)
+        pairs, stats = load_pairs(path, config.format, config.max_bad_fraction, config.system_prompt)
+        rendered = []
+        for pair in tqdm(pairs, desc=f"render {path}", disable=None, leave=False):
+            result, status = render_pair(tokenizer, pair, config.max_length, config.max_prompt_length)
+            stats.truncated += status in ("prompt cut", "reply cut")
+            stats.dropped += status == "dropped"
+            if result is not None:
+                rendered.append(result)
+        order = np.random.default_rng([config.seed, file_index]).permutation(len(rendered))
+        count = int(round(config.validation_fraction * len(rendered)))
+        held_out += [rendered[i] for i in sorted(order[:count])]
+        train_parts.append([rendered[i] for i in sorted(order[count:])])
+        stats.validation = count
+        weights.append(weight)
+        all_stats.append(stats)
+    train_pairs = []
+    for part, indices, stats in zip(train_parts, sft.mix(train_parts, weights, config.seed), all_stats):
+        stats.mixed = len(indices)
+        stats.supervised_tokens = sum(len(part[i].chosen) + len(part[i].rejected) for i in indices)
+        train_pairs += [part[i] for i in indices]
+    valid = to_rows(held_out, config.max_length) if held_out else None
+    return to_rows(train_pairs, config.max_length), valid, all_stats
+
+
+def stored_reference_logps(rows: PairRows, model: Transformer, init_from: str, output_dir: str,
+                           batch_size: int, mesh, name: str) -> tuple[np.ndarray, str]:
+    """(log-probabilities, how): read from --output_dir when computed before for the same rows
+    and --init_from, else computed now and stored there (atomically) for a resumed run."""
+    digest = hashlib.sha256(rows.tokens.tobytes() + rows.reply.tobytes()
+                            + str(init_from).encode()).hexdigest()[:16]
+    path = storage.join(output_dir, f"reference_logps_{name}_{digest}.npy")
+    # Process 0 decides and shares what it read: every process must take the same branch (the
+    # pass below is collective), also when --output_dir is a local folder only process 0 has.
+    found = storage.file_size(path) is not None if jax.process_index() == 0 else False
+    if jax.process_count() > 1:
+        found = bool(multihost_utils.broadcast_one_to_all(np.asarray(found)))
+    if found:
+        values = (np.load(io.BytesIO(storage.read_bytes(path))) if jax.process_index() == 0
+                  else np.zeros((rows.num_rows, 2), np.float32))
+        if jax.process_count() > 1:
+            values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+        return values, f"read from {path}"
+    values = reference_logps(model, rows, batch_size, mesh)
+    if jax.process_index() == 0:
+        buffer = io.BytesIO()
+        np.save(buffer, values)
+        storage.write_bytes(path, buffer.getvalue())
+    return values, f"computed and stored in {path}"
+
+
+def summary_table(stats: Sequence[sft.FileStats], rows: PairRows) -> str:
+    """One line per file and a total: read, skipped, cut, held out, mixed."""
+    header = ("file", "records", "bad", "pairs", "cut", "dropped", "validation", "in mix", "reply tokens")
+    lines = [(s.path, s.records, sum(s.bad.values()), s.conversations, s.truncated, s.dropped,
+              s.validation, s.mixed, s.supervised_tokens) for s in stats]
+    lines.append(("total", *(sum(line[k] for line in lines) for k in range(1, len(header)))))
+    cells = [header, *[tuple(c if isinstance(c, str) else f"{c:,}" for c in line) for line in lines]]
+    widths = [max(len(line[k]) for line in cells) for k in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in
+                               enumerate(zip(line, widths))) for line in cells)
+    reasons = sum((s.bad for s in stats), start=type(stats[0].bad)()) if stats else {}
+    if reasons:
+        text += "\nbad records: " + ", ".join(f"{k} {v:,}" for k, v in reasons.most_common())
+    return text + f"\n{rows.num_rows:,} pairs in rows of {rows.tokens.shape[-1]:,} tokens"
+
+
+# --------------------------------------------------------------------------------------------
+# The command line.
+
+FLAGS = flags.FLAGS
+# TRL's and Zephyr's DPO recipe; a --flagfile on the command line still wins.
+DPO_DEFAULTS = {"learning_rate": 5e-7, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0, "min_lr_ratio": 0.0,
+                "eval_every": 100, "batch_size": 64}
+
+
+def define_flags() -> None:
+    """train.py's flags (model, optimization, run, logging) plus DPO's own."""
+    train.define_flags()
+    flags.DEFINE_enum("format", "auto", FORMATS, "Record shape of --train_data (auto: by each record's keys).")
+    flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of pairs that bring none.")
+    flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
+                       "and counted); above it the run stops naming them. 0: any bad record fails.")
+    flags.DEFINE_enum("loss", "sigmoid", LOSSES, "sigmoid: DPO (Rafailov et al.); ipo: IPO (Azar et al.).")
+    flags.DEFINE_float("beta", 0.1, "Strength of the pull to the reference (DPO's beta, IPO's tau).")
+    flags.DEFINE_float("label_smoothing", 0.0, "Conservative DPO: the chance a preference label is "
+                       "wrong, in [0, 0.5) (sigmoid loss only).")
+    flags.DEFINE_integer("max_length", 1024, "Tokens of prompt + reply; longer replies are cut.")
+    flags.DEFINE_integer("max_prompt_length", 512, "Tokens of the prompt kept (its end) when a pair is too long.")
+    flags.DEFINE_enum("ref_logps", "stored", ["stored", "online"], "stored: the reference's "
+                      "log-probabilities computed once before training and kept in --output_dir; "
+                      "online: computed at every step (one more forward pass per step).")
+    flags.DEFINE_float("epochs", 1.0, "Passes over the pairs, setting --steps (0: use --steps).")
+    flags.DEFINE_float("warmup_ratio", 0.1, "Warmup as a share of the steps (sets --warmup_steps; "
+                       "0: use --warmup_steps).")
+    flags.DEFINE_float("validation_fraction", 0.05, "Share of each file's pairs held out and scored "
+                       "every --eval_every steps (unless --validation_data is given).")
+    for name, value in DPO_DEFAULTS.items():
+        FLAGS.set_default(name, value)
+
+
+def main(argv):
+    del argv
+    checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    try:
+        flag_model, config, run = train.configs_from_flags()
+        if not run.init_from:
+            raise ValueError("--init_from is required: the fine-tuned checkpoint to align (also the reference)")
+        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        model_config, tokenizer = sft.init_model_config(run, flag_model)
+        if FLAGS.max_length > model_config.max_seq_len:
+            raise ValueError(f"--max_length={FLAGS.max_length} exceeds the model's context of "
+                             f"{model_config.max_seq_len}")
+        if not FLAGS.train_data:
+            raise ValueError("--train_data is required: JSON or JSONL preference pairs, PATH[:WEIGHT],...")
+        loss_config = LossConfig(FLAGS.loss, FLAGS.beta, FLAGS.label_smoothing)
+        if FLAGS.label_smoothing and FLAGS.loss != "sigmoid":
+            raise ValueError("--label_smoothing applies to --loss=sigmoid only")
+        held_out = FLAGS.validation_fraction if FLAGS.eval_every and not FLAGS.validation_data else 0.0
+        data_config = DataConfig(tuple(FLAGS.train_data.split(",")), FLAGS.max_length, FLAGS.max_prompt_length,
+                                 FLAGS.format, FLAGS.system_prompt, FLAGS.max_bad_fraction, held_out, config.seed)
+        rows, validation_rows, stats = prepare(data_config, tokenizer)
+        if FLAGS.eval_every and FLAGS.validation_data:
+            validation_rows, _, more = prepare(dataclasses.replace(
+                data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0), tokenizer)
+            stats += [dataclasses.replace(s, validation=s.mixed, mixed=0, supervised_tokens=0) for s in more]
+        if jax.process_index() == 0:
+            print(summary_table(stats, rows))
+        if FLAGS.epochs:
+            config = _with_steps(config, math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size))
+        if FLAGS.warmup_ratio:
+            config = _with_steps(config, config.steps, int(FLAGS.warmup_ratio * config.steps))
+        mesh = parallel.make_mesh(run.fsdp)
+        execution = {k: getattr(model_config, k) for k in checkpoint.EXECUTION_FIELDS}
+        reference, _, _ = checkpoint.load(run.init_from, model_overrides={**execution, "dropout": 0.0})
+        reference = jax.device_put(reference, NamedSharding(mesh, P()))
+        where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        ref_train = ref_valid = None
+        if FLAGS.ref_logps == "stored":
+            ref_train, how = stored_reference_logps(rows, reference, run.init_from, run.output_dir,
+                                                    config.batch_size // config.grad_accum, mesh, "train")
+            if jax.process_index() == 0:
+                print(f"reference log-probabilities of {rows.num_rows:,} pairs {how}")
+            if validation_rows is not None:
+                ref_valid, _ = stored_reference_logps(validation_rows, reference, run.init_from, run.output_dir,
+                                                      config.batch_size, mesh, "validation")
+        source = PairBatches(rows, ref_train, config.seed, config.batch_size, config.grad_accum, **where)
+        validation = None
+        if validation_rows is not None and run.eval_every:
+            validation = PairBatches(validation_rows, ref_valid, config.seed, config.batch_size,
+                                     shuffle=False, **where)
+            run = dataclasses.replace(run, eval_batches=validation.num_batches)
+        loss_fn = make_loss_fn(loss_config, reference if FLAGS.ref_logps == "online" else None)
+        settings = {**dataclasses.asdict(data_config), **dataclasses.asdict(loss_config),
+                    "ref_logps": FLAGS.ref_logps, "epochs": FLAGS.epochs, "pairs": rows.num_rows,
+                    "files": [dataclasses.asdict(s) for s in stats]}
+        train.fit(model_config, config, run, source, validation, tokenizer.model_bytes,
+                  train.resolved_config(model_config, config, run, dpo=settings), title="dpo", loss_fn=loss_fn)
+    except train.TrainingStopped as e:
+        sys.exit(f"dpo.py: training stopped: {e}")
+
+
+def _with_steps(config: train.TrainConfig, steps: int, warmup: int | None = None) -> train.TrainConfig:
+    warmup = config.warmup_steps if warmup is None else warmup
+    try:
+        return dataclasses.replace(config, steps=steps, warmup_steps=min(warmup, steps - 1))
+    except ValueError as e:
+        raise ValueError(f"--epochs={FLAGS.epochs:g} at --batch_size={config.batch_size} gives {steps} "
+                         f"steps: {e}") from None
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

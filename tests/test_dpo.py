@@ -1,0 +1,358 @@
+"""dpo.py: the numbers against TRL's DPOTrainer itself, a preference learnt, formats, bad input."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import checkpoint
+import convert
+import dpo
+import optim
+import parallel
+import train
+from conftest import REPO
+from tokenizer import BOS_ID, IM_END_ID, Tokenizer
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+PAIRS = os.path.join(REPO, "samples", "preference", "en_hh_rlhf_sample100_pairs.jsonl")
+MAX_LENGTH = 128  # the tiny model's context
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_path) -> Tokenizer:
+    return Tokenizer.load(tiny_tokenizer_path)
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n")
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with TRL: the tiny run as reference, a perturbed copy as policy, both exported.
+
+
+@pytest.fixture(scope="module")
+def models(tiny_run):
+    reference, _, _ = checkpoint.load(tiny_run, model_overrides={"dtype": "float32"})
+    leaves, treedef = jax.tree.flatten(reference)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    noisy = [x + 0.02 * jnp.std(x) * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy), reference
+
+
+@pytest.fixture(scope="module")
+def real_pairs(tokenizer):
+    """The first sample pairs that fit the tiny context whole (TRL would cut differently)."""
+    pairs, _ = dpo.load_pairs(PAIRS)
+    fitting = [(p, r) for p in pairs for r, status in [dpo.render_pair(tokenizer, p, MAX_LENGTH, 96)]
+               if status == "ok"]
+    return fitting[:6]
+
+
+@pytest.fixture(scope="module")
+def trl_setup(models, real_pairs, tokenizer, tmp_path_factory):
+    """make_trainer(loss, output_dir, **optimizer): TRL's DPOTrainer on the exported policy and
+    reference, over the real pairs in TRL's conversational form."""
+    policy, reference = models
+    dirs = {}
+    for name, model in (("policy", policy), ("reference", reference)):
+        dirs[name] = str(tmp_path_factory.mktemp(f"hf_{name}"))
+        convert.export_hf(model, tokenizer, dirs[name])
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(dirs["policy"])
+    # TRL's conversational form; the default system message is left to the exported template.
+    records = [{"prompt": list(p.prompt[1:]), "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}]} for p, _ in real_pairs]
+
+    def make_trainer(loss: str, out: str, **optimizer):
+        load = lambda d: transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        config = trl.DPOConfig(output_dir=out, loss_type=[loss], beta=0.1, max_length=None, bf16=False,
+                               use_cpu=True, report_to=[], per_device_train_batch_size=len(records),
+                               save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0,
+                               **optimizer)
+        return trl.DPOTrainer(model=load(dirs["policy"]), ref_model=load(dirs["reference"]), args=config,
+                              train_dataset=datasets.Dataset.from_list(records), processing_class=hf_tokenizer)
+
+    return make_trainer
+
+
+def _our_batch(real_pairs, reference):
+    rows = dpo.to_rows([r for _, r in real_pairs], MAX_LENGTH)
+    batch = dpo.pair_arrays(rows, np.arange(rows.num_rows), None)
+    batch["reference_logps"] = np.asarray(dpo.sequence_logps(reference, batch["tokens"], batch["weights"]))
+    return rows, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_token_ids_logps_loss_and_reward_metrics_equal_trl(loss, models, real_pairs, trl_setup, tmp_path):
+    policy, reference = models
+    trainer = trl_setup(loss, str(tmp_path))
+    # 1. Token ids: TRL's tokenization of the exported template = our rendering, prompt and replies.
+    rows, batch = _our_batch(real_pairs, reference)
+    for i, example in enumerate(trainer.train_dataset):
+        for k, side in enumerate(("chosen_ids", "rejected_ids")):
+            ours = rows.tokens[i, k][: len(example["prompt_ids"]) + len(example[side])]
+            assert example["prompt_ids"] + example[side] == ours.tolist()
+            assert rows.reply[i, k].sum() == len(example[side])  # TRL's completion = our reply
+            assert example[side][-1] == IM_END_ID and example["prompt_ids"][0] == BOS_ID
+    # 2. Per-pair log-probabilities of policy and reference.
+    trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(real_pairs))])
+    theirs_ref = torch.stack(trainer.compute_ref_log_probs(trainer.ref_model, trl_batch), 1).numpy()
+    theirs_policy = torch.stack(trainer.compute_ref_log_probs(trainer.model, trl_batch), 1).numpy()
+    ours_policy = np.asarray(dpo.sequence_logps(policy, batch["tokens"], batch["weights"]))
+    np.testing.assert_allclose(np.asarray(batch["reference_logps"]), theirs_ref, atol=TOL, rtol=1e-6)
+    np.testing.assert_allclose(ours_policy, theirs_policy, atol=TOL, rtol=1e-6)
+    assert np.abs(ours_policy - theirs_ref).max() > 0.05  # policy and reference do differ
+    # 3. Loss and TRL's reward metrics, through our train.LossFn.
+    trainer.model.train()
+    with torch.no_grad():
+        their_loss = float(trainer.compute_loss(trainer.model, trl_batch))
+    their_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k in dpo.METRICS}
+    summed, count, sums = dpo.make_loss_fn(dpo.LossConfig(loss, 0.1))(policy, batch, None)
+    assert float(summed / count) == pytest.approx(their_loss, abs=TOL)
+    assert set(their_metrics) == set(dpo.METRICS)
+    for name, value in their_metrics.items():
+        assert float(sums[name] / count) == pytest.approx(value, abs=TOL), name
+
+
+def test_conservative_dpo_is_trl_sigmoid_on_the_pairs_and_on_the_swapped_pairs(models, real_pairs, trl_setup,
+                                                                               tmp_path):
+    """--label_smoothing e: (1 - e) x TRL's loss on the pairs + e x TRL's loss with chosen and
+    rejected swapped (TRL 1.16's sigmoid loss has no smoothing of its own)."""
+    policy, reference = models
+    trainer = trl_setup("sigmoid", str(tmp_path))
+    trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(real_pairs))])
+    n = len(real_pairs)
+    swap = lambda t: torch.cat([t[n:], t[:n]])
+    swapped = {k: swap(v) for k, v in trl_batch.items()}
+    with torch.no_grad():
+        straight, flipped = (float(trainer.compute_loss(trainer.model, b)) for b in (trl_batch, swapped))
+    _, batch = _our_batch(real_pairs, reference)
+    summed, count, _ = dpo.make_loss_fn(dpo.LossConfig("sigmoid", 0.1, 0.2))(policy, batch, None)
+    assert float(summed / count) == pytest.approx(0.8 * straight + 0.2 * flipped, abs=TOL)
+
+
+def test_gradients_and_one_optimizer_step_equal_trls_trainer(models, real_pairs, trl_setup, tmp_path):
+    policy, reference = models
+    settings = dict(learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                    adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, max_steps=1)
+    trainer = trl_setup("sigmoid", str(tmp_path), **settings)
+    _, batch = _our_batch(real_pairs, reference)
+    # The gradient of the mean pair loss, parameter by parameter.
+    trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(real_pairs))])
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, trl_batch).backward()
+    theirs = {k: p.grad.numpy() for k, p in trainer.model.named_parameters()}
+    loss_fn = dpo.make_loss_fn(dpo.LossConfig("sigmoid", 0.1))
+    grads = jax.grad(lambda m: (lambda s, c, _: s / c)(*loss_fn(m, batch, None)))(policy)
+    ours = convert.to_hf_state_dict(grads)
+    scale = max(np.abs(g).max() for g in theirs.values())
+    for name, grad in ours.items():
+        np.testing.assert_allclose(grad, theirs[name], atol=1e-4 * scale, rtol=0, err_msg=name)
+    # One step of TRL's trainer = one step of train.py's optimizer with the same settings.
+    trainer.model.zero_grad()
+    trainer.train()
+    config = train.TrainConfig(steps=10, batch_size=len(real_pairs), learning_rate=1e-3, min_lr_ratio=1.0,
+                               warmup_steps=0, weight_decay=0.0, beta1=0.9, beta2=0.95, adam_eps=1e-8,
+                               grad_clip=1.0, opt_state_dtype="float32")
+    optimizer = optim.make_optimizer(config)
+    updates, _ = optimizer.update(grads, optimizer.init(policy), policy)
+    stepped = convert.to_hf_state_dict(optax.apply_updates(policy, updates))
+    before = convert.to_hf_state_dict(policy)
+    after = {k: p.detach().numpy() for k, p in trainer.model.named_parameters()}
+    tiny = {k: (g != 0) & (np.abs(g) < 100 * config.adam_eps) for k, g in ours.items()}
+    moving = sum(int((g != 0).sum()) for g in ours.values())
+    assert sum(int(t.sum()) for t in tiny.values()) < 0.1 * moving  # most weights are compared
+    for name, value in stepped.items():
+        # Adam's first step moves each weight by lr * g / (|g| + eps): compare the moves in units
+        # of lr, except where |g| ~ eps and float rounding of g itself decides the move.
+        ours_move, their_move = (value - before[name]) / 1e-3, (after[name] - before[name]) / 1e-3
+        np.testing.assert_allclose(np.where(tiny[name], 0, ours_move), np.where(tiny[name], 0, their_move),
+                                   atol=2e-3, err_msg=name)
+
+
+def test_online_reference_equals_the_stored_one_and_a_second_start_reads_it_back(models, real_pairs, tmp_path):
+    policy, reference = models
+    rows, batch = _our_batch(real_pairs, reference)
+    config = dpo.LossConfig("sigmoid", 0.1)
+    stored = dpo.make_loss_fn(config)(policy, batch, None)
+    online = dpo.make_loss_fn(config, reference)(policy, {k: v for k, v in batch.items() if k != "reference_logps"},
+                                                 None)
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(online)):
+        assert float(a) == pytest.approx(float(b), abs=1e-5)
+    mesh = parallel.make_mesh(1)
+    first, how = dpo.stored_reference_logps(rows, reference, "runs/sft", str(tmp_path), 4, mesh, "train")
+    assert how.startswith("computed") and np.allclose(first, batch["reference_logps"], atol=1e-5)
+    again, how = dpo.stored_reference_logps(rows, policy, "runs/sft", str(tmp_path), 4, mesh, "train")
+    assert how.startswith("read") and np.array_equal(again, first)  # not recomputed (with other weights)
+    _, how = dpo.stored_reference_logps(rows, reference, "runs/other", str(tmp_path), 4, mesh, "train")
+    assert how.startswith("computed")  # another --init_from is another reference
+
+
+# --------------------------------------------------------------------------------------------
+# A preference the tiny model can learn, and the loss mask that makes it learnable.
+
+
+def _language_pairs(tokenizer, n: int, seed: int) -> list[dpo.RenderedPair]:
+    """Prompt: a line of a sample book; chosen: another French line, rejected: an English one,
+    of random lengths (so the untrained preference is a coin toss)."""
+    lines = {}
+    for lang in ("en", "fr"):
+        text = " ".join(open(os.path.join(REPO, "samples", name), encoding="utf-8").read()
+                        for name in sorted(os.listdir(os.path.join(REPO, "samples"))) if name.startswith(lang))
+        words = text.split()
+        lines[lang] = [" ".join(words[i: i + 12]) for i in range(0, 30_000, 12)]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        fr, en = (lines[lang][int(rng.integers(len(lines[lang])))] for lang in ("fr", "en"))
+        cut = lambda s: " ".join(s.split()[: int(rng.integers(3, 12))])
+        prompt = lines["en"][int(rng.integers(len(lines["en"])))]
+        pair = dpo.Pair(({"role": "system", "content": "Réponds."}, {"role": "user", "content": prompt}),
+                        cut(fr), cut(en))
+        out.append(dpo.render_pair(tokenizer, pair, 64, 32)[0])
+    return out
+
+
+@pytest.mark.parametrize("mask", ["reply", "prompt"])
+def test_reward_accuracy_on_held_out_pairs_rises_to_09_and_only_with_the_reply_mask(mask, models, tokenizer):
+    _, reference = models
+    train_rows, held_rows = (dpo.to_rows(_language_pairs(tokenizer, n, seed), 64) for n, seed in ((64, 0), (32, 1)))
+    if mask == "prompt":  # broken on purpose: the loss reads the (shared) prompt, not the replies
+        broken = lambda rows: dataclasses.replace(rows, reply=(rows.tokens != 0) & ~rows.reply)
+        train_rows, held_rows = broken(train_rows), broken(held_rows)
+    mesh = parallel.make_mesh(1)
+    ref_train, ref_held = (dpo.reference_logps(reference, r, 16, mesh) for r in (train_rows, held_rows))
+    held = {k: jnp.asarray(v) for k, v in dpo.pair_arrays(held_rows, np.arange(held_rows.num_rows), ref_held).items()}
+    loss_fn = dpo.make_loss_fn(dpo.LossConfig("sigmoid", 0.1))
+
+    @eqx.filter_jit
+    def held_out(model):
+        """(share of pairs where the model's reply log-probabilities prefer the chosen reply,
+        DPO's reward accuracy)."""
+        policy = dpo.sequence_logps(model, held["tokens"], held["weights"])
+        _, count, sums = loss_fn(model, held, None)
+        return jnp.mean(policy[:, 0] > policy[:, 1]), sums["rewards/accuracies"] / count
+
+    before = float(held_out(reference)[0])
+    assert 0.2 <= before <= 0.8 or mask == "prompt"  # the untrained model has no such preference
+    config = train.TrainConfig(steps=15, batch_size=8, learning_rate=1e-3, warmup_steps=2, weight_decay=0.0,
+                               opt_state_dtype="float32")
+    optimizer = optim.make_optimizer(config)
+    start = jax.tree.map(jnp.copy, reference)  # the step donates its state
+    state = train.TrainState(start, optimizer.init(start))
+    step_fn = train.make_train_step(optimizer, parallel.shardings(state), mesh, loss_fn)
+    source = dpo.PairBatches(train_rows, ref_train, 0, 8)
+    for step in range(config.steps):
+        batch = parallel.global_batch(source.batch(step), 1, mesh)
+        state, metrics = step_fn(state, batch, jax.random.key(0), step, False, parallel.stop_votes(False, mesh))
+    accuracy = float(held_out(state.model)[1])
+    if mask == "reply":
+        assert accuracy >= 0.9
+    else:
+        assert accuracy < 0.9  # the same check fails when the loss reads the wrong tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Formats, truncation, bad input.
+
+MESSAGES = [{"role": "user", "content": "Hi?"}]
+FORMAT_CASES = {
+    "standard": {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
+    "conversational": {"prompt": MESSAGES, "chosen": [{"role": "assistant", "content": "Hello."}],
+                       "rejected": [{"role": "assistant", "content": "Go away."}]},
+    "hh_rlhf": {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."},
+    "ultrafeedback": {"prompt": "Hi?", "chosen": [*MESSAGES, {"role": "assistant", "content": "Hello."}],
+                      "rejected": [*MESSAGES, {"role": "assistant", "content": "Go away."}], "score_chosen": 8.0},
+}
+
+
+@pytest.mark.parametrize("fmt", FORMAT_CASES)
+def test_each_format_gives_the_same_pair(fmt):
+    expected = dpo.Pair(({"role": "system", "content": dpo.DEFAULT_SYSTEM}, *MESSAGES), "Hello.", "Go away.")
+    assert dpo.detect_format(FORMAT_CASES[fmt]) == fmt
+    assert dpo.to_pair(FORMAT_CASES[fmt]) == expected
+    assert dpo.to_pair(FORMAT_CASES[fmt], fmt) == expected
+
+
+def test_a_standard_prompt_written_as_an_hh_transcript_becomes_its_turns():
+    record = {"prompt": "\n\nHuman: a?\n\nAssistant: b.\n\nHuman: c?\n\nAssistant:", "chosen": " d.", "rejected": " e."}
+    pair = dpo.to_pair(record)
+    assert [(m["role"], m["content"]) for m in pair.prompt[1:]] == [("user", "a?"), ("assistant", "b."), ("user", "c?")]
+    assert (pair.chosen, pair.rejected) == ("d.", "e.")
+
+
+def test_overlong_pairs_keep_the_end_of_the_prompt_then_cut_the_replies(tokenizer):
+    pair = dpo.Pair(({"role": "system", "content": "S"}, {"role": "user", "content": "word " * 60}),
+                    "yes " * 40, "no")
+    full, status = dpo.render_pair(tokenizer, pair, 10_000, 9_999)
+    assert status == "ok"
+    cut, status = dpo.render_pair(tokenizer, pair, 60, 20)
+    assert status == "reply cut" and len(cut.prompt) == 20 and len(cut.prompt) + len(cut.chosen) == 60
+    assert cut.prompt.tolist() == full.prompt[-20:].tolist()  # the end: the assistant header stays
+    assert cut.chosen.tolist() == full.chosen[:40].tolist() and cut.rejected.tolist() == full.rejected.tolist()
+    _, status = dpo.render_pair(tokenizer, dataclasses.replace(pair, chosen="yes"), 80, 30)
+    assert status == "prompt cut"
+
+
+def test_the_reply_mask_is_the_reply_and_its_im_end_only(tokenizer):
+    pair = dpo.to_pair(FORMAT_CASES["standard"])
+    rows = dpo.to_rows([dpo.render_pair(tokenizer, pair, 64, 32)[0]], 64)
+    for k, reply in enumerate(("Hello.", "Go away.")):
+        ids = rows.tokens[0, k][rows.reply[0, k]].tolist()
+        assert ids[-1] == IM_END_ID and tokenizer.decode(ids[:-1]) == reply
+    batch = dpo.pair_arrays(rows, np.array([0, -1]), np.ones((1, 2), np.float32))
+    assert (batch["weights"][0] == rows.reply[0][:, 1:]).all() and batch["pairs"].tolist() == [1.0, 0.0]
+    assert batch["weights"][1].sum() == 0 and batch["reference_logps"][1].tolist() == [0.0, 0.0]
+
+
+def test_bad_records_are_counted_and_skipped_or_fail_naming_file_and_line(tmp_path):
+    good = FORMAT_CASES["standard"]
+    records = [good, good, "{not json", {**good, "rejected": good["chosen"]},
+               {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: x\n\nAssistant: c"},
+               {"prompt": "p", "chosen": "", "rejected": "r"}, [1, 2], good, good, good]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    pairs, stats = dpo.load_pairs(path, max_bad_fraction=0.5)
+    assert len(pairs) == 5 and stats.records == 10
+    assert dict(stats.bad) == {"invalid JSON": 1, "identical replies": 1, "prompts differ": 1,
+                               "empty content": 1, "wrong shape": 1}
+    with pytest.raises(ValueError, match=r"pairs.jsonl, line 3: invalid JSON.*5 of 10 records"):
+        dpo.load_pairs(path, max_bad_fraction=0.1)
+
+
+def test_cli_reports_bad_input_in_one_line_with_exit_status_2(tiny_run, tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [FORMAT_CASES["standard"], {**FORMAT_CASES["standard"], "rejected": "Hello."}])
+    cases = [(["--init_from=" + tiny_run, "--train_data=" + path, "--max_bad_fraction=0"], "p.jsonl, line 2: identical"),
+             (["--init_from=" + tiny_run, "--train_data=" + path, "--max_length=4096"], "--max_length=4096 exceeds"),
+             (["--train_data=" + path], "--init_from is required")]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, "dpo.py", "--flagfile=configs/dpo_tiny.flags",
+                                 f"--output_dir={tmp_path}/out", *args], cwd=REPO, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_the_bundled_preference_samples_load_cleanly(tokenizer):
+    for name in sorted(os.listdir(os.path.join(REPO, "samples", "preference"))):
+        if name.endswith(".jsonl"):
+            pairs, stats = dpo.load_pairs(os.path.join(REPO, "samples", "preference", name))
+            assert len(pairs) == stats.records >= 100 and not stats.bad
+            assert all(p.prompt[-1]["role"] == "user" and p.chosen == p.chosen.strip() for p in pairs)
