@@ -52,14 +52,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
+import cli
 import documents
 from stages import (ENGINE_ONLY, KEY_INDEX, PrepareConfig, components, dedup_partition, language_totals,
                     load_meta, map_split, mixture_factors, pack_shard, plan_split, stage,
@@ -423,7 +423,7 @@ def config_from_flags(argv: Sequence[str]) -> PrepareConfig:
         if not FLAGS[name].value:
             raise ValueError(f"--{name} is required (see --help)")
     if not os.path.isfile(FLAGS.tokenizer) and not is_gcs(FLAGS.tokenizer):
-        raise FileNotFoundError(f"--tokenizer={FLAGS.tokenizer}: no such file")
+        raise FileNotFoundError(f"--tokenizer={FLAGS.tokenizer}: file not found")
     return PrepareConfig(
         inputs=tuple(FLAGS.input), output=FLAGS.output, tokenizer=FLAGS.tokenizer,
         seq_len=FLAGS.seq_len, num_shards=FLAGS.num_shards,
@@ -438,33 +438,15 @@ def config_from_flags(argv: Sequence[str]) -> PrepareConfig:
         ray_address=FLAGS.ray_address, num_partitions=FLAGS.num_partitions)
 
 
-def fail(message: str) -> None:
-    """A usage error: one line, exit status 2."""
-    print(f"data.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    if any(arg in ("-h", "-?", "--help", "--helpshort") for arg in argv[1:]):
-        mine = flags.FLAGS.module_help(sys.modules[__name__]).strip().split("\n", 1)[1]  # this file's, not absl's
-        print(f"{USAGE}\n\nflags:\n{mine}")
-        sys.exit(0)
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        fail(str(e))
-
-
 def main(argv: Sequence[str]) -> None:
     try:
         prepare(config_from_flags(argv))
-    except (ValueError, FileNotFoundError) as e:  # bad flags or inputs: say which, no traceback
-        fail(str(e))
-    except ConnectionError as e:  # Ray's, for --ray_address
-        fail(f"--ray_address={flags.FLAGS.ray_address}: {e} (a cluster started with token authentication, "
-             "the default, needs RAY_AUTH_MODE=token in this command's environment too)")
+    except ConnectionError as e:  # Ray's, for --ray_address; cli.run reports it as a usage error
+        raise ValueError(f"--ray_address={flags.FLAGS.ray_address}: {e} (a cluster started with token "
+                         "authentication, the default, needs RAY_AUTH_MODE=token in this command's "
+                         "environment too)") from e
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, summary=USAGE)
