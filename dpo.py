@@ -38,7 +38,6 @@ import functools
 import hashlib
 import io
 import math
-import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -50,132 +49,20 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
+import chat_formats
 import checkpoint
 import cli
 import parallel
 import sft
 import storage
 import train
+from chat_formats import PAIR_FORMATS, Pair, load_pairs
 from model import Transformer
 from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
 
-FORMATS = ("auto", "standard", "conversational", "hh_rlhf", "ultrafeedback")
 LOSSES = ("sigmoid", "ipo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
-BadRecord = sft.BadRecord
-_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """A prompt (ChatML messages, the system message first) and its two replies."""
-    prompt: tuple[dict, ...]
-    chosen: str
-    rejected: str
-
-
-# --------------------------------------------------------------------------------------------
-# Records to pairs.
-
-
-def detect_format(record: dict) -> str:
-    if "chosen" not in record or "rejected" not in record:
-        raise BadRecord("wrong shape", f"keys {sorted(record)}; expected chosen and rejected")
-    if isinstance(record["chosen"], list):
-        return "conversational" if isinstance(record.get("prompt"), list) else "ultrafeedback"
-    return "standard" if "prompt" in record else "hh_rlhf"
-
-
-def _transcript(text: str) -> list[dict]:
-    """An HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as messages, texts stripped."""
-    parts = _TURN.split(text if text.startswith("\n\n") else "\n\n" + text)
-    if parts[0].strip() or len(parts) < 3:
-        raise BadRecord("wrong shape", "expected a transcript of '\\n\\nHuman:' and '\\n\\nAssistant:' turns")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[name], "content": body.strip()} for name, body in zip(parts[1::2], parts[2::2])]
-
-
-def _messages(value: object, key: str) -> list[dict]:
-    return sft.message_list({"messages": value}, "messages") if isinstance(value, list) else \
-        [{"role": "user", "content": sft.text_field({key: value}, key, required=True)}]
-
-
-def _reply(messages: list[dict], key: str) -> str:
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise BadRecord("wrong shape", f"{key!r} must hold exactly one assistant message")
-    return messages[0]["content"]
-
-
-def to_pair(record: object, fmt: str = "auto", default_system: str = DEFAULT_SYSTEM) -> Pair:
-    """The pair a record holds in format `fmt` (FORMATS); BadRecord if it is not a usable pair."""
-    if not isinstance(record, dict):
-        raise BadRecord("wrong shape", f"expected a JSON object, got {type(record).__name__}")
-    fmt = detect_format(record) if fmt == "auto" else fmt
-    if fmt == "standard":
-        prompt = sft.text_field(record, "prompt", required=True)
-        chosen, rejected = (sft.text_field(record, k, required=True) for k in ("chosen", "rejected"))
-        if _TURN.search(prompt) and prompt.rstrip().endswith("Assistant:"):
-            prompt_messages = _transcript(prompt.rstrip()[: -len("Assistant:")].rstrip())
-            chosen, rejected = chosen.strip(), rejected.strip()
-        else:
-            prompt_messages = [{"role": "user", "content": prompt}]
-    elif fmt == "conversational":
-        prompt_messages = _messages(record.get("prompt"), "prompt")
-        chosen, rejected = (_reply(_messages(record.get(k), k), k) for k in ("chosen", "rejected"))
-    elif fmt == "hh_rlhf":
-        sides = [_transcript(sft.text_field(record, k, required=True)) for k in ("chosen", "rejected")]
-        if any(side[-1]["role"] != "assistant" for side in sides):
-            raise BadRecord("no assistant turn", "a transcript must end with an Assistant reply")
-        if sides[0][:-1] != sides[1][:-1]:
-            raise BadRecord("prompts differ", "chosen and rejected transcripts differ before the last reply")
-        prompt_messages, chosen, rejected = sides[0][:-1], sides[0][-1]["content"], sides[1][-1]["content"]
-    elif fmt == "ultrafeedback":
-        sides = [_messages(record.get(k), k) for k in ("chosen", "rejected")]
-        if any(side[-1]["role"] != "assistant" for side in sides):
-            raise BadRecord("no assistant turn", "chosen and rejected must end with an assistant message")
-        if sides[0][:-1] != sides[1][:-1]:
-            raise BadRecord("prompts differ", "chosen and rejected differ before their last message")
-        prompt_messages, chosen, rejected = sides[0][:-1], sides[0][-1]["content"], sides[1][-1]["content"]
-    else:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if not any(m["role"] == "user" for m in prompt_messages):
-        raise BadRecord("no user turn", "the prompt holds no user message")
-    if any(not text.strip() for text in (chosen, rejected)):
-        raise BadRecord("empty content", "a reply is empty")
-    if chosen == rejected:
-        raise BadRecord("identical replies", "chosen and rejected are the same text")
-    if prompt_messages[0]["role"] != "system":
-        system = sft.text_field(record, "system", required=False) or default_system
-        prompt_messages = [{"role": "system", "content": system}, *prompt_messages]
-    return Pair(tuple(prompt_messages), chosen, rejected)
-
-
-def load_pairs(path: str, fmt: str = "auto", max_bad_fraction: float = 0.0,
-               default_system: str = DEFAULT_SYSTEM) -> tuple[list[Pair], sft.FileStats]:
-    """All pairs of one file and its stats; ValueError naming the file and lines past
-    `max_bad_fraction` bad records."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    stats, pairs = sft.FileStats(path), []
-    for where, record in sft.iter_records(path, sft.read_text(path)):
-        stats.records += 1
-        try:
-            if isinstance(record, BadRecord):
-                raise record
-            pairs.append(to_pair(record, fmt, default_system))
-        except BadRecord as e:
-            stats.bad[e.kind] += 1
-            if len(stats.first_bad) < 5:
-                stats.first_bad.append(f"{path}, {where}: {e}")
-    if not stats.records:
-        raise ValueError(f"{path}: no records; expected a JSON array or JSONL of preference pairs")
-    bad = sum(stats.bad.values())
-    if bad > max_bad_fraction * stats.records:
-        raise ValueError(f"{stats.first_bad[0]} ({bad} of {stats.records} records are bad, "
-                         f"{bad / stats.records:.1%}, more than --max_bad_fraction={max_bad_fraction:g})")
-    stats.conversations = len(pairs)
-    return pairs, stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,8 +276,8 @@ class DataConfig:
     def __post_init__(self):
         if not self.train_data:
             raise ValueError("--train_data is required: JSON or JSONL files of preference pairs")
-        if self.format not in FORMATS:
-            raise ValueError(f"--format={self.format!r}: expected one of {', '.join(FORMATS)}")
+        if self.format not in PAIR_FORMATS:
+            raise ValueError(f"--format={self.format!r}: expected one of {', '.join(PAIR_FORMATS)}")
         if not 0 < self.max_prompt_length < self.max_length:
             raise ValueError(f"--max_prompt_length={self.max_prompt_length} must be in [1, "
                              f"--max_length={self.max_length})")
@@ -400,7 +287,7 @@ class DataConfig:
             raise ValueError(f"--validation_fraction={self.validation_fraction} must be in [0, 1)")
 
 
-def prepare(config: DataConfig, tokenizer: Tokenizer) -> tuple[PairRows, PairRows | None, list[sft.FileStats]]:
+def prepare(config: DataConfig, tokenizer: Tokenizer) -> tuple[PairRows, PairRows | None, list[chat_formats.FileStats]]:
     """(training rows, held-out rows or None, per-file stats): load, render, cut, hold out, mix.
     The stats' `truncated` counts pairs whose prompt or replies were cut; `dropped`, pairs
     whose prompt left no room; `supervised_tokens`, reply tokens in the mix."""
@@ -459,7 +346,7 @@ def stored_reference_logps(rows: PairRows, model: Transformer, init_from: str, o
     return values, f"computed and stored in {path}"
 
 
-def summary_table(stats: Sequence[sft.FileStats], rows: PairRows) -> str:
+def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows) -> str:
     """One line per file and a total: read, skipped, cut, held out, mixed."""
     header = ("file", "records", "bad", "pairs", "cut", "dropped", "validation", "in mix", "reply tokens")
     lines = [(s.path, s.records, sum(s.bad.values()), s.conversations, s.truncated, s.dropped,
@@ -487,7 +374,7 @@ DPO_DEFAULTS = {"learning_rate": 5e-7, "warmup_steps": 0, "weight_decay": 0.0, "
 def define_flags() -> None:
     """train.py's flags (model, optimization, run, logging) plus DPO's own."""
     train.define_flags()
-    flags.DEFINE_enum("format", "auto", FORMATS, "Record shape of --train_data (auto: by each record's keys).")
+    flags.DEFINE_enum("format", "auto", PAIR_FORMATS, "Record shape of --train_data (auto: by each record's keys).")
     flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of pairs that bring none.")
     flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
                        "and counted); above it the run stops naming them. 0: any bad record fails.")
@@ -564,7 +451,8 @@ def main(argv):
         settings = {**dataclasses.asdict(data_config), **dataclasses.asdict(loss_config),
                     "ref_logps": FLAGS.ref_logps, "epochs": FLAGS.epochs, "pairs": rows.num_rows,
                     "files": [dataclasses.asdict(s) for s in stats]}
-        train.fit(model_config, config, run, source, validation, tokenizer.model_bytes,
+        evaluations = train.evaluators(run, mesh, validation, tokenizer.model_bytes, loss_fn)
+        train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, dpo=settings), title="dpo", loss_fn=loss_fn)
     except train.TrainingStopped as e:
         sys.exit(f"dpo.py: training stopped: {e}")

@@ -44,7 +44,7 @@ import pathlib
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -519,6 +519,24 @@ def run_tasks(model: Transformer, tokenizer: Tokenizer, tasks: list[str], data_d
     In a multi-host run, call it from every process: they share the work and all get the results."""
     lm = JulianLM(model, tokenizer, batch_size=batch_size, dtype=dtype)
     return evaluate_with(lm, tasks, data_dir, limit, bootstrap_iters=bootstrap_iters)["results"]
+
+
+def benchmark_scorer(tokenizer: Tokenizer, tasks: list[str], data_dir: str | None, limit: int | None,
+                     mesh: jax.sharding.Mesh) -> Callable[[Transformer], dict[str, float]]:
+    """For train.fit's --eval_tasks: the lm-eval scores of a model sharded over `mesh`, as
+    {"task/metric": value}. Every process calls it; each gets a whole local copy of the
+    parameters (run_tasks splits the requests between processes)."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def score(model: Transformer) -> dict[str, float]:
+        gathered = jax.jit(lambda m: m, out_shardings=replicated)(model)
+        local = jax.tree.map(lambda x: x.addressable_data(0), gathered)
+        results = run_tasks(local, tokenizer, tasks, data_dir, limit)
+        return {f"{task}/{name.split(',')[0]}": float(value) for task, metrics in results.items()
+                for name, value in metrics.items()
+                if isinstance(value, (int, float)) and "stderr" not in name and name != "alias"}
+
+    return score
 
 
 def perplexity(model: Transformer, tokenizer: Tokenizer, paths: Sequence[str], batch_size: int = 16,

@@ -6,22 +6,9 @@
 Training is train.py's loop (`train.fit`: checkpoints, resume, preemption, logging) and flags;
 the model's shape and tokenizer come from the --init_from checkpoint. Here: the data.
 
-Inputs are JSON arrays or JSONL files, local or gs://. Each record is one conversation (seed
-tasks: one per instance); `--format=auto` recognises the shape of each record by its keys:
-
-    messages    {"messages": [{"role", "content"}, ...]}             OpenAI style
-    sharegpt    {"conversations": [{"from", "value"}, ...]}         roles human / gpt / system
-    vigogne     {"conversation": [{"role", "content"}, ...]}        roles UTILISATEUR / ASSISTANT
-    alpaca      {"instruction", "input", "output"}                   user = instruction, blank line, input
-    dolly       {"instruction", "context", "response"}               likewise with the context
-    seed_tasks  {"instruction", "instances": [{"input", "output"}]}  Alpaca's and vigogne's seeds
-
-Roles are matched case-insensitively (ROLES). A record's "system" string, or a leading system
-message, is its system prompt; otherwise the default ("You are a helpful assistant."). Trailing
-messages after the last assistant turn carry no loss and are dropped. A record that is not a
-usable conversation (invalid JSON, unknown shape or role, empty content, no assistant turn) is
-counted and skipped; if a file's share of such records exceeds `max_bad_fraction` (0: any), the
-load fails with the file, the line and the reason of the first ones.
+Inputs are JSON arrays or JSONL files, local or gs://, in any of chat_formats.py's shapes
+(OpenAI messages, ShareGPT, vigogne, Alpaca, Dolly, seed tasks; `--format=auto` recognises each
+record); bad records are counted and skipped within --max_bad_fraction.
 
 Mixing: `--train_data=a.jsonl:0.7,b.json:0.3` gives each file a share of the training
 conversations. The mix holds as many conversations as the files together (N); file i contributes
@@ -52,10 +39,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
-import json
 import math
-import re
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -68,218 +52,12 @@ import budget
 import checkpoint
 import cli
 import parallel
-import storage
 import train
+from chat_formats import FORMATS, FileStats, load_conversations
 from model import ModelConfig
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, PAD_ID, Tokenizer
 
-# format -> (key of the message list, key of a message's role, key of its text)
-MESSAGE_LISTS = {"messages": ("messages", "role", "content"),
-                 "sharegpt": ("conversations", "from", "value"),
-                 "vigogne": ("conversation", "role", "content")}
-# format -> (key of the optional text appended to the instruction, key of the answer)
-INSTRUCTIONS = {"alpaca": ("input", "output"), "dolly": ("context", "response")}
-FORMATS = ("auto", *MESSAGE_LISTS, *INSTRUCTIONS, "seed_tasks")
-# Role names found in the wild (casefolded) -> ChatML role.
-ROLES = {"system": "system", "user": "user", "human": "user", "utilisateur": "user",
-         "assistant": "assistant", "gpt": "assistant"}
 OVERLONG = ("truncate", "drop")
-
-
-class BadRecord(ValueError):
-    """A record that is not a usable conversation: counted and skipped, within limits."""
-
-    def __init__(self, kind: str, detail: str = ""):
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind = kind
-
-
-# --------------------------------------------------------------------------------------------
-# Reading records.
-
-
-def read_text(path: str) -> str:
-    """A whole UTF-8 file, local or gs:// (storage.read_bytes: GCS reads retried)."""
-    try:
-        raw = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"data file {path!r} does not exist") from None
-    try:
-        return raw.decode("utf-8-sig")  # -sig: a byte-order mark is not JSON
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-_SPACE = re.compile(r"\s*")
-
-
-def iter_records(path: str, text: str) -> Iterator[tuple[str, object]]:
-    """(where, record) for a JSON array or a JSONL text; `where` is "line 7" or, in an array,
-    "line 7, record 3". An unparsable JSONL line yields a BadRecord in place of its record; a
-    broken JSON array raises ValueError (no way to resync)."""
-    if not text.lstrip().startswith("["):
-        # split("\n"), not splitlines(): JSON strings may hold U+2028 and other line separators.
-        for number, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    record = BadRecord("invalid JSON", f"{e.msg} at column {e.colno}")
-                yield f"line {number}", record
-        return
-    decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
-    for index in itertools.count():
-        pos = _SPACE.match(text, pos).end()
-        if pos < len(text) and text[pos] == "]":
-            return
-        line += text.count("\n", counted, pos)
-        counted = pos
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: invalid JSON array: {e.msg}") from None
-        yield f"line {line}, record {index}", record
-        pos = _SPACE.match(text, pos).end()
-        if pos < len(text) and text[pos] == ",":
-            pos += 1
-        elif pos >= len(text) or text[pos] != "]":
-            where = line + text.count("\n", counted, pos)
-            raise ValueError(f"{path}: line {where}: invalid JSON array: expected ',' or ']'")
-
-
-# --------------------------------------------------------------------------------------------
-# Records to conversations.
-
-
-def detect_format(record: dict) -> str:
-    for name, (key, _, _) in MESSAGE_LISTS.items():
-        if key in record:
-            return name
-    for name, key in (("seed_tasks", "instances"), ("dolly", "response"), ("alpaca", "output")):
-        if key in record:
-            return name
-    raise BadRecord("wrong shape", f"keys {sorted(record)}; expected one of messages, "
-                    "conversations, conversation, instances, response or output")
-
-
-def text_field(record: dict, key: str, required: bool) -> str:
-    if required and key not in record:
-        raise BadRecord("wrong shape", f"no {key!r} in keys {sorted(record)}")
-    value = record.get(key, "")
-    if not isinstance(value, str):
-        raise BadRecord("wrong shape", f"{key!r} must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise BadRecord("empty content", f"{key!r} is empty")
-    return value
-
-
-def _instruction(instruction: str, extra: str) -> str:
-    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
-
-
-def message_list(record: dict, fmt: str) -> list[dict]:
-    list_key, role_key, text_key = MESSAGE_LISTS[fmt]
-    turns = record.get(list_key)
-    if not isinstance(turns, list) or not turns:
-        raise BadRecord("wrong shape", f"{list_key!r} must be a non-empty list of messages")
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise BadRecord("wrong shape", f"message {i} must be an object, got {type(turn).__name__}")
-        name = turn.get(role_key)
-        role = ROLES.get(name.casefold()) if isinstance(name, str) else None
-        if role is None:
-            raise BadRecord("unknown role", f"message {i} has {role_key}={name!r}; expected one of "
-                            f"{', '.join(ROLES)} (any case)")
-        if role == "system" and i > 0:
-            raise BadRecord("misplaced system", f"message {i} is a system message; expected only first")
-        messages.append({"role": role, "content": text_field(turn, text_key, required=True)})
-    return messages
-
-
-def to_conversations(record: object, fmt: str = "auto", default_system: str = DEFAULT_SYSTEM
-                     ) -> list[list[dict]]:
-    """A record's conversations as ChatML messages [{role, content}], the system message first.
-
-    Raises BadRecord if the record is not a usable conversation in format `fmt` (FORMATS).
-    """
-    if not isinstance(record, dict):
-        raise BadRecord("wrong shape", f"expected a JSON object, got {type(record).__name__}")
-    fmt = detect_format(record) if fmt == "auto" else fmt
-    system = text_field(record, "system", required=False) or default_system
-    if fmt in MESSAGE_LISTS:
-        conversations = [message_list(record, fmt)]
-    elif fmt == "seed_tasks":
-        instruction = text_field(record, "instruction", required=True)
-        instances = record.get("instances")
-        if not isinstance(instances, list) or not instances:
-            raise BadRecord("wrong shape", "'instances' must be a non-empty list")
-        conversations = []
-        for instance in instances:
-            if not isinstance(instance, dict):
-                raise BadRecord("wrong shape", f"an instance must be an object, got {type(instance).__name__}")
-            user = _instruction(instruction, text_field(instance, "input", required=False))
-            conversations.append([{"role": "user", "content": user}, {
-                "role": "assistant", "content": text_field(instance, "output", required=True)}])
-    else:
-        extra_key, answer_key = INSTRUCTIONS[fmt]
-        user = _instruction(text_field(record, "instruction", required=True),
-                            text_field(record, extra_key, required=False))
-        conversations = [[{"role": "user", "content": user},
-                          {"role": "assistant", "content": text_field(record, answer_key, required=True)}]]
-    result = []
-    for messages in conversations:
-        if messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system}, *messages]
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
-            raise BadRecord("no assistant turn")
-        result.append(messages[: last + 1])
-    return result
-
-
-@dataclasses.dataclass
-class FileStats:
-    """What loading one file did, for the summary table and for errors."""
-    path: str
-    records: int = 0
-    conversations: int = 0
-    bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    first_bad: list[str] = dataclasses.field(default_factory=list)
-    truncated: int = 0
-    dropped: int = 0
-    validation: int = 0
-    mixed: int = 0  # conversations in the training mix, repeats included
-    supervised_tokens: int = 0  # in the training mix
-
-
-def load_conversations(path: str, fmt: str = "auto", max_bad_fraction: float = 0.0,
-                       default_system: str = DEFAULT_SYSTEM) -> tuple[list[list[dict]], FileStats]:
-    """All conversations of one file, and its stats. Bad records are skipped unless more than
-    `max_bad_fraction` of the records are bad: then ValueError names the file, lines and reasons."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    stats = FileStats(path)
-    conversations = []
-    for where, record in iter_records(path, read_text(path)):
-        stats.records += 1
-        try:
-            if isinstance(record, BadRecord):
-                raise record
-            conversations += to_conversations(record, fmt, default_system)
-        except BadRecord as e:
-            stats.bad[e.kind] += 1
-            if len(stats.first_bad) < 5:
-                stats.first_bad.append(f"{path}, {where}: {e}")
-    if not stats.records:
-        raise ValueError(f"{path}: no records; expected a JSON array or JSONL of conversations")
-    bad = sum(stats.bad.values())
-    if bad > max_bad_fraction * stats.records:
-        raise ValueError(
-            f"{path}: {bad} of {stats.records} records are bad ({bad / stats.records:.1%}, more "
-            f"than --max_bad_fraction={max_bad_fraction:g}), e.g.\n  " + "\n  ".join(stats.first_bad))
-    stats.conversations = len(conversations)
-    return conversations, stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -695,7 +473,8 @@ def main(argv):
         sft_settings = {**dataclasses.asdict(data_config), "epochs": FLAGS.epochs,
                         "rows": rows.num_rows, "supervised_tokens_per_epoch": rows.supervised_tokens,
                         "files": [dataclasses.asdict(s) for s in stats]}
-        train.fit(model_config, config, run, source, validation, tokenizer.model_bytes,
+        evaluations = train.evaluators(run, parallel.make_mesh(run.fsdp), validation, tokenizer.model_bytes)
+        train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, sft=sft_settings), title="sft")
     except train.TrainingStopped as e:
         sys.exit(f"sft.py: training stopped: {e}")

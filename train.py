@@ -22,6 +22,10 @@ What makes a 21-day run on preemptible hardware work:
 
 Outputs: Orbax checkpoints in --output_dir (see checkpoint.py); in --metrics_dir (default
 --output_dir): metrics.jsonl, TensorBoard events under tb/, config.json, loss.png.
+
+To try another optimizer, change optim.py; to add a loss term, token_loss below (fit takes any
+loss function, as dpo.py's). The mesh and shardings are in parallel.py, the MFU peaks and the
+dry run in budget.py, the logger and the loss plot in runlog.py.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
@@ -197,7 +201,7 @@ class RunConfig:
     test_sigkill_during_save: int = -1
 
 
-# --- Sharding and the step -----------------------------------------------------------------------
+# --- The state, the step, the held-out loss --------------------------------------------------------
 
 class TrainState(eqx.Module):
     model: Transformer
@@ -290,12 +294,40 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
                    out_shardings=(state_sharding, replicated))
 
 
-def make_eval_step(state_sharding, mesh: Mesh, loss_fn: LossFn = token_loss) -> Callable:
-    """Jitted (model, batch) -> (summed loss, count, summed metrics) over a [1, rows, ...] batch."""
-    def eval_step(model: Transformer, batch: dict[str, Array]):
-        return loss_fn(model, jax.tree.map(lambda x: x[0], batch), None)
+# Something fit() reports every --eval_every steps: the model (sharded over the run's mesh) ->
+# named figures. main() builds them (held-out loss, benchmark scores); the loop knows none.
+Evaluator = Callable[[Transformer], dict[str, float]]
 
-    return jax.jit(traced_on(mesh, eval_step), in_shardings=(state_sharding.model, batch_sharding(mesh)))
+
+def held_out_loss(validation_data, batches: int, mesh: Mesh, loss_fn: LossFn = token_loss) -> Evaluator:
+    """eval_loss, and the loss function's metrics as eval_<name>, over global batches
+    0..batches-1 of `validation_data` (read like fit's train_data)."""
+    step = jax.jit(traced_on(mesh, lambda model, batch: loss_fn(model, jax.tree.map(lambda x: x[0], batch), None)))
+
+    def evaluate(model: Transformer) -> dict[str, float]:
+        loss = count = 0.0
+        sums: dict[str, float] = {}
+        for i in range(batches):
+            out = jax.device_get(step(model, global_batch(as_batch(validation_data.batch(i)), 1, mesh)))
+            loss, count = loss + float(out[0]), count + float(out[1])
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in out[2].items()}
+        count = max(count, 1.0)
+        return {"eval_loss": loss / count, **{f"eval_{k}": v / count for k, v in sums.items()}}
+
+    return evaluate
+
+
+def evaluators(run: RunConfig, mesh: Mesh, validation_data, tokenizer_bytes: bytes,
+               loss_fn: LossFn = token_loss) -> list[Evaluator]:
+    """What main() (here, in sft.py and dpo.py) hands fit: the held-out loss when there is
+    validation data, and --eval_tasks' lm-eval scores (evaluate.py) when asked for."""
+    out = [held_out_loss(validation_data, run.eval_batches, mesh, loss_fn)] if validation_data is not None else []
+    if run.eval_tasks:
+        import evaluate  # lm-eval takes seconds to import: only when asked for
+
+        out.append(evaluate.benchmark_scorer(Tokenizer.from_bytes(tokenizer_bytes), list(run.eval_tasks),
+                                             run.eval_data_dir, run.eval_limit or None, mesh))
+    return out
 
 
 class TrainingStopped(RuntimeError):
@@ -342,21 +374,6 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
 
 # --- The run ---------------------------------------------------------------------------------------
 
-def benchmark_scores(model: Transformer, tokenizer_bytes: bytes, run: RunConfig, mesh: Mesh) -> dict[str, float]:
-    """lm-eval scores of `model` on run.eval_tasks through evaluate.py, as {"task/metric": value}.
-    Every process calls it; each gets a whole local copy of the parameters (evaluate.py splits
-    the requests between processes)."""
-    import evaluate  # lm-eval takes seconds to import: only when asked for
-
-    gathered = jax.jit(lambda m: m, out_shardings=NamedSharding(mesh, P()))(model)
-    local = jax.tree.map(lambda x: x.addressable_data(0), gathered)
-    results = evaluate.run_tasks(local, Tokenizer.from_bytes(tokenizer_bytes), list(run.eval_tasks),
-                                 run.eval_data_dir, run.eval_limit or None)
-    return {f"{task}/{name.split(',')[0]}": float(value) for task, metrics in results.items()
-            for name, value in metrics.items()
-            if isinstance(value, (int, float)) and "stderr" not in name and name != "alias"}
-
-
 def start_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                 run: RunConfig, seed: int, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, dict, str]:
     """(state, meta, how) from the newest checkpoint in --output_dir, else --init_from's
@@ -388,7 +405,7 @@ def start_state(model_config: ModelConfig, optimizer: optax.GradientTransformati
 
 
 def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_data,
-        validation_data, tokenizer_bytes: bytes, run_config: dict, title: str = "pretraining",
+        evaluations: Sequence[Evaluator], tokenizer_bytes: bytes, run_config: dict, title: str = "pretraining",
         loss_fn: LossFn = token_loss) -> None:
     """The training loop, shared by pretraining, SFT (sft.py) and DPO (dpo.py).
 
@@ -396,7 +413,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
     token rows [rows, seq_len + 1], or a dict with "tokens", optional "segment_ids" and "weights"
     [rows, seq_len] (the loss weight of each target), or whatever else `loss_fn` reads (a row
     may hold `sequences_per_row` sequences, as dpo.py's chosen and rejected pair).
-    `validation_data` (optional) is read the same way at steps 0..eval_batches-1.
+    Every --eval_every steps, each of `evaluations` scores the model and fit logs what they return.
     """
     primary = jax.process_index() == 0
     mesh = make_mesh(run.fsdp)
@@ -407,7 +424,6 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
     state, meta, how = start_state(model_config, optimizer, mesh, run, config.seed, ckpt)
     state_sharding = shardings(state)
     train_step = make_train_step(optimizer, state_sharding, mesh, loss_fn)
-    eval_step = make_eval_step(state_sharding, mesh, loss_fn)
     key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
     step, data_offset, rollbacks, bad_streak, skipped = meta["step"], meta["data_offset"], meta["rollbacks"], 0, 0
     saved_meta = lambda: {"data_offset": data_offset, "rollbacks": rollbacks, "rng": meta["rng"]}
@@ -432,17 +448,6 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
         ckpt.save(at, state.model, state.opt_state, saved_meta(), run_config, tokenizer_bytes)
         if at == run.test_sigkill_during_save:
             os.kill(os.getpid(), signal.SIGKILL)
-
-    def held_out() -> dict[str, float]:
-        """eval_loss and the loss function's metrics (eval_<name>) over the held-out batches."""
-        loss = count = 0.0
-        sums: dict[str, float] = {}
-        for i in range(run.eval_batches):
-            out = jax.device_get(eval_step(state.model, global_batch(as_batch(validation_data.batch(i)), 1, mesh)))
-            loss, count = loss + float(out[0]), count + float(out[1])
-            sums = {k: sums.get(k, 0.0) + float(v) for k, v in out[2].items()}
-        count = max(count, 1.0)
-        return {"eval_loss": loss / count, **{f"eval_{k}": v / count for k, v in sums.items()}}
 
     guard = PreemptionGuard()
     batches = train_data.iterate(step + data_offset)
@@ -491,9 +496,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 if line := logger.log(step, metrics, waited, extra, last=bool(metrics["stop"])):
                     bar.write(line)
             if run.eval_every and (step % run.eval_every == 0 or step == config.steps):
-                record = held_out() if validation_data is not None else {}
-                if run.eval_tasks:
-                    record.update(benchmark_scores(state.model, tokenizer_bytes, run, mesh))
+                record = {k: v for evaluate in evaluations for k, v in evaluate(state.model).items()}
                 if logger and record:
                     logger.write({"step": step, **record})
                     bar.write(f"step {step:>7} | " + " | ".join(
@@ -600,7 +603,8 @@ def main(argv):
         if FLAGS.eval_every:
             validation_data = open_data(FLAGS.validation_data or FLAGS.train_data,
                                         "validation", tokenizer, model_config, config, grad_accum=1)
-        fit(model_config, config, run, train_data, validation_data, tokenizer.model_bytes,
+        fit(model_config, config, run, train_data,
+            evaluators(run, make_mesh(run.fsdp), validation_data, tokenizer.model_bytes), tokenizer.model_bytes,
             resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data))
     except TrainingStopped as e:
         sys.exit(f"train.py: training stopped: {e}")

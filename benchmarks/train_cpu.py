@@ -234,7 +234,7 @@ def bench_loop(name: str, batch: int, seq_len: int, steps: int, directory: str) 
                           checkpoint_every=steps, log_every=max(1, steps // 2))
     stream = data.open_train_data(",".join(files), tokenizer=tokenizer, seq_len=seq_len, seed=0,
                                   global_batch_size=batch)
-    train.fit(config, train_config, run, stream, None, tokenizer.model_bytes, {})
+    train.fit(config, train_config, run, stream, [], tokenizer.model_bytes, {})
     with open(os.path.join(run.metrics_dir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     return {"data_wait": last["data_wait_fraction"], "tokens_per_s": last["tokens_per_s"]}

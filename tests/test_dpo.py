@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import chat_formats
 import checkpoint
 import convert
 import dpo
@@ -20,7 +21,7 @@ import optim
 import parallel
 import train
 from conftest import REPO
-from tokenizer import BOS_ID, IM_END_ID, Tokenizer
+from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, Tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -60,7 +61,7 @@ def models(tiny_run):
 @pytest.fixture(scope="module")
 def real_pairs(tokenizer):
     """The first sample pairs that fit the tiny context whole (TRL would cut differently)."""
-    pairs, _ = dpo.load_pairs(PAIRS)
+    pairs, _ = chat_formats.load_pairs(PAIRS)
     fitting = [(p, r) for p in pairs for r, status in [dpo.render_pair(tokenizer, p, MAX_LENGTH, 96)]
                if status == "ok"]
     return fitting[:6]
@@ -224,7 +225,7 @@ def _language_pairs(tokenizer, n: int, seed: int) -> list[dpo.RenderedPair]:
         fr, en = (lines[lang][int(rng.integers(len(lines[lang])))] for lang in ("fr", "en"))
         cut = lambda s: " ".join(s.split()[: int(rng.integers(3, 12))])
         prompt = lines["en"][int(rng.integers(len(lines["en"])))]
-        pair = dpo.Pair(({"role": "system", "content": "Réponds."}, {"role": "user", "content": prompt}),
+        pair = chat_formats.Pair(({"role": "system", "content": "Réponds."}, {"role": "user", "content": prompt}),
                         cut(fr), cut(en))
         out.append(dpo.render_pair(tokenizer, pair, 64, 32)[0])
     return out
@@ -285,21 +286,21 @@ FORMAT_CASES = {
 
 @pytest.mark.parametrize("fmt", FORMAT_CASES)
 def test_each_format_gives_the_same_pair(fmt):
-    expected = dpo.Pair(({"role": "system", "content": dpo.DEFAULT_SYSTEM}, *MESSAGES), "Hello.", "Go away.")
-    assert dpo.detect_format(FORMAT_CASES[fmt]) == fmt
-    assert dpo.to_pair(FORMAT_CASES[fmt]) == expected
-    assert dpo.to_pair(FORMAT_CASES[fmt], fmt) == expected
+    expected = chat_formats.Pair(({"role": "system", "content": DEFAULT_SYSTEM}, *MESSAGES), "Hello.", "Go away.")
+    assert chat_formats.detect_pair_format(FORMAT_CASES[fmt]) == fmt
+    assert chat_formats.to_pair(FORMAT_CASES[fmt]) == expected
+    assert chat_formats.to_pair(FORMAT_CASES[fmt], fmt) == expected
 
 
 def test_a_standard_prompt_written_as_an_hh_transcript_becomes_its_turns():
     record = {"prompt": "\n\nHuman: a?\n\nAssistant: b.\n\nHuman: c?\n\nAssistant:", "chosen": " d.", "rejected": " e."}
-    pair = dpo.to_pair(record)
+    pair = chat_formats.to_pair(record)
     assert [(m["role"], m["content"]) for m in pair.prompt[1:]] == [("user", "a?"), ("assistant", "b."), ("user", "c?")]
     assert (pair.chosen, pair.rejected) == ("d.", "e.")
 
 
 def test_overlong_pairs_keep_the_end_of_the_prompt_then_cut_the_replies(tokenizer):
-    pair = dpo.Pair(({"role": "system", "content": "S"}, {"role": "user", "content": "word " * 60}),
+    pair = chat_formats.Pair(({"role": "system", "content": "S"}, {"role": "user", "content": "word " * 60}),
                     "yes " * 40, "no")
     full, status = dpo.render_pair(tokenizer, pair, 10_000, 9_999)
     assert status == "ok"
@@ -312,7 +313,7 @@ def test_overlong_pairs_keep_the_end_of_the_prompt_then_cut_the_replies(tokenize
 
 
 def test_the_reply_mask_is_the_reply_and_its_im_end_only(tokenizer):
-    pair = dpo.to_pair(FORMAT_CASES["standard"])
+    pair = chat_formats.to_pair(FORMAT_CASES["standard"])
     rows = dpo.to_rows([dpo.render_pair(tokenizer, pair, 64, 32)[0]], 64)
     for k, reply in enumerate(("Hello.", "Go away.")):
         ids = rows.tokens[0, k][rows.reply[0, k]].tolist()
@@ -328,12 +329,12 @@ def test_bad_records_are_counted_and_skipped_or_fail_naming_file_and_line(tmp_pa
                {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: x\n\nAssistant: c"},
                {"prompt": "p", "chosen": "", "rejected": "r"}, [1, 2], good, good, good]
     path = write_jsonl(tmp_path / "pairs.jsonl", records)
-    pairs, stats = dpo.load_pairs(path, max_bad_fraction=0.5)
+    pairs, stats = chat_formats.load_pairs(path, max_bad_fraction=0.5)
     assert len(pairs) == 5 and stats.records == 10
     assert dict(stats.bad) == {"invalid JSON": 1, "identical replies": 1, "prompts differ": 1,
                                "empty content": 1, "wrong shape": 1}
     with pytest.raises(ValueError, match=r"pairs.jsonl, line 3: invalid JSON.*5 of 10 records"):
-        dpo.load_pairs(path, max_bad_fraction=0.1)
+        chat_formats.load_pairs(path, max_bad_fraction=0.1)
 
 
 def test_cli_reports_bad_input_in_one_line_with_exit_status_2(tiny_run, tmp_path):
@@ -353,6 +354,6 @@ def test_cli_reports_bad_input_in_one_line_with_exit_status_2(tiny_run, tmp_path
 def test_the_bundled_preference_samples_load_cleanly(tokenizer):
     for name in sorted(os.listdir(os.path.join(REPO, "samples", "preference"))):
         if name.endswith(".jsonl"):
-            pairs, stats = dpo.load_pairs(os.path.join(REPO, "samples", "preference", name))
+            pairs, stats = chat_formats.load_pairs(os.path.join(REPO, "samples", "preference", name))
             assert len(pairs) == stats.records >= 100 and not stats.bad
             assert all(p.prompt[-1]["role"] == "user" and p.chosen == p.chosen.strip() for p in pairs)

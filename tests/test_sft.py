@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import chat_formats
 import checkpoint
 import sft
 from conftest import REPO, run_script
@@ -93,7 +94,7 @@ def test_each_format_renders_chatml_and_only_assistant_replies_and_their_im_end_
     record, expected = FORMAT_CASES[fmt]
     path = write_jsonl(tmp_path / "chat.jsonl", [record])
     for named in ("auto", fmt):
-        conversations, stats = sft.load_conversations(path, named)
+        conversations, stats = chat_formats.load_conversations(path, named)
         assert conversations == [as_messages(turns) for turns in expected]
     for turns in expected:
         example, status = sft.render(tokenizer, as_messages(turns))
@@ -127,11 +128,11 @@ def test_json_array_files_name_the_line_of_a_bad_record(tmp_path):
                {"instruction": "Count.", "output": "1 2 3"}]
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records, indent=2))  # record 1 starts on line 6
-    conversations, stats = sft.load_conversations(str(path), max_bad_fraction=0.5)
+    conversations, stats = chat_formats.load_conversations(str(path), max_bad_fraction=0.5)
     assert [c[-1]["content"] for c in conversations] == ["Hi.", "1 2 3"]
     assert stats.bad == {"empty content": 1}
     with pytest.raises(ValueError, match=r"data\.json, line 6, record 1: empty content"):
-        sft.load_conversations(str(path))
+        chat_formats.load_conversations(str(path))
 
 
 def test_bad_records_are_counted_and_skipped_or_fail_naming_file_line_and_reason(tmp_path):
@@ -147,18 +148,18 @@ def test_bad_records_are_counted_and_skipped_or_fail_naming_file_line_and_reason
         good,
     ]
     path = write_jsonl(tmp_path / "mixed.jsonl", lines)
-    conversations, stats = sft.load_conversations(path, max_bad_fraction=0.75)
+    conversations, stats = chat_formats.load_conversations(path, max_bad_fraction=0.75)
     assert len(conversations) == 2 and stats.records == 8
     assert stats.bad == {"no assistant turn": 1, "unknown role": 1, "empty content": 1,
                          "wrong shape": 2, "invalid JSON": 1}
     with pytest.raises(ValueError, match=r"mixed\.jsonl, line 2: no assistant turn") as error:
-        sft.load_conversations(path, max_bad_fraction=0.0)
+        chat_formats.load_conversations(path, max_bad_fraction=0.0)
     assert "line 3: unknown role" in str(error.value) and "6 of 8 records" in str(error.value)
     with pytest.raises(ValueError, match="more than --max_bad_fraction=0.7"):
-        sft.load_conversations(path, max_bad_fraction=0.7)
+        chat_formats.load_conversations(path, max_bad_fraction=0.7)
     # A format named on the command line is enforced: a good "messages" record is bad as alpaca.
     with pytest.raises(ValueError, match="line 1: wrong shape: no 'instruction'"):
-        sft.load_conversations(path, "alpaca", max_bad_fraction=0.0)
+        chat_formats.load_conversations(path, "alpaca", max_bad_fraction=0.0)
 
 
 def test_overlong_conversations_are_cut_after_a_whole_assistant_turn_or_dropped(tokenizer, tmp_path):
@@ -318,10 +319,10 @@ def test_reads_conversations_from_gcs(gcs_bucket):
 
     record, expected = FORMAT_CASES["vigogne"]
     storage.Client().bucket(gcs_bucket).blob("sft/chat.jsonl").upload_from_string(json.dumps(record) + "\n")
-    conversations, _ = sft.load_conversations(f"gs://{gcs_bucket}/sft/chat.jsonl")
+    conversations, _ = chat_formats.load_conversations(f"gs://{gcs_bucket}/sft/chat.jsonl")
     assert conversations == [as_messages(turns) for turns in expected]
     with pytest.raises(FileNotFoundError, match=f"gs://{gcs_bucket}/missing.jsonl"):
-        sft.load_conversations(f"gs://{gcs_bucket}/missing.jsonl")
+        chat_formats.load_conversations(f"gs://{gcs_bucket}/missing.jsonl")
 
 
 def test_the_bundled_sample_loads_cleanly_in_both_languages(tokenizer):
