@@ -100,6 +100,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation/matmul dtype.")
     flags.DEFINE_integer("bootstrap_iters", 1000, "lm-eval's bootstrap iterations for standard "
                          "errors (0: none).")
+    flags.DEFINE_string("compilation_cache_dir", None, checkpoint.COMPILATION_CACHE_HELP)
     flags.DEFINE_string("output", None, "Write lm-eval's results dict (keyed by task) here as JSON.")
     flags.DEFINE_list("ppl_data", [], "Instead of tasks: loss, perplexity and bits per byte of text "
                       "files (one document per line), per language: [lang=]path; without 'lang=', "
@@ -563,6 +564,7 @@ def _write_json(path: str, content: dict) -> None:
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
     # lm-eval bootstraps standard errors in forked workers; forking a process that runs JAX's
     # threads can deadlock, so it bootstraps in process.
     os.environ.setdefault("DISABLE_MULTIPROC", "1")

@@ -49,6 +49,7 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose probability reaches p.")
     flags.DEFINE_multi_string("stop", [], "Also stop a row where its text contains this string (repeatable).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_string("compilation_cache_dir", None, checkpoint.COMPILATION_CACHE_HELP)
     flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Compute dtype for sampling.")
 
 
@@ -239,6 +240,7 @@ def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint is required: a train.py --output_dir")
     if not FLAGS.prompt and not FLAGS.chat:

@@ -649,6 +649,7 @@ def _model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelC
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.dry_run and FLAGS.hardware:  # as train.py: the named pod's chips, faked on a CPU
         jax.config.update("jax_num_cpu_devices", train.HARDWARE[FLAGS.hardware][0])
     try:

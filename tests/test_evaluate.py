@@ -292,3 +292,23 @@ def test_a_continuation_longer_than_the_context_is_scored_in_pieces_after_the_te
         n = end - len(context) - start
         expected += float(logprobs[-n:].gather(1, window[0, -n:, None]).sum())
     assert ours == pytest.approx(expected, abs=LOGPROB_ATOL)
+
+
+@pytest.mark.slow
+def test_a_second_evaluate_process_loads_its_programs_from_the_cache(tiny_run, tmp_path):
+    # Without the flag, $JAX_COMPILATION_CACHE_DIR names the cache; JAX logs each hit and miss.
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
+    args = [sys.executable, "evaluate.py", f"--checkpoint={tiny_run}", "--tasks=hellaswag,lambada_openai",
+            f"--data_dir={DATA_DIR}", "--limit=3", "--bootstrap_iters=0", "--dtype=float32"]
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append((result, sorted(p.name for p in cache.iterdir())))
+    (first, written), (second, after) = runs
+    assert "PERSISTENT COMPILATION CACHE MISS" in first.stderr and written
+    assert "PERSISTENT COMPILATION CACHE MISS" not in second.stderr
+    assert "Persistent compilation cache hit" in second.stderr
+    assert after == written
+    assert first.stdout.split("|")[:40] == second.stdout.split("|")[:40]  # the same scores
