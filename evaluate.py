@@ -228,9 +228,10 @@ class _Unit:
 
 @dataclasses.dataclass
 class _Pass:
-    """One forward pass: `rows` rows of `length` tokens holding `units`, row by row."""
+    """One forward pass: `n_rows` rows of `length` tokens, the first ones holding `rows` (units each)."""
     length: int
     rows: list[list[_Unit]]
+    n_rows: int
 
 
 def plan_passes(requests: Sequence[tuple[list[int], list[int]]], max_length: int, row_lengths: Sequence[int],
@@ -277,7 +278,10 @@ def plan_passes(requests: Sequence[tuple[list[int], list[int]]], max_length: int
     for length in sorted({length for length, _, _ in rows}, reverse=True):
         same = [held for row_length, held, _ in rows if row_length == length]
         per_pass = rows_per_pass(length)
-        passes += [_Pass(length, same[start: start + per_pass]) for start in range(0, len(same), per_pass)]
+        for start in range(0, len(same), per_pass):
+            held = same[start: start + per_pass]
+            # A last, partial pass gets the next power of two of rows, not a full pass of padding.
+            passes.append(_Pass(length, held, min(per_pass, 1 << (len(held) - 1).bit_length())))
     return passes
 
 
@@ -409,7 +413,7 @@ class JulianLM(TemplateLM):
         return max(1, self.batch_size * self.row_lengths[0] // length)
 
     def _score_pass(self, packed: _Pass, requests) -> dict[int, tuple[float, bool]]:
-        n_rows, length = self.rows_per_pass(packed.length), packed.length
+        n_rows, length = packed.n_rows, packed.length
         tokens = np.full((n_rows, length), PAD_ID, np.int32)
         positions = np.zeros((n_rows, length), np.int32)
         units = np.full((n_rows, length), -1, np.int32)
