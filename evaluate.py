@@ -448,12 +448,11 @@ class JulianLM(TemplateLM):
                                               np.asarray(targets, np.int32))
         logprobs = np.asarray(logprobs, np.float64)[: len(owners)]
         greedy = np.asarray(greedy)[: len(owners)]
-        out = {}
-        owners = np.asarray(owners)
-        for i in dict.fromkeys(owners.tolist()):
-            mask = owners == i
-            out[i] = (float(logprobs[mask].sum()), bool(greedy[mask].all()))
-        return out
+        requests_here, which = np.unique(np.asarray(owners), return_inverse=True)
+        sums, all_greedy = np.zeros(len(requests_here)), np.ones(len(requests_here), bool)
+        np.add.at(sums, which, logprobs)
+        np.logical_and.at(all_greedy, which, greedy)
+        return {int(i): (float(total), bool(g)) for i, total, g in zip(requests_here, sums, all_greedy)}
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         totals = self.rolling([req.args[0] for req in requests], disable_tqdm)

@@ -93,8 +93,8 @@ def _decode(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], do
             temperature: float, top_k: int, top_p: float
             ) -> tuple[Int[Array, "batch chunk"], KVCache, Bool[Array, " batch"]]:
     """Up to CHUNK tokens per row after `tokens`, decoded in one device loop (no host round trip
-    per token; the cache is updated in place): stops after `limit` tokens or once every row is
-    done. Step s samples with fold_in(key, s), counting from `first_step`."""
+    per token; the cache is updated in place): stops after CHUNK or `limit` tokens, or once every
+    row is done. Step s samples with fold_in(key, s), counting from `first_step`."""
 
     def step(carry):
         i, cache, tokens, done, out = carry
@@ -104,7 +104,7 @@ def _decode(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], do
         return i + 1, cache, tokens, done | jnp.isin(tokens, stop_ids), out.at[:, i].set(tokens)
 
     out = jnp.full((tokens.shape[0], CHUNK), PAD_ID, jnp.int32)
-    keep_going = lambda carry: (carry[0] < limit) & ~jnp.all(carry[3])
+    keep_going = lambda carry: (carry[0] < jnp.minimum(limit, CHUNK)) & ~jnp.all(carry[3])
     _, cache, _, done, out = jax.lax.while_loop(keep_going, step, (0, cache, tokens, done, out))
     return out, cache, done
 

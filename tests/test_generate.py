@@ -58,9 +58,10 @@ def test_greedy_generation_continues_each_prompt_as_the_model_predicts():
                          dtype="float32")
     model = Transformer(config, jax.random.key(0))
     prompts = [[2, 10, 11, 12], [2, 20]]
-    out = generate(model, prompts, 6, jax.random.key(1), temperature=0.0, stop_ids=())
+    n = 2 * G.CHUNK + 3  # the prefill, then decoding loops that run across two chunk boundaries
+    out = generate(model, prompts, n, jax.random.key(1), temperature=0.0, stop_ids=())
     for prompt, new in zip(prompts, out):
-        assert len(new) == 6
+        assert len(new) == n
         # Each generated token is the argmax of the model run on everything before it (one
         # causal forward pass over the whole sequence gives all those predictions at once).
         logits = full_forward(model, jnp.array([prompt + new]))[0]
