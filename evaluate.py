@@ -29,7 +29,7 @@ it has one, else validation). For each task we write a YAML that includes lm-eva
 file and points it at that file (`dataset_path: json`); README.md shows how to mirror the hub.
 
 Multi-host: lm-eval runs in every process on all requests (it sees world_size 1, so it needs no
-torch.distributed); `JulianLM` deals each request list's batches out to the processes (batch i to
+torch.distributed); `JulianLM` deals each request list's units out to the processes (unit i, longest first, to
 process i mod P), evaluates its share on one local device, and all-gathers the answers, so every
 process returns the same results (train.py's --eval_tasks can call it from every host). The
 parameters are gathered to each process whole: fine for replicated parameters, costly for large
@@ -235,11 +235,12 @@ class _Pass:
 
 
 def plan_passes(requests: Sequence[tuple[list[int], list[int]]], max_length: int, row_lengths: Sequence[int],
-                rows_per_pass: Callable[[int], int]) -> list[_Pass]:
-    """Forward passes over packed rows: requests with the same context form units (a context and
-    as many of its continuations as fit the longest row), units go into rows of the shortest
-    length that holds them (first fit, longest unit first), rows of a length into passes. Passes
-    go longest rows first, as lm-eval's `hf` backend orders its batches (memory errors show at once).
+                rows_per_pass: Callable[[int], int], rank: int = 0, world: int = 1) -> list[_Pass]:
+    """Process `rank` of `world`'s forward passes over packed rows: requests with the same context
+    form units (a context and as many of its continuations as fit the longest row); the process
+    takes every world-th unit, longest first; its units go into rows of the shortest length that
+    holds them (first fit, longest unit first), rows of a length into passes. Passes go longest
+    rows first, as lm-eval's `hf` backend orders its batches (memory errors show at once).
 
     A context that would not fit is cut from the left, as the `hf` backend does: the model sees
     the last max_length tokens of context + continuation."""
@@ -264,6 +265,7 @@ def plan_passes(requests: Sequence[tuple[list[int], list[int]]], max_length: int
             length = grown
         units.append(_Unit(context, tuple(chunk), length))
     units.sort(key=lambda u: (-u.length, u.context, u.members))
+    units = units[rank::world]
     rows: list[tuple[int, list[_Unit], list[int]]] = []  # (length, units, [free tokens])
     for unit in units:
         for length, held, free in rows:
@@ -390,16 +392,16 @@ class JulianLM(TemplateLM):
             for start in range(0, len(continuation), step):
                 pieces.append((list(context) + list(continuation[:start]), list(continuation[start: start + step])))
                 owners.append(i)
-        passes = plan_passes(pieces, self.max_length, self.row_lengths, self.rows_per_pass)
         rank, world = jax.process_index(), jax.process_count()
+        passes = plan_passes(pieces, self.max_length, self.row_lengths, self.rows_per_pass, rank, world)
+        sizes = [sum(len(unit.members) for row in packed.rows for unit in row) for packed in passes]
         mine: dict[int, tuple[float, bool]] = {}
-        with tqdm(total=len(pieces), desc="loglikelihood", disable=disable_tqdm or rank != 0) as bar:
-            for number, packed in enumerate(passes):
-                done = sum(len(unit.members) for row in packed.rows for unit in row)
-                if number % world == rank:
-                    mine.update(self._score_pass(packed, pieces))
-                    self.scored_requests += done
-                bar.update(done)
+        # Each process scores its share; process 0's bar shows its own.
+        with tqdm(total=sum(sizes), desc="loglikelihood", disable=disable_tqdm or rank != 0) as bar:
+            for packed, size in zip(passes, sizes):
+                mine.update(self._score_pass(packed, pieces))
+                self.scored_requests += size
+                bar.update(size)
         answers = _gather_from_processes(mine)
         totals = [[0.0, True] for _ in requests]
         for piece, owner in enumerate(owners):
