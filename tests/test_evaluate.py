@@ -295,17 +295,20 @@ def test_a_continuation_longer_than_the_context_is_scored_in_pieces_after_the_te
 
 
 @pytest.mark.slow
-def test_a_second_evaluate_process_loads_its_programs_from_the_cache(tiny_run, tmp_path):
-    # Without the flag, $JAX_COMPILATION_CACHE_DIR names the cache; JAX logs each hit and miss.
-    cache = tmp_path / "cache"
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
+def test_a_second_evaluate_process_loads_its_programs_from_a_gcs_cache(tiny_run, gcs_bucket):
+    # A pod's hosts share one cache in the bucket; JAX logs each hit and miss with these switches.
+    from google.cloud import storage
+
+    env = dict(os.environ, JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
     args = [sys.executable, "evaluate.py", f"--checkpoint={tiny_run}", "--tasks=hellaswag,lambada_openai",
-            f"--data_dir={DATA_DIR}", "--limit=3", "--bootstrap_iters=0", "--dtype=float32"]
+            f"--data_dir={DATA_DIR}", "--limit=3", "--bootstrap_iters=0", "--dtype=float32",
+            f"--compilation_cache_dir=gs://{gcs_bucket}/jax-cache"]
+    bucket = storage.Client.create_anonymous_client().bucket(gcs_bucket)
     runs = []
     for _ in range(2):
         result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        runs.append((result, sorted(p.name for p in cache.iterdir())))
+        runs.append((result, sorted(b.name for b in bucket.list_blobs(prefix="jax-cache/"))))
     (first, written), (second, after) = runs
     assert "PERSISTENT COMPILATION CACHE MISS" in first.stderr and written
     assert "PERSISTENT COMPILATION CACHE MISS" not in second.stderr
