@@ -33,8 +33,7 @@ from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokeniz
 
 FLAGS = flags.FLAGS
 PAD_TO = 64  # prompt and cache lengths are rounded up to this: one compiled shape per bucket
-CHUNK = 8  # tokens decoded per device loop: what streaming shows at once, and at most the steps
-# decoded past a stop string
+CHUNK = 8  # tokens per device loop: what streaming shows at once; at most CHUNK - 1 wasted past a stop string
 CHAT_STOP_IDS = (EOS_ID, IM_END_ID)
 
 
@@ -91,7 +90,7 @@ def _prefill(model: Transformer, prompts: Int[Array, "batch prompt"], lengths: I
 def _decode(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], done: Bool[Array, " batch"],
             key: PRNGKeyArray, first_step: Int[Array, ""], limit: Int[Array, ""], stop_ids: Int[Array, " stops"],
             temperature: float, top_k: int, top_p: float
-            ) -> tuple[Int[Array, "batch chunk"], KVCache, Bool[Array, " batch"]]:
+            ) -> tuple[Int[Array, "batch chunk"], KVCache]:
     """Up to CHUNK tokens per row after `tokens`, decoded in one device loop (no host round trip
     per token; the cache is updated in place): stops after CHUNK or `limit` tokens, or once every
     row is done. Step s samples with fold_in(key, s), counting from `first_step`."""
@@ -105,8 +104,8 @@ def _decode(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], do
 
     out = jnp.full((tokens.shape[0], CHUNK), PAD_ID, jnp.int32)
     keep_going = lambda carry: (carry[0] < jnp.minimum(limit, CHUNK)) & ~jnp.all(carry[3])
-    _, cache, _, done, out = jax.lax.while_loop(keep_going, step, (0, cache, tokens, done, out))
-    return out, cache, done
+    _, cache, _, _, out = jax.lax.while_loop(keep_going, step, (0, cache, tokens, done, out))
+    return out, cache
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -157,7 +156,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         keep(row, token)
     step = 1
     while step < max_new_tokens and not done.all():
-        chunk, cache, _ = _decode(model, cache, tokens, jnp.asarray(done), key, step, max_new_tokens - step,
+        chunk, cache = _decode(model, cache, tokens, jnp.asarray(done), key, step, max_new_tokens - step,
                                   stops, **sampling)
         chunk = np.asarray(chunk)
         n = min(CHUNK, max_new_tokens - step)
