@@ -12,7 +12,7 @@ KV-cache sampler). The tokenization of a (context, continuation) pair is lm-eval
 `hf` backend does on our exported tokenizer, so both see the same tokens.
 
 Speed (in fp32, with the same per-item choices, a random 100m-shaped model scores the 7 report
-tasks 2.2-2.6x faster than lm-eval's `hf` backend on a 2-core CPU: benchmarks/README.md):
+tasks 1.4x faster than lm-eval's `hf` backend on an idle 2-core CPU: benchmarks/README.md):
   * Requests that share their context (the choices of a multiple-choice item) form a unit: one
     row holds the context once, then each continuation, each seeing the context and itself only
     (an explicit attention mask; positions restart after the context for every continuation).
