@@ -31,6 +31,11 @@ from absl import logging
 
 from model import ModelConfig, Transformer
 
+DEFAULT_COMPILATION_CACHE = "~/.cache/julian/jax"
+COMPILATION_CACHE_HELP = (
+    "JAX's persistent compilation cache (local or gs://, so a pod's hosts share it): a relaunch loads "
+    "its compiled programs instead of compiling them. Default: $JAX_COMPILATION_CACHE_DIR if set, "
+    f"else {DEFAULT_COMPILATION_CACHE}; '' turns it off. The flag, when given, wins over the variable.")
 # ModelConfig fields that change how the model runs, not what its weights mean.
 EXECUTION_FIELDS = ("dtype", "scan_layers", "remat", "attention", "dropout")
 
@@ -40,6 +45,26 @@ def quiet_logging(verbosity_flag_given: bool) -> None:
     own lines unless the user asked for a --verbosity."""
     if not verbosity_flag_given:
         logging.set_verbosity(logging.WARNING)
+
+
+def use_compilation_cache(directory: str | None) -> str | None:
+    """Turn on JAX's persistent compilation cache in `directory` (None: $JAX_COMPILATION_CACHE_DIR,
+    else DEFAULT_COMPILATION_CACHE; "": off) before anything compiles; returns the directory used.
+
+    Every program is cached, however fast it compiled (JAX's default skips those under a second,
+    yet evaluation compiles several such programs per run), unless
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise."""
+    if directory is None:
+        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_COMPILATION_CACHE
+    if not directory:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    directory = directory if "://" in directory else os.path.abspath(os.path.expanduser(directory))
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return directory
 
 
 def _path(directory: str) -> str:

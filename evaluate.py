@@ -12,12 +12,16 @@ KV-cache sampler). The tokenization of a (context, continuation) pair is lm-eval
 (`TemplateLM`: <s> + context, continuation = the rest of the encoded whole), which is what its
 `hf` backend does on our exported tokenizer, so both see the same tokens.
 
-Speed:
-  * Requests that share their context (the choices of a multiple-choice item) form a group. A
-    batch runs each group's context once into a KV cache, then every continuation of the group
-    against that cache: the context is encoded once, not once per choice.
-  * Groups go longest first and lengths are padded up to a few bucket lengths, rows up to the
-    batch size, so only a handful of shapes ever compile.
+Speed (in fp32, with the same per-item choices, a random 100m-shaped model scores the 7 report
+tasks 1.4x faster than lm-eval's `hf` backend on an idle 2-core CPU: benchmarks/README.md):
+  * Requests that share their context (the choices of a multiple-choice item) form a unit: one
+    row holds the context once, then each continuation, each seeing the context and itself only
+    (an explicit attention mask; positions restart after the context for every continuation).
+  * Units are packed first-fit into rows of a few fixed lengths (ROW_LENGTHS), so padding is a
+    row's unused tail and only a handful of programs ever compile (JAX's persistent compilation
+    cache keeps them across runs).
+  * Only the positions that predict a continuation token go through the vocabulary-sized head and
+    its log-normaliser, not every position of the row.
   * bf16 matmuls by default (`--dtype=float32` for exact comparisons); log-softmax in fp32.
 
 Offline (`--data_dir=DIR`): DIR holds one JSONL per task, named after it (`hellaswag.jsonl`...),
@@ -26,7 +30,7 @@ it has one, else validation). For each task we write a YAML that includes lm-eva
 file and points it at that file (`dataset_path: json`); README.md shows how to mirror the hub.
 
 Multi-host: lm-eval runs in every process on all requests (it sees world_size 1, so it needs no
-torch.distributed); `JulianLM` deals each request list's batches out to the processes (batch i to
+torch.distributed); `JulianLM` deals each request list's units out to the processes (unit i, longest first, to
 process i mod P), evaluates its share on one local device, and all-gathers the answers, so every
 process returns the same results (train.py's --eval_tasks can call it from every host). The
 parameters are gathered to each process whole: fine for replicated parameters, costly for large
@@ -68,7 +72,7 @@ import cli
 import storage
 import stream
 import generate
-from model import KVCache, Transformer, init_cache
+from model import Transformer
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
 
 FLAGS = flags.FLAGS
@@ -115,7 +119,7 @@ FRENCH_BASELINES = {
     "XGLM-564M": {"xnli_fr": 45.49, "paws_fr": 50.80, "xwinograd_fr": 57.83},
     "BLOOM-1b1": {"xnli_fr": 47.15, "paws_fr": 46.15, "xwinograd_fr": 66.27},
 }
-BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+ROW_LENGTHS = (256, 512, 1024, 2048)  # packed rows for scoring: one compiled body per length
 
 
 def define_flags() -> None:
@@ -132,6 +136,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation/matmul dtype.")
     flags.DEFINE_integer("bootstrap_iters", 1000, "lm-eval's bootstrap iterations for standard "
                          "errors (0: none).")
+    flags.DEFINE_string("compilation_cache_dir", None, checkpoint.COMPILATION_CACHE_HELP)
     flags.DEFINE_string("output", None, "Write lm-eval's results dict (keyed by task) here as JSON.")
     flags.DEFINE_list("ppl_data", [], "Instead of tasks: loss, perplexity and bits per byte of text "
                       "files (one document per line), per language: [lang=]path; without 'lang=', "
@@ -219,25 +224,42 @@ def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: 
 
 
 # --------------------------------------------------------------------------------------------
-# Scoring on the KV cache.
+# Scoring packed rows.
 
 
-@functools.partial(jax.jit, static_argnames=("size",))
-def _score(model: Transformer, contexts: Int[Array, "groups context"], context_lengths: Int[Array, " groups"],
-           rows: Int[Array, " batch"], inputs: Int[Array, "batch continuation"],
-           targets: Int[Array, "batch continuation"], size: int
-           ) -> tuple[Float[Array, "batch continuation"], Bool[Array, "batch continuation"]]:
-    """Log-probabilities of `targets` (and whether each is the argmax) for continuation rows that
-    start after the context `rows[r]`; `inputs` is that context's last token and the targets
-    but the last."""
-    _, cache = model.extend(contexts, init_cache(model.config, contexts.shape[0], size), context_lengths)
-    cache = KVCache(cache.k[:, rows], cache.v[:, rows], cache.lengths[rows])
-    hidden, _ = model.extend(inputs, cache)
-    logits = model.head(hidden)
-    # Only the targets' log-probabilities are wanted: the normaliser alone spares writing a
-    # batch x continuation x vocabulary array of them.
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
-    return picked, jnp.argmax(logits, axis=-1) == targets
+def _packed_hidden(model: Transformer, tokens: Int[Array, "rows length"], positions: Int[Array, "rows length"],
+                   units: Int[Array, "rows length"], branches: Int[Array, "rows length"]
+                   ) -> Float[Array, "rows length d_model"]:
+    """Final-norm hidden states of rows packed with units: a context (branch 0) followed by its
+    continuations (branches 1, 2, ...), each continuation numbered on from the context's end.
+    A token sees the earlier tokens of its own unit that are context or of its own branch.
+
+    Written here on model.py's blocks, not with `Transformer.hidden`: segment ids cannot say
+    "continuations branch from a shared context", an explicit mask can."""
+    config = model.config
+    same_unit = units[:, :, None] == units[:, None, :]
+    earlier = positions[:, None, :] <= positions[:, :, None]
+    branch_k, branch_q = branches[:, None, :], branches[:, :, None]
+    mask = same_unit & earlier & ((branch_k == 0) | (branch_k == branch_q))
+    params, static = eqx.partition(model.blocks, eqx.is_array)
+    x = model.embed.astype(config.dtype)[tokens]
+    x, _ = jax.lax.scan(lambda x, p: (eqx.combine(p, static)(x, mask, positions, config, None), None), x, params)
+    return model.final_norm(x, config.dtype)
+
+
+def _target_scores(model: Transformer, hidden: Float[Array, "rows length d_model"], index: Int[Array, " targets"],
+                   targets: Int[Array, " targets"]) -> tuple[Float[Array, " targets"], Bool[Array, " targets"]]:
+    """log p(target) and whether it is the argmax, at the flat row positions `index`: only
+    those positions go through the vocabulary-sized head and its log-normaliser."""
+    picked = hidden.reshape(-1, hidden.shape[-1])[index]
+    logits = model.head(picked[None])[0]
+    target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
+
+
+# Two programs, not one: the body compiles once per row shape, the cheap head once per target count.
+_packed_hidden_jit = jax.jit(_packed_hidden)
+_target_scores_jit = jax.jit(_target_scores)
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:
@@ -248,22 +270,31 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Group:
+class _Unit:
     context: tuple[int, ...]  # what the continuations follow, truncated to the model's context
-    members: tuple[int, ...]  # indices of the requests
+    members: tuple[int, ...]  # indices of the requests whose continuations follow it
+    length: int  # tokens in a row: the context, then each continuation but its last token
 
 
-def plan_batches(requests: Sequence[tuple[list[int], list[int]]], max_length: int, batch_size: int,
-                 buckets: Sequence[int] = BUCKETS) -> list[list[_Group]]:
-    """Batches of at most batch_size requests, requests with the same context grouped, longest
-    first (as lm-eval's `hf` backend orders them: memory errors show at once). A context that
-    would not fit is cut from the left, as the `hf` backend does: the model sees the last
-    max_length tokens of context + continuation.
+@dataclasses.dataclass
+class _Pass:
+    """One forward pass: `n_rows` rows of `length` tokens, the first ones holding `rows` (units each)."""
+    length: int
+    rows: list[list[_Unit]]
+    n_rows: int
 
-    Longest means the context's bucket, then the longest continuation: a batch is padded to the
-    bucket of its longest context and to its longest continuation (every continuation row is),
-    so within a context bucket, exact context length matters less than continuation length
-    (hellaswag, 100 items: a quarter fewer padded tokens than ordering by context length)."""
+
+def plan_passes(requests: Sequence[tuple[list[int], list[int]]], max_length: int, row_lengths: Sequence[int],
+                rows_per_pass: Callable[[int], int], rank: int = 0, world: int = 1) -> list[_Pass]:
+    """Process `rank` of `world`'s forward passes over packed rows: requests with the same context
+    form units (a context and as many of its continuations as fit the longest row); the process
+    takes every world-th unit, longest first; its units go into rows of the shortest length that
+    holds them (first fit, longest unit first), rows of a length into passes. Passes go longest
+    rows first, as lm-eval's `hf` backend orders its batches (memory errors show at once).
+
+    A context that would not fit is cut from the left, as the `hf` backend does: the model sees
+    the last max_length tokens of context + continuation."""
+    longest_row = max(row_lengths)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (context, continuation) in enumerate(requests):
         if not context or not continuation or len(continuation) > max_length:
@@ -272,23 +303,38 @@ def plan_batches(requests: Sequence[tuple[list[int], list[int]]], max_length: in
                              f"{max_length}")
         whole = (context + continuation)[-(max_length + 1):]
         groups.setdefault(tuple(whole[: len(whole) - len(continuation)]), []).append(i)
-    longest_continuation = {c: max(len(requests[i][1]) for i in m) for c, m in groups.items()}
-    order = sorted(groups, key=lambda c: (-_bucket(len(c) - 1, buckets), -longest_continuation[c], -len(c), c))
-    batches: list[list[_Group]] = []
-    current: list[_Group] = []
-    used = 0
-    for context in order:
-        members = groups[context]
-        for start in range(0, len(members), batch_size):
-            chunk = tuple(members[start: start + batch_size])
-            if used + len(chunk) > batch_size:
-                batches.append(current)
-                current, used = [], 0
-            current.append(_Group(context, chunk))
-            used += len(chunk)
-    if current:
-        batches.append(current)
-    return batches
+    units = []
+    for context, members in groups.items():
+        chunk, length = [], len(context)
+        for i in sorted(members, key=lambda i: -len(requests[i][1])):
+            grown = length + len(requests[i][1]) - 1
+            if chunk and grown > longest_row:
+                units.append(_Unit(context, tuple(chunk), length))
+                chunk, grown = [], len(context) + len(requests[i][1]) - 1
+            chunk.append(i)
+            length = grown
+        units.append(_Unit(context, tuple(chunk), length))
+    units.sort(key=lambda u: (-u.length, u.context, u.members))
+    units = units[rank::world]
+    rows: list[tuple[int, list[_Unit], list[int]]] = []  # (length, units, [free tokens])
+    for unit in units:
+        for length, held, free in rows:
+            if free[0] >= unit.length:
+                held.append(unit)
+                free[0] -= unit.length
+                break
+        else:
+            length = _bucket(unit.length, row_lengths)
+            rows.append((length, [unit], [length - unit.length]))
+    passes = []
+    for length in sorted({length for length, _, _ in rows}, reverse=True):
+        same = [held for row_length, held, _ in rows if row_length == length]
+        per_pass = rows_per_pass(length)
+        for start in range(0, len(same), per_pass):
+            held = same[start: start + per_pass]
+            # A last, partial pass gets the next power of two of rows, not a full pass of padding.
+            passes.append(_Pass(length, held, min(per_pass, 1 << (len(held) - 1).bit_length())))
+    return passes
 
 
 def _gather_from_processes(mine: dict) -> dict:
@@ -336,7 +382,7 @@ class JulianLM(TemplateLM):
 
     def __init__(self, model: Transformer | None = None, tokenizer: Tokenizer | None = None,
                  checkpoint: str | None = None, batch_size: int | str = 16, dtype: str = "bfloat16",
-                 buckets: Sequence[int] = BUCKETS, max_gen_toks: int = 256,
+                 row_lengths: Sequence[int] = ROW_LENGTHS, max_gen_toks: int = 256,
                  max_batch_size: int | None = None, device: str | None = None):
         del max_batch_size, device  # lm-eval passes them to every model; JAX places arrays itself
         super().__init__()
@@ -348,7 +394,8 @@ class JulianLM(TemplateLM):
         self.model = for_inference(_local_copy(model), dtype)
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
-        self.buckets = tuple(sorted(buckets))
+        # Any single request fits a row of the model's context.
+        self.row_lengths = tuple(sorted(set(row_lengths) | {self.max_length}))
         self.max_gen_toks = max_gen_toks
         self.scored_requests = 0  # by this process: the others score their own share
 
@@ -395,15 +442,16 @@ class JulianLM(TemplateLM):
             for start in range(0, len(continuation), step):
                 pieces.append((list(context) + list(continuation[:start]), list(continuation[start: start + step])))
                 owners.append(i)
-        batches = plan_batches(pieces, self.max_length, self.batch_size, self.buckets)
         rank, world = jax.process_index(), jax.process_count()
+        passes = plan_passes(pieces, self.max_length, self.row_lengths, self.rows_per_pass, rank, world)
+        sizes = [sum(len(unit.members) for row in packed.rows for unit in row) for packed in passes]
         mine: dict[int, tuple[float, bool]] = {}
-        with tqdm(total=len(pieces), desc="loglikelihood", disable=disable_tqdm or rank != 0) as bar:
-            for number, batch in enumerate(batches):
-                if number % world == rank:
-                    mine.update(self._score_batch(batch, pieces))
-                    self.scored_requests += sum(len(g.members) for g in batch)
-                bar.update(sum(len(g.members) for g in batch))
+        # Each process scores its share; process 0's bar shows its own.
+        with tqdm(total=sum(sizes), desc="loglikelihood", disable=disable_tqdm or rank != 0) as bar:
+            for packed, size in zip(passes, sizes):
+                mine.update(self._score_pass(packed, pieces))
+                self.scored_requests += size
+                bar.update(size)
         answers = _gather_from_processes(mine)
         totals = [[0.0, True] for _ in requests]
         for piece, owner in enumerate(owners):
@@ -412,34 +460,51 @@ class JulianLM(TemplateLM):
             totals[owner][1] &= greedy
         return [(logprob, greedy) for logprob, greedy in totals]
 
-    def _score_batch(self, batch: list[_Group], requests) -> dict[int, tuple[float, bool]]:
-        # The context's last token is fed with the continuation: its output predicts the
-        # continuation's first token, so only the continuation rows need the vocabulary.
-        groups_width = min(1 << (len(batch) - 1).bit_length(), self.batch_size)
-        context_width = _bucket(max(len(g.context) - 1 for g in batch), self.buckets)
-        continuations = [(row, i) for row, group in enumerate(batch) for i in group.members]
-        width = _bucket(max(len(requests[i][1]) for _, i in continuations), self.buckets)
-        contexts = np.full((groups_width, context_width), PAD_ID, np.int32)
-        context_lengths = np.zeros(groups_width, np.int32)
-        for row, group in enumerate(batch):
-            contexts[row, : len(group.context) - 1] = group.context[:-1]
-            context_lengths[row] = len(group.context) - 1
-        rows = np.zeros(self.batch_size, np.int32)
-        inputs = np.full((self.batch_size, width), PAD_ID, np.int32)
-        targets = np.full((self.batch_size, width), PAD_ID, np.int32)
-        for r, (row, i) in enumerate(continuations):
-            continuation = requests[i][1]
-            rows[r] = row
-            inputs[r, : len(continuation)] = [batch[row].context[-1], *continuation[:-1]]
-            targets[r, : len(continuation)] = continuation
-        picked, greedy = _score(self.model, contexts, context_lengths, rows, inputs, targets,
-                                size=context_width + width)
-        picked, greedy = np.asarray(picked, np.float64), np.asarray(greedy)
-        out = {}
-        for r, (_, i) in enumerate(continuations):
-            n = len(requests[i][1])
-            out[i] = (float(picked[r, :n].sum()), bool(greedy[r, :n].all()))
-        return out
+    def rows_per_pass(self, length: int) -> int:
+        """Every pass holds about batch_size rows of the shortest length's tokens."""
+        return max(1, self.batch_size * self.row_lengths[0] // length)
+
+    def _score_pass(self, packed: _Pass, requests) -> dict[int, tuple[float, bool]]:
+        n_rows, length = packed.n_rows, packed.length
+        tokens = np.full((n_rows, length), PAD_ID, np.int32)
+        positions = np.zeros((n_rows, length), np.int32)
+        units = np.full((n_rows, length), -1, np.int32)
+        branches = np.zeros((n_rows, length), np.int32)
+        index, targets, owners = [], [], []
+        for r, row in enumerate(packed.rows):
+            at = 0
+            for u, unit in enumerate(row):
+                context = unit.context
+                end = at + len(context)
+                tokens[r, at: end] = context
+                positions[r, at: end] = np.arange(len(context))
+                units[r, at: end] = u
+                last = r * length + end - 1  # the context's last token predicts each first token
+                for b, i in enumerate(unit.members, start=1):
+                    continuation = requests[i][1]
+                    n = len(continuation) - 1
+                    tokens[r, end: end + n] = continuation[:-1]
+                    positions[r, end: end + n] = np.arange(len(context), len(context) + n)
+                    units[r, end: end + n] = u
+                    branches[r, end: end + n] = b
+                    index += [last, *range(r * length + end, r * length + end + n)]
+                    targets += continuation
+                    owners += [i] * len(continuation)
+                    end += n
+                at = end
+        width = _bucket(len(index), [1 << k for k in range(6, 32)])
+        index += [0] * (width - len(index))
+        targets += [PAD_ID] * (width - len(targets))
+        hidden = _packed_hidden_jit(self.model, tokens, positions, units, branches)
+        logprobs, greedy = _target_scores_jit(self.model, hidden, np.asarray(index, np.int32),
+                                              np.asarray(targets, np.int32))
+        logprobs = np.asarray(logprobs, np.float64)[: len(owners)]
+        greedy = np.asarray(greedy)[: len(owners)]
+        requests_here, which = np.unique(np.asarray(owners), return_inverse=True)
+        sums, all_greedy = np.zeros(len(requests_here)), np.ones(len(requests_here), bool)
+        np.add.at(sums, which, logprobs)
+        np.logical_and.at(all_greedy, which, greedy)
+        return {int(i): (float(total), bool(g)) for i, total, g in zip(requests_here, sums, all_greedy)}
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         totals = self.rolling([req.args[0] for req in requests], disable_tqdm)
@@ -643,6 +708,7 @@ def _write_json(path: str, content: dict) -> None:
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
     # lm-eval bootstraps standard errors in forked workers; forking a process that runs JAX's
     # threads can deadlock, so it bootstraps in process.
     os.environ.setdefault("DISABLE_MULTIPROC", "1")

@@ -5,8 +5,9 @@
     python generate.py --checkpoint=runs/sft --chat                         # a conversation (REPL)
 
 Decoding runs on the model's KV cache (model.py): one jitted prefill of the right-padded batch
-of prompts, then one jitted step per token, every shape static (prompts are padded to a multiple
-of PAD_TO tokens, so a handful of shapes serves every prompt). Greedy at --temperature=0, else
+of prompts, then a jitted device loop that decodes CHUNK tokens per call, updating the cache in
+place (one host round trip per chunk, not per token), every shape static (prompts are padded to a
+multiple of PAD_TO tokens, so a handful of shapes serves every prompt). Greedy at --temperature=0, else
 temperature with optional top-k and top-p. A row ends at a stop id (</s>; in chat also
 <|im_end|>) or once its text contains a stop string, where it is cut.
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import checkpoint
 import cli
@@ -33,6 +34,7 @@ from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokeniz
 
 FLAGS = flags.FLAGS
 PAD_TO = 64  # prompt and cache lengths are rounded up to this: one compiled shape per bucket
+CHUNK = 8  # tokens per device loop: what streaming shows at once; at most CHUNK - 1 wasted past a stop string
 CHAT_STOP_IDS = (EOS_ID, IM_END_ID)
 
 
@@ -50,6 +52,7 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose probability reaches p.")
     flags.DEFINE_multi_string("stop", [], "Also stop a row where its text contains this string (repeatable).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_string("compilation_cache_dir", None, checkpoint.COMPILATION_CACHE_HELP)
     flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Compute dtype for sampling.")
 
 
@@ -85,10 +88,25 @@ def _prefill(model: Transformer, prompts: Int[Array, "batch prompt"], lengths: I
 
 
 @functools.partial(jax.jit, static_argnames=SAMPLING, donate_argnames=("cache",))
-def _step(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], key: PRNGKeyArray,
-          temperature: float, top_k: int, top_p: float) -> tuple[Int[Array, " batch"], KVCache]:
-    hidden, cache = model.extend(tokens[:, None], cache)
-    return sample_logits(model.head(hidden)[:, 0], key, temperature, top_k, top_p), cache
+def _decode(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], done: Bool[Array, " batch"],
+            key: PRNGKeyArray, first_step: Int[Array, ""], limit: Int[Array, ""], stop_ids: Int[Array, " stops"],
+            temperature: float, top_k: int, top_p: float
+            ) -> tuple[Int[Array, "batch chunk"], KVCache]:
+    """Up to CHUNK tokens per row after `tokens`, decoded in one device loop (no host round trip
+    per token; the cache is updated in place): stops after CHUNK or `limit` tokens, or once every
+    row is done. Step s samples with fold_in(key, s), counting from `first_step`."""
+
+    def step(carry):
+        i, cache, tokens, done, out = carry
+        hidden, cache = model.extend(tokens[:, None], cache)
+        tokens = sample_logits(model.head(hidden)[:, 0], jax.random.fold_in(key, first_step + i),
+                               temperature, top_k, top_p)
+        return i + 1, cache, tokens, done | jnp.isin(tokens, stop_ids), out.at[:, i].set(tokens)
+
+    out = jnp.full((tokens.shape[0], CHUNK), PAD_ID, jnp.int32)
+    keep_going = lambda carry: (carry[0] < jnp.minimum(limit, CHUNK)) & ~jnp.all(carry[3])
+    _, cache, _, _, out = jax.lax.while_loop(keep_going, step, (0, cache, tokens, done, out))
+    return out, cache
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -118,26 +136,36 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
-    cache = None
-    for step in range(max_new_tokens):
-        step_key = jax.random.fold_in(key, step)
-        if cache is None:
-            tokens, cache = _prefill(model, jnp.asarray(buffer), lengths, step_key, size=size, **sampling)
-        else:
-            tokens, cache = _step(model, cache, tokens, step_key, **sampling)
-        for row, token in enumerate(np.asarray(tokens).tolist()):
-            if done[row]:
-                continue
-            if token in stop_ids:
-                done[row] = True
-                continue
-            out[row].append(token)
-            if on_token is not None:
-                on_token(row, token)
-            if stop is not None and stop(row, out[row]):
-                done[row] = True
-        if done.all():
-            break
+    stops = jnp.asarray(stop_ids or (-1,), jnp.int32)
+
+    def keep(row: int, token: int) -> None:
+        if done[row]:
+            return
+        if token in stop_ids:
+            done[row] = True
+            return
+        out[row].append(token)
+        if on_token is not None:
+            on_token(row, token)
+        if stop is not None and stop(row, out[row]):
+            done[row] = True
+
+    if max_new_tokens <= 0:
+        return out
+    tokens, cache = _prefill(model, jnp.asarray(buffer), lengths, jax.random.fold_in(key, 0), size=size, **sampling)
+    for row, token in enumerate(np.asarray(tokens).tolist()):
+        keep(row, token)
+    step = 1
+    while step < max_new_tokens and not done.all():
+        chunk, cache = _decode(model, cache, tokens, jnp.asarray(done), key, step, max_new_tokens - step,
+                                  stops, **sampling)
+        chunk = np.asarray(chunk)
+        n = min(CHUNK, max_new_tokens - step)
+        for i in range(n):
+            for row in range(len(prompts)):
+                keep(row, int(chunk[row, i]))
+        step += n
+        tokens = jnp.asarray(chunk[:, n - 1])
     return out
 
 
@@ -245,6 +273,7 @@ def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
     if not FLAGS.checkpoint:
         raise cli.UsageError("--checkpoint is required: a train.py --output_dir")
     if not FLAGS.prompt and not FLAGS.chat:

@@ -430,6 +430,7 @@ def init_model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[Mo
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.dry_run and FLAGS.hardware:  # as train.py: the named pod's chips, faked on a CPU
         jax.config.update("jax_num_cpu_devices", budget.HARDWARE[FLAGS.hardware].chips)
     try:

@@ -118,6 +118,7 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", "runs/default",
                         "Checkpoints (local or gs://). Started again with the same directory, "
                         "training resumes from its newest complete checkpoint.")
+    flags.DEFINE_string("compilation_cache_dir", None, checkpoint.COMPILATION_CACHE_HELP)
     flags.DEFINE_integer("checkpoint_every", 10_000, "Steps between (asynchronous) checkpoints.")
     flags.DEFINE_integer("keep", 3, "Most recent checkpoints to keep.")
     flags.DEFINE_integer("keep_every", 0, "Also keep every checkpoint whose step is a multiple of this (0: none).")
@@ -586,6 +587,7 @@ def open_data(spec: str, split: str, tokenizer: Tokenizer, model_config: ModelCo
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.dry_run and FLAGS.hardware:
         # On a CPU, fake the named pod's chips so the batch splits and memory is per chip.
         jax.config.update("jax_num_cpu_devices", HARDWARE[FLAGS.hardware].chips)

@@ -1,71 +1,95 @@
-"""Evaluation and generation speed: julian against lm-eval's `hf` backend and HF `generate`.
+"""Evaluation speed: evaluate.py against lm-eval's `hf` backend, end to end, cold and warm.
 
-    python benchmarks/eval_speed.py                                   # hellaswag, bundled 40 items
-    python benchmarks/eval_speed.py --tasks=hellaswag,piqa,boolq --data_dir=DIR --limit=200
-    python benchmarks/eval_speed.py --tasks=french --model=tiny --new_tokens=0   # evaluate.py's French preset
+    python benchmarks/eval_speed.py                                    # 7 report tasks, bundled 40 items each
+    python benchmarks/eval_speed.py --data_dir=../shared/data/eval --skip=100 --limit=100
+    python benchmarks/eval_speed.py --tasks=hellaswag,piqa --dtypes=float32
+    python benchmarks/eval_speed.py --tasks=french --model=tiny           # the French preset, tiny model's shape
 
-A randomly initialised model of about 90M parameters (d_model 640, 12 layers, vocabulary 8,192: a
-SentencePiece model trained on the bundled sample) is exported with convert.py; lm-eval runs the
-same offline tasks through its `hf` backend (transformers, torch, fp32, the given batch size) and
-through ours (bf16 and fp32), end to end from a loaded model (task loading, tokenization and, for
-us, compilation: the "cold" column; "warm" reruns the same, with our programs compiled). Then greedy generation of
---new_tokens tokens for a batch of prompts: generate.generate (KV cache) against
-`transformers` `generate` (its KV cache), fp32. `--model=tiny` times configs/tiny.flags' shape
-(vocabulary 4,096) instead. Without --data_dir, tasks read samples/eval/, XWinograd-fr's real
-items (samples/eval_fr/) and, for the other French tasks, records built in each task's schema
-from French prose (tests/french_records.py): their timing is real, their scores mean nothing. Timings are for this machine's CPU and are
-skewed by anything else running on it: check `uptime`.
+A random 100m-shaped model (d_model 640, 12 layers, 10 heads, d_ff 2560) with a 2,000-token
+SentencePiece vocabulary trained on the bundled text is saved as a julian checkpoint and exported
+with convert.py. Each run is a fresh process (imports, model load, task loading, scoring), so the
+figures are what a user waits for:
+  * lm-eval's `hf` backend (transformers, torch, fp32), twice: "warm" is the second process;
+  * julian (`evaluate.JulianLM`) per --dtypes, with an empty compilation cache ("cold"), then again
+    with the cache the first run filled ("warm": programs loaded, not compiled).
+Every process logs its per-item choices; a julian fp32 run that picks a different choice than the
+`hf` backend on any item is reported in the table. Data files are `<task>.jsonl`, or the one
+`<task>_*.jsonl` (the shared folder's names); --skip and --limit take a slice of their lines.
+The machine's other load skews everything: the runs are interleaved, compare rows of one table.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-
-import convert  # noqa: E402
-import evaluate  # noqa: E402
-import generate  # noqa: E402
-from model import ModelConfig, Transformer, num_params  # noqa: E402
-from tokenizer import BOS_ID, Tokenizer, train_tokenizer  # noqa: E402
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from absl import app, flags, logging  # noqa: E402
+
+from model import ModelConfig  # noqa: E402
+
 FLAGS = flags.FLAGS
+MODELS = {"100m": ModelConfig(vocab_size=2000, d_model=640, n_layers=12, n_heads=10, d_ff=2560, max_seq_len=2048),
+          "tiny": ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512, max_seq_len=128)}
+CHILD = """
+import json, os, sys, time
+sys.path.insert(0, {repo!r})
+import checkpoint, evaluate
+backend, dtype, model_dir, data_dir, cache, out = sys.argv[1:7]
+tasks = sys.argv[7].split(",")
+if backend == "hf":
+    from lm_eval.models.huggingface import HFLM
+    lm = HFLM(pretrained=model_dir, dtype="float32", batch_size={batch}, device="cpu")
+else:
+    checkpoint.use_compilation_cache(cache)
+    lm = evaluate.JulianLM(checkpoint=model_dir, dtype=dtype, batch_size={batch})
+start = time.perf_counter()
+output = evaluate.evaluate_with(lm, tasks, data_dir, log_samples=True)
+choices = {{task: [max(range(len(s["resps"])), key=lambda c: s["resps"][c][0][0])
+                  for s in sorted(samples, key=lambda s: s["doc_id"])]
+           for task, samples in output["samples"].items()}}
+requests = sum(len(s["arguments"]) for samples in output["samples"].values() for s in samples)
+with open(out, "w") as f:
+    json.dump({{"choices": choices, "requests": requests, "scoring_s": time.perf_counter() - start}}, f)
+"""
+
+
 def define_flags() -> None:
-    flags.DEFINE_list("tasks", ["hellaswag"], "lm-eval tasks or evaluate.py presets (report, french, all) to time.")
-    flags.DEFINE_string("data_dir", None, "Offline task data (evaluate.py --data_dir). Default: the bundled "
-                        "samples, and --french_records records per French task that has none.")
-    flags.DEFINE_integer("french_records", 40, "Default data: records built per French task without real items.")
-    flags.DEFINE_enum("model", "90m", ["90m", "tiny"], "Model shape: about 90M parameters, or configs/tiny.flags'.")
-    flags.DEFINE_integer("limit", None, "Items per task (default: all in data_dir).")
-    flags.DEFINE_integer("batch_size", 16, "Requests per forward pass, both backends.")
-    flags.DEFINE_integer("new_tokens", 128, "Generation: new tokens per prompt (0: no generation timing).")
-    flags.DEFINE_integer("prompts", 4, "Generation: batch of prompts.")
+    flags.DEFINE_list("tasks", ["report"], "lm-eval tasks or evaluate.py presets (report: the 7 report "
+                      "tasks; french; all) to time.")
+    flags.DEFINE_string("data_dir", None, "Offline task data: <task>.jsonl or <task>_*.jsonl per task. Default: "
+                        "samples/eval and samples/eval_fr, plus --french_records records built in the schema of "
+                        "each French task that has no bundled items (real timing, meaningless scores).")
+    flags.DEFINE_integer("french_records", 40, "Default data: records per French task without bundled items.")
+    flags.DEFINE_enum("model", "100m", list(MODELS), "Model shape: 100m (vocabulary 2,000) or configs/tiny.flags'.")
+    flags.DEFINE_integer("skip", 0, "Skip this many items of each task file.")
+    flags.DEFINE_integer("limit", None, "Then take this many items per task (default: all).")
+    flags.DEFINE_integer("batch_size", 16, "Both backends' --batch_size.")
+    flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "julian dtypes to time.")
+    flags.DEFINE_string("baseline_repo", None, "Also time julian (fp32) from this checkout, e.g. a worktree "
+                        "of an older commit, to measure a change side by side.")
 
 
-CONFIGS = {"90m": ModelConfig(vocab_size=8192, d_model=640, n_layers=12, n_heads=10, d_ff=2560, max_seq_len=2048),
-           "tiny": ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512, max_seq_len=128)}
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-def _requests(output: dict) -> int:
-    return sum(len(s["arguments"]) for samples in output["samples"].values() for s in samples)
+def _slice_data(tasks, data_dir, skip, limit, out_dir) -> None:
+    for task in tasks:
+        found = [os.path.join(data_dir, f"{task}.jsonl")]
+        if not os.path.isfile(found[0]):
+            found = sorted(glob.glob(os.path.join(data_dir, f"{task}_*.jsonl")))
+        if len(found) != 1:
+            raise FileNotFoundError(f"--data_dir {data_dir!r}: expected {task}.jsonl or one {task}_*.jsonl")
+        with open(found[0]) as f:
+            lines = f.readlines()[skip:]
+        with open(os.path.join(out_dir, f"{task}.jsonl"), "w") as f:
+            f.writelines(lines[:limit])
 
 
 def _bundled_data(directory: str, per_task: int) -> str:
@@ -79,67 +103,86 @@ def _bundled_data(directory: str, per_task: int) -> str:
     return directory
 
 
+def _model(work: str, config) -> tuple[str, str, int]:
+    """(julian checkpoint, HF folder, parameter count) of a random model of `config`'s shape."""
+    import jax
+
+    import checkpoint
+    import convert
+    from model import Transformer, num_params
+    from tokenizer import Tokenizer, train_tokenizer
+
+    texts = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
+    tokenizer = Tokenizer.load(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=config.vocab_size))
+    model = Transformer(config, jax.random.key(0))
+    checkpoint.save(os.path.join(work, "julian"), 0, model, tokenizer.model_bytes)
+    convert.export_hf(model, tokenizer, os.path.join(work, "hf"))
+    return os.path.join(work, "julian"), os.path.join(work, "hf"), num_params(config)
+
+
+def _run(backend, dtype, model_dir, data_dir, cache, work, name, repo=REPO) -> dict:
+    out = os.path.join(work, f"{name}.json")
+    script = CHILD.format(repo=repo, batch=FLAGS.batch_size)
+    start, cpu = time.perf_counter(), _children_cpu()
+    subprocess.run([sys.executable, "-c", script, backend, dtype, model_dir, data_dir, cache, out,
+                    ",".join(FLAGS.tasks)], check=True, stdout=subprocess.DEVNULL)
+    seconds, cpu = time.perf_counter() - start, _children_cpu() - cpu
+    with open(out) as f:
+        result = json.load(f)
+    print(f"{name}: {seconds:.1f} s (scoring {result['scoring_s']:.1f} s), {cpu:.1f} CPU s, load "
+          f"{os.getloadavg()[0]:.1f}", file=sys.stderr)
+    return {**result, "seconds": seconds, "cpu": cpu}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     work = tempfile.mkdtemp(prefix="eval_speed_")
-    texts = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
-    config = CONFIGS[FLAGS.model]
-    tokenizer = Tokenizer.load(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=config.vocab_size))
-    model = Transformer(config, jax.random.key(0))
-    hf_dir = os.path.join(work, "hf")
-    convert.export_hf(model, tokenizer, hf_dir)
-    print(f"model: {num_params(config):,} parameters; tasks {','.join(FLAGS.tasks)}; batch {FLAGS.batch_size}; "
-          f"torch threads {torch.get_num_threads()}; load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    from evaluate import expand_tasks
 
-    data_dir = FLAGS.data_dir or _bundled_data(os.path.join(work, "data"), FLAGS.french_records)
-    run = lambda lm: evaluate.evaluate_with(lm, FLAGS.tasks, data_dir, FLAGS.limit, log_samples=True)
-    hf_lm = HFLM(pretrained=hf_dir, dtype="float32", batch_size=FLAGS.batch_size, device="cpu")
-    hf_out, hf_cold = _timed(lambda: run(hf_lm))
-    _, hf_warm = _timed(lambda: run(hf_lm))
-    n = _requests(hf_out)
-    rows = [("lm-eval hf backend, fp32", n / hf_cold, n / hf_warm)]
-    for dtype in ("bfloat16", "float32"):
-        lm = evaluate.JulianLM(model, tokenizer, batch_size=FLAGS.batch_size, dtype=dtype)
-        _, cold = _timed(lambda: run(lm))
-        _, warm = _timed(lambda: run(lm))
-        rows.append((f"julian, {dtype}", n / cold, n / warm))
+    tasks = expand_tasks(FLAGS.tasks)
+    data_dir = os.path.join(work, "data")
+    os.makedirs(data_dir)
+    source = FLAGS.data_dir or _bundled_data(os.path.join(work, "bundled"), FLAGS.french_records)
+    _slice_data(tasks, source, FLAGS.skip, FLAGS.limit, data_dir)
+    config = MODELS[FLAGS.model]
+    julian_dir, hf_dir, n_params = _model(work, config)
+    print(f"model: {n_params:,} parameters, vocab {config.vocab_size}; tasks {','.join(tasks)}; items {FLAGS.skip + 1}-"
+          f"{'' if FLAGS.limit is None else FLAGS.skip + FLAGS.limit}; batch {FLAGS.batch_size}; "
+          f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    variants = [(f"julian, {dtype}", REPO, dtype) for dtype in FLAGS.dtypes]
+    if FLAGS.baseline_repo:
+        variants.append((f"julian at {os.path.basename(os.path.abspath(FLAGS.baseline_repo))}, float32",
+                         os.path.abspath(FLAGS.baseline_repo), "float32"))
+    # Interleaved: a change in the machine's load hits every row alike.
+    runs = {}
+    for when in ("cold", "warm"):
+        runs[f"hf {when}"] = _run("hf", "float32", hf_dir, data_dir, "", work, f"hf_{when}")
+        for v, (label, repo, dtype) in enumerate(variants):
+            runs[f"{label} {when}"] = _run("julian", dtype, julian_dir, data_dir, os.path.join(work, f"cache{v}"),
+                                           work, f"{v}_{when}", repo)
 
-    print(f"\n| evaluation ({n} requests) | wall s cold | wall s warm | requests/s cold | requests/s warm | vs hf |")
+    n = runs["hf cold"]["requests"]
+    reference = runs["hf cold"]["choices"]
+    items = sum(len(c) for c in reference.values())
+    print(f"\n| evaluation: {len(tasks)} tasks, {items} items, {n} requests, end to end | seconds cold / "
+          "warm | CPU seconds cold / warm | vs hf: seconds cold / warm | vs hf: CPU seconds cold / warm | "
+          "items choosing otherwise than hf |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, c, w in rows:
-        print(f"| {name} | {n / c:.1f} | {n / w:.1f} | {c:.1f} | {w:.1f} | "
-              f"{c / rows[0][1]:.2f}x cold, {w / rows[0][2]:.2f}x warm |")
-    if FLAGS.new_tokens:
-        _time_generation(model, tokenizer, hf_dir)
-
-
-def _time_generation(model, tokenizer, hf_dir) -> None:
-    prompts = [[BOS_ID, *tokenizer.encode(p)] for p in
-               ["Sherlock Holmes", "Il était une fois", "The train left the station", "Emma"][: FLAGS.prompts]]
-    prompts = (prompts * FLAGS.prompts)[: FLAGS.prompts]
-    tokens = FLAGS.new_tokens * len(prompts)
-    fp32 = evaluate.for_inference(model, "float32")
-    gen = lambda: generate.generate(fp32, prompts, FLAGS.new_tokens, jax.random.key(0), temperature=0.0, stop_ids=())
-    _, cold = _timed(gen)
-    _, warm = _timed(gen)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left-padded, as HF decodes
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-
-    def hf_gen():
-        with torch.no_grad():
-            hf_model.generate(ids, attention_mask=mask, max_new_tokens=FLAGS.new_tokens,
-                              min_new_tokens=FLAGS.new_tokens, do_sample=False, pad_token_id=0)
-
-    _, hf_cold = _timed(hf_gen)
-    _, hf_warm = _timed(hf_gen)
-    print(f"\n| generation ({len(prompts)} x {FLAGS.new_tokens} tokens, greedy, fp32) | tokens/s cold | "
-          "tokens/s warm | vs hf (warm) |")
-    print("| --- | --- | --- | --- |")
-    print(f"| HF generate | {tokens / hf_cold:.1f} | {tokens / hf_warm:.1f} | 1.00x |")
-    print(f"| julian generate (KV cache) | {tokens / cold:.1f} | {tokens / warm:.1f} | {hf_warm / warm:.2f}x |")
+    hf_cold, hf_warm = runs["hf cold"], runs["hf warm"]
+    print(f"| lm-eval hf backend, fp32 | {hf_cold['seconds']:.1f} / {hf_warm['seconds']:.1f} | {hf_cold['cpu']:.1f} / "
+          f"{hf_warm['cpu']:.1f} | 1.00x / 1.00x | 1.00x / 1.00x | |")
+    for label, _, _ in variants:
+        cold, warm = runs[f"{label} cold"], runs[f"{label} warm"]
+        differ = sum(a != b for task in reference for a, b in zip(reference[task], cold["choices"][task]))
+        print(f"| {label} | {cold['seconds']:.1f} / {warm['seconds']:.1f} | {cold['cpu']:.1f} / {warm['cpu']:.1f} | "
+              f"{hf_cold['seconds'] / cold['seconds']:.2f}x / {hf_warm['seconds'] / warm['seconds']:.2f}x | "
+              f"{hf_cold['cpu'] / cold['cpu']:.2f}x / {hf_warm['cpu'] / warm['cpu']:.2f}x | {differ} |")
 
 
 if __name__ == "__main__":

@@ -87,9 +87,9 @@ def test_the_bundled_samples_are_long_enough_to_exercise_truncation(tiny):
     assert max(len(tokenizer.encode(p)) for p in passages) > 128
 
 
-def test_batch_size_and_buckets_do_not_change_the_answers(tiny, our_output):
-    # 3 rows split hellaswag's four choices across batches; odd buckets pad differently.
-    lm = evaluate.JulianLM(*tiny, dtype="float32", batch_size=3, buckets=(8, 24, 200))
+def test_batch_size_and_row_lengths_do_not_change_the_answers(tiny, our_output):
+    # Rows of 40 tokens split hellaswag's four choices over units and rows; odd lengths pack differently.
+    lm = evaluate.JulianLM(*tiny, dtype="float32", batch_size=3, row_lengths=(40, 72, 200))
     tasks = ["hellaswag", "boolq"]
     other = evaluate.evaluate_with(lm, tasks, DATA_DIR, LIMIT, log_samples=True)
     for task in tasks:
@@ -292,3 +292,26 @@ def test_a_continuation_longer_than_the_context_is_scored_in_pieces_after_the_te
         n = end - len(context) - start
         expected += float(logprobs[-n:].gather(1, window[0, -n:, None]).sum())
     assert ours == pytest.approx(expected, abs=LOGPROB_ATOL)
+
+
+@pytest.mark.slow
+def test_a_second_evaluate_process_loads_its_programs_from_a_gcs_cache(tiny_run, gcs_bucket):
+    # A pod's hosts share one cache in the bucket; JAX logs each hit and miss with these switches.
+    from google.cloud import storage
+
+    env = dict(os.environ, JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
+    args = [sys.executable, "evaluate.py", f"--checkpoint={tiny_run}", "--tasks=hellaswag,lambada_openai",
+            f"--data_dir={DATA_DIR}", "--limit=3", "--bootstrap_iters=0", "--dtype=float32",
+            f"--compilation_cache_dir=gs://{gcs_bucket}/jax-cache"]
+    bucket = storage.Client.create_anonymous_client().bucket(gcs_bucket)
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append((result, sorted(b.name for b in bucket.list_blobs(prefix="jax-cache/"))))
+    (first, written), (second, after) = runs
+    assert "PERSISTENT COMPILATION CACHE MISS" in first.stderr and written
+    assert "PERSISTENT COMPILATION CACHE MISS" not in second.stderr
+    assert "Persistent compilation cache hit" in second.stderr
+    assert after == written
+    assert first.stdout.split("|")[:40] == second.stdout.split("|")[:40]  # the same scores

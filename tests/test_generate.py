@@ -58,9 +58,10 @@ def test_greedy_generation_continues_each_prompt_as_the_model_predicts():
                          dtype="float32")
     model = Transformer(config, jax.random.key(0))
     prompts = [[2, 10, 11, 12], [2, 20]]
-    out = generate(model, prompts, 6, jax.random.key(1), temperature=0.0, stop_ids=())
+    n = 2 * G.CHUNK + 3  # the prefill, then decoding loops that run across two chunk boundaries
+    out = generate(model, prompts, n, jax.random.key(1), temperature=0.0, stop_ids=())
     for prompt, new in zip(prompts, out):
-        assert len(new) == 6
+        assert len(new) == n
         # Each generated token is the argmax of the model run on everything before it (one
         # causal forward pass over the whole sequence gives all those predictions at once).
         logits = full_forward(model, jnp.array([prompt + new]))[0]
@@ -193,3 +194,37 @@ def test_the_command_line_names_what_is_missing(tmp_path):
     assert result.returncode != 0 and "no checkpoint in" in result.stderr and "Traceback" not in result.stderr
     result = _run(f"--checkpoint={tmp_path}")
     assert result.returncode != 0 and "--prompt is required" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The persistent compilation cache.
+
+
+def _cache_entries(directory):
+    return {p.name for p in directory.iterdir()} if directory.exists() else set()
+
+
+def _compile_log(*args, env_cache):
+    # JAX logs each persistent-cache hit and miss at WARNING with these two switches.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(env_cache), JAX_LOG_COMPILES="1",
+               JAX_EXPLAIN_CACHE_MISSES="1")
+    result = subprocess.run([sys.executable, "generate.py", *args], cwd=REPO, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_a_second_generate_process_loads_its_programs_from_the_cache_the_flag_names(tiny_run, tmp_path):
+    flag_cache, env_cache = tmp_path / "flag", tmp_path / "env"
+    args = (f"--checkpoint={tiny_run}", "--prompt=Sherlock", "--temperature=0", "--max_new_tokens=8")
+    first = _compile_log(*args, f"--compilation_cache_dir={flag_cache}", env_cache=env_cache)
+    written = _cache_entries(flag_cache)
+    assert "PERSISTENT COMPILATION CACHE MISS" in first and written
+    assert not _cache_entries(env_cache)  # the flag wins over $JAX_COMPILATION_CACHE_DIR
+    second = _compile_log(*args, f"--compilation_cache_dir={flag_cache}", env_cache=env_cache)
+    assert "PERSISTENT COMPILATION CACHE MISS" not in second
+    assert second.count("Persistent compilation cache hit") >= 2  # at least the prefill and the decoding
+    assert _cache_entries(flag_cache) == written
+    off = _compile_log(*args, "--compilation_cache_dir=", env_cache=env_cache)
+    assert "Persistent compilation cache hit" not in off and not _cache_entries(env_cache)

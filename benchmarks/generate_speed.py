@@ -1,0 +1,119 @@
+"""Generation speed on this machine: generate.generate against Hugging Face `generate`, same weights.
+
+    python benchmarks/generate_speed.py                        # batch 1 and 8, 128 new tokens, greedy, fp32
+    python benchmarks/generate_speed.py --batches=1 --new_tokens=64 --repeats=5
+
+A random 100m-shaped model (d_model 640, 12 layers, 10 heads, d_ff 2560, vocabulary 2,000 from a
+SentencePiece model trained on the bundled text) is exported with convert.py and loaded back by
+`transformers`. For each batch size, both decode --new_tokens tokens greedily after the same
+prompts (every row runs to the end: no stop token), fp32, each with its KV cache. The first call
+of each is "cold" (ours compiles; JAX's persistent cache is off here, so that is a real compile);
+then the two alternate --repeats times and the best of each counts, so a change in the machine's
+load hits both alike. Tokens/s are new tokens over all rows; CPU seconds are this process's.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+import checkpoint  # noqa: E402
+import convert  # noqa: E402
+import generate  # noqa: E402
+from model import ModelConfig, Transformer, num_params  # noqa: E402
+from tokenizer import BOS_ID, Tokenizer, train_tokenizer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+CONFIG = ModelConfig(vocab_size=2000, d_model=640, n_layers=12, n_heads=10, d_ff=2560, max_seq_len=2048,
+                     dtype="float32")
+PROMPTS = ["Sherlock Holmes took his bottle from the corner of the mantelpiece", "Il était une fois",
+           "The train left the station", "Emma", "Madame Bovary", "It was a dark night", "Bel-Ami", "Watson"]
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (prompts decoded together).")
+    flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
+    flags.DEFINE_integer("repeats", 3, "Timed calls of each, alternating; the best counts.")
+    flags.DEFINE_string("baseline", None, "Also time this other generate.py (e.g. an older commit's), "
+                        "run on this checkout's model.py, side by side.")
+
+
+def _measure(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one call."""
+    usage = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    start, cpu = time.perf_counter(), usage()
+    fn()
+    return time.perf_counter() - start, usage() - cpu
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    checkpoint.use_compilation_cache("")
+    work = tempfile.mkdtemp(prefix="generate_speed_")
+    texts = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
+    tokenizer = Tokenizer.load(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=CONFIG.vocab_size))
+    model = Transformer(CONFIG, jax.random.key(0))
+    convert.export_hf(model, tokenizer, os.path.join(work, "hf"))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(work, "hf"), dtype=torch.float32)
+    print(f"model: {num_params(CONFIG):,} parameters; torch threads {torch.get_num_threads()}; "
+          f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    n = FLAGS.new_tokens
+    decoders = {"julian": generate}
+    if FLAGS.baseline:
+        spec = importlib.util.spec_from_file_location("baseline_generate", FLAGS.baseline)
+        decoders["baseline"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(decoders["baseline"])
+    rows = []
+    for batch in map(int, FLAGS.batches):
+        prompts = [[BOS_ID, *tokenizer.encode(PROMPTS[i % len(PROMPTS)])] for i in range(batch)]
+        width = max(len(p) for p in prompts)
+        # Left-padded, as Hugging Face decodes a batch.
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+        def ours(module):
+            return lambda: module.generate(model, prompts, n, jax.random.key(0), temperature=0.0, stop_ids=())
+
+        def theirs():
+            with torch.no_grad():
+                hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=0)
+
+        calls = {"hf": theirs, **{name: ours(module) for name, module in decoders.items()}}
+        cold = {name: _measure(fn) for name, fn in calls.items()}
+        best = {name: (float("inf"),) * 2 for name in calls}
+        for _ in range(FLAGS.repeats):
+            for name, fn in calls.items():
+                wall, cpu = _measure(fn)
+                best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+        print(f"batch {batch}: cold {cold}, best {best}, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        tokens = batch * n
+        for name in calls:
+            rows.append((batch, name, tokens / cold[name][0], tokens / best[name][0], best[name][1] / tokens * 1000,
+                         best["hf"][0] / best[name][0], best["hf"][1] / best[name][1]))
+
+    print(f"\n| generation: {n} new tokens per row, greedy, fp32 | batch | tokens/s cold | tokens/s best | "
+          "CPU ms per token | vs hf (wall) | vs hf (CPU) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for batch, name, cold, warm, cpu_ms, vs_wall, vs_cpu in rows:
+        label = {"hf": "HF generate", "julian": "julian generate.generate"}.get(name, f"{FLAGS.baseline} (baseline)")
+        print(f"| {label} | {batch} | {cold:.1f} | {warm:.1f} | {cpu_ms:.1f} | {vs_wall:.2f}x | {vs_cpu:.2f}x |")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
