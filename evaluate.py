@@ -40,7 +40,6 @@ FSDP-sharded ones.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -69,9 +68,9 @@ from tqdm import tqdm
 
 import checkpoint
 import cli
+import generate
 import storage
 import stream
-import generate
 from model import Transformer
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
 
