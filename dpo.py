@@ -399,6 +399,7 @@ def define_flags() -> None:
 def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
+    checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
     try:
         flag_model, config, run = train.configs_from_flags()
         if not run.init_from:
