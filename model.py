@@ -172,6 +172,11 @@ def rotary(x: Float[Array, "batch heads seq head_dim"], positions: Int[Array, "b
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+# What attention is restricted by: the segment id of each position of a packed row, or (evaluate.py's
+# rows, whose continuations branch from a shared context) an explicit [batch, q, k] mask.
+Segments = Int[Array, "batch seq"] | Bool[Array, "batch seq seq"]
+
+
 def attention_mask(q_segments: Int[Array, "batch q"], kv_segments: Int[Array, "batch k"],
                    q_positions: Int[Array, "batch q"], kv_positions: Int[Array, "batch k"]
                    ) -> Bool[Array, "batch q k"]:
@@ -239,9 +244,11 @@ def _flash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
 
 
 def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
-           v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"], impl: str,
-           dtype: str) -> Float[Array, "batch seq heads head_dim"]:
+           v: Float[Array, "batch heads seq head_dim"], segments: Segments,
+           impl: str, dtype: str) -> Float[Array, "batch seq heads head_dim"]:
     """Causal attention within segments (a token sees earlier tokens of its own segment), in `dtype`.
+    Given a [batch, q, k] boolean mask instead of segment ids (evaluate.py's rows, where every
+    continuation branches from a shared context), the einsum path applies it as it is.
 
     `segments` numbers the runs of a packed row (each run a document); `impl` is one of
     ATTENTION_IMPLS. einsum builds the [batch, heads, seq, seq] scores; splash (TPU) and flash
@@ -251,12 +258,13 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
     XLA's own path.
     """
     b, h, t, d = q.shape
-    impl = attention_impl(impl, t)
+    impl = "einsum" if segments.ndim == 3 else attention_impl(impl, t)
     if impl in ("splash", "flash") and t % KERNEL_BLOCK:
         raise ValueError(f"attention={impl} needs a sequence length that is a multiple of "
                          f"{KERNEL_BLOCK}, got {t}: use attention=auto or einsum for this shape")
     q, k, v = (a.astype(dtype) for a in (q, k, v))
-    segments = segments.astype(jnp.int32)
+    if segments.ndim == 2:
+        segments = segments.astype(jnp.int32)
     if impl in ("splash", "flash"):
         return _per_device(_splash if impl == "splash" else _flash, q, k, v, segments)
     if impl in ("cudnn", "dot_product"):
@@ -265,7 +273,7 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
         return jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=same, is_causal=True,
                                             implementation="cudnn" if impl == "cudnn" else "xla")
     index = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = attention_mask(segments, segments, index, index)
+    mask = segments if segments.ndim == 3 else attention_mask(segments, segments, index, index)
     scores = einsum("bhqd,bhkd->bhqk", q, k, dtype) / math.sqrt(d)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -299,7 +307,7 @@ class Attention(eqx.Module):
         k = rotary(heads(self.wk), positions, config.rope_theta)
         return q, k, heads(self.wv).astype(config.dtype)
 
-    def __call__(self, x: Float[Array, "batch seq d_model"], segments: Int[Array, "batch seq"],
+    def __call__(self, x: Float[Array, "batch seq d_model"], segments: Segments,
                  positions: Int[Array, "batch seq"], config: ModelConfig
                  ) -> Float[Array, "batch seq d_model"]:
         b, t, d = x.shape
@@ -362,7 +370,7 @@ class Block(eqx.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config, km)
 
-    def __call__(self, x: Float[Array, "batch seq d_model"], segments: Int[Array, "batch seq"],
+    def __call__(self, x: Float[Array, "batch seq d_model"], segments: Segments,
                  positions: Int[Array, "batch seq"], config: ModelConfig,
                  key: PRNGKeyArray | None) -> Float[Array, "batch seq d_model"]:
         k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
