@@ -24,10 +24,8 @@ tasks 1.4x faster than lm-eval's `hf` backend on an idle 2-core CPU: benchmarks/
     its log-normaliser, not every position of the row.
   * bf16 matmuls by default (`--dtype=float32` for exact comparisons); log-softmax in fp32.
 
-Offline (`--data_dir=DIR`): DIR holds one JSONL per task, named after it (`hellaswag.jsonl`...),
-in the Hugging Face schema the task loads, holding the split the task scores (its test split if
-it has one, else validation). For each task we write a YAML that includes lm-eval's stock task
-file and points it at that file (`dataset_path: json`); README.md shows how to mirror the hub.
+Which tasks (presets: report, french, all), offline task data (`--data_dir`) and the comparison
+tables are eval_tasks.py's.
 
 Multi-host: lm-eval runs in every process on all requests (it sees world_size 1, so it needs no
 torch.distributed); `JulianLM` deals each request list's units out to the processes (unit i, longest first, to
@@ -43,9 +41,7 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -53,16 +49,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from jaxtyping import Array, Bool, Float, Int
-from lm_eval import evaluator as lm_evaluator
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.tasks import TaskManager
-from lm_eval.tasks._index import Kind
-from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 from tqdm import tqdm
 
@@ -71,53 +62,12 @@ import cli
 import generate
 import storage
 import stream
+from eval_tasks import evaluate_with, perplexity_table, report_table
 from model import Transformer
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
 
 FLAGS = flags.FLAGS
 
-LM_EVAL_TASKS = os.path.join(os.path.dirname(lm_evaluator.__file__), "tasks")
-# The report's seven tasks, each with lm-eval's task file (so that naming them needs no scan of
-# lm-eval's 14,000 task files) and the metric the report quotes.
-REPORT_TASKS = {
-    "hellaswag": ("hellaswag/hellaswag.yaml", "acc_norm"),
-    "piqa": ("piqa/piqa.yaml", "acc"),
-    "lambada_openai": ("lambada/lambada_openai.yaml", "acc"),
-    "arc_easy": ("arc/arc_easy.yaml", "acc"),
-    "arc_challenge": ("arc/arc_challenge.yaml", "acc_norm"),
-    "winogrande": ("winogrande/default.yaml", "acc"),
-    "boolq": ("super_glue/boolq/default.yaml", "acc"),
-}
-# The report's zero-shot scores for its 600M base model, in percent (as quoted in design.md;
-# the other tasks' figures are not in our notes).
-REPORT_SCORES = {"hellaswag": 53.5, "piqa": 66.8, "lambada_openai": 37.3}
-# French: lm-eval's French configs of multilingual sets, and FrenchBench's (CroissantLLM) tasks
-# that are scored by likelihood: comparable with the English preset, cheap, no generation
-# settings to choose (its generative tasks run by name through --tasks).
-FRENCH_TASKS = {
-    "xwinograd_fr": ("xwinograd/xwinograd_fr.yaml", "acc"),
-    "xnli_fr": ("xnli/xnli_fr.yaml", "acc"),
-    "paws_fr": ("paws-x/paws_fr.yaml", "acc"),
-    "belebele_fra_Latn": ("belebele/belebele_fra_Latn.yaml", "acc"),
-    "lambada_openai_mt_fr": ("lambada_multilingual/lambada_mt_fr.yaml", "acc"),
-    "french_bench_hellaswag": ("french_bench/french_bench_hellaswag.yaml", "acc_norm"),
-    "french_bench_arc_challenge": ("french_bench/french_bench_arc_challenge.yaml", "acc_norm"),
-    "french_bench_boolqa": ("french_bench/french_bench_boolqa.yaml", "acc"),
-    "french_bench_grammar": ("french_bench/french_bench_grammar.yaml", "acc"),
-    "french_bench_vocab": ("french_bench/french_bench_vocab.yaml", "acc"),
-    "french_bench_reading_comp": ("french_bench/french_bench_reading_comp.yaml", "acc"),
-    "french_bench_topic_based_nli": ("french_bench/french_bench_topic_based_nli.yaml", "acc"),
-    "french_bench_xnli": ("french_bench/french_bench_xnli.yaml", "acc"),
-}
-KNOWN_TASKS = {**REPORT_TASKS, **FRENCH_TASKS}
-PRESETS = {"report": list(REPORT_TASKS), "french": list(FRENCH_TASKS), "all": list(KNOWN_TASKS)}
-# Published zero-shot accuracies (percent) from lm-eval's archived results of 2023 (its
-# `pawsx_fr` is today's `paws_fr`); that harness's prompts differ slightly from today's.
-FRENCH_BASELINES = {
-    "BLOOM-560m": {"xnli_fr": 45.29, "paws_fr": 47.95, "xwinograd_fr": 60.24},
-    "XGLM-564M": {"xnli_fr": 45.49, "paws_fr": 50.80, "xwinograd_fr": 57.83},
-    "BLOOM-1b1": {"xnli_fr": 47.15, "paws_fr": 46.15, "xwinograd_fr": 66.27},
-}
 ROW_LENGTHS = (256, 512, 1024, 2048)  # packed rows for scoring: one compiled body per length
 
 
@@ -141,85 +91,6 @@ def define_flags() -> None:
                       "files (one document per line), per language: [lang=]path; without 'lang=', "
                       "a file named xx_*.txt counts as language xx. A shard manifest (data.py "
                       "prepare: manifest.json, its directory, or gs://) scores its validation split.")
-
-
-# --------------------------------------------------------------------------------------------
-# Tasks, online or from a data_dir.
-
-
-def expand_tasks(names: Sequence[str]) -> list[str]:
-    """Task names with presets (report, french, all) replaced by their tasks, each task once."""
-    tasks = [task for name in names for task in PRESETS.get(name, [name])]
-    return list(dict.fromkeys(tasks))
-
-
-def _stock_task_file(task: str) -> str:
-    if task in KNOWN_TASKS:
-        return os.path.join(LM_EVAL_TASKS, KNOWN_TASKS[task][0])
-    unknown = ValueError(f"unknown task {task!r}: lm-eval has no such task (presets: "
-                         f"{', '.join(PRESETS)}; `lm_eval ls tasks` lists all)")
-    # Indexing lm-eval's ~14,000 task files takes seconds: a name none of them mentions is a typo.
-    if not any(task in p.read_text(errors="ignore") for p in pathlib.Path(LM_EVAL_TASKS).rglob("*.yaml")):
-        raise unknown
-    entry = TaskManager().task_index.get(task)
-    if entry is None:
-        raise unknown
-    if entry.kind not in (Kind.TASK, Kind.PY_TASK) or entry.yaml_path is None:
-        raise ValueError(f"{task!r} is an lm-eval {entry.kind.name.lower()}, not a task: name its tasks")
-    return str(entry.yaml_path)
-
-
-def task_source(task: str) -> tuple[str, str | None, str]:
-    """(Hugging Face dataset, config or None, split) that lm-eval's `task` scores: its test split
-    if it has one, else validation (read from lm-eval's own task file)."""
-    base = load_yaml(_stock_task_file(task), resolve_func=False)  # includes resolved, `!function`s not
-    split = base.get("test_split") or base.get("validation_split")
-    if split is None:
-        raise ValueError(f"task {task!r} scores neither a test nor a validation split: not supported offline")
-    return base.get("dataset_path"), base.get("dataset_name"), split
-
-
-def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str) -> None:
-    """One YAML per task into out_dir: lm-eval's stock task, read from data_dir/<task>.jsonl if
-    given. Every task's file is checked before any runs: all the missing ones are named at once."""
-    configs, missing = {}, []
-    for task in tasks:
-        stock = _stock_task_file(task)
-        configs[task] = {"include": stock, "task": task}
-        if data_dir is None:
-            continue
-        dataset, config, split = task_source(task)
-        path = os.path.abspath(os.path.join(data_dir, f"{task}.jsonl"))
-        if not os.path.isfile(path):
-            missing.append(f"task {task!r}: --data_dir {data_dir!r} has no {task}.jsonl: expected the "
-                           f"{split!r} split of {dataset} ({config or 'default'}) as JSONL at {path}")
-            continue
-        base = load_yaml(stock, resolve_func=False)
-        configs[task].update(dataset_path="json", dataset_name=None,
-                             dataset_kwargs={"data_files": {split: path}}, training_split=None,
-                             validation_split=split if split == base.get("validation_split") else None,
-                             test_split=split if split == base.get("test_split") else None,
-                             fewshot_split=None)
-    if missing:
-        raise FileNotFoundError("; ".join(missing) + " (README.md, 'Evaluation', shows how to mirror it)")
-    for task, config in configs.items():
-        with open(os.path.join(out_dir, f"{task}.yaml"), "w") as f:
-            yaml.safe_dump(config, f)
-
-
-def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: int | None = None,
-                  log_samples: bool = False, bootstrap_iters: int = 0) -> dict:
-    """lm-eval's `simple_evaluate` of any LM (ours or its `hf` backend) on `tasks`, online or
-    from data_dir; returns lm-eval's whole output (results, samples if asked, configs...)."""
-    tasks = expand_tasks(tasks)
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory")
-    with tempfile.TemporaryDirectory() as configs:
-        write_task_configs(tasks, data_dir, configs)
-        manager = TaskManager(include_path=configs, include_defaults=False)
-        return lm_evaluator.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples,
-            bootstrap_iters=bootstrap_iters)
 
 
 # --------------------------------------------------------------------------------------------
@@ -652,48 +523,6 @@ def _held_out_records_nll(lm: "JulianLM", tokenizer: Tokenizer, spec: str) -> tu
 
 # --------------------------------------------------------------------------------------------
 # The command line.
-
-
-def report_table(results: dict) -> str:
-    """Our scores beside published ones, in percent, markdown: English tasks beside the report's
-    600M base model, French tasks beside BLOOM and XGLM (lm-eval's archived 2023 results)."""
-    english = [t for t in results if t not in FRENCH_TASKS]
-    french = [t for t in results if t in FRENCH_TASKS]
-    lines = []
-    if english:
-        lines += ["| task | metric | julian | report (600M base) |", "| --- | --- | --- | --- |"]
-        for task in english:
-            lines += _rows(task, results[task], [REPORT_SCORES.get(task)])
-    if french:
-        baselines = list(FRENCH_BASELINES)
-        lines += ["", "| French task | metric | julian | " + " | ".join(baselines) + " |",
-                  "| --- | --- | --- |" + " --- |" * len(baselines)]
-        for task in french:
-            lines += _rows(task, results[task], [FRENCH_BASELINES[b].get(task) for b in baselines])
-        lines += ["", "Baselines: lm-eval's archived zero-shot results, from the 2023 harness (pawsx_fr "
-                  "there is paws_fr); its prompts differ slightly from today's."]
-    return "\n".join(lines).strip("\n")
-
-
-def _rows(task: str, metrics: dict, published: list) -> list[str]:
-    metric = KNOWN_TASKS.get(task, (None, "acc"))[1]
-    value = metrics.get(f"{metric},none")
-    if value is None or isinstance(value, str):
-        return []
-    cells = " | ".join("" if p is None else f"{p}" for p in published)
-    rows = [f"| {task} | {metric} | {100 * value:.1f} | {cells} |"]
-    if "perplexity,none" in metrics:
-        rows.append(f"| {task} | perplexity | {metrics['perplexity,none']:.2f} |" + " |" * len(published))
-    return rows
-
-
-def perplexity_table(results: dict) -> str:
-    """Bits per byte first: unlike loss and perplexity (per token), it compares across tokenizers."""
-    lines = ["| data | bits/byte | bytes | documents | tokens | loss | perplexity |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {k} | {v['bits_per_byte']:.4f} | {v['bytes']} | {v['documents']} | {v['tokens']} | "
-              f"{v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in results.items()]
-    return "\n".join(lines)
 
 
 def _write_json(path: str, content: dict) -> None:

@@ -43,7 +43,7 @@ MODELS = {"100m": ModelConfig(vocab_size=2000, d_model=640, n_layers=12, n_heads
 CHILD = """
 import json, os, sys, time
 sys.path.insert(0, {repo!r})
-import checkpoint, evaluate
+import checkpoint, eval_tasks, evaluate
 backend, dtype, model_dir, data_dir, cache, out = sys.argv[1:7]
 tasks = sys.argv[7].split(",")
 if backend == "hf":
@@ -53,7 +53,7 @@ else:
     checkpoint.use_compilation_cache(cache)
     lm = evaluate.JulianLM(checkpoint=model_dir, dtype=dtype, batch_size={batch})
 start = time.perf_counter()
-output = evaluate.evaluate_with(lm, tasks, data_dir, log_samples=True)
+output = eval_tasks.evaluate_with(lm, tasks, data_dir, log_samples=True)
 choices = {{task: [max(range(len(s["resps"])), key=lambda c: s["resps"][c][0][0])
                   for s in sorted(samples, key=lambda s: s["doc_id"])]
            for task, samples in output["samples"].items()}}
@@ -143,7 +143,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     work = tempfile.mkdtemp(prefix="eval_speed_")
-    from evaluate import expand_tasks
+    from eval_tasks import expand_tasks
 
     tasks = expand_tasks(FLAGS.tasks)
     data_dir = os.path.join(work, "data")

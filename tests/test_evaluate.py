@@ -19,13 +19,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
 
 import checkpoint  # noqa: E402
+import eval_tasks  # noqa: E402
 import evaluate  # noqa: E402
 from conftest import REPO  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from tokenizer import BOS_ID, Tokenizer  # noqa: E402
 
 DATA_DIR = os.path.join(REPO, "samples", "eval")
-TASKS = list(evaluate.REPORT_TASKS)
+TASKS = list(eval_tasks.REPORT_TASKS)
 LIMIT = 5  # items per task: every request shape of every task, in seconds
 LOGPROB_ATOL = 1e-3  # fp32 on both sides: a wrong token or position is off by O(1)
 
@@ -45,13 +46,13 @@ def hf_lm(tiny_hf):
 
 @pytest.fixture(scope="module")
 def hf_output(hf_lm):
-    return evaluate.evaluate_with(hf_lm, TASKS, DATA_DIR, LIMIT, log_samples=True)
+    return eval_tasks.evaluate_with(hf_lm, TASKS, DATA_DIR, LIMIT, log_samples=True)
 
 
 @pytest.fixture(scope="module")
 def our_output(tiny):
     lm = evaluate.JulianLM(*tiny, dtype="float32")
-    return evaluate.evaluate_with(lm, TASKS, DATA_DIR, LIMIT, log_samples=True)
+    return eval_tasks.evaluate_with(lm, TASKS, DATA_DIR, LIMIT, log_samples=True)
 
 
 def _responses(output, task):
@@ -91,7 +92,7 @@ def test_batch_size_and_row_lengths_do_not_change_the_answers(tiny, our_output):
     # Rows of 40 tokens split hellaswag's four choices over units and rows; odd lengths pack differently.
     lm = evaluate.JulianLM(*tiny, dtype="float32", batch_size=3, row_lengths=(40, 72, 200))
     tasks = ["hellaswag", "boolq"]
-    other = evaluate.evaluate_with(lm, tasks, DATA_DIR, LIMIT, log_samples=True)
+    other = eval_tasks.evaluate_with(lm, tasks, DATA_DIR, LIMIT, log_samples=True)
     for task in tasks:
         _assert_same_answers(other, our_output, task, atol=1e-4)
 
@@ -194,14 +195,14 @@ def test_a_data_dir_missing_a_task_file_names_the_file_and_the_split_it_should_h
     (tmp_path / "hellaswag.jsonl").write_text(open(os.path.join(DATA_DIR, "hellaswag.jsonl")).read())
     lm = evaluate.JulianLM(*tiny)
     with pytest.raises(FileNotFoundError, match=r"has no piqa\.jsonl: expected the 'validation' split of baber/piqa"):
-        evaluate.evaluate_with(lm, ["hellaswag", "piqa"], str(tmp_path))
+        eval_tasks.evaluate_with(lm, ["hellaswag", "piqa"], str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
-        evaluate.evaluate_with(lm, ["piqa"], str(tmp_path / "nowhere"))
+        eval_tasks.evaluate_with(lm, ["piqa"], str(tmp_path / "nowhere"))
 
 
 def test_an_unknown_task_is_named_in_the_error(tiny):
     with pytest.raises(ValueError, match="unknown task 'hellaswagg'"):
-        evaluate.evaluate_with(evaluate.JulianLM(*tiny), ["hellaswagg"], DATA_DIR)
+        eval_tasks.evaluate_with(evaluate.JulianLM(*tiny), ["hellaswagg"], DATA_DIR)
 
 
 def test_the_command_line_names_a_missing_checkpoint(tmp_path):
@@ -235,10 +236,10 @@ WORKER = textwrap.dedent("""
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
-    import convert, evaluate
+    import convert, eval_tasks, evaluate
     model, tokenizer = convert.import_hf(sys.argv[3])
     lm = evaluate.JulianLM(model, tokenizer, dtype="float32", batch_size=4)
-    out = evaluate.evaluate_with(lm, ["hellaswag"], sys.argv[4], limit=2, log_samples=True)
+    out = eval_tasks.evaluate_with(lm, ["hellaswag"], sys.argv[4], limit=2, log_samples=True)
     answers = {t: [[r[0] for r in s["resps"]] for s in sorted(out["samples"][t], key=lambda s: s["doc_id"])]
                for t in out["samples"]}
     with open(sys.argv[5], "w") as f:
@@ -261,7 +262,7 @@ def test_two_processes_share_the_requests_and_both_return_the_single_process_ans
         assert p.returncode == 0, log[-3000:]
     results = [json.loads(o.read_text()) for o in outs]
     single_lm = evaluate.JulianLM(*tiny, dtype="float32", batch_size=4)
-    single = evaluate.evaluate_with(single_lm, ["hellaswag"], DATA_DIR, limit=2, log_samples=True)
+    single = eval_tasks.evaluate_with(single_lm, ["hellaswag"], DATA_DIR, limit=2, log_samples=True)
     assert results[0]["answers"] == results[1]["answers"]  # every process gets every answer
     for task, items in results[0]["answers"].items():
         reference = _responses(single, task)

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
 
 import checkpoint  # noqa: E402
+import eval_tasks  # noqa: E402
 import evaluate  # noqa: E402
 import french_records  # noqa: E402
 from conftest import REPO  # noqa: E402
@@ -48,7 +49,7 @@ def hf_output(tiny_hf, french_dir):
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=tiny_hf, dtype="float32", batch_size=64, device="cpu")
-    return evaluate.evaluate_with(lm, ["french"], french_dir, log_samples=True)
+    return eval_tasks.evaluate_with(lm, ["french"], french_dir, log_samples=True)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def our_output(tiny, french_dir):
     # Large passes of one row length (the tiny model's context): few compiled shapes (the
     # answers do not depend on them: test_evaluate.py checks that).
     lm = evaluate.JulianLM(*tiny, dtype="float32", batch_size=64, row_lengths=(128,))
-    return evaluate.evaluate_with(lm, ["french"], french_dir, log_samples=True)
+    return eval_tasks.evaluate_with(lm, ["french"], french_dir, log_samples=True)
 
 
 def _responses(output, task):
@@ -68,24 +69,24 @@ def _responses(output, task):
 def test_the_presets_name_the_report_and_french_tasks_and_lm_eval_knows_each(tmp_path):
     from lm_eval.tasks import TaskManager
 
-    assert evaluate.expand_tasks(["report"]) == list(evaluate.REPORT_TASKS)
-    assert evaluate.expand_tasks(["french"]) == [
+    assert eval_tasks.expand_tasks(["report"]) == list(eval_tasks.REPORT_TASKS)
+    assert eval_tasks.expand_tasks(["french"]) == [
         "xwinograd_fr", "xnli_fr", "paws_fr", "belebele_fra_Latn", "lambada_openai_mt_fr",
         "french_bench_hellaswag", "french_bench_arc_challenge", "french_bench_boolqa", "french_bench_grammar",
         "french_bench_vocab", "french_bench_reading_comp", "french_bench_topic_based_nli", "french_bench_xnli"]
-    assert evaluate.expand_tasks(["all"]) == evaluate.expand_tasks(["report", "french"])
-    assert evaluate.expand_tasks(["piqa", "french", "xnli_fr", "xnli_de"])[:3] == ["piqa", "xwinograd_fr", "xnli_fr"]
-    assert evaluate.expand_tasks(["piqa", "french", "xnli_fr", "xnli_de"])[-1] == "xnli_de"
+    assert eval_tasks.expand_tasks(["all"]) == eval_tasks.expand_tasks(["report", "french"])
+    assert eval_tasks.expand_tasks(["piqa", "french", "xnli_fr", "xnli_de"])[:3] == ["piqa", "xwinograd_fr", "xnli_fr"]
+    assert eval_tasks.expand_tasks(["piqa", "french", "xnli_fr", "xnli_de"])[-1] == "xnli_de"
     # Each preset task is the installed lm-eval's own task, from the file lm-eval indexes it under.
     index = TaskManager().task_index
-    for task in evaluate.expand_tasks(["all"]):
-        assert os.path.samefile(index[task].yaml_path, evaluate._stock_task_file(task)), task
+    for task in eval_tasks.expand_tasks(["all"]):
+        assert os.path.samefile(index[task].yaml_path, eval_tasks._stock_task_file(task)), task
     # ...and the split it scores offline is the one lm-eval scores (its test split, else validation).
-    assert evaluate.task_source("xnli_fr") == ("facebook/xnli", "fr", "validation")
-    assert evaluate.task_source("french_bench_xnli") == ("facebook/xnli", "fr", "test")
-    assert evaluate.task_source("paws_fr") == ("google-research-datasets/paws-x", "fr", "test")
-    assert evaluate.task_source("french_bench_grammar") == ("manu/french-bench-grammar-vocab-reading", None, "Grammar")
-    assert evaluate.task_source("french_bench_hellaswag") == ("manu/french_bench_hellaswag", None, "validation")
+    assert eval_tasks.task_source("xnli_fr") == ("facebook/xnli", "fr", "validation")
+    assert eval_tasks.task_source("french_bench_xnli") == ("facebook/xnli", "fr", "test")
+    assert eval_tasks.task_source("paws_fr") == ("google-research-datasets/paws-x", "fr", "test")
+    assert eval_tasks.task_source("french_bench_grammar") == ("manu/french-bench-grammar-vocab-reading", None, "Grammar")
+    assert eval_tasks.task_source("french_bench_hellaswag") == ("manu/french_bench_hellaswag", None, "validation")
 
 
 def test_xwinograd_fr_real_items_choices_equal_the_hf_backend(our_output, hf_output):
@@ -98,7 +99,7 @@ def test_xwinograd_fr_real_items_choices_equal_the_hf_backend(our_output, hf_out
     assert our_output["results"]["xwinograd_fr"]["acc,none"] == hf_output["results"]["xwinograd_fr"]["acc,none"]
 
 
-@pytest.mark.parametrize("task", [t for t in evaluate.FRENCH_TASKS if t != "xwinograd_fr"])
+@pytest.mark.parametrize("task", [t for t in eval_tasks.FRENCH_TASKS if t != "xwinograd_fr"])
 def test_every_other_french_task_runs_in_its_schema_and_scores_as_the_hf_backend(task, our_output, hf_output):
     ours, theirs = _responses(our_output, task), _responses(hf_output, task)
     assert len(ours) == len(theirs) == PER_TASK
@@ -111,7 +112,7 @@ def test_every_other_french_task_runs_in_its_schema_and_scores_as_the_hf_backend
 
 
 def test_the_comparison_table_has_a_french_section_with_the_published_baselines(our_output):
-    table = evaluate.report_table({"hellaswag": {"acc_norm,none": 0.3}, **our_output["results"]})
+    table = eval_tasks.report_table({"hellaswag": {"acc_norm,none": 0.3}, **our_output["results"]})
     assert "| hellaswag | acc_norm | 30.0 | 53.5 |" in table
     assert "| French task | metric | julian | BLOOM-560m | XGLM-564M | BLOOM-1b1 |" in table
     acc = 100 * our_output["results"]["xnli_fr"]["acc,none"]
@@ -161,7 +162,7 @@ def test_bits_per_byte_per_language_is_the_hf_models_log_likelihood_over_the_sam
         assert out[lang]["bytes"] == n_bytes
         assert out[lang]["bits_per_byte"] == pytest.approx(bits / n_bytes, abs=1e-5)
     assert out["fr"]["bytes"] > sum(len(line) for line in docs["fr"])  # accents: bytes, not characters
-    table = evaluate.perplexity_table(out)
+    table = eval_tasks.perplexity_table(out)
     assert table.splitlines()[0].startswith("| data | bits/byte | bytes |")
     assert f"| fr | {out['fr']['bits_per_byte']:.4f} | {out['fr']['bytes']} |" in table
 
