@@ -245,6 +245,25 @@ def load_conversations(path: str, fmt: str = "auto", max_bad_fraction: float = 0
                         "conversations")
 
 
+def stats_table(stats: list[FileStats], items: str, cut: str, tokens: str) -> str:
+    """One line per file and a total (read, bad, `items` kept, `cut`, dropped, held out, in the
+    mix, `tokens` trained on), then the bad records' reasons."""
+    header = ("file", "records", "bad", items, cut, "dropped", "validation", "in mix", tokens)
+    lines = [(s.path, s.records, sum(s.bad.values()), s.conversations, s.truncated, s.dropped,
+              s.validation, s.mixed, s.supervised_tokens) for s in stats]
+    lines.append(("total", *(sum(line[k] for line in lines) for k in range(1, len(header)))))
+    cells = [header, *[tuple(c if isinstance(c, str) else f"{c:,}" for c in line) for line in lines]]
+    widths = [max(len(line[k]) for line in cells) for k in range(len(header))]
+    text = "\n".join("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in
+                               enumerate(zip(line, widths))) for line in cells)
+    reasons = collections.Counter()
+    for s in stats:
+        reasons.update(s.bad)
+    if reasons:
+        text += "\nbad records: " + ", ".join(f"{k} {v:,}" for k, v in reasons.most_common())
+    return text
+
+
 # --------------------------------------------------------------------------------------------
 # Preference pairs (dpo.py).
 

@@ -291,31 +291,18 @@ def prepare(config: DataConfig, tokenizer: Tokenizer) -> tuple[PairRows, PairRow
     """(training rows, held-out rows or None, per-file stats): load, render, cut, hold out, mix.
     The stats' `truncated` counts pairs whose prompt or replies were cut; `dropped`, pairs
     whose prompt left no room; `supervised_tokens`, reply tokens in the mix."""
-    from tqdm import tqdm
+    def load(path: str) -> tuple[list[Pair], chat_formats.FileStats]:
+        return load_pairs(path, config.format, config.max_bad_fraction, config.system_prompt)
 
-    train_parts, held_out, weights, all_stats = [], [], [], []
-    for file_index, spec in enumerate(config.train_data):
-        path, weight = sft.parse_data_spec(spec)
-        pairs, stats = load_pairs(path, config.format, config.max_bad_fraction, config.system_prompt)
-        rendered = []
-        for pair in tqdm(pairs, desc=f"render {path}", disable=None, leave=False):
-            result, status = render_pair(tokenizer, pair, config.max_length, config.max_prompt_length)
-            stats.truncated += status in ("prompt cut", "reply cut")
-            stats.dropped += status == "dropped"
-            if result is not None:
-                rendered.append(result)
-        order = np.random.default_rng([config.seed, file_index]).permutation(len(rendered))
-        count = int(round(config.validation_fraction * len(rendered)))
-        held_out += [rendered[i] for i in sorted(order[:count])]
-        train_parts.append([rendered[i] for i in sorted(order[count:])])
-        stats.validation = count
-        weights.append(weight)
-        all_stats.append(stats)
-    train_pairs = []
-    for part, indices, stats in zip(train_parts, sft.mix(train_parts, weights, config.seed), all_stats):
-        stats.mixed = len(indices)
-        stats.supervised_tokens = sum(len(part[i].chosen) + len(part[i].rejected) for i in indices)
-        train_pairs += [part[i] for i in indices]
+    def render_one(pair: Pair, stats: chat_formats.FileStats) -> RenderedPair | None:
+        result, status = render_pair(tokenizer, pair, config.max_length, config.max_prompt_length)
+        stats.truncated += status in ("prompt cut", "reply cut")
+        stats.dropped += status == "dropped"
+        return result
+
+    train_pairs, held_out, all_stats = sft.render_and_mix(
+        config.train_data, load, render_one, lambda p: len(p.chosen) + len(p.rejected),
+        config.validation_fraction, config.seed)
     valid = to_rows(held_out, config.max_length) if held_out else None
     return to_rows(train_pairs, config.max_length), valid, all_stats
 
@@ -348,17 +335,7 @@ def stored_reference_logps(rows: PairRows, model: Transformer, init_from: str, o
 
 def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows) -> str:
     """One line per file and a total: read, skipped, cut, held out, mixed."""
-    header = ("file", "records", "bad", "pairs", "cut", "dropped", "validation", "in mix", "reply tokens")
-    lines = [(s.path, s.records, sum(s.bad.values()), s.conversations, s.truncated, s.dropped,
-              s.validation, s.mixed, s.supervised_tokens) for s in stats]
-    lines.append(("total", *(sum(line[k] for line in lines) for k in range(1, len(header)))))
-    cells = [header, *[tuple(c if isinstance(c, str) else f"{c:,}" for c in line) for line in lines]]
-    widths = [max(len(line[k]) for line in cells) for k in range(len(header))]
-    text = "\n".join("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in
-                               enumerate(zip(line, widths))) for line in cells)
-    reasons = sum((s.bad for s in stats), start=type(stats[0].bad)()) if stats else {}
-    if reasons:
-        text += "\nbad records: " + ", ".join(f"{k} {v:,}" for k, v in reasons.most_common())
+    text = chat_formats.stats_table(stats, "pairs", "cut", "reply tokens")
     return text + f"\n{rows.num_rows:,} pairs in rows of {rows.tokens.shape[-1]:,} tokens"
 
 

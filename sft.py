@@ -37,11 +37,10 @@ packed rows in a permutation seeded by (seed, e), as stream.py does for pretrain
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -53,7 +52,7 @@ import checkpoint
 import cli
 import parallel
 import train
-from chat_formats import FORMATS, FileStats, load_conversations
+from chat_formats import FORMATS, FileStats, load_conversations, stats_table
 from model import ModelConfig
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, PAD_ID, Tokenizer
 
@@ -330,58 +329,59 @@ class DataConfig:
             raise ValueError(f"--validation_fraction={self.validation_fraction} must be in [0, 1)")
 
 
+def render_and_mix(specs: Sequence[str], load: Callable[[str], tuple[list, FileStats]],
+                   render_one: Callable[[object, FileStats], object | None], supervised: Callable[[object], int],
+                   validation_fraction: float, seed: int) -> tuple[list, list, list[FileStats]]:
+    """SFT's and DPO's data, up to packing: per file (PATH[:WEIGHT]) load its records, render each
+    (None: dropped; render_one counts cuts in the stats), hold out `validation_fraction` of them
+    by a permutation seeded by (seed, file index), then mix the rest by weight.
+    Returns (training items, held-out items, per-file stats)."""
+    from tqdm import tqdm
+
+    train_parts, held_out, weights, all_stats = [], [], [], []
+    for file_index, spec in enumerate(specs):
+        path, weight = parse_data_spec(spec)
+        records, stats = load(path)
+        rendered = [r for r in (render_one(record, stats) for record in
+                                tqdm(records, desc=f"render {path}", disable=None, leave=False)) if r is not None]
+        order = np.random.default_rng([seed, file_index]).permutation(len(rendered))
+        count = int(round(validation_fraction * len(rendered)))
+        held_out += [rendered[i] for i in sorted(order[:count])]
+        train_parts.append([rendered[i] for i in sorted(order[count:])])
+        stats.validation = count
+        weights.append(weight)
+        all_stats.append(stats)
+    train = []
+    for part, indices, stats in zip(train_parts, mix(train_parts, weights, seed), all_stats):
+        stats.mixed = len(indices)
+        stats.supervised_tokens = sum(supervised(part[i]) for i in indices)
+        train += [part[i] for i in indices]
+    return train, held_out, all_stats
+
+
 def prepare(config: DataConfig, tokenizer: Tokenizer
             ) -> tuple[PackedRows, PackedRows | None, list[FileStats]]:
     """(training rows, validation rows or None, per-file stats): load, render, cut or drop
     overlong conversations, hold out each file's validation share, mix, pack."""
-    from tqdm import tqdm
+    def load(path: str) -> tuple[list, FileStats]:
+        return load_conversations(path, config.format, config.max_bad_fraction, config.system_prompt)
 
-    train_parts, validation, weights, all_stats = [], [], [], []
-    for file_index, spec in enumerate(config.train_data):
-        path, weight = parse_data_spec(spec)
-        conversations, stats = load_conversations(path, config.format, config.max_bad_fraction,
-                                                  config.system_prompt)
-        examples = []
-        for messages in tqdm(conversations, desc=f"render {path}", disable=None, leave=False):
-            example, status = render(tokenizer, messages, config.seq_len + 1, config.overlong)
-            stats.truncated += status == "truncated"
-            stats.dropped += status == "dropped"
-            if example is not None:
-                examples.append(example)
-        order = np.random.default_rng([config.seed, file_index]).permutation(len(examples))
-        held_out = int(round(config.validation_fraction * len(examples)))
-        validation += [examples[i] for i in sorted(order[:held_out])]
-        train_parts.append([examples[i] for i in sorted(order[held_out:])])
-        stats.validation = held_out
-        weights.append(weight)
-        all_stats.append(stats)
-    chosen = mix(train_parts, weights, config.seed)
-    train = []
-    for part, indices, stats in zip(train_parts, chosen, all_stats):
-        stats.mixed = len(indices)
-        stats.supervised_tokens = sum(int(part[i].mask.sum()) for i in indices)
-        train += [part[i] for i in indices]
+    def render_one(messages: list[dict], stats: FileStats) -> Example | None:
+        example, status = render(tokenizer, messages, config.seq_len + 1, config.overlong)
+        stats.truncated += status == "truncated"
+        stats.dropped += status == "dropped"
+        return example
+
+    train, validation, all_stats = render_and_mix(config.train_data, load, render_one,
+                                                  lambda e: int(e.mask.sum()), config.validation_fraction,
+                                                  config.seed)
     valid_rows = pack(validation, config.seq_len, config.packing) if validation else None
     return pack(train, config.seq_len, config.packing), valid_rows, all_stats
 
 
 def summary_table(stats: Sequence[FileStats], rows: PackedRows) -> str:
     """One line per file and a total: what was read, skipped, cut and mixed."""
-    header = ("file", "records", "bad", "conversations", "truncated", "dropped", "validation",
-              "in mix", "supervised tokens")
-    lines = [(s.path, s.records, sum(s.bad.values()), s.conversations, s.truncated, s.dropped,
-              s.validation, s.mixed, s.supervised_tokens) for s in stats]
-    lines.append(("total", *(sum(line[k] for line in lines) for k in range(1, len(header)))))
-    cells = [header, *[(str(c) if isinstance(c, str) else f"{c:,}" for c in line) for line in lines]]
-    cells = [tuple(line) for line in cells]
-    widths = [max(len(line[k]) for line in cells) for k in range(len(header))]
-    text = "\n".join("  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in
-                               enumerate(zip(line, widths))) for line in cells)
-    reasons = collections.Counter()
-    for s in stats:
-        reasons.update(s.bad)
-    if reasons:
-        text += "\nbad records: " + ", ".join(f"{k} {v:,}" for k, v in reasons.most_common())
+    text = stats_table(stats, "conversations", "truncated", "supervised tokens")
     filled = rows.tokens.size and (rows.segment_ids > 0).sum() / rows.segment_ids.size
     text += (f"\n{rows.num_rows:,} rows of {rows.tokens.shape[1]:,} tokens, {filled:.1%} filled, "
              f"{rows.supervised_tokens:,} supervised tokens "
