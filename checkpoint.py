@@ -15,13 +15,15 @@ the next run resumes from the previous complete step. Saves are asynchronous: th
 copied to host memory, then written by a background thread while training goes on.
 
 For inference, `load()` restores only params, config and tokenizer, and `save()` writes only
-those (convert.py's imports).
+those (convert.py's imports). `PreemptionGuard` turns a preemption notice into the request for
+the emergency checkpoint that train.fit writes at the next step boundary.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 
 import equinox as eqx
 import jax
@@ -178,3 +180,21 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
             tokenizer=ocp.args.StandardRestore(),
         ))
     return restored.params, np.asarray(restored.tokenizer["model"]).tobytes(), config
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (a preemption notice) and SIGINT (Ctrl-C) into a stop request at the next
+    step boundary; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

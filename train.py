@@ -335,24 +335,6 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (too many rollbacks); the message says what happened and where."""
 
 
-class PreemptionGuard:
-    """Turns SIGTERM (a preemption notice) and SIGINT (Ctrl-C) into a stop request at the next
-    step boundary; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def close(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 def step_memory(model_config: ModelConfig, config: TrainConfig, mesh: Mesh):
     """XLA's memory analysis of the compiled train step for `mesh` (per device); allocates nothing."""
     optimizer = make_optimizer(config)
@@ -450,7 +432,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
         if at == run.test_sigkill_during_save:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    guard = PreemptionGuard()
+    guard = checkpoint.PreemptionGuard()
     batches = train_data.iterate(step + data_offset)
     bar = tqdm(initial=step, total=config.steps, disable=None if primary else True, desc=title)
     try:
