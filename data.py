@@ -11,7 +11,15 @@ formats are documents.py's; the shard format and the stream train.py reads are s
 A document's id is (input file index in the order given, record index in the file). Stages,
 each a set of Ray tasks (stages.py) whose outputs are files under OUTPUT/_stages/ (local or
 gs://), each written whole and atomically, the last one of a task marking it done:
-1. map, one task per input file: read (malformed records are skipped and counted up to
+1. map, one task per input split: a file, or a byte range of about --split_mb of an uncompressed
+   .jsonl or .txt file (compressed streams cannot be entered mid-way: those files are one split
+   each). A range reads the records whose first byte lies in it: from the first record boundary
+   at or after its start (a JSONL line; a text document's first non-blank line after a blank
+   one) to the end of the record straddling its end. A split's task knows neither the record
+   index nor the line number of its first record: it numbers its documents from 0 and its lines
+   from 1, and the driver adds the earlier splits' counts (stages.split_bases), so ids, the
+   draws made from them and the line numbers of bad records are those of whole files, and the
+   output does not depend on --split_mb. Read (malformed records are skipped and counted up to
    --max_bad_fraction of all records; at 0 the first one fails the run naming file and line);
    clean (NFC, control characters other than tab and newline stripped; documents outside
    [--min_chars, --max_chars] dropped; prose needs --min_alnum letters and digits among its
@@ -38,12 +46,13 @@ gs://), each written whole and atomically, the last one of a task marking it don
    seq_len + 1 tokens (the last partial one dropped). max(1, round(--validation_fraction * n))
    of all n records, spread over the shards' tails, form the validation split.
 Output bytes depend only on the inputs and the settings, not on CPU, node or partition counts,
-nor on task retries. Memory: the driver holds per-task summaries, never per-document state; a
-map task holds one input file's tokens and metadata (a split is a whole file: cut very large
-files into several), a dedup task one key range, a pack task one shard, the components task the
-duplicate pairs. A rerun of the same command resumes: finished stage files are
-kept (no finished input file is read again) and finished shards are not rewritten; OUTPUT/_run.json,
-created first and exclusively, refuses a run with other settings into the same output.
+nor on --split_mb, nor on task retries. Memory: the driver holds per-task summaries, never
+per-document state; a map task holds one split's tokens and metadata (a compressed file is one
+split: cut very large ones into several files), a dedup task one key range, a pack task one
+shard, the components task the duplicate pairs. A rerun of the same command resumes: finished
+stage files are kept (no finished split is read again) and finished shards are not rewritten;
+OUTPUT/_run.json, created first and exclusively, refuses a run with other settings (or, while
+partial, another --split_mb) into the same output.
 """
 
 from __future__ import annotations
@@ -61,9 +70,9 @@ from tqdm import tqdm
 
 import cli
 import documents
-from stages import (ENGINE_ONLY, KEY_INDEX, PrepareConfig, components, dedup_partition, language_totals,
-                    load_meta, map_split, mixture_factors, pack_shard, plan_split, stage,
-                    validation_shard)
+from stages import (ENGINE_ONLY, KEY_INDEX, PrepareConfig, Split, components, dedup_partition,
+                    language_totals, load_meta, map_split, mixture_factors, pack_shard, plan_split,
+                    split_bases, stage, validation_shard)
 from storage import expand_inputs, file_size, is_gcs, join, read_json, write_bytes
 from stream import MANIFEST, token_dtype
 from tokenizer import Tokenizer
@@ -76,6 +85,7 @@ mix and pack raw text into token shards for train.py, as Ray tasks (a local Ray,
 See the docstring of data.py for the stages and guarantees."""
 
 RUN_FILE = "_run.json"
+SPLITS_FILE = "splits.json"  # under _stages: the map tasks' inputs, in id order
 STAGES = ("read", "cleaned", "exact_dedup", "near_dedup", "language_kept")
 VOLATILE_KEYS = ("stage_cpu_seconds", "stage_wall_seconds", "wall_seconds")  # timings only
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -126,6 +136,8 @@ def check_config(config: PrepareConfig) -> None:
         problems.append(f"--num_partitions={config.num_partitions} must be in [1, {KEY_INDEX}]")
     if not 0 < config.near_dup_threshold <= 1:
         problems.append(f"--near_dup_threshold={config.near_dup_threshold} must be in (0, 1]")
+    if not config.split_mb > 0:
+        problems.append(f"--split_mb={config.split_mb} must be positive")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -141,18 +153,21 @@ def _settings(config: PrepareConfig, files: list[str], tokenizer: Tokenizer) -> 
     return json.loads(json.dumps(settings))  # as read back from _run.json: lists, not tuples
 
 
-def _claim_output(output: str, settings: dict) -> dict | None:
+def _claim_output(output: str, settings: dict, split_mb: float) -> dict | None:
     """The finished manifest if this exact run is done; refuse an output holding another run."""
     # The claim is exclusive (link / if_generation_match=0): of two runs started at once into
-    # one output, the second reads the first's settings and resumes with it or is refused.
-    write_bytes(join(output, RUN_FILE), json.dumps(settings, indent=1).encode(), exclusive=True)
-    for name in (MANIFEST, RUN_FILE):
+    # one output, the second reads the first's settings and resumes with it or is refused. The
+    # split size changes no output byte, but a partial run's stage files are numbered by its
+    # splits: it resumes with the same --split_mb only.
+    claim = dict(settings, split_mb=split_mb)
+    write_bytes(join(output, RUN_FILE), json.dumps(claim, indent=1).encode(), exclusive=True)
+    for name, ours in ((MANIFEST, settings), (RUN_FILE, claim)):
         previous = read_json(join(output, name))
         if previous is None:
             continue
         theirs = previous.get("settings", previous)
-        if theirs != settings:
-            diff = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
+        if theirs != ours:
+            diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             raise ValueError(
                 f"--output={output} already holds a {'finished' if name == MANIFEST else 'partial'} "
                 f"run with other settings (differing: {', '.join(diff)}): choose another --output "
@@ -223,7 +238,7 @@ def prepare(config: PrepareConfig) -> dict:
     files = expand_inputs(config.inputs)
     tokenizer = Tokenizer.load(config.tokenizer)
     settings = _settings(config, files, tokenizer)
-    finished = _claim_output(config.output, settings)
+    finished = _claim_output(config.output, settings, config.split_mb)
     if finished is not None:
         print(f"{config.output} already holds this run's shards and manifest: nothing to do")
         return finished
@@ -233,18 +248,25 @@ def prepare(config: PrepareConfig) -> dict:
     walls: dict = {}
     tokenizer_ref = ray.put(tokenizer.model_bytes)
 
-    # 1. map: the files without a finished metadata file.
+    # 1. map: the splits without a finished metadata file.
     t = time.time()
-    todo = [k for k in range(len(files)) if file_size(stage(config, f"map-{k:05d}.meta.npz")) is None]
+    split_bytes = max(1, int(config.split_mb * 1e6))
+    splits = [Split(k, f, start, end) for k, f in enumerate(files)
+              for start, end in documents.byte_ranges(f, settings["input_files"][k]["bytes"], split_bytes)]
+    write_bytes(stage(config, SPLITS_FILE), json.dumps([dataclasses.asdict(s) for s in splits]).encode())
+    todo = [i for i in range(len(splits)) if file_size(stage(config, f"map-{i:05d}.meta.npz")) is None]
     bands = documents.lsh_bands(config.near_dup_threshold, config.num_perm)
-    run_stage("map", map_split, [(config, tokenizer_ref, bands, k, files[k]) for k in todo],
-              [settings["input_files"][k]["bytes"] or 1 for k in todo], unit="B")
-    summaries = [load_meta(config, k)["summary"] for k in range(len(files))]
+    run_stage("map", map_split, [(config, tokenizer_ref, bands, i, splits[i]) for i in todo],
+              [(splits[i].end or 1) - splits[i].start for i in todo], unit="B")
+    summaries = [load_meta(config, i)["summary"] for i in range(len(splits))]
+    bases = split_bases(splits, summaries)
     walls["map"] = time.time() - t
     bad = sum(s["bad"] for s in summaries)
     records = sum(s["read"] for s in summaries) + bad
     if bad and bad > config.max_bad_fraction * records:
-        examples = "; ".join(e for s in summaries for e in s["bad_examples"])
+        examples = "; ".join(f"{path}:{unit}{line + lines_before}: {problem}"
+                             for s, (_, _, lines_before) in zip(summaries, bases)
+                             for path, unit, line, problem in s["bad_examples"][:5])
         raise ValueError(f"{bad} of {records} records are malformed, more than "
                          f"--max_bad_fraction={config.max_bad_fraction}: {examples}")
 
@@ -254,16 +276,16 @@ def prepare(config: PrepareConfig) -> dict:
         t = time.time()
         parts = [p for p in range(config.num_partitions)
                  if file_size(stage(config, f"dedup-{p:05d}-of-{config.num_partitions:05d}.npz")) is None]
-        dedup = run_stage("dedup", dedup_partition, [(config, len(files), p) for p in parts])
+        dedup = run_stage("dedup", dedup_partition, [(config, len(splits), p) for p in parts])
         seconds["dedup"] = sum(d["seconds"] for d in dedup)
         walls["dedup"] = time.time() - t
         t = time.time()
-        seconds["components"] = run_stage("components", components, [(config, len(files))])[0]["seconds"]
+        seconds["components"] = run_stage("components", components, [(config, len(splits))])[0]["seconds"]
         walls["components"] = time.time() - t
 
     # 4. mixture.
     t = time.time()
-    stats = run_stage("mixture", language_totals, [(config, k) for k in range(len(files))])
+    stats = run_stage("mixture", language_totals, [(config, i) for i in range(len(splits))])
     totals: dict = {}
     counts = dict.fromkeys(STAGES, 0)
     counts["read"] = records - bad
@@ -281,7 +303,7 @@ def prepare(config: PrepareConfig) -> dict:
         raise ValueError(f"no document survived the filters (counts: {counts}); check --languages "
                          "and the cleaning thresholds")
     factors = mixture_factors(config, totals)
-    plans = run_stage("plan", plan_split, [(config, k, factors) for k in range(len(files))])
+    plans = run_stage("plan", plan_split, [(config, i, bases[i][:2], factors) for i in range(len(splits))])
     walls["mixture"] = time.time() - t
 
     # 5. pack: the validation records spread over the shards' tails, in proportion.
@@ -303,7 +325,7 @@ def prepare(config: PrepareConfig) -> dict:
     todo = [s for s, r in enumerate(shards) if r is None or file_size(
         join(config.output, r["entry"]["name"])) != r["entry"]["sequences"] * record_bytes]
     for s, result in zip(todo, run_stage("pack", pack_shard, [
-            (config, len(files), factors, dtype, s, int(val[s])) for s in todo])):
+            (config, [b[:2] for b in bases], factors, dtype, s, int(val[s])) for s in todo])):
         shards[s] = result
     validation = ([run_stage("validation", validation_shard, [(config, n_val)])[0]] if n_val else [])
     seconds["pack"] = sum(r["seconds"] for r in shards)
@@ -412,6 +434,11 @@ def define_flags() -> None:
     flags.DEFINE_string("ray_address", None, "Join this Ray cluster instead (auto, or HOST:PORT of "
                         "its head; scripts/tpu.sh starts one on a TPU VM's hosts).")
     flags.DEFINE_integer("num_partitions", 16, "Dedup tasks (key ranges); changes no output byte.")
+    flags.DEFINE_float("split_mb", 64, "Map tasks read uncompressed .jsonl and .txt files in byte ranges of "
+                       "about this many MB (compressed, Parquet and code files whole); changes no output "
+                       "byte. 64: a task's memory stays in the hundreds of MB and its run near 2 minutes "
+                       "at ~0.5 MB/s per core, enough tasks to balance a cluster's cores, and a killed run "
+                       "loses at most one split per core.")
 
 
 def config_from_flags(argv: Sequence[str]) -> PrepareConfig:
@@ -435,7 +462,7 @@ def config_from_flags(argv: Sequence[str]) -> PrepareConfig:
         language_id=FLAGS.language_id, min_language_confidence=FLAGS.min_language_confidence,
         validation_fraction=FLAGS.validation_fraction, block_records=FLAGS.block_records,
         seed=FLAGS.seed, max_bad_fraction=FLAGS.max_bad_fraction, num_cpus=FLAGS.num_cpus,
-        ray_address=FLAGS.ray_address, num_partitions=FLAGS.num_partitions)
+        ray_address=FLAGS.ray_address, num_partitions=FLAGS.num_partitions, split_mb=FLAGS.split_mb)
 
 
 def main(argv: Sequence[str]) -> None:

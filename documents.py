@@ -13,6 +13,9 @@ Input formats (local paths, globs, gs://bucket/prefix* globs):
 * `hf:NAME[:CONFIG]:SPLIT` streams a Hugging Face dataset by name (needs the network; column
   `text`).
 The source of a document is its `source` field, else its file name without extensions.
+
+Uncompressed `.jsonl` and `.txt` files are read in byte ranges (byte_ranges, iter_documents):
+a large file becomes several map tasks. Compressed, Parquet and code files are read whole.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Iterator
 import numpy as np
 import zstandard
 
-from storage import file_size, gcs_blob, gcs_retry, is_gcs
+from storage import file_size, open_read, read_bytes
 
 CODE = "code"  # the language of code documents
 CODE_EXTENSIONS = (".py", ".js", ".ts", ".java", ".c", ".h", ".cc", ".cpp", ".go", ".rs", ".sh", ".rb")
@@ -42,14 +45,41 @@ class Document:
     text: str
     lang: str | None
     source: str
-    where: str  # "file:line", for messages
+    path: str
+    line: int  # of its first line, counted from the split's first line (see iter_documents)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
 
 
 @dataclasses.dataclass(frozen=True)
 class BadRecord:
-    where: str
+    path: str
+    line: int  # as Document.line; a row for Parquet (unit "row ")
     problem: str
+    offset: int = 0  # byte offset of its line in the file
+    unit: str = ""
 
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.unit}{self.line}"
+
+
+# Formats whose record boundaries can be found from any byte offset: a JSONL record starts after
+# a newline, a text document at a non-blank line after a blank one. A compressed stream cannot be
+# entered mid-way (gzip and zstd frames are not indexed), Parquet is read whole (its row groups
+# would be the unit), a code file is one document: those are one split each.
+SPLITTABLE = (".jsonl", ".txt")
+
+
+def byte_ranges(path: str, size: int | None, split_bytes: int) -> list[tuple[int, int | None]]:
+    """The splits of one input file: ceil(size / split_bytes) equal byte ranges of an
+    uncompressed JSONL or text file, one (0, size) range for any other file."""
+    if size is None or path.startswith("hf:") or not path.endswith(SPLITTABLE):
+        return [(0, size)]
+    n = max(1, -(-size // split_bytes))
+    return [(r * size // n, (r + 1) * size // n) for r in range(n)]
 
 
 def _source_name(path: str) -> str:
@@ -64,7 +94,7 @@ def _open_binary(path: str):
         raise FileNotFoundError(f"input file {path} does not exist (or is not readable)")
     if size == 0:
         raise ValueError(f"input file {path} is empty: remove it from --input")
-    raw = gcs_blob(path).open("rb", retry=gcs_retry()) if is_gcs(path) else open(path, "rb")
+    raw = open_read(path)
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw)
     if path.endswith(".zst"):
@@ -72,25 +102,79 @@ def _open_binary(path: str):
     return raw
 
 
-def _lines(path: str) -> Iterator[tuple[int, str | None]]:
-    """(line number, text or None for non-UTF-8 bytes)."""
+def _decode(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        return None
+
+
+def _lines(path: str, start: int = 0) -> Iterator[tuple[int, str | None]]:
+    """(byte offset, text or None for non-UTF-8 bytes) of the lines from the first one that
+    starts at or after `start` (an uncompressed file's offset) to the end of the file."""
     with _open_binary(path) as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                yield number, None
+        offset = 0
+        if start:
+            f.seek(start - 1)
+            offset = start - 1 + len(f.readline())  # the rest of the line holding byte start - 1
+        for raw in f:
+            yield offset, _decode(raw)
+            offset += len(raw)
 
 
-def iter_documents(path: str) -> Iterator[Document | BadRecord]:
-    """The documents of one input file (see the module docstring), and its malformed records."""
+def _previous_line_is_blank(path: str, offset: int) -> bool:
+    """Whether the line that ends just before `offset` (a line start > 0) is blank: read
+    backwards in 64 KB steps to the newline before it."""
+    line, stop = b"", offset - 1
+    while stop > 0:
+        a = max(0, stop - (1 << 16))
+        part = read_bytes(path, a, stop - a)
+        cut = part.rfind(b"\n")
+        line = part[cut + 1:] + line
+        if cut >= 0:
+            break
+        stop = a
+    text = _decode(line)
+    return text is not None and not text.strip()
+
+
+def line_number(path: str, offset: int) -> int:
+    """The line number of the line starting at byte `offset` of an uncompressed file: one pass
+    counting newlines, for error messages of splits that start past the file's first byte."""
+    count = 0
+    with open_read(path) as f:
+        while offset > 0:
+            chunk = f.read(min(offset, 8 << 20))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            offset -= len(chunk)
+    return count + 1
+
+
+def iter_documents(path: str, start: int = 0, end: int | None = None,
+                   tally: dict | None = None) -> Iterator[Document | BadRecord]:
+    """The documents of one input file (see the module docstring), and its malformed records.
+
+    With a byte range [start, end) of an uncompressed JSONL or text file (byte_ranges), the
+    records whose first byte lies in it: reading starts at the first record boundary at or after
+    `start` and goes on past `end` to finish the record that straddles it, so the ranges of a
+    file read each record exactly once. Line numbers then count from the split's first record
+    (from the file's first line when start is 0); `tally["lines"]` receives the lines the split
+    holds (from its first record to the next split's), whose sums over the earlier splits of a
+    file turn them into the file's line numbers."""
     source = _source_name(path)
+    splittable = path.endswith(SPLITTABLE) and not path.startswith("hf:")
+    if start and not splittable:
+        raise ValueError(f"{path}: only uncompressed .jsonl and .txt files are read by byte range")
+    tally = {} if tally is None else tally
+    tally["lines"] = 0
     if path.startswith("hf:"):
         import datasets
 
         name, *config, split = path[3:].split(":")
         for i, row in enumerate(datasets.load_dataset(name, *config, split=split, streaming=True)):
-            yield Document(row["text"], row.get("lang"), row.get("source") or name, f"{path}:{i}")
+            yield Document(row["text"], row.get("lang"), row.get("source") or name, path, i)
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -104,53 +188,70 @@ def iter_documents(path: str) -> Iterator[Document | BadRecord]:
                 for record in batch.to_pylist():
                     row += 1
                     if not isinstance(record["text"], str):
-                        yield BadRecord(f"{path}:row {row}", "'text' is not a string")
+                        yield BadRecord(path, row, "'text' is not a string", unit="row ")
                         continue
                     yield Document(record["text"], record.get("lang"), str(record.get("source") or source),
-                                   f"{path}:row {row}")
+                                   path, row)
     elif re.search(r"\.jsonl(\.gz|\.zst)?$", path):
-        for number, line in _lines(path):
-            where = f"{path}:{number}"
+        for number, (offset, line) in enumerate(_lines(path, start), 1):
+            if end is not None and offset >= end:
+                break
+            tally["lines"] = number
             if line is None:
-                yield BadRecord(where, "bytes that are not UTF-8")
+                yield BadRecord(path, number, "bytes that are not UTF-8", offset)
                 continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                yield BadRecord(where, f"invalid JSON ({e.msg} at column {e.colno})")
+                yield BadRecord(path, number, f"invalid JSON ({e.msg} at column {e.colno})", offset)
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                yield BadRecord(where, "no string field 'text'")
+                yield BadRecord(path, number, "no string field 'text'", offset)
                 continue
-            yield Document(record["text"], record.get("lang"), str(record.get("source") or source), where)
+            yield Document(record["text"], record.get("lang"), str(record.get("source") or source), path, number)
     elif path.endswith(CODE_EXTENSIONS):
         with _open_binary(path) as f:
             raw = f.read()
         try:
-            yield Document(raw.decode("utf-8"), CODE, CODE, f"{path}:1")
+            yield Document(raw.decode("utf-8"), CODE, CODE, path, 1)
         except UnicodeDecodeError:
-            yield BadRecord(f"{path}:1", "bytes that are not UTF-8")
+            yield BadRecord(path, 1, "bytes that are not UTF-8")
     elif re.search(r"\.txt(\.gz|\.zst)?$", path):
-        block, first, bad = [], 0, 0
-        for number, line in itertools.chain(_lines(path), [(0, "")]):  # "" ends the last document
-            if line is None or line.strip():
+        # A document starts at a non-blank line after a blank one (or at the file's first line).
+        # A split past byte 0 begins at its first such line, which may need a look at the line
+        # before the first line it reads.
+        block, first, bad, bad_offset, number = [], 0, 0, 0, 0
+        previous_blank, inside = None, not start
+        for offset, line in itertools.chain(_lines(path, start), [(-1, "")]):  # "" ends the last one
+            blank = line is not None and not line.strip()
+            if previous_blank is None:
+                previous_blank = offset <= 0 or _previous_line_is_blank(path, offset)
+            begins, previous_blank = not blank and previous_blank, blank
+            if begins and end is not None and offset >= end:
+                break
+            inside = inside or begins
+            if not inside:
+                continue  # the end of a document of the split before
+            if offset >= 0:
+                number += 1
+                tally["lines"] = number
+            if not blank:
                 first = first or number
-                if line is None:
-                    bad = bad or number
-                else:
+                if line is None and not bad:
+                    bad, bad_offset = number, offset
+                elif line is not None:
                     block.append(line)
                 continue
             if bad:
-                yield BadRecord(f"{path}:{bad}", "bytes that are not UTF-8")
+                yield BadRecord(path, bad, "bytes that are not UTF-8", bad_offset)
             elif block:
-                yield Document("\n".join(block), None, source, f"{path}:{first}")
-            block, first, bad = [], 0, 0
+                yield Document("\n".join(block), None, source, path, first)
+            block, first, bad, bad_offset = [], 0, 0, 0
     else:
         raise ValueError(f"input file {path}: unknown format; expected .jsonl[.gz|.zst], "
                          ".txt[.gz|.zst], .parquet or a code file (" + " ".join(CODE_EXTENSIONS) + ")")
-
 
 
 # ----------------------------------------------------------------------------- the stages

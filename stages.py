@@ -55,15 +55,46 @@ class PrepareConfig:
     num_cpus: int = 0  # local Ray's CPUs (0: every core); ignored with ray_address
     ray_address: str | None = None
     num_partitions: int = 16
+    split_mb: float = 64.0
 
 
-ENGINE_ONLY = ("output", "inputs", "num_cpus", "ray_address", "num_partitions")
+ENGINE_ONLY = ("output", "inputs", "num_cpus", "ray_address", "num_partitions", "split_mb")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One map task's input: bytes [start, end) of input file `file` (documents.byte_ranges)."""
+
+    file: int
+    path: str
+    start: int = 0
+    end: int | None = None
 
 
 # ----------------------------------------------------------------------------- ids and draws
 def make_ids(split: int, rows: np.ndarray) -> np.ndarray:
-    """uint64 ids ordered like (input file, record): the file index above the file's row."""
+    """uint64 ids ordered like (input file, record): the split's index above its row. Splits are
+    numbered in (file, byte range) order and rows in file order: within the pipeline these ids
+    order documents as the (file, record) ids of the docstring do, so the smallest is the first
+    occurrence in file order whatever the split size. Draws use document_ids instead."""
     return (np.uint64(split) << np.uint64(32)) | rows.astype(np.uint64)
+
+
+def document_ids(base: tuple[int, int], rows: np.ndarray) -> np.ndarray:
+    """The ids the draws of (seed, id) use: the file index above the document's row in the whole
+    file. `base`: (file, rows of the file's earlier splits), from split_bases; the same values
+    whatever the split size, hence the same output bytes."""
+    return make_ids(base[0], base[1] + rows)
+
+
+def split_bases(splits: list[Split], summaries: list[dict]) -> list[tuple[int, int, int]]:
+    """Per split: (file, cleaned rows, lines) of the earlier splits of its file."""
+    out, before = [], {}
+    for split, summary in zip(splits, summaries):
+        rows, lines = before.get(split.file, (0, 0))
+        out.append((split.file, rows, lines))
+        before[split.file] = (rows + summary["rows"], lines + summary["lines"])
+    return out
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -110,31 +141,36 @@ def load_meta(config: PrepareConfig, split: int) -> dict:
 
 # ----------------------------------------------------------------------------- 1. map
 def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, int], split: int,
-              path: str) -> dict:
-    """Reads, cleans, hashes, MinHashes, language-IDs and tokenizes one input file; writes its
-    stage files (the metadata last); returns its summary. `bands`: documents.lsh_bands of the
-    config, computed once by the driver (the optimiser takes ~1 s)."""
+              where: Split) -> dict:
+    """Reads, cleans, hashes, MinHashes, language-IDs and tokenizes one input split (a file or a
+    byte range of one); writes its stage files (the metadata last); returns its summary.
+    `bands`: documents.lsh_bands of the config, computed once by the driver (the optimiser
+    takes ~1 s). Line numbers of bad records count from the split's first line (the driver adds
+    the earlier splits' `lines`), except in the error raised at --max_bad_fraction=0, which
+    counts the file's lines before it."""
     tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
     code_sources = set(config.code_sources)
     wanted = {lang for lang, _ in config.languages}
     dtype = token_dtype(tokenizer.vocab_size)
     seconds = dict.fromkeys(("read", "clean", "minhash", "language_id", "tokenize"), 0.0)
-    summary = {"read": 0, "bad": 0, "bad_examples": [], "input_bytes": 0}
+    summary = {"read": 0, "bad": 0, "bad_examples": [], "input_bytes": 0, "file": where.file}
+    tally: dict = {}
     langs: list[str] = []
     sources: list[str] = []
     rows = {k: [] for k in ("record", "lang", "confidence", "source", "tokens")}
     digests, signatures, token_parts = [], [], []
     record = -1
     clock = time.perf_counter()
-    for item in documents.iter_documents(path):
+    for item in documents.iter_documents(where.path, where.start, where.end, tally):
         record += 1
         if isinstance(item, documents.BadRecord):
             if config.max_bad_fraction == 0:
-                raise ValueError(f"{item.where}: {item.problem} (--max_bad_fraction=0: any bad record "
-                                 "fails the run; raise it to skip and count them)")
+                line = documents.line_number(item.path, item.offset) if where.start else item.line
+                raise ValueError(f"{item.path}:{item.unit}{line}: {item.problem} (--max_bad_fraction=0: "
+                                 "any bad record fails the run; raise it to skip and count them)")
             summary["bad"] += 1
             if len(summary["bad_examples"]) < 5:
-                summary["bad_examples"].append(f"{item.where}: {item.problem}")
+                summary["bad_examples"].append([item.path, item.unit, item.line, item.problem])
             continue
         summary["read"] += 1
         summary["input_bytes"] += len(item.text.encode())
@@ -200,7 +236,7 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
     import ray
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    summary.update(langs=langs, sources=sources, seconds=seconds, rows=n, node=node)
+    summary.update(langs=langs, sources=sources, seconds=seconds, rows=n, node=node, lines=tally["lines"])
     save_npz(stage(config, f"map-{split:05d}.meta.npz"),
              record=np.array(rows["record"], np.int64), lang=np.array(rows["lang"], np.int32),
              confidence=np.array(rows["confidence"], np.float32),
@@ -265,7 +301,7 @@ def dedup_partition(config: PrepareConfig, num_splits: int, part: int) -> dict:
 
 # ----------------------------------------------------------------------------- 3. components
 def components(config: PrepareConfig, num_splits: int) -> dict:
-    """Connected components of all pairs; writes, per input file, the rows removed (exact
+    """Connected components of all pairs; writes, per input split, the rows removed (exact
     duplicates apart), each component keeping its smallest id."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -296,7 +332,7 @@ def components(config: PrepareConfig, num_splits: int) -> dict:
 # ----------------------------------------------------------------------------- 4. mixture
 @dataclasses.dataclass(frozen=True)
 class Kept:
-    """One input file's documents after dedup and language ID."""
+    """One input split's documents after dedup and language ID."""
 
     rows: np.ndarray  # row index in the file's stage files
     lang: list[str]
@@ -305,7 +341,7 @@ class Kept:
 
 
 def kept_documents(config: PrepareConfig, split: int, meta: dict) -> tuple[Kept, dict]:
-    """The kept documents of one file, and its count per stage and language."""
+    """The kept documents of one split, and its count per stage and language."""
     n = len(meta["record"])
     langs = np.array(meta["summary"]["langs"] or [""])[meta["lang"]] if n else np.zeros(0, str)
     if config.dedup:
@@ -324,7 +360,7 @@ def kept_documents(config: PrepareConfig, split: int, meta: dict) -> tuple[Kept,
 
 
 def language_totals(config: PrepareConfig, split: int) -> dict:
-    """Tokens and source-weighted tokens per language of one file's kept documents, and its
+    """Tokens and source-weighted tokens per language of one split's kept documents, and its
     stage counts."""
     meta = load_meta(config, split)
     kept, counts = kept_documents(config, split, meta)
@@ -353,11 +389,12 @@ def mixture_factors(config: PrepareConfig, totals: dict) -> dict:
     return factors
 
 
-def emitted(config: PrepareConfig, split: int, kept: Kept, factors: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(kept-document index, shard) per emitted copy of one file's kept documents."""
+def emitted(config: PrepareConfig, base: tuple[int, int], kept: Kept, factors: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(kept-document index, shard) per emitted copy of one split's kept documents; `base`:
+    (file, rows of its earlier splits)."""
     weights = dict(config.source_weights)
     x = np.array([weights.get(s, 1.0) * factors[lang] for lang, s in zip(kept.lang, kept.source)])
-    ids = make_ids(split, kept.rows)
+    ids = document_ids(base, kept.rows)
     u = uniform(draw(config.seed, 0, ids)) if len(ids) else np.zeros(0)
     copies = (np.floor(x) + (u < x - np.floor(x))).astype(np.int64) if len(x) else np.zeros(0, np.int64)
     doc = np.repeat(np.arange(len(ids)), copies)
@@ -366,11 +403,11 @@ def emitted(config: PrepareConfig, split: int, kept: Kept, factors: dict) -> tup
     return doc, shard
 
 
-def plan_split(config: PrepareConfig, split: int, factors: dict) -> dict:
-    """Tokens per shard, and documents and tokens emitted per language and source, of one file."""
+def plan_split(config: PrepareConfig, split: int, base: tuple[int, int], factors: dict) -> dict:
+    """Tokens per shard, and documents and tokens emitted per language and source, of one split."""
     meta = load_meta(config, split)
     kept, _ = kept_documents(config, split, meta)
-    doc, shard = emitted(config, split, kept, factors)
+    doc, shard = emitted(config, base, kept, factors)
     tokens = kept.tokens[doc]
     out = {"shard_tokens": np.bincount(shard, tokens, config.num_shards).astype(np.int64).tolist(),
            "languages": {}, "sources": {}}
@@ -389,17 +426,18 @@ def shard_entry(name: str, data: bytes, sequences: int) -> dict:
     return {"name": name, "sequences": sequences, "sha256": hashlib.sha256(data).hexdigest(), "crc32c": crc32c}
 
 
-def pack_shard(config: PrepareConfig, num_splits: int, factors: dict, dtype: str, shard: int,
+def pack_shard(config: PrepareConfig, bases: list[tuple[int, int]], factors: dict, dtype: str, shard: int,
                validation_records: int) -> dict:
     """Train shard `shard`: its copies shuffled, concatenated and cut; its last
-    `validation_records` records go to a validation part."""
+    `validation_records` records go to a validation part. `bases`: per split, (file, rows of
+    its earlier splits)."""
     started = time.perf_counter()
     dtype = np.dtype(dtype)
-    pieces = []  # token arrays in (file, document, copy) order, shuffled below
-    for split in range(num_splits):
+    pieces = []  # token arrays in (file, document, copy) order, whatever the splits; shuffled below
+    for split, base in enumerate(bases):
         meta = load_meta(config, split)
         kept, _ = kept_documents(config, split, meta)
-        doc, where = emitted(config, split, kept, factors)
+        doc, where = emitted(config, base, kept, factors)
         rows = kept.rows[doc[where == shard]]
         offsets = meta["token_offsets"] * dtype.itemsize
         unique = np.unique(rows)

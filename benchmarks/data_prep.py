@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import documents  # noqa: E402
 import stages  # noqa: E402
+import storage  # noqa: E402
 import stream  # noqa: E402
 from tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
@@ -113,10 +114,14 @@ def dedup_quality(config: stages.PrepareConfig, truth: dict) -> dict:
     """Precision and recall of the removed documents against the planted groups, read from the
     run's stage files: a group of n documents should lose exactly n - 1."""
     removed = set()
-    for split in range(len(config.inputs)):
-        meta = stages.load_meta(config, split)
-        rows = stages.load_npz(stages.stage(config, f"removed-{split:05d}.npz"))["removed"]
-        removed |= {(split, int(r)) for r in meta["record"][rows]}
+    splits = json.loads(storage.read_bytes(stages.stage(config, data.SPLITS_FILE)))
+    records_before: dict = {}  # per file: records of its earlier splits
+    for i, split in enumerate(splits):
+        meta = stages.load_meta(config, i)
+        rows = stages.load_npz(stages.stage(config, f"removed-{i:05d}.npz"))["removed"]
+        first = records_before.get(split["file"], 0)
+        removed |= {(split["file"], first + int(r)) for r in meta["record"][rows]}
+        records_before[split["file"]] = first + meta["summary"]["read"] + meta["summary"]["bad"]
     groups: dict = {}
     for f, record, group in truth["docs"]:
         groups.setdefault(group, []).append((f, record))
@@ -258,6 +263,7 @@ def main():
     parser.add_argument("--stage_mb", type=float, default=3, help="MB timed per stage (one process)")
     parser.add_argument("--files", type=int, default=8, help="JSONL files of the 1x corpus (4x: 4 times more)")
     parser.add_argument("--stream_steps", type=int, default=50)
+    parser.add_argument("--split_mb", type=float, default=64, help="prepare's --split_mb (byte ranges of a file)")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     tmp = tempfile.mkdtemp(prefix="data_prep_bench_")
@@ -283,7 +289,8 @@ def run(args, tmp: str) -> None:
     pipeline = ("read", "clean", "minhash (rensa)", "language ID", "tokenize")
     bound = 1 / sum(cost[k] for k in pipeline)
 
-    common = [f"--tokenizer={tokenizer_path}", "--seq_len=2048", "--num_shards=8", "--languages=en:0.7,fr:0.3"]
+    common = [f"--tokenizer={tokenizer_path}", "--seq_len=2048", "--num_shards=8", "--languages=en:0.7,fr:0.3",
+              f"--split_mb={args.split_mb}"]
     runs = []
     address, nodes = None, []
     for name, scale, cpus, extra in [("1x, 1 CPU", 1, 1, ["--num_cpus=1"]), ("1x, 2 CPUs", 1, 2, ["--num_cpus=2"]),

@@ -1,6 +1,7 @@
 """data.py (the corpus pipeline on Ray), documents.py, storage.py and stream.py (the shard format
 and the stream train.py reads), on real text, a real Ray cluster on 127.0.0.1 and a GCS emulator."""
 
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -404,6 +405,92 @@ def test_all_input_formats_give_the_same_documents(tmp_path, corpus):
         assert got == expected, name
     got = [(d.text, d.source) for d in documents.iter_documents(str(tmp_path / "s.txt"))]
     assert got == [(t, "s") for t, _, _ in expected]
+
+
+# ----------------------------------------------------------------------------- byte-range splits
+TINY_SPLIT_MB = 0.004  # 4 KB: each ~15 KB corpus file becomes 4 map tasks
+
+
+def splits_of(output) -> list[dict]:
+    return json.loads((pathlib.Path(output) / "_stages" / data.SPLITS_FILE).read_text())
+
+
+def tricky_text_file(path) -> bytes:
+    """Documents separated by one or several blank lines, some holding spaces, CRLF or only a
+    no-break space, a line of non-UTF-8 bytes, lines longer than a split, no final newline."""
+    paragraphs = fixture_documents("en_wells.txt", chars=200)
+    separators = ["\n\n", "\n  \n\n", "\r\n\r\n", "\n\n\n", "\n\u00a0\n"]
+    text = "".join(p + separators[i % len(separators)] for i, p in enumerate(paragraphs))
+    blob = text.encode().replace(b"\n\n", b"\n" + b"\xff\xfe broken\n\n", 1) + b"a last line, unterminated"
+    pathlib.Path(path).write_bytes(blob)
+    return blob
+
+
+def read_in_ranges(path: str, size: int, split_bytes: int) -> list[tuple]:
+    """(kind, file line, text) of every record of a file read split by split, with each split's
+    line numbers moved by the lines of the splits before it (as the driver does)."""
+    out, before = [], 0
+    for start, end in documents.byte_ranges(path, size, split_bytes):
+        tally: dict = {}
+        for item in documents.iter_documents(path, start, end, tally):
+            out.append((type(item).__name__, item.line + before, getattr(item, "text", None)))
+            if isinstance(item, documents.BadRecord):  # the task's own count, for the fatal error
+                assert documents.line_number(path, item.offset) == item.line + before
+        before += tally["lines"]
+    return out
+
+
+def test_byte_ranges_read_every_record_once_wherever_the_boundaries_fall(tmp_path, corpus):
+    text = tmp_path / "novel.txt"
+    blob = tricky_text_file(text)
+    lines = [json.dumps({"text": t}) for t in corpus[1][:20]]
+    lines[3], lines[7] = "{not json", ""
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_bytes(("\n".join(lines) + "\n").encode())
+    for path in (str(text), str(jsonl)):
+        size = os.path.getsize(path)
+        whole = [(type(d).__name__, d.line, getattr(d, "text", None)) for d in documents.iter_documents(path)]
+        assert len(whole) > 10 and any(kind == "BadRecord" for kind, _, _ in whole)
+        for split_bytes in (1, 97, 1000, 4096, size - 1, size):  # 1 byte: every offset is a boundary
+            assert len(documents.byte_ranges(path, size, split_bytes)) == -(-size // split_bytes)
+            assert read_in_ranges(path, size, split_bytes) == whole, (path, split_bytes)
+    # Compressed files are one split: a stream cannot be entered mid-way.
+    assert documents.byte_ranges("a.jsonl.gz", 10**9, 1000) == [(0, 10**9)]
+
+
+def test_output_is_byte_identical_whatever_the_split_size(tmp_path, corpus, tiny_tokenizer_path, prepared):
+    directory, manifest = prepared  # whole files
+    cfg = config(tmp_path, corpus[0], tiny_tokenizer_path, split_mb=TINY_SPLIT_MB)
+    split = data.prepare(cfg)
+    splits = splits_of(cfg.output)
+    assert len(splits) >= 3 * len(corpus[0]) and [s["file"] for s in splits] == sorted(s["file"] for s in splits)
+    assert all(a["end"] == b["start"] for a, b in zip(splits, splits[1:]) if a["file"] == b["file"])
+    assert shard_bytes(cfg.output) == shard_bytes(directory)
+    assert steady(split) == steady(manifest)
+    # A partial run resumes with its own split size only: its stage files are numbered by split.
+    os.remove(pathlib.Path(cfg.output) / "manifest.json")
+    with pytest.raises(ValueError, match=r"partial run with other settings \(differing: split_mb\)"):
+        data.prepare(dataclasses.replace(cfg, split_mb=1))
+
+
+def test_a_bad_record_in_a_later_split_is_named_by_its_file_line(tmp_path, corpus, tiny_tokenizer_path):
+    good = [json.dumps({"text": t}) for t in corpus[1][:10]]
+    path = tmp_path / "late.jsonl"
+    path.write_text("\n".join(good[:8] + ["{not json"] + good[8:]) + "\n")
+    split_mb = 0.003
+    assert documents.byte_ranges(str(path), path.stat().st_size, int(split_mb * 1e6))[-2][0] < \
+        len("\n".join(good[:8])) < documents.byte_ranges(str(path), path.stat().st_size, int(split_mb * 1e6))[-1][0]
+    with pytest.raises(ValueError, match=re.escape(f"{path}:9: invalid JSON")):
+        data.prepare(config(tmp_path, [str(path)], tiny_tokenizer_path, num_shards=1, split_mb=split_mb))
+    lines = good[:2] + ["{not json"] + good[2:4] + [json.dumps({"txt": "x"})] + good[4:8] + ["[]"]
+    counted = tmp_path / "counted.jsonl"
+    counted.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"3 of 11 records are malformed, more than --max_bad_fraction"
+                                                   f"=0.2: {counted}:3: invalid JSON")) as error:
+        data.prepare(config(tmp_path, [str(counted)], tiny_tokenizer_path, num_shards=1, split_mb=split_mb,
+                            max_bad_fraction=0.2, output=str(tmp_path / "b")))
+    assert f"{counted}:6: no string field" in str(error.value) and f"{counted}:11: no string" in str(error.value)
+    assert len(splits_of(tmp_path / "b")) >= 4
 
 
 # ----------------------------------------------------------------------------- bad input
