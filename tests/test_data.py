@@ -57,6 +57,7 @@ SETTINGS = dict(seq_len=64, num_shards=2, languages=(("en", None), ("fr", None))
                 block_records=4)
 CLI_SETTINGS = ["--seq_len=64", "--num_shards=2", "--languages=en,fr", "--validation_fraction=0.05",
                 "--block_records=4"]
+TINY_SPLIT_MB = 0.004  # 4 KB: each ~15 KB corpus file becomes 4 map tasks (byte ranges)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -291,12 +292,12 @@ def test_a_killed_worker_is_retried_and_the_output_is_identical(tmp_path, corpus
 
 
 @pytest.mark.slow
-def test_a_killed_driver_resumes_without_redoing_finished_files_and_writes_identical_shards(
+def test_a_killed_driver_resumes_without_redoing_finished_splits_and_writes_identical_shards(
         tmp_path, corpus, tiny_tokenizer_path, prepared, ray_cluster):
     out = tmp_path / "out"
     command = [sys.executable, "data.py", "prepare", "--input=" + ",".join(corpus[0]), f"--output={out}",
                f"--tokenizer={tiny_tokenizer_path}", f"--ray_address={ray_cluster[0]}", "--num_partitions=4",
-               *CLI_SETTINGS]
+               f"--split_mb={TINY_SPLIT_MB}", *CLI_SETTINGS]  # byte ranges: the unit of resumption
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list((out / "_stages").glob("map-*.meta.npz")):
@@ -408,9 +409,6 @@ def test_all_input_formats_give_the_same_documents(tmp_path, corpus):
 
 
 # ----------------------------------------------------------------------------- byte-range splits
-TINY_SPLIT_MB = 0.004  # 4 KB: each ~15 KB corpus file becomes 4 map tasks
-
-
 def splits_of(output) -> list[dict]:
     return json.loads((pathlib.Path(output) / "_stages" / data.SPLITS_FILE).read_text())
 
@@ -747,6 +745,34 @@ def test_a_replaced_gcs_shard_is_refused_without_reading_it(on_gcs, tokenizer):
             open_stream(uri, tokenizer, split="validation", global_batch_size=1, grad_accum=1)
     finally:
         storage.write_bytes(name, original)
+
+
+def test_gcs_inputs_are_read_in_byte_ranges_despite_faults(prepared, corpus, tiny_tokenizer_path, gcs_bucket,
+                                                          tmp_path, monkeypatch):
+    directory, manifest = prepared
+    inputs = []
+    for i, path in enumerate(corpus[0]):  # uncompressed: byte ranges of the objects
+        inputs.append(f"gs://{gcs_bucket}/plain/{i}-{os.path.basename(path)}")
+        storage.write_bytes(inputs[-1], pathlib.Path(path).read_bytes())
+    text = tmp_path / "novel.txt"
+    storage.write_bytes(f"gs://{gcs_bucket}/plain/novel.txt", tricky_text_file(text))
+    emulator_port = int(os.environ["STORAGE_EMULATOR_HOST"].rsplit(":", 1)[1])
+    proxy = FaultyProxy(emulator_port, every=7)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{proxy.server_address[1]}")
+    try:
+        # Text documents found from a range's start (a look back at the line before it) as locally.
+        whole = [(type(d).__name__, d.line, getattr(d, "text", None)) for d in documents.iter_documents(str(text))]
+        assert read_in_ranges(f"gs://{gcs_bucket}/plain/novel.txt", text.stat().st_size, 1500) == whole
+        cfg = config(tmp_path, [f"gs://{gcs_bucket}/plain/*.jsonl"], tiny_tokenizer_path, split_mb=TINY_SPLIT_MB)
+        split = data.prepare(cfg)
+    finally:
+        proxy.shutdown()
+    assert {"503", "reset", "cut"} <= set(proxy.faults), proxy.faults
+    assert len(splits_of(cfg.output)) >= 3 * len(inputs)
+    assert shard_bytes(cfg.output) == shard_bytes(directory)
+    assert {k: v for k, v in steady(split).items() if k != "settings"} == \
+        {k: v for k, v in steady(manifest).items() if k != "settings"}  # settings name the inputs
 
 
 def test_command_line_help_is_short_and_bad_flags_are_one_line_with_status_2(tmp_path):
