@@ -440,7 +440,7 @@ def read_in_ranges(path: str, size: int, split_bytes: int) -> list[tuple]:
 
 def test_byte_ranges_read_every_record_once_wherever_the_boundaries_fall(tmp_path, corpus):
     text = tmp_path / "novel.txt"
-    blob = tricky_text_file(text)
+    tricky_text_file(text)
     lines = [json.dumps({"text": t}) for t in corpus[1][:20]]
     lines[3], lines[7] = "{not json", ""
     jsonl = tmp_path / "docs.jsonl"

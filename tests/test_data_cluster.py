@@ -1,0 +1,96 @@
+"""scripts/tpu.sh ray-start / ray-stop for real: the "workers" are shells on this machine
+(JULIAN_SSH), the cluster is a real two-node Ray, data.py prepare runs on it, and ray-stop stops
+exactly its processes while another Ray cluster (the session's) keeps running."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import psutil
+import pytest
+
+from conftest import REPO, free_port, run_script
+from test_data import CLI_SETTINGS, TINY_SPLIT_MB, fixture_documents, write_jsonl
+
+
+# A driver on the cluster: its alive nodes, and the nodes that ran tasks spread over them.
+PROBE = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+alive = [n for n in ray.nodes() if n["Alive"]]
+
+@ray.remote(scheduling_strategy="SPREAD")
+def where():
+    time.sleep(0.5)
+    return ray.get_runtime_context().get_node_id()
+
+seen, deadline = set(), time.time() + 120
+while len(seen) < 2 and time.time() < deadline:
+    seen |= set(ray.get([where.remote() for _ in range(4)]))
+print(len(alive), len(seen))
+"""
+
+
+def subprocess_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def session_processes(leaders: list[int]) -> list[psutil.Process]:
+    """Every process of the sessions these `ray start --block` processes lead (tpu.sh runs each
+    node under setsid)."""
+    out = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) in leaders:
+                out.append(process)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+@pytest.mark.slow
+def test_tpu_script_starts_a_two_node_ray_cluster_prepare_uses_and_stops_only_its_processes(
+        tmp_path, tiny_tokenizer_path, ray_cluster):
+    worker = tmp_path / "local-worker"  # `$JULIAN_SSH WORKER COMMAND`: a local shell for every worker
+    worker.write_text('#!/usr/bin/env bash\nexec bash -c "$2"\n')
+    worker.chmod(0o755)
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="jr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "JULIAN_SSH": str(worker), "JULIAN_IPS": "127.0.0.1 127.0.0.1",
+           "JULIAN_RAY_PORT": str(port), "JULIAN_RAY_ARGS": f"--num-cpus=1 --temp-dir={temp}",
+           "JULIAN_RAY_HEAD_ARGS": f"--include-dashboard=false --ray-client-server-port={free_port()}",
+           "JULIAN_RAY_DIR": str(tmp_path / "ray"), "JULIAN_REMOTE_DIR": REPO,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    script = [os.path.join(REPO, "scripts", "tpu.sh"), "my-v4-32", "us-central2-b"]
+    head = psutil.Process(ray_cluster[1].pid)
+    others = [head, *head.children(recursive=True)]  # another cluster on this machine
+    docs = {name: fixture_documents(f"{name}.txt") for name in ("en_bronte", "fr_verne")}
+    inputs = [write_jsonl(tmp_path / f"{name}.jsonl", [{"text": t} for t in texts]) for name, texts in docs.items()]
+    ours: list = []
+    try:
+        started = subprocess_run([*script, "ray-start"], env)
+        assert started.returncode == 0, started.stdout + started.stderr
+        leaders = [int((tmp_path / "ray" / f"node-{w}.pid").read_text()) for w in (0, 1)]
+        ours = session_processes(leaders)
+        names = [p.name() for p in ours]
+        assert names.count("raylet") == 2 and names.count("gcs_server") == 1, names
+        probe = subprocess.run([sys.executable, "-c", PROBE, f"127.0.0.1:{port}"], capture_output=True, text=True,
+                               timeout=300)
+        assert probe.stdout.split() == ["2", "2"], probe.stdout + probe.stderr  # joined, and both take tasks
+        out = tmp_path / "out"
+        run_script("data.py", "prepare", "--input=" + ",".join(inputs), f"--output={out}",
+                   f"--tokenizer={tiny_tokenizer_path}", f"--ray_address=127.0.0.1:{port}",
+                   f"--split_mb={TINY_SPLIT_MB}", *CLI_SETTINGS)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["documents"]["read"] == sum(map(len, docs.values()))
+        ours = session_processes(leaders)  # with the workers that ran the tasks
+    finally:
+        stopped = subprocess_run([*script, "ray-stop"], env)
+    assert stopped.returncode == 0 and stopped.stdout.count("Ray node stopped") == 2, stopped.stdout + stopped.stderr
+    assert ours and not [p for p in ours if p.is_running()]
+    assert all(p.is_running() for p in others), "ray-stop touched another Ray cluster"
+    assert not list((tmp_path / "ray").glob("*.pid"))
+    shutil.rmtree(temp, ignore_errors=True)
