@@ -256,8 +256,10 @@ def prepare(config: PrepareConfig) -> dict:
     write_bytes(stage(config, SPLITS_FILE), json.dumps([dataclasses.asdict(s) for s in splits]).encode())
     todo = [i for i in range(len(splits)) if file_size(stage(config, f"map-{i:05d}.meta.npz")) is None]
     bands = documents.lsh_bands(config.near_dup_threshold, config.num_perm)
+    sizes = [(s.end if s.end is not None else settings["input_files"][s.file]["bytes"] or 1) - s.start
+             for s in splits]
     run_stage("map", map_split, [(config, tokenizer_ref, bands, i, splits[i]) for i in todo],
-              [(splits[i].end or 1) - splits[i].start for i in todo], unit="B")
+              [sizes[i] for i in todo], unit="B")
     summaries = [load_meta(config, i)["summary"] for i in range(len(splits))]
     bases = split_bases(splits, summaries)
     walls["map"] = time.time() - t

@@ -75,9 +75,9 @@ SPLITTABLE = (".jsonl", ".txt")
 
 def byte_ranges(path: str, size: int | None, split_bytes: int) -> list[tuple[int, int | None]]:
     """The splits of one input file: ceil(size / split_bytes) equal byte ranges of an
-    uncompressed JSONL or text file, one (0, size) range for any other file."""
+    uncompressed JSONL or text file; (0, None), the whole file, for any other."""
     if size is None or path.startswith("hf:") or not path.endswith(SPLITTABLE):
-        return [(0, size)]
+        return [(0, None)]
     n = max(1, -(-size // split_bytes))
     return [(r * size // n, (r + 1) * size // n) for r in range(n)]
 
@@ -165,7 +165,7 @@ def iter_documents(path: str, start: int = 0, end: int | None = None,
     file turn them into the file's line numbers."""
     source = _source_name(path)
     splittable = path.endswith(SPLITTABLE) and not path.startswith("hf:")
-    if start and not splittable:
+    if (start or end is not None) and not splittable:  # offsets would be taken as decompressed ones
         raise ValueError(f"{path}: only uncompressed .jsonl and .txt files are read by byte range")
     tally = {} if tally is None else tally
     tally["lines"] = 0
