@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -266,9 +267,9 @@ def prepare(config: PrepareConfig) -> dict:
     bad = sum(s["bad"] for s in summaries)
     records = sum(s["read"] for s in summaries) + bad
     if bad and bad > config.max_bad_fraction * records:
-        examples = "; ".join(f"{path}:{unit}{line + lines_before}: {problem}"
-                             for s, (_, _, lines_before) in zip(summaries, bases)
-                             for path, unit, line, problem in s["bad_examples"][:5])
+        examples = "; ".join(itertools.islice((  # the first five, with the file's line numbers
+            f"{path}:{unit}{line + lines_before}: {problem}" for s, (_, _, lines_before) in zip(summaries, bases)
+            for path, unit, line, problem in s["bad_examples"]), 5))
         raise ValueError(f"{bad} of {records} records are malformed, more than "
                          f"--max_bad_fraction={config.max_bad_fraction}: {examples}")
 
