@@ -26,18 +26,19 @@ tokens and its <|im_end|> only. An overlong pair keeps the end of its prompt (at
 --max_prompt_length tokens) and then cuts both replies to --max_length in all; both are counted.
 
 Each pair is two rows (chosen, rejected) of --max_length + 1 tokens that go through the model in
-one forward pass. The reference log-probabilities are computed once before training, in a first
-pass, and stored in --output_dir keyed by the data and --init_from, so a resumed run reads them
-back (--ref_logps=online computes them at every step instead).
+one forward pass. The pairs are prepared once (prepared.py: rendered over the host's cores,
+cached in --prepared_dir, by default OUTPUT_DIR/prepared, keyed by the inputs, the tokenizer and
+the settings). The reference log-probabilities are computed once before training, in a first
+pass, and cached there too, keyed by the pairs' key and --init_from's step, so a resumed run
+reads them back (--ref_logps=online computes them at every step instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import io
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -53,6 +54,7 @@ import chat_formats
 import checkpoint
 import cli
 import parallel
+import prepared
 import sft
 import storage
 import train
@@ -287,50 +289,77 @@ class DataConfig:
             raise ValueError(f"--validation_fraction={self.validation_fraction} must be in [0, 1)")
 
 
-def prepare(config: DataConfig, tokenizer: Tokenizer) -> tuple[PairRows, PairRows | None, list[chat_formats.FileStats]]:
-    """(training rows, held-out rows or None, per-file stats): load, render, cut, hold out, mix.
-    The stats' `truncated` counts pairs whose prompt or replies were cut; `dropped`, pairs
-    whose prompt left no room; `supervised_tokens`, reply tokens in the mix."""
-    def load(path: str) -> tuple[list[Pair], chat_formats.FileStats]:
-        return load_pairs(path, config.format, config.max_bad_fraction, config.system_prompt)
+def cache_parts(config: DataConfig, tokenizer: Tokenizer) -> dict:
+    """What the pairs of `config` depend on: the prepared-rows cache's key."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "train_data"}
+    return prepared.key_parts("dpo pairs", sft.input_identities(config.train_data), tokenizer.model_bytes, settings)
 
-    def render_one(pair: Pair, stats: chat_formats.FileStats) -> RenderedPair | None:
-        result, status = render_pair(tokenizer, pair, config.max_length, config.max_prompt_length)
-        stats.truncated += status in ("prompt cut", "reply cut")
-        stats.dropped += status == "dropped"
-        return result
 
+def prepare(config: DataConfig, tokenizer: Tokenizer, workers: int = 1, cache: prepared.Cache | None = None
+            ) -> tuple[PairRows, PairRows | None, list[chat_formats.FileStats]]:
+    """(training rows, held-out rows or None, per-file stats): load, render (over `workers`
+    processes), cut, hold out, mix; or all of it read back from `cache` when prepared before
+    with the same key. The stats' `truncated` counts pairs whose prompt or replies were cut;
+    `dropped`, pairs whose prompt left no room; `supervised_tokens`, reply tokens in the mix."""
+    if cache is None:
+        return _prepare(config, tokenizer, workers)
+
+    def build() -> tuple[dict[str, np.ndarray], dict]:
+        rows, validation, stats = _prepare(config, tokenizer, workers)
+        arrays = {f"{split}.{field.name}": getattr(pairs, field.name)
+                  for split, pairs in (("train", rows), ("validation", validation)) if pairs is not None
+                  for field in dataclasses.fields(PairRows)}
+        return arrays, {"stats": [dataclasses.asdict(s) for s in stats]}
+
+    arrays, meta = cache.get_or_build(cache_parts(config, tokenizer), build, "prepared pairs")
+    splits = [PairRows(*(arrays[f"{split}.{field.name}"] for field in dataclasses.fields(PairRows)))
+              if f"{split}.tokens" in arrays else None for split in ("train", "validation")]
+    return splits[0], splits[1], [chat_formats.FileStats.from_dict(s) for s in meta["stats"]]
+
+
+def _prepare(config: DataConfig, tokenizer: Tokenizer, workers: int
+             ) -> tuple[PairRows, PairRows | None, list[chat_formats.FileStats]]:
+    load = functools.partial(load_pairs, fmt=config.format, max_bad_fraction=config.max_bad_fraction,
+                             default_system=config.system_prompt)
+    render_one = functools.partial(render_pair, max_length=config.max_length,
+                                   max_prompt_length=config.max_prompt_length)
     train_pairs, held_out, all_stats = sft.render_and_mix(
-        config.train_data, load, render_one, lambda p: len(p.chosen) + len(p.rejected),
+        config.train_data, load, render_one, tokenizer, workers, lambda p: len(p.chosen) + len(p.rejected),
         config.validation_fraction, config.seed)
     valid = to_rows(held_out, config.max_length) if held_out else None
     return to_rows(train_pairs, config.max_length), valid, all_stats
 
 
-def stored_reference_logps(rows: PairRows, model: Transformer, init_from: str, output_dir: str,
-                           batch_size: int, mesh, name: str) -> tuple[np.ndarray, str]:
-    """(log-probabilities, how): read from --output_dir when computed before for the same rows
-    and --init_from, else computed now and stored there (atomically) for a resumed run."""
-    digest = hashlib.sha256(rows.tokens.tobytes() + rows.reply.tobytes()
-                            + str(init_from).encode()).hexdigest()[:16]
-    path = storage.join(output_dir, f"reference_logps_{name}_{digest}.npy")
+def reference_identity(init_from: str, execution: dict) -> dict:
+    """What identifies the reference's log-probabilities: --init_from's newest step (where it
+    lives, which step) and the settings it runs with (dtype changes the numbers). A checkpoint
+    rewritten in place at the same step is not noticed: --noreuse_prepared recomputes."""
+    where = init_from if storage.is_gcs(init_from) else os.path.abspath(init_from)
+    return {"init_from": where, "step": checkpoint.latest_step(init_from), "execution": execution}
+
+
+def stored_reference_logps(splits: dict[str, PairRows], model: Transformer, parts: dict, cache: prepared.Cache,
+                           batch_size: int, mesh) -> tuple[dict[str, np.ndarray], str]:
+    """({split: log-probabilities}, how): read from `cache` when computed before for the same
+    `parts` (the pairs' key and the reference's identity), else computed now and stored there
+    for a resumed run."""
     # Process 0 decides and shares what it read: every process must take the same branch (the
-    # pass below is collective), also when --output_dir is a local folder only process 0 has.
-    found = storage.file_size(path) is not None if jax.process_index() == 0 else False
+    # pass below is collective), also when the cache is a local folder only process 0 has.
+    what = "reference log-probabilities"
+    found = cache.read(parts, what) if jax.process_index() == 0 else None
+    values = found[0] if found is not None and set(found[0]) == set(splits) else None
     if jax.process_count() > 1:
-        found = bool(multihost_utils.broadcast_one_to_all(np.asarray(found)))
-    if found:
-        values = (np.load(io.BytesIO(storage.read_bytes(path))) if jax.process_index() == 0
-                  else np.zeros((rows.num_rows, 2), np.float32))
-        if jax.process_count() > 1:
-            values = np.asarray(multihost_utils.broadcast_one_to_all(values))
-        return values, f"read from {path}"
-    values = reference_logps(model, rows, batch_size, mesh)
-    if jax.process_index() == 0:
-        buffer = io.BytesIO()
-        np.save(buffer, values)
-        storage.write_bytes(path, buffer.getvalue())
-    return values, f"computed and stored in {path}"
+        if bool(multihost_utils.broadcast_one_to_all(np.asarray(values is not None))):
+            shapes = {name: np.zeros((rows.num_rows, 2), np.float32) for name, rows in splits.items()}
+            values = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(
+                values if values is not None else shapes))
+        else:
+            values = None
+    if values is not None:
+        return values, f"read from {cache.path(parts)}"
+    values = {name: reference_logps(model, rows, batch_size, mesh) for name, rows in splits.items()}
+    cache.store(parts, values, {}, what)
+    return values, f"computed and stored in {cache.path(parts)}"
 
 
 def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows) -> str:
@@ -351,6 +380,7 @@ DPO_DEFAULTS = {"learning_rate": 5e-7, "warmup_steps": 0, "weight_decay": 0.0, "
 def define_flags() -> None:
     """train.py's flags (model, optimization, run, logging) plus DPO's own."""
     train.define_flags()
+    prepared.define_flags()
     flags.DEFINE_enum("format", "auto", PAIR_FORMATS, "Record shape of --train_data (auto: by each record's keys).")
     flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of pairs that bring none.")
     flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
@@ -362,7 +392,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_length", 1024, "Tokens of prompt + reply; longer replies are cut.")
     flags.DEFINE_integer("max_prompt_length", 512, "Tokens of the prompt kept (its end) when a pair is too long.")
     flags.DEFINE_enum("ref_logps", "stored", ["stored", "online"], "stored: the reference's "
-                      "log-probabilities computed once before training and kept in --output_dir; "
+                      "log-probabilities computed once before training and kept in --prepared_dir; "
                       "online: computed at every step (one more forward pass per step).")
     flags.DEFINE_float("epochs", 1.0, "Passes over the pairs, setting --steps (0: use --steps).")
     flags.DEFINE_float("warmup_ratio", 0.1, "Warmup as a share of the steps (sets --warmup_steps; "
@@ -394,10 +424,15 @@ def main(argv):
         held_out = FLAGS.validation_fraction if FLAGS.eval_every and not FLAGS.validation_data else 0.0
         data_config = DataConfig(tuple(FLAGS.train_data.split(",")), FLAGS.max_length, FLAGS.max_prompt_length,
                                  FLAGS.format, FLAGS.system_prompt, FLAGS.max_bad_fraction, held_out, config.seed)
-        rows, validation_rows, stats = prepare(data_config, tokenizer)
+        workers = prepared.workers(FLAGS.prepare_workers)
+        cache = prepared.run_cache(run.output_dir, FLAGS.prepared_dir, FLAGS.reuse_prepared, jax.process_index())
+        rows, validation_rows, stats = prepare(data_config, tokenizer, workers, cache)
+        pair_keys = [prepared.digest(cache_parts(data_config, tokenizer))]
         if FLAGS.eval_every and FLAGS.validation_data:
-            validation_rows, _, more = prepare(dataclasses.replace(
-                data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0), tokenizer)
+            validation_config = dataclasses.replace(
+                data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0)
+            validation_rows, _, more = prepare(validation_config, tokenizer, workers, cache)
+            pair_keys.append(prepared.digest(cache_parts(validation_config, tokenizer)))
             stats += [dataclasses.replace(s, validation=s.mixed, mixed=0, supervised_tokens=0) for s in more]
         if jax.process_index() == 0:
             print(summary_table(stats, rows))
@@ -412,13 +447,14 @@ def main(argv):
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         ref_train = ref_valid = None
         if FLAGS.ref_logps == "stored":
-            ref_train, how = stored_reference_logps(rows, reference, run.init_from, run.output_dir,
-                                                    config.batch_size // config.grad_accum, mesh, "train")
+            splits = {"train": rows, **({"validation": validation_rows} if validation_rows is not None else {})}
+            parts = {"kind": "dpo reference log-probabilities", "version": prepared.VERSION, "pairs": pair_keys,
+                     "reference": reference_identity(run.init_from, execution)}
+            logps, how = stored_reference_logps(splits, reference, parts, cache,
+                                                config.batch_size // config.grad_accum, mesh)
+            ref_train, ref_valid = logps["train"], logps.get("validation")
             if jax.process_index() == 0:
                 print(f"reference log-probabilities of {rows.num_rows:,} pairs {how}")
-            if validation_rows is not None:
-                ref_valid, _ = stored_reference_logps(validation_rows, reference, run.init_from, run.output_dir,
-                                                      config.batch_size, mesh, "validation")
         source = PairBatches(rows, ref_train, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
         if validation_rows is not None and run.eval_every:
