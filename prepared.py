@@ -106,9 +106,15 @@ class Renderer:
                     bar.update()
                 return out
             if self._pool is None:
+                context = multiprocessing.get_context("forkserver")
+                # The fork server imports render_one's module (and the script's) once, before it
+                # forks the workers, rather than each worker on its own; this takes effect when
+                # this process starts its fork server, on the first pool.
+                module = getattr(render_one, "func", render_one).__module__
+                context.set_forkserver_preload(["__main__", module])
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                    initializer=_start_worker, initargs=(self.tokenizer.model_bytes,))
+                    self.workers, mp_context=context, initializer=_start_worker,
+                    initargs=(self.tokenizer.model_bytes,))
             chunks = [list(records[i: i + self.chunk]) for i in range(0, len(records), self.chunk)]
             out = []
             for results in self._pool.map(_render_chunk, [render_one] * len(chunks), chunks):

@@ -19,6 +19,7 @@ import convert
 import dpo
 import optim
 import parallel
+import prepared
 import train
 from conftest import REPO
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, Tokenizer
@@ -197,13 +198,36 @@ def test_online_reference_equals_the_stored_one_and_a_second_start_reads_it_back
                                                  None)
     for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(online)):
         assert float(a) == pytest.approx(float(b), abs=1e-5)
-    mesh = parallel.make_mesh(1)
-    first, how = dpo.stored_reference_logps(rows, reference, "runs/sft", str(tmp_path), 4, mesh, "train")
-    assert how.startswith("computed") and np.allclose(first, batch["reference_logps"], atol=1e-5)
-    again, how = dpo.stored_reference_logps(rows, policy, "runs/sft", str(tmp_path), 4, mesh, "train")
-    assert how.startswith("read") and np.array_equal(again, first)  # not recomputed (with other weights)
-    _, how = dpo.stored_reference_logps(rows, reference, "runs/other", str(tmp_path), 4, mesh, "train")
+    mesh, logs = parallel.make_mesh(1), []
+    cache = prepared.Cache(str(tmp_path), log=logs.append)
+    parts = {"kind": "dpo reference log-probabilities", "pairs": ["abc"],
+             "reference": dpo.reference_identity("runs/sft", {"dtype": "float32"})}
+    first, how = dpo.stored_reference_logps({"train": rows}, reference, parts, cache, 4, mesh)
+    assert how.startswith("computed") and np.allclose(first["train"], batch["reference_logps"], atol=1e-5)
+    again, how = dpo.stored_reference_logps({"train": rows}, policy, parts, cache, 4, mesh)
+    assert how.startswith("read") and np.array_equal(again["train"], first["train"])  # not recomputed
+    assert logs[-1].startswith("reference log-probabilities: cache hit")
+    other = {**parts, "reference": dpo.reference_identity("runs/other", {"dtype": "float32"})}
+    _, how = dpo.stored_reference_logps({"train": rows}, reference, other, cache, 4, mesh)
     assert how.startswith("computed")  # another --init_from is another reference
+    assert "differs in reference.init_from" in logs[-2]
+
+
+def test_pairs_are_prepared_over_two_processes_once_then_read_back(tokenizer, tmp_path, monkeypatch):
+    config = dpo.DataConfig((f"{PAIRS}:2", os.path.join(os.path.dirname(PAIRS), "en_hh_rlhf_harmless_test_pairs_first200.jsonl") + ":1"),
+                            MAX_LENGTH, 96, validation_fraction=0.1)
+    rows, validation, stats = dpo.prepare(config, tokenizer)
+    monkeypatch.setattr(prepared, "CHUNK", 32)  # several chunks per file, so the pool does run
+    logs = []
+    cache = prepared.Cache(str(tmp_path), log=logs.append)
+    for _ in range(2):
+        again = dpo.prepare(config, tokenizer, workers=2, cache=cache)
+        for a, b in zip((rows, validation), again[:2]):
+            for field in ("tokens", "reply"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        assert again[2] == stats
+    assert "prepared pairs: cache miss" in logs[0] and logs[-1].startswith("prepared pairs: cache hit")
+    assert sum(s.truncated for s in stats) > 0 and validation.num_rows == sum(s.validation for s in stats)
 
 
 # --------------------------------------------------------------------------------------------
