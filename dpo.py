@@ -450,11 +450,9 @@ def main(argv):
             splits = {"train": rows, **({"validation": validation_rows} if validation_rows is not None else {})}
             parts = {"kind": "dpo reference log-probabilities", "version": prepared.VERSION, "pairs": pair_keys,
                      "reference": reference_identity(run.init_from, execution)}
-            logps, how = stored_reference_logps(splits, reference, parts, cache,
+            logps, _ = stored_reference_logps(splits, reference, parts, cache,
                                                 config.batch_size // config.grad_accum, mesh)
             ref_train, ref_valid = logps["train"], logps.get("validation")
-            if jax.process_index() == 0:
-                print(f"reference log-probabilities of {rows.num_rows:,} pairs {how}")
         source = PairBatches(rows, ref_train, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
         if validation_rows is not None and run.eval_every:
