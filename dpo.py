@@ -347,12 +347,12 @@ def stored_reference_logps(splits: dict[str, PairRows], model: Transformer, part
     # pass below is collective), also when the cache is a local folder only process 0 has.
     what = "reference log-probabilities"
     found = cache.read(parts, what) if jax.process_index() == 0 else None
-    values = found[0] if found is not None and set(found[0]) == set(splits) else None
+    shapes = {name: (rows.num_rows, 2) for name, rows in splits.items()}
+    values = found[0] if found is not None and {k: v.shape for k, v in found[0].items()} == shapes else None
     if jax.process_count() > 1:
         if bool(multihost_utils.broadcast_one_to_all(np.asarray(values is not None))):
-            shapes = {name: np.zeros((rows.num_rows, 2), np.float32) for name, rows in splits.items()}
             values = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(
-                values if values is not None else shapes))
+                values if values is not None else {k: np.zeros(v, np.float32) for k, v in shapes.items()}))
         else:
             values = None
     if values is not None:

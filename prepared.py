@@ -37,6 +37,7 @@ import io
 import json
 import multiprocessing
 import os
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
@@ -67,7 +68,9 @@ def workers(requested: int) -> int:
     """--prepare_workers: 0 means the cores this process may run on."""
     if requested < 0:
         raise ValueError(f"--prepare_workers={requested} must be >= 0 (0: one per core)")
-    return requested or len(os.sched_getaffinity(0))
+    if requested:
+        return requested
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,18 +84,21 @@ def _start_worker(model_bytes: bytes) -> None:
     _worker_tokenizer = Tokenizer.from_bytes(model_bytes)
 
 
-def _render_chunk(render_one: Callable, records: list) -> list:
-    return [render_one(_worker_tokenizer, record) for record in records]
+def _render_chunk(render_one: Callable, records: list) -> tuple[list, float]:
+    started = time.process_time()
+    return [render_one(_worker_tokenizer, record) for record in records], time.process_time() - started
 
 
 class Renderer:
     """`render(render_one, records)`: [render_one(tokenizer, record) for record in records], in
     this process or over `workers` processes. render_one must be picklable (a module-level
-    function, or a functools.partial of one)."""
+    function, or a functools.partial of one). `cpu_seconds` adds up the rendering's CPU time
+    in all processes (benchmarks/sft_start.py)."""
 
     def __init__(self, tokenizer: Tokenizer, workers: int = 1, chunk: int | None = None):
         self.tokenizer, self.workers, self.chunk = tokenizer, workers, chunk or CHUNK
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self.cpu_seconds = 0.0
 
     def render(self, render_one: Callable, records: Sequence, desc: str = "render") -> list:
         from tqdm import tqdm
@@ -100,10 +106,11 @@ class Renderer:
         bar = tqdm(total=len(records), desc=desc, disable=None, leave=False)
         with bar:
             if self.workers <= 1 or len(records) <= self.chunk:
-                out = []
+                out, started = [], time.process_time()
                 for record in records:
                     out.append(render_one(self.tokenizer, record))
                     bar.update()
+                self.cpu_seconds += time.process_time() - started
                 return out
             if self._pool is None:
                 context = multiprocessing.get_context("forkserver")
@@ -117,8 +124,9 @@ class Renderer:
                     initargs=(self.tokenizer.model_bytes,))
             chunks = [list(records[i: i + self.chunk]) for i in range(0, len(records), self.chunk)]
             out = []
-            for results in self._pool.map(_render_chunk, [render_one] * len(chunks), chunks):
+            for results, seconds in self._pool.map(_render_chunk, [render_one] * len(chunks), chunks):
                 out += results
+                self.cpu_seconds += seconds
                 bar.update(len(results))
             return out
 

@@ -4,9 +4,11 @@
     python benchmarks/sft_start.py --conversations=50000 --workers=1,2,4
 
 The corpus is the bundled samples/sft files copied over and over (with a counter in each user
-message, so no two records are equal) into one JSONL file. First, preparing it in this process
-(`sft.prepare`: load, render, hold out, mix, pack) with 1, 2, ... rendering processes, and reading
-it back from the cache. Then `sft.py` itself on a tiny model: a run of 1 step (which prepares the
+message, so no two records are equal) into one JSONL file. First, rendering alone
+(`prepared.Renderer`, its pool started beforehand) with 1, 2, ... processes: wall time, and the
+CPU time of all rendering processes together (equal CPU times mean no overhead: a shorter wall
+time needs idle cores). Then `sft.prepare` (load, render, hold out, mix, pack) in full, and
+reading its rows back from the cache. Then `sft.py` itself on a tiny model: a run of 1 step (which prepares the
 rows and caches them), then that run resumed for one more step, timed from the process's start to
 its first training step (the "resume" event in metrics.jsonl, written just before it):
   before  --noreuse_prepared --prepare_workers=1: what every start did before the cache;
@@ -17,6 +19,7 @@ Each resumed run starts from its own copy of the 1-step run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import chat_formats  # noqa: E402
 import prepared  # noqa: E402
 import sft  # noqa: E402
 from tokenizer import Tokenizer, train_tokenizer  # noqa: E402
@@ -78,18 +82,28 @@ def main(argv):
             os.path.join(REPO, "samples")) if n.endswith(".txt")), os.path.join(tmp, "tok"), vocab_size=4096)
         tokenizer = Tokenizer.load(tokenizer_path)
         config = sft.DataConfig((corpus,), FLAGS.seq_len, validation_fraction=0.02)
+        records, _ = chat_formats.load_conversations(corpus)
+        render_one = functools.partial(sft.render, max_tokens=FLAGS.seq_len + 1)
+        for workers in (int(w) for w in FLAGS.workers.split(",")):
+            with prepared.Renderer(tokenizer, workers) as renderer:
+                renderer.render(render_one, records[: 4 * prepared.CHUNK])  # start the pool: not timed
+                renderer.cpu_seconds, started = 0.0, time.perf_counter()
+                renderer.render(render_one, records)
+                seconds = time.perf_counter() - started
+            rows.append((f"render, {workers} process{'es' * (workers > 1)}", seconds, renderer.cpu_seconds,
+                         len(records) / seconds))
         for workers in (int(w) for w in FLAGS.workers.split(",")):
             started = time.perf_counter()
             packed, _, stats = sft.prepare(config, tokenizer, workers)
             seconds = time.perf_counter() - started
-            rows.append((f"sft.prepare, {workers} rendering process{'es' * (workers > 1)}", seconds,
-                         stats[0].conversations / seconds))
+            rows.append((f"sft.prepare (load, render, mix, pack), {workers} process{'es' * (workers > 1)}",
+                         seconds, None, stats[0].conversations / seconds))
         cache = prepared.Cache(os.path.join(tmp, "prepared"), log=lambda _: None)
         sft.prepare(config, tokenizer, cache=cache)
         started = time.perf_counter()
         sft.prepare(config, tokenizer, cache=cache)
         seconds = time.perf_counter() - started
-        rows.append(("sft.prepare, cache hit", seconds, stats[0].conversations / seconds))
+        rows.append(("sft.prepare, cache hit", seconds, None, stats[0].conversations / seconds))
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache.directory) for f in fs)
 
         runs = []
@@ -110,9 +124,9 @@ def main(argv):
     print(f"{stats[0].conversations:,} conversations, {packed.num_rows:,} rows of {FLAGS.seq_len + 1:,} tokens, "
           f"cache entry {size / 2**20:.1f} MiB; {os.cpu_count()} cores, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
-    print("| what | seconds | conversations/s |\n| --- | --- | --- |")
-    for name, seconds, rate in rows:
-        print(f"| {name} | {seconds:.2f} | {rate:,.0f} |")
+    print("| what | wall s | CPU s, all processes | conversations/s |\n| --- | --- | --- | --- |")
+    for name, seconds, cpu, rate in rows:
+        print(f"| {name} | {seconds:.2f} | {'' if cpu is None else f'{cpu:.2f}'} | {rate:,.0f} |")
     if runs:
         print("\n| resumed sft.py run | start to first step (s) | whole run of 1 step (s) |\n| --- | --- | --- |")
         for name, first, whole in runs:
