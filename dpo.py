@@ -301,20 +301,10 @@ def prepare(config: DataConfig, tokenizer: Tokenizer, workers: int = 1, cache: p
     processes), cut, hold out, mix; or all of it read back from `cache` when prepared before
     with the same key. The stats' `truncated` counts pairs whose prompt or replies were cut;
     `dropped`, pairs whose prompt left no room; `supervised_tokens`, reply tokens in the mix."""
+    build = functools.partial(_prepare, config, tokenizer, workers)
     if cache is None:
-        return _prepare(config, tokenizer, workers)
-
-    def build() -> tuple[dict[str, np.ndarray], dict]:
-        rows, validation, stats = _prepare(config, tokenizer, workers)
-        arrays = {f"{split}.{field.name}": getattr(pairs, field.name)
-                  for split, pairs in (("train", rows), ("validation", validation)) if pairs is not None
-                  for field in dataclasses.fields(PairRows)}
-        return arrays, {"stats": [dataclasses.asdict(s) for s in stats]}
-
-    arrays, meta = cache.get_or_build(cache_parts(config, tokenizer), build, "prepared pairs")
-    splits = [PairRows(*(arrays[f"{split}.{field.name}"] for field in dataclasses.fields(PairRows)))
-              if f"{split}.tokens" in arrays else None for split in ("train", "validation")]
-    return splits[0], splits[1], [chat_formats.FileStats.from_dict(s) for s in meta["stats"]]
+        return build()
+    return prepared.cached_rows(cache, cache_parts(config, tokenizer), "prepared pairs", PairRows, build)
 
 
 def _prepare(config: DataConfig, tokenizer: Tokenizer, workers: int

@@ -47,6 +47,7 @@ from absl import flags
 from google.api_core import exceptions as gcs_errors
 
 import storage
+from chat_formats import FileStats
 from tokenizer import Tokenizer
 
 VERSION = 1  # raise when rendering, mixing or packing change what the rows hold
@@ -289,9 +290,17 @@ class Cache:
         return None
 
     def store(self, parts: dict, arrays: dict[str, np.ndarray], meta: dict, what: str) -> None:
-        if self.write:
+        """Write the entry of `parts` (when `write`); a cache that cannot be written costs the next
+        start its preparation, not this run: reported, not raised."""
+        if not self.write:
+            return
+        try:
             write_entry(self.path(parts), parts, arrays, meta)
-            self.log(f"{what}: stored in {self.path(parts)}")
+        except (OSError, gcs_errors.GoogleAPICallError) as e:
+            self.log(f"{what}: could not store them in {self.path(parts)} ({e}); the next start "
+                     "prepares them again")
+            return
+        self.log(f"{what}: stored in {self.path(parts)}")
 
     def get_or_build(self, parts: dict, build: Callable[[], tuple[dict[str, np.ndarray], dict]], what: str
                      ) -> tuple[dict[str, np.ndarray], dict]:
@@ -323,6 +332,23 @@ class Cache:
             return "the entry was never completed"
         shown = ", ".join(best[:4]) + (f" and {len(best) - 4} more" if len(best) > 4 else "")
         return f"the closest entry differs in {shown}"
+
+
+def cached_rows(cache: Cache, parts: dict, what: str, row_type: type, build: Callable[[], tuple]) -> tuple:
+    """(training rows, held-out rows or None, per-file stats) as build() returns them, or read back
+    from `cache`: each split's `row_type` fields (arrays) are stored as SPLIT.FIELD.npy."""
+    fields = [field.name for field in dataclasses.fields(row_type)]
+
+    def stored() -> tuple[dict[str, np.ndarray], dict]:
+        train, validation, stats = build()
+        arrays = {f"{split}.{name}": getattr(rows, name) for split, rows in (("train", train), ("validation", validation))
+                  if rows is not None for name in fields}
+        return arrays, {"stats": [dataclasses.asdict(s) for s in stats]}
+
+    arrays, meta = cache.get_or_build(parts, stored, what)
+    train, validation = (row_type(**{name: arrays[f"{split}.{name}"] for name in fields})
+                         if f"{split}.{fields[0]}" in arrays else None for split in ("train", "validation"))
+    return train, validation, [FileStats.from_dict(s) for s in meta["stats"]]
 
 
 def run_cache(output_dir: str, prepared_dir: str, reuse: bool, process_index: int) -> Cache:

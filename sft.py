@@ -33,6 +33,10 @@ part of an assistant turn. Both are counted and reported.
 
 Batches (`ChatBatches`): the batch of step s is a pure function of (seed, s): epoch e visits the
 packed rows in a permutation seeded by (seed, e), as stream.py does for pretraining records.
+
+Prepared once (prepared.py): rendering runs over --prepare_workers processes (the same rows as
+one), and the packed rows are cached in --prepared_dir (default OUTPUT_DIR/prepared), keyed by
+the inputs, the tokenizer and these settings, so a resumed or repeated run loads them.
 """
 
 from __future__ import annotations
@@ -383,20 +387,10 @@ def prepare(config: DataConfig, tokenizer: Tokenizer, workers: int = 1, cache: p
     """(training rows, validation rows or None, per-file stats): load, render (over `workers`
     processes), cut or drop overlong conversations, hold out each file's validation share, mix,
     pack; or all of it read back from `cache` when prepared before with the same key."""
+    build = functools.partial(_prepare, config, tokenizer, workers)
     if cache is None:
-        return _prepare(config, tokenizer, workers)
-
-    def build() -> tuple[dict[str, np.ndarray], dict]:
-        rows, validation, stats = _prepare(config, tokenizer, workers)
-        arrays = {f"{split}.{field.name}": getattr(packed, field.name)
-                  for split, packed in (("train", rows), ("validation", validation)) if packed is not None
-                  for field in dataclasses.fields(PackedRows)}
-        return arrays, {"stats": [dataclasses.asdict(s) for s in stats]}
-
-    arrays, meta = cache.get_or_build(cache_parts(config, tokenizer), build, "prepared rows")
-    splits = [PackedRows(*(arrays[f"{split}.{field.name}"] for field in dataclasses.fields(PackedRows)))
-              if f"{split}.tokens" in arrays else None for split in ("train", "validation")]
-    return splits[0], splits[1], [FileStats.from_dict(s) for s in meta["stats"]]
+        return build()
+    return prepared.cached_rows(cache, cache_parts(config, tokenizer), "prepared rows", PackedRows, build)
 
 
 def _prepare(config: DataConfig, tokenizer: Tokenizer, workers: int

@@ -439,6 +439,10 @@ def test_an_unfinished_or_damaged_entry_is_not_trusted_but_prepared_again(tokeni
     assert "is damaged" in logs[-2] and tokens in logs[-2]
     _assert_same_rows(rows, again)
     assert sft.prepare(config, tokenizer, cache=cache)[0] is not None and "cache hit" in logs[-1]
+    (tmp_path / "a_file").write_text("")  # a cache that cannot be written: the run goes on
+    blocked = prepared.Cache(str(tmp_path / "a_file" / "prepared"), log=logs.append)
+    _assert_same_rows(rows, sft.prepare(config, tokenizer, cache=blocked)[0])
+    assert "could not store them in" in logs[-1] and "the next start prepares them again" in logs[-1]
 
 
 def test_the_cache_and_the_inputs_may_be_on_gcs(tokenizer, tmp_path, gcs_bucket):
