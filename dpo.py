@@ -336,7 +336,7 @@ def stored_reference_logps(splits: dict[str, PairRows], model: Transformer, part
     # Process 0 decides and shares what it read: every process must take the same branch (the
     # pass below is collective), also when the cache is a local folder only process 0 has.
     what = "reference log-probabilities"
-    found = cache.read(parts, what) if jax.process_index() == 0 else None
+    found = cache.read(parts, what, "computing them") if jax.process_index() == 0 else None
     shapes = {name: (rows.num_rows, 2) for name, rows in splits.items()}
     values = found[0] if found is not None and {k: v.shape for k, v in found[0].items()} == shapes else None
     if jax.process_count() > 1:

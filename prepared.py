@@ -272,21 +272,21 @@ class Cache:
     def path(self, parts: dict) -> str:
         return storage.join(self.directory, digest(parts))
 
-    def read(self, parts: dict, what: str) -> tuple[dict[str, np.ndarray], dict] | None:
-        """The entry of `parts` if reusable, logging a hit or why it missed."""
+    def read(self, parts: dict, what: str, doing: str = "preparing") -> tuple[dict[str, np.ndarray], dict] | None:
+        """The entry of `parts` if reusable, logging a hit or why it missed (then `doing` them)."""
         path = self.path(parts)
         if not self.reuse:
-            self.log(f"{what}: not reusing the cache (--noreuse_prepared): preparing")
+            self.log(f"{what}: not reusing the cache (--noreuse_prepared): {doing}")
             return None
         try:
             found = read_entry(path)
         except CorruptEntry as e:
-            self.log(f"{what}: the cache entry {path} is damaged ({e}): preparing again")
+            self.log(f"{what}: the cache entry {path} is damaged ({e}): {doing} again")
             return None
         if found is not None:
             self.log(f"{what}: cache hit ({path})")
             return found
-        self.log(f"{what}: cache miss ({self.why_missed(parts)}): preparing")
+        self.log(f"{what}: cache miss ({self.why_missed(parts)}): {doing}")
         return None
 
     def store(self, parts: dict, arrays: dict[str, np.ndarray], meta: dict, what: str) -> None:
