@@ -441,7 +441,7 @@ def main(argv):
             parts = {"kind": "dpo reference log-probabilities", "version": prepared.VERSION, "pairs": pair_keys,
                      "reference": reference_identity(run.init_from, execution)}
             logps, _ = stored_reference_logps(splits, reference, parts, cache,
-                                                config.batch_size // config.grad_accum, mesh)
+                                              config.batch_size // config.grad_accum, mesh)
             ref_train, ref_valid = logps["train"], logps.get("validation")
         source = PairBatches(rows, ref_train, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
