@@ -173,6 +173,26 @@ class PackedRows:
         return int(self.mask.sum())
 
 
+def best_fit(sizes: Sequence[int], length: int) -> list[list[int]]:
+    """Best-fit decreasing: the indices of `sizes` each row of `length` holds, in filling order."""
+    rows: list[list[int]] = []
+    by_space: list[list[int]] = [[] for _ in range(length + 1)]  # open rows by tokens left
+    has_space = np.zeros(length + 1, bool)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        fits = np.flatnonzero(has_space[sizes[i]:])
+        if fits.size:  # the fullest row that still fits: rows fill up
+            space = sizes[i] + int(fits[0])
+            row = by_space[space].pop()
+            has_space[space] = bool(by_space[space])
+        else:
+            row, space = len(rows), length
+            rows.append([])
+        rows[row].append(i)
+        by_space[space - sizes[i]].append(row)
+        has_space[space - sizes[i]] = True
+    return rows
+
+
 def pack(examples: Sequence[Example], seq_len: int, packing: bool = True) -> PackedRows:
     """Best-fit decreasing into rows of seq_len + 1 tokens (inputs plus the last target), or one
     example per row if not `packing`. Every example must fit in a row (see `render`)."""
@@ -180,24 +200,7 @@ def pack(examples: Sequence[Example], seq_len: int, packing: bool = True) -> Pac
     sizes = [len(e.ids) for e in examples]
     if sizes and max(sizes) > length:
         raise ValueError(f"an example of {max(sizes)} tokens exceeds the row of seq_len + 1 = {length}")
-    rows: list[list[int]] = []
-    if packing:
-        by_space: list[list[int]] = [[] for _ in range(length + 1)]  # open rows by tokens left
-        has_space = np.zeros(length + 1, bool)
-        for i in sorted(range(len(examples)), key=lambda i: -sizes[i]):
-            fits = np.flatnonzero(has_space[sizes[i]:])
-            if fits.size:  # the fullest row that still fits: rows fill up
-                space = sizes[i] + int(fits[0])
-                row = by_space[space].pop()
-                has_space[space] = bool(by_space[space])
-            else:
-                row, space = len(rows), length
-                rows.append([])
-            rows[row].append(i)
-            by_space[space - sizes[i]].append(row)
-            has_space[space - sizes[i]] = True
-    else:
-        rows = [[i] for i in range(len(examples))]
+    rows = best_fit(sizes, length) if packing else [[i] for i in range(len(examples))]
     # Stored compactly (a 2.5M-conversation mix is ~0.5M rows of 2,049); batches widen to int32.
     largest = max((int(e.ids.max()) for e in examples), default=0)
     tokens = np.full((len(rows), length), PAD_ID, np.uint16 if largest < 2**16 else np.int32)
