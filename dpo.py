@@ -26,7 +26,8 @@ tokens and its <|im_end|> only. An overlong pair keeps the end of its prompt (at
 --max_prompt_length tokens) and then cuts both replies to --max_length in all; both are counted.
 
 Each pair is two rows (chosen, rejected) of --max_length + 1 tokens that go through the model in
-one forward pass. The pairs are prepared once (prepared.py: rendered over the host's cores,
+one forward pass; with --pack_pairs, pairs share rows of the model's context instead, as segments
+(pair_packing.py: the same numbers, fewer padding tokens). The pairs are prepared once (prepared.py: rendered over the host's cores,
 cached in --prepared_dir, by default OUTPUT_DIR/prepared, keyed by the inputs, the tokenizer and
 the settings). The reference log-probabilities are computed once before training, in a first
 pass, and cached there too, keyed by the pairs' key and --init_from's step, so a resumed run
