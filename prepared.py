@@ -7,8 +7,10 @@ records go out in chunks, each worker loads the SentencePiece model once, and th
 back in order, so the rows are byte-identical to rendering in this process. The pool's
 processes come from a fork server (multiprocessing's "forkserver"), not a fork of this process:
 by the time a script renders, JAX and Orbax run threads here, and a forked copy of a threaded
-process may deadlock. A file of at most one chunk is rendered in this process (a pool's start
-costs more than it saves).
+process may deadlock. The fork server imports the script (as multiprocessing's "spawn" does), so
+a script that renders over several processes keeps its top level under
+`if __name__ == "__main__":`, as sft.py and dpo.py do. A file of at most one chunk is rendered
+in this process (a pool's start costs more than it saves).
 
 The cache (`Cache`) holds one entry per key under --prepared_dir (default OUTPUT_DIR/prepared),
 local or gs://. The key is a hash of everything that changes the rows (`key_parts`):

@@ -214,6 +214,7 @@ def test_online_reference_equals_the_stored_one_and_a_second_start_reads_it_back
     assert "differs in reference.init_from" in logs[-2]
 
 
+@pytest.mark.slow
 def test_pairs_are_prepared_over_two_processes_once_then_read_back(tokenizer, tmp_path, monkeypatch):
     config = dpo.DataConfig((f"{PAIRS}:2", os.path.join(os.path.dirname(PAIRS), "en_hh_rlhf_harmless_test_pairs_first200.jsonl") + ":1"),
                             MAX_LENGTH, 96, validation_fraction=0.1)
@@ -415,6 +416,7 @@ def test_packed_pairs_get_the_log_probabilities_loss_and_metrics_they_get_unpack
                 assert float(a) == pytest.approx(float(b), rel=1e-4, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_dpo_trains_on_packed_pairs_and_resumes_from_the_cache(tiny_run, tmp_path):
     out = str(tmp_path / "dpo")
     args = ["--flagfile=configs/dpo_tiny.flags", f"--init_from={tiny_run}", f"--train_data={PAIRS}",

@@ -354,6 +354,7 @@ def _assert_same_rows(a: sft.PackedRows | None, b: sft.PackedRows | None):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
+@pytest.mark.slow
 def test_rendering_over_two_processes_gives_the_same_rows_as_in_this_one(tokenizer, tmp_path, monkeypatch):
     config = _sample_config(tmp_path)
     rows, validation, stats = sft.prepare(config, tokenizer, workers=1)
