@@ -208,6 +208,11 @@ class FileStats:
     mixed: int = 0  # conversations in the training mix, repeats included
     supervised_tokens: int = 0  # in the training mix
 
+    @classmethod
+    def from_dict(cls, values: dict) -> FileStats:
+        """The inverse of dataclasses.asdict (stats kept with prepared rows)."""
+        return cls(**{**values, "bad": collections.Counter(values["bad"])})
+
 
 def load_records(path: str, convert: Callable[[object], list], max_bad_fraction: float, what: str
                  ) -> tuple[list, FileStats]:

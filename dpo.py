@@ -26,18 +26,20 @@ tokens and its <|im_end|> only. An overlong pair keeps the end of its prompt (at
 --max_prompt_length tokens) and then cuts both replies to --max_length in all; both are counted.
 
 Each pair is two rows (chosen, rejected) of --max_length + 1 tokens that go through the model in
-one forward pass. The reference log-probabilities are computed once before training, in a first
-pass, and stored in --output_dir keyed by the data and --init_from, so a resumed run reads them
-back (--ref_logps=online computes them at every step instead).
+one forward pass; with --pack_pairs, pairs share rows of the model's context instead, as segments
+(pair_packing.py: the same numbers, fewer padding tokens). The pairs are prepared once (prepared.py: rendered over the host's cores,
+cached in --prepared_dir, by default OUTPUT_DIR/prepared, keyed by the inputs, the tokenizer and
+the settings). The reference log-probabilities are computed once before training, in a first
+pass, and cached there too, keyed by the pairs' key and --init_from's step, so a resumed run
+reads them back (--ref_logps=online computes them at every step instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import io
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -52,7 +54,9 @@ from jaxtyping import Array, Bool, Float, Int
 import chat_formats
 import checkpoint
 import cli
+import pair_packing
 import parallel
+import prepared
 import sft
 import storage
 import train
@@ -223,39 +227,68 @@ def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> tr
     Reference log-probabilities come from the batch, or from `reference` (frozen) when given."""
     def loss_fn(model: Transformer, micro: dict[str, Array], key):
         del key  # DPO compares log-probabilities: no dropout, as TRL's reference forward
-        policy = sequence_logps(model, micro["tokens"], micro["weights"])
+        policy = batch_logps(model, micro)
         if reference is None:
-            ref = micro["reference_logps"]
+            ref = micro["reference_logps"].reshape(-1, 2)
         else:
-            ref = jax.lax.stop_gradient(sequence_logps(reference, micro["tokens"], micro["weights"]))
-        real = micro["pairs"]
-        losses = pair_losses(config, policy, ref, micro["weights"].sum(-1))
+            ref = jax.lax.stop_gradient(batch_logps(reference, micro))
+        real = micro["pairs"].reshape(-1)
+        losses = pair_losses(config, policy, ref, reply_lengths(micro))
         metrics = {k: jnp.sum(v * real) for k, v in pair_metrics(config, policy, ref).items()}
         return jnp.sum(losses * real), jnp.sum(real), metrics
 
     return loss_fn
 
 
+def batch_logps(model: Transformer, batch: dict[str, Array]) -> Float[Array, "pairs 2"]:
+    """(chosen, rejected) log-probabilities of a batch's pairs: unpacked (PairBatches) or packed
+    (pair_packing.PackedPairBatches: every slot of every row, used or not)."""
+    if "segment_ids" in batch:
+        return pair_packing.packed_logps(model, batch)
+    return sequence_logps(model, batch["tokens"], batch["weights"])
+
+
+def reply_lengths(batch: dict[str, Array]) -> Float[Array, "pairs 2"]:
+    if "segment_ids" in batch:
+        return pair_packing.per_pair(batch["weights"], batch["target_segments"], batch["pairs"].shape[-1])
+    return batch["weights"].sum(-1)
+
+
+def pair_batches(rows: PairRows | sft.PackedRows, reference_logps: np.ndarray | None, *args, **kwargs
+                 ) -> sft.ChatBatches:
+    """PairBatches over unpacked rows, pair_packing.PackedPairBatches over packed ones."""
+    kind = pair_packing.PackedPairBatches if isinstance(rows, sft.PackedRows) else PairBatches
+    return kind(rows, reference_logps, *args, **kwargs)
+
+
+def reference_shape(rows: PairRows | sft.PackedRows) -> tuple[int, ...]:
+    """Of the reference log-probabilities: [pairs, 2], or [rows, slots, 2] when packed."""
+    if isinstance(rows, sft.PackedRows):
+        return rows.num_rows, pair_packing.slots_of(rows), 2
+    return rows.num_rows, 2
+
+
 @functools.cache
 def _reference_forward(mesh) -> Callable:
-    """Jitted once per mesh: (model, [1, pairs, ...] batch) -> replicated [pairs, 2] log-probs."""
-    return jax.jit(lambda m, b: sequence_logps(m, b["tokens"][0], b["weights"][0]),
+    """Jitted once per mesh: (model, [1, rows, ...] batch) -> replicated [pairs, 2] log-probs."""
+    return jax.jit(lambda m, b: batch_logps(m, {k: v[0] for k, v in b.items()}),
                    out_shardings=NamedSharding(mesh, P()))
 
 
-def reference_logps(model: Transformer, rows: PairRows, batch_size: int, mesh) -> Float[np.ndarray, "pairs 2"]:
-    """Every pair's (chosen, rejected) log-probabilities under `model`, in one pass over the
-    rows; each process reads its part of every batch, and every process gets all of them."""
+def reference_logps(model: Transformer, rows: PairRows | sft.PackedRows, batch_size: int, mesh) -> np.ndarray:
+    """Every pair's (chosen, rejected) log-probabilities under `model` (reference_shape), in one
+    pass over the rows; each process reads its part of every batch, and every process gets all."""
     from tqdm import tqdm
 
     forward = _reference_forward(mesh)
-    source = PairBatches(rows, None, 0, batch_size, shuffle=False, process_index=jax.process_index(),
-                         process_count=jax.process_count())
-    out = []
+    source = pair_batches(rows, None, 0, batch_size, shuffle=False, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+    shape, out = reference_shape(rows), []
     for step in tqdm(range(source.num_batches), desc="reference log-probabilities", disable=None):
-        batch = {k: v for k, v in source.batch(step).items() if k in ("tokens", "weights")}
-        out.append(np.asarray(jax.device_get(forward(model, parallel.global_batch(batch, 1, mesh)))))
-    return np.concatenate(out)[: rows.num_rows] if out else np.zeros((0, 2), np.float32)
+        batch = source.batch(step)
+        values = np.asarray(jax.device_get(forward(model, parallel.global_batch(batch, 1, mesh))))
+        out.append(values.reshape(-1, *shape[1:]))
+    return np.concatenate(out)[: rows.num_rows] if out else np.zeros((0, *shape[1:]), np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,10 +305,15 @@ class DataConfig:
     max_bad_fraction: float = 0.0
     validation_fraction: float = 0.0
     seed: int = 0
+    pack: int = 0  # tokens per packed row of pairs (pair_packing.py); 0: two rows per pair
 
     def __post_init__(self):
         if not self.train_data:
             raise ValueError("--train_data is required: JSON or JSONL files of preference pairs")
+        if self.pack and self.pack < 2 * self.max_length:
+            raise ValueError(f"--pack_pairs: rows of {self.pack} tokens cannot hold a pair of two "
+                             f"--max_length={self.max_length} sequences: the model's context must be at least "
+                             f"2 x --max_length")
         if self.format not in PAIR_FORMATS:
             raise ValueError(f"--format={self.format!r}: expected one of {', '.join(PAIR_FORMATS)}")
         if not 0 < self.max_prompt_length < self.max_length:
@@ -287,56 +325,82 @@ class DataConfig:
             raise ValueError(f"--validation_fraction={self.validation_fraction} must be in [0, 1)")
 
 
-def prepare(config: DataConfig, tokenizer: Tokenizer) -> tuple[PairRows, PairRows | None, list[chat_formats.FileStats]]:
-    """(training rows, held-out rows or None, per-file stats): load, render, cut, hold out, mix.
-    The stats' `truncated` counts pairs whose prompt or replies were cut; `dropped`, pairs
-    whose prompt left no room; `supervised_tokens`, reply tokens in the mix."""
-    def load(path: str) -> tuple[list[Pair], chat_formats.FileStats]:
-        return load_pairs(path, config.format, config.max_bad_fraction, config.system_prompt)
+def cache_parts(config: DataConfig, tokenizer: Tokenizer) -> dict:
+    """What the pairs of `config` depend on: the prepared-rows cache's key."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "train_data"}
+    return prepared.key_parts("dpo pairs", sft.input_identities(config.train_data), tokenizer.model_bytes, settings)
 
-    def render_one(pair: Pair, stats: chat_formats.FileStats) -> RenderedPair | None:
-        result, status = render_pair(tokenizer, pair, config.max_length, config.max_prompt_length)
-        stats.truncated += status in ("prompt cut", "reply cut")
-        stats.dropped += status == "dropped"
-        return result
 
+def prepare(config: DataConfig, tokenizer: Tokenizer, workers: int = 1, cache: prepared.Cache | None = None
+            ) -> tuple[PairRows, PairRows | None, list[chat_formats.FileStats]]:
+    """(training rows, held-out rows or None, per-file stats; rows packed as pair_packing.py
+    says when `config.pack`): load, render (over `workers`
+    processes), cut, hold out, mix; or all of it read back from `cache` when prepared before
+    with the same key. The stats' `truncated` counts pairs whose prompt or replies were cut;
+    `dropped`, pairs whose prompt left no room; `supervised_tokens`, reply tokens in the mix."""
+    build = functools.partial(_prepare, config, tokenizer, workers)
+    if cache is None:
+        return build()
+    return prepared.cached_rows(cache, cache_parts(config, tokenizer), "prepared pairs",
+                                sft.PackedRows if config.pack else PairRows, build)
+
+
+def _prepare(config: DataConfig, tokenizer: Tokenizer, workers: int
+             ) -> tuple[PairRows, PairRows | None, list[chat_formats.FileStats]]:
+    load = functools.partial(load_pairs, fmt=config.format, max_bad_fraction=config.max_bad_fraction,
+                             default_system=config.system_prompt)
+    render_one = functools.partial(render_pair, max_length=config.max_length,
+                                   max_prompt_length=config.max_prompt_length)
     train_pairs, held_out, all_stats = sft.render_and_mix(
-        config.train_data, load, render_one, lambda p: len(p.chosen) + len(p.rejected),
+        config.train_data, load, render_one, tokenizer, workers, lambda p: len(p.chosen) + len(p.rejected),
         config.validation_fraction, config.seed)
-    valid = to_rows(held_out, config.max_length) if held_out else None
-    return to_rows(train_pairs, config.max_length), valid, all_stats
+    if config.pack:
+        to_split = functools.partial(pair_packing.pack_pairs, length=config.pack)
+    else:
+        to_split = functools.partial(to_rows, max_length=config.max_length)
+    return to_split(train_pairs), to_split(held_out) if held_out else None, all_stats
 
 
-def stored_reference_logps(rows: PairRows, model: Transformer, init_from: str, output_dir: str,
-                           batch_size: int, mesh, name: str) -> tuple[np.ndarray, str]:
-    """(log-probabilities, how): read from --output_dir when computed before for the same rows
-    and --init_from, else computed now and stored there (atomically) for a resumed run."""
-    digest = hashlib.sha256(rows.tokens.tobytes() + rows.reply.tobytes()
-                            + str(init_from).encode()).hexdigest()[:16]
-    path = storage.join(output_dir, f"reference_logps_{name}_{digest}.npy")
+def reference_identity(init_from: str, execution: dict) -> dict:
+    """What identifies the reference's log-probabilities: --init_from's newest step (where it
+    lives, which step) and the settings it runs with (dtype changes the numbers). A checkpoint
+    rewritten in place at the same step is not noticed: --noreuse_prepared recomputes."""
+    where = init_from if storage.is_gcs(init_from) else os.path.abspath(init_from)
+    return {"init_from": where, "step": checkpoint.latest_step(init_from), "execution": execution}
+
+
+def stored_reference_logps(splits: dict[str, PairRows], model: Transformer, parts: dict, cache: prepared.Cache,
+                           batch_size: int, mesh) -> tuple[dict[str, np.ndarray], str]:
+    """({split: log-probabilities}, how): read from `cache` when computed before for the same
+    `parts` (the pairs' key and the reference's identity), else computed now and stored there
+    for a resumed run."""
     # Process 0 decides and shares what it read: every process must take the same branch (the
-    # pass below is collective), also when --output_dir is a local folder only process 0 has.
-    found = storage.file_size(path) is not None if jax.process_index() == 0 else False
+    # pass below is collective), also when the cache is a local folder only process 0 has.
+    what = "reference log-probabilities"
+    found = cache.read(parts, what, "computing them") if jax.process_index() == 0 else None
+    shapes = {name: reference_shape(rows) for name, rows in splits.items()}
+    values = found[0] if found is not None and {k: v.shape for k, v in found[0].items()} == shapes else None
     if jax.process_count() > 1:
-        found = bool(multihost_utils.broadcast_one_to_all(np.asarray(found)))
-    if found:
-        values = (np.load(io.BytesIO(storage.read_bytes(path))) if jax.process_index() == 0
-                  else np.zeros((rows.num_rows, 2), np.float32))
-        if jax.process_count() > 1:
-            values = np.asarray(multihost_utils.broadcast_one_to_all(values))
-        return values, f"read from {path}"
-    values = reference_logps(model, rows, batch_size, mesh)
-    if jax.process_index() == 0:
-        buffer = io.BytesIO()
-        np.save(buffer, values)
-        storage.write_bytes(path, buffer.getvalue())
-    return values, f"computed and stored in {path}"
+        if bool(multihost_utils.broadcast_one_to_all(np.asarray(values is not None))):
+            values = jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(
+                values if values is not None else {k: np.zeros(v, np.float32) for k, v in shapes.items()}))
+        else:
+            values = None
+    if values is not None:
+        return values, f"read from {cache.path(parts)}"
+    values = {name: reference_logps(model, rows, batch_size, mesh) for name, rows in splits.items()}
+    cache.store(parts, values, {}, what)
+    return values, f"computed and stored in {cache.path(parts)}"
 
 
-def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows) -> str:
+def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows | sft.PackedRows) -> str:
     """One line per file and a total: read, skipped, cut, held out, mixed."""
     text = chat_formats.stats_table(stats, "pairs", "cut", "reply tokens")
-    return text + f"\n{rows.num_rows:,} pairs in rows of {rows.tokens.shape[-1]:,} tokens"
+    filled = (rows.tokens != PAD_ID).sum() / max(rows.tokens.size, 1)
+    if isinstance(rows, sft.PackedRows):
+        return text + (f"\n{sum(s.mixed for s in stats):,} pairs packed in {rows.num_rows:,} rows of "
+                       f"{rows.tokens.shape[-1]:,} tokens, {filled:.1%} filled")
+    return text + f"\n{rows.num_rows:,} pairs in rows of {rows.tokens.shape[-1]:,} tokens, {filled:.1%} filled"
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +415,7 @@ DPO_DEFAULTS = {"learning_rate": 5e-7, "warmup_steps": 0, "weight_decay": 0.0, "
 def define_flags() -> None:
     """train.py's flags (model, optimization, run, logging) plus DPO's own."""
     train.define_flags()
+    prepared.define_flags()
     flags.DEFINE_enum("format", "auto", PAIR_FORMATS, "Record shape of --train_data (auto: by each record's keys).")
     flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of pairs that bring none.")
     flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
@@ -362,8 +427,11 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_length", 1024, "Tokens of prompt + reply; longer replies are cut.")
     flags.DEFINE_integer("max_prompt_length", 512, "Tokens of the prompt kept (its end) when a pair is too long.")
     flags.DEFINE_enum("ref_logps", "stored", ["stored", "online"], "stored: the reference's "
-                      "log-probabilities computed once before training and kept in --output_dir; "
+                      "log-probabilities computed once before training and kept in --prepared_dir; "
                       "online: computed at every step (one more forward pass per step).")
+    flags.DEFINE_bool("pack_pairs", False, "Pack pairs into shared rows of the model's context with "
+                      "segment ids (pair_packing.py; needs 2 x --max_length <= the context); --batch_size "
+                      "then counts rows, each holding as many whole pairs as fit.")
     flags.DEFINE_float("epochs", 1.0, "Passes over the pairs, setting --steps (0: use --steps).")
     flags.DEFINE_float("warmup_ratio", 0.1, "Warmup as a share of the steps (sets --warmup_steps; "
                        "0: use --warmup_steps).")
@@ -393,11 +461,17 @@ def main(argv):
             raise ValueError("--label_smoothing applies to --loss=sigmoid only")
         held_out = FLAGS.validation_fraction if FLAGS.eval_every and not FLAGS.validation_data else 0.0
         data_config = DataConfig(tuple(FLAGS.train_data.split(",")), FLAGS.max_length, FLAGS.max_prompt_length,
-                                 FLAGS.format, FLAGS.system_prompt, FLAGS.max_bad_fraction, held_out, config.seed)
-        rows, validation_rows, stats = prepare(data_config, tokenizer)
+                                 FLAGS.format, FLAGS.system_prompt, FLAGS.max_bad_fraction, held_out, config.seed,
+                                 model_config.max_seq_len + 1 if FLAGS.pack_pairs else 0)
+        workers = prepared.workers(FLAGS.prepare_workers)
+        cache = prepared.run_cache(run.output_dir, FLAGS.prepared_dir, FLAGS.reuse_prepared, jax.process_index())
+        rows, validation_rows, stats = prepare(data_config, tokenizer, workers, cache)
+        pair_keys = [prepared.digest(cache_parts(data_config, tokenizer))]
         if FLAGS.eval_every and FLAGS.validation_data:
-            validation_rows, _, more = prepare(dataclasses.replace(
-                data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0), tokenizer)
+            validation_config = dataclasses.replace(
+                data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0)
+            validation_rows, _, more = prepare(validation_config, tokenizer, workers, cache)
+            pair_keys.append(prepared.digest(cache_parts(validation_config, tokenizer)))
             stats += [dataclasses.replace(s, validation=s.mixed, mixed=0, supervised_tokens=0) for s in more]
         if jax.process_index() == 0:
             print(summary_table(stats, rows))
@@ -412,22 +486,22 @@ def main(argv):
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         ref_train = ref_valid = None
         if FLAGS.ref_logps == "stored":
-            ref_train, how = stored_reference_logps(rows, reference, run.init_from, run.output_dir,
-                                                    config.batch_size // config.grad_accum, mesh, "train")
-            if jax.process_index() == 0:
-                print(f"reference log-probabilities of {rows.num_rows:,} pairs {how}")
-            if validation_rows is not None:
-                ref_valid, _ = stored_reference_logps(validation_rows, reference, run.init_from, run.output_dir,
-                                                      config.batch_size, mesh, "validation")
-        source = PairBatches(rows, ref_train, config.seed, config.batch_size, config.grad_accum, **where)
+            splits = {"train": rows, **({"validation": validation_rows} if validation_rows is not None else {})}
+            parts = {"kind": "dpo reference log-probabilities", "version": prepared.VERSION, "pairs": pair_keys,
+                     "reference": reference_identity(run.init_from, execution)}
+            logps, _ = stored_reference_logps(splits, reference, parts, cache,
+                                              config.batch_size // config.grad_accum, mesh)
+            ref_train, ref_valid = logps["train"], logps.get("validation")
+        source = pair_batches(rows, ref_train, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
         if validation_rows is not None and run.eval_every:
-            validation = PairBatches(validation_rows, ref_valid, config.seed, config.batch_size,
-                                     shuffle=False, **where)
+            validation = pair_batches(validation_rows, ref_valid, config.seed, config.batch_size,
+                                      shuffle=False, **where)
             run = dataclasses.replace(run, eval_batches=validation.num_batches)
         loss_fn = make_loss_fn(loss_config, reference if FLAGS.ref_logps == "online" else None)
         settings = {**dataclasses.asdict(data_config), **dataclasses.asdict(loss_config),
-                    "ref_logps": FLAGS.ref_logps, "epochs": FLAGS.epochs, "pairs": rows.num_rows,
+                    "ref_logps": FLAGS.ref_logps, "epochs": FLAGS.epochs,
+                    "pairs": sum(s.mixed for s in stats), "rows": rows.num_rows,
                     "files": [dataclasses.asdict(s) for s in stats]}
         evaluations = train.evaluators(run, mesh, validation, tokenizer.model_bytes, loss_fn)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,

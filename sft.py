@@ -33,11 +33,16 @@ part of an assistant turn. Both are counted and reported.
 
 Batches (`ChatBatches`): the batch of step s is a pure function of (seed, s): epoch e visits the
 packed rows in a permutation seeded by (seed, e), as stream.py does for pretraining records.
+
+Prepared once (prepared.py): rendering runs over --prepare_workers processes (the same rows as
+one), and the packed rows are cached in --prepared_dir (default OUTPUT_DIR/prepared), keyed by
+the inputs, the tokenizer and these settings, so a resumed or repeated run loads them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +56,7 @@ import budget
 import checkpoint
 import cli
 import parallel
+import prepared
 import train
 from chat_formats import FORMATS, FileStats, load_conversations, stats_table
 from model import ModelConfig
@@ -167,6 +173,26 @@ class PackedRows:
         return int(self.mask.sum())
 
 
+def best_fit(sizes: Sequence[int], length: int) -> list[list[int]]:
+    """Best-fit decreasing: the indices of `sizes` each row of `length` holds, in filling order."""
+    rows: list[list[int]] = []
+    by_space: list[list[int]] = [[] for _ in range(length + 1)]  # open rows by tokens left
+    has_space = np.zeros(length + 1, bool)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        fits = np.flatnonzero(has_space[sizes[i]:])
+        if fits.size:  # the fullest row that still fits: rows fill up
+            space = sizes[i] + int(fits[0])
+            row = by_space[space].pop()
+            has_space[space] = bool(by_space[space])
+        else:
+            row, space = len(rows), length
+            rows.append([])
+        rows[row].append(i)
+        by_space[space - sizes[i]].append(row)
+        has_space[space - sizes[i]] = True
+    return rows
+
+
 def pack(examples: Sequence[Example], seq_len: int, packing: bool = True) -> PackedRows:
     """Best-fit decreasing into rows of seq_len + 1 tokens (inputs plus the last target), or one
     example per row if not `packing`. Every example must fit in a row (see `render`)."""
@@ -174,24 +200,7 @@ def pack(examples: Sequence[Example], seq_len: int, packing: bool = True) -> Pac
     sizes = [len(e.ids) for e in examples]
     if sizes and max(sizes) > length:
         raise ValueError(f"an example of {max(sizes)} tokens exceeds the row of seq_len + 1 = {length}")
-    rows: list[list[int]] = []
-    if packing:
-        by_space: list[list[int]] = [[] for _ in range(length + 1)]  # open rows by tokens left
-        has_space = np.zeros(length + 1, bool)
-        for i in sorted(range(len(examples)), key=lambda i: -sizes[i]):
-            fits = np.flatnonzero(has_space[sizes[i]:])
-            if fits.size:  # the fullest row that still fits: rows fill up
-                space = sizes[i] + int(fits[0])
-                row = by_space[space].pop()
-                has_space[space] = bool(by_space[space])
-            else:
-                row, space = len(rows), length
-                rows.append([])
-            rows[row].append(i)
-            by_space[space - sizes[i]].append(row)
-            has_space[space - sizes[i]] = True
-    else:
-        rows = [[i] for i in range(len(examples))]
+    rows = best_fit(sizes, length) if packing else [[i] for i in range(len(examples))]
     # Stored compactly (a 2.5M-conversation mix is ~0.5M rows of 2,049); batches widen to int32.
     largest = max((int(e.ids.max()) for e in examples), default=0)
     tokens = np.full((len(rows), length), PAD_ID, np.uint16 if largest < 2**16 else np.int32)
@@ -330,27 +339,33 @@ class DataConfig:
 
 
 def render_and_mix(specs: Sequence[str], load: Callable[[str], tuple[list, FileStats]],
-                   render_one: Callable[[object, FileStats], object | None], supervised: Callable[[object], int],
-                   validation_fraction: float, seed: int) -> tuple[list, list, list[FileStats]]:
+                   render_one: Callable[[Tokenizer, object], tuple[object | None, str]], tokenizer: Tokenizer,
+                   workers: int, supervised: Callable[[object], int], validation_fraction: float, seed: int
+                   ) -> tuple[list, list, list[FileStats]]:
     """SFT's and DPO's data, up to packing: per file (PATH[:WEIGHT]) load its records, render each
-    (None: dropped; render_one counts cuts in the stats), hold out `validation_fraction` of them
-    by a permutation seeded by (seed, file index), then mix the rest by weight.
+    over `workers` processes (prepared.Renderer: the same items in the same order whatever their
+    number) as render_one(tokenizer, record) -> (item or None when dropped, status "ok",
+    "dropped" or how it was cut), hold out `validation_fraction` of the items by a permutation
+    seeded by (seed, file index), then mix the rest by weight.
     Returns (training items, held-out items, per-file stats)."""
-    from tqdm import tqdm
-
     train_parts, held_out, weights, all_stats = [], [], [], []
-    for file_index, spec in enumerate(specs):
-        path, weight = parse_data_spec(spec)
-        records, stats = load(path)
-        rendered = [r for r in (render_one(record, stats) for record in
-                                tqdm(records, desc=f"render {path}", disable=None, leave=False)) if r is not None]
-        order = np.random.default_rng([seed, file_index]).permutation(len(rendered))
-        count = int(round(validation_fraction * len(rendered)))
-        held_out += [rendered[i] for i in sorted(order[:count])]
-        train_parts.append([rendered[i] for i in sorted(order[count:])])
-        stats.validation = count
-        weights.append(weight)
-        all_stats.append(stats)
+    with prepared.Renderer(tokenizer, workers) as renderer:
+        for file_index, spec in enumerate(specs):
+            path, weight = parse_data_spec(spec)
+            records, stats = load(path)
+            rendered = []
+            for item, status in renderer.render(render_one, records, desc=f"render {path}"):
+                stats.dropped += status == "dropped"
+                stats.truncated += status not in ("ok", "dropped")
+                if item is not None:
+                    rendered.append(item)
+            order = np.random.default_rng([seed, file_index]).permutation(len(rendered))
+            count = int(round(validation_fraction * len(rendered)))
+            held_out += [rendered[i] for i in sorted(order[:count])]
+            train_parts.append([rendered[i] for i in sorted(order[count:])])
+            stats.validation = count
+            weights.append(weight)
+            all_stats.append(stats)
     train = []
     for part, indices, stats in zip(train_parts, mix(train_parts, weights, seed), all_stats):
         stats.mixed = len(indices)
@@ -359,20 +374,34 @@ def render_and_mix(specs: Sequence[str], load: Callable[[str], tuple[list, FileS
     return train, held_out, all_stats
 
 
-def prepare(config: DataConfig, tokenizer: Tokenizer
+def input_identities(specs: Sequence[str]) -> list[dict]:
+    """Each PATH[:WEIGHT] with its file's identity (prepared.file_identity), for a cache key."""
+    return [{"spec": spec, **prepared.file_identity(parse_data_spec(spec)[0])} for spec in specs]
+
+
+def cache_parts(config: DataConfig, tokenizer: Tokenizer) -> dict:
+    """What the rows of `config` depend on: the prepared-rows cache's key."""
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "train_data"}
+    return prepared.key_parts("sft rows", input_identities(config.train_data), tokenizer.model_bytes, settings)
+
+
+def prepare(config: DataConfig, tokenizer: Tokenizer, workers: int = 1, cache: prepared.Cache | None = None
             ) -> tuple[PackedRows, PackedRows | None, list[FileStats]]:
-    """(training rows, validation rows or None, per-file stats): load, render, cut or drop
-    overlong conversations, hold out each file's validation share, mix, pack."""
-    def load(path: str) -> tuple[list, FileStats]:
-        return load_conversations(path, config.format, config.max_bad_fraction, config.system_prompt)
+    """(training rows, validation rows or None, per-file stats): load, render (over `workers`
+    processes), cut or drop overlong conversations, hold out each file's validation share, mix,
+    pack; or all of it read back from `cache` when prepared before with the same key."""
+    build = functools.partial(_prepare, config, tokenizer, workers)
+    if cache is None:
+        return build()
+    return prepared.cached_rows(cache, cache_parts(config, tokenizer), "prepared rows", PackedRows, build)
 
-    def render_one(messages: list[dict], stats: FileStats) -> Example | None:
-        example, status = render(tokenizer, messages, config.seq_len + 1, config.overlong)
-        stats.truncated += status == "truncated"
-        stats.dropped += status == "dropped"
-        return example
 
-    train, validation, all_stats = render_and_mix(config.train_data, load, render_one,
+def _prepare(config: DataConfig, tokenizer: Tokenizer, workers: int
+             ) -> tuple[PackedRows, PackedRows | None, list[FileStats]]:
+    load = functools.partial(load_conversations, fmt=config.format, max_bad_fraction=config.max_bad_fraction,
+                             default_system=config.system_prompt)
+    render_one = functools.partial(render, max_tokens=config.seq_len + 1, overlong=config.overlong)
+    train, validation, all_stats = render_and_mix(config.train_data, load, render_one, tokenizer, workers,
                                                   lambda e: int(e.mask.sum()), config.validation_fraction,
                                                   config.seed)
     valid_rows = pack(validation, config.seq_len, config.packing) if validation else None
@@ -401,6 +430,7 @@ SFT_DEFAULTS = {"learning_rate": 2e-5, "warmup_steps": 1000, "weight_decay": 0.0
 def define_flags() -> None:
     """train.py's flags (model, optimization, run, logging) plus SFT's own."""
     train.define_flags()
+    prepared.define_flags()
     flags.DEFINE_enum("format", "auto", FORMATS, "Record shape of --train_data (auto: by each record's keys).")
     flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of records that bring none.")
     flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
@@ -448,10 +478,14 @@ def main(argv):
         data_config = DataConfig(
             tuple(FLAGS.train_data.split(",")), seq_len, FLAGS.format, FLAGS.system_prompt,
             FLAGS.max_bad_fraction, FLAGS.packing, FLAGS.overlong, held_out, config.seed)
-        rows, validation_rows, stats = prepare(data_config, tokenizer)
+        workers = prepared.workers(FLAGS.prepare_workers)
+        cache = None if FLAGS.dry_run else prepared.run_cache(
+            run.output_dir, FLAGS.prepared_dir, FLAGS.reuse_prepared, jax.process_index())
+        rows, validation_rows, stats = prepare(data_config, tokenizer, workers, cache)
         if FLAGS.eval_every and FLAGS.validation_data:
             validation_rows, _, more = prepare(dataclasses.replace(
-                data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0), tokenizer)
+                data_config, train_data=tuple(FLAGS.validation_data.split(",")), validation_fraction=0.0),
+                tokenizer, workers, cache)
             stats += [dataclasses.replace(s, validation=s.mixed, mixed=0, supervised_tokens=0) for s in more]
         if jax.process_index() == 0:
             print(summary_table(stats, rows))

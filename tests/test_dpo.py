@@ -18,9 +18,11 @@ import checkpoint
 import convert
 import dpo
 import optim
+import pair_packing
 import parallel
+import prepared
 import train
-from conftest import REPO
+from conftest import REPO, run_script
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, Tokenizer
 
 torch = pytest.importorskip("torch")
@@ -197,13 +199,37 @@ def test_online_reference_equals_the_stored_one_and_a_second_start_reads_it_back
                                                  None)
     for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(online)):
         assert float(a) == pytest.approx(float(b), abs=1e-5)
-    mesh = parallel.make_mesh(1)
-    first, how = dpo.stored_reference_logps(rows, reference, "runs/sft", str(tmp_path), 4, mesh, "train")
-    assert how.startswith("computed") and np.allclose(first, batch["reference_logps"], atol=1e-5)
-    again, how = dpo.stored_reference_logps(rows, policy, "runs/sft", str(tmp_path), 4, mesh, "train")
-    assert how.startswith("read") and np.array_equal(again, first)  # not recomputed (with other weights)
-    _, how = dpo.stored_reference_logps(rows, reference, "runs/other", str(tmp_path), 4, mesh, "train")
+    mesh, logs = parallel.make_mesh(1), []
+    cache = prepared.Cache(str(tmp_path), log=logs.append)
+    parts = {"kind": "dpo reference log-probabilities", "pairs": ["abc"],
+             "reference": dpo.reference_identity("runs/sft", {"dtype": "float32"})}
+    first, how = dpo.stored_reference_logps({"train": rows}, reference, parts, cache, 4, mesh)
+    assert how.startswith("computed") and np.allclose(first["train"], batch["reference_logps"], atol=1e-5)
+    again, how = dpo.stored_reference_logps({"train": rows}, policy, parts, cache, 4, mesh)
+    assert how.startswith("read") and np.array_equal(again["train"], first["train"])  # not recomputed
+    assert logs[-1].startswith("reference log-probabilities: cache hit")
+    other = {**parts, "reference": dpo.reference_identity("runs/other", {"dtype": "float32"})}
+    _, how = dpo.stored_reference_logps({"train": rows}, reference, other, cache, 4, mesh)
     assert how.startswith("computed")  # another --init_from is another reference
+    assert "differs in reference.init_from" in logs[-2]
+
+
+@pytest.mark.slow
+def test_pairs_are_prepared_over_two_processes_once_then_read_back(tokenizer, tmp_path, monkeypatch):
+    config = dpo.DataConfig((f"{PAIRS}:2", os.path.join(os.path.dirname(PAIRS), "en_hh_rlhf_harmless_test_pairs_first200.jsonl") + ":1"),
+                            MAX_LENGTH, 96, validation_fraction=0.1)
+    rows, validation, stats = dpo.prepare(config, tokenizer)
+    monkeypatch.setattr(prepared, "CHUNK", 32)  # several chunks per file, so the pool does run
+    logs = []
+    cache = prepared.Cache(str(tmp_path), log=logs.append)
+    for _ in range(2):
+        again = dpo.prepare(config, tokenizer, workers=2, cache=cache)
+        for a, b in zip((rows, validation), again[:2]):
+            for field in ("tokens", "reply"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+        assert again[2] == stats
+    assert "prepared pairs: cache miss" in logs[0] and logs[-1].startswith("prepared pairs: cache hit")
+    assert sum(s.truncated for s in stats) > 0 and validation.num_rows == sum(s.validation for s in stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,3 +383,51 @@ def test_the_bundled_preference_samples_load_cleanly(tokenizer):
             pairs, stats = chat_formats.load_pairs(os.path.join(REPO, "samples", "preference", name))
             assert len(pairs) == stats.records >= 100 and not stats.bad
             assert all(p.prompt[-1]["role"] == "user" and p.chosen == p.chosen.strip() for p in pairs)
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs packed into shared rows.
+
+
+def test_packed_pairs_get_the_log_probabilities_loss_and_metrics_they_get_unpacked(models, tokenizer):
+    policy, reference = models
+    pairs, _ = chat_formats.load_pairs(PAIRS)
+    rendered = [r for r in (dpo.render_pair(tokenizer, p, 32, 16)[0] for p in pairs[:16]) if r is not None]
+    unpacked, packed = dpo.to_rows(rendered, 32), pair_packing.pack_pairs(rendered, MAX_LENGTH + 1)
+    slots = pair_packing.slots_of(packed)
+    assert packed.num_rows <= len(rendered) / 2 and slots >= 2  # shared rows
+    assert packed.supervised_tokens == unpacked.supervised_tokens  # every reply token, once
+    mesh = parallel.make_mesh(1)
+    alone = dpo.reference_logps(reference, unpacked, 4, mesh)
+    together = dpo.reference_logps(reference, packed, 2, mesh)
+    batch = pair_packing.packed_arrays(packed, np.arange(packed.num_rows), together, slots)
+    used = together.reshape(-1, 2)[batch["pairs"].reshape(-1) > 0]
+    assert len(used) == len(rendered)
+    np.testing.assert_allclose(used[np.lexsort(used.T[::-1])], alone[np.lexsort(alone.T[::-1])], atol=1e-4)
+    plain = {k: jnp.asarray(v) for k, v in dpo.pair_arrays(unpacked, np.arange(len(rendered)), alone).items()}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    for loss in ("sigmoid", "ipo"):
+        config = dpo.LossConfig(loss, 0.1)
+        expected = dpo.make_loss_fn(config)(policy, plain, None)
+        for got in (dpo.make_loss_fn(config)(policy, batch, None),
+                    dpo.make_loss_fn(config, reference)(policy, {k: v for k, v in batch.items()
+                                                                 if k != "reference_logps"}, None)):
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+                assert float(a) == pytest.approx(float(b), rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_dpo_trains_on_packed_pairs_and_resumes_from_the_cache(tiny_run, tmp_path):
+    out = str(tmp_path / "dpo")
+    args = ["--flagfile=configs/dpo_tiny.flags", f"--init_from={tiny_run}", f"--train_data={PAIRS}",
+            f"--output_dir={out}", "--pack_pairs", "--max_length=32", "--max_prompt_length=16", "--epochs=0",
+            "--warmup_ratio=0", "--eval_every=2", "--checkpoint_every=2", "--batch_size=2"]
+    first = run_script("dpo.py", *args, "--steps=2").stdout
+    assert "pairs packed in" in first and "reference log-probabilities: stored in" in first
+    second = run_script("dpo.py", *args, "--steps=4").stdout
+    assert "prepared pairs: cache hit" in second and "reference log-probabilities: cache hit" in second
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4] and all(np.isfinite(r["loss"]) for r in steps)
+    assert all("rewards/accuracies" in r for r in steps) and any("eval_rewards/margins" in r for r in records)

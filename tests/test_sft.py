@@ -1,5 +1,7 @@
 """sft.py: formats, the assistant-only loss mask token by token, packing, bad input, batches."""
 
+import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -12,6 +14,8 @@ import pytest
 
 import chat_formats
 import checkpoint
+import conftest
+import prepared
 import sft
 from conftest import REPO, run_script
 from model import ModelConfig, Transformer
@@ -323,6 +327,146 @@ def test_reads_conversations_from_gcs(gcs_bucket):
     assert conversations == [as_messages(turns) for turns in expected]
     with pytest.raises(FileNotFoundError, match=f"gs://{gcs_bucket}/missing.jsonl"):
         chat_formats.load_conversations(f"gs://{gcs_bucket}/missing.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# Prepared once: parallel rendering and the cache of prepared rows.
+
+
+def _sample_config(tmp_path, **settings) -> sft.DataConfig:
+    """The bundled SFT sample, copied so that a test may touch the files."""
+    sample = os.path.join(REPO, "samples", "sft")
+    paths = []
+    for name in sorted(os.listdir(sample)):
+        if name.endswith(".jsonl"):
+            paths.append(str(tmp_path / name))
+            with open(os.path.join(sample, name), "rb") as f, open(paths[-1], "wb") as out:
+                out.write(f.read())
+    return sft.DataConfig((f"{paths[0]}:0.6", f"{paths[1]}:0.4"), **{"seq_len": 128, "validation_fraction": 0.05,
+                                                                      **settings})
+
+
+def _assert_same_rows(a: sft.PackedRows | None, b: sft.PackedRows | None):
+    assert (a is None) == (b is None)
+    if a is not None:
+        for field in ("tokens", "segment_ids", "mask"):
+            assert getattr(a, field).dtype == getattr(b, field).dtype
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
+@pytest.mark.slow
+def test_rendering_over_two_processes_gives_the_same_rows_as_in_this_one(tokenizer, tmp_path, monkeypatch):
+    config = _sample_config(tmp_path)
+    rows, validation, stats = sft.prepare(config, tokenizer, workers=1)
+    monkeypatch.setattr(prepared, "CHUNK", 16)  # several chunks per file, so the pool does run
+    with prepared.Renderer(tokenizer, workers=2) as renderer:
+        records, _ = chat_formats.load_conversations(config.train_data[1].rpartition(":")[0])
+        pooled = renderer.render(functools.partial(sft.render, max_tokens=129), records[:40])
+        assert renderer._pool is not None
+    for (example, status), record in zip(pooled, records[:40], strict=True):
+        expected, expected_status = sft.render(tokenizer, record, 129)
+        assert status == expected_status and (example is None) == (expected is None)
+        if example is not None:
+            np.testing.assert_array_equal(example.ids, expected.ids)
+            np.testing.assert_array_equal(example.mask, expected.mask)
+    two = sft.prepare(config, tokenizer, workers=2)
+    _assert_same_rows(rows, two[0])
+    _assert_same_rows(validation, two[1])
+    assert stats == two[2] and sum(s.truncated for s in stats) > 0
+
+
+def test_a_second_prepare_reads_the_cache_and_gives_the_same_batches(tokenizer, tmp_path):
+    config, logs = _sample_config(tmp_path), []
+    cache = prepared.Cache(str(tmp_path / "prepared"), log=logs.append)
+    first = sft.prepare(config, tokenizer, cache=cache)
+    second = sft.prepare(config, tokenizer, cache=cache)
+    assert "cache miss (no entry" in logs[0] and logs[1].startswith("prepared rows: stored in ")
+    assert logs[2] == f"prepared rows: cache hit ({cache.path(sft.cache_parts(config, tokenizer))})"
+    for a, b in zip(first[:2], second[:2]):
+        _assert_same_rows(a, b)
+    assert first[2] == second[2] and first[2][0].bad == second[2][0].bad
+    batches = [sft.ChatBatches(rows, 0, 8) for rows in (first[0], second[0])]
+    for step in (0, 1, 30):
+        for name, value in batches[0].batch(step).items():
+            np.testing.assert_array_equal(value, batches[1].batch(step)[name])
+    with open(os.path.join(cache.path(sft.cache_parts(config, tokenizer)), "key.json")) as f:
+        assert json.load(f)["settings"]["seq_len"] == 128  # readable: why a cache was missed
+    assert sft.prepare(config, tokenizer)[2] == first[2]  # and so is preparing without a cache
+
+
+def test_another_setting_tokenizer_or_input_file_misses_the_cache(tokenizer, tmp_path):
+    from tokenizer import train_tokenizer
+
+    config, logs = _sample_config(tmp_path), []
+    cache = prepared.Cache(str(tmp_path / "prepared"), log=logs.append)
+    sft.prepare(config, tokenizer, cache=cache)
+    sft.prepare(dataclasses.replace(config, seq_len=96), tokenizer, cache=cache)
+    assert "the closest entry differs in settings.seq_len)" in logs[-2]
+    sft.prepare(dataclasses.replace(config, seed=1), tokenizer, cache=cache)
+    assert "differs in settings.seed)" in logs[-2]
+    other = Tokenizer.load(train_tokenizer(conftest.DATA_FILES[:2], str(tmp_path / "other"), vocab_size=2048))
+    sft.prepare(config, other, cache=cache)
+    assert "differs in tokenizer)" in logs[-2]
+    path = config.train_data[0].rpartition(":")[0]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"instruction": "Say yes.", "output": "Yes."}) + "\n")
+    rows, _, stats = sft.prepare(config, tokenizer, cache=cache)
+    assert "differs in inputs[0].mtime_ns, inputs[0].size)" in logs[-2]
+    assert stats[0].records == 176
+    assert sum(line.startswith("prepared rows: cache hit") for line in logs) == 0
+
+
+def test_an_unfinished_or_damaged_entry_is_not_trusted_but_prepared_again(tokenizer, tmp_path):
+    config, logs = _sample_config(tmp_path), []
+    cache = prepared.Cache(str(tmp_path / "prepared"), log=logs.append)
+    rows, _, _ = sft.prepare(config, tokenizer, cache=cache)
+    entry = cache.path(sft.cache_parts(config, tokenizer))
+    os.remove(os.path.join(entry, "done.json"))  # as a prepare killed before its commit leaves it
+    again, _, _ = sft.prepare(config, tokenizer, cache=cache)
+    assert "cache miss (the entry was never completed)" in logs[-2]
+    _assert_same_rows(rows, again)
+    tokens = os.path.join(entry, "train.tokens.npy")
+    with open(tokens, "r+b") as f:  # one flipped byte in the middle of the rows
+        f.seek(os.path.getsize(tokens) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    again, _, _ = sft.prepare(config, tokenizer, cache=cache)
+    assert f"the cache entry {entry} is damaged ({tokens}: its CRC-32 differs" in logs[-2]
+    _assert_same_rows(rows, again)
+    with open(tokens, "r+b") as f:
+        f.truncate(os.path.getsize(tokens) - 10)
+    again, _, _ = sft.prepare(config, tokenizer, cache=cache)
+    assert "is damaged" in logs[-2] and tokens in logs[-2]
+    _assert_same_rows(rows, again)
+    assert sft.prepare(config, tokenizer, cache=cache)[0] is not None and "cache hit" in logs[-1]
+    (tmp_path / "a_file").write_text("")  # a cache that cannot be written: the run goes on
+    blocked = prepared.Cache(str(tmp_path / "a_file" / "prepared"), log=logs.append)
+    _assert_same_rows(rows, sft.prepare(config, tokenizer, cache=blocked)[0])
+    assert "could not store them in" in logs[-1] and "the next start prepares them again" in logs[-1]
+
+
+def test_the_cache_and_the_inputs_may_be_on_gcs(tokenizer, tmp_path, gcs_bucket):
+    from google.cloud import storage
+
+    local = _sample_config(tmp_path)
+    bucket, specs = storage.Client().bucket(gcs_bucket), []
+    for spec in local.train_data:
+        path, _, weight = spec.rpartition(":")
+        bucket.blob(f"cache_test/{os.path.basename(path)}").upload_from_filename(path)
+        specs.append(f"gs://{gcs_bucket}/cache_test/{os.path.basename(path)}:{weight}")
+    config, logs = dataclasses.replace(local, train_data=tuple(specs)), []
+    cache = prepared.Cache(f"gs://{gcs_bucket}/cache_test/prepared", log=logs.append)
+    rows, _, _ = sft.prepare(config, tokenizer, cache=cache)
+    again, _, _ = sft.prepare(config, tokenizer, cache=cache)
+    assert "cache hit (gs://" in logs[-1]
+    _assert_same_rows(rows, again)
+    _assert_same_rows(rows, sft.prepare(local, tokenizer)[0])
+    identity = sft.cache_parts(config, tokenizer)["inputs"][0]
+    assert identity["generation"] and identity["md5"]
+    bucket.blob(specs[0].rpartition(":")[0].split("/", 3)[3]).upload_from_filename(local.train_data[1].rpartition(":")[0])
+    sft.prepare(config, tokenizer, cache=cache)  # the object rewritten: a new generation
+    assert "differs in inputs[0]" in logs[-2]
 
 
 def test_the_bundled_sample_loads_cleanly_in_both_languages(tokenizer):
