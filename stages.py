@@ -23,6 +23,7 @@ from tokenizer import BOS_ID, CODE_ID, ENDCODE_ID, EOS_ID, Tokenizer
 
 STAGE_DIR = "_stages"
 KEY_INDEX = 4096  # key-range boundaries indexed per map output: up to this many partitions
+MAP_BATCH_DOCUMENTS, MAP_BATCH_BYTES = 128, 1 << 20  # a map task's documents per stage call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +149,12 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
     takes ~1 s). Line numbers of bad records count from the split's first line (the driver adds
     the earlier splits' `lines`), except in the error raised at --max_bad_fraction=0, which
     counts the file's lines before it."""
+    task_started = time.process_time()
     tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
     code_sources = set(config.code_sources)
     wanted = {lang for lang, _ in config.languages}
     dtype = token_dtype(tokenizer.vocab_size)
+    # CPU seconds (time.process_time), so that other processes on the same cores do not count.
     seconds = dict.fromkeys(("read", "clean", "minhash", "language_id", "tokenize"), 0.0)
     summary = {"read": 0, "bad": 0, "bad_examples": [], "input_bytes": 0, "file": where.file}
     tally: dict = {}
@@ -159,8 +162,41 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
     sources: list[str] = []
     rows = {k: [] for k in ("record", "lang", "confidence", "source", "tokens")}
     digests, signatures, token_parts = [], [], []
+    batch: list[tuple[int, str, bool, str | None, str]] = []  # (record, text, is_code, lang, source)
+
+    def flush():
+        # Each stage over a batch of documents rather than all stages per document: the
+        # language model, the tokenizer and rensa each stay in the CPU's caches for a batch
+        # (per document, the same work took ~12% more CPU; benchmarks/README.md).
+        t0 = time.process_time()
+        digests.extend(hashlib.sha256(text.encode()).digest() for _, text, _, _, _ in batch)
+        if config.dedup:
+            signatures.extend(documents.minhash(text, config.num_perm) for _, text, _, _, _ in batch)
+        t1 = time.process_time()
+        found = [(documents.CODE, 1.0) if is_code else documents.detect_language(text) if config.language_id
+                 else (lang or "und", 1.0) for _, text, is_code, lang, _ in batch]
+        t2 = time.process_time()
+        for (record, text, is_code, _, source), (lang, score) in zip(batch, found):
+            ids = []
+            if lang in wanted and score >= config.min_language_confidence:
+                ids = tokenizer.encode(text)
+                ids = [BOS_ID, CODE_ID, *ids, ENDCODE_ID, EOS_ID] if is_code else [BOS_ID, *ids, EOS_ID]
+                token_parts.append(np.asarray(ids, dtype))
+            if lang not in langs:
+                langs.append(lang)
+            if source not in sources:
+                sources.append(source)
+            for key, value in (("record", record), ("lang", langs.index(lang)), ("confidence", score),
+                               ("source", sources.index(source)), ("tokens", len(ids))):
+                rows[key].append(value)
+        seconds["minhash"] += t1 - t0
+        seconds["language_id"] += t2 - t1
+        seconds["tokenize"] += time.process_time() - t2
+        batch.clear()
+
     record = -1
-    clock = time.perf_counter()
+    batch_bytes = 0
+    clock = time.process_time()
     for item in documents.iter_documents(where.path, where.start, where.end, tally):
         record += 1
         if isinstance(item, documents.BadRecord):
@@ -173,46 +209,24 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
                 summary["bad_examples"].append([item.path, item.unit, item.line, item.problem])
             continue
         summary["read"] += 1
-        summary["input_bytes"] += len(item.text.encode())
-        t0 = time.perf_counter()
+        size = len(item.text.encode())
+        summary["input_bytes"] += size
+        t0 = time.process_time()
         seconds["read"] += t0 - clock
         is_code = item.lang == documents.CODE or item.source in code_sources
         text = documents.clean_text(item.text)
-        keep = documents.keep_after_cleaning(text, is_code, config.min_chars, config.max_chars,
-                                             config.min_alnum, config.min_code_alnum)
-        t1 = time.perf_counter()
-        seconds["clean"] += t1 - t0
-        if not keep:
-            clock = time.perf_counter()
-            continue
-        digests.append(hashlib.sha256(text.encode()).digest())
-        if config.dedup:
-            signatures.append(documents.minhash(text, config.num_perm))
-        t2 = time.perf_counter()
-        if is_code:
-            lang, score = documents.CODE, 1.0
-        elif config.language_id:
-            lang, score = documents.detect_language(text)
-        else:
-            lang, score = item.lang or "und", 1.0
-        t3 = time.perf_counter()
-        ids = []
-        if lang in wanted and score >= config.min_language_confidence:
-            ids = tokenizer.encode(text)
-            ids = [BOS_ID, CODE_ID, *ids, ENDCODE_ID, EOS_ID] if is_code else [BOS_ID, *ids, EOS_ID]
-            token_parts.append(np.asarray(ids, dtype))
-        seconds["minhash"] += t2 - t1
-        seconds["language_id"] += t3 - t2
-        seconds["tokenize"] += time.perf_counter() - t3
-        if lang not in langs:
-            langs.append(lang)
-        if item.source not in sources:
-            sources.append(item.source)
-        for key, value in (("record", record), ("lang", langs.index(lang)), ("confidence", score),
-                           ("source", sources.index(item.source)), ("tokens", len(ids))):
-            rows[key].append(value)
-        clock = time.perf_counter()
-    seconds["read"] += time.perf_counter() - clock
+        if documents.keep_after_cleaning(text, is_code, config.min_chars, config.max_chars,
+                                         config.min_alnum, config.min_code_alnum):
+            batch.append((record, text, is_code, item.lang, item.source))
+            batch_bytes += size
+        clock = time.process_time()
+        seconds["clean"] += clock - t0
+        if len(batch) >= MAP_BATCH_DOCUMENTS or batch_bytes >= MAP_BATCH_BYTES:
+            flush()
+            batch_bytes = 0
+            clock = time.process_time()
+    seconds["read"] += time.process_time() - clock
+    flush()
     n = len(digests)
     tokens = np.array(rows["tokens"], np.int64)
     write_bytes(stage(config, f"map-{split:05d}.tokens"),
@@ -221,7 +235,7 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
     if config.dedup and n:
         sigs = np.stack(signatures)
         write_bytes(stage(config, f"map-{split:05d}.sigs"), sigs.tobytes())
-        started = time.perf_counter()
+        started = time.process_time()
         bands, band_rows = bands
         exact = np.frombuffer(b"".join(d[:8] for d in digests), "<u8") & ~np.uint64(1)  # even
         per_doc = np.concatenate([exact[:, None], documents.band_keys(sigs, bands, band_rows)], axis=1)
@@ -231,11 +245,13 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
         bounds = (np.arange(KEY_INDEX + 1, dtype=np.float64) * 2.0**64 / KEY_INDEX)
         key_index = np.searchsorted(keys[:, 0].astype(np.float64), bounds).astype(np.int64)
         key_index[-1] = len(keys)
-        seconds["minhash"] += time.perf_counter() - started
+        seconds["minhash"] += time.process_time() - started
     write_bytes(stage(config, f"map-{split:05d}.keys"), keys.astype("<u8").tobytes())
     import ray
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    # The rest of the task: the tokenizer, the stage files; the metadata file's own write apart.
+    seconds["map_other"] = time.process_time() - task_started - sum(seconds.values())
     summary.update(langs=langs, sources=sources, seconds=seconds, rows=n, node=node, lines=tally["lines"])
     save_npz(stage(config, f"map-{split:05d}.meta.npz"),
              record=np.array(rows["record"], np.int64), lang=np.array(rows["lang"], np.int32),
@@ -247,9 +263,23 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
 
 
 # ----------------------------------------------------------------------------- 2. dedup
+def _distinct(rows: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(axis=0, return_index, return_inverse) of signatures given as big-endian bytes
+    (their byte order is their uint32 order): (first index of each distinct row, in sorted
+    order; each row's distinct index). np.unique's per-call cost on a bucket of 2 was ~80% of
+    the dedup stage."""
+    order = sorted(range(len(rows)), key=rows.__getitem__)  # stable: a kind's first row leads
+    first, kind = [], np.empty(len(rows), np.int64)
+    for j in order:
+        if not first or rows[j] != rows[first[-1]]:
+            first.append(j)
+        kind[j] = len(first) - 1
+    return np.array(first, np.int64), kind
+
+
 def dedup_partition(config: PrepareConfig, num_splits: int, part: int) -> dict:
     """Exact and verified near-duplicate pairs among the keys of one key range; writes them."""
-    started = time.perf_counter()
+    started = time.process_time()
     lo, hi = part * KEY_INDEX // config.num_partitions, (part + 1) * KEY_INDEX // config.num_partitions
     chunks = []
     for split in range(num_splits):
@@ -278,14 +308,13 @@ def dedup_partition(config: PrepareConfig, num_splits: int, part: int) -> dict:
             data = read_ranges(stage(config, f"map-{int(split):05d}.sigs"),
                                [(r * size, (r + 1) * size) for r in rows.tolist()])
             for i, blob in zip(ids.tolist(), data):
-                signature[i] = np.frombuffer(blob, np.uint32)
+                signature[i] = np.frombuffer(blob, "<u4").astype(">u4").tobytes()
         for group in bands:
             # Equal signatures (copies, boilerplate repeated thousands of times) are one node for
             # the comparisons, each member linked to the first of its kind: a bucket's cost grows
             # with its distinct signatures squared, not its members.
-            sigs, first, kind = np.unique(np.stack([signature[int(i)] for i in group]), axis=0,
-                                          return_index=True, return_inverse=True)
-            kind = kind.ravel()
+            first, kind = _distinct([signature[i] for i in group.tolist()])
+            sigs = np.frombuffer(b"".join(signature[int(group[f])] for f in first), ">u4").reshape(len(first), -1)
             pairs.append(np.stack([group[first[kind]], group], axis=1)[first[kind] != np.arange(len(group))])
             heads = group[first]
             for i in range(len(sigs) - 1):  # each pair verified: a bucket collision is no proof
@@ -296,7 +325,7 @@ def dedup_partition(config: PrepareConfig, num_splits: int, part: int) -> dict:
     pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.uint64)
     save_npz(stage(config, f"dedup-{part:05d}-of-{config.num_partitions:05d}.npz"),
              pairs=pairs, exact_removed=np.unique(exact_removed))
-    return {"pairs": len(pairs), "seconds": time.perf_counter() - started}
+    return {"pairs": len(pairs), "seconds": time.process_time() - started}
 
 
 # ----------------------------------------------------------------------------- 3. components
@@ -306,7 +335,7 @@ def components(config: PrepareConfig, num_splits: int) -> dict:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    started = time.perf_counter()
+    started = time.process_time()
     parts = [load_npz(stage(config, f"dedup-{p:05d}-of-{config.num_partitions:05d}.npz"))
              for p in range(config.num_partitions)]
     pairs = np.concatenate([p["pairs"] for p in parts])
@@ -324,7 +353,7 @@ def components(config: PrepareConfig, num_splits: int) -> dict:
         save_npz(stage(config, f"removed-{split:05d}.npz"), removed=mine(removed),
                  exact_removed=mine(exact_removed))
     summary = {"pairs": len(pairs), "documents_in_pairs": len(ids), "removed": len(removed),
-               "seconds": time.perf_counter() - started}
+               "seconds": time.process_time() - started}
     write_bytes(stage(config, "components.json"), json.dumps(summary).encode())
     return summary
 
@@ -431,7 +460,7 @@ def pack_shard(config: PrepareConfig, bases: list[tuple[int, int]], factors: dic
     """Train shard `shard`: its copies shuffled, concatenated and cut; its last
     `validation_records` records go to a validation part. `bases`: per split, (file, rows of
     its earlier splits)."""
-    started = time.perf_counter()
+    started = time.process_time()
     dtype = np.dtype(dtype)
     pieces = []  # token arrays in (file, document, copy) order, whatever the splits; shuffled below
     for split, base in enumerate(bases):
@@ -457,7 +486,7 @@ def pack_shard(config: PrepareConfig, bases: list[tuple[int, int]], factors: dic
     write_bytes(stage(config, f"validation-{shard:05d}.bin"), records[n - validation_records:].tobytes())
     entry = shard_entry(name, train, n - validation_records)
     result = {"entry": entry, "dropped_tail_tokens": int(len(stream) - n * record_len),
-              "seconds": time.perf_counter() - started}
+              "seconds": time.process_time() - started}
     write_bytes(stage(config, f"pack-{shard:05d}.json"), json.dumps(result).encode())
     return result
 
