@@ -113,6 +113,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray 2.60 does not keep a multi-node cluster on the loopback: --node-ip-address=127.0.0.1 is
+# replaced by the machine's address (services.resolve_ip_for_localhost) and gcs_server, raylet
+# and the dashboard agent listen on all interfaces ("::"). RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# (meant for macOS and Windows) does keep a head and its drivers on 127.0.0.1 only (checked with
+# psutil's listening sockets), but then `ray start --address` refuses to add a node, and these
+# tests add one (test_data.py, tests/test_data_cluster.py). Run the tests on a host whose
+# firewall closes Ray's ports; the cluster's token authentication (RAY_AUTH_MODE) still applies.
 def start_ray_node(*args: str) -> subprocess.Popen:
     """`ray start --block` (the node's processes live as long as this one) on 127.0.0.1."""
     return subprocess.Popen(["ray", "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
