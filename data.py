@@ -57,7 +57,9 @@ partial, another --split_mb) into the same output.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -178,20 +180,27 @@ def _claim_output(output: str, settings: dict, split_mb: float) -> dict | None:
     return None
 
 
-def connect_ray(config: PrepareConfig) -> None:
-    """Joins --ray_address, or starts a local Ray; a process already connected stays so."""
+def connect_ray(config: PrepareConfig) -> dict:
+    """Joins --ray_address, or starts a local Ray; a process already connected stays so. Returns
+    the runtime_env tasks need: none on a local Ray this call starts, whose workers inherit
+    this process's environment (a runtime_env there would cost each run a worker start: Ray
+    prestarts a worker without it, and starts another, through its runtime-env agent, for the
+    tasks)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return {"env_vars": task_environment()}
     if config.ray_address:
         ray.init(address=config.ray_address, log_to_driver=False, logging_level="WARNING")
-    else:
-        # address="local": a new instance even when another Ray runs on this machine. Stage
-        # outputs are files, not objects: a small object store is enough.
-        ray.init(address="local", num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False,
-                 object_store_memory=256 << 20, log_to_driver=False, logging_level="WARNING",
-                 _node_ip_address="127.0.0.1")
+        return {"env_vars": task_environment()}
+    # The processes ray.init starts inherit this environment (a storage emulator's too).
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    # address="local": a new instance even when another Ray runs on this machine. Stage
+    # outputs are files, not objects: a small object store is enough.
+    ray.init(address="local", num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False,
+             object_store_memory=256 << 20, log_to_driver=False, logging_level="WARNING",
+             _node_ip_address="127.0.0.1")
+    return {}
 
 
 def task_environment() -> dict:
@@ -204,16 +213,15 @@ def task_environment() -> dict:
     return env
 
 
-def run_stage(name: str, function, calls: list[tuple], sizes: list[int] | None = None,
-              unit: str = "task") -> list:
+def run_stage(name: str, function, calls: list[tuple], sizes: list[int] | None = None, unit: str = "task", *,
+              runtime_env: dict) -> list:
     """Runs function(*args) for each call as Ray tasks (retried if a worker dies), with a
     progress bar; returns the results in call order. A task's own error is raised here as is."""
     import ray
 
     # SPREAD: every node reads and writes its share of files from the start, instead of the
     # head taking tasks until it is busy.
-    task = ray.remote(max_retries=5)(function).options(runtime_env={"env_vars": task_environment()},
-                                                         scheduling_strategy="SPREAD")
+    task = ray.remote(max_retries=5)(function).options(runtime_env=runtime_env, scheduling_strategy="SPREAD")
     futures = [task.remote(*args) for args in calls]
     position = {f: i for i, f in enumerate(futures)}
     results: list = [None] * len(futures)
@@ -243,7 +251,11 @@ def prepare(config: PrepareConfig) -> dict:
     if finished is not None:
         print(f"{config.output} already holds this run's shards and manifest: nothing to do")
         return finished
-    connect_ray(config)
+    # lsh_bands' optimiser (~0.4 s of CPU) runs while Ray starts, which mostly waits.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        bands_ = pool.submit(documents.lsh_bands, config.near_dup_threshold, config.num_perm)
+        run = functools.partial(run_stage, runtime_env=connect_ray(config))
+        bands = bands_.result()
     import ray
 
     walls: dict = {}
@@ -256,10 +268,9 @@ def prepare(config: PrepareConfig) -> dict:
               for start, end in documents.byte_ranges(f, settings["input_files"][k]["bytes"], split_bytes)]
     write_bytes(stage(config, SPLITS_FILE), json.dumps([dataclasses.asdict(s) for s in splits]).encode())
     todo = [i for i in range(len(splits)) if file_size(stage(config, f"map-{i:05d}.meta.npz")) is None]
-    bands = documents.lsh_bands(config.near_dup_threshold, config.num_perm)
     sizes = [(s.end if s.end is not None else settings["input_files"][s.file]["bytes"] or 1) - s.start
              for s in splits]
-    run_stage("map", map_split, [(config, tokenizer_ref, bands, i, splits[i]) for i in todo],
+    run("map", map_split, [(config, tokenizer_ref, bands, i, splits[i]) for i in todo],
               [sizes[i] for i in todo], unit="B")
     summaries = [load_meta(config, i)["summary"] for i in range(len(splits))]
     bases = split_bases(splits, summaries)
@@ -279,16 +290,16 @@ def prepare(config: PrepareConfig) -> dict:
         t = time.time()
         parts = [p for p in range(config.num_partitions)
                  if file_size(stage(config, f"dedup-{p:05d}-of-{config.num_partitions:05d}.npz")) is None]
-        dedup = run_stage("dedup", dedup_partition, [(config, len(splits), p) for p in parts])
+        dedup = run("dedup", dedup_partition, [(config, len(splits), p) for p in parts])
         seconds["dedup"] = sum(d["seconds"] for d in dedup)
         walls["dedup"] = time.time() - t
         t = time.time()
-        seconds["components"] = run_stage("components", components, [(config, len(splits))])[0]["seconds"]
+        seconds["components"] = run("components", components, [(config, len(splits))])[0]["seconds"]
         walls["components"] = time.time() - t
 
     # 4. mixture.
     t = time.time()
-    stats = run_stage("mixture", language_totals, [(config, i) for i in range(len(splits))])
+    stats = run("mixture", language_totals, [(config, i) for i in range(len(splits))])
     totals: dict = {}
     counts = dict.fromkeys(STAGES, 0)
     counts["read"] = records - bad
@@ -306,7 +317,7 @@ def prepare(config: PrepareConfig) -> dict:
         raise ValueError(f"no document survived the filters (counts: {counts}); check --languages "
                          "and the cleaning thresholds")
     factors = mixture_factors(config, totals)
-    plans = run_stage("plan", plan_split, [(config, i, bases[i][:2], factors) for i in range(len(splits))])
+    plans = run("plan", plan_split, [(config, i, bases[i][:2], factors) for i in range(len(splits))])
     walls["mixture"] = time.time() - t
 
     # 5. pack: the validation records spread over the shards' tails, in proportion.
@@ -327,10 +338,10 @@ def prepare(config: PrepareConfig) -> dict:
     shards: list = [read_json(stage(config, f"pack-{s:05d}.json")) for s in range(config.num_shards)]
     todo = [s for s, r in enumerate(shards) if r is None or file_size(
         join(config.output, r["entry"]["name"])) != r["entry"]["sequences"] * record_bytes]
-    for s, result in zip(todo, run_stage("pack", pack_shard, [
+    for s, result in zip(todo, run("pack", pack_shard, [
             (config, [b[:2] for b in bases], factors, dtype, s, int(val[s])) for s in todo])):
         shards[s] = result
-    validation = ([run_stage("validation", validation_shard, [(config, n_val)])[0]] if n_val else [])
+    validation = ([run("validation", validation_shard, [(config, n_val)])[0]] if n_val else [])
     seconds["pack"] = sum(r["seconds"] for r in shards)
     walls["pack"] = time.time() - t
 

@@ -8,13 +8,17 @@ memory at 1x and 4x, dedup quality on planted duplicates; then the stream over t
    novels (distinct documents share almost no word 5-gram), plus near duplicates (one word in
    80 changed: Jaccard ~0.88), hard negatives (one word in 12 changed: Jaccard ~0.5, must be
    kept) and exact copies, shuffled over --files JSONL files so duplicates cross files.
-2) Stages alone, one process, on the first --stage_mb: read, clean, shingle + MinHash (rensa, and
-   datasketch for comparison), language ID, tokenize: MB/s per core. Their inverse sum bounds
-   what one core can do end to end.
+2) Stages alone, one process, on the first --stage_mb of the 1x corpus (default: all of it), each
+   over all documents at once: read, clean, shingle + MinHash (rensa, and datasketch for
+   comparison), language ID, tokenize: MB per CPU second. Their inverse sum, plus each run's own
+   dedup, components and pack CPU seconds, bounds what a core can do end to end.
 3) prepare end to end on the 1x corpus with 1 CPU, 2 CPUs (a local Ray started by the command),
    and a 2-node cluster (`ray start` on 127.0.0.1, one CPU each), and on the 4x corpus with 2
-   CPUs: wall time, MB/s per core against the bound, peak RSS of the driver and of the largest
-   task (psutil, sampled every 50 ms), dedup precision and recall against the planted truth.
+   CPUs: wall time and MB/s per core against the bound; CPU seconds of the Ray workers and of
+   every process of the run against the bound (less skewed by other users of the cores than
+   wall time); per stage, the map tasks' CPU seconds per MB beside the isolated ones; peak RSS of
+   the driver and of the largest task (psutil, sampled every 50 ms); dedup precision and recall
+   against the planted truth.
 4) The stream: one host's slice (process 0 of 4) of a global batch of 64 x 2049 tokens, from
    local disk (tokens/s), against what one of a v4-32's 4 hosts consumes.
 Other processes on the same cores skew everything: check `uptime` first.
@@ -140,8 +144,8 @@ def dedup_quality(config: stages.PrepareConfig, truth: dict) -> dict:
 
 
 def time_stages(paths: list[str], tokenizer: Tokenizer, megabytes: float) -> dict:
-    """Seconds per MB of each stage alone, in this process."""
-    started = time.perf_counter()
+    """CPU seconds per MB of each stage alone, in this process, over all documents at once."""
+    started = time.process_time()
     texts, size = [], 0
     for path in paths:
         for doc in documents.iter_documents(path):
@@ -152,13 +156,13 @@ def time_stages(paths: list[str], tokenizer: Tokenizer, megabytes: float) -> dic
         if size >= megabytes * 1e6:
             break
     mb = size / 1e6
-    cost = {"read": (time.perf_counter() - started) / mb}
+    cost = {"read": (time.process_time() - started) / mb}
     documents.detect_language("warm up: load the model")
 
     def timed(name, fn):
-        started = time.perf_counter()
+        started = time.process_time()
         out = [fn(t) for t in texts]
-        cost[name] = (time.perf_counter() - started) / mb
+        cost[name] = (time.process_time() - started) / mb
         return out
 
     cleaned = timed("clean", lambda t: (documents.clean_text(t), documents.alnum_share(t)))
@@ -193,7 +197,9 @@ def _tree(pid: int) -> list:
 
 def run_prepare(args: list[str], roots: list[int]) -> dict:
     """`python data.py prepare ARGS` in a subprocess; peak RSS of the driver and of any process
-    running a task (processes under the driver and under `roots`, sampled every 50 ms)."""
+    running a task, and CPU seconds of the Ray workers and of every process (the driver, the
+    processes under it and under `roots`: a cluster's nodes, counted from the command's start),
+    all sampled every 50 ms (a process's last 50 ms can be missed)."""
     import psutil
 
     driver = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "prepare", *args], cwd=ROOT,
@@ -201,7 +207,9 @@ def run_prepare(args: list[str], roots: list[int]) -> dict:
                               stderr=subprocess.STDOUT, text=True)
     peak_driver = peak_task = 0
     task = ""
+    cpu: dict = {}  # pid: [CPU s at first sight if it predates the command, latest, is a worker]
     started = time.perf_counter()
+    launched = time.time()
     while driver.poll() is None:
         try:
             peak_driver = max(peak_driver, psutil.Process(driver.pid).memory_info().rss)
@@ -209,7 +217,15 @@ def run_prepare(args: list[str], roots: list[int]) -> dict:
             pass
         for process in [p for r in [driver.pid, *roots] for p in _tree(r)]:
             try:
+                times = process.cpu_times()
+                used = times.user + times.system
                 title = (process.cmdline() or [""])[0]
+                if process.pid not in cpu:
+                    cpu[process.pid] = [used if process.create_time() < launched else 0.0, used, False]
+                cpu[process.pid][1] = used
+                # Workers: their titles are ray::IDLE or ray::TASK_NAME; the agents are not workers.
+                if title.startswith("ray::") and not title.startswith(("ray::RuntimeEnv", "ray::Dashboard")):
+                    cpu[process.pid][2] = True
                 if title.startswith("ray::") and not title.startswith(("ray::IDLE", "ray::RuntimeEnv")):
                     rss = process.memory_info().rss
                     if rss > peak_task:
@@ -221,7 +237,8 @@ def run_prepare(args: list[str], roots: list[int]) -> dict:
     if driver.returncode:
         raise RuntimeError(f"prepare failed:\n{output}")
     return {"seconds": time.perf_counter() - started, "driver_rss": peak_driver, "task_rss": peak_task,
-            "task": task, "output": output}
+            "task": task, "output": output, "worker_cpu": sum(b - a for a, b, w in cpu.values() if w),
+            "all_cpu": sum(b - a for a, b, _ in cpu.values()), "workers": sum(w for _, _, w in cpu.values())}
 
 
 def start_cluster() -> tuple[str, list[subprocess.Popen]]:
@@ -260,7 +277,8 @@ def time_stream(spec: str, tokenizer: Tokenizer, steps: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=10, help="size of the 1x corpus in MB")
-    parser.add_argument("--stage_mb", type=float, default=3, help="MB timed per stage (one process)")
+    parser.add_argument("--stage_mb", type=float, default=0,
+                        help="MB of the 1x corpus timed per stage in one process (0: all of it)")
     parser.add_argument("--files", type=int, default=8, help="JSONL files of the 1x corpus (4x: 4 times more)")
     parser.add_argument("--stream_steps", type=int, default=50)
     parser.add_argument("--split_mb", type=float, default=64, help="prepare's --split_mb (byte ranges of a file)")
@@ -285,7 +303,7 @@ def run(args, tmp: str) -> None:
         corpora[scale] = planted_corpus(os.path.join(tmp, f"corpus{scale}x"), distinct, args.files * scale)
         size = sum(os.path.getsize(p) for p in corpora[scale][0]) / 1e6
         print(f"corpus {scale}x: {size:.1f} MB, {len(corpora[scale][1]['docs']):,} documents", file=sys.stderr)
-    cost = time_stages(corpora[1][0], tokenizer, args.stage_mb)
+    cost = time_stages(corpora[1][0], tokenizer, args.stage_mb or float("inf"))
     pipeline = ("read", "clean", "minhash (rensa)", "language ID", "tokenize")
     bound = 1 / sum(cost[k] for k in pipeline)
 
@@ -315,29 +333,41 @@ def run(args, tmp: str) -> None:
         runs.append((name, cpus, manifest, result, dedup_quality(config, truth)))
 
     print(f"\nload average after: {os.getloadavg()[0]:.2f} (2 cores shared with other processes)")
-    print("\nstages alone, one process, on the 1x corpus:")
+    print("\nstages alone, one process, on the 1x corpus (MB per CPU second):")
     print(f"{'stage':<24}{'MB/s per core':>14}")
     for name, seconds_per_mb in cost.items():
         print(f"{name:<24}{1 / seconds_per_mb:>14.2f}")
     print(f"{'bound (inverse sum)':<24}{bound:>14.2f}   MinHash rensa vs datasketch: "
           f"{cost['minhash (datasketch)'] / cost['minhash (rensa)']:.1f}x per core")
-    print("\nprepare end to end (wall s: the command, with starting Ray; stages s: its stages; MB/s per core\n"
-          "of the stages; of bound: of 1 / (the map stages' seconds per MB alone + this run's own dedup,\n"
-          "components and pack task seconds per MB)):")
-    header = (f"{'run':<22}{'MB':>7}{'wall s':>8}{'stages s':>9}{'MB/s/core':>10}{'of bound':>9}{'driver MB':>10}"
-              f"{'task MB':>9}{'precision':>10}{'recall':>8}")
+    print("\nprepare end to end. bound s: what the stages cost alone, the CPU seconds per MB above times\n"
+          "the run's MB, plus its dedup, components and pack tasks' own CPU seconds (no isolated figure\n"
+          "for those). Of bound, wall: bound s / (the stages' wall s x CPUs), i.e. MB/s per core against\n"
+          "the bound's; wall s counts other users' processes on these cores. Of bound, CPU: bound s / the\n"
+          "CPU seconds of the Ray workers (task work + worker start, imports, task handling); all CPU s:\n"
+          "every process of the command (driver, Ray's own daemons and their start, workers).")
+    header = (f"{'run':<22}{'MB':>6}{'wall s':>7}{'stages s':>9}{'MB/s/core':>10}{'bound s':>8}{'of bound':>9}"
+              f"{'task CPU s':>11}{'worker CPU s':>13}{'of bound':>9}{'all CPU s':>10}{'workers':>8}"
+              f"{'driver MB':>10}{'task MB':>8}{'precision':>10}{'recall':>7}")
+    print(f"{'':<43}{'wall':-^17}{'CPU':-^33}")
     print(header + "\n" + "-" * len(header))
     for name, cpus, manifest, result, quality in runs:
         mb = manifest["input_bytes"] / 1e6
         stages_seconds = sum(manifest["stage_wall_seconds"].values())  # without starting Ray
-        rate = mb / stages_seconds / cpus
-        # The bound of this run: the map stages' costs measured alone, plus the CPU seconds its
-        # dedup, components and pack tasks measured themselves.
         after_map = sum(manifest["stage_cpu_seconds"].get(k, 0) for k in ("dedup", "components", "pack"))
-        run_bound = mb / (mb / bound + after_map)
-        print(f"{name:<22}{mb:>7.1f}{result['seconds']:>8.1f}{stages_seconds:>9.1f}{rate:>10.2f}{rate / run_bound:>9.0%}"
-              f"{result['driver_rss'] / 2**20:>10.0f}{result['task_rss'] / 2**20:>9.0f}"
-              f"{quality['precision']:>10.3f}{quality['recall']:>8.3f}")
+        bound_seconds = mb / bound + after_map
+        print(f"{name:<22}{mb:>6.1f}{result['seconds']:>7.1f}{stages_seconds:>9.1f}{mb / stages_seconds / cpus:>10.2f}"
+              f"{bound_seconds:>8.1f}{bound_seconds / (stages_seconds * cpus):>9.0%}"
+              f"{sum(manifest['stage_cpu_seconds'].values()):>11.1f}{result['worker_cpu']:>13.1f}"
+              f"{bound_seconds / result['worker_cpu']:>9.0%}{result['all_cpu']:>10.1f}{result['workers']:>8}"
+              f"{result['driver_rss'] / 2**20:>10.0f}{result['task_rss'] / 2**20:>8.0f}"
+              f"{quality['precision']:>10.3f}{quality['recall']:>7.3f}")
+    print("\nper stage, CPU s per MB: alone (one process, all documents at once) and in the map tasks of\n"
+          "each run (their own process_time figures; map_other: the tokenizer, stage files):")
+    in_tasks = [{k: v / (m["input_bytes"] / 1e6) for k, v in m["stage_cpu_seconds"].items()} for _, _, m, _, _ in runs]
+    print(f"{'stage':<14}{'alone':>7}" + "".join(f"{name:>22}" for name, *_ in runs))
+    for alone, key in (("read", "read"), ("clean", "clean"), ("minhash (rensa)", "minhash"),
+                       ("language ID", "language_id"), ("tokenize", "tokenize"), (None, "map_other")):
+        print(f"{key:<14}{cost[alone] if alone else 0:>7.3f}" + "".join(f"{t.get(key, 0):>22.3f}" for t in in_tasks))
     for name, _, manifest, result, quality in runs:
         print(f"{name}: stage wall s {manifest['stage_wall_seconds']}; largest task {result['task']}; "
               f"removed {quality['removed']} of {quality['planted']} planted, distinct removed "
