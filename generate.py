@@ -6,9 +6,11 @@
 
 Decoding runs on the model's KV cache (model.py): one jitted prefill of the right-padded batch
 of prompts, then a jitted device loop that decodes CHUNK tokens per call, updating the cache in
-place (one host round trip per chunk, not per token), every shape static (prompts are padded to a
-multiple of PAD_TO tokens, so a handful of shapes serves every prompt). Greedy at --temperature=0, else
-temperature with optional top-k and top-p. A row ends at a stop id (</s>; in chat also
+place (one host round trip per chunk, not per token), every shape static (prompts are padded to
+16, 32 or a multiple of PAD_TO tokens, so a handful of shapes serves every prompt). Both run on
+a per-layer copy of the weights (`Transformer.layers`, kept for the last model sampled from):
+a step on the stacked weights copied each layer's slice before reading it. Greedy at
+--temperature=0, else temperature with optional top-k and top-p. A row ends at a stop id (</s>; in chat also
 <|im_end|>) or once its text contains a stop string, where it is cut.
 
 A conversation is a document: <s>, then ChatML (Tokenizer.render_chat) up to the assistant's turn.
@@ -35,6 +37,9 @@ from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokeniz
 
 FLAGS = flags.FLAGS
 PAD_TO = 64  # prompt and cache lengths are rounded up to this: one compiled shape per bucket
+# A shorter prompt pads to the first of these that holds it: the prefill runs every padded position,
+# and padding a 10-token prompt to 64 cost as much as four decoding steps.
+SHORT_PROMPTS = (16, 32)
 CHUNK = 8  # tokens per device loop: what streaming shows at once; at most CHUNK - 1 wasted past a stop string
 CHAT_STOP_IDS = (EOS_ID, IM_END_ID)
 
@@ -142,8 +147,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if longest + max_new_tokens > context:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {context}")
-    width = min(_round_up(longest, PAD_TO), context)
-    size = min(width + _round_up(max_new_tokens, PAD_TO), context)
+    width = min(next((w for w in SHORT_PROMPTS if longest <= w), _round_up(longest, PAD_TO)), context)
+    size = min(_round_up(longest + max_new_tokens, PAD_TO), context)
     buffer = np.full((len(prompts), width), PAD_ID, np.int32)
     for row, prompt in enumerate(prompts):
         buffer[row, : len(prompt)] = prompt
