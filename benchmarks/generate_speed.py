@@ -49,6 +49,8 @@ def define_flags() -> None:
     flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (prompts decoded together).")
     flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
     flags.DEFINE_integer("repeats", 3, "Timed calls of each, alternating; the best counts.")
+    flags.DEFINE_integer("torch_threads", 0, "torch's intra-op threads (0: its default, one per core). On a "
+                         "loaded machine 2 threads on 2 cores made HF 5-10x slower than 1 thread.")
     flags.DEFINE_string("baseline", None, "Also time the generate.py and model.py in this folder (e.g. an older "
                         "commit's: git archive OLD generate.py model.py | tar -x -C DIR), on the same weights, "
                         "side by side.")
@@ -87,6 +89,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     checkpoint.use_compilation_cache("")
+    if FLAGS.torch_threads:
+        torch.set_num_threads(FLAGS.torch_threads)
     work = tempfile.mkdtemp(prefix="generate_speed_")
     texts = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
     tokenizer = Tokenizer.load(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=CONFIG.vocab_size))
