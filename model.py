@@ -489,7 +489,7 @@ class Transformer(eqx.Module):
         """Each layer's block on arrays of its own: a copy of the blocks' weights, made once for
         many decoding steps (`extend`). Inside a jitted step, XLA:CPU copies a slice of the stacked
         arrays (a `scan` step's, or an unrolled `blocks[i]`) before a matmul reads it: a batch-1
-        step, which only has to read each weight once, read it three times."""
+        step, which only has to read each weight once, read it, wrote a copy and read that."""
         params, static = eqx.partition(self.blocks, eqx.is_array)
         return tuple(eqx.combine(jax.tree.map(lambda a: a[i], params), static)
                      for i in range(self.config.n_layers))
