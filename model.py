@@ -280,38 +280,6 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
     return einsum("bhqk,bhkd->bhqd", probs, v, dtype).transpose(0, 2, 1, 3).astype(dtype)
 
 
-CACHE_BLOCK = 64  # cache slots attended to per step of _cached_attention's loop
-
-
-def _cached_attention(q: Float[Array, "batch heads new head_dim"], k_cache: Float[Array, "batch heads size head_dim"],
-                      v_cache: Float[Array, "batch heads size head_dim"], positions: Int[Array, "batch new"],
-                      dtype: str) -> Float[Array, "batch heads new head_dim"]:
-    """Attention from the new tokens at `positions` to the cache slots up to each one's own
-    position (later slots hold padding or stale entries), in blocks of CACHE_BLOCK slots with
-    an online softmax, as far as the furthest position only: a cache sized for the whole
-    generation starts out empty, and at batch 8 reading all 1,024 slots of one took as long as
-    reading the weights."""
-    block = math.gcd(k_cache.shape[2], CACHE_BLOCK)
-    low = jnp.finfo(jnp.float32).min
-
-    def step(i, carry):
-        best, total, out = carry  # running max and sum of exp(score - max) per query; weighted values
-        keys, values = (jax.lax.dynamic_slice_in_dim(c, i * block, block, axis=2) for c in (k_cache, v_cache))
-        slots = i * block + jnp.arange(block)
-        scores = einsum("bhqd,bhkd->bhqk", q, keys, dtype) / math.sqrt(q.shape[-1])
-        scores = jnp.where((slots[None, None, :] <= positions[:, :, None])[:, None], scores, low)
-        new_best = jnp.maximum(best, jnp.max(scores, axis=-1, keepdims=True))
-        probs, fade = jnp.exp(scores - new_best), jnp.exp(best - new_best)
-        out = out * fade + einsum("bhqk,bhkd->bhqd", probs, values, dtype)
-        return new_best, total * fade + jnp.sum(probs, axis=-1, keepdims=True), out
-
-    b, h, t, d = q.shape
-    start = (jnp.full((b, h, t, 1), low), jnp.zeros((b, h, t, 1)), jnp.zeros((b, h, t, d)))
-    blocks = jnp.max(positions) // block + 1
-    _, total, out = jax.lax.fori_loop(0, blocks, step, start)
-    return out / total
-
-
 class Attention(eqx.Module):
     wq: Float[Array, "d_model d_attn"]
     wk: Float[Array, "d_model d_attn"]
@@ -362,7 +330,13 @@ class Attention(eqx.Module):
         rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.n_heads)[None, :, None]
         k_cache = k_cache.at[rows, heads, positions[:, None, :]].set(k.astype(k_cache.dtype))
         v_cache = v_cache.at[rows, heads, positions[:, None, :]].set(v.astype(v_cache.dtype))
-        out = _cached_attention(q, k_cache, v_cache, positions, config.dtype).transpose(0, 2, 1, 3)
+        # Slots up to a token's own position hold the row's earlier tokens; later slots hold
+        # padding or stale entries, and causality alone hides them.
+        visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]
+        scores = einsum("bhqd,bhkd->bhqk", q, k_cache, config.dtype) / math.sqrt(q.shape[-1])
+        scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = einsum("bhqk,bhkd->bhqd", probs, v_cache, config.dtype).transpose(0, 2, 1, 3)
         out = out.reshape(b, t, d).astype(config.dtype)
         return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype), k_cache, v_cache
 
