@@ -6,9 +6,11 @@
 
 Decoding runs on the model's KV cache (model.py): one jitted prefill of the right-padded batch
 of prompts, then a jitted device loop that decodes CHUNK tokens per call, updating the cache in
-place (one host round trip per chunk, not per token), every shape static (prompts are padded to a
-multiple of PAD_TO tokens, so a handful of shapes serves every prompt). Greedy at --temperature=0, else
-temperature with optional top-k and top-p. A row ends at a stop id (</s>; in chat also
+place (one host round trip per chunk, not per token), every shape static (prompts are padded to
+16, 32 or a multiple of PAD_TO tokens, so a handful of shapes serves every prompt). Both run on
+a per-layer copy of the weights (`Transformer.layers`, kept for the last model sampled from):
+a step on the stacked weights copied each layer's slice before reading it. Greedy at
+--temperature=0, else temperature with optional top-k and top-p. A row ends at a stop id (</s>; in chat also
 <|im_end|>) or once its text contains a stop string, where it is cut.
 
 A conversation is a document: <s>, then ChatML (Tokenizer.render_chat) up to the assistant's turn.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 
 import jax
@@ -29,11 +32,14 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 import checkpoint
 import cli
-from model import KVCache, Transformer, init_cache
+from model import Block, KVCache, Transformer, init_cache
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokenizer
 
 FLAGS = flags.FLAGS
 PAD_TO = 64  # prompt and cache lengths are rounded up to this: one compiled shape per bucket
+# A shorter prompt pads to the first of these that holds it: the prefill runs every padded position,
+# and padding a 10-token prompt to 64 cost as much as four decoding steps.
+SHORT_PROMPTS = (16, 32)
 CHUNK = 8  # tokens per device loop: what streaming shows at once; at most CHUNK - 1 wasted past a stop string
 CHAT_STOP_IDS = (EOS_ID, IM_END_ID)
 
@@ -78,19 +84,19 @@ SAMPLING = ("temperature", "top_k", "top_p")
 
 
 @functools.partial(jax.jit, static_argnames=("size", *SAMPLING))
-def _prefill(model: Transformer, prompts: Int[Array, "batch prompt"], lengths: Int[Array, " batch"],
-             key: PRNGKeyArray, size: int, temperature: float, top_k: int, top_p: float
-             ) -> tuple[Int[Array, " batch"], KVCache]:
-    hidden, cache = model.extend(prompts, init_cache(model.config, prompts.shape[0], size), lengths)
+def _prefill(model: Transformer, layers: tuple[Block, ...], prompts: Int[Array, "batch prompt"],
+             lengths: Int[Array, " batch"], key: PRNGKeyArray, size: int, temperature: float, top_k: int,
+             top_p: float) -> tuple[Int[Array, " batch"], KVCache]:
+    hidden, cache = model.extend(prompts, init_cache(model.config, prompts.shape[0], size), lengths, layers)
     # Only each row's last prompt position goes through the vocabulary-sized output projection.
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
     return sample_logits(model.head(last)[:, 0], key, temperature, top_k, top_p), cache
 
 
 @functools.partial(jax.jit, static_argnames=SAMPLING, donate_argnames=("cache",))
-def _decode(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], done: Bool[Array, " batch"],
-            key: PRNGKeyArray, first_step: Int[Array, ""], limit: Int[Array, ""], stop_ids: Int[Array, " stops"],
-            temperature: float, top_k: int, top_p: float
+def _decode(model: Transformer, layers: tuple[Block, ...], cache: KVCache, tokens: Int[Array, " batch"],
+            done: Bool[Array, " batch"], key: PRNGKeyArray, first_step: Int[Array, ""], limit: Int[Array, ""],
+            stop_ids: Int[Array, " stops"], temperature: float, top_k: int, top_p: float
             ) -> tuple[Int[Array, "batch chunk"], KVCache]:
     """Up to CHUNK tokens per row after `tokens`, decoded in one device loop (no host round trip
     per token; the cache is updated in place): stops after CHUNK or `limit` tokens, or once every
@@ -98,7 +104,7 @@ def _decode(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], do
 
     def step(carry):
         i, cache, tokens, done, out = carry
-        hidden, cache = model.extend(tokens[:, None], cache)
+        hidden, cache = model.extend(tokens[:, None], cache, layers=layers)
         tokens = sample_logits(model.head(hidden)[:, 0], jax.random.fold_in(key, first_step + i),
                                temperature, top_k, top_p)
         return i + 1, cache, tokens, done | jnp.isin(tokens, stop_ids), out.at[:, i].set(tokens)
@@ -107,6 +113,20 @@ def _decode(model: Transformer, cache: KVCache, tokens: Int[Array, " batch"], do
     keep_going = lambda carry: (carry[0] < jnp.minimum(limit, CHUNK)) & ~jnp.all(carry[3])
     _, cache, _, _, out = jax.lax.while_loop(keep_going, step, (0, cache, tokens, done, out))
     return out, cache
+
+
+_split_layers = jax.jit(Transformer.layers)
+_last_split: list[tuple[weakref.ref, tuple[Block, ...]]] = []
+
+
+def _layers(model: Transformer) -> tuple[Block, ...]:
+    """`model.layers()`, a copy of its weights (see there why), kept for the model sampled from
+    last: evaluate.py and the chat REPL sample from one model again and again, and the copy takes
+    about as long as a few decoding steps."""
+    if not _last_split or _last_split[0][0]() is not model:
+        _last_split.clear()  # the previous model's copy goes before this one is made
+        _last_split.append((weakref.ref(model), _split_layers(model)))
+    return _last_split[0][1]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -127,8 +147,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if longest + max_new_tokens > context:
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"model's context of {context}")
-    width = min(_round_up(longest, PAD_TO), context)
-    size = min(width + _round_up(max_new_tokens, PAD_TO), context)
+    width = min(next((w for w in SHORT_PROMPTS if longest <= w), _round_up(longest, PAD_TO)), context)
+    size = min(_round_up(longest + max_new_tokens, PAD_TO), context)
     buffer = np.full((len(prompts), width), PAD_ID, np.int32)
     for row, prompt in enumerate(prompts):
         buffer[row, : len(prompt)] = prompt
@@ -152,12 +172,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     if max_new_tokens <= 0:
         return out
-    tokens, cache = _prefill(model, jnp.asarray(buffer), lengths, jax.random.fold_in(key, 0), size=size, **sampling)
+    layers = _layers(model)
+    tokens, cache = _prefill(model, layers, jnp.asarray(buffer), lengths, jax.random.fold_in(key, 0), size=size,
+                             **sampling)
     for row, token in enumerate(np.asarray(tokens).tolist()):
         keep(row, token)
     step = 1
     while step < max_new_tokens and not done.all():
-        chunk, cache = _decode(model, cache, tokens, jnp.asarray(done), key, step, max_new_tokens - step,
+        chunk, cache = _decode(model, layers, cache, tokens, jnp.asarray(done), key, step, max_new_tokens - step,
                                   stops, **sampling)
         chunk = np.asarray(chunk)
         n = min(CHUNK, max_new_tokens - step)

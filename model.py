@@ -324,9 +324,12 @@ class Attention(eqx.Module):
         into the cache at their positions (each row's new tokens are contiguous from positions[:, 0])."""
         b, t, d = x.shape
         q, k, v = self.qkv(x, positions, config)
-        write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice(cache, new, (0, start, 0)))
-        k_cache = write(k_cache, k.astype(k_cache.dtype), positions[:, 0])
-        v_cache = write(v_cache, v.astype(v_cache.dtype), positions[:, 0])
+        # One scatter index per (row, head, token): at batch 1 a per-row write is simplified to a
+        # dynamic-update-slice, which XLA:CPU fused with the attention's read and so copied every
+        # layer's cache at every step; this scatter updates the donated cache in place.
+        rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.n_heads)[None, :, None]
+        k_cache = k_cache.at[rows, heads, positions[:, None, :]].set(k.astype(k_cache.dtype))
+        v_cache = v_cache.at[rows, heads, positions[:, None, :]].set(v.astype(v_cache.dtype))
         # Slots up to a token's own position hold the row's earlier tokens; later slots hold
         # padding or stale entries, and causality alone hides them.
         visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]
@@ -456,49 +459,52 @@ class Transformer(eqx.Module):
         """fp32 logits of final hidden states (a sampler applies it to the last position only)."""
         return einsum("btd,dv->btv", hidden, self.lm_head, self.config.dtype)
 
-    def extend(self, tokens: Int[Array, "batch new"], cache: KVCache,
-               valid: Int[Array, " batch"] | None = None) -> tuple[Float[Array, "batch new d_model"], KVCache]:
+    def layers(self) -> tuple[Block, ...]:
+        """Each layer's block on arrays of its own: a copy of the blocks' weights, made once for
+        many decoding steps (`extend`). Inside a jitted step, XLA:CPU copies a slice of the stacked
+        arrays (a `scan` step's, or an unrolled `blocks[i]`) before a matmul reads it: a batch-1
+        step, which only has to read each weight once, read it, wrote a copy and read that."""
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+        return tuple(eqx.combine(jax.tree.map(lambda a: a[i], params), static)
+                     for i in range(self.config.n_layers))
+
+    def extend(self, tokens: Int[Array, "batch new"], cache: KVCache, valid: Int[Array, " batch"] | None = None,
+               layers: tuple[Block, ...] | None = None) -> tuple[Float[Array, "batch new d_model"], KVCache]:
         """Final-norm hidden states of `tokens` appended to each row of `cache`, and the cache
         holding them: a prefill (many new tokens) or a decoding step (one).
 
         Row r's tokens take positions `cache.lengths[r]` onwards; only its first `valid[r]` (default:
         all) count as written, so a right-padded batch of prompts prefills in one call. The caller
-        keeps `cache.lengths + new` within the cache's size (a write past it would be clamped).
+        keeps `cache.lengths + new` within the cache's size (a write past it would be dropped).
+        `layers` is `self.layers()`, made once outside the jitted steps (else each call copies the
+        weights). The layers run unrolled whatever `scan_layers` says: a scan would slice, and so
+        copy, each layer's weights and cache at every step.
         """
         config = self.config
         positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])
         x = self.embed.astype(config.dtype)[tokens]
-        params, static = eqx.partition(self.blocks, eqx.is_array)
-
-        def layer(x, layer_params_and_cache):
-            layer_params, k_cache, v_cache = layer_params_and_cache
-            x, k_cache, v_cache = eqx.combine(layer_params, static).extend(x, k_cache, v_cache, positions, config)
-            return x, (k_cache, v_cache)
-
-        if config.scan_layers:
-            x, (k, v) = jax.lax.scan(layer, x, (params, cache.k, cache.v))
-        else:
-            written = []
-            for i in range(config.n_layers):
-                x, k_and_v = layer(x, jax.tree.map(lambda a: a[i], (params, cache.k, cache.v)))
-                written.append(k_and_v)
-            k, v = (jnp.stack(a) for a in zip(*written))
+        k, v = [], []
+        for block, k_cache, v_cache in zip(self.layers() if layers is None else layers, cache.k, cache.v):
+            x, k_cache, v_cache = block.extend(x, k_cache, v_cache, positions, config)
+            k.append(k_cache)
+            v.append(v_cache)
         lengths = cache.lengths + (tokens.shape[1] if valid is None else valid)
-        return self.final_norm(x, config.dtype), KVCache(k, v, lengths)
+        return self.final_norm(x, config.dtype), KVCache(tuple(k), tuple(v), lengths)
 
 
 class KVCache(eqx.Module):
-    """Keys and values of every layer at `size` positions per row; row r holds `lengths[r]` tokens."""
-    k: Float[Array, "layers batch heads size head_dim"]
-    v: Float[Array, "layers batch heads size head_dim"]
+    """Keys and values at `size` positions per row, one array per layer (a layer's slice of a
+    stacked array would be copied at every step); row r holds `lengths[r]` tokens."""
+    k: tuple[Float[Array, "batch heads size head_dim"], ...]
+    v: tuple[Float[Array, "batch heads size head_dim"], ...]
     lengths: Int[Array, " batch"]
 
 
 def init_cache(config: ModelConfig, batch: int, size: int) -> KVCache:
     """An empty cache for `batch` rows of up to `size` tokens, in the activation dtype."""
-    shape = (config.n_layers, batch, config.n_heads, size, config.head_dim)
-    zeros = jnp.zeros(shape, config.dtype)
-    return KVCache(zeros, zeros, jnp.zeros((batch,), jnp.int32))
+    zeros = lambda: jnp.zeros((batch, config.n_heads, size, config.head_dim), config.dtype)
+    return KVCache(tuple(zeros() for _ in range(config.n_layers)), tuple(zeros() for _ in range(config.n_layers)),
+                   jnp.zeros((batch,), jnp.int32))
 
 
 def cross_entropy(logits: Float[Array, "batch seq vocab"], targets: Int[Array, "batch seq"],

@@ -9,11 +9,13 @@ SentencePiece model trained on the bundled text) is exported with convert.py and
 prompts (every row runs to the end: no stop token), fp32, each with its KV cache. The first call
 of each is "cold" (ours compiles; JAX's persistent cache is off here, so that is a real compile);
 then the two alternate --repeats times and the best of each counts, so a change in the machine's
-load hits both alike. Tokens/s are new tokens over all rows; CPU seconds are this process's.
+load hits both alike. Tokens/s are new tokens over all rows; CPU seconds are this process's. The
+last column says whether a decoder's tokens (first call) are Hugging Face's, every row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -47,22 +49,48 @@ def define_flags() -> None:
     flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (prompts decoded together).")
     flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
     flags.DEFINE_integer("repeats", 3, "Timed calls of each, alternating; the best counts.")
-    flags.DEFINE_string("baseline", None, "Also time this other generate.py (e.g. an older commit's), "
-                        "run on this checkout's model.py, side by side.")
+    flags.DEFINE_integer("torch_threads", 0, "torch's intra-op threads (0: its default, one per core). On a "
+                         "loaded machine 2 threads on 2 cores made HF 5-10x slower than 1 thread.")
+    flags.DEFINE_string("baseline", None, "Also time the generate.py and model.py in this folder (e.g. an older "
+                        "commit's: git archive OLD generate.py model.py | tar -x -C DIR), on the same weights, "
+                        "side by side.")
 
 
-def _measure(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of one call."""
+def _measure(fn) -> tuple[float, float, list[list[int]]]:
+    """(wall seconds, CPU seconds, the new tokens) of one call."""
     usage = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
     start, cpu = time.perf_counter(), usage()
-    fn()
-    return time.perf_counter() - start, usage() - cpu
+    out = fn()
+    return time.perf_counter() - start, usage() - cpu, out
+
+
+def _load(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _baseline(folder: str, model: Transformer):
+    """The folder's generate module, and `model`'s weights in the folder's Transformer class."""
+    old_model = _load("baseline_model", os.path.join(folder, "model.py"))
+    ours = sys.modules["model"]
+    sys.modules["model"] = old_model  # what the old generate.py imports
+    try:
+        old_generate = _load("baseline_generate", os.path.join(folder, "generate.py"))
+    finally:
+        sys.modules["model"] = ours
+    config = old_model.ModelConfig(**dataclasses.asdict(model.config))
+    shapes = jax.eval_shape(lambda: old_model.Transformer(config, jax.random.key(0)))
+    return old_generate, jax.tree.unflatten(jax.tree.structure(shapes), jax.tree.leaves(model))
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     checkpoint.use_compilation_cache("")
+    if FLAGS.torch_threads:
+        torch.set_num_threads(FLAGS.torch_threads)
     work = tempfile.mkdtemp(prefix="generate_speed_")
     texts = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
     tokenizer = Tokenizer.load(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=CONFIG.vocab_size))
@@ -72,11 +100,9 @@ def main(argv):
     print(f"model: {num_params(CONFIG):,} parameters; torch threads {torch.get_num_threads()}; "
           f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
     n = FLAGS.new_tokens
-    decoders = {"julian": generate}
+    decoders = {"julian": (generate, model)}
     if FLAGS.baseline:
-        spec = importlib.util.spec_from_file_location("baseline_generate", FLAGS.baseline)
-        decoders["baseline"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(decoders["baseline"])
+        decoders["baseline"] = _baseline(FLAGS.baseline, model)
     rows = []
     for batch in map(int, FLAGS.batches):
         prompts = [[BOS_ID, *tokenizer.encode(PROMPTS[i % len(PROMPTS)])] for i in range(batch)]
@@ -85,33 +111,37 @@ def main(argv):
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
-        def ours(module):
-            return lambda: module.generate(model, prompts, n, jax.random.key(0), temperature=0.0, stop_ids=())
+        def ours(module, weights):
+            return lambda: module.generate(weights, prompts, n, jax.random.key(0), temperature=0.0, stop_ids=())
 
         def theirs():
             with torch.no_grad():
-                hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=0)
+                out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                        do_sample=False, pad_token_id=0)
+            return out[:, width:].tolist()
 
-        calls = {"hf": theirs, **{name: ours(module) for name, module in decoders.items()}}
+        calls = {"hf": theirs, **{name: ours(*decoder) for name, decoder in decoders.items()}}
         cold = {name: _measure(fn) for name, fn in calls.items()}
+        same = {name: cold[name][2] == cold["hf"][2] for name in calls}
         best = {name: (float("inf"),) * 2 for name in calls}
         for _ in range(FLAGS.repeats):
             for name, fn in calls.items():
-                wall, cpu = _measure(fn)
+                wall, cpu, _ = _measure(fn)
                 best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-        print(f"batch {batch}: cold {cold}, best {best}, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        print(f"batch {batch}: cold {({k: v[:2] for k, v in cold.items()})}, best {best}, "
+              f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
         tokens = batch * n
         for name in calls:
             rows.append((batch, name, tokens / cold[name][0], tokens / best[name][0], best[name][1] / tokens * 1000,
-                         best["hf"][0] / best[name][0], best["hf"][1] / best[name][1]))
+                         best["hf"][0] / best[name][0], best["hf"][1] / best[name][1], same[name]))
 
     print(f"\n| generation: {n} new tokens per row, greedy, fp32 | batch | tokens/s cold | tokens/s best | "
-          "CPU ms per token | vs hf (wall) | vs hf (CPU) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for batch, name, cold, warm, cpu_ms, vs_wall, vs_cpu in rows:
+          "CPU ms per token | vs hf (wall) | vs hf (CPU) | HF's tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for batch, name, cold, warm, cpu_ms, vs_wall, vs_cpu, same in rows:
         label = {"hf": "HF generate", "julian": "julian generate.generate"}.get(name, f"{FLAGS.baseline} (baseline)")
-        print(f"| {label} | {batch} | {cold:.1f} | {warm:.1f} | {cpu_ms:.1f} | {vs_wall:.2f}x | {vs_cpu:.2f}x |")
+        print(f"| {label} | {batch} | {cold:.1f} | {warm:.1f} | {cpu_ms:.1f} | {vs_wall:.2f}x | {vs_cpu:.2f}x | "
+              f"{'same' if same else 'differ'} |")
 
 
 if __name__ == "__main__":
