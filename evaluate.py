@@ -12,27 +12,24 @@ KV-cache sampler). The tokenization of a (context, continuation) pair is lm-eval
 (`TemplateLM`: <s> + context, continuation = the rest of the encoded whole), which is what its
 `hf` backend does on our exported tokenizer, so both see the same tokens.
 
-Speed (in fp32, with the same per-item choices, a random 100m-shaped model scores the 7 report
-tasks 1.4x faster than lm-eval's `hf` backend on an idle 2-core CPU: benchmarks/README.md):
-  * Requests that share their context (the choices of a multiple-choice item) form a unit: one
-    row holds the context once, then each continuation, each seeing the context and itself only
-    (an explicit attention mask; positions restart after the context for every continuation).
-  * Units are packed first-fit into rows of a few fixed lengths (ROW_LENGTHS), so padding is a
-    row's unused tail and only a handful of programs ever compile (JAX's persistent compilation
-    cache keeps them across runs).
-  * Only the positions that predict a continuation token go through the vocabulary-sized head and
-    its log-normaliser, not every position of the row.
+Speed (fp32, same per-item choices: benchmarks/README.md has the figures against the `hf` backend):
+  * Requests are laid out as prefix trees, depth first, so every shared prefix is computed once
+    (an item's context before its choices, winogrande's sentence up to the blank, a prompt
+    template); a token sees its ancestors only (an explicit mask: k <= q <= end of k's subtree),
+    its position is its depth.
+  * Trees are packed first-fit into rows of a few lengths (ROW_LENGTHS), about 1,024 tokens a
+    pass at the default batch size: few programs compile (JAX's persistent cache keeps them).
+  * Only the positions that predict a continuation token go through the vocabulary-sized head.
   * bf16 matmuls by default (`--dtype=float32` for exact comparisons); log-softmax in fp32.
 
 Which tasks (presets: report, french, all), offline task data (`--data_dir`) and the comparison
 tables are eval_tasks.py's.
 
 Multi-host: lm-eval runs in every process on all requests (it sees world_size 1, so it needs no
-torch.distributed); `JulianLM` deals each request list's units out to the processes (unit i, longest first, to
-process i mod P), evaluates its share on one local device, and all-gathers the answers, so every
-process returns the same results (train.py's --eval_tasks can call it from every host). The
-parameters are gathered to each process whole: fine for replicated parameters, costly for large
-FSDP-sharded ones.
+torch.distributed); `JulianLM` deals the prefix trees out to the processes (tree i, longest first,
+to process i mod P), each scores its share on one local device, and all-gather the answers, so
+every process returns the same results (train.py's --eval_tasks calls it from every host). The
+parameters are gathered to each process whole: costly for large FSDP-sharded ones.
 """
 
 from __future__ import annotations
@@ -104,12 +101,10 @@ def define_flags() -> None:
 
 def _packed_hidden(model: Transformer, tokens: Int[Array, "rows length"], positions: Int[Array, "rows length"],
                    ends: Int[Array, "rows length"]) -> Float[Array, "rows length d_model"]:
-    """Final-norm hidden states of rows packed with prefix trees laid out depth first: a token
-    sees its ancestors and itself, the tokens k <= q whose subtree (k ... ends[k]) holds q.
-    `positions` are depths in the tree (the position in the request's own sequence).
-
-    Written here on model.py's blocks, not with `Transformer.hidden`: segment ids cannot say
-    "requests branch from a shared prefix", an explicit mask can."""
+    """Final-norm hidden states of rows of prefix trees laid out depth first: a token q sees the
+    tokens k <= q whose subtree (k ... ends[k]) holds it, its ancestors; positions are depths.
+    On model.py's blocks, not `Transformer.hidden`: segment ids cannot say "branches from a
+    shared prefix", an explicit mask can."""
     config = model.config
     index = jnp.arange(tokens.shape[1])
     mask = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] <= ends[:, None, :])
@@ -149,12 +144,7 @@ def _row_input(context: Sequence[int], continuation: Sequence[int], max_length: 
 
 def _shared(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the common prefix."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,14 +163,14 @@ class _Pass:
 
 
 def _tree_units(inputs: Sequence[tuple[int, ...]], small: int, largest: int) -> list[_Unit]:
-    """The requests' inputs as prefix trees of at most `small` tokens where cutting the tree costs
-    little, whole up to `largest` where it would repeat a long shared context.
+    """The requests' inputs as prefix trees: of at most `small` tokens where cutting costs little,
+    whole up to `largest` where a cut would repeat a long shared context.
 
-    In lexicographic order, a tree is a run of inputs, and the tokens of a run are the first
-    one's plus, for each next one, those past its common prefix with the one before. A tree too
-    big is cut below its shared prefix (repeated in each part) into its children's subtrees,
-    neighbours merged while they fit `small`; a tree whose shared prefix is longer than small / 8
-    (a context with its continuations) stays whole if it fits `largest`."""
+    In lexicographic order a tree is a run of inputs: the first one's tokens, then each next one's
+    past its common prefix with the one before. A tree too big is cut below its shared prefix
+    (repeated in each part) into its children's subtrees, neighbours merged while they fit
+    `small`; one whose shared prefix is longer than small / 8 (a context and its continuations)
+    stays whole if it fits `largest`."""
     order = sorted(range(len(inputs)), key=lambda i: inputs[i])
     seqs = [inputs[i] for i in order]
     shared = [0] + [_shared(seqs[i - 1], seqs[i]) for i in range(1, len(seqs))]
@@ -214,14 +204,10 @@ def _tree_units(inputs: Sequence[tuple[int, ...]], small: int, largest: int) -> 
 
 def plan_passes(requests: Sequence[tuple[list[int], list[int]]], max_length: int, row_lengths: Sequence[int],
                 rows_per_pass: Callable[[int], int], rank: int = 0, world: int = 1) -> list[_Pass]:
-    """Process `rank` of `world`'s forward passes over packed rows: the requests' inputs form
-    prefix trees (`_tree_units`); the process takes every world-th tree, longest first; its trees
-    go into rows of the shortest length that holds them (first fit, longest first), rows of a
-    length into passes. Passes go longest rows first, as lm-eval's `hf` backend orders its
-    batches (memory errors show at once).
-
-    A context that would not fit is cut from the left, as the `hf` backend does: the model sees
-    the last max_length tokens of context + continuation."""
+    """Process `rank` of `world`'s forward passes: the requests' inputs form prefix trees
+    (`_tree_units`); the process takes every world-th tree, longest first, into rows of the
+    shortest length that holds it (first fit), rows of a length into passes. Passes go longest
+    rows first, as the `hf` backend orders its batches (memory errors show at once)."""
     for i, (context, continuation) in enumerate(requests):
         if not context or not continuation or len(continuation) > max_length:
             raise ValueError(f"request {i}: {len(context)} context and {len(continuation)} continuation "
