@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import os
 import pathlib
+import random
+import sys
 import tempfile
 from collections.abc import Sequence
 
+import numpy as np
 import yaml
 from lm_eval import evaluator as lm_evaluator
+from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import Kind
 from lm_eval.tasks._yaml_loader import load_yaml
@@ -131,17 +135,28 @@ def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str)
 
 def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: int | None = None,
                   log_samples: bool = False, bootstrap_iters: int = 0) -> dict:
-    """lm-eval's `simple_evaluate` of any LM (ours or its `hf` backend) on `tasks`, online or
+    """lm-eval's evaluation of any LM (ours or its `hf` backend) on `tasks`, online or
     from data_dir; returns lm-eval's whole output (results, samples if asked, configs...)."""
     tasks = expand_tasks(tasks)
     if data_dir is not None and not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory")
+    # lm-eval's `evaluate` on its own task objects, not `simple_evaluate`: that one also imports
+    # torch to seed it and then runs torch's environment report (pip, git, nvidia-smi
+    # subprocesses), 3-4 s per run on a 2-core machine that our backend, without torch, would
+    # pay for nothing. The settings it would apply are the ones below, with its default seeds.
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)
+    if "torch" in sys.modules:  # a torch backend (lm-eval's hf) samples with torch's generator
+        sys.modules["torch"].manual_seed(DEFAULT_OTHER_SEED)
     with tempfile.TemporaryDirectory() as configs:
         write_task_configs(tasks, data_dir, configs)
-        manager = TaskManager(include_path=configs, include_defaults=False)
-        return lm_evaluator.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=log_samples,
-            bootstrap_iters=bootstrap_iters)
+        loaded = TaskManager(include_path=configs, include_defaults=False).load(tasks)
+        for task in loaded["tasks"].values():
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+        return lm_evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=log_samples,
+                                     bootstrap_iters=bootstrap_iters)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,27 +12,24 @@ KV-cache sampler). The tokenization of a (context, continuation) pair is lm-eval
 (`TemplateLM`: <s> + context, continuation = the rest of the encoded whole), which is what its
 `hf` backend does on our exported tokenizer, so both see the same tokens.
 
-Speed (in fp32, with the same per-item choices, a random 100m-shaped model scores the 7 report
-tasks 1.4x faster than lm-eval's `hf` backend on an idle 2-core CPU: benchmarks/README.md):
-  * Requests that share their context (the choices of a multiple-choice item) form a unit: one
-    row holds the context once, then each continuation, each seeing the context and itself only
-    (an explicit attention mask; positions restart after the context for every continuation).
-  * Units are packed first-fit into rows of a few fixed lengths (ROW_LENGTHS), so padding is a
-    row's unused tail and only a handful of programs ever compile (JAX's persistent compilation
-    cache keeps them across runs).
-  * Only the positions that predict a continuation token go through the vocabulary-sized head and
-    its log-normaliser, not every position of the row.
+Speed (fp32, same per-item choices: benchmarks/README.md has the figures against the `hf` backend):
+  * Requests are laid out as prefix trees, depth first, so every shared prefix is computed once
+    (an item's context before its choices, winogrande's sentence up to the blank, a prompt
+    template); a token sees its ancestors only (an explicit mask: k <= q <= end of k's subtree),
+    its position is its depth.
+  * Trees are packed first-fit into rows of a few lengths (ROW_LENGTHS), about 1,024 tokens a
+    pass at the default batch size: few programs compile (JAX's persistent cache keeps them).
+  * Only the positions that predict a continuation token go through the vocabulary-sized head.
   * bf16 matmuls by default (`--dtype=float32` for exact comparisons); log-softmax in fp32.
 
 Which tasks (presets: report, french, all), offline task data (`--data_dir`) and the comparison
 tables are eval_tasks.py's.
 
 Multi-host: lm-eval runs in every process on all requests (it sees world_size 1, so it needs no
-torch.distributed); `JulianLM` deals each request list's units out to the processes (unit i, longest first, to
-process i mod P), evaluates its share on one local device, and all-gathers the answers, so every
-process returns the same results (train.py's --eval_tasks can call it from every host). The
-parameters are gathered to each process whole: fine for replicated parameters, costly for large
-FSDP-sharded ones.
+torch.distributed); `JulianLM` deals the prefix trees out to the processes (tree i, longest first,
+to process i mod P), each scores its share on one local device, and all-gather the answers, so
+every process returns the same results (train.py's --eval_tasks calls it from every host). The
+parameters are gathered to each process whole: costly for large FSDP-sharded ones.
 """
 
 from __future__ import annotations
@@ -68,7 +65,11 @@ from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, languag
 
 FLAGS = flags.FLAGS
 
-ROW_LENGTHS = (256, 512, 1024, 2048)  # packed rows for scoring: one compiled body per length
+ROW_LENGTHS = (128, 256, 512, 1024, 2048)  # packed rows for scoring: one compiled body per length
+# A scoring pass holds about batch_size x this many tokens on a CPU: 1,024 at the default batch of
+# 16, where a 2-core CPU ran the 100m shape's layers 1.3x faster per token than at 4,096 (the
+# activations stay in cache); accelerators get 4x (4,096, as before).
+TOKENS_PER_REQUEST = 64
 
 
 def define_flags() -> None:
@@ -81,7 +82,9 @@ def define_flags() -> None:
     flags.DEFINE_string("data_dir", None, "Offline: a directory with one <task>.jsonl per task "
                         "(Hugging Face schema, the split the task scores). Default: the hub.")
     flags.DEFINE_integer("limit", None, "Evaluate only the first N items of each task.")
-    flags.DEFINE_integer("batch_size", 16, "Requests per forward pass.")
+    flags.DEFINE_integer("batch_size", 16, "Requests per forward pass: generation batches this "
+                         "many prompts; scoring packs about 64 tokens per request into a pass (256 on "
+                         "an accelerator).")
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation/matmul dtype.")
     flags.DEFINE_integer("bootstrap_iters", 1000, "lm-eval's bootstrap iterations for standard "
                          "errors (0: none).")
@@ -98,19 +101,14 @@ def define_flags() -> None:
 
 
 def _packed_hidden(model: Transformer, tokens: Int[Array, "rows length"], positions: Int[Array, "rows length"],
-                   units: Int[Array, "rows length"], branches: Int[Array, "rows length"]
-                   ) -> Float[Array, "rows length d_model"]:
-    """Final-norm hidden states of rows packed with units: a context (branch 0) followed by its
-    continuations (branches 1, 2, ...), each continuation numbered on from the context's end.
-    A token sees the earlier tokens of its own unit that are context or of its own branch.
-
-    Written here on model.py's blocks, not with `Transformer.hidden`: segment ids cannot say
-    "continuations branch from a shared context", an explicit mask can."""
+                   ends: Int[Array, "rows length"]) -> Float[Array, "rows length d_model"]:
+    """Final-norm hidden states of rows of prefix trees laid out depth first: a token q sees the
+    tokens k <= q whose subtree (k ... ends[k]) holds it, its ancestors; positions are depths.
+    On model.py's blocks, not `Transformer.hidden`: segment ids cannot say "branches from a
+    shared prefix", an explicit mask can."""
     config = model.config
-    same_unit = units[:, :, None] == units[:, None, :]
-    earlier = positions[:, None, :] <= positions[:, :, None]
-    branch_k, branch_q = branches[:, None, :], branches[:, :, None]
-    mask = same_unit & earlier & ((branch_k == 0) | (branch_k == branch_q))
+    index = jnp.arange(tokens.shape[1])
+    mask = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] <= ends[:, None, :])
     params, static = eqx.partition(model.blocks, eqx.is_array)
     x = model.embed.astype(config.dtype)[tokens]
     x, _ = jax.lax.scan(lambda x, p: (eqx.combine(p, static)(x, mask, positions, config, None), None), x, params)
@@ -139,11 +137,22 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     return -(-n // buckets[-1]) * buckets[-1]
 
 
+def _row_input(context: Sequence[int], continuation: Sequence[int], max_length: int) -> tuple[int, ...]:
+    """The tokens a request puts through the model: context + continuation but its last token,
+    the context cut from the left to fit max_length, as the `hf` backend does."""
+    return tuple((list(context) + list(continuation))[-(max_length + 1):-1])
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix."""
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Unit:
-    context: tuple[int, ...]  # what the continuations follow, truncated to the model's context
-    members: tuple[int, ...]  # indices of the requests whose continuations follow it
-    length: int  # tokens in a row: the context, then each continuation but its last token
+    """Requests laid out in one row as their prefix tree, depth first: every shared prefix once."""
+    members: tuple[int, ...]  # request indices, in lexicographic order of their inputs
+    length: int  # tokens: the tree's nodes
 
 
 @dataclasses.dataclass
@@ -154,37 +163,60 @@ class _Pass:
     n_rows: int
 
 
+def _tree_units(inputs: Sequence[tuple[int, ...]], small: int, largest: int) -> list[_Unit]:
+    """The requests' inputs as prefix trees: of at most `small` tokens where cutting costs little,
+    whole up to `largest` where a cut would repeat a long shared context.
+
+    In lexicographic order a tree is a run of inputs: the first one's tokens, then each next one's
+    past its common prefix with the one before. A tree too big is cut below its shared prefix
+    (repeated in each part) into its children's subtrees, neighbours merged while they fit
+    `small`; one whose shared prefix is longer than small / 8 (a context and its continuations)
+    stays whole if it fits `largest`."""
+    order = sorted(range(len(inputs)), key=lambda i: inputs[i])
+    seqs = [inputs[i] for i in order]
+    shared = [0] + [_shared(seqs[i - 1], seqs[i]) for i in range(1, len(seqs))]
+    new_tokens = np.cumsum([len(s) - c for s, c in zip(seqs, shared)])
+
+    def size(a: int, b: int) -> int:
+        return len(seqs[a]) + int(new_tokens[b - 1] - new_tokens[a])
+
+    runs, todo = [], [(0, len(seqs), 0)]  # (start, stop, length of the prefix all of them share)
+    while todo:
+        a, b, depth = todo.pop()
+        if size(a, b) <= small or b - a == 1 or (depth > small // 8 and size(a, b) <= largest):
+            runs.append((a, b))
+            continue
+        starts = [a] + [i for i in range(a + 1, b) if shared[i] <= depth]  # one child subtree each
+        merged = None
+        for start, stop in zip(starts, starts[1:] + [b]):
+            if size(start, stop) > small:
+                common = min(shared[start + 1: stop]) if stop - start > 1 else len(seqs[start])
+                todo.append((start, stop, common))
+            elif merged is not None and size(merged[0], stop) <= small:
+                merged = (merged[0], stop)
+            else:
+                if merged is not None:
+                    runs.append(merged)
+                merged = (start, stop)
+        if merged is not None:
+            runs.append(merged)
+    return [_Unit(tuple(order[a:b]), size(a, b)) for a, b in runs]
+
+
 def plan_passes(requests: Sequence[tuple[list[int], list[int]]], max_length: int, row_lengths: Sequence[int],
                 rows_per_pass: Callable[[int], int], rank: int = 0, world: int = 1) -> list[_Pass]:
-    """Process `rank` of `world`'s forward passes over packed rows: requests with the same context
-    form units (a context and as many of its continuations as fit the longest row); the process
-    takes every world-th unit, longest first; its units go into rows of the shortest length that
-    holds them (first fit, longest unit first), rows of a length into passes. Passes go longest
-    rows first, as lm-eval's `hf` backend orders its batches (memory errors show at once).
-
-    A context that would not fit is cut from the left, as the `hf` backend does: the model sees
-    the last max_length tokens of context + continuation."""
-    longest_row = max(row_lengths)
-    groups: dict[tuple[int, ...], list[int]] = {}
+    """Process `rank` of `world`'s forward passes: the requests' inputs form prefix trees
+    (`_tree_units`); the process takes every world-th tree, longest first, into rows of the
+    shortest length that holds it (first fit), rows of a length into passes. Passes go longest
+    rows first, as the `hf` backend orders its batches (memory errors show at once)."""
     for i, (context, continuation) in enumerate(requests):
         if not context or not continuation or len(continuation) > max_length:
             raise ValueError(f"request {i}: {len(context)} context and {len(continuation)} continuation "
                              f"tokens; expected at least one of each and a continuation of at most "
                              f"{max_length}")
-        whole = (context + continuation)[-(max_length + 1):]
-        groups.setdefault(tuple(whole[: len(whole) - len(continuation)]), []).append(i)
-    units = []
-    for context, members in groups.items():
-        chunk, length = [], len(context)
-        for i in sorted(members, key=lambda i: -len(requests[i][1])):
-            grown = length + len(requests[i][1]) - 1
-            if chunk and grown > longest_row:
-                units.append(_Unit(context, tuple(chunk), length))
-                chunk, grown = [], len(context) + len(requests[i][1]) - 1
-            chunk.append(i)
-            length = grown
-        units.append(_Unit(context, tuple(chunk), length))
-    units.sort(key=lambda u: (-u.length, u.context, u.members))
+    inputs = [_row_input(context, continuation, max_length) for context, continuation in requests]
+    units = _tree_units(inputs, min(row_lengths), max(row_lengths))
+    units.sort(key=lambda u: (-u.length, u.members))
     units = units[rank::world]
     rows: list[tuple[int, list[_Unit], list[int]]] = []  # (length, units, [free tokens])
     for unit in units:
@@ -331,41 +363,39 @@ class JulianLM(TemplateLM):
         return [(logprob, greedy) for logprob, greedy in totals]
 
     def rows_per_pass(self, length: int) -> int:
-        """Every pass holds about batch_size rows of the shortest length's tokens."""
-        return max(1, self.batch_size * self.row_lengths[0] // length)
+        """Every pass holds about batch_size x TOKENS_PER_REQUEST tokens (4x that on an accelerator)."""
+        per_request = TOKENS_PER_REQUEST * (1 if jax.default_backend() == "cpu" else 4)
+        return max(1, self.batch_size * per_request // length)
 
     def _score_pass(self, packed: _Pass, requests) -> dict[int, tuple[float, bool]]:
         n_rows, length = packed.n_rows, packed.length
         tokens = np.full((n_rows, length), PAD_ID, np.int32)
         positions = np.zeros((n_rows, length), np.int32)
-        units = np.full((n_rows, length), -1, np.int32)
-        branches = np.zeros((n_rows, length), np.int32)
+        ends = np.tile(np.arange(length, dtype=np.int32), (n_rows, 1))  # padding sees itself only
         index, targets, owners = [], [], []
         for r, row in enumerate(packed.rows):
             at = 0
-            for u, unit in enumerate(row):
-                context = unit.context
-                end = at + len(context)
-                tokens[r, at: end] = context
-                positions[r, at: end] = np.arange(len(context))
-                units[r, at: end] = u
-                last = r * length + end - 1  # the context's last token predicts each first token
-                for b, i in enumerate(unit.members, start=1):
-                    continuation = requests[i][1]
-                    n = len(continuation) - 1
-                    tokens[r, end: end + n] = continuation[:-1]
-                    positions[r, end: end + n] = np.arange(len(context), len(context) + n)
-                    units[r, end: end + n] = u
-                    branches[r, end: end + n] = b
-                    index += [last, *range(r * length + end, r * length + end + n)]
+            for unit in row:
+                path: list[int] = []  # row slots of the previous member's input
+                previous: tuple[int, ...] = ()
+                for i in unit.members:
+                    context, continuation = requests[i]
+                    seq = _row_input(context, continuation, self.max_length)
+                    common = _shared(previous, seq)
+                    fresh = len(seq) - common
+                    tokens[r, at: at + fresh] = seq[common:]
+                    positions[r, at: at + fresh] = np.arange(common, len(seq))
+                    path = path[:common] + list(range(at, at + fresh))
+                    at += fresh
+                    ends[r, path] = path[-1]  # later members, later in the row, overwrite
+                    index += [r * length + slot for slot in path[len(seq) - len(continuation):]]
                     targets += continuation
                     owners += [i] * len(continuation)
-                    end += n
-                at = end
+                    previous = seq
         width = _bucket(len(index), [1 << k for k in range(6, 32)])
         index += [0] * (width - len(index))
         targets += [PAD_ID] * (width - len(targets))
-        hidden = _packed_hidden_jit(self.model, tokens, positions, units, branches)
+        hidden = _packed_hidden_jit(self.model, tokens, positions, ends)
         logprobs, greedy = _target_scores_jit(self.model, hidden, np.asarray(index, np.int32),
                                               np.asarray(targets, np.int32))
         logprobs = np.asarray(logprobs, np.float64)[: len(owners)]

@@ -43,13 +43,14 @@ MODELS = {"100m": ModelConfig(vocab_size=2000, d_model=640, n_layers=12, n_heads
 CHILD = """
 import json, os, sys, time
 sys.path.insert(0, {repo!r})
-import checkpoint, eval_tasks, evaluate
+import eval_tasks
 backend, dtype, model_dir, data_dir, cache, out = sys.argv[1:7]
 tasks = sys.argv[7].split(",")
-if backend == "hf":
+if backend == "hf":  # imports no JAX
     from lm_eval.models.huggingface import HFLM
     lm = HFLM(pretrained=model_dir, dtype="float32", batch_size={batch}, device="cpu")
 else:
+    import checkpoint, evaluate
     checkpoint.use_compilation_cache(cache)
     lm = evaluate.JulianLM(checkpoint=model_dir, dtype=dtype, batch_size={batch})
 start = time.perf_counter()
