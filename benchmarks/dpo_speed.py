@@ -58,56 +58,6 @@ def timed(fn, warmup: int, steps: int) -> float:
     return float(np.median(times))
 
 
-def main(argv):
-    del argv
-    config = ModelConfig(vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
-                         n_heads=max(FLAGS.d_model // 64, 1), d_ff=4 * FLAGS.d_model, max_seq_len=FLAGS.length,
-                         dtype=FLAGS.dtype, scan_layers=True)
-    model = Transformer(config, jax.random.key(0))
-    mesh = parallel.make_mesh(1)
-    rng = np.random.default_rng(0)
-    n, t = FLAGS.pairs, FLAGS.length
-    tokens = rng.integers(8, config.vocab_size, (n, 2, t + 1)).astype(np.int32)
-    reply = np.zeros((n, 2, t + 1), bool)
-    reply[:, :, t // 2:] = True  # half prompt, half reply, as a typical pair
-    rows = dpo.PairRows(tokens, reply)
-    optimizer = optim.make_optimizer(train.TrainConfig(steps=100, batch_size=n, warmup_steps=1))
-    results = []
-
-    start = time.perf_counter()
-    ref = dpo.reference_logps(model, rows, n, mesh)
-    first = time.perf_counter() - start
-    ref_step = timed(lambda: dpo.reference_logps(model, rows, n, mesh), 0, FLAGS.steps)
-    sft_batch = {"tokens": tokens.reshape(2 * n, t + 1), "weights": reply.reshape(2 * n, t + 1)[:, 1:].astype(np.float32)}
-    dpo_batch = dpo.pair_arrays(rows, np.arange(n), ref)
-    online_batch = {k: v for k, v in dpo_batch.items() if k != "reference_logps"}
-    cases = [("SFT step (token loss)", sft_batch, train.token_loss),
-             ("DPO step, stored reference", dpo_batch, dpo.make_loss_fn(dpo.LossConfig())),
-             ("DPO step, online reference", online_batch, dpo.make_loss_fn(dpo.LossConfig(), model))]
-    for name, batch, loss_fn in cases:
-        state = train.TrainState(jax.tree.map(lambda x: x.copy(), model), optimizer.init(model))
-        step = train.make_train_step(optimizer, parallel.shardings(state), mesh, loss_fn)
-        global_batch = parallel.global_batch(batch, 1, mesh)
-        holder = {"state": state}
-
-        def run():
-            holder["state"], metrics = step(holder["state"], global_batch, jax.random.key(0), 0, False,
-                                            parallel.stop_votes(False, mesh))
-            return metrics["loss"]
-
-        results.append((name, timed(run, FLAGS.warmup, FLAGS.steps)))
-    results.append(("reference pass (forward only)", ref_step))
-
-    print(f"model d={config.d_model} layers={config.n_layers} vocab={config.vocab_size} {config.dtype}; "
-          f"{n} pairs = {2 * n} sequences x {t} tokens per step; {jax.devices()[0].device_kind}")
-    print(f"{'what':<32}{'s/step':>10}{'pairs/s':>10}{'tokens/s':>12}")
-    for name, seconds in results:
-        print(f"{name:<32}{seconds:>10.3f}{n / seconds:>10.1f}{2 * n * t / seconds:>12,.0f}")
-    print(f"reference pass incl. compilation: {first:.2f} s for {n} pairs")
-    if FLAGS.packed_length:
-        packed_epoch(FLAGS.packed_length, n)
-
-
 def train_step_seconds(model, batch: dict, loss_fn, mesh) -> float:
     optimizer = optim.make_optimizer(train.TrainConfig(steps=100, batch_size=len(batch["tokens"]), warmup_steps=1))
     state = train.TrainState(jax.tree.map(lambda x: x.copy(), model), optimizer.init(model))
@@ -149,6 +99,45 @@ def packed_epoch(length: int, batch: int) -> None:
         real, epoch = (rows.tokens != PAD_ID).sum() / rows.tokens.size, seconds * source.num_batches
         print(f"{name:<10}{rows.num_rows:>7}{real:>13.1%}{seconds:>9.3f}{source.num_batches:>7}"
               f"{epoch:>9.1f}{sum(s.mixed for s in stats) / epoch:>9.1f}")
+
+
+def main(argv):
+    del argv
+    config = ModelConfig(vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
+                         n_heads=max(FLAGS.d_model // 64, 1), d_ff=4 * FLAGS.d_model, max_seq_len=FLAGS.length,
+                         dtype=FLAGS.dtype, scan_layers=True)
+    model = Transformer(config, jax.random.key(0))
+    mesh = parallel.make_mesh(1)
+    rng = np.random.default_rng(0)
+    n, t = FLAGS.pairs, FLAGS.length
+    tokens = rng.integers(8, config.vocab_size, (n, 2, t + 1)).astype(np.int32)
+    reply = np.zeros((n, 2, t + 1), bool)
+    reply[:, :, t // 2:] = True  # half prompt, half reply, as a typical pair
+    rows = dpo.PairRows(tokens, reply)
+    results = []
+
+    start = time.perf_counter()
+    ref = dpo.reference_logps(model, rows, n, mesh)
+    first = time.perf_counter() - start
+    ref_step = timed(lambda: dpo.reference_logps(model, rows, n, mesh), 0, FLAGS.steps)
+    sft_batch = {"tokens": tokens.reshape(2 * n, t + 1), "weights": reply.reshape(2 * n, t + 1)[:, 1:].astype(np.float32)}
+    dpo_batch = dpo.pair_arrays(rows, np.arange(n), ref)
+    online_batch = {k: v for k, v in dpo_batch.items() if k != "reference_logps"}
+    cases = [("SFT step (token loss)", sft_batch, train.token_loss),
+             ("DPO step, stored reference", dpo_batch, dpo.make_loss_fn(dpo.LossConfig())),
+             ("DPO step, online reference", online_batch, dpo.make_loss_fn(dpo.LossConfig(), model))]
+    for name, batch, loss_fn in cases:
+        results.append((name, train_step_seconds(model, batch, loss_fn, mesh)))
+    results.append(("reference pass (forward only)", ref_step))
+
+    print(f"model d={config.d_model} layers={config.n_layers} vocab={config.vocab_size} {config.dtype}; "
+          f"{n} pairs = {2 * n} sequences x {t} tokens per step; {jax.devices()[0].device_kind}")
+    print(f"{'what':<32}{'s/step':>10}{'pairs/s':>10}{'tokens/s':>12}")
+    for name, seconds in results:
+        print(f"{name:<32}{seconds:>10.3f}{n / seconds:>10.1f}{2 * n * t / seconds:>12,.0f}")
+    print(f"reference pass incl. compilation: {first:.2f} s for {n} pairs")
+    if FLAGS.packed_length:
+        packed_epoch(FLAGS.packed_length, n)
 
 
 if __name__ == "__main__":
