@@ -138,13 +138,11 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
 
 
 def _row_input(context: Sequence[int], continuation: Sequence[int], max_length: int) -> tuple[int, ...]:
-    """The tokens a request puts through the model: context + continuation but its last token,
-    the context cut from the left to fit max_length, as the `hf` backend does."""
+    """Context + continuation but its last token, cut from the left to max_length, as `hf` does."""
     return tuple((list(context) + list(continuation))[-(max_length + 1):-1])
 
 
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the common prefix."""
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:  # the common prefix's length
     return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
