@@ -52,6 +52,16 @@ def tiny_run(tmp_path_factory, tiny_tokenizer_path) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny(tiny_run):
+    """The tiny run's model, as trained (bf16 activations), and its tokenizer."""
+    import checkpoint
+    from tokenizer import Tokenizer
+
+    model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
+    return model, Tokenizer.from_bytes(tokenizer_bytes)
+
+
+@pytest.fixture(scope="session")
 def gcs_bucket():
     """A bucket on a local gcp-storage-emulator (in memory) for this session; yields its name.
 

@@ -18,23 +18,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
 
-import checkpoint  # noqa: E402
 import eval_tasks  # noqa: E402
 import evaluate  # noqa: E402
 from conftest import REPO  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
-from tokenizer import BOS_ID, Tokenizer  # noqa: E402
+from tokenizer import BOS_ID  # noqa: E402
 
 DATA_DIR = os.path.join(REPO, "samples", "eval")
 TASKS = list(eval_tasks.REPORT_TASKS)
 LIMIT = 5  # items per task: every request shape of every task, in seconds
 LOGPROB_ATOL = 1e-3  # fp32 on both sides: a wrong token or position is off by O(1)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_run):
-    model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
-    return model, Tokenizer.from_bytes(tokenizer_bytes)
 
 
 @pytest.fixture(scope="module")
