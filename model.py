@@ -463,9 +463,13 @@ class Transformer(eqx.Module):
         """Each layer's block on arrays of its own: a copy of the blocks' weights, made once for
         many decoding steps (`extend`). Inside a jitted step, XLA:CPU copies a slice of the stacked
         arrays (a `scan` step's, or an unrolled `blocks[i]`) before a matmul reads it: a batch-1
-        step, which only has to read each weight once, read it, wrote a copy and read that."""
+        step, which only has to read each weight once, read it, wrote a copy and read that.
+        The matrices are copied in the activation dtype, which `einsum` casts them to anyway: the
+        same numbers, and under bf16 a step reads half the bytes."""
         params, static = eqx.partition(self.blocks, eqx.is_array)
-        return tuple(eqx.combine(jax.tree.map(lambda a: a[i], params), static)
+        # Stacked matrices have 3 axes; norm weights (2) stay fp32, as RMSNorm takes them.
+        copy = lambda a, i: a[i].astype(self.config.dtype) if a.ndim == 3 else a[i]
+        return tuple(eqx.combine(jax.tree.map(lambda a: copy(a, i), params), static)
                      for i in range(self.config.n_layers))
 
     def extend(self, tokens: Int[Array, "batch new"], cache: KVCache, valid: Int[Array, " batch"] | None = None,

@@ -383,6 +383,23 @@ def test_remat_changes_nothing_in_logits_or_gradients(remat):
     assert_trees_close(rematted[1], plain[1], rtol=1e-5)
 
 
+
+def test_layer_copies_hold_matrices_in_the_activation_dtype_and_decode_the_same_numbers():
+    """`layers()` copies the matrices in bf16 (the einsums cast them to it anyway) and the norm
+    weights in fp32: a prefill through the copies equals one through fp32 slices, bit for bit."""
+    model = build(dtype="bfloat16")
+    copies = model.layers()
+    for block in copies:
+        assert block.attn.wq.dtype == block.mlp.w_down.dtype == jnp.bfloat16
+        assert block.attn_norm.weight.dtype == jnp.float32
+    params, static = eqx.partition(model.blocks, eqx.is_array)
+    fp32_slices = tuple(eqx.combine(jax.tree.map(lambda a: a[i], params), static)
+                        for i in range(model.config.n_layers))
+    toks = tokens()
+    prefill = eqx.filter_jit(lambda m, layers: m.extend(toks, M.init_cache(m.config, BATCH, SEQ), layers=layers)[0])
+    np.testing.assert_array_equal(np.asarray(prefill(model, copies), np.float32),
+                                  np.asarray(prefill(model, fp32_slices), np.float32))
+
 @pytest.mark.parametrize("with_segments", [False, True])
 def test_dot_product_attention_agrees_with_the_einsum_implementation(with_segments):
     toks = tokens()
