@@ -110,7 +110,9 @@ def _packed_hidden(model: Transformer, tokens: Int[Array, "rows length"], positi
     index = jnp.arange(tokens.shape[1])
     mask = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] <= ends[:, None, :])
     params, static = eqx.partition(model.blocks, eqx.is_array)
-    x = model.embed.astype(config.dtype)[tokens]
+    # An fp32 residual stream (blocks add bf16 outputs to it) cut bf16's worst log-likelihood error
+    # against fp32 on the report tasks from 0.11 to 0.07 nats (mean 0.017 -> 0.013), for no time.
+    x = model.embed[tokens]
     x, _ = jax.lax.scan(lambda x, p: (eqx.combine(p, static)(x, mask, positions, config, None), None), x, params)
     return model.final_norm(x, config.dtype)
 
@@ -267,9 +269,8 @@ def _local_copy(model: Transformer) -> Transformer:
 
 
 def for_inference(model: Transformer, dtype: str) -> Transformer:
-    """The same weights run with another activation dtype, and layers under `lax.scan`: evaluation
-    compiles one program per padded shape, and a scanned stack compiles in a fraction of the time
-    of an unrolled one (execution choices, not weights)."""
+    """The same weights, run in another activation dtype with layers under `lax.scan` (one program
+    per padded shape: a scanned stack compiles in a fraction of an unrolled one's time)."""
     config = dataclasses.replace(model.config, dtype=dtype, scan_layers=True)
     like = eqx.filter_eval_shape(Transformer, config, jax.random.key(0))
     return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(model))
@@ -332,9 +333,8 @@ class JulianLM(TemplateLM):
 
     def score(self, requests: Sequence[tuple[list[int], list[int]]], disable_tqdm: bool = False
               ) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), whether greedy decoding gives it) per token-id pair.
-
-        A continuation longer than the model's context (lm-eval's `hf` backend refuses those) is
+        """(log p(continuation | context), whether greedy decoding gives it) per token-id pair. A
+        continuation longer than the model's context (lm-eval's `hf` backend refuses those) is
         scored in pieces of half the context, each after as much preceding text as fits."""
         pieces, owners = [], []
         for i, (context, continuation) in enumerate(requests):

@@ -12,9 +12,11 @@ figures are what a user waits for:
   * lm-eval's `hf` backend (transformers, torch, fp32), twice: "warm" is the second process;
   * julian (`evaluate.JulianLM`) per --dtypes, with an empty compilation cache ("cold"), then again
     with the cache the first run filled ("warm": programs loaded, not compiled).
-Every process logs its per-item choices; a julian fp32 run that picks a different choice than the
-`hf` backend on any item is reported in the table. Data files are `<task>.jsonl`, or the one
-`<task>_*.jsonl` (the shared folder's names); --skip and --limit take a slice of their lines.
+Every process logs its per-item choices: the continuation of highest log-likelihood and every 0/1
+metric of the item (acc, acc_norm: the length-normalized choice, lambada's greedy match); the
+table counts the items where any of them differs from the `hf` backend's. Data files are
+`<task>.jsonl`, or the one `<task>_*.jsonl` (the shared folder's names); --skip and --limit take
+a slice of their lines.
 The machine's other load skews everything: the runs are interleaved, compare rows of one table.
 """
 
@@ -55,8 +57,11 @@ else:
     lm = evaluate.JulianLM(checkpoint=model_dir, dtype=dtype, batch_size={batch})
 start = time.perf_counter()
 output = eval_tasks.evaluate_with(lm, tasks, data_dir, log_samples=True)
-choices = {{task: [max(range(len(s["resps"])), key=lambda c: s["resps"][c][0][0])
-                  for s in sorted(samples, key=lambda s: s["doc_id"])]
+def decision(s):  # the chosen continuation (highest log-likelihood) and the item's 0/1 metrics
+    first = [r[0] for r in s["resps"]]
+    chosen = max(range(len(first)), key=lambda c: first[c][0]) if isinstance(first[0], (list, tuple)) else first
+    return [chosen, {{m: s[m] for m in s.get("metrics", []) if s.get(m) in (0, 1)}}]
+choices = {{task: [decision(s) for s in sorted(samples, key=lambda s: s["doc_id"])]
            for task, samples in output["samples"].items()}}
 requests = sum(len(s["arguments"]) for samples in output["samples"].values() for s in samples)
 with open(out, "w") as f:
@@ -140,10 +145,7 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    work = tempfile.mkdtemp(prefix="eval_speed_")
+def measure(work: str) -> None:
     from eval_tasks import expand_tasks
 
     tasks = expand_tasks(FLAGS.tasks)
@@ -184,6 +186,16 @@ def main(argv):
         print(f"| {label} | {cold['seconds']:.1f} / {warm['seconds']:.1f} | {cold['cpu']:.1f} / {warm['cpu']:.1f} | "
               f"{hf_cold['seconds'] / cold['seconds']:.2f}x / {hf_warm['seconds'] / warm['seconds']:.2f}x | "
               f"{hf_cold['cpu'] / cold['cpu']:.2f}x / {hf_warm['cpu'] / warm['cpu']:.2f}x | {differ} |")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    work = tempfile.mkdtemp(prefix="eval_speed_")
+    try:
+        measure(work)
+    finally:  # two checkpoints of the model and the compilation caches: ~600 MB at 100m
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
