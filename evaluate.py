@@ -111,7 +111,7 @@ def _packed_hidden(model: Transformer, tokens: Int[Array, "rows length"], positi
     mask = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] <= ends[:, None, :])
     params, static = eqx.partition(model.blocks, eqx.is_array)
     # An fp32 residual stream (blocks add bf16 outputs to it) cut bf16's worst log-likelihood error
-    # against fp32 on the report tasks from 0.11 to 0.07 nats (mean 0.017 -> 0.013), for no time.
+    # against fp32 on the report tasks (100m) from 0.11 to 0.07 nats, mean 0.017 -> 0.013, for free.
     x = model.embed[tokens]
     x, _ = jax.lax.scan(lambda x, p: (eqx.combine(p, static)(x, mask, positions, config, None), None), x, params)
     return model.final_norm(x, config.dtype)
