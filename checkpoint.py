@@ -26,12 +26,18 @@ import os
 import signal
 
 import equinox as eqx
+import fsspec
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from model import ModelConfig, Transformer
+
+# Orbax checks gs:// directories through gcsfs, whose cached listings miss the files TensorStore
+# writes beside it: under load a finished save's metadata step now and then failed with
+# "Checkpoint directory does not exist" (a stale listing of the step directory). List afresh.
+fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/julian/jax"
 COMPILATION_CACHE_HELP = (
