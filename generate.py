@@ -10,8 +10,8 @@ place (one host round trip per chunk, not per token), every shape static (prompt
 16, 32 or a multiple of PAD_TO tokens, so a handful of shapes serves every prompt). Both run on
 a per-layer copy of the weights (`Transformer.layers`, kept for the last model sampled from):
 a step on the stacked weights copied each layer's slice before reading it. Greedy at
---temperature=0, else temperature with optional top-k and top-p. A row ends at a stop id (</s>; in chat also
-<|im_end|>) or once its text contains a stop string, where it is cut.
+--temperature=0, else temperature with optional top-k and top-p. A row ends at a stop id (</s>;
+in chat also <|im_end|>) or once its text contains a stop string, where it is cut.
 
 A conversation is a document: <s>, then ChatML (Tokenizer.render_chat) up to the assistant's turn.
 """
@@ -180,7 +180,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     step = 1
     while step < max_new_tokens and not done.all():
         chunk, cache = _decode(model, layers, cache, tokens, jnp.asarray(done), key, step, max_new_tokens - step,
-                                  stops, **sampling)
+                               stops, **sampling)
         chunk = np.asarray(chunk)
         n = min(CHUNK, max_new_tokens - step)
         for i in range(n):
