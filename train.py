@@ -21,7 +21,8 @@ What makes a 21-day run on preemptible hardware work:
   batches; after --max_rollbacks rollbacks it stops and says where.
 
 Outputs: Orbax checkpoints in --output_dir (see checkpoint.py); in --metrics_dir (default
---output_dir): metrics.jsonl, TensorBoard events under tb/, config.json, loss.png.
+--output_dir): metrics.jsonl, TensorBoard events under tb/, config.json, loss.png, and with
+--profile_steps, an XLA trace under profile/; with --wandb_project, the same to Weights & Biases.
 
 To try another optimizer, change optim.py; to add a loss term, token_loss below (fit takes any
 loss function, as dpo.py's). The mesh and shardings are in parallel.py, the MFU peaks and the
@@ -51,13 +52,14 @@ from tqdm import tqdm
 import budget
 import checkpoint
 import cli
+import runlog
 import stream
 from budget import HARDWARE, device_peak_flops
 from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from optim import learning_rate_schedule, make_optimizer
 from parallel import (AXES, batch_sharding, global_batch, initialize_distributed, leaf_sharding, make_mesh,
                       shardings, stop_votes, traced_on)
-from runlog import IntervalLogger, check_writable, keep_metrics_until, plot_loss
+from runlog import IntervalLogger, PhaseTimes, ProfileWindow, check_writable, keep_metrics_until, open_wandb
 from tokenizer import Tokenizer
 
 
@@ -152,6 +154,7 @@ def define_flags() -> None:
     flags.DEFINE_float("peak_tflops", 0.0,
                        "bf16 peak TFLOP/s per device for MFU; 0 looks the chip up (CPU: measured once per "
                        "CPU model and core count, kept in ~/.cache/julian).")
+    runlog.define_flags()  # --profile_steps, --wandb_project, ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +203,12 @@ class RunConfig:
     peak_tflops: float = 0.0
     test_nan_batches: tuple[int, ...] = ()
     test_sigkill_during_save: int = -1
+    profile_steps: tuple[int, int] | None = None
+    profile_dir: str = ""
+    profile_all_hosts: bool = False
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None
 
 
 # --- The state, the step, the held-out loss --------------------------------------------------------
@@ -420,7 +429,9 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
             json.dump(run_config, f, indent=2)
         keep_metrics_until(os.path.join(run.metrics_dir, "metrics.jsonl"), step)
         logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, learning_rate_schedule(config),
-                                tokens_per_step, flops_per_token(model_config, seq_len) * tokens_per_step, peak)
+                                tokens_per_step, flops_per_token(model_config, seq_len) * tokens_per_step, peak,
+                                open_wandb(run.wandb_project, run.wandb_entity, run.wandb_run_name, run.output_dir,
+                                           run.metrics_dir, run_config) if run.wandb_project else None)
         print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
               f"per step | {jax.process_count()} processes, mesh {dict(mesh.shape)} | peak "
               f"{peak / 1e12:.2f} TFLOP/s for MFU")
@@ -433,16 +444,22 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
             os.kill(os.getpid(), signal.SIGKILL)
 
     guard = checkpoint.PreemptionGuard()
+    times = PhaseTimes()
+    profile = ProfileWindow(run.profile_steps if primary or run.profile_all_hosts else None, run.profile_dir, step)
     batches = train_data.iterate(step + data_offset)
     bar = tqdm(initial=step, total=config.steps, disable=None if primary else True, desc=title)
     try:
         while step < config.steps:
-            waited = time.perf_counter()
-            position, rows = next(batches)
-            waited = time.perf_counter() - waited
-            state, metrics = train_step(state, global_batch(as_batch(rows), config.grad_accum, mesh), key,
-                                        step, position in run.test_nan_batches, stop_votes(guard.requested, mesh))
-            metrics = jax.device_get(metrics)
+            with times("data_wait"):
+                position, rows = next(batches)
+            batch = global_batch(as_batch(rows), config.grad_accum, mesh)
+            # The loop reads every step's metrics (the stop vote, the skipped flag) before going on, so
+            # it waits for the device at each step anyway: dispatch to result is the step's device
+            # time, measured without adding a synchronization. The profiler's start and stop are host.
+            with profile.step(step), times("step"):
+                state, metrics = train_step(state, batch, key, step, position in run.test_nan_batches,
+                                            stop_votes(guard.requested, mesh))
+                metrics = jax.device_get(metrics)
             step += 1
             bar.update()
             bad_streak = bad_streak + 1 if metrics["skipped"] else 0
@@ -476,10 +493,11 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 extra = {"skipped_steps": skipped, "rollbacks": rollbacks}
                 if hasattr(train_data, "epoch"):
                     extra["epoch"] = float(train_data.epoch(position))
-                if line := logger.log(step, metrics, waited, extra, last=bool(metrics["stop"])):
+                if line := logger.log(step, metrics, times, extra, last=bool(metrics["stop"])):
                     bar.write(line)
             if run.eval_every and (step % run.eval_every == 0 or step == config.steps):
-                record = {k: v for evaluate in evaluations for k, v in evaluate(state.model).items()}
+                with times("eval"):
+                    record = {k: v for evaluate in evaluations for k, v in evaluate(state.model).items()}
                 if logger and record:
                     logger.write({"step": step, **record})
                     bar.write(f"step {step:>7} | " + " | ".join(
@@ -494,17 +512,22 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                               "command resumes from it")
                 return
             if step % run.checkpoint_every == 0 or step == config.steps:
-                save(step)
+                with times("checkpoint"):
+                    save(step)
         ckpt.wait()
+        if logger:
+            logger.plot(os.path.join(run.metrics_dir, "loss.png"), f"julian {title}")
     finally:
+        profile.close()
         batches.close()
         bar.close()
         guard.close()
         ckpt.close()
         if logger:
-            logger.close()
+            logger.close(failed=sys.exc_info()[0] is not None)
     if primary:
-        plot_loss(logger.path, os.path.join(run.metrics_dir, "loss.png"), f"julian {title}")
+        if summary := logger.summary():
+            print(summary)
         print(f"{title} done: step {step} saved to {run.output_dir} (metrics and loss curve in {run.metrics_dir})")
 
 
@@ -535,7 +558,10 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, RunConfig]:
         eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches, eval_tasks=tuple(FLAGS.eval_tasks),
         eval_data_dir=FLAGS.eval_data_dir, eval_limit=FLAGS.eval_limit, peak_tflops=FLAGS.peak_tflops,
         test_nan_batches=tuple(int(s) for s in FLAGS.test_nan_batches),
-        test_sigkill_during_save=FLAGS.test_sigkill_during_save)
+        test_sigkill_during_save=FLAGS.test_sigkill_during_save,
+        profile_steps=runlog.step_range(FLAGS.profile_steps, "--profile_steps"),
+        profile_dir=FLAGS.profile_dir or os.path.join(metrics_dir, "profile"), profile_all_hosts=FLAGS.profile_all_hosts,
+        wandb_project=FLAGS.wandb_project, wandb_entity=FLAGS.wandb_entity, wandb_run_name=FLAGS.wandb_run_name)
     return model_config, train_config, run
 
 
