@@ -241,7 +241,10 @@ def open_wandb(project: str, entity: str | None, name: str | None, output_dir: s
     """The W&B run of the training run in `output_dir`, created or continued: its id is kept in
     OUTPUT_DIR/wandb_run.json, so the same command after a preemption appends to the same W&B
     run. W&B's local files go to METRICS_DIR/wandb."""
-    import wandb  # optional (requirements-dev.txt): only with --wandb_project
+    try:
+        import wandb  # optional (requirements-dev.txt): only with --wandb_project
+    except ImportError:
+        raise ValueError(f"--wandb_project={project} needs the wandb package: pip install wandb") from None
 
     id_path = storage.join(output_dir, "wandb_run.json")
     storage.write_bytes(id_path, json.dumps({"id": uuid.uuid4().hex[:12]}).encode(), exclusive=True)
