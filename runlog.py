@@ -13,6 +13,7 @@ profile plugin or Perfetto.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -43,18 +44,34 @@ def define_flags() -> None:
     flags.DEFINE_string("wandb_run_name", None, "W&B display name (default: W&B's).")
 
 
-def step_range(text: str, flag: str) -> tuple[int, int] | None:
-    """START:END as two ints with 0 <= START < END; None for ''."""
-    if not text:
+@dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """Trace the steps that take the run from step `start` to step `end` into `directory`."""
+    start: int
+    end: int
+    directory: str
+    all_hosts: bool = False
+
+
+def profile_config(steps: str, directory: str, all_hosts: bool) -> ProfileConfig | None:
+    """--profile_steps=START:END (0 <= START < END) and its companions; None without it."""
+    if not steps:
         return None
-    start, _, end = text.partition(":")
+    start, _, end = steps.partition(":")
     try:
-        steps = int(start), int(end)
+        config = ProfileConfig(int(start), int(end), directory, all_hosts)
     except ValueError:
-        steps = None
-    if steps is None or not 0 <= steps[0] < steps[1]:
-        raise ValueError(f"{flag}={text}: expected START:END, two steps with 0 <= START < END (e.g. 3:5)")
-    return steps
+        config = None
+    if config is None or not 0 <= config.start < config.end:
+        raise ValueError(f"--profile_steps={steps}: expected START:END, two steps with 0 <= START < END (e.g. 3:5)")
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    project: str
+    entity: str | None = None
+    name: str | None = None
 
 
 def check_writable(directory: str, flag: str) -> None:
@@ -236,33 +253,34 @@ class IntervalLogger:
             self.wandb.finish(exit_code=1 if failed else 0)
 
 
-def open_wandb(project: str, entity: str | None, name: str | None, output_dir: str, metrics_dir: str,
-               config: dict):
+def open_wandb(settings: WandbConfig, output_dir: str, metrics_dir: str, config: dict):
     """The W&B run of the training run in `output_dir`, created or continued: its id is kept in
     OUTPUT_DIR/wandb_run.json, so the same command after a preemption appends to the same W&B
     run. W&B's local files go to METRICS_DIR/wandb."""
     try:
         import wandb  # optional (requirements-dev.txt): only with --wandb_project
     except ImportError:
-        raise ValueError(f"--wandb_project={project} needs the wandb package: pip install wandb") from None
+        raise ValueError(f"--wandb_project={settings.project} needs the wandb package: pip install wandb") from None
 
     id_path = storage.join(output_dir, "wandb_run.json")
     storage.write_bytes(id_path, json.dumps({"id": uuid.uuid4().hex[:12]}).encode(), exclusive=True)
-    run = wandb.init(project=project, entity=entity, name=name, id=storage.read_json(id_path)["id"],
-                     resume="allow", dir=metrics_dir, config=config)
+    run = wandb.init(project=settings.project, entity=settings.entity, name=settings.name,
+                     id=storage.read_json(id_path)["id"], resume="allow", dir=metrics_dir, config=config)
     run.define_metric("step")
     run.define_metric("*", step_metric="step")
     return run
 
 
 class ProfileWindow:
-    """An XLA trace (jax.profiler) of the steps from step `steps[0]` to step `steps[1]`, taken at
-    most once per process. The process's first step, which compiles, is never traced: a process
-    that starts at step `first` traces from max(steps[0], first + 1)."""
+    """An XLA trace (jax.profiler) of the steps `config` names, taken at most once per process:
+    on process 0 (`primary`), or on all with config.all_hosts. The process's first step, which
+    compiles, is never traced: a process that starts at step `first` traces from
+    max(config.start, first + 1)."""
 
-    def __init__(self, steps: tuple[int, int] | None, directory: str, first: int):
-        self.directory = directory
-        self.start, self.end = (max(steps[0], first + 1), steps[1]) if steps else (0, 0)
+    def __init__(self, config: ProfileConfig | None, first: int, primary: bool):
+        traced = config is not None and (primary or config.all_hosts)
+        self.directory = config.directory if traced else ""
+        self.start, self.end = (max(config.start, first + 1), config.end) if traced else (0, 0)
         self.tracing, self.done, self.traced = False, False, []
 
     @contextlib.contextmanager

@@ -26,7 +26,7 @@ Outputs: Orbax checkpoints in --output_dir (see checkpoint.py); in --metrics_dir
 
 To try another optimizer, change optim.py; to add a loss term, token_loss below (fit takes any
 loss function, as dpo.py's). The mesh and shardings are in parallel.py, the MFU peaks and the
-dry run in budget.py, the logger and the loss plot in runlog.py.
+dry run in budget.py, the logger, the loss plot, traces and W&B in runlog.py.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flop
 from optim import learning_rate_schedule, make_optimizer
 from parallel import (AXES, batch_sharding, global_batch, initialize_distributed, leaf_sharding, make_mesh,
                       shardings, stop_votes, traced_on)
-from runlog import IntervalLogger, PhaseTimes, ProfileWindow, check_writable, keep_metrics_until, open_wandb
+from runlog import (IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, check_writable,
+                    keep_metrics_until, open_wandb)
 from tokenizer import Tokenizer
 
 
@@ -203,12 +204,8 @@ class RunConfig:
     peak_tflops: float = 0.0
     test_nan_batches: tuple[int, ...] = ()
     test_sigkill_during_save: int = -1
-    profile_steps: tuple[int, int] | None = None
-    profile_dir: str = ""
-    profile_all_hosts: bool = False
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    wandb_run_name: str | None = None
+    profile: ProfileConfig | None = None
+    wandb: WandbConfig | None = None
 
 
 # --- The state, the step, the held-out loss --------------------------------------------------------
@@ -430,8 +427,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
         keep_metrics_until(os.path.join(run.metrics_dir, "metrics.jsonl"), step)
         logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, learning_rate_schedule(config),
                                 tokens_per_step, flops_per_token(model_config, seq_len) * tokens_per_step, peak,
-                                open_wandb(run.wandb_project, run.wandb_entity, run.wandb_run_name, run.output_dir,
-                                           run.metrics_dir, run_config) if run.wandb_project else None)
+                                open_wandb(run.wandb, run.output_dir, run.metrics_dir, run_config) if run.wandb else None)
         print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
               f"per step | {jax.process_count()} processes, mesh {dict(mesh.shape)} | peak "
               f"{peak / 1e12:.2f} TFLOP/s for MFU")
@@ -445,7 +441,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
 
     guard = checkpoint.PreemptionGuard()
     times = PhaseTimes()
-    profile = ProfileWindow(run.profile_steps if primary or run.profile_all_hosts else None, run.profile_dir, step)
+    profile = ProfileWindow(run.profile, step, primary)
     batches = train_data.iterate(step + data_offset)
     bar = tqdm(initial=step, total=config.steps, disable=None if primary else True, desc=title)
     try:
@@ -559,9 +555,9 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, RunConfig]:
         eval_data_dir=FLAGS.eval_data_dir, eval_limit=FLAGS.eval_limit, peak_tflops=FLAGS.peak_tflops,
         test_nan_batches=tuple(int(s) for s in FLAGS.test_nan_batches),
         test_sigkill_during_save=FLAGS.test_sigkill_during_save,
-        profile_steps=runlog.step_range(FLAGS.profile_steps, "--profile_steps"),
-        profile_dir=FLAGS.profile_dir or os.path.join(metrics_dir, "profile"), profile_all_hosts=FLAGS.profile_all_hosts,
-        wandb_project=FLAGS.wandb_project, wandb_entity=FLAGS.wandb_entity, wandb_run_name=FLAGS.wandb_run_name)
+        profile=runlog.profile_config(FLAGS.profile_steps, FLAGS.profile_dir or os.path.join(metrics_dir, "profile"),
+                                      FLAGS.profile_all_hosts),
+        wandb=WandbConfig(FLAGS.wandb_project, FLAGS.wandb_entity, FLAGS.wandb_run_name) if FLAGS.wandb_project else None)
     return model_config, train_config, run
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import DATA_FILES, REPO
-from runlog import PHASES, IntervalLogger, PhaseTimes, ProfileWindow
+from runlog import PHASES, IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow
 
 METRICS = {"grad_norm": 1.0, "skipped": False, "supervised_tokens": 8}
 # train.py with a model small enough for a few steps a second (test_train.py's).
@@ -136,11 +136,13 @@ def trace_steps(directory) -> list[int]:
     return sorted(steps)
 
 
-@pytest.mark.parametrize("first, traced", [(0, [4, 5]), (3, [5]), (4, []), (9, [])])
-def test_a_profile_window_3_5_traces_the_part_of_it_after_a_process_first_step(tmp_path, first, traced):
+@pytest.mark.parametrize("first, primary, traced", [(0, True, [4, 5]), (3, True, [5]), (4, True, []), (9, True, []),
+                                                    (0, False, [])])
+def test_a_profile_window_3_5_traces_the_part_of_it_after_a_process_first_step(tmp_path, first, primary, traced):
     # A process resumed at step `first` compiles during its first step: the trace skips it.
+    # Processes other than 0 trace only with --profile_all_hosts.
     f = jax.jit(lambda x: x @ x)
-    window = ProfileWindow((3, 5), str(tmp_path), first)
+    window = ProfileWindow(ProfileConfig(3, 5, str(tmp_path)), first, primary)
     x = jnp.ones((8, 8))
     for step in range(first, 8):
         with window.step(step):
