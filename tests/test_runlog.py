@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import DATA_FILES, REPO
-from runlog import PHASES, IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow
+from runlog import PHASES, IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, open_wandb
 
 METRICS = {"grad_norm": 1.0, "skipped": False, "supervised_tokens": 8}
 # train.py with a model small enough for a few steps a second (test_train.py's).
@@ -22,9 +22,9 @@ SMALL = ["--flagfile=configs/tiny.flags", "--d_model=64", "--n_layers=2", "--n_h
          "--seq_len=32", "--batch_size=4", "--warmup_steps=2", "--learning_rate=1e-2", "--peak_tflops=1"]
 
 
-def logger_in(directory, every: int) -> IntervalLogger:
+def logger_in(directory, every: int, wandb_run=None) -> IntervalLogger:
     return IntervalLogger(str(directory), every=every, steps=100, schedule=lambda s: 1e-3,
-                          tokens_per_step=8, flops_per_step=1.0, peak_flops=1.0)
+                          tokens_per_step=8, flops_per_step=1.0, peak_flops=1.0, wandb_run=wandb_run)
 
 
 def records_of(directory) -> list[dict]:
@@ -188,14 +188,48 @@ def history(records: list[dict]) -> list[dict]:
     return [r["history"]["item"] for r in records if r["type"] == "history"]
 
 
+def offline_wandb(tmp_path) -> dict:
+    """W&B without an account or network (checked with strace: no socket but AF_UNIX ones, the
+    W&B service's own, and netlink); its own directories in tmp_path."""
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
+            "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+            "WANDB_DATA_DIR": str(tmp_path / "data")}
+
+
+def test_wandb_gets_the_records_and_resume_and_rollback_events_and_a_rerun_continues_its_id(
+        tmp_path, monkeypatch):
+    for name, value in offline_wandb(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    out.mkdir()
+    ids = []
+    for resumed in (False, True):
+        run = open_wandb(WandbConfig("x", name="tiny"), str(out), str(out), {"train": {"steps": 100}})
+        ids.append(run.id)
+        logger, times = logger_in(out, every=1, wandb_run=run), PhaseTimes()
+        if resumed:
+            logger.write({"step": 2, "event": "resume", "time": time.time()})
+        for step in (3, 4) if resumed else (1, 2):
+            logger.log(step, {"loss": float(step), **METRICS}, times, {})
+        if resumed:
+            logger.restart(3)
+            logger.write({"step": 3, "event": "rollback", "from_step": 4, "time": time.time()})
+        logger.close()
+    assert ids[0] == ids[1] == json.loads((out / "wandb_run.json").read_text())["id"]
+    runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*")))
+    assert len(runs) == 2 and all(r.endswith(f"-{ids[0]}") for r in runs)
+    first, second = wandb_records(runs[0]), wandb_records(runs[1])
+    for records, steps in ((first, [1, 2]), (second, [3, 4])):
+        assert [h["loss"] for h in history(records) if "loss" in h] == steps
+        assert [r["run"]["config"]["update"]["train"] for r in records if r["type"] == "run"] == [{"steps": 100}]
+    events = [(h["step"], k, h[k]) for h in history(second) for k in h if k.startswith("event/")]
+    assert events == [(2, "event/resume", 2), (3, "event/rollback", 4)]
+
+
 @pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics_config_and_loss_curve_and_a_resumed_run_appends(
         tmp_path, tiny_tokenizer_path):
-    # WANDB_MODE=offline: no account, no network (checked with strace: no socket outside AF_UNIX
-    # and the loopback); W&B's own directories go to tmp_path.
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
-           "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-           "WANDB_DATA_DIR": str(tmp_path / "data")}
+    env = {**os.environ, **offline_wandb(tmp_path)}
     out = tmp_path / "run"
     for steps in (4, 6):  # the second command resumes at step 4 and trains to 6
         result = subprocess.run(
