@@ -69,6 +69,7 @@ def profile_config(steps: str, directory: str, all_hosts: bool) -> ProfileConfig
 
 @dataclasses.dataclass(frozen=True)
 class WandbConfig:
+    """--wandb_project, --wandb_entity, --wandb_run_name."""
     project: str
     entity: str | None = None
     name: str | None = None
@@ -98,8 +99,8 @@ def keep_metrics_until(path: str, step: int) -> None:
 
 STEP_METRICS = ("loss", "grad_norm", "skipped", "supervised_tokens", "stop")
 
-# Where a logging interval's wall time goes. The loop times the first four; host work (assembling
-# and sending the batch, the logger, the progress bar) is the rest of the interval.
+# Where a logging interval's wall time goes. The loop times MEASURED; host work (assembling and
+# sending the batch, the logger, the progress bar, a trace's start and stop) is the rest.
 MEASURED = ("data_wait", "step", "checkpoint", "eval")
 PHASES = ("data_wait", "step", "host", "checkpoint", "eval")
 LABELS = {"data_wait": "data wait", "step": "step", "host": "host", "checkpoint": "checkpoint", "eval": "eval"}
