@@ -18,8 +18,10 @@ their outputs as whole files, so running one twice changes nothing.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -58,6 +60,15 @@ def progress(name: str, sizes: Sequence[int], unit: str) -> tqdm:
     return tqdm(total=sum(sizes), desc=name, unit=unit, unit_scale=unit == "B", disable=None)
 
 
+def _die_with(driver: int) -> None:
+    """A local worker's first act: have the kernel kill it when the driver dies, even by SIGKILL
+    (a pool's workers otherwise outlive it, waiting for calls), as a raylet does its workers."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != driver:  # it died before that
+        os._exit(1)
+
+
 class LocalExecutor(Executor):
     """`workers` processes of this machine (see the module docstring)."""
 
@@ -77,7 +88,8 @@ class LocalExecutor(Executor):
                 futures: dict = {}
                 try:
                     if self.pool is None:
-                        self.pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=self.context)
+                        self.pool = concurrent.futures.ProcessPoolExecutor(
+                            self.workers, mp_context=self.context, initializer=_die_with, initargs=(os.getpid(),))
                     for i in todo:
                         futures[self.pool.submit(function, *calls[i])] = i
                     for future in concurrent.futures.as_completed(futures):
