@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import itertools
 import multiprocessing
 import os
 import signal
@@ -84,7 +85,7 @@ class LocalExecutor(Executor):
         sizes = sizes or [1] * len(calls)
         todo, finished = list(range(len(calls))), set()
         with progress(name, sizes, unit) as bar:
-            for attempt in range(RETRIES + 1):
+            for retry in itertools.count(1):
                 futures: dict = {}
                 try:
                     if self.pool is None:
@@ -100,15 +101,17 @@ class LocalExecutor(Executor):
                     return results
                 except BrokenProcessPool:
                     for future, i in futures.items():  # those that ended before the worker died
-                        if i not in finished and future.done() and future.exception() is None:
+                        if i not in finished and future.done() and not future.cancelled() and not future.exception():
                             results[i] = future.result()
                             finished.add(i)
                             bar.update(sizes[i])
                     todo = [i for i in todo if i not in finished]
                     self.close()
+                    if retry > RETRIES:
+                        raise RuntimeError(f"{name}: worker processes died {RETRIES + 1} times (killed, or out "
+                                           "of memory?)") from None
                     logging.warning("%s: a worker process died; its %d unfinished calls run again in a new "
-                                    "pool (retry %d of %d)", name, len(todo), attempt + 1, RETRIES)
-        raise RuntimeError(f"{name}: worker processes died {RETRIES + 1} times (killed, or out of memory?)")
+                                    "pool (retry %d of %d)", name, len(todo), retry, RETRIES)
 
     def close(self, abort=False):
         pool, self.pool = self.pool, None
