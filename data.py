@@ -72,7 +72,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from absl import flags
-from tqdm import tqdm
 
 import cli
 import documents
@@ -241,12 +240,9 @@ def prepare(config: PrepareConfig) -> dict:
         print(f"{config.output} already holds this run's shards and manifest: nothing to do")
         return finished
     try:
-        # lsh_bands' optimiser (~0.4 s of CPU) runs while Ray connects, which mostly waits.
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            bands = pool.submit(documents.lsh_bands, config.near_dup_threshold, config.num_perm)
-            executor = open_executor(config)
-        with executor:
-            return _pipeline(config, executor, bands.result(), files, tokenizer, settings, started)
+        bands = documents.lsh_bands(config.near_dup_threshold, config.num_perm)
+        with open_executor(config) as executor:
+            return _pipeline(config, executor, bands, files, tokenizer, settings, started)
     except BaseException:
         if claimed:
             _release_output(config)

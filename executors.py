@@ -7,9 +7,10 @@ RETRIES times), a task's own error reaches the driver as is (and the rest of the
 abandoned), and a progress bar counts the calls or their bytes. The tasks (stages.py) write
 their outputs as whole files, so running one twice changes nothing.
 
-* `LocalExecutor`: a pool of --num_cpus processes forked from the driver (they share its imports:
-  no engine, no daemon, no port, nothing on the network; spawned where fork is unsafe, macOS).
-  When a worker dies, the pool is started anew and the stage's unfinished calls go to it.
+* `LocalExecutor`: a pool of --num_cpus processes of this machine, forked from the driver where
+  that is safe (they share its imports), spawned elsewhere: no engine, no daemon, no port, nothing
+  on the network. When a worker dies, the pool is started anew and the stage's unfinished calls
+  go to it; when the driver dies, so do its workers.
 * `RayExecutor`: tasks on the Ray cluster at --ray_address (`auto`, or HOST:PORT of its head),
   spread over its nodes, retried by Ray when their worker dies. Every host needs this checkout
   at the same path (tasks import stages.py by name) and the same Python environment.
@@ -24,6 +25,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 
@@ -61,9 +63,22 @@ def progress(name: str, sizes: Sequence[int], unit: str) -> tqdm:
     return tqdm(total=sum(sizes), desc=name, unit=unit, unit_scale=unit == "B", disable=None)
 
 
-def _die_with(driver: int) -> None:
-    """A local worker's first act: have the kernel kill it when the driver dies, even by SIGKILL
-    (a pool's workers otherwise outlive it, waiting for calls), as a raylet does its workers."""
+def _start_method() -> str:
+    """fork where it is safe: the workers then start with the driver's modules imported (a
+    spawned worker spends ~1 s of CPU importing them again, a tenth of a small run's work). Not on
+    macOS, nor in a process that runs threads of its own or JAX's runtime (prepare called from a
+    test or a notebook): fork copies one thread, and a lock another one held stays held."""
+    jax_runtime = sys.modules.get("jax._src.xla_bridge")
+    busy = threading.active_count() > 1 or (jax_runtime is not None and jax_runtime.backends_are_initialized())
+    return "fork" if sys.platform == "linux" and not busy else "spawn"
+
+
+def _start_worker(driver: int) -> None:
+    """A local worker's first act: leave Ctrl-C to the driver (which stops the workers: one message,
+    not one traceback per worker), and have the kernel kill it when the driver dies, even by
+    SIGKILL (a pool's workers otherwise outlive it, waiting for calls), as a raylet does its
+    workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != driver:  # it died before that
@@ -75,24 +90,26 @@ class LocalExecutor(Executor):
 
     def __init__(self, workers: int):
         self.workers = workers
-        # fork: the workers start with the driver's modules imported (a spawned worker would
-        # spend ~1 s of CPU importing them again, a tenth of a small run's work).
-        self.context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
+        if self.pool is None:
+            context = multiprocessing.get_context(_start_method())
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
+        return self.pool
 
     def map(self, name, function, calls, sizes=None, unit="task"):
         results: list = [None] * len(calls)
         sizes = sizes or [1] * len(calls)
         todo, finished = list(range(len(calls))), set()
+        self._start()  # before the progress bar's thread
         with progress(name, sizes, unit) as bar:
             for retry in itertools.count(1):
                 futures: dict = {}
                 try:
-                    if self.pool is None:
-                        self.pool = concurrent.futures.ProcessPoolExecutor(
-                            self.workers, mp_context=self.context, initializer=_die_with, initargs=(os.getpid(),))
                     for i in todo:
-                        futures[self.pool.submit(function, *calls[i])] = i
+                        futures[self._start().submit(function, *calls[i])] = i
                     for future in concurrent.futures.as_completed(futures):
                         i = futures[future]
                         results[i] = future.result()  # a task's own error is raised here as is

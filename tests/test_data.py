@@ -239,10 +239,10 @@ def test_output_is_identical_locally_on_one_and_two_cpus_and_on_ray_with_one_and
 
 
 def local_workers() -> list[psutil.Process]:
-    """The worker processes this process forked (a local executor's): its children running its
-    command line."""
+    """The worker processes a local executor of this process started: its children running its
+    command line (forked) or multiprocessing's (spawned)."""
     me = psutil.Process()
-    return [p for p in me.children() if p.cmdline() == me.cmdline()]
+    return [p for p in me.children() if p.cmdline() == me.cmdline() or "spawn_main" in " ".join(p.cmdline())]
 
 
 @pytest.mark.slow
