@@ -2,6 +2,7 @@
 
 import glob
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -143,9 +144,10 @@ def netns():
     except FileNotFoundError as e:
         pytest.skip(f"no private network namespace for Ray: {e.filename} is not installed")
     if holder.stdout.readline().strip() != "up":
-        reason = holder.stderr.read().strip().splitlines() or ["refused"]
-        holder.wait()
+        reason = holder.communicate()[1].strip().splitlines() or ["refused"]
         pytest.skip(f"no private network namespace for Ray: {reason[-1]}")
+    holder.stdout.close()
+    holder.stderr.close()
     prefix = ["nsenter", f"--net=/proc/{holder.pid}/ns/net"]
     entered = subprocess.run([*prefix, "true"], capture_output=True, text=True)
     if entered.returncode:
@@ -166,10 +168,10 @@ def start_ray_node(netns: list[str], log: str, *args: str) -> subprocess.Popen:
         node = subprocess.Popen([*netns, "ray", "start", "--block", "--node-ip-address=127.0.0.1",
                                  "--disable-usage-stats", *args], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while "Ray runtime started" not in open(log).read():
+    while "Ray runtime started" not in pathlib.Path(log).read_text():
         if node.poll() is not None or time.time() > deadline:
             stop_ray_node(node)
-            pytest.fail(f"ray start {' '.join(args)} did not come up:\n{open(log).read()[-3000:]}")
+            pytest.fail(f"ray start {' '.join(args)} did not come up:\n{pathlib.Path(log).read_text()[-3000:]}")
         time.sleep(0.2)
     return node
 
