@@ -262,7 +262,8 @@ def check_input(path: str) -> int | None:
     """The size of an input file (None for hf:), after checks cheap enough to run on every input
     before any task starts, each failing in one line naming the file and what was expected: it
     exists, is not empty, is readable, has a known format, and its first bytes are of that format
-    (gzip or zstd magic; Parquet's; a JSON object first in JSONL; no NUL bytes in text)."""
+    (gzip or zstd data; a Parquet footer with a `text` column; a JSON object first in JSONL; no
+    NUL bytes in text)."""
     if path.startswith("hf:"):
         return None
     if not re.search(r"\.(jsonl|txt)(\.gz|\.zst)?$|\.parquet$", path) and not path.endswith(CODE_EXTENSIONS):
@@ -274,8 +275,18 @@ def check_input(path: str) -> int | None:
         raise ValueError(f"input file {path} is empty: remove it from --input")
     try:
         if path.endswith(".parquet"):
+            import pyarrow
+            import pyarrow.parquet as pq
+
             if read_bytes(path, 0, 4) != b"PAR1":
                 raise ValueError(f"input file {path} is not a Parquet file (no PAR1 header)")
+            try:
+                with _open_binary(path) as f:  # the footer only
+                    names = pq.ParquetFile(f).schema_arrow.names
+            except pyarrow.ArrowException as e:
+                raise ValueError(f"input file {path} is not a readable Parquet file ({e})") from None
+            if "text" not in names:
+                raise ValueError(f"input file {path}: no column 'text' (columns: {names})")
             return size
         with _open_binary(path) as f:
             head = f.read(1 << 16)

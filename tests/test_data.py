@@ -796,14 +796,21 @@ def test_gcs_inputs_are_read_in_byte_ranges_despite_faults(prepared, corpus, tin
 
 def test_a_run_that_fails_on_its_inputs_leaves_nothing_and_a_good_run_into_the_same_output_succeeds(
         tmp_path, corpus, tiny_tokenizer_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     out = tmp_path / "out"
     common = [f"--output={out}", f"--tokenizer={tiny_tokenizer_path}", *CLI_SETTINGS]
     (tmp_path / "empty.jsonl").write_bytes(b"")
     (tmp_path / "array.jsonl").write_text("\n" + json.dumps([{"text": t} for t in corpus[1][:3]]))
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (tmp_path / "fake.jsonl.gz").write_text('{"text": "not gzip"}\n')
+    pq.write_table(pa.Table.from_pylist([{"body": t} for t in corpus[1][:3]]), tmp_path / "no_text.parquet")
+    pq.write_table(pa.Table.from_pylist([{"text": t} for t in corpus[1][:3]]), tmp_path / "cut.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "cut.parquet").read_bytes()[:-100])
     for name, expected in [("empty.jsonl", "is empty"), ("array.jsonl", ":2 is not JSONL: expected one JSON object"),
-                           ("binary.txt", "is not text"), ("fake.jsonl.gz", "cannot be read")]:
+                           ("binary.txt", "is not text"), ("fake.jsonl.gz", "cannot be read"),
+                           ("no_text.parquet", "no column 'text'"), ("cut.parquet", "not a readable Parquet file")]:
         started = time.time()
         failed = subprocess.run([sys.executable, "data.py", "prepare", f"--input={corpus[0][0]},{tmp_path / name}",
                                  *common], cwd=REPO, capture_output=True, text=True)
