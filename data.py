@@ -1,15 +1,18 @@
-"""The corpus pipeline: raw text to packed token shards, as Ray tasks, on one machine or a cluster.
+"""The corpus pipeline: raw text to packed token shards, in local worker processes or on a Ray cluster.
 
     python data.py prepare --input=PATTERN[,PATTERN...] --output=DIR_OR_GS_URI --tokenizer=MODEL \\
         --seq_len=2048 --num_shards=N [--languages=en:0.7,fr:0.3,code:0.05] [--code_sources=stack]
         [--num_cpus=N | --ray_address=auto|HOST:PORT]
 
-Without --ray_address the command starts a local Ray with --num_cpus CPUs (default: all);
-with it, it joins a running cluster (scripts/tpu.sh starts one on a TPU VM's hosts). Input
-formats are documents.py's; the shard format and the stream train.py reads are stream.py's.
+Without --ray_address the tasks run in --num_cpus worker processes of this machine (default:
+every core): no engine to start, no port opened, nothing sent on the network. With it, they run
+on a running Ray cluster (scripts/tpu.sh starts one on a TPU VM's hosts); executors.py has both.
+The output is the same bytes either way. Inputs, settings and tokenizer are checked before any
+worker starts. Input formats are documents.py's; the shard format and the stream train.py reads
+are stream.py's.
 
 A document's id is (input file index in the order given, record index in the file). Stages,
-each a set of Ray tasks (stages.py) whose outputs are files under OUTPUT/_stages/ (local or
+each a set of tasks (stages.py) whose outputs are files under OUTPUT/_stages/ (local or
 gs://), each written whole and atomically, the last one of a task marking it done:
 1. map, one task per input split: a file, or a byte range of about --split_mb of an uncompressed
    .jsonl or .txt file (compressed streams cannot be entered mid-way: those files are one split
@@ -52,14 +55,14 @@ split: cut very large ones into several files), a dedup task one key range, a pa
 shard, the components task the duplicate pairs. A rerun of the same command resumes: finished
 stage files are kept (no finished split is read again) and finished shards are not rewritten;
 OUTPUT/_run.json, created first and exclusively, refuses a run with other settings (or, while
-partial, another --split_mb) into the same output.
+partial, another --split_mb) into the same output; a run that fails before any map task
+finished removes it and OUTPUT/_stages/ again.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import hashlib
 import itertools
 import json
@@ -69,20 +72,20 @@ from collections.abc import Sequence
 
 import numpy as np
 from absl import flags
-from tqdm import tqdm
 
 import cli
 import documents
-from stages import (ENGINE_ONLY, KEY_INDEX, PrepareConfig, Split, components, dedup_partition,
+import executors
+from stages import (ENGINE_ONLY, KEY_INDEX, STAGE_DIR, PrepareConfig, Split, components, dedup_partition,
                     language_totals, load_meta, map_split, mixture_factors, pack_shard, plan_split,
                     split_bases, stage, validation_shard)
-from storage import expand_inputs, file_size, is_gcs, join, read_json, write_bytes
+from storage import expand_inputs, file_size, join, read_bytes, read_json, remove, write_bytes
 from stream import MANIFEST, token_dtype
 from tokenizer import Tokenizer
 
 USAGE = """Prepare a corpus: clean, deduplicate (exact and MinHash LSH, corpus-wide), language-ID,
-mix and pack raw text into token shards for train.py, as Ray tasks (a local Ray, or
---ray_address of a cluster). Example:
+mix and pack raw text into token shards for train.py, in local worker processes (or on the Ray
+cluster at --ray_address). Example:
   python data.py prepare --input=samples/*.txt --output=runs/shards --tokenizer=tok.model \\
       --seq_len=128 --num_shards=4 --languages=en:0.7,fr:0.3
 See the docstring of data.py for the stages and guarantees."""
@@ -91,7 +94,6 @@ RUN_FILE = "_run.json"
 SPLITS_FILE = "splits.json"  # under _stages: the map tasks' inputs, in id order
 STAGES = ("read", "cleaned", "exact_dedup", "near_dedup", "language_kept")
 VOLATILE_KEYS = ("stage_cpu_seconds", "stage_wall_seconds", "wall_seconds")  # timings only
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_languages(spec: str) -> tuple[tuple[str, float | None], ...]:
@@ -146,24 +148,28 @@ def check_config(config: PrepareConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- the driver
-def _settings(config: PrepareConfig, files: list[str], tokenizer: Tokenizer) -> dict:
+def _settings(config: PrepareConfig, files: list[str], sizes: list[int], tokenizer: Tokenizer) -> dict:
     """Everything that shapes the output: a rerun with equal settings writes the same bytes."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ENGINE_ONLY}
     settings["languages"] = {lang: share for lang, share in config.languages}
     settings["source_weights"] = dict(config.source_weights)
     settings["tokenizer_sha256"] = hashlib.sha256(tokenizer.model_bytes).hexdigest()
-    settings["input_files"] = [{"path": f, "bytes": file_size(f)} for f in files]
+    settings["input_files"] = [{"path": f, "bytes": size} for f, size in zip(files, sizes)]
     return json.loads(json.dumps(settings))  # as read back from _run.json: lists, not tuples
 
 
-def _claim_output(output: str, settings: dict, split_mb: float) -> dict | None:
-    """The finished manifest if this exact run is done; refuse an output holding another run."""
+def _claim_output(output: str, settings: dict, split_mb: float) -> tuple[bool, dict | None]:
+    """Claims the output for this run: (whether this call created the claim, the finished
+    manifest if this exact run is done); refuses an output holding another run."""
     # The claim is exclusive (link / if_generation_match=0): of two runs started at once into
     # one output, the second reads the first's settings and resumes with it or is refused. The
     # split size changes no output byte, but a partial run's stage files are numbered by its
     # splits: it resumes with the same --split_mb only.
     claim = dict(settings, split_mb=split_mb)
-    write_bytes(join(output, RUN_FILE), json.dumps(claim, indent=1).encode(), exclusive=True)
+    try:
+        claimed = write_bytes(join(output, RUN_FILE), json.dumps(claim, indent=1).encode(), exclusive=True)
+    except OSError as e:
+        raise ValueError(f"--output={output}: cannot write there ({e.strerror or e})") from None
     for name, ours in ((MANIFEST, settings), (RUN_FILE, claim)):
         previous = read_json(join(output, name))
         if previous is None:
@@ -176,90 +182,78 @@ def _claim_output(output: str, settings: dict, split_mb: float) -> dict | None:
                 f"run with other settings (differing: {', '.join(diff)}): choose another --output "
                 "or delete it")
         if name == MANIFEST:
-            return previous
-    return None
+            return claimed, previous
+    return claimed, None
 
 
-def connect_ray(config: PrepareConfig) -> dict:
-    """Joins --ray_address, or starts a local Ray; a process already connected stays so. Returns
-    the runtime_env tasks need: none on a local Ray this call starts, whose workers inherit
-    this process's environment (a runtime_env there would cost each run a worker start: Ray
-    prestarts a worker without it, and starts another, through its runtime-env agent, for the
-    tasks)."""
-    import ray
+def check_inputs(files: list[str]) -> list[int]:
+    """Each input's size, once documents.check_input found it there, readable and of a known
+    format (threads: on gs:// each check is a request or two)."""
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        return list(pool.map(documents.check_input, files))
 
-    if ray.is_initialized():
-        return {"env_vars": task_environment()}
+
+def load_tokenizer(path: str) -> Tokenizer:
+    try:
+        data = read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"--tokenizer={path}: file not found (expected a SentencePiece .model, "
+                                "as tokenizer.py writes)") from None
+    try:
+        return Tokenizer.from_bytes(data)
+    except (RuntimeError, ValueError) as e:  # sentencepiece's parse error, or not one of ours
+        raise ValueError(f"--tokenizer={path}: not a julian SentencePiece model "
+                         f"({str(e).split(chr(10))[0].strip()})") from None
+
+
+def open_executor(config: PrepareConfig) -> executors.Executor:
     if config.ray_address:
-        ray.init(address=config.ray_address, log_to_driver=False, logging_level="WARNING")
-        return {"env_vars": task_environment()}
-    # The processes ray.init starts inherit this environment (a storage emulator's too).
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
-    # address="local": a new instance even when another Ray runs on this machine. Stage
-    # outputs are files, not objects: a small object store is enough.
-    ray.init(address="local", num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False,
-             object_store_memory=256 << 20, log_to_driver=False, logging_level="WARNING",
-             _node_ip_address="127.0.0.1")
-    return {}
+        return executors.RayExecutor(config.ray_address)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return executors.LocalExecutor(config.num_cpus or cores)
 
 
-def task_environment() -> dict:
-    """What a task needs of the driver's environment: this repository on the path (on a cluster,
-    the same checkout at the same path on every host: tasks import data.py and its neighbours by
-    name), and a storage emulator if one is set."""
-    env = {"PYTHONPATH": REPO}
-    if "STORAGE_EMULATOR_HOST" in os.environ:
-        env["STORAGE_EMULATOR_HOST"] = os.environ["STORAGE_EMULATOR_HOST"]
-    return env
-
-
-def run_stage(name: str, function, calls: list[tuple], sizes: list[int] | None = None, unit: str = "task", *,
-              runtime_env: dict) -> list:
-    """Runs function(*args) for each call as Ray tasks (retried if a worker dies), with a
-    progress bar; returns the results in call order. A task's own error is raised here as is."""
-    import ray
-
-    # SPREAD: every node reads and writes its share of files from the start, instead of the
-    # head taking tasks until it is busy.
-    task = ray.remote(max_retries=5)(function).options(runtime_env=runtime_env, scheduling_strategy="SPREAD")
-    futures = [task.remote(*args) for args in calls]
-    position = {f: i for i, f in enumerate(futures)}
-    results: list = [None] * len(futures)
-    sizes = sizes or [1] * len(calls)
-    scale = unit == "B"
-    with tqdm(total=sum(sizes), desc=name, unit=unit, unit_scale=scale, disable=None) as bar:
-        pending = list(futures)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            i = position[done[0]]
-            try:
-                results[i] = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                raise (e.cause if isinstance(e.cause, Exception) else e) from None
-            bar.update(sizes[i])
-    return results
+def _release_output(config: PrepareConfig) -> None:
+    """Undoes a claim whose run finished no map task: nothing there is worth resuming, and a
+    claim left behind would refuse the next run with other inputs."""
+    try:
+        expand_inputs([stage(config, "map-*.meta.npz")])
+        return  # finished map outputs: kept for a rerun of the same command
+    except FileNotFoundError:
+        pass
+    remove(join(config.output, STAGE_DIR))
+    remove(join(config.output, RUN_FILE))
 
 
 def prepare(config: PrepareConfig) -> dict:
-    """Runs the pipeline of the module docstring; returns the manifest (also in OUTPUT)."""
-    start = time.time()
+    """Runs the pipeline of the module docstring; returns the manifest (also in OUTPUT). Settings,
+    inputs and tokenizer are checked before any worker starts; a run that fails before a map task
+    finished leaves nothing in OUTPUT that a next run would have to match."""
+    started = time.time()
     check_config(config)
+    tokenizer = load_tokenizer(config.tokenizer)
     files = expand_inputs(config.inputs)
-    tokenizer = Tokenizer.load(config.tokenizer)
-    settings = _settings(config, files, tokenizer)
-    finished = _claim_output(config.output, settings, config.split_mb)
+    sizes = check_inputs(files)
+    settings = _settings(config, files, sizes, tokenizer)
+    claimed, finished = _claim_output(config.output, settings, config.split_mb)
     if finished is not None:
         print(f"{config.output} already holds this run's shards and manifest: nothing to do")
         return finished
-    # lsh_bands' optimiser (~0.4 s of CPU) runs while Ray starts, which mostly waits.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        bands_ = pool.submit(documents.lsh_bands, config.near_dup_threshold, config.num_perm)
-        run = functools.partial(run_stage, runtime_env=connect_ray(config))
-        bands = bands_.result()
-    import ray
+    try:
+        bands = documents.lsh_bands(config.near_dup_threshold, config.num_perm)
+        with open_executor(config) as executor:
+            return _pipeline(config, executor, bands, files, tokenizer, settings, started)
+    except BaseException:
+        if claimed:
+            _release_output(config)
+        raise
 
+
+def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[int, int], files: list[str],
+              tokenizer: Tokenizer, settings: dict, started: float) -> dict:
+    run = executor.map
     walls: dict = {}
-    tokenizer_ref = ray.put(tokenizer.model_bytes)
+    tokenizer_ref = executor.share(tokenizer.model_bytes)
 
     # 1. map: the splits without a finished metadata file.
     t = time.time()
@@ -375,7 +369,7 @@ def prepare(config: PrepareConfig) -> dict:
         "input_bytes": sum(s["input_bytes"] for s in summaries),
         "stage_cpu_seconds": {k: round(v, 3) for k, v in seconds.items()},
         "stage_wall_seconds": {k: round(v, 3) for k, v in walls.items()},
-        "wall_seconds": round(time.time() - start, 3),
+        "wall_seconds": round(time.time() - started, 3),
     }
     write_bytes(join(config.output, MANIFEST), json.dumps(manifest, indent=1).encode())
     print(summary_table(manifest))
@@ -444,9 +438,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the mixture's sampling and the document shuffle.")
     flags.DEFINE_float("max_bad_fraction", 0.0, "Skip and count malformed records up to this share "
                        "of all records; 0 fails on the first, naming file and line.")
-    flags.DEFINE_integer("num_cpus", 0, "CPUs of the local Ray this command starts (0: every core).")
-    flags.DEFINE_string("ray_address", None, "Join this Ray cluster instead (auto, or HOST:PORT of "
-                        "its head; scripts/tpu.sh starts one on a TPU VM's hosts).")
+    flags.DEFINE_integer("num_cpus", 0, "Local worker processes (0: one per core).")
+    flags.DEFINE_string("ray_address", None, "Run the tasks on this Ray cluster instead (auto, or HOST:PORT "
+                        "of its head; scripts/tpu.sh starts one on a TPU VM's hosts).")
     flags.DEFINE_integer("num_partitions", 16, "Dedup tasks (key ranges); changes no output byte.")
     flags.DEFINE_float("split_mb", 64, "Map tasks read uncompressed .jsonl and .txt files in byte ranges of "
                        "about this many MB (compressed, Parquet and code files whole); changes no output "
@@ -463,8 +457,6 @@ def config_from_flags(argv: Sequence[str]) -> PrepareConfig:
     for name in ("input", "output", "tokenizer"):
         if not FLAGS[name].value:
             raise ValueError(f"--{name} is required (see --help)")
-    if not os.path.isfile(FLAGS.tokenizer) and not is_gcs(FLAGS.tokenizer):
-        raise FileNotFoundError(f"--tokenizer={FLAGS.tokenizer}: file not found")
     return PrepareConfig(
         inputs=tuple(FLAGS.input), output=FLAGS.output, tokenizer=FLAGS.tokenizer,
         seq_len=FLAGS.seq_len, num_shards=FLAGS.num_shards,

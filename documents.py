@@ -250,8 +250,58 @@ def iter_documents(path: str, start: int = 0, end: int | None = None,
                 yield Document("\n".join(block), None, source, path, first)
             block, first, bad, bad_offset = [], 0, 0, 0
     else:
-        raise ValueError(f"input file {path}: unknown format; expected .jsonl[.gz|.zst], "
-                         ".txt[.gz|.zst], .parquet or a code file (" + " ".join(CODE_EXTENSIONS) + ")")
+        raise ValueError(_unknown_format(path))
+
+
+def _unknown_format(path: str) -> str:
+    return (f"input file {path}: unknown format; expected .jsonl[.gz|.zst], .txt[.gz|.zst], .parquet "
+            "or a code file (" + " ".join(CODE_EXTENSIONS) + ")")
+
+
+def check_input(path: str) -> int | None:
+    """The size of an input file (None for hf:), after checks cheap enough to run on every input
+    before any task starts, each failing in one line naming the file and what was expected: it
+    exists, is not empty, is readable, has a known format, and its first bytes are of that format
+    (gzip or zstd data; a Parquet footer with a `text` column; a JSON object first in JSONL; no
+    NUL bytes in text)."""
+    if path.startswith("hf:"):
+        return None
+    if not re.search(r"\.(jsonl|txt)(\.gz|\.zst)?$|\.parquet$", path) and not path.endswith(CODE_EXTENSIONS):
+        raise ValueError(_unknown_format(path))
+    size = file_size(path)
+    if size is None:
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if size == 0:
+        raise ValueError(f"input file {path} is empty: remove it from --input")
+    try:
+        if path.endswith(".parquet"):
+            import pyarrow
+            import pyarrow.parquet as pq
+
+            if read_bytes(path, 0, 4) != b"PAR1":
+                raise ValueError(f"input file {path} is not a Parquet file (no PAR1 header)")
+            try:
+                with _open_binary(path) as f:  # the footer only
+                    names = pq.ParquetFile(f).schema_arrow.names
+            except pyarrow.ArrowException as e:
+                raise ValueError(f"input file {path} is not a readable Parquet file ({e})") from None
+            if "text" not in names:
+                raise ValueError(f"input file {path}: no column 'text' (columns: {names})")
+            return size
+        with _open_binary(path) as f:
+            head = f.read(1 << 16)
+    except (OSError, zstandard.ZstdError) as e:  # unreadable, or not the compression its name says
+        raise ValueError(f"input file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    text = head.lstrip()
+    if not text:
+        raise ValueError(f"input file {path} holds no record (only blank lines at its start)")
+    if re.search(r"\.jsonl(\.gz|\.zst)?$", path) and not text.startswith(b"{"):
+        line = head[: len(head) - len(text)].count(b"\n") + 1
+        raise ValueError(f"input file {path}:{line} is not JSONL: expected one JSON object per line, got "
+                         f"{text[:20]!r}")
+    if b"\0" in head and not path.endswith(CODE_EXTENSIONS):
+        raise ValueError(f"input file {path} is not text: it holds NUL bytes (binary data?)")
+    return size
 
 
 # ----------------------------------------------------------------------------- the stages

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import sys
 import time
 
 import google_crc32c
@@ -53,7 +54,7 @@ class PrepareConfig:
     seed: int = 0
     max_bad_fraction: float = 0.0
     # Where and how wide it runs: no byte of the output depends on these.
-    num_cpus: int = 0  # local Ray's CPUs (0: every core); ignored with ray_address
+    num_cpus: int = 0  # local worker processes (0: one per core); ignored with ray_address
     ray_address: str | None = None
     num_partitions: int = 16
     split_mb: float = 64.0
@@ -247,9 +248,8 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
         key_index[-1] = len(keys)
         seconds["minhash"] += time.process_time() - started
     write_bytes(stage(config, f"map-{split:05d}.keys"), keys.astype("<u8").tobytes())
-    import ray
-
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    ray = sys.modules.get("ray")  # a Ray worker's; local workers never import it
+    node = ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
     # The rest of the task: the tokenizer, the stage files; the metadata file's own write apart.
     seconds["map_other"] = time.process_time() - task_started - sum(seconds.values())
     summary.update(langs=langs, sources=sources, seconds=seconds, rows=n, node=node, lines=tally["lines"])

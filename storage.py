@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Sequence
 
@@ -32,6 +33,8 @@ def join(base: str, name: str) -> str:
 
 
 _clients: dict = {}
+# A client's connections must not be shared with a forked process (data.py's local workers).
+os.register_at_fork(after_in_child=_clients.clear)
 
 
 def _gcs_client():
@@ -196,6 +199,20 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             raise FileNotFoundError(f"--input pattern {pattern!r} matches no file")
         files.extend(matches)
     return files
+
+
+def remove(path: str) -> None:
+    """Deletes a file or a directory tree (on gs://, the object and every object under path/),
+    if there."""
+    if is_gcs(path):
+        bucket, _, name = path[len("gs://"):].partition("/")
+        for blob in _gcs_client().list_blobs(bucket, prefix=name):
+            if blob.name == name or blob.name.startswith(name.rstrip("/") + "/"):
+                gcs_retry()(blob.delete)()
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def read_json(path: str) -> dict | None:

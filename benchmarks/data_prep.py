@@ -1,8 +1,10 @@
-"""The corpus pipeline (data.py prepare on Ray): stage costs per core, end to end against them,
-memory at 1x and 4x, dedup quality on planted duplicates; then the stream over the shards.
+"""The corpus pipeline (data.py prepare): stage costs per core, end to end against them with the
+local executor and on Ray side by side, memory at 1x and 4x, dedup quality on planted duplicates;
+then the stream over the shards.
 
     python benchmarks/data_prep.py                       # 1x = 10 MB (~10 min on 2 busy cores)
-    python benchmarks/data_prep.py --mb=2 --stream_steps=0
+    python benchmarks/data_prep.py --mb=5 --stream_steps=0
+    python benchmarks/data_prep.py --local_only          # no Ray runs (no root needed)
 
 1) A planted corpus (`planted_corpus`): documents of 20-40 random sentences of the bundled EN/FR
    novels (distinct documents share almost no word 5-gram), plus near duplicates (one word in
@@ -12,15 +14,20 @@ memory at 1x and 4x, dedup quality on planted duplicates; then the stream over t
    over all documents at once: read, clean, shingle + MinHash (rensa, and datasketch for
    comparison), language ID, tokenize: MB per CPU second. Their inverse sum, plus each run's own
    dedup, components and pack CPU seconds, bounds what a core can do end to end.
-3) prepare end to end on the 1x corpus with 1 CPU, 2 CPUs (a local Ray started by the command),
-   and a 2-node cluster (`ray start` on 127.0.0.1, one CPU each), and on the 4x corpus with 2
-   CPUs: wall time and MB/s per core against the bound; CPU seconds of the Ray workers and of
-   every process of the run against the bound (less skewed by other users of the cores than
+3) prepare end to end, the local executor (worker processes) and Ray in turn: the 1x corpus on
+   1 CPU and 2 CPUs (local: --num_cpus; Ray: a one-node cluster of that many CPUs started before
+   the command, as scripts/tpu.sh would), on a 2-node Ray cluster (one CPU each), and the 4x corpus
+   on 2 CPUs; then the demo's data step (demo.sh 1b: the bundled samples, every core). Wall time
+   of the command and of its stages, and MB/s per core against the bound; CPU seconds of the
+   workers and of every process of the run (the driver, its workers, the cluster's processes
+   from the command's start) against the bound (less skewed by other users of the cores than
    wall time); per stage, the map tasks' CPU seconds per MB beside the isolated ones; peak RSS of
    the driver and of the largest task (psutil, sampled every 50 ms); dedup precision and recall
    against the planted truth.
 4) The stream: one host's slice (process 0 of 4) of a global batch of 64 x 2049 tokens, from
    local disk (tokens/s), against what one of a v4-32's 4 hosts consumes.
+The benchmark runs itself in a private network namespace (`unshare -n`, root) so that the Ray
+nodes it starts send nothing past 127.0.0.0/8 (design.md, "Ray 2.60 and the network").
 Other processes on the same cores skew everything: check `uptime` first.
 """
 
@@ -197,9 +204,10 @@ def _tree(pid: int) -> list:
 
 def run_prepare(args: list[str], roots: list[int]) -> dict:
     """`python data.py prepare ARGS` in a subprocess; peak RSS of the driver and of any process
-    running a task, and CPU seconds of the Ray workers and of every process (the driver, the
-    processes under it and under `roots`: a cluster's nodes, counted from the command's start),
-    all sampled every 50 ms (a process's last 50 ms can be missed)."""
+    running a task, and CPU seconds of the workers (local: the driver's forks; Ray's) and of
+    every process (the driver, the processes under it and under `roots`: a cluster's nodes,
+    counted from the command's start), all sampled every 50 ms (a process's last 50 ms can be
+    missed)."""
     import psutil
 
     driver = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "prepare", *args], cwd=ROOT,
@@ -223,10 +231,12 @@ def run_prepare(args: list[str], roots: list[int]) -> dict:
                 if process.pid not in cpu:
                     cpu[process.pid] = [used if process.create_time() < launched else 0.0, used, False]
                 cpu[process.pid][1] = used
-                # Workers: their titles are ray::IDLE or ray::TASK_NAME; the agents are not workers.
-                if title.startswith("ray::") and not title.startswith(("ray::RuntimeEnv", "ray::Dashboard")):
+                # Workers: a local executor's are the driver's forks (its command line); Ray's
+                # titles are ray::IDLE or ray::TASK_NAME (the agents are not workers).
+                forked = process.pid != driver.pid and process.cmdline() == driver.args
+                if forked or title.startswith("ray::") and not title.startswith(("ray::RuntimeEnv", "ray::Dashboard")):
                     cpu[process.pid][2] = True
-                if title.startswith("ray::") and not title.startswith(("ray::IDLE", "ray::RuntimeEnv")):
+                if forked or title.startswith("ray::") and not title.startswith(("ray::IDLE", "ray::RuntimeEnv")):
                     rss = process.memory_info().rss
                     if rss > peak_task:
                         peak_task, task = rss, title.split()[0]
@@ -241,26 +251,33 @@ def run_prepare(args: list[str], roots: list[int]) -> dict:
             "all_cpu": sum(b - a for a, b, _ in cpu.values()), "workers": sum(w for _, _, w in cpu.values())}
 
 
-def start_cluster() -> tuple[str, list[subprocess.Popen]]:
-    """A head and a second node, one CPU each, on 127.0.0.1."""
+def start_cluster(cpus: list[int]) -> tuple[str, list[subprocess.Popen]]:
+    """A head and joining nodes on 127.0.0.1 with these CPU counts, as scripts/tpu.sh starts them."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, RAY_AUTH_MODE="token")
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
-    head = subprocess.Popen(["ray", "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=env,
-                         capture_output=True).returncode:
-        time.sleep(1)
-    node = subprocess.Popen(["ray", "start", f"--address=127.0.0.1:{port}", *common], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
-                         text=True).stdout.count("node_") < 2:
-        time.sleep(1)
-    return f"127.0.0.1:{port}", [head, node]
+    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    nodes = []
+    for i, n in enumerate(cpus):
+        where = ["--head", f"--port={port}", "--include-dashboard=false"] if i == 0 else [f"--address=127.0.0.1:{port}"]
+        nodes.append(subprocess.Popen(["ray", "start", *where, f"--num-cpus={n}", *common], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        while subprocess.run(["ray", "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                             text=True).stdout.count("node_") < i + 1:
+            time.sleep(1)
+    return f"127.0.0.1:{port}", nodes
+
+
+def in_private_network() -> None:
+    """Runs this script again in a private network namespace (only lo, up) unless it is in one."""
+    import socket
+
+    if [name for _, name in socket.if_nameindex()] != ["lo"]:
+        os.execvp("unshare", ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable,
+                              *sys.argv])
 
 
 def time_stream(spec: str, tokenizer: Tokenizer, steps: int) -> float:
@@ -282,7 +299,10 @@ def main():
     parser.add_argument("--files", type=int, default=8, help="JSONL files of the 1x corpus (4x: 4 times more)")
     parser.add_argument("--stream_steps", type=int, default=50)
     parser.add_argument("--split_mb", type=float, default=64, help="prepare's --split_mb (byte ranges of a file)")
+    parser.add_argument("--local_only", action="store_true", help="the local executor's runs only (no Ray)")
     args = parser.parse_args()
+    if not args.local_only:
+        in_private_network()
     print(f"load average before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     tmp = tempfile.mkdtemp(prefix="data_prep_bench_")
     try:
@@ -310,29 +330,35 @@ def run(args, tmp: str) -> None:
     common = [f"--tokenizer={tokenizer_path}", "--seq_len=2048", "--num_shards=8", "--languages=en:0.7,fr:0.3",
               f"--split_mb={args.split_mb}"]
     runs = []
-    address, nodes = None, []
-    for name, scale, cpus, extra in [("1x, 1 CPU", 1, 1, ["--num_cpus=1"]), ("1x, 2 CPUs", 1, 2, ["--num_cpus=2"]),
-                                     ("1x, 2 nodes x 1 CPU", 1, 2, None), ("4x, 2 CPUs", 4, 2, ["--num_cpus=2"])]:
+    plan = [  # name, corpus scale, CPUs, the local executor's --num_cpus or the Ray cluster's nodes' CPUs
+        ("1x, local, 1 CPU", 1, 1, 1, None), ("1x, Ray, 1 CPU", 1, 1, None, [1]),
+        ("1x, local, 2 CPUs", 1, 2, 2, None), ("1x, Ray, 2 CPUs", 1, 2, None, [2]),
+        ("1x, Ray, 2 nodes x 1 CPU", 1, 2, None, [1, 1]),
+        ("4x, local, 2 CPUs", 4, 2, 2, None), ("4x, Ray, 2 CPUs", 4, 2, None, [2])]
+    for name, scale, cpus, local, cluster in plan:
+        if cluster and args.local_only:
+            continue
         print(f"prepare {name}...", file=sys.stderr)
-        if extra is None:
-            address, nodes = start_cluster()
-            extra = [f"--ray_address={address}"]
         out = os.path.join(tmp, f"out-{len(runs)}")
         paths, truth = corpora[scale]
+        address, nodes = start_cluster(cluster) if cluster else (None, [])
         try:
-            result = run_prepare(["--input=" + ",".join(paths), f"--output={out}", *common, *extra],
+            result = run_prepare(["--input=" + ",".join(paths), f"--output={out}", *common,
+                                  f"--ray_address={address}" if cluster else f"--num_cpus={local}"],
                                  [n.pid for n in nodes])
         finally:
             for node in nodes:
                 node.send_signal(signal.SIGTERM)
             for node in nodes:
                 node.wait()
-            nodes = []
         manifest = json.load(open(os.path.join(out, "manifest.json")))
         config = data.PrepareConfig(inputs=tuple(paths), output=out, tokenizer=tokenizer_path)
         runs.append((name, cpus, manifest, result, dedup_quality(config, truth)))
+    demo = run_prepare(["--input=" + ",".join(samples), f"--output={os.path.join(tmp, 'demo')}",
+                        f"--tokenizer={tokenizer_path}", "--seq_len=128", "--num_shards=4",
+                        "--languages=en:0.7,fr:0.3"], [])
 
-    print(f"\nload average after: {os.getloadavg()[0]:.2f} (2 cores shared with other processes)")
+    print(f"\nload average after: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores, shared with other processes)")
     print("\nstages alone, one process, on the 1x corpus (MB per CPU second):")
     print(f"{'stage':<24}{'MB/s per core':>14}")
     for name, seconds_per_mb in cost.items():
@@ -342,21 +368,23 @@ def run(args, tmp: str) -> None:
     print("\nprepare end to end. bound s: what the stages cost alone, the CPU seconds per MB above times\n"
           "the run's MB, plus its dedup, components and pack tasks' own CPU seconds (no isolated figure\n"
           "for those). Of bound, wall: bound s / (the stages' wall s x CPUs), i.e. MB/s per core against\n"
-          "the bound's; wall s counts other users' processes on these cores. Of bound, CPU: bound s / the\n"
-          "CPU seconds of the Ray workers (task work + worker start, imports, task handling); all CPU s:\n"
-          "every process of the command (driver, Ray's own daemons and their start, workers).")
-    header = (f"{'run':<22}{'MB':>6}{'wall s':>7}{'stages s':>9}{'MB/s/core':>10}{'bound s':>8}{'of bound':>9}"
-              f"{'task CPU s':>11}{'worker CPU s':>13}{'of bound':>9}{'all CPU s':>10}{'workers':>8}"
+          "the bound's, then the same with the whole command's wall s (its start, a Ray driver's connection\n"
+          "included); wall s counts other users' processes on these cores. Of bound, CPU: bound s / the\n"
+          "CPU seconds of the workers (task work + worker start, imports, task handling); all CPU s: every\n"
+          "process of the run (driver, workers, a cluster's daemons from the command's start).")
+    header = (f"{'run':<27}{'MB':>6}{'wall s':>7}{'stages s':>9}{'MB/s/core':>10}{'bound s':>8}{'of bound':>9}"
+              f"{'of bound':>9}{'task CPU s':>11}{'worker CPU s':>13}{'of bound':>9}{'all CPU s':>10}{'workers':>8}"
               f"{'driver MB':>10}{'task MB':>8}{'precision':>10}{'recall':>7}")
-    print(f"{'':<43}{'wall':-^17}{'CPU':-^33}")
+    print(f"{'':<48}{'wall (stages, command)':-^26}{'CPU':-^33}")
     print(header + "\n" + "-" * len(header))
     for name, cpus, manifest, result, quality in runs:
         mb = manifest["input_bytes"] / 1e6
-        stages_seconds = sum(manifest["stage_wall_seconds"].values())  # without starting Ray
+        stages_seconds = sum(manifest["stage_wall_seconds"].values())  # without the driver's start
         after_map = sum(manifest["stage_cpu_seconds"].get(k, 0) for k in ("dedup", "components", "pack"))
         bound_seconds = mb / bound + after_map
-        print(f"{name:<22}{mb:>6.1f}{result['seconds']:>7.1f}{stages_seconds:>9.1f}{mb / stages_seconds / cpus:>10.2f}"
+        print(f"{name:<27}{mb:>6.1f}{result['seconds']:>7.1f}{stages_seconds:>9.1f}{mb / stages_seconds / cpus:>10.2f}"
               f"{bound_seconds:>8.1f}{bound_seconds / (stages_seconds * cpus):>9.0%}"
+              f"{bound_seconds / (result['seconds'] * cpus):>9.0%}"
               f"{sum(manifest['stage_cpu_seconds'].values()):>11.1f}{result['worker_cpu']:>13.1f}"
               f"{bound_seconds / result['worker_cpu']:>9.0%}{result['all_cpu']:>10.1f}{result['workers']:>8}"
               f"{result['driver_rss'] / 2**20:>10.0f}{result['task_rss'] / 2**20:>8.0f}"
@@ -364,21 +392,27 @@ def run(args, tmp: str) -> None:
     print("\nper stage, CPU s per MB: alone (one process, all documents at once) and in the map tasks of\n"
           "each run (their own process_time figures; map_other: the tokenizer, stage files):")
     in_tasks = [{k: v / (m["input_bytes"] / 1e6) for k, v in m["stage_cpu_seconds"].items()} for _, _, m, _, _ in runs]
-    print(f"{'stage':<14}{'alone':>7}" + "".join(f"{name:>22}" for name, *_ in runs))
+    print(f"{'stage':<14}{'alone':>7}" + "".join(f"{name:>27}" for name, *_ in runs))
     for alone, key in (("read", "read"), ("clean", "clean"), ("minhash (rensa)", "minhash"),
                        ("language ID", "language_id"), ("tokenize", "tokenize"), (None, "map_other")):
-        print(f"{key:<14}{cost[alone] if alone else 0:>7.3f}" + "".join(f"{t.get(key, 0):>22.3f}" for t in in_tasks))
+        print(f"{key:<14}{cost[alone] if alone else 0:>7.3f}" + "".join(f"{t.get(key, 0):>27.3f}" for t in in_tasks))
     for name, _, manifest, result, quality in runs:
         print(f"{name}: stage wall s {manifest['stage_wall_seconds']}; largest task {result['task']}; "
               f"removed {quality['removed']} of {quality['planted']} planted, distinct removed "
               f"{quality['distinct_removed']}")
+    for scale in (1, 4):  # every run of a corpus wrote the same shards
+        hashes = {json.dumps(m["shards"] + m["validation"]["shards"]) for _, _, m, _, _ in runs
+                  if m["settings"]["input_files"][0]["path"] in corpora[scale][0]}
+        print(f"{scale}x: {'the same shards in every run' if len(hashes) == 1 else 'SHARDS DIFFER between runs'}")
+    print(f"demo.sh step 1b (the bundled samples, local executor, every core): {demo['seconds']:.1f} s wall, "
+          f"{demo['all_cpu']:.1f} CPU s in all")
     per_core = runs[0][2]["input_bytes"] / 1e6 / sum(runs[0][2]["stage_wall_seconds"].values())
     cores = HOSTS * 240  # a v4-32's 4 hosts, 240 vCPUs each
     print(f"\n39B tokens (~160 GB of text) on a v4-32's {cores} vCPUs: {160e3 / (per_core * cores) / 60:.0f} min "
           f"at the 1-CPU run's {per_core:.2f} MB/s per core, {160e3 / (bound * cores) / 60:.0f} min at the "
           f"bound's {bound:.2f} (map stage only; the rest took under 10% here)")
     if args.stream_steps:
-        out = os.path.join(tmp, "out-3")
+        out = os.path.join(tmp, f"out-{len(runs) - 1}")  # a 4x run
         rate = time_stream(out, tokenizer, args.stream_steps)
         need = V4_32_TOKENS_PER_STEP / HOSTS / STEP_SECONDS
         print(f"stream (host 0 of 4, local disk): {rate:,.0f} tokens/s, {rate / need:.0f}x what a v4-32 host "

@@ -8,7 +8,7 @@
 #   scripts/tpu.sh my-v4-32 us-central2-b python train.py --flagfile=configs/600m.flags ...
 #   scripts/tpu.sh TPU_NAME ZONE ray-start         a Ray cluster over the slice's hosts: the head on
 #                                                  worker 0, the others joining it (token auth: the
-#                                                  head's token is copied to them)
+#                                                  head's token is copied to them; usage stats off)
 #   scripts/tpu.sh TPU_NAME ZONE ray-stop          stop the Ray nodes ray-start started (by the pid
 #                                                  files it left), and no other Ray on the hosts
 #   JULIAN_WORKER=0 scripts/tpu.sh TPU_NAME ZONE COMMAND ...   run COMMAND on worker 0 only, e.g.
@@ -26,11 +26,12 @@
 # (6379); JULIAN_RAY_ARGS, more `ray start` flags for every node (--num-cpus=N, --temp-dir=DIR);
 # JULIAN_RAY_HEAD_ARGS, for the head only; JULIAN_RAY_DIR (~/.julian-ray), where each node's pid
 # file and log go. Each node runs `ray start --block` in a session of its own: stopping that one
-# process stops the node's Ray processes, and nothing else.
+# process stops the node's Ray processes, and nothing else. Ray listens on every interface of the
+# hosts (README: "A Ray cluster"): keep its ports closed to all but the slice's own network.
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-  sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 tpu=$1 zone=$2
@@ -69,7 +70,7 @@ if [[ $1 == ray-start || $1 == ray-stop ]]; then
   start_node() {  # start_node WORKER RAY_START_ARGS
     # One simple command in the background (a list would leave a subshell holding ssh's output).
     ssh "$1" "mkdir -p $dir && cd $remote || exit 1
-      RAY_AUTH_MODE=token setsid nohup bash -c 'echo \$\$ > \$0; exec \"\$@\"' $dir/node-$1.pid \
+      RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 setsid nohup bash -c 'echo \$\$ > \$0; exec \"\$@\"' $dir/node-$1.pid \
         ray start --block --disable-usage-stats --node-ip-address=${ips[$1]} $2 ${JULIAN_RAY_ARGS:-} \
         > $dir/node-$1.log 2>&1 < /dev/null &
       for i in \$(seq 1200); do
@@ -101,4 +102,5 @@ if [[ $1 == setup ]]; then
 else
   command=$(printf '%q ' "$@")
 fi
-ssh "${JULIAN_WORKER:-all}" "$unpack && RAY_AUTH_MODE=token $command"
+# A driver of the cluster ray-start started must expect its token authentication too.
+ssh "${JULIAN_WORKER:-all}" "$unpack && RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 $command"

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -14,8 +15,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="juli
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # `ray start --head` turns token authentication on: every node and driver of the session's Ray
-# cluster must expect it, and Ray reads this when it is first imported.
+# cluster must expect it (the processes the tests start inherit this).
 os.environ["RAY_AUTH_MODE"] = "token"
+# No test reaches the Hugging Face Hub: the libraries fail at once on what is not cached.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_name] = "1"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_FILES = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
@@ -23,9 +27,10 @@ TINY_VOCAB = 4096  # configs/tiny.flags
 TINY_STEPS = 150
 
 
-def run_script(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run one of the repo's scripts as a user would; fail the test with its output if it fails."""
-    result = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+def run_script(script: str, *args: str, timeout: int = 600, netns: list[str] = ()) -> subprocess.CompletedProcess:
+    """Run one of the repo's scripts as a user would (in a network namespace: `netns`'s command
+    prefix); fail the test with its output if it fails."""
+    result = subprocess.run([*netns, sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
                             capture_output=True, text=True, timeout=timeout)
     if result.returncode:
         pytest.fail(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -123,17 +128,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Ray 2.60 does not keep a multi-node cluster on the loopback: --node-ip-address=127.0.0.1 is
-# replaced by the machine's address (services.resolve_ip_for_localhost) and gcs_server, raylet
-# and the dashboard agent listen on all interfaces ("::"). RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-# (meant for macOS and Windows) does keep a head and its drivers on 127.0.0.1 only (checked with
-# psutil's listening sockets), but then `ray start --address` refuses to add a node, and these
-# tests add one (test_data.py, tests/test_data_cluster.py). Run the tests on a host whose
-# firewall closes Ray's ports; the cluster's token authentication (RAY_AUTH_MODE) still applies.
-def start_ray_node(*args: str) -> subprocess.Popen:
-    """`ray start --block` (the node's processes live as long as this one) on 127.0.0.1."""
-    return subprocess.Popen(["ray", "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+# Ray 2.60 does not keep a cluster on the loopback: it resolves 127.0.0.1 to the machine's own
+# address, gcs_server and the raylet listen on every interface, and each head's dashboard process
+# probes cloud metadata servers (169.254.169.254). The Ray tests therefore run the nodes and every
+# process that talks to them (drivers, probes) in a private network namespace whose only
+# interface is lo: no packet of theirs can leave 127.0.0.0/8 (design.md, "Ray 2.60 and the
+# network"). The rest of the suite (the GCS emulator, jax.distributed) binds 127.0.0.1 itself.
+@pytest.fixture(scope="session")
+def netns():
+    """A private network namespace (lo only, up) for the session; yields the command prefix that
+    runs a command inside it. Skips where the system refuses one (unshare -n needs root)."""
+    try:
+        holder = subprocess.Popen(["unshare", "-n", "sh", "-c", "ip link set lo up && echo up && exec sleep infinity"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError as e:
+        pytest.skip(f"no private network namespace for Ray: {e.filename} is not installed")
+    if holder.stdout.readline().strip() != "up":
+        reason = holder.communicate()[1].strip().splitlines() or ["refused"]
+        pytest.skip(f"no private network namespace for Ray: {reason[-1]}")
+    holder.stdout.close()
+    holder.stderr.close()
+    prefix = ["nsenter", f"--net=/proc/{holder.pid}/ns/net"]
+    entered = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    if entered.returncode:
+        holder.kill()
+        holder.wait()
+        pytest.skip(f"no private network namespace for Ray: nsenter: {entered.stderr.strip()}")
+    yield prefix
+    holder.kill()
+    holder.wait()
+
+
+def start_ray_node(netns: list[str], log: str, *args: str) -> subprocess.Popen:
+    """`ray start --block` (the node's processes live as long as this one) in the namespace,
+    once its log `log` says it runs."""
+    import time
+
+    with open(log, "w") as out:
+        node = subprocess.Popen([*netns, "ray", "start", "--block", "--node-ip-address=127.0.0.1",
+                                 "--disable-usage-stats", *args], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while "Ray runtime started" not in pathlib.Path(log).read_text():
+        if node.poll() is not None or time.time() > deadline:
+            stop_ray_node(node)
+            pytest.fail(f"ray start {' '.join(args)} did not come up:\n{pathlib.Path(log).read_text()[-3000:]}")
+        time.sleep(0.2)
+    return node
 
 
 def stop_ray_node(node: subprocess.Popen) -> None:
@@ -146,30 +186,38 @@ def stop_ray_node(node: subprocess.Popen) -> None:
         node.wait()
 
 
+# A driver on a cluster: its alive nodes, and how many of them ran tasks spread over them.
+PROBE = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+alive = [n for n in ray.nodes() if n["Alive"]]
+
+@ray.remote(scheduling_strategy="SPREAD")
+def where():
+    time.sleep(0.5)
+    return ray.get_runtime_context().get_node_id()
+
+seen, deadline = set(), time.time() + 120
+while len(seen) < len(alive) and time.time() < deadline:
+    seen |= set(ray.get([where.remote() for _ in range(2 * len(alive))]))
+print(len(alive), len(seen))
+"""
+
+
+def ray_nodes_taking_tasks(netns: list[str], address: str) -> list[str]:
+    """[alive nodes, nodes that ran a task] of the cluster at `address`, as a driver sees them."""
+    probe = subprocess.run([*netns, sys.executable, "-c", PROBE, address], capture_output=True, text=True,
+                           timeout=300)
+    return probe.stdout.split() or [probe.stderr[-2000:]]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A one-node, one-CPU Ray cluster on 127.0.0.1 shared by the session, this process connected
-    to it as a driver; yields (address, head process). Stopped at the end by process id."""
-    import time
-
-    import ray
-
-    if ray.is_initialized():  # a local Ray some earlier test started in this process
-        ray.shutdown()
-
-    address = f"127.0.0.1:{free_port()}"
-    head = start_ray_node("--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1",
+def ray_cluster(netns, tmp_path_factory):
+    """A one-node, one-CPU Ray cluster in the session's network namespace; yields (address, head
+    process). Stopped at the end by process id."""
+    address = f"127.0.0.1:{free_port()}"  # the namespace's ports are all free but Ray's own
+    log = str(tmp_path_factory.mktemp("ray") / "head.log")
+    head = start_ray_node(netns, log, "--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=1",
                           "--include-dashboard=false")
-    deadline = time.time() + 120
-    while True:
-        try:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-            break
-        except (ConnectionError, RuntimeError):
-            if head.poll() is not None or time.time() > deadline:
-                stop_ray_node(head)
-                pytest.fail(f"ray start --head at {address} did not come up")
-            time.sleep(0.5)
     yield address, head
-    ray.shutdown()
     stop_ray_node(head)

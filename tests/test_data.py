@@ -1,5 +1,6 @@
-"""data.py (the corpus pipeline on Ray), documents.py, storage.py and stream.py (the shard format
-and the stream train.py reads), on real text, a real Ray cluster on 127.0.0.1 and a GCS emulator."""
+"""data.py (the corpus pipeline: local worker processes, or Ray), documents.py, storage.py and
+stream.py (the shard format and the stream train.py reads), on real text, a real Ray cluster in a
+private network namespace and a GCS emulator."""
 
 import dataclasses
 import gzip
@@ -12,6 +13,7 @@ import os
 import pathlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +29,7 @@ import data
 import documents
 import storage
 import stream
-from conftest import DATA_FILES, REPO, run_script, start_ray_node, stop_ray_node
+from conftest import DATA_FILES, REPO, ray_nodes_taking_tasks, run_script, start_ray_node, stop_ray_node
 from tokenizer import BOS_ID, CODE_ID, ENDCODE_ID, EOS_ID, Tokenizer, train_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "text")
@@ -58,12 +60,6 @@ SETTINGS = dict(seq_len=64, num_shards=2, languages=(("en", None), ("fr", None))
 CLI_SETTINGS = ["--seq_len=64", "--num_shards=2", "--languages=en,fr", "--validation_fraction=0.05",
                 "--block_records=4"]
 TINY_SPLIT_MB = 0.004  # 4 KB: each ~15 KB corpus file becomes 4 map tasks (byte ranges)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_address(ray_cluster):
-    """Every prepare of this file runs on the session's Ray cluster unless it says otherwise."""
-    return ray_cluster[0]
 
 
 def config(tmp_path, inputs, tokenizer_path, **overrides) -> data.PrepareConfig:
@@ -112,9 +108,9 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, corpus, tiny_tokenizer_path):
-    """The corpus prepared on the session's one-CPU cluster: (directory, manifest)."""
+    """The corpus prepared by one local worker process: (directory, manifest)."""
     tmp = tmp_path_factory.mktemp("prepared")
-    manifest = data.prepare(config(tmp, corpus[0], tiny_tokenizer_path))
+    manifest = data.prepare(config(tmp, corpus[0], tiny_tokenizer_path, num_cpus=1))
     return str(tmp / "out"), manifest
 
 
@@ -216,55 +212,47 @@ def test_cleaning_drops_short_long_and_symbol_heavy_documents_and_normalises(
     assert "\x07" not in text and "e\u0301" not in text and "####" not in text and "Too short" not in text
 
 
-def wait_until_both_nodes_take_tasks(node, deadline: float) -> None:
-    import ray
-
-    @ray.remote(scheduling_strategy="SPREAD")
-    def where():
-        time.sleep(0.5)
-        return ray.get_runtime_context().get_node_id()
-
-    while len(set(ray.get([where.remote() for _ in range(4)]))) < 2:
-        assert node.poll() is None and time.time() < deadline, "the second Ray node takes no task"
-
-
 @pytest.mark.slow
-def test_output_is_identical_on_one_cpu_two_cpus_and_a_two_node_cluster(tmp_path, corpus, tiny_tokenizer_path,
-                                                                        prepared, ray_cluster):
-    directory, manifest = prepared  # one CPU (the session's cluster), 4 key partitions
-    # Two CPUs: the command line, on the local Ray it starts itself, with 7 partitions.
-    run_script("data.py", "prepare", "--input=" + ",".join(corpus[0]), f"--output={tmp_path / 'cpus'}",
-               f"--tokenizer={tiny_tokenizer_path}", "--num_cpus=2", "--num_partitions=7", *CLI_SETTINGS)
-    # Two nodes: a second one-CPU node joins the session's cluster for this run; 1 partition.
-    node = start_ray_node(f"--address={ray_cluster[0]}", "--num-cpus=1")
+def test_output_is_identical_locally_on_one_and_two_cpus_and_on_ray_with_one_and_two_nodes(
+        tmp_path, corpus, tiny_tokenizer_path, prepared, ray_cluster, netns):
+    directory, manifest = prepared  # one local worker, 4 key partitions
+    inputs = ["--input=" + ",".join(corpus[0]), f"--tokenizer={tiny_tokenizer_path}", *CLI_SETTINGS]
+    # Two local workers, from the command line, 7 partitions.
+    run_script("data.py", "prepare", *inputs, f"--output={tmp_path / 'cpus'}", "--num_cpus=2", "--num_partitions=7")
+    # The session's one-CPU Ray cluster; then a second one-CPU node joins it: 1 partition.
+    address = ray_cluster[0]
+    run_script("data.py", "prepare", *inputs, f"--output={tmp_path / 'ray'}", f"--ray_address={address}",
+               netns=netns)
+    node = start_ray_node(netns, str(tmp_path / "node.log"), f"--address={address}", "--num-cpus=1")
     try:
-        wait_until_both_nodes_take_tasks(node, time.time() + 120)
-        two_nodes = data.prepare(config(tmp_path, corpus[0], tiny_tokenizer_path, num_partitions=1,
-                                        output=str(tmp_path / "nodes")))
+        assert ray_nodes_taking_tasks(netns, address) == ["2", "2"]
+        run_script("data.py", "prepare", *inputs, f"--output={tmp_path / 'nodes'}", f"--ray_address={address}",
+                   "--num_partitions=1", netns=netns)
     finally:
         stop_ray_node(node)
     cfg = config(tmp_path, corpus[0], tiny_tokenizer_path, output=str(tmp_path / "nodes"))
     assert len({data.load_meta(cfg, k)["summary"]["node"] for k in range(len(corpus[0]))}) == 2
     expected = shard_bytes(directory)
-    assert shard_bytes(tmp_path / "cpus") == expected
-    assert shard_bytes(tmp_path / "nodes") == expected
-    assert steady(two_nodes) == steady(manifest)
-    assert steady(json.loads((tmp_path / "cpus" / "manifest.json").read_text())) == steady(manifest)
+    for run in ("cpus", "ray", "nodes"):
+        assert shard_bytes(tmp_path / run) == expected, run
+        assert steady(json.loads((tmp_path / run / "manifest.json").read_text())) == steady(manifest), run
 
 
-def ray_workers(head) -> list:
-    """The processes under this session's Ray head node."""
-    return psutil.Process(head.pid).children(recursive=True)
+def local_workers() -> list[psutil.Process]:
+    """The worker processes a local executor of this process started: its children running its
+    command line (forked) or multiprocessing's (spawned)."""
+    me = psutil.Process()
+    return [p for p in me.children() if p.cmdline() == me.cmdline() or "spawn_main" in " ".join(p.cmdline())]
 
 
 @pytest.mark.slow
 def test_a_killed_worker_is_retried_and_the_output_is_identical(tmp_path, corpus, tiny_tokenizer_path,
-                                                                prepared, ray_cluster):
+                                                                prepared, caplog):
     result: dict = {}
 
     def run():
         try:
-            result["manifest"] = data.prepare(config(tmp_path, corpus[0], tiny_tokenizer_path))
+            result["manifest"] = data.prepare(config(tmp_path, corpus[0], tiny_tokenizer_path, num_cpus=1))
         except BaseException as e:  # re-raised below
             result["error"] = e
 
@@ -272,20 +260,19 @@ def test_a_killed_worker_is_retried_and_the_output_is_identical(tmp_path, corpus
     driver.start()
     killed = None
     while driver.is_alive() and killed is None:
-        for process in ray_workers(ray_cluster[1]):
+        for process in local_workers():
             try:
-                title = process.cmdline()[0] if process.cmdline() else ""
-                if title.startswith(("ray::map_split", "ray::dedup_partition", "ray::pack_shard")):
-                    process.kill()  # SIGKILL mid-task
-                    killed = title
-                    break
+                process.kill()  # SIGKILL, whatever it is doing
+                killed = process.pid
+                break
             except psutil.Error:
                 continue
         time.sleep(0.01)
     driver.join()
     if "error" in result:
         raise result["error"]
-    assert killed, "no task was caught running"
+    assert killed, "no worker was caught running"
+    assert "a worker process died" in caplog.text
     directory, manifest = prepared
     assert shard_bytes(tmp_path / "out") == shard_bytes(directory)
     assert steady(result["manifest"]) == steady(manifest)
@@ -293,18 +280,22 @@ def test_a_killed_worker_is_retried_and_the_output_is_identical(tmp_path, corpus
 
 @pytest.mark.slow
 def test_a_killed_driver_resumes_without_redoing_finished_splits_and_writes_identical_shards(
-        tmp_path, corpus, tiny_tokenizer_path, prepared, ray_cluster):
+        tmp_path, corpus, tiny_tokenizer_path, prepared):
     out = tmp_path / "out"
     command = [sys.executable, "data.py", "prepare", "--input=" + ",".join(corpus[0]), f"--output={out}",
-               f"--tokenizer={tiny_tokenizer_path}", f"--ray_address={ray_cluster[0]}", "--num_partitions=4",
+               f"--tokenizer={tiny_tokenizer_path}", "--num_cpus=2", "--num_partitions=4",
                f"--split_mb={TINY_SPLIT_MB}", *CLI_SETTINGS]  # byte ranges: the unit of resumption
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
+    workers: list = []
     while not list((out / "_stages").glob("map-*.meta.npz")):
         assert driver.poll() is None and time.time() < deadline, "the driver ended before any file was mapped"
+        workers = psutil.Process(driver.pid).children() or workers
         time.sleep(0.02)
     driver.kill()
     driver.wait()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert workers and not alive, "the killed driver's workers outlived it"
     assert not (out / "manifest.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "_stages").glob("map-*.meta.npz")}
     subprocess.run(command, cwd=REPO, check=True, capture_output=True)
@@ -312,6 +303,34 @@ def test_a_killed_driver_resumes_without_redoing_finished_splits_and_writes_iden
     directory, manifest = prepared
     assert shard_bytes(out) == shard_bytes(directory)
     assert steady(json.loads((out / "manifest.json").read_text())) == steady(manifest)
+
+
+def test_a_local_run_listens_on_no_socket_connects_nowhere_and_starts_no_ray(tmp_path, corpus, tiny_tokenizer_path):
+    command = [sys.executable, "-X", "importtime", "data.py", "prepare", "--input=" + ",".join(corpus[0]),
+               f"--output={tmp_path / 'out'}", f"--tokenizer={tiny_tokenizer_path}", "--num_cpus=2",
+               *CLI_SETTINGS]
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.extend(driver.stderr))
+    reader.start()
+    seen, sockets = set(), []
+    while driver.poll() is None:
+        try:
+            tree = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+            for process in tree:
+                seen.add((process.pid, " ".join(process.cmdline())))
+                sockets += [(process.pid, c) for c in process.net_connections(kind="all")
+                            if c.status == psutil.CONN_LISTEN or c.family != socket.AF_UNIX]
+        except psutil.Error:
+            continue
+        time.sleep(0.02)
+    reader.join()
+    assert driver.returncode == 0, "".join(stderr[-20:])
+    assert len(seen) >= 3, seen  # the driver and its two workers were seen
+    assert not sockets, sockets  # nothing listening, no TCP or UDP socket at all
+    assert not [c for _, c in seen if re.search(r"ray::|raylet|gcs_server|/ray/", c)], seen
+    imported = [line.rsplit("|", 1)[1].strip() for line in stderr if line.startswith("import time:")]
+    assert "numpy" in imported and not [m for m in imported if m == "ray" or m.startswith("ray.")]
 
 
 def test_planted_near_duplicates_are_found_across_files_with_precision_and_recall_above_095(
@@ -775,7 +794,41 @@ def test_gcs_inputs_are_read_in_byte_ranges_despite_faults(prepared, corpus, tin
         {k: v for k, v in steady(manifest).items() if k != "settings"}  # settings name the inputs
 
 
-def test_command_line_help_is_short_and_bad_flags_are_one_line_with_status_2(tmp_path):
+def test_a_run_that_fails_on_its_inputs_leaves_nothing_and_a_good_run_into_the_same_output_succeeds(
+        tmp_path, corpus, tiny_tokenizer_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    common = [f"--output={out}", f"--tokenizer={tiny_tokenizer_path}", *CLI_SETTINGS]
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "array.jsonl").write_text("\n" + json.dumps([{"text": t} for t in corpus[1][:3]]))
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "fake.jsonl.gz").write_text('{"text": "not gzip"}\n')
+    pq.write_table(pa.Table.from_pylist([{"body": t} for t in corpus[1][:3]]), tmp_path / "no_text.parquet")
+    pq.write_table(pa.Table.from_pylist([{"text": t} for t in corpus[1][:3]]), tmp_path / "cut.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "cut.parquet").read_bytes()[:-100])
+    for name, expected in [("empty.jsonl", "is empty"), ("array.jsonl", ":2 is not JSONL: expected one JSON object"),
+                           ("binary.txt", "is not text"), ("fake.jsonl.gz", "cannot be read"),
+                           ("no_text.parquet", "no column 'text'"), ("cut.parquet", "not a readable Parquet file")]:
+        started = time.time()
+        failed = subprocess.run([sys.executable, "data.py", "prepare", f"--input={corpus[0][0]},{tmp_path / name}",
+                                 *common], cwd=REPO, capture_output=True, text=True)
+        assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+        assert f"{tmp_path / name}" in failed.stderr and expected in failed.stderr, failed.stderr
+        assert time.time() - started < 30  # before any worker or engine starts
+        assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
+    # A run that fails in its map tasks (a bad record, found there) leaves nothing either.
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": t} for t in corpus[1][:3]] + [{"txt": "x"}])
+    failed = subprocess.run([sys.executable, "data.py", "prepare", f"--input={bad}", *common], cwd=REPO,
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and f"{bad}:4: no string field 'text'" in failed.stderr, failed.stderr
+    assert not list(out.iterdir()), list(out.iterdir())
+    run_script("data.py", "prepare", "--input=" + ",".join(corpus[0]), *common)
+    assert (out / "manifest.json").exists()
+
+
+def test_command_line_help_is_short_and_bad_flags_are_one_line_with_status_2(tmp_path, tiny_tokenizer_path):
     def run(*args):
         return subprocess.run([sys.executable, "data.py", *args], cwd=REPO, capture_output=True, text=True)
 
@@ -786,7 +839,9 @@ def test_command_line_help_is_short_and_bad_flags_are_one_line_with_status_2(tmp
                         ([f"--input={tmp_path}/none*.jsonl", f"--output={tmp_path}/o", "--tokenizer=t.model"],
                          "--tokenizer"),
                         ([f"--input={tmp_path}/none*.jsonl", f"--output={tmp_path}/o",
-                          f"--tokenizer={os.path.join(REPO, 'data.py')}"], "--input"),
+                          f"--tokenizer={os.path.join(REPO, 'data.py')}"], "--tokenizer"),
+                        ([f"--input={tmp_path}/none*.jsonl", f"--output={tmp_path}/o",
+                          f"--tokenizer={tiny_tokenizer_path}"], "--input"),
                         (["--output=x"], "--input")]:
         failed = run("prepare", *args)
         assert failed.returncode == 2, (args, failed.stderr)

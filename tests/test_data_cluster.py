@@ -1,6 +1,7 @@
 """scripts/tpu.sh ray-start / ray-stop for real: the "workers" are shells on this machine
-(JULIAN_SSH), the cluster is a real two-node Ray, data.py prepare runs on it, and ray-stop stops
-exactly its processes while another Ray cluster (the session's) keeps running."""
+(JULIAN_SSH) in the session's private network namespace, the cluster is a real two-node Ray,
+data.py prepare runs on it (in the namespace too), and ray-stop stops exactly its processes while
+another Ray cluster (the session's) keeps running."""
 
 import json
 import os
@@ -12,26 +13,8 @@ import tempfile
 import psutil
 import pytest
 
-from conftest import REPO, free_port, run_script
+from conftest import REPO, free_port, ray_nodes_taking_tasks, run_script
 from test_data import CLI_SETTINGS, TINY_SPLIT_MB, fixture_documents, write_jsonl
-
-
-# A driver on the cluster: its alive nodes, and the nodes that ran tasks spread over them.
-PROBE = """
-import sys, time, ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-alive = [n for n in ray.nodes() if n["Alive"]]
-
-@ray.remote(scheduling_strategy="SPREAD")
-def where():
-    time.sleep(0.5)
-    return ray.get_runtime_context().get_node_id()
-
-seen, deadline = set(), time.time() + 120
-while len(seen) < 2 and time.time() < deadline:
-    seen |= set(ray.get([where.remote() for _ in range(4)]))
-print(len(alive), len(seen))
-"""
 
 
 def subprocess_run(command: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -53,9 +36,9 @@ def session_processes(leaders: list[int]) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_tpu_script_starts_a_two_node_ray_cluster_prepare_uses_and_stops_only_its_processes(
-        tmp_path, tiny_tokenizer_path, ray_cluster):
+        tmp_path, tiny_tokenizer_path, ray_cluster, netns):
     worker = tmp_path / "local-worker"  # `$JULIAN_SSH WORKER COMMAND`: a local shell for every worker
-    worker.write_text('#!/usr/bin/env bash\nexec bash -c "$2"\n')
+    worker.write_text(f'#!/usr/bin/env bash\nexec {" ".join(netns)} bash -c "$2"\n')
     worker.chmod(0o755)
     port = free_port()
     temp = tempfile.mkdtemp(prefix="jr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
@@ -77,13 +60,11 @@ def test_tpu_script_starts_a_two_node_ray_cluster_prepare_uses_and_stops_only_it
         ours = session_processes(leaders)
         names = [p.name() for p in ours]
         assert names.count("raylet") == 2 and names.count("gcs_server") == 1, names
-        probe = subprocess.run([sys.executable, "-c", PROBE, f"127.0.0.1:{port}"], capture_output=True, text=True,
-                               timeout=300)
-        assert probe.stdout.split() == ["2", "2"], probe.stdout + probe.stderr  # joined, and both take tasks
+        assert ray_nodes_taking_tasks(netns, f"127.0.0.1:{port}") == ["2", "2"]  # joined, and both take tasks
         out = tmp_path / "out"
         run_script("data.py", "prepare", "--input=" + ",".join(inputs), f"--output={out}",
                    f"--tokenizer={tiny_tokenizer_path}", f"--ray_address=127.0.0.1:{port}",
-                   f"--split_mb={TINY_SPLIT_MB}", *CLI_SETTINGS)
+                   f"--split_mb={TINY_SPLIT_MB}", *CLI_SETTINGS, netns=netns)
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["documents"]["read"] == sum(map(len, docs.values()))
         ours = session_processes(leaders)  # with the workers that ran the tasks
