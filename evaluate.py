@@ -347,7 +347,8 @@ class JulianLM(TemplateLM):
         sizes = [sum(len(unit.members) for row in packed.rows for unit in row) for packed in passes]
         mine: dict[int, tuple[float, bool]] = {}
         # Each process scores its share; process 0's bar shows its own.
-        with tqdm(total=sum(sizes), desc="loglikelihood", disable=disable_tqdm or rank != 0) as bar:
+        with tqdm(total=sum(sizes), desc="loglikelihood",
+                  disable=True if disable_tqdm or rank != 0 else None) as bar:
             for packed, size in zip(passes, sizes):
                 mine.update(self._score_pass(packed, pieces))
                 self.scored_requests += size
@@ -434,7 +435,8 @@ class JulianLM(TemplateLM):
         rank, world = jax.process_index(), jax.process_count()
         mine: dict[int, str] = {}
         number = 0
-        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or rank != 0) as bar:
+        with tqdm(total=len(requests), desc="generate_until",
+                  disable=True if disable_tqdm or rank != 0 else None) as bar:
             for indices in by_settings.values():
                 settings = dict(requests[indices[0]].args[1])
                 until = settings.pop("until", None) or []
