@@ -184,7 +184,7 @@ def model_card(model_config: ModelConfig, run_config: dict, step: int | None, li
     name = model_name(model_config, run_config)
     stage = next((k for k in ("dpo", "sft") if k in run_config), None)
     data = (run_config.get(stage) or {}).get("train_data") if stage else run_config.get("train_data")
-    data = [data] if isinstance(data, str) else list(data or [])
+    data = data.split(",") if isinstance(data, str) else list(data or [])
     init_from = (run_config.get("run") or {}).get("init_from")
     front = {"language": ["en", "fr"], "license": license, "library_name": "transformers",
              "pipeline_tag": "text-generation", "tags": ["julian", "llama", "jax", "chatml"],
