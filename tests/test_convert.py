@@ -298,7 +298,8 @@ def test_transformers_generate_on_the_chat_template_stops_at_im_end_with_generat
 
     run, expected = replying_run
     hf_dir = str(tmp_path / "hf")
-    run_script("convert.py", "--to=hf", f"--checkpoint={run}", f"--out={hf_dir}")
+    model, tokenizer_bytes, _ = checkpoint.load(run)
+    convert.export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), hf_dir)
     ours = run_script("generate.py", f"--checkpoint={run}", "--chat", "--temperature=0",
                       f"--max_new_tokens={MAX_NEW}", f"--prompt={QUESTION}").stdout
     ours = ours.split(generate.rule("assistant") + "\n", 1)[1][:-1]
