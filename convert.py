@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-import yaml
 from safetensors import flax as safetensors_jax
+import yaml
 
 import checkpoint
 import cli

@@ -208,6 +208,17 @@ def test_the_command_line_names_a_missing_checkpoint(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_tasks_whose_file_leaves_metric_defaults_implicit_load_without_lm_evals_warnings(tmp_path, caplog):
+    from lm_eval.tasks import TaskManager
+
+    eval_tasks.write_task_configs(["boolq", "piqa"], DATA_DIR, str(tmp_path))
+    with caplog.at_level("WARNING"):
+        loaded = TaskManager(include_path=str(tmp_path), include_defaults=False).load(["boolq", "piqa"])
+    boolq = loaded["tasks"]["boolq"]
+    assert boolq.aggregation()["acc"].__name__ == "mean" and boolq.higher_is_better() == {"acc": True}
+    assert not [r for r in caplog.records if "is defined, but" in r.getMessage()], caplog.text
+
+
 def test_the_report_table_puts_chance_beside_each_score_and_marks_scores_within_two_sigma_of_it():
     n = 40  # 2 binomial sigmas of chance on 40 items: 5.5 items at 25%, 6.3 at 50%, none at 0%
     table = eval_tasks.report_table({
