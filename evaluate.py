@@ -324,6 +324,10 @@ class JulianLM(TemplateLM):
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # lm-eval's tokenizing bar, like ours, only on a terminal (tqdm's disable=None), not in logs.
+        return super().loglikelihood(requests, disable_tqdm=True if disable_tqdm else None)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         scores = self.score([(list(ctx), list(cont)) for _, ctx, cont in requests], disable_tqdm)
         for (request, _, _), answer in zip(requests, scores):
