@@ -5,7 +5,11 @@
 
 The Hugging Face folder loads with `transformers.AutoModelForCausalLM.from_pretrained` as
 `LlamaForCausalLM` and `AutoTokenizer.from_pretrained` as a `LlamaTokenizer` that reproduces our
-SentencePiece ids. Weights are safetensors (no pickle anywhere).
+SentencePiece ids. Weights are safetensors (no pickle anywhere). `generation_config.json` ends a
+reply at `</s>` or `<|im_end|>` (transformers' `generate`, vLLM), and `README.md` is a model card:
+languages, license (`--license`), the training data and starting point, the chat format, how it
+was evaluated, and the run's own results when its directory has them (`eval_results.json` written
+by `evaluate.py --output`, held-out loss and `--eval_tasks` scores in `metrics.jsonl`).
 
 Layout: our matmul weights are (in, out) for `x @ w`; torch's `nn.Linear` stores (out, in), so
 every projection is transposed. Our rotary embedding already rotates halves, as Hugging Face's
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 
 import equinox as eqx
 import jax
@@ -24,11 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from safetensors import flax as safetensors_jax
+import yaml
 
 import checkpoint
 import cli
-from model import ModelConfig, Transformer
-from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, PAD_ID, Tokenizer, save_hf_tokenizer
+from model import ModelConfig, Transformer, num_params
+from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, UNK_ID, Tokenizer, save_hf_tokenizer
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +45,8 @@ def define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "--to=hf: julian output dir (newest step) or Orbax step dir.")
     flags.DEFINE_string("hf", None, "--to=julian: a Hugging Face Llama folder (config.json, *.safetensors, tokenizer.model).")
     flags.DEFINE_string("out", None, "Where to write: the HF folder, or the julian checkpoint dir.")
+    flags.DEFINE_string("license", "other", "--to=hf: the model card's license (a Hugging Face Hub "
+                        "license id, e.g. apache-2.0); the training data's licenses bound it.")
 
 
 # (ours, Hugging Face's, transpose?) for the weights outside the blocks...
@@ -108,8 +116,13 @@ def hf_config(config: ModelConfig) -> dict:
         "bos_token_id": BOS_ID,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
+        "unk_token_id": UNK_ID,
         "dtype": "float32",
     }
+
+
+# A chat reply ends at <|im_end|>; a plain continuation at </s>.
+GENERATION_CONFIG = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "pad_token_id": PAD_ID}
 
 
 def to_hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
@@ -122,12 +135,118 @@ def to_hf_state_dict(model: Transformer) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
 
 
-def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str) -> None:
+def run_results(run_dir: str, step: int | None) -> tuple[dict, dict, dict]:
+    """({task: {metric: value}}, {task: items scored}, {other metric: value}) a run directory
+    holds for `step`: lm-eval's results from `evaluate.py --output=RUN/eval_results.json`, and the
+    metrics.jsonl record of that step's evaluations (held-out loss, `--eval_tasks` scores as
+    "task/metric")."""
+    tasks: dict[str, dict[str, float]] = {}
+    items: dict[str, int] = {}
+    others: dict[str, float] = {}
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        # Evaluation records are the ones without a training loss or an event.
+        for record in records:
+            if record.get("step") != step or "loss" in record or "event" in record:
+                continue
+            for key, value in record.items():
+                if key.startswith("eval_"):
+                    others[key] = value
+                elif "/" in key:
+                    task, metric = key.split("/", 1)
+                    tasks.setdefault(task, {})[metric] = value
+    path = os.path.join(run_dir, "eval_results.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            for task, metrics in json.load(f).items():
+                tasks.setdefault(task, {}).update(
+                    {k.split(",")[0]: v for k, v in metrics.items()
+                     if "," in k and "_stderr" not in k and isinstance(v, (int, float))})
+                if "sample_len" in metrics:
+                    items[task] = metrics["sample_len"]
+    return tasks, items, others
+
+
+def model_name(model_config: ModelConfig, run_config: dict) -> str:
+    """julian-600M, julian-600M-sft, julian-600M-dpo: what llama.cpp names its GGUF after."""
+    stage = next((f"-{k}" for k in ("dpo", "sft") if k in run_config), "")
+    return f"julian-{num_params(model_config) / 1e6:.0f}M{stage}"
+
+
+def model_card(model_config: ModelConfig, run_config: dict, step: int | None, license: str,
+               results: tuple[dict, dict, dict] = ({}, {}, {})) -> str:
+    """README.md for the Hugging Face folder: YAML front matter (what the Hub and llama.cpp read)
+    and what a user needs: the data, the chat format, how it was evaluated and, if known, how it
+    did (values as lm-eval gives them: accuracies in [0, 1])."""
+    tasks, items, others = results
+    name = model_name(model_config, run_config)
+    stage = next((k for k in ("dpo", "sft") if k in run_config), None)
+    data = (run_config.get(stage) or {}).get("train_data") if stage else run_config.get("train_data")
+    data = data.split(",") if isinstance(data, str) else list(data or [])
+    init_from = (run_config.get("run") or {}).get("init_from")
+    front = {"language": ["en", "fr"], "license": license, "library_name": "transformers",
+             "pipeline_tag": "text-generation", "tags": ["julian", "llama", "jax", "chatml"],
+             "model_name": name}
+    if tasks:
+        front["model-index"] = [{"name": name, "results": [
+            {"task": {"type": "text-generation", "name": "zero-shot, lm-evaluation-harness"},
+             "dataset": {"name": task, "type": task},
+             "metrics": [{"type": metric, "value": value} for metric, value in metrics.items()]}
+            for task, metrics in tasks.items()]}]
+    what = {"dpo": "aligned with DPO on preference pairs", "sft": "fine-tuned on ChatML conversations"}
+    lines = [f"# {name}", "",
+             f"A bilingual English/French LLaMA-style language model ({num_params(model_config):,} parameters: "
+             f"{model_config.n_layers} layers, d_model {model_config.d_model}, {model_config.n_heads} heads, "
+             f"context {model_config.max_seq_len} tokens, vocabulary {model_config.vocab_size:,}), "
+             f"{what.get(stage, 'pretrained')} with julian (JAX + Equinox); step {step}.", "",
+             "## Training data", ""]
+    lines += [f"- `{d}`" for d in data] or ["- not recorded in the checkpoint"]
+    if init_from:
+        lines += ["", f"Started from the parameters of `{init_from}`."]
+    lines += ["", "## Chat format", "",
+              "ChatML after `<s>`; the tokenizer's chat template adds the default system message "
+              f"(\"{DEFAULT_SYSTEM}\") when the conversation brings none:", "", "```",
+              f"<s><|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nBonjour !<|im_end|>\n"
+              "<|im_start|>assistant\n", "```", "",
+              "A reply ends at `<|im_end|>`; `generation_config.json` stops generation there and at `</s>`.",
+              "", "```python", *textwrap.dedent("""\
+                  from transformers import AutoModelForCausalLM, AutoTokenizer
+                  tokenizer = AutoTokenizer.from_pretrained(PATH)
+                  model = AutoModelForCausalLM.from_pretrained(PATH)
+                  chat = tokenizer.apply_chat_template([{"role": "user", "content": "Bonjour !"}], add_generation_prompt=True,
+                                                       return_tensors="pt", return_dict=True)
+                  reply = model.generate(**chat, max_new_tokens=64, do_sample=False)[0, chat["input_ids"].shape[1]:]
+                  print(tokenizer.decode(reply, skip_special_tokens=True))""").splitlines(), "```",
+              "", "## Evaluation", "",
+              "Zero-shot, with lm-evaluation-harness's own task definitions, through julian's `evaluate.py` "
+              "(`python evaluate.py --checkpoint=RUN --output=RUN/eval_results.json`; the report's tasks: "
+              "hellaswag, piqa, lambada_openai, arc_easy, arc_challenge, winogrande, boolq)."]
+    if tasks:
+        lines += ["", "| task | items | metric | value |", "| --- | --- | --- | --- |"]
+        lines += [f"| {task} | {items.get(task, '')} | {metric} | {value:.4g} |" for task, metrics in tasks.items()
+                  for metric, value in metrics.items()]
+    else:
+        lines += ["", "No results were found in the run's directory."]
+    if others:
+        lines += ["", "At this step, on held-out data: " + ", ".join(
+            f"{k.removeprefix('eval_')} {v:.4g}" for k, v in others.items()) + "."]
+    lines += ["", "## License", "",
+              f"`{license}`, chosen at export; it must respect the licenses of the training data above."]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(lines) + "\n"
+
+
+def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str, card: str | None = None) -> None:
+    """The Hugging Face folder; `card` (model_card's) becomes its README.md."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(model.config), f, indent=2)
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}, f, indent=2)
+        json.dump(GENERATION_CONFIG, f, indent=2)
+    if card is not None:
+        with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
     tensors = {k: jnp.asarray(v) for k, v in to_hf_state_dict(model).items()}
     safetensors_jax.save_file(tensors, os.path.join(out_dir, "model.safetensors"),
                               metadata={"format": "pt"})
@@ -221,8 +340,14 @@ def main(argv):
         raise app.UsageError("--to=julian needs --hf=HF_DIR")
     try:
         if FLAGS.to == "hf":
-            model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint)
-            export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), FLAGS.out)
+            model, tokenizer_bytes, run_config = checkpoint.load(FLAGS.checkpoint)
+            step = checkpoint.latest_step(FLAGS.checkpoint)
+            metrics_dir = (run_config.get("run") or {}).get("metrics_dir") or FLAGS.checkpoint
+            results = run_results(FLAGS.checkpoint, step)
+            if os.path.abspath(metrics_dir) != os.path.abspath(FLAGS.checkpoint):
+                results = tuple({**a, **b} for a, b in zip(results, run_results(metrics_dir, step)))
+            card = model_card(model.config, run_config, step, FLAGS.license, results)
+            export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), FLAGS.out, card)
             print(f"wrote Hugging Face Llama folder {FLAGS.out}")
         else:
             model, tokenizer = import_hf(FLAGS.hf)

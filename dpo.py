@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -506,8 +507,23 @@ def main(argv):
         evaluations = train.evaluators(run, mesh, validation, tokenizer.model_bytes, loss_fn)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, dpo=settings), title="dpo", loss_fn=loss_fn)
+        if jax.process_index() == 0:
+            print(learning_summary(os.path.join(run.metrics_dir, "metrics.jsonl")))
     except train.TrainingStopped as e:
         sys.exit(f"dpo.py: training stopped: {e}")
+
+
+def learning_summary(metrics_path: str) -> str:
+    """One line: reward accuracy and margin on the training pairs, first logged interval -> last.
+    DPO learns when the accuracy rises above 0.5 and the margins grow."""
+    with open(metrics_path) as f:
+        logged = [r for r in map(json.loads, f) if "rewards/accuracies" in r]
+    if not logged:
+        return f"dpo: no training metrics in {metrics_path}"
+    first, last = logged[0], logged[-1]
+    return (f"dpo on the training pairs, step {first['step']} -> {last['step']}: rewards/accuracies "
+            f"{first['rewards/accuracies']:.2f} -> {last['rewards/accuracies']:.2f}, rewards/margins "
+            f"{first['rewards/margins']:.2f} -> {last['rewards/margins']:.2f}")
 
 
 def _with_steps(config: train.TrainConfig, steps: int, warmup: int | None = None) -> train.TrainConfig:

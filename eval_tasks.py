@@ -10,6 +10,7 @@ file and points it at that file (`dataset_path: json`); README.md shows how to m
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import random
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import yaml
 from lm_eval import evaluator as lm_evaluator
+from lm_eval.api.registry import AGGREGATION_REGISTRY, get_metric_aggregation, is_higher_better
 from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import Kind
@@ -40,6 +42,10 @@ REPORT_TASKS = {
 # The report's zero-shot scores for its 600M base model, in percent (as quoted in design.md;
 # the other tasks' figures are not in our notes).
 REPORT_SCORES = {"hellaswag": 53.5, "piqa": 66.8, "lambada_openai": 37.3}
+# What answering at random scores, in percent: one over the choices (hellaswag 4 endings; ARC
+# 4 choices, a few items 3 or 5; the others 2); lambada's exact next word out of the vocabulary, ~0.
+CHANCE_SCORES = {"hellaswag": 25.0, "piqa": 50.0, "lambada_openai": 0.0, "arc_easy": 25.0,
+                 "arc_challenge": 25.0, "winogrande": 50.0, "boolq": 50.0}
 # French: lm-eval's French configs of multilingual sets, and FrenchBench's (CroissantLLM) tasks
 # that are scored by likelihood: comparable with the English preset, cheap, no generation
 # settings to choose (its generative tasks run by name through --tasks).
@@ -121,6 +127,7 @@ def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str)
                            f"{split!r} split of {dataset} ({config or 'default'}) as JSONL at {path}")
             continue
         base = load_yaml(stock, resolve_func=False)
+        configs[task].update(_explicit_metric_defaults(base))
         configs[task].update(dataset_path="json", dataset_name=None,
                              dataset_kwargs={"data_files": {split: path}}, training_split=None,
                              validation_split=split if split == base.get("validation_split") else None,
@@ -131,6 +138,17 @@ def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str)
     for task, config in configs.items():
         with open(os.path.join(out_dir, f"{task}.yaml"), "w") as f:
             yaml.safe_dump(config, f)
+
+
+def _explicit_metric_defaults(base: dict) -> dict:
+    """The task's metric_list with lm-eval's defaults written out where its file leaves them
+    implicit (boolq's), so that lm-eval does not warn, at every run, that it applies them."""
+    metrics = base.get("metric_list") or []
+    if all("aggregation" in m and "higher_is_better" in m for m in metrics):
+        return {}
+    names = {fn: name for name, fn in AGGREGATION_REGISTRY.items()}
+    return {"metric_list": [{"aggregation": names[get_metric_aggregation(m["metric"])],
+                             "higher_is_better": is_higher_better(m["metric"]), **m} for m in metrics]}
 
 
 def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: int | None = None,
@@ -164,15 +182,20 @@ def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: 
 
 
 def report_table(results: dict) -> str:
-    """Our scores beside published ones, in percent, markdown: English tasks beside the report's
-    600M base model, French tasks beside BLOOM and XGLM (lm-eval's archived 2023 results)."""
+    """Our scores beside chance and published ones, in percent, markdown: English tasks beside
+    what answering at random scores and the report's 600M base model, French tasks beside BLOOM
+    and XGLM (lm-eval's archived 2023 results)."""
     english = [t for t in results if t not in FRENCH_TASKS]
     french = [t for t in results if t in FRENCH_TASKS]
     lines = []
     if english:
-        lines += ["| task | metric | julian | report (600M base) |", "| --- | --- | --- | --- |"]
+        lines += ["| task | metric | julian | chance | vs chance | report (600M base) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for task in english:
-            lines += _rows(task, results[task], [REPORT_SCORES.get(task)])
+            lines += _rows(task, results[task], [REPORT_SCORES.get(task)], with_chance=True)
+        lines += ["", "vs chance: whether the score is within two standard deviations of what answering at "
+                  "random scores on this many items (a binomial); below chance, the model favours one "
+                  "kind of answer whatever the item."]
     if french:
         baselines = list(FRENCH_BASELINES)
         lines += ["", "| French task | metric | julian | " + " | ".join(baselines) + " |",
@@ -184,15 +207,29 @@ def report_table(results: dict) -> str:
     return "\n".join(lines).strip("\n")
 
 
-def _rows(task: str, metrics: dict, published: list) -> list[str]:
+def versus_chance(score: float, chance: float, items: int) -> str:
+    """"at chance", "above" or "below": is `score` (percent) within two binomial standard
+    deviations of `chance` (percent) on `items` items? (At chance 0, only a score of 0 is.)"""
+    p = chance / 100
+    if abs(score / 100 - p) * items <= 2 * math.sqrt(items * p * (1 - p)):
+        return "at chance"
+    return "above" if score / 100 > p else "below"
+
+
+def _rows(task: str, metrics: dict, published: list, with_chance: bool = False) -> list[str]:
     metric = KNOWN_TASKS.get(task, (None, "acc"))[1]
     value = metrics.get(f"{metric},none")
     if value is None or isinstance(value, str):
         return []
-    cells = " | ".join("" if p is None else f"{p}" for p in published)
-    rows = [f"| {task} | {metric} | {100 * value:.1f} | {cells} |"]
+    cells = ["" if p is None else f"{p}" for p in published]
+    if with_chance:
+        chance = CHANCE_SCORES.get(task)
+        verdict = ("" if chance is None or "sample_len" not in metrics
+                   else versus_chance(100 * value, chance, metrics["sample_len"]))
+        cells = ["" if chance is None else f"{chance:g}", verdict, *cells]
+    rows = [f"| {task} | {metric} | {100 * value:.1f} | " + " | ".join(cells) + " |"]
     if "perplexity,none" in metrics:
-        rows.append(f"| {task} | perplexity | {metrics['perplexity,none']:.2f} |" + " |" * len(published))
+        rows.append(f"| {task} | perplexity | {metrics['perplexity,none']:.2f} |" + " |" * len(cells))
     return rows
 
 

@@ -324,6 +324,10 @@ class JulianLM(TemplateLM):
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # lm-eval's tokenizing bar, like ours, only on a terminal (tqdm's disable=None), not in logs.
+        return super().loglikelihood(requests, disable_tqdm=True if disable_tqdm else None)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         scores = self.score([(list(ctx), list(cont)) for _, ctx, cont in requests], disable_tqdm)
         for (request, _, _), answer in zip(requests, scores):
@@ -347,7 +351,8 @@ class JulianLM(TemplateLM):
         sizes = [sum(len(unit.members) for row in packed.rows for unit in row) for packed in passes]
         mine: dict[int, tuple[float, bool]] = {}
         # Each process scores its share; process 0's bar shows its own.
-        with tqdm(total=sum(sizes), desc="loglikelihood", disable=disable_tqdm or rank != 0) as bar:
+        with tqdm(total=sum(sizes), desc="loglikelihood",
+                  disable=True if disable_tqdm or rank != 0 else None) as bar:
             for packed, size in zip(passes, sizes):
                 mine.update(self._score_pass(packed, pieces))
                 self.scored_requests += size
@@ -434,7 +439,8 @@ class JulianLM(TemplateLM):
         rank, world = jax.process_index(), jax.process_count()
         mine: dict[int, str] = {}
         number = 0
-        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or rank != 0) as bar:
+        with tqdm(total=len(requests), desc="generate_until",
+                  disable=True if disable_tqdm or rank != 0 else None) as bar:
             for indices in by_settings.values():
                 settings = dict(requests[indices[0]].args[1])
                 until = settings.pop("until", None) or []

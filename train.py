@@ -410,6 +410,13 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
     check_writable(run.metrics_dir, "--metrics_dir")
     optimizer = make_optimizer(config)
     ckpt = checkpoint.Checkpointer(run.output_dir, run.keep, run.keep_every or None)
+    finished = ckpt.latest_step()
+    if finished is not None and finished >= config.steps:  # rerun of a finished run: no resume to log
+        ckpt.close()
+        if primary:
+            print(f"{title}: {run.output_dir} already holds step {finished} of {config.steps}: nothing "
+                  "to train (another --output_dir, or an empty one, starts afresh)")
+        return
     state, meta, how = start_state(model_config, optimizer, mesh, run, config.seed, ckpt)
     state_sharding = shardings(state)
     train_step = make_train_step(optimizer, state_sharding, mesh, loss_fn)

@@ -27,7 +27,7 @@ import checkpoint  # noqa: E402
 import convert  # noqa: E402
 from conftest import DATA_FILES, REPO, run_script  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_START_ID, PAD_ID, Tokenizer  # noqa: E402
+from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, IM_START_ID, PAD_ID, UNK_ID, Tokenizer  # noqa: E402
 
 ATOL = 1e-4  # fp32 on both sides: a wrong layout is off by O(1), rounding by ~1e-6
 
@@ -255,6 +255,124 @@ def test_exported_tokenizer_gives_sentencepiece_ids_on_accents_emoji_code_and_di
         assert hf(text, add_special_tokens=False).input_ids == ids, repr(text)
         assert hf(text).input_ids == [BOS_ID, *ids], repr(text)
         assert hf.decode(ids) == ours_tok.decode(ids) == text, repr(text)
+
+
+# --------------------------------------------------------------------------------------------
+# 3b. The export as users run it: generation stops where a reply ends; the model card.
+
+
+@pytest.fixture(scope="module")
+def replying_run(trained, tmp_path_factory) -> tuple[str, list[int]]:
+    """(checkpoint, its greedy reply to QUESTION): the trained tiny model made to end its chat
+    replies. The tiny run, only pretrained, never writes <|im_end|>; here <|im_end|>'s output row
+    becomes 1.5 x that of a token t of its greedy reply, so greedy decoding ends the reply at the
+    first position where 1.5 x t's logit beats the best one (computed here, with a margin)."""
+    import generate
+
+    model, tokenizer_bytes = trained
+    tok = Tokenizer.from_bytes(tokenizer_bytes)
+    prompt = generate.chat_prompt(tok, [{"role": "system", "content": DEFAULT_SYSTEM},
+                                        {"role": "user", "content": QUESTION}])
+    reply = generate.generate(model, [prompt], MAX_NEW, jax.random.key(0), temperature=0.0, stop_ids=())[0]
+    logits = _logits(model, [prompt + reply])[0, len(prompt) - 1:-1]  # row i predicts reply[i]
+    best = logits.max(axis=-1)
+    for t in dict.fromkeys(reply[2:]):
+        wins = 1.5 * logits[:, t] - best
+        stop = int(np.argmax(wins > 0.1)) if (wins > 0.1).any() else None
+        if stop is not None and stop >= 2 and (wins[:stop] < -0.1).all():
+            break
+    else:
+        pytest.fail(f"no token of the greedy reply {reply} can end it cleanly")
+    lm_head = model.lm_head.at[:, IM_END_ID].set(1.5 * model.lm_head[:, t])
+    out = str(tmp_path_factory.mktemp("replying"))
+    checkpoint.save(out, 0, eqx.tree_at(lambda m: m.lm_head, model, lm_head), tokenizer_bytes)
+    return out, reply[:stop]
+
+
+QUESTION, MAX_NEW = "Who is Holmes?", 24
+
+
+def test_transformers_generate_on_the_chat_template_stops_at_im_end_with_generate_py_chats_reply(
+        replying_run, tmp_path):
+    import generate
+
+    run, expected = replying_run
+    hf_dir = str(tmp_path / "hf")
+    model, tokenizer_bytes, _ = checkpoint.load(run)
+    convert.export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), hf_dir)
+    ours = run_script("generate.py", f"--checkpoint={run}", "--chat", "--temperature=0",
+                      f"--max_new_tokens={MAX_NEW}", f"--prompt={QUESTION}").stdout
+    ours = ours.split(generate.rule("assistant") + "\n", 1)[1][:-1]
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    chat = hf_tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    start = chat["input_ids"].shape[1]
+    with torch.no_grad():  # no eos_token_id given: generation_config.json's
+        theirs = hf_model.generate(**chat, max_new_tokens=MAX_NEW, do_sample=False)[0, start:].tolist()
+        past = hf_model.generate(**chat, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=EOS_ID,
+                                 pad_token_id=PAD_ID)[0, start:].tolist()
+    assert theirs == [*expected, IM_END_ID]
+    assert ours == hf_tokenizer.decode(theirs, skip_special_tokens=True)
+    assert ours == Tokenizer.load(os.path.join(hf_dir, "tokenizer.model")).decode(expected)
+    # Without the export's generation_config.json (stopping at </s> only) it runs past the reply.
+    assert past[:len(theirs)] == theirs and len(past) > len(theirs)
+
+
+def test_the_export_declares_its_stop_and_unknown_tokens(trained_hf_dir):
+    generation = transformers.GenerationConfig.from_pretrained(trained_hf_dir)
+    assert sorted(generation.eos_token_id) == [EOS_ID, IM_END_ID] == [3, 7]
+    config = transformers.AutoConfig.from_pretrained(trained_hf_dir)
+    assert (config.unk_token_id, config.bos_token_id, config.pad_token_id) == (UNK_ID, BOS_ID, PAD_ID) == (1, 2, 0)
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n", 2)[1])
+
+
+def test_the_model_card_names_languages_license_data_chat_format_and_evaluation(trained_hf_dir):
+    with open(os.path.join(trained_hf_dir, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    front = _front_matter(card)
+    assert front["language"] == ["en", "fr"] and front["license"] == "other"
+    assert front["pipeline_tag"] == "text-generation" and front["model_name"] == "julian-3M"
+    assert "model-index" not in front  # the shared run holds no lm-eval results
+    assert "<|im_start|>user" in card and DEFAULT_SYSTEM in card and "`<|im_end|>`" in card
+    assert "lm-evaluation-harness" in card and "No results were found" in card
+    assert all(f"- `{f}`" in card for f in DATA_FILES)  # tiny_run trains on the samples
+
+
+def test_the_model_card_carries_the_runs_lm_eval_results_and_parses_as_a_hub_card(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    results = {"piqa": {"alias": "piqa", "sample_len": 40, "acc,none": 0.575, "acc_stderr,none": 0.079},
+               "lambada_openai": {"sample_len": 40, "acc,none": 0.0, "perplexity,none": 9.1e7}}
+    (run / "eval_results.json").write_text(json.dumps(results))
+    step = checkpoint.latest_step(str(run))
+    with open(run / "metrics.jsonl", "a") as f:  # a training record (its "a/b" keys are no scores)...
+        for record in ({"step": step, "loss": 2.0, "rewards/accuracies": 0.9},
+                       {"step": step - 1, "eval_loss": 9.0, "boolq/acc": 0.1},  # ...another step's...
+                       {"step": step, "eval_loss": 5.5, "winogrande/acc": 0.55}):  # ...and this step's evaluation
+            f.write(json.dumps(record) + "\n")
+    out = tmp_path / "hf"
+    run_script("convert.py", "--to=hf", f"--checkpoint={run}", f"--out={out}", "--license=apache-2.0")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    front = _front_matter(card)
+    assert front["license"] == "apache-2.0"
+    scores = {(r["dataset"]["name"], m["type"]): m["value"] for entry in front["model-index"]
+              for r in entry["results"] for m in r["metrics"]}
+    assert scores == {("piqa", "acc"): 0.575, ("lambada_openai", "acc"): 0.0,
+                      ("lambada_openai", "perplexity"): 9.1e7, ("winogrande", "acc"): 0.55}
+    assert "| piqa | 40 | acc | 0.575 |" in card and "| winogrande |  | acc | 0.55 |" in card
+    assert "held-out data: loss 5.5." in card and f"step {step}." in card
+    hub = pytest.importorskip("huggingface_hub")
+    parsed = hub.ModelCard.load(str(out / "README.md"))
+    assert parsed.data.language == ["en", "fr"] and parsed.data.license == "apache-2.0"
+    assert {(e.dataset_name, e.metric_type): e.metric_value for e in parsed.data.eval_results} == scores
 
 
 # --------------------------------------------------------------------------------------------

@@ -208,6 +208,36 @@ def test_the_command_line_names_a_missing_checkpoint(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_tasks_whose_file_leaves_metric_defaults_implicit_load_without_lm_evals_warnings(tmp_path, caplog):
+    from lm_eval.tasks import TaskManager
+
+    eval_tasks.write_task_configs(["boolq", "piqa"], DATA_DIR, str(tmp_path))
+    with caplog.at_level("WARNING"):
+        loaded = TaskManager(include_path=str(tmp_path), include_defaults=False).load(["boolq", "piqa"])
+    boolq = loaded["tasks"]["boolq"]
+    assert boolq.aggregation()["acc"].__name__ == "mean" and boolq.higher_is_better() == {"acc": True}
+    assert not [r for r in caplog.records if "is defined, but" in r.getMessage()], caplog.text
+
+
+def test_the_report_table_puts_chance_beside_each_score_and_marks_scores_within_two_sigma_of_it():
+    n = 40  # 2 binomial sigmas of chance on 40 items: 5.5 items at 25%, 6.3 at 50%, none at 0%
+    table = eval_tasks.report_table({
+        "hellaswag": {"acc_norm,none": 15 / n, "sample_len": n},  # 15 vs 10 +- 5.5
+        "arc_easy": {"acc,none": 16 / n, "sample_len": n},  # 16 vs 10 +- 5.5
+        "piqa": {"acc,none": 26 / n, "sample_len": n},  # 26 vs 20 +- 6.3
+        "winogrande": {"acc,none": 27 / n, "sample_len": n},
+        "boolq": {"acc,none": 9 / n, "sample_len": n},  # always "no" on 31 "yes" of 40
+        "lambada_openai": {"acc,none": 0.0, "perplexity,none": 9.1e7, "sample_len": n},
+        "arc_challenge": {"acc_norm,none": 1 / n, "sample_len": n}})
+    assert "| task | metric | julian | chance | vs chance | report (600M base) |" in table
+    for row in ("| hellaswag | acc_norm | 37.5 | 25 | at chance | 53.5 |", "| arc_easy | acc | 40.0 | 25 | above |  |",
+                "| piqa | acc | 65.0 | 50 | at chance | 66.8 |", "| winogrande | acc | 67.5 | 50 | above |  |",
+                "| boolq | acc | 22.5 | 50 | below |  |", "| lambada_openai | acc | 0.0 | 0 | at chance | 37.3 |",
+                "| arc_challenge | acc_norm | 2.5 | 25 | below |  |"):
+        assert row in table, table
+    assert eval_tasks.versus_chance(2.5, 0.0, n) == "above"  # one right answer is more than chance's none
+
+
 def test_the_command_line_prints_both_tables_and_writes_the_results_json(tiny_run, tmp_path):
     output = tmp_path / "results.json"
     result = subprocess.run(

@@ -265,6 +265,14 @@ def test_sigterm_checkpoints_and_the_same_command_resumes_with_identical_losses(
     assert drawn_in(tmp_path / "loss.png", "tab:green") and not drawn_in(tmp_path / "loss.png", "tab:red")
 
 
+def test_rerunning_a_finished_run_trains_nothing_and_records_no_resume(tmp_path, tiny_tokenizer_path):
+    run_train(tmp_path, tiny_tokenizer_path, "--steps=4", "--log_every=2")
+    before = (tmp_path / "metrics.jsonl").read_text()
+    again = run_train(tmp_path, tiny_tokenizer_path, "--steps=4", "--log_every=2").stdout
+    assert "already holds step 4 of 4: nothing to train" in again and "resumed" not in again
+    assert (tmp_path / "metrics.jsonl").read_text() == before and events(tmp_path) == []
+
+
 def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpoint(
         tmp_path, tiny_tokenizer_path, uninterrupted):
     run_train(tmp_path, tiny_tokenizer_path, "--steps=60", "--checkpoint_every=20",
