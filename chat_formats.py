@@ -80,7 +80,7 @@ def iter_records(path: str, text: str) -> Iterator[tuple[str, object]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    record = BadRecord("invalid JSON", f"{e.msg} at column {e.colno}")
+                    record = BadRecord("invalid JSON", f"{e.msg.removesuffix(' at')} at column {e.colno}")
                 yield f"line {number}", record
         return
     decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
@@ -208,9 +208,13 @@ class FileStats:
     mixed: int = 0  # conversations in the training mix, repeats included
     supervised_tokens: int = 0  # in the training mix
 
+    def to_dict(self) -> dict:
+        """The stats as JSON (dataclasses.asdict would turn the Counter's items into tuple keys)."""
+        return {**dataclasses.asdict(self), "bad": dict(self.bad)}
+
     @classmethod
     def from_dict(cls, values: dict) -> FileStats:
-        """The inverse of dataclasses.asdict (stats kept with prepared rows)."""
+        """The inverse of to_dict (stats kept with prepared rows)."""
         return cls(**{**values, "bad": collections.Counter(values["bad"])})
 
 

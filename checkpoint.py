@@ -175,6 +175,10 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
     """
     step = latest_step(directory) if step is None else step
     if step is None:
+        if "://" not in directory and os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(
+                f"{directory!r} is a Hugging Face model folder (config.json), not a julian checkpoint: "
+                f"import it first with `python convert.py --to=julian --hf={directory} --out=DIR`")
         raise FileNotFoundError(
             f"no checkpoint in {directory!r}: expected an Orbax step directory written by train.py")
     with _manager(directory, create=False) as manager:

@@ -24,6 +24,7 @@
   `python -m pydoc SCRIPT` and README.md show. `--helpfull` stays absl's: the whole docstring and
   every flag, the libraries' included.
 * `cli.error(message)` reports a usage error from anywhere (prints the line, exits 2).
+* `cli.plural(count, noun)` words a count in a message ("1 process", "2 processes").
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def error(message: str) -> NoReturn:
     one_line = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
     sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {one_line}\n")
     sys.exit(2)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """A count with its noun agreed, for messages: '1 process', '2 processes', '1,024 tokens'."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def summary_of(doc: str | None) -> str:

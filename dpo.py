@@ -502,7 +502,7 @@ def main(argv):
         settings = {**dataclasses.asdict(data_config), **dataclasses.asdict(loss_config),
                     "ref_logps": FLAGS.ref_logps, "epochs": FLAGS.epochs,
                     "pairs": sum(s.mixed for s in stats), "rows": rows.num_rows,
-                    "files": [dataclasses.asdict(s) for s in stats]}
+                    "files": [s.to_dict() for s in stats]}
         evaluations = train.evaluators(run, mesh, validation, tokenizer.model_bytes, loss_fn)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, dpo=settings), title="dpo", loss_fn=loss_fn)

@@ -237,7 +237,7 @@ class ChatBatches:
             raise ValueError("no packed rows: every conversation was bad, dropped or held out")
         if global_batch_size % (grad_accum * process_count):
             raise ValueError(f"global batch {global_batch_size} does not split into {grad_accum} "
-                             f"micro-batches x {process_count} processes")
+                             f"micro-batches x {cli.plural(process_count, 'process', 'processes')}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         self.rows, self.seed, self.global_batch_size = rows, seed, global_batch_size
@@ -507,7 +507,7 @@ def main(argv):
             run = dataclasses.replace(run, eval_batches=validation.num_batches)  # each row once
         sft_settings = {**dataclasses.asdict(data_config), "epochs": FLAGS.epochs,
                         "rows": rows.num_rows, "supervised_tokens_per_epoch": rows.supervised_tokens,
-                        "files": [dataclasses.asdict(s) for s in stats]}
+                        "files": [s.to_dict() for s in stats]}
         evaluations = train.evaluators(run, parallel.make_mesh(run.fsdp), validation, tokenizer.model_bytes)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, sft=sft_settings), title="sft")

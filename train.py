@@ -422,7 +422,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
         logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, learning_rate_schedule(config),
                                 tokens_per_step, flops_per_token(model_config, seq_len) * tokens_per_step, peak)
         print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
-              f"per step | {jax.process_count()} processes, mesh {dict(mesh.shape)} | peak "
+              f"per step | {cli.plural(jax.process_count(), 'process', 'processes')}, mesh {dict(mesh.shape)} | peak "
               f"{peak / 1e12:.2f} TFLOP/s for MFU")
         if step:  # loss.png marks where a resumed run took over
             logger.write({"step": step, "event": "resume", "time": time.time()})
