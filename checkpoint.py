@@ -22,6 +22,7 @@ the emergency checkpoint that train.fit writes at the next step boundary.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 
@@ -87,6 +88,15 @@ def _manager(directory: str, max_to_keep: int | None = None, keep_period: int | 
 
 def _exists(directory: str) -> bool:
     return "://" in directory or os.path.isdir(directory)
+
+
+def _is_hf_folder(directory: str) -> bool:
+    """A Hugging Face model folder: its config.json names a model_type (a run's config.json has none)."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 def latest_step(directory: str) -> int | None:
@@ -175,7 +185,7 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
     """
     step = latest_step(directory) if step is None else step
     if step is None:
-        if "://" not in directory and os.path.isfile(os.path.join(directory, "config.json")):
+        if _is_hf_folder(directory):
             raise FileNotFoundError(
                 f"{directory!r} is a Hugging Face model folder (config.json), not a julian checkpoint: "
                 f"import it first with `python convert.py --to=julian --hf={directory} --out=DIR`")

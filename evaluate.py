@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -59,7 +58,7 @@ import cli
 import generate
 import storage
 import stream
-from eval_tasks import evaluate_with, perplexity_table, report_table
+from eval_tasks import check_task_data, evaluate_with, perplexity_table, report_table
 from model import Transformer
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
 
@@ -463,11 +462,16 @@ class JulianLM(TemplateLM):
         return [answers[i] for i in range(len(requests))]
 
 
-def load_checkpoint(directory: str, step: int | None = None) -> tuple[Transformer, bytes, dict]:
-    """checkpoint.load, with a message that names the directory when nothing is there."""
+def check_checkpoint(directory: str) -> None:
+    """A message that names the directory when nothing is there."""
     if "://" not in directory and not os.path.isdir(directory):
         raise FileNotFoundError(f"--checkpoint {directory!r} does not exist: expected a train.py "
                                 "--output_dir holding Orbax step directories")
+
+
+def load_checkpoint(directory: str, step: int | None = None) -> tuple[Transformer, bytes, dict]:
+    """checkpoint.load, after check_checkpoint."""
+    check_checkpoint(directory)
     return checkpoint.load(directory, step)
 
 
@@ -571,6 +575,9 @@ def main(argv):
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint is required: a train.py --output_dir")
     try:
+        check_checkpoint(FLAGS.checkpoint)
+        if not FLAGS.ppl_data:  # before the model loads: the tasks' data is there
+            check_task_data(FLAGS.tasks, FLAGS.data_dir)
         model, tokenizer_bytes, _ = load_checkpoint(FLAGS.checkpoint, FLAGS.step)
         tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
         start = time.perf_counter()
@@ -586,8 +593,7 @@ def main(argv):
             summary = (f"{make_table(output)}\n{report_table(results)}\n\n{lm.scored_requests} requests "
                        f"in {seconds:.1f} s ({lm.scored_requests / seconds:.1f} requests/s, this process)")
     except (FileNotFoundError, ValueError) as e:  # bad input: say what, in one line, no usage dump
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.error(str(e))
     if jax.process_index() == 0:
         print(summary)
         if FLAGS.output:
