@@ -204,11 +204,21 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
 
 class PreemptionGuard:
     """Turns SIGTERM (a preemption notice) and SIGINT (Ctrl-C) into a stop request at the next
-    step boundary; a second Ctrl-C interrupts at once."""
+    step boundary; a second Ctrl-C interrupts at once.
+
+    Once the run's last checkpoint is committed (`saved_all`), the work is done: both signals
+    are ignored until the process exits (SIG_IGN, which Python keeps through its shutdown, unlike
+    a handler of its own), so one that lands during cleanup ends the script with status 0, not -15.
+    """
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.finished = False, False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def saved_all(self) -> None:
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
+        self.finished = True
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -216,5 +226,7 @@ class PreemptionGuard:
         self.requested = True
 
     def close(self) -> None:
+        if self.finished:  # the process only cleans up and exits from here on
+            return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)

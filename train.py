@@ -488,6 +488,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 started = time.perf_counter()
                 save(step)
                 ckpt.wait()
+                guard.saved_all()
                 if primary:
                     bar.write(f"stop requested (SIGTERM/SIGINT): checkpoint of step {step} written to "
                               f"{run.output_dir} in {time.perf_counter() - started:.1f} s; the same "
@@ -496,6 +497,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
             if step % run.checkpoint_every == 0 or step == config.steps:
                 save(step)
         ckpt.wait()
+        guard.saved_all()
     finally:
         batches.close()
         bar.close()
