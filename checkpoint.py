@@ -117,6 +117,14 @@ def config_mismatch(saved: dict, model_config: ModelConfig) -> str | None:
     return None
 
 
+def damaged(directory: str, step: int, error: Exception) -> ValueError:
+    """The one-line report of a step that Orbax cannot read back (truncated or missing files)."""
+    cause = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    where = f"{_path(directory).rstrip('/')}/{step}"
+    return ValueError(f"checkpoint step {step} in {directory!r} is damaged ({cause[:300]}): expected the "
+                      f"files Orbax wrote; move {where} away to use the step before it")
+
+
 class Checkpointer:
     """Asynchronous saves and restores of the full training state under one directory.
 
@@ -147,15 +155,21 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception as e:  # as restore
+            raise damaged(self.directory, step, e) from e
 
     def restore(self, step: int, abstract_model, abstract_opt_state) -> tuple[Transformer, object, dict]:
         """(model, opt_state, meta) of `step`, laid out as the abstract trees' shardings say."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_model),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore(),
-        ))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_model),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                meta=ocp.args.JsonRestore(),
+            ))
+        except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files
+            raise damaged(self.directory, step, e) from e
         return restored.params, restored.opt_state, restored.meta
 
     def close(self) -> None:
@@ -192,13 +206,16 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
         raise FileNotFoundError(
             f"no checkpoint in {directory!r}: expected an Orbax step directory written by train.py")
     with _manager(directory, create=False) as manager:
-        config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        model_config = dataclasses.replace(ModelConfig(**config["model"]), **(model_overrides or {}))
-        abstract = eqx.filter_eval_shape(Transformer, model_config, jax.random.key(0))
-        restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract),
-            tokenizer=ocp.args.StandardRestore(),
-        ))
+        try:
+            config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+            model_config = dataclasses.replace(ModelConfig(**config["model"]), **(model_overrides or {}))
+            abstract = eqx.filter_eval_shape(Transformer, model_config, jax.random.key(0))
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract),
+                tokenizer=ocp.args.StandardRestore(),
+            ))
+        except Exception as e:  # as Checkpointer.restore
+            raise damaged(directory, step, e) from e
     return restored.params, np.asarray(restored.tokenizer["model"]).tobytes(), config
 
 

@@ -80,13 +80,14 @@ def define_flags() -> None:
                       "and FrenchBench in French), all (both).")
     flags.DEFINE_string("data_dir", None, "Offline: a directory with one <task>.jsonl per task "
                         "(Hugging Face schema, the split the task scores). Default: the hub.")
-    flags.DEFINE_integer("limit", None, "Evaluate only the first N items of each task.")
+    flags.DEFINE_integer("limit", None, "Evaluate only the first N items of each task.",
+                         lower_bound=1)
     flags.DEFINE_integer("batch_size", 16, "Requests per forward pass: generation batches this "
                          "many prompts; scoring packs about 64 tokens per request into a pass (256 on "
-                         "an accelerator).")
+                         "an accelerator).", lower_bound=1)
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation/matmul dtype.")
     flags.DEFINE_integer("bootstrap_iters", 1000, "lm-eval's bootstrap iterations for standard "
-                         "errors (0: none).")
+                         "errors (0: none).", lower_bound=0)
     flags.DEFINE_string("compilation_cache_dir", None, checkpoint.COMPILATION_CACHE_HELP)
     flags.DEFINE_string("output", None, "Write lm-eval's results dict (keyed by task) here as JSON.")
     flags.DEFINE_list("ppl_data", [], "Instead of tasks: loss, perplexity and bits per byte of text "

@@ -434,15 +434,17 @@ def define_flags() -> None:
     flags.DEFINE_enum("format", "auto", FORMATS, "Record shape of --train_data (auto: by each record's keys).")
     flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of records that bring none.")
     flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
-                       "and counted); above it the run stops naming them. 0: any bad record fails.")
+                       "and counted); above it the run stops naming them. 0: any bad record fails.",
+                       lower_bound=0, upper_bound=1)
     flags.DEFINE_bool("packing", True, "Pack several conversations per row (segment ids keep them "
                       "apart); --nopacking pads one conversation per row.")
     flags.DEFINE_enum("overlong", "truncate", OVERLONG, "A conversation longer than a row: cut after "
                       "its last assistant turn that fits, or drop it.")
     flags.DEFINE_float("epochs", 0.0, "Train this many passes over the packed rows, setting --steps "
-                       "(0: use --steps). The report found less than one epoch best.")
+                       "(0: use --steps). The report found less than one epoch best.", lower_bound=0)
     flags.DEFINE_float("validation_fraction", 0.02, "Share of each file's conversations held out for "
-                       "the held-out loss every --eval_every steps (unless --validation_data is given).")
+                       "the held-out loss every --eval_every steps (unless --validation_data is given).",
+                       lower_bound=0, upper_bound=1)
     for name, value in SFT_DEFAULTS.items():
         FLAGS.set_default(name, value)
 

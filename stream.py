@@ -78,8 +78,12 @@ def read_documents(path: str) -> list[str]:
     """A text file's non-empty lines (TokenRecords' documents; paragraphs in the bundled sample)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--train_data file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--train_data file {path!r} is not UTF-8 text ({e.reason}): expected text files, "
+                         "one document per line, or a data.py manifest") from None
 
 
 

@@ -172,6 +172,18 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name, value, ok, expected in (
+                ("steps", self.steps, self.steps >= 1, ">= 1"),
+                ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                ("grad_accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
+                ("learning_rate", self.learning_rate, self.learning_rate > 0, "> 0"),
+                ("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+                ("beta1", self.beta1, 0 <= self.beta1 < 1, "in [0, 1)"),
+                ("beta2", self.beta2, 0 <= self.beta2 < 1, "in [0, 1)"),
+                ("grad_clip", self.grad_clip, self.grad_clip > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"--{name}={value:g} must be {expected}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch_size={self.batch_size} is not divisible by "
                              f"--grad_accum={self.grad_accum}")
