@@ -233,14 +233,14 @@ def load_records(path: str, convert: Callable[[object], list], max_bad_fraction:
         except BadRecord as e:
             stats.bad[e.kind] += 1
             if len(stats.first_bad) < 5:
-                stats.first_bad.append(f"{path}, {where}: {e}")
+                stats.first_bad.append(f"{where}: {e}")
     if not stats.records:
         raise ValueError(f"{path}: no records; expected a JSON array or JSONL of {what}")
     bad = sum(stats.bad.values())
     if bad > max_bad_fraction * stats.records:
-        raise ValueError(f"{stats.first_bad[0]} ({bad} of {stats.records} records are bad, {bad / stats.records:.1%}, "
-                         f"more than --max_bad_fraction={max_bad_fraction:g})" + "".join(
-                             f"; {more}" for more in stats.first_bad[1:]))
+        raise ValueError(f"{path}, {stats.first_bad[0]} ({bad} of {stats.records} records are bad, "
+                         f"{bad / stats.records:.1%}, more than --max_bad_fraction={max_bad_fraction:g})"
+                         + "".join(f"; {more}" for more in stats.first_bad[1:]))
     stats.conversations = len(items)
     return items, stats
 

@@ -119,6 +119,8 @@ def config_mismatch(saved: dict, model_config: ModelConfig) -> str | None:
 
 def damaged(directory: str, step: int, error: Exception) -> ValueError:
     """The one-line report of a step that Orbax cannot read back (truncated or missing files)."""
+    while error.__cause__ is not None:  # TensorStore's own words are at the bottom of the chain
+        error = error.__cause__
     cause = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     where = f"{_path(directory).rstrip('/')}/{step}"
     return ValueError(f"checkpoint step {step} in {directory!r} is damaged ({cause[:300]}): expected the "

@@ -455,6 +455,12 @@ def init_model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[Mo
     if not run.init_from:
         return from_flags, train.load_tokenizer(FLAGS.tokenizer, from_flags.vocab_size)
     _, tokenizer_bytes, saved = checkpoint.load(run.init_from)
+    if FLAGS.tokenizer:  # the checkpoint's own tokenizer is the one its embeddings were trained with
+        given = Tokenizer.load(FLAGS.tokenizer)
+        if given.model_bytes != tokenizer_bytes:
+            raise ValueError(f"--tokenizer={FLAGS.tokenizer} ({given.vocab_size} pieces) is not the tokenizer of "
+                             f"--init_from={run.init_from} ({saved['model']['vocab_size']} pieces): expected "
+                             "the same model, or no --tokenizer (the checkpoint's is used)")
     runtime = {name: getattr(from_flags, name) for name in checkpoint.EXECUTION_FIELDS}
     return dataclasses.replace(ModelConfig(**saved["model"]), **runtime), Tokenizer.from_bytes(tokenizer_bytes)
 
