@@ -10,6 +10,7 @@ file and points it at that file (`dataset_path: json`); README.md shows how to m
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import random
@@ -133,6 +134,28 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     return reason[0] if reason else None
 
 
+def _check_jsonl(path: str, task: str) -> None:
+    """One JSON object per line (datasets' json loader fails on anything else, deep in lm-eval)."""
+    expected = f"expected the {task} task's split as JSONL, one JSON object per line"
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text; {expected}") from None
+    lines = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"{path} is empty: {expected}")
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number}: invalid JSON ({e.msg}); {expected}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number}: a JSON {type(record).__name__}; {expected}")
+
+
 def check_task_data(tasks: Sequence[str], data_dir: str | None) -> None:
     """Before any model work: the tasks exist and their data can be read, from data_dir (every
     task's file there, all the missing ones named at once) or else from the Hub."""
@@ -151,6 +174,9 @@ def check_task_data(tasks: Sequence[str], data_dir: str | None) -> None:
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory")
     missing = [task for task in tasks if not os.path.isfile(os.path.join(data_dir, f"{task}.jsonl"))]
+    for task in tasks:
+        if task not in missing:
+            _check_jsonl(os.path.join(data_dir, f"{task}.jsonl"), task)
     if missing:
         first = missing[0]
         dataset, config, split = task_source(first)
@@ -199,7 +225,14 @@ def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: 
         sys.modules["torch"].manual_seed(DEFAULT_OTHER_SEED)
     with tempfile.TemporaryDirectory() as configs:
         write_task_configs(tasks, data_dir, configs)
-        loaded = TaskManager(include_path=configs, include_defaults=False).load(tasks)
+        try:
+            loaded = TaskManager(include_path=configs, include_defaults=False).load(tasks)
+        except Exception as e:  # lm-eval and datasets fail with whatever a record's shape provokes
+            if data_dir is None:
+                raise
+            raise ValueError(f"lm-eval could not read {', '.join(f'{t}.jsonl' for t in tasks)} in --data_dir "
+                             f"{data_dir!r} ({type(e).__name__}: {e}): expected each in the Hugging Face "
+                             "schema of the split README.md's 'Evaluation' names") from e
         for task in loaded["tasks"].values():
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)

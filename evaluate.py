@@ -60,6 +60,7 @@ import storage
 import stream
 from eval_tasks import check_task_data, evaluate_with, perplexity_table, report_table
 from model import Transformer
+from runlog import check_writable
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
 
 FLAGS = flags.FLAGS
@@ -519,10 +520,10 @@ def perplexity(model: Transformer, tokenizer: Tokenizer, paths: Sequence[str], b
         if storage.is_gcs(path) or path.endswith(".json") or os.path.isdir(path):
             manifests[label if "=" in spec else "validation shards"] = path
             continue
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--ppl_data file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            documents.setdefault(label, []).extend(line.rstrip("\n") for line in f if line.strip())
+        lines = stream.read_documents(path, "--ppl_data")
+        if not lines:
+            raise ValueError(f"--ppl_data file {path!r} holds no text: expected one document per line")
+        documents.setdefault(label, []).extend(lines)
     lm = JulianLM(model, tokenizer, batch_size=batch_size, dtype=dtype)
     sums = {}
     for label, docs in documents.items():
@@ -577,6 +578,8 @@ def main(argv):
         raise app.UsageError("--checkpoint is required: a train.py --output_dir")
     try:
         check_checkpoint(FLAGS.checkpoint)
+        if FLAGS.output:
+            check_writable(os.path.dirname(os.path.abspath(FLAGS.output)), "--output's folder: --output")
         if not FLAGS.ppl_data:  # before the model loads: the tasks' data is there
             check_task_data(FLAGS.tasks, FLAGS.data_dir)
         model, tokenizer_bytes, _ = load_checkpoint(FLAGS.checkpoint, FLAGS.step)
