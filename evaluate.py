@@ -579,7 +579,7 @@ def main(argv):
     try:
         check_checkpoint(FLAGS.checkpoint)
         if FLAGS.output:
-            check_writable(os.path.dirname(os.path.abspath(FLAGS.output)), "--output's folder: --output")
+            check_writable(os.path.dirname(os.path.abspath(FLAGS.output)), "--output")
         if not FLAGS.ppl_data:  # before the model loads: the tasks' data is there
             check_task_data(FLAGS.tasks, FLAGS.data_dir)
         model, tokenizer_bytes, _ = load_checkpoint(FLAGS.checkpoint, FLAGS.step)
