@@ -238,9 +238,12 @@ def load_records(path: str, convert: Callable[[object], list], max_bad_fraction:
         raise ValueError(f"{path}: no records; expected a JSON array or JSONL of {what}")
     bad = sum(stats.bad.values())
     if bad > max_bad_fraction * stats.records:
-        raise ValueError(f"{path}, {stats.first_bad[0]} ({bad} of {stats.records} records are bad, "
+        first, reason = stats.first_bad[0].split(": ", 1)
+        same = [more.split(": ", 1)[0] for more in stats.first_bad[1:] if more.split(": ", 1)[1] == reason]
+        other = [more for more in stats.first_bad[1:] if more.split(": ", 1)[1] != reason]
+        raise ValueError(f"{path}, {first}: {reason} ({bad} of {stats.records} records are bad, "
                          f"{bad / stats.records:.1%}, more than --max_bad_fraction={max_bad_fraction:g})"
-                         + "".join(f"; {more}" for more in stats.first_bad[1:]))
+                         + (f"; the same at {', '.join(same)}" if same else "") + "".join(f"; {o}" for o in other))
     stats.conversations = len(items)
     return items, stats
 

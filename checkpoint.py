@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 
 import equinox as eqx
 import fsspec
@@ -118,7 +119,14 @@ def config_mismatch(saved: dict, model_config: ModelConfig) -> str | None:
 
 
 def damaged(directory: str, step: int, error: Exception) -> ValueError:
-    """The one-line report of a step that Orbax cannot read back (truncated or missing files)."""
+    """The one-line report of a step that Orbax cannot read back (truncated or missing files).
+
+    Orbax's other reads of the step fail too, a moment later, and are printed from TensorStore's
+    threads and at exit as pages of tracebacks: the process is going down on this report, so its
+    stderr goes to /dev/null from here on (cli.error writes the report to the stderr it kept)."""
+    sys.stderr.flush()
+    sys.stderr = open(os.devnull, "w")
+    os.dup2(sys.stderr.fileno(), 2)
     while error.__cause__ is not None:  # TensorStore's own words are at the bottom of the chain
         error = error.__cause__
     cause = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

@@ -42,12 +42,21 @@ USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError)
 HELP = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
 REQUIRED = re.compile(r"flag --(\w+)=None: Flag --\1 must have a value other than None\.")
 REPO = os.path.dirname(os.path.abspath(__file__))
+_stderr = None  # run(): the script's stderr as it started, for error()
 
 
 def error(message: str) -> NoReturn:
-    """Print `SCRIPT.py: error: MESSAGE` on one line and exit with status 2."""
+    """Print `SCRIPT.py: error: MESSAGE` on one line and exit with status 2.
+
+    The line goes to the stderr the script started with (run() keeps a copy: a library may have
+    muted stderr on its way down, as checkpoint.damaged does) and is the last thing there: what
+    libraries print while the process winds down goes to /dev/null."""
     one_line = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {one_line}\n")
+    report = _stderr or sys.stderr
+    report.write(f"{os.path.basename(sys.argv[0])}: error: {one_line}\n")
+    report.flush()
+    sys.stderr = open(os.devnull, "w")
+    os.dup2(sys.stderr.fileno(), 2)
     sys.exit(2)
 
 
@@ -85,7 +94,9 @@ def short_help(summary: str) -> str:
 
 def run(main: Callable[[Sequence[str]], object], summary: str | None = None) -> None:
     """absl.app.run(main) with this module's conventions (see the module docstring)."""
+    global _stderr
     summary = summary_of(sys.modules["__main__"].__doc__) if summary is None else summary
+    _stderr = os.fdopen(os.dup(2), "w")
 
     def parse(argv: list[str]) -> list[str]:
         arguments = argv[1:argv.index("--")] if "--" in argv else argv[1:]
