@@ -494,7 +494,9 @@ def benchmark_scorer(tokenizer: Tokenizer, tasks: list[str], data_dir: str | Non
                      mesh: jax.sharding.Mesh) -> Callable[[Transformer], dict[str, float]]:
     """For train.fit's --eval_tasks: the lm-eval scores of a model sharded over `mesh`, as
     {"task/metric": value}. Every process calls it; each gets a whole local copy of the
-    parameters (run_tasks splits the requests between processes)."""
+    parameters (run_tasks splits the requests between processes). The tasks' data is checked
+    now, before training starts."""
+    check_task_data(tasks, data_dir)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def score(model: Transformer) -> dict[str, float]:
