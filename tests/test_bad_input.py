@@ -11,10 +11,13 @@ a failed run left behind is trusted or blocks it.
 Most rows fail on validation, before any compile, engine or pool: they cost the script's
 imports (2-3 s). The runs that train (bad records below the limit, the good runs) use the
 session's tiny model and tokenizer (conftest.py), two steps, and the shared compilation cache.
+The selected rows are independent processes: they run at once, one per core (`results`), and
+each test checks its own.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -289,13 +292,27 @@ def run(script: str, args: list[str], places: dict[str, str]) -> subprocess.Comp
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture(scope="module")
+def results(request, places, outputs, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Row id: its run, for the rows this session selected, run one per core at a time."""
+    selected = [item.callspec.params["row"] for item in request.session.items
+                if item.module is request.module and "row" in getattr(getattr(item, "callspec", None), "params", {})]
+
+    def run_row(row: Row) -> subprocess.CompletedProcess:
+        own = str(tmp_path_factory.mktemp(row.id))
+        return run(row.script, row.args, {**places, "out": outputs[row.script], "own": own})
+
+    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        return dict(zip([row.id for row in selected], pool.map(run_row, selected)))
+
+
 def params(rows):
     return [pytest.param(row, id=row.id, marks=[pytest.mark.slow] if row.slow else []) for row in rows]
 
 
 @pytest.mark.parametrize("row", params(ROWS))
-def test_bad_input_is_one_line_naming_what_was_expected(row, places, outputs, tmp_path):
-    result = run(row.script, row.args, {**places, "out": outputs[row.script], "own": str(tmp_path / "own")})
+def test_bad_input_is_one_line_naming_what_was_expected(row, places, results):
+    result = results[row.id]
     shown = f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
     assert result.returncode == row.status, shown
     assert "Traceback" not in result.stderr, shown
