@@ -21,11 +21,13 @@ the emergency checkpoint that train.fit writes at the next step boundary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import sys
+import tempfile
 
 import equinox as eqx
 import fsspec
@@ -118,12 +120,34 @@ def config_mismatch(saved: dict, model_config: ModelConfig) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _reading(directory: str, step: int):
+    """Orbax reads a step: a failure becomes `damaged`'s one-line report. When one read of a
+    damaged step fails, Orbax's others fail too, and TensorStore's threads print a traceback for
+    each, at once and as the process exits: stderr is held in a file meanwhile and passed on
+    only when the read succeeds."""
+    sys.stderr.flush()
+    original, held, failed = os.dup(2), tempfile.TemporaryFile(), False
+    os.dup2(held.fileno(), 2)
+    try:
+        yield
+    except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files
+        failed = True
+        raise damaged(directory, step, e) from e
+    finally:
+        if not failed:
+            sys.stderr.flush()
+            os.dup2(original, 2)
+            held.seek(0)
+            os.write(2, held.read())
+        os.close(original)
+        held.close()
+
+
 def damaged(directory: str, step: int, error: Exception) -> ValueError:
     """The one-line report of a step that Orbax cannot read back (truncated or missing files).
-
-    Orbax's other reads of the step fail too, a moment later, and are printed from TensorStore's
-    threads and at exit as pages of tracebacks: the process is going down on this report, so its
-    stderr goes to /dev/null from here on (cli.error writes the report to the stderr it kept)."""
+    The process is going down on it: its stderr goes to /dev/null from here on (see _reading;
+    cli.error writes the report to the stderr it kept)."""
     sys.stderr.flush()
     sys.stderr = open(os.devnull, "w")
     os.dup2(sys.stderr.fileno(), 2)
@@ -165,21 +189,17 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore_config(self, step: int) -> dict:
-        try:
+        with _reading(self.directory, step):
             return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        except Exception as e:  # as restore
-            raise damaged(self.directory, step, e) from e
 
     def restore(self, step: int, abstract_model, abstract_opt_state) -> tuple[Transformer, object, dict]:
         """(model, opt_state, meta) of `step`, laid out as the abstract trees' shardings say."""
-        try:
+        with _reading(self.directory, step):
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_model),
                 opt_state=ocp.args.StandardRestore(abstract_opt_state),
                 meta=ocp.args.JsonRestore(),
             ))
-        except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files
-            raise damaged(self.directory, step, e) from e
         return restored.params, restored.opt_state, restored.meta
 
     def close(self) -> None:
@@ -215,17 +235,14 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
                 f"import it first with `python convert.py --to=julian --hf={directory} --out=DIR`")
         raise FileNotFoundError(
             f"no checkpoint in {directory!r}: expected an Orbax step directory written by train.py")
-    with _manager(directory, create=False) as manager:
-        try:
-            config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-            model_config = dataclasses.replace(ModelConfig(**config["model"]), **(model_overrides or {}))
-            abstract = eqx.filter_eval_shape(Transformer, model_config, jax.random.key(0))
-            restored = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract),
-                tokenizer=ocp.args.StandardRestore(),
-            ))
-        except Exception as e:  # as Checkpointer.restore
-            raise damaged(directory, step, e) from e
+    with _manager(directory, create=False) as manager, _reading(directory, step):
+        config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        model_config = dataclasses.replace(ModelConfig(**config["model"]), **(model_overrides or {}))
+        abstract = eqx.filter_eval_shape(Transformer, model_config, jax.random.key(0))
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract),
+            tokenizer=ocp.args.StandardRestore(),
+        ))
     return restored.params, np.asarray(restored.tokenizer["model"]).tobytes(), config
 
 
