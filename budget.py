@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+import cli
 from model import ModelConfig, attention_impl, flops_per_token, num_params
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
     tokens_per_step = config.batch_size * seq_len
     total_flops = flops_per_token(model_config, seq_len) * tokens_per_step * config.steps
     if pod:
-        where, peak = f"{hardware} ({pod.chips} chips x {pod.tflops:g} TFLOP/s)", pod.chips * pod.tflops * 1e12
+        where, peak = f"{hardware} ({cli.plural(pod.chips, 'chip')} x {pod.tflops:g} TFLOP/s)", pod.chips * pod.tflops * 1e12
     else:
         where = f"{mesh.size} x {jax.devices()[0].device_kind}"
         peak = device_peak_flops(peak_tflops)
@@ -190,7 +191,7 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
     gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
     rows = [
         ("parameters", f"{n:,}"),
-        ("mesh", f"{dict(mesh.shape)} ({mesh.size} devices)"),
+        ("mesh", f"{dict(mesh.shape)} ({cli.plural(mesh.size, 'device')})"),
         ("attention, remat", f"{attention}, {model_config.remat}"),
         ("per-device memory: arguments", gib(memory.argument_size_in_bytes)),
         ("per-device memory: outputs", gib(memory.output_size_in_bytes)),
@@ -199,11 +200,11 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
         ("per-device memory: peak", gib(peak_bytes(memory))),
     ]
     if pod:
-        rows.append((f"fits one {hardware} chip", fit_verdict(model_config, config, mesh, pod, peak_bytes(memory), memory_of)))
+        rows.append((f"fits one chip of {hardware}", fit_verdict(model_config, config, mesh, pod, peak_bytes(memory), memory_of)))
     rows += [
         ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
                             f"sequences per device per micro-batch)"),
-        ("training tokens", f"{tokens_per_step * config.steps:,} ({config.steps:,} steps)"),
+        ("training tokens", f"{tokens_per_step * config.steps:,} ({cli.plural(config.steps, 'step')})"),
         ("FLOPs (6N + attention)", f"{total_flops:.3g}"),
         (f"time at {assumed_mfu:.0%} MFU on {where}", f"{days:.2f} days"),
     ]

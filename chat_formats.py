@@ -80,7 +80,7 @@ def iter_records(path: str, text: str) -> Iterator[tuple[str, object]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    record = BadRecord("invalid JSON", f"{e.msg} at column {e.colno}")
+                    record = BadRecord("invalid JSON", f"{e.msg.removesuffix(' at')} at column {e.colno}")
                 yield f"line {number}", record
         return
     decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
@@ -208,9 +208,13 @@ class FileStats:
     mixed: int = 0  # conversations in the training mix, repeats included
     supervised_tokens: int = 0  # in the training mix
 
+    def to_dict(self) -> dict:
+        """The stats as JSON (dataclasses.asdict would turn the Counter's items into tuple keys)."""
+        return {**dataclasses.asdict(self), "bad": dict(self.bad)}
+
     @classmethod
     def from_dict(cls, values: dict) -> FileStats:
-        """The inverse of dataclasses.asdict (stats kept with prepared rows)."""
+        """The inverse of to_dict (stats kept with prepared rows)."""
         return cls(**{**values, "bad": collections.Counter(values["bad"])})
 
 
@@ -229,14 +233,17 @@ def load_records(path: str, convert: Callable[[object], list], max_bad_fraction:
         except BadRecord as e:
             stats.bad[e.kind] += 1
             if len(stats.first_bad) < 5:
-                stats.first_bad.append(f"{path}, {where}: {e}")
+                stats.first_bad.append(f"{where}: {e}")
     if not stats.records:
         raise ValueError(f"{path}: no records; expected a JSON array or JSONL of {what}")
     bad = sum(stats.bad.values())
     if bad > max_bad_fraction * stats.records:
-        raise ValueError(f"{stats.first_bad[0]} ({bad} of {stats.records} records are bad, {bad / stats.records:.1%}, "
-                         f"more than --max_bad_fraction={max_bad_fraction:g})" + "".join(
-                             f"; {more}" for more in stats.first_bad[1:]))
+        first, reason = stats.first_bad[0].split(": ", 1)
+        same = [more.split(": ", 1)[0] for more in stats.first_bad[1:] if more.split(": ", 1)[1] == reason]
+        other = [more for more in stats.first_bad[1:] if more.split(": ", 1)[1] != reason]
+        raise ValueError(f"{path}, {first}: {reason} ({bad} of {stats.records} records are bad, "
+                         f"{bad / stats.records:.1%}, more than --max_bad_fraction={max_bad_fraction:g})"
+                         + (f"; the same at {', '.join(same)}" if same else "") + "".join(f"; {o}" for o in other))
     stats.conversations = len(items)
     return items, stats
 

@@ -21,9 +21,13 @@ the emergency checkpoint that train.fit writes at the next step boundary.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import signal
+import sys
+import tempfile
 
 import equinox as eqx
 import fsspec
@@ -89,6 +93,15 @@ def _exists(directory: str) -> bool:
     return "://" in directory or os.path.isdir(directory)
 
 
+def _is_hf_folder(directory: str) -> bool:
+    """A Hugging Face model folder: its config.json names a model_type (a run's config.json has none)."""
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
 def latest_step(directory: str) -> int | None:
     """Newest complete step under `directory`, or None."""
     if not _exists(directory):
@@ -105,6 +118,45 @@ def config_mismatch(saved: dict, model_config: ModelConfig) -> str | None:
             return f"--{'seq_len' if field == 'max_seq_len' else field}: the checkpoint has " \
                    f"{saved.get(field)!r}, the flags say {value!r}"
     return None
+
+
+@contextlib.contextmanager
+def _reading(directory: str, step: int):
+    """Orbax reads a step: a failure becomes `damaged`'s one-line report. When one read of a
+    damaged step fails, Orbax's others fail too, and TensorStore's threads print a traceback for
+    each, at once and as the process exits: stderr is held in a file meanwhile and passed on
+    only when the read succeeds."""
+    sys.stderr.flush()
+    original, held, failed = os.dup(2), tempfile.TemporaryFile(), False
+    os.dup2(held.fileno(), 2)
+    try:
+        yield
+    except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files
+        failed = True
+        raise damaged(directory, step, e) from e
+    finally:
+        if not failed:
+            sys.stderr.flush()
+            os.dup2(original, 2)
+            held.seek(0)
+            os.write(2, held.read())
+        os.close(original)
+        held.close()
+
+
+def damaged(directory: str, step: int, error: Exception) -> ValueError:
+    """The one-line report of a step that Orbax cannot read back (truncated or missing files).
+    The process is going down on it: its stderr goes to /dev/null from here on (see _reading;
+    cli.error writes the report to the stderr it kept)."""
+    sys.stderr.flush()
+    sys.stderr = open(os.devnull, "w")
+    os.dup2(sys.stderr.fileno(), 2)
+    while error.__cause__ is not None:  # TensorStore's own words are at the bottom of the chain
+        error = error.__cause__
+    cause = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    where = f"{_path(directory).rstrip('/')}/{step}"
+    return ValueError(f"checkpoint step {step} in {directory!r} is damaged ({cause[:300]}): expected the "
+                      f"files Orbax wrote; move {where} away to use the step before it")
 
 
 class Checkpointer:
@@ -137,15 +189,17 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        with _reading(self.directory, step):
+            return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def restore(self, step: int, abstract_model, abstract_opt_state) -> tuple[Transformer, object, dict]:
         """(model, opt_state, meta) of `step`, laid out as the abstract trees' shardings say."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_model),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            meta=ocp.args.JsonRestore(),
-        ))
+        with _reading(self.directory, step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_model),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                meta=ocp.args.JsonRestore(),
+            ))
         return restored.params, restored.opt_state, restored.meta
 
     def close(self) -> None:
@@ -175,9 +229,13 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
     """
     step = latest_step(directory) if step is None else step
     if step is None:
+        if _is_hf_folder(directory):
+            raise FileNotFoundError(
+                f"{directory!r} is a Hugging Face model folder (config.json), not a julian checkpoint: "
+                f"import it first with `python convert.py --to=julian --hf={directory} --out=DIR`")
         raise FileNotFoundError(
             f"no checkpoint in {directory!r}: expected an Orbax step directory written by train.py")
-    with _manager(directory, create=False) as manager:
+    with _manager(directory, create=False) as manager, _reading(directory, step):
         config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         model_config = dataclasses.replace(ModelConfig(**config["model"]), **(model_overrides or {}))
         abstract = eqx.filter_eval_shape(Transformer, model_config, jax.random.key(0))
@@ -190,11 +248,21 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
 
 class PreemptionGuard:
     """Turns SIGTERM (a preemption notice) and SIGINT (Ctrl-C) into a stop request at the next
-    step boundary; a second Ctrl-C interrupts at once."""
+    step boundary; a second Ctrl-C interrupts at once.
+
+    Once the run's last checkpoint is committed (`saved_all`), the work is done: both signals
+    are ignored until the process exits (SIG_IGN, which Python keeps through its shutdown, unlike
+    a handler of its own), so one that lands during cleanup ends the script with status 0, not -15.
+    """
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.finished = False, False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def saved_all(self) -> None:
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
+        self.finished = True
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -202,5 +270,7 @@ class PreemptionGuard:
         self.requested = True
 
     def close(self) -> None:
+        if self.finished:  # the process only cleans up and exits from here on
+            return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)

@@ -24,6 +24,7 @@
   `python -m pydoc SCRIPT` and README.md show. `--helpfull` stays absl's: the whole docstring and
   every flag, the libraries' included.
 * `cli.error(message)` reports a usage error from anywhere (prints the line, exits 2).
+* `cli.plural(count, noun)` words a count in a message ("1 process", "2 processes").
 """
 
 from __future__ import annotations
@@ -41,13 +42,27 @@ USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError)
 HELP = ("-h", "-?", "--help", "-help", "--helpshort", "-helpshort")
 REQUIRED = re.compile(r"flag --(\w+)=None: Flag --\1 must have a value other than None\.")
 REPO = os.path.dirname(os.path.abspath(__file__))
+_stderr = None  # run(): the script's stderr as it started, for error()
 
 
 def error(message: str) -> NoReturn:
-    """Print `SCRIPT.py: error: MESSAGE` on one line and exit with status 2."""
+    """Print `SCRIPT.py: error: MESSAGE` on one line and exit with status 2.
+
+    The line goes to the stderr the script started with (run() keeps a copy: a library may have
+    muted stderr on its way down, as checkpoint.damaged does) and is the last thing there: what
+    libraries print while the process winds down goes to /dev/null."""
     one_line = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
-    sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {one_line}\n")
+    report = _stderr or sys.stderr
+    report.write(f"{os.path.basename(sys.argv[0])}: error: {one_line}\n")
+    report.flush()
+    sys.stderr = open(os.devnull, "w")
+    os.dup2(sys.stderr.fileno(), 2)
     sys.exit(2)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """A count with its noun agreed, for messages: '1 process', '2 processes', '1,024 tokens'."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def summary_of(doc: str | None) -> str:
@@ -79,7 +94,9 @@ def short_help(summary: str) -> str:
 
 def run(main: Callable[[Sequence[str]], object], summary: str | None = None) -> None:
     """absl.app.run(main) with this module's conventions (see the module docstring)."""
+    global _stderr
     summary = summary_of(sys.modules["__main__"].__doc__) if summary is None else summary
+    _stderr = os.fdopen(os.dup(2), "w")
 
     def parse(argv: list[str]) -> list[str]:
         arguments = argv[1:argv.index("--")] if "--" in argv else argv[1:]

@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from safetensors import flax as safetensors_jax
+from safetensors import SafetensorError, flax as safetensors_jax
 import yaml
 
 import checkpoint
 import cli
 from model import ModelConfig, Transformer, num_params
+from runlog import check_writable
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, UNK_ID, Tokenizer, save_hf_tokenizer
 
 FLAGS = flags.FLAGS
@@ -265,7 +266,11 @@ def _read_hf_tensors(hf_dir: str) -> dict[str, jax.Array]:
         path = os.path.join(hf_dir, name)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist: expected the model's safetensors weights")
-        tensors.update(safetensors_jax.load_file(path))
+        try:
+            tensors.update(safetensors_jax.load_file(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}): expected the model's "
+                             "weights, whole") from None
     return tensors
 
 
@@ -300,7 +305,18 @@ def import_hf(hf_dir: str) -> tuple[Transformer, Tokenizer]:
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} does not exist: expected a Hugging Face Llama folder")
     with open(config_path) as f:
-        config = model_config_from_hf(json.load(f), config_path)
+        hf = json.load(f)
+    if "model_type" not in hf:
+        raise ValueError(f"{config_path} names no model_type: expected a Hugging Face Llama folder (a julian "
+                         "run converts the other way, with --to=hf --checkpoint)")
+    try:
+        config = model_config_from_hf(hf, config_path)
+    except KeyError as e:
+        raise ValueError(f"{config_path} has no {e}: expected a Hugging Face Llama config") from None
+    tokenizer = Tokenizer.load(os.path.join(hf_dir, "tokenizer.model"))
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"{hf_dir}/tokenizer.model has {tokenizer.vocab_size} pieces, config.json's "
+                         f"vocab_size is {config.vocab_size}: expected the tokenizer the model was trained with")
     tensors = _read_hf_tensors(hf_dir)
     if "lm_head.weight" not in tensors:  # a tied model: its output projection is the input embedding
         tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
@@ -325,7 +341,6 @@ def import_hf(hf_dir: str) -> tuple[Transformer, Tokenizer]:
         paths.append("blocks." + ours)
         values.append(jnp.stack([tensor(theirs.format(i), shape, transpose) for i in range(config.n_layers)]))
     model = eqx.tree_at(lambda m: [_get(m, p) for p in paths], model, values)
-    tokenizer = Tokenizer.load(os.path.join(hf_dir, "tokenizer.model"))
     return model, tokenizer
 
 
@@ -339,6 +354,10 @@ def main(argv):
     if FLAGS.to == "julian" and not FLAGS.hf:
         raise app.UsageError("--to=julian needs --hf=HF_DIR")
     try:
+        check_writable(FLAGS.out, "--out")
+        if FLAGS.to == "julian" and checkpoint.latest_step(FLAGS.out) is not None:
+            raise ValueError(f"--out={FLAGS.out} already holds checkpoint step {checkpoint.latest_step(FLAGS.out)}: "
+                             "expected a new or empty directory for the imported model")
         if FLAGS.to == "hf":
             model, tokenizer_bytes, run_config = checkpoint.load(FLAGS.checkpoint)
             step = checkpoint.latest_step(FLAGS.checkpoint)

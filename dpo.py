@@ -420,24 +420,26 @@ def define_flags() -> None:
     flags.DEFINE_enum("format", "auto", PAIR_FORMATS, "Record shape of --train_data (auto: by each record's keys).")
     flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of pairs that bring none.")
     flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
-                       "and counted); above it the run stops naming them. 0: any bad record fails.")
+                       "and counted); above it the run stops naming them. 0: any bad record fails.",
+                       lower_bound=0, upper_bound=1)
     flags.DEFINE_enum("loss", "sigmoid", LOSSES, "sigmoid: DPO (Rafailov et al.); ipo: IPO (Azar et al.).")
     flags.DEFINE_float("beta", 0.1, "Strength of the pull to the reference (DPO's beta, IPO's tau).")
     flags.DEFINE_float("label_smoothing", 0.0, "Conservative DPO: the chance a preference label is "
                        "wrong, in [0, 0.5) (sigmoid loss only).")
-    flags.DEFINE_integer("max_length", 1024, "Tokens of prompt + reply; longer replies are cut.")
-    flags.DEFINE_integer("max_prompt_length", 512, "Tokens of the prompt kept (its end) when a pair is too long.")
+    flags.DEFINE_integer("max_length", 1024, "Tokens of prompt + reply; longer replies are cut.", lower_bound=2)
+    flags.DEFINE_integer("max_prompt_length", 512, "Tokens of the prompt kept (its end) when a pair is too long.",
+                         lower_bound=1)
     flags.DEFINE_enum("ref_logps", "stored", ["stored", "online"], "stored: the reference's "
                       "log-probabilities computed once before training and kept in --prepared_dir; "
                       "online: computed at every step (one more forward pass per step).")
     flags.DEFINE_bool("pack_pairs", False, "Pack pairs into shared rows of the model's context with "
                       "segment ids (pair_packing.py; needs 2 x --max_length <= the context); --batch_size "
                       "then counts rows, each holding as many whole pairs as fit.")
-    flags.DEFINE_float("epochs", 1.0, "Passes over the pairs, setting --steps (0: use --steps).")
+    flags.DEFINE_float("epochs", 1.0, "Passes over the pairs, setting --steps (0: use --steps).", lower_bound=0)
     flags.DEFINE_float("warmup_ratio", 0.1, "Warmup as a share of the steps (sets --warmup_steps; "
-                       "0: use --warmup_steps).")
+                       "0: use --warmup_steps).", lower_bound=0, upper_bound=1)
     flags.DEFINE_float("validation_fraction", 0.05, "Share of each file's pairs held out and scored "
-                       "every --eval_every steps (unless --validation_data is given).")
+                       "every --eval_every steps (unless --validation_data is given).", lower_bound=0, upper_bound=1)
     for name, value in DPO_DEFAULTS.items():
         FLAGS.set_default(name, value)
 
@@ -503,7 +505,7 @@ def main(argv):
         settings = {**dataclasses.asdict(data_config), **dataclasses.asdict(loss_config),
                     "ref_logps": FLAGS.ref_logps, "epochs": FLAGS.epochs,
                     "pairs": sum(s.mixed for s in stats), "rows": rows.num_rows,
-                    "files": [dataclasses.asdict(s) for s in stats]}
+                    "files": [s.to_dict() for s in stats]}
         evaluations = train.evaluators(run, mesh, validation, tokenizer.model_bytes, loss_fn)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, dpo=settings), title="dpo", loss_fn=loss_fn)

@@ -10,12 +10,16 @@ file and points it at that file (`dataset_path: json`); README.md shows how to m
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
 import random
+import socket
 import sys
 import tempfile
+import threading
+import urllib.parse
 from collections.abc import Sequence
 
 import numpy as np
@@ -111,21 +115,96 @@ def task_source(task: str) -> tuple[str, str | None, str]:
     return base.get("dataset_path"), base.get("dataset_name"), split
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (offline mode set, or no connection within
+    `timeout` seconds), or None when it answers: lm-eval's downloads would otherwise retry for
+    half a minute before failing."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    reason = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        except OSError as e:
+            reason.append(f"{url.hostname} is unreachable ({e})")
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if probe.is_alive():
+        return f"{url.hostname} did not answer within {timeout:g} s"
+    return reason[0] if reason else None
+
+
+def _check_jsonl(path: str, task: str) -> None:
+    """One JSON object per line (datasets' json loader fails on anything else, deep in lm-eval)."""
+    expected = f"expected the {task} task's split as JSONL, one JSON object per line"
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text; {expected}") from None
+    lines = [(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"{path} is empty: {expected}")
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number}: invalid JSON ({e.msg}); {expected}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number}: a JSON {type(record).__name__}; {expected}")
+
+
+def check_task_data(tasks: Sequence[str], data_dir: str | None) -> None:
+    """Before any model work: the tasks exist and their data can be read, from data_dir (every
+    task's file there, all the missing ones named at once) or else from the Hub."""
+    tasks = expand_tasks(tasks)
+    for task in tasks:
+        _stock_task_file(task)
+    if data_dir is None:
+        why = hub_unreachable()
+        if why:
+            raise FileNotFoundError(
+                f"the Hugging Face Hub is needed for {', '.join(tasks[:3])}{' ...' if len(tasks) > 3 else ''} "
+                f"without --data_dir, and {why}: give --data_dir=DIR, a directory of <task>.jsonl files "
+                "(samples/eval holds 40 items of each report task; README.md, 'Evaluation', 'Offline "
+                "data', shows how to mirror them)")
+        return
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory")
+    missing = [task for task in tasks if not os.path.isfile(os.path.join(data_dir, f"{task}.jsonl"))]
+    for task in tasks:
+        if task not in missing:
+            _check_jsonl(os.path.join(data_dir, f"{task}.jsonl"), task)
+    if missing:
+        first = missing[0]
+        dataset, config, split = task_source(first)
+        raise FileNotFoundError(
+            f"--data_dir {data_dir!r} lacks {len(missing)} of {len(tasks)} tasks' files: "
+            f"{', '.join(f'{task}.jsonl' for task in missing)} (e.g. {first}.jsonl: the {split!r} split of "
+            f"{dataset} ({config or 'default'}); README.md's 'Evaluation' lists the split each file "
+            "holds and how to mirror them)")
+
+
 def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str) -> None:
     """One YAML per task into out_dir: lm-eval's stock task, read from data_dir/<task>.jsonl if
-    given. Every task's file is checked before any runs: all the missing ones are named at once."""
-    configs, missing = {}, []
+    given (check_task_data first)."""
+    check_task_data(tasks, data_dir)
+    configs = {}
     for task in tasks:
         stock = _stock_task_file(task)
         configs[task] = {"include": stock, "task": task}
         if data_dir is None:
             continue
-        dataset, config, split = task_source(task)
+        _, _, split = task_source(task)
         path = os.path.abspath(os.path.join(data_dir, f"{task}.jsonl"))
-        if not os.path.isfile(path):
-            missing.append(f"task {task!r}: --data_dir {data_dir!r} has no {task}.jsonl: expected the "
-                           f"{split!r} split of {dataset} ({config or 'default'}) as JSONL at {path}")
-            continue
         base = load_yaml(stock, resolve_func=False)
         configs[task].update(_explicit_metric_defaults(base))
         configs[task].update(dataset_path="json", dataset_name=None,
@@ -133,8 +212,6 @@ def write_task_configs(tasks: Sequence[str], data_dir: str | None, out_dir: str)
                              validation_split=split if split == base.get("validation_split") else None,
                              test_split=split if split == base.get("test_split") else None,
                              fewshot_split=None)
-    if missing:
-        raise FileNotFoundError("; ".join(missing) + " (README.md, 'Evaluation', shows how to mirror it)")
     for task, config in configs.items():
         with open(os.path.join(out_dir, f"{task}.yaml"), "w") as f:
             yaml.safe_dump(config, f)
@@ -156,8 +233,6 @@ def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: 
     """lm-eval's evaluation of any LM (ours or its `hf` backend) on `tasks`, online or
     from data_dir; returns lm-eval's whole output (results, samples if asked, configs...)."""
     tasks = expand_tasks(tasks)
-    if data_dir is not None and not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"--data_dir {data_dir!r} is not a directory")
     # lm-eval's `evaluate` on its own task objects, not `simple_evaluate`: that one also imports
     # torch to seed it and then runs torch's environment report (pip, git, nvidia-smi
     # subprocesses), 3-4 s per run on a 2-core machine that our backend, without torch, would
@@ -168,7 +243,14 @@ def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: 
         sys.modules["torch"].manual_seed(DEFAULT_OTHER_SEED)
     with tempfile.TemporaryDirectory() as configs:
         write_task_configs(tasks, data_dir, configs)
-        loaded = TaskManager(include_path=configs, include_defaults=False).load(tasks)
+        try:
+            loaded = TaskManager(include_path=configs, include_defaults=False).load(tasks)
+        except Exception as e:  # lm-eval and datasets fail with whatever a record's shape provokes
+            if data_dir is None:
+                raise
+            raise ValueError(f"lm-eval could not read {', '.join(f'{t}.jsonl' for t in tasks)} in --data_dir "
+                             f"{data_dir!r} ({type(e).__name__}: {e}): expected each in the Hugging Face "
+                             "schema of the split README.md's 'Evaluation' names") from e
         for task in loaded["tasks"].values():
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)

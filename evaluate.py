@@ -38,7 +38,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -59,8 +58,9 @@ import cli
 import generate
 import storage
 import stream
-from eval_tasks import evaluate_with, perplexity_table, report_table
+from eval_tasks import check_task_data, evaluate_with, perplexity_table, report_table
 from model import Transformer
+from runlog import check_writable
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
 
 FLAGS = flags.FLAGS
@@ -81,13 +81,14 @@ def define_flags() -> None:
                       "and FrenchBench in French), all (both).")
     flags.DEFINE_string("data_dir", None, "Offline: a directory with one <task>.jsonl per task "
                         "(Hugging Face schema, the split the task scores). Default: the hub.")
-    flags.DEFINE_integer("limit", None, "Evaluate only the first N items of each task.")
+    flags.DEFINE_integer("limit", None, "Evaluate only the first N items of each task.",
+                         lower_bound=1)
     flags.DEFINE_integer("batch_size", 16, "Requests per forward pass: generation batches this "
                          "many prompts; scoring packs about 64 tokens per request into a pass (256 on "
-                         "an accelerator).")
+                         "an accelerator).", lower_bound=1)
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation/matmul dtype.")
     flags.DEFINE_integer("bootstrap_iters", 1000, "lm-eval's bootstrap iterations for standard "
-                         "errors (0: none).")
+                         "errors (0: none).", lower_bound=0)
     flags.DEFINE_string("compilation_cache_dir", None, checkpoint.COMPILATION_CACHE_HELP)
     flags.DEFINE_string("output", None, "Write lm-eval's results dict (keyed by task) here as JSON.")
     flags.DEFINE_list("ppl_data", [], "Instead of tasks: loss, perplexity and bits per byte of text "
@@ -469,11 +470,16 @@ class JulianLM(TemplateLM):
         return [answers[i] for i in range(len(requests))]
 
 
-def load_checkpoint(directory: str, step: int | None = None) -> tuple[Transformer, bytes, dict]:
-    """checkpoint.load, with a message that names the directory when nothing is there."""
+def check_checkpoint(directory: str) -> None:
+    """A message that names the directory when nothing is there."""
     if "://" not in directory and not os.path.isdir(directory):
         raise FileNotFoundError(f"--checkpoint {directory!r} does not exist: expected a train.py "
                                 "--output_dir holding Orbax step directories")
+
+
+def load_checkpoint(directory: str, step: int | None = None) -> tuple[Transformer, bytes, dict]:
+    """checkpoint.load, after check_checkpoint."""
+    check_checkpoint(directory)
     return checkpoint.load(directory, step)
 
 
@@ -494,7 +500,9 @@ def benchmark_scorer(tokenizer: Tokenizer, tasks: list[str], data_dir: str | Non
                      mesh: jax.sharding.Mesh) -> Callable[[Transformer], dict[str, float]]:
     """For train.fit's --eval_tasks: the lm-eval scores of a model sharded over `mesh`, as
     {"task/metric": value}. Every process calls it; each gets a whole local copy of the
-    parameters (run_tasks splits the requests between processes)."""
+    parameters (run_tasks splits the requests between processes). The tasks' data is checked
+    now, before training starts."""
+    check_task_data(tasks, data_dir)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def score(model: Transformer) -> dict[str, float]:
@@ -520,10 +528,10 @@ def perplexity(model: Transformer, tokenizer: Tokenizer, paths: Sequence[str], b
         if storage.is_gcs(path) or path.endswith(".json") or os.path.isdir(path):
             manifests[label if "=" in spec else "validation shards"] = path
             continue
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--ppl_data file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            documents.setdefault(label, []).extend(line.rstrip("\n") for line in f if line.strip())
+        lines = stream.read_documents(path, "--ppl_data")
+        if not lines:
+            raise ValueError(f"--ppl_data file {path!r} holds no text: expected one document per line")
+        documents.setdefault(label, []).extend(lines)
     lm = JulianLM(model, tokenizer, batch_size=batch_size, dtype=dtype)
     sums = {}
     for label, docs in documents.items():
@@ -577,6 +585,11 @@ def main(argv):
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint is required: a train.py --output_dir")
     try:
+        check_checkpoint(FLAGS.checkpoint)
+        if FLAGS.output:
+            check_writable(os.path.dirname(os.path.abspath(FLAGS.output)), "--output")
+        if not FLAGS.ppl_data:  # before the model loads: the tasks' data is there
+            check_task_data(FLAGS.tasks, FLAGS.data_dir)
         model, tokenizer_bytes, _ = load_checkpoint(FLAGS.checkpoint, FLAGS.step)
         tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
         start = time.perf_counter()
@@ -592,8 +605,7 @@ def main(argv):
             summary = (f"{make_table(output)}\n{report_table(results)}\n\n{lm.scored_requests} requests "
                        f"in {seconds:.1f} s ({lm.scored_requests / seconds:.1f} requests/s, this process)")
     except (FileNotFoundError, ValueError) as e:  # bad input: say what, in one line, no usage dump
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.error(str(e))
     if jax.process_index() == 0:
         print(summary)
         if FLAGS.output:

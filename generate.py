@@ -47,16 +47,18 @@ CHAT_STOP_IDS = (EOS_ID, IM_END_ID)
 def define_flags() -> None:
     """Defined on demand, not at import: other scripts and the tests import this file."""
     flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step) to sample from.")
-    flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch of prompts. "
-                              "With --chat: the user's message (without it, --chat is interactive).")
+    flags.DEFINE_multi_string("prompt", None, "Prompt text, one per prompt of the batch; with --chat, the "
+                              "user's message (without it, --chat is interactive)")
     flags.DEFINE_boolean("chat", False, "Render the prompt as a ChatML user turn and print the "
                          "assistant's reply; without --prompt, hold a conversation on stdin.")
     flags.DEFINE_string("system", DEFAULT_SYSTEM, "--chat: the system message ('' for none).")
-    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (per reply in --chat).")
-    flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
-    flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: all).")
-    flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose probability reaches p.")
-    flags.DEFINE_multi_string("stop", [], "Also stop a row where its text contains this string (repeatable).")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (per reply in --chat).",
+                         lower_bound=1)
+    flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.", lower_bound=0)
+    flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: all).", lower_bound=0)
+    flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens whose probability reaches p.",
+                       lower_bound=0, upper_bound=1)
+    flags.DEFINE_multi_string("stop", [], "Also stop a row where its text contains this string")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_string("compilation_cache_dir", None, checkpoint.COMPILATION_CACHE_HELP)
     flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Compute dtype for sampling.")

@@ -345,7 +345,7 @@ def cached_rows(cache: Cache, parts: dict, what: str, row_type: type, build: Cal
         train, validation, stats = build()
         arrays = {f"{split}.{name}": getattr(rows, name) for split, rows in (("train", train), ("validation", validation))
                   if rows is not None for name in fields}
-        return arrays, {"stats": [dataclasses.asdict(s) for s in stats]}
+        return arrays, {"stats": [s.to_dict() for s in stats]}
 
     arrays, meta = cache.get_or_build(parts, stored, what)
     train, validation = (row_type(**{name: arrays[f"{split}.{name}"] for name in fields})

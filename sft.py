@@ -237,7 +237,7 @@ class ChatBatches:
             raise ValueError("no packed rows: every conversation was bad, dropped or held out")
         if global_batch_size % (grad_accum * process_count):
             raise ValueError(f"global batch {global_batch_size} does not split into {grad_accum} "
-                             f"micro-batches x {process_count} processes")
+                             f"micro-batches x {cli.plural(process_count, 'process', 'processes')}")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
         self.rows, self.seed, self.global_batch_size = rows, seed, global_batch_size
@@ -434,15 +434,17 @@ def define_flags() -> None:
     flags.DEFINE_enum("format", "auto", FORMATS, "Record shape of --train_data (auto: by each record's keys).")
     flags.DEFINE_string("system_prompt", DEFAULT_SYSTEM, "System message of records that bring none.")
     flags.DEFINE_float("max_bad_fraction", 0.01, "Share of a file's records that may be bad (skipped "
-                       "and counted); above it the run stops naming them. 0: any bad record fails.")
+                       "and counted); above it the run stops naming them. 0: any bad record fails.",
+                       lower_bound=0, upper_bound=1)
     flags.DEFINE_bool("packing", True, "Pack several conversations per row (segment ids keep them "
                       "apart); --nopacking pads one conversation per row.")
     flags.DEFINE_enum("overlong", "truncate", OVERLONG, "A conversation longer than a row: cut after "
                       "its last assistant turn that fits, or drop it.")
     flags.DEFINE_float("epochs", 0.0, "Train this many passes over the packed rows, setting --steps "
-                       "(0: use --steps). The report found less than one epoch best.")
+                       "(0: use --steps). The report found less than one epoch best.", lower_bound=0)
     flags.DEFINE_float("validation_fraction", 0.02, "Share of each file's conversations held out for "
-                       "the held-out loss every --eval_every steps (unless --validation_data is given).")
+                       "the held-out loss every --eval_every steps (unless --validation_data is given).",
+                       lower_bound=0, upper_bound=1)
     for name, value in SFT_DEFAULTS.items():
         FLAGS.set_default(name, value)
 
@@ -453,6 +455,12 @@ def init_model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[Mo
     if not run.init_from:
         return from_flags, train.load_tokenizer(FLAGS.tokenizer, from_flags.vocab_size)
     _, tokenizer_bytes, saved = checkpoint.load(run.init_from)
+    if FLAGS.tokenizer:  # the checkpoint's own tokenizer is the one its embeddings were trained with
+        given = Tokenizer.load(FLAGS.tokenizer)
+        if given.model_bytes != tokenizer_bytes:
+            raise ValueError(f"--tokenizer={FLAGS.tokenizer} ({given.vocab_size} pieces) is not the tokenizer of "
+                             f"--init_from={run.init_from} ({saved['model']['vocab_size']} pieces): expected "
+                             "the same model, or no --tokenizer (the checkpoint's is used)")
     runtime = {name: getattr(from_flags, name) for name in checkpoint.EXECUTION_FIELDS}
     return dataclasses.replace(ModelConfig(**saved["model"]), **runtime), Tokenizer.from_bytes(tokenizer_bytes)
 
@@ -507,7 +515,7 @@ def main(argv):
             run = dataclasses.replace(run, eval_batches=validation.num_batches)  # each row once
         sft_settings = {**dataclasses.asdict(data_config), "epochs": FLAGS.epochs,
                         "rows": rows.num_rows, "supervised_tokens_per_epoch": rows.supervised_tokens,
-                        "files": [dataclasses.asdict(s) for s in stats]}
+                        "files": [s.to_dict() for s in stats]}
         evaluations = train.evaluators(run, parallel.make_mesh(run.fsdp), validation, tokenizer.model_bytes)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
                   train.resolved_config(model_config, config, run, sft=sft_settings), title="sft")

@@ -74,12 +74,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def read_documents(path: str) -> list[str]:
-    """A text file's non-empty lines (TokenRecords' documents; paragraphs in the bundled sample)."""
+def read_documents(path: str, flag: str = "--train_data") -> list[str]:
+    """A text file's non-empty lines (TokenRecords' documents; paragraphs in the bundled sample);
+    `flag` names where the path came from in errors."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--train_data file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+        raise FileNotFoundError(f"{flag} file {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} file {path!r} is not UTF-8 text ({e.reason}): expected text files, "
+                         "one document per line, or a data.py manifest") from None
 
 
 

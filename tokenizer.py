@@ -67,8 +67,13 @@ CHATML_TEMPLATE = (
 def _lines_of_files(paths: Sequence[str | os.PathLike]) -> Iterator[str]:
     for path in paths:
         with open(path, encoding="utf-8") as f:
-            for line in f:  # one line at a time: memory stays bounded whatever the file size
-                yield line.rstrip("\n")
+            number = 0
+            try:
+                for number, line in enumerate(f, 1):  # one line at a time: memory stays bounded
+                    yield line.rstrip("\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{os.fspath(path)}: not UTF-8 text at or after line {number + 1} ({e.reason}); "
+                                 "expected UTF-8 text, one paragraph per line") from None
 
 
 def _lines_of_documents(documents: Iterable[str]) -> Iterator[str]:
@@ -110,10 +115,17 @@ def train_tokenizer(
                     f"tokenizer training input not found: {os.fspath(path)!r} (to train on "
                     "document strings, pass an iterator, e.g. iter(documents))"
                 )
+            if not os.path.getsize(path):
+                raise ValueError(f"tokenizer training input {os.fspath(path)!r} is empty: expected UTF-8 "
+                                 "text, one paragraph per line")
         sentences = _lines_of_files(inputs)
     else:
         sentences = _lines_of_documents(inputs)
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"model_prefix {model_prefix!r}: cannot create its directory ({e.strerror}); "
+                         "expected a writable PATH/PREFIX") from None
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=(s for s in sentences if s),
@@ -143,6 +155,9 @@ def train_tokenizer(
     except RuntimeError as e:
         if "Vocabulary size" in str(e):  # too small for the corpus' characters, or too large for it
             raise ValueError(f"vocab_size={vocab_size} does not fit this corpus: {e}") from e
+        if "sentences_.empty()" in str(e):
+            raise ValueError("the tokenizer's training input holds no text (blank lines only): expected "
+                             "UTF-8 text, one paragraph per line") from None
         raise
     return model_prefix + ".model"
 
@@ -177,7 +192,12 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer model not found: {os.fspath(path)!r} (expected a "
                                     "SentencePiece .model file, as tokenizer.py writes)")
         with open(path, "rb") as f:
-            return cls(f.read())
+            model_bytes = f.read()
+        try:
+            return cls(model_bytes)
+        except RuntimeError as e:  # SentencePiece cannot parse it: truncated, or not a model
+            raise ValueError(f"{os.fspath(path)!r} is not a SentencePiece model ({e}): expected "
+                             "a .model file as tokenizer.py writes") from None
 
     @classmethod
     def from_bytes(cls, serialized_model_proto: bytes) -> Tokenizer:

@@ -176,6 +176,18 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name, value, ok, expected in (
+                ("steps", self.steps, self.steps >= 1, ">= 1"),
+                ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                ("grad_accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
+                ("learning_rate", self.learning_rate, self.learning_rate > 0, "> 0"),
+                ("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+                ("beta1", self.beta1, 0 <= self.beta1 < 1, "in [0, 1)"),
+                ("beta2", self.beta2, 0 <= self.beta2 < 1, "in [0, 1)"),
+                ("grad_clip", self.grad_clip, self.grad_clip > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"--{name}={value:g} must be {expected}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"--batch_size={self.batch_size} is not divisible by "
                              f"--grad_accum={self.grad_accum}")
@@ -436,7 +448,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                                 tokens_per_step, flops_per_token(model_config, seq_len) * tokens_per_step, peak,
                                 open_wandb(run.wandb, run.output_dir, run.metrics_dir, run_config) if run.wandb else None)
         print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
-              f"per step | {jax.process_count()} processes, mesh {dict(mesh.shape)} | peak "
+              f"per step | {cli.plural(jax.process_count(), 'process', 'processes')}, mesh {dict(mesh.shape)} | peak "
               f"{peak / 1e12:.2f} TFLOP/s for MFU")
         if step:  # loss.png marks where a resumed run took over
             logger.write({"step": step, "event": "resume", "time": time.time()})
@@ -509,6 +521,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 started = time.perf_counter()
                 save(step)
                 ckpt.wait()
+                guard.saved_all()
                 if primary:
                     bar.write(f"stop requested (SIGTERM/SIGINT): checkpoint of step {step} written to "
                               f"{run.output_dir} in {time.perf_counter() - started:.1f} s; the same "
@@ -518,6 +531,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 with times("checkpoint"):
                     save(step)
         ckpt.wait()
+        guard.saved_all()
         if logger:
             logger.plot(os.path.join(run.metrics_dir, "loss.png"), f"julian {title}")
     finally:

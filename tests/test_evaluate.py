@@ -188,7 +188,7 @@ def test_run_tasks_returns_lm_evals_results_keyed_by_task(tiny, our_output):
 def test_a_data_dir_missing_a_task_file_names_the_file_and_the_split_it_should_hold(tmp_path, tiny):
     (tmp_path / "hellaswag.jsonl").write_text(open(os.path.join(DATA_DIR, "hellaswag.jsonl")).read())
     lm = evaluate.JulianLM(*tiny)
-    with pytest.raises(FileNotFoundError, match=r"has no piqa\.jsonl: expected the 'validation' split of baber/piqa"):
+    with pytest.raises(FileNotFoundError, match=r"lacks 1 of 2 tasks' files: piqa\.jsonl \(e\.g\. piqa\.jsonl: the 'validation' split of baber/piqa"):
         eval_tasks.evaluate_with(lm, ["hellaswag", "piqa"], str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         eval_tasks.evaluate_with(lm, ["piqa"], str(tmp_path / "nowhere"))

@@ -348,10 +348,13 @@ def test_fsdp_over_two_devices_trains_like_replicated_parameters(tmp_path, tiny_
     replicated, sharded = one_process_of_four, logged(tmp_path / "fsdp")
     assert replicated.keys() == sharded.keys() == set(range(1, 7))
     # Sharded parameters change where the gradient sums happen (reduce-scatter instead of
-    # all-reduce), hence their float rounding: measured 3e-7 on losses, 2e-5 on gradient norms.
+    # all-reduce), hence their float rounding: measured 3e-7 on losses, and 2e-5 on gradient norms
+    # on one CPU but 1.09e-4 on another (an AMD EPYC without AVX-512, at step 4, on 130cdb0 too):
+    # as in the two-process test above, Adam turns a rounding-level difference in a near-zero
+    # gradient into up to a whole step of its parameter.
     for step in replicated:
         np.testing.assert_allclose(replicated[step][0], sharded[step][0], rtol=1e-5)
-        np.testing.assert_allclose(replicated[step][1], sharded[step][1], rtol=1e-4)
+        np.testing.assert_allclose(replicated[step][1], sharded[step][1], rtol=2e-4)
 
 
 def test_resuming_another_models_checkpoint_names_the_differing_flag(tmp_path, tiny_tokenizer_path):
