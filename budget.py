@@ -68,7 +68,7 @@ HARDWARE = {
     "v5p-8": _tpu(4, 459.0, 95, "v5p:2x2x1"), "v5p-32": _tpu(16, 459.0, 95, "v5p:2x2x4"),
     "v6e-8": _tpu(8, 918.0, 32, "v6e:2x4"), "v6e-16": _tpu(16, 918.0, 32, "v6e:4x4"),
     "v6e-64": _tpu(64, 918.0, 32, "v6e:8x8"), "v6e-256": _tpu(256, 918.0, 32, "v6e:16x16"),
-    "1xH100": _gpu(1, 989.0, 80, "h100_sxm.txtpb"), "8xH100": _gpu(8, 989.0, 80, "h100_sxm.txtpb"),
+    "1xH100": _gpu(1, 989.0, 79.1, "h100_sxm.txtpb"), "8xH100": _gpu(8, 989.0, 79.1, "h100_sxm.txtpb"),
     "1xH200": _gpu(1, 989.0, 141, "h200.txtpb"), "8xH200": _gpu(8, 989.0, 141, "h200.txtpb"),
 }
 GPU_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "gpu")
@@ -329,7 +329,7 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware:
     rows += [("fused kernels", ", ".join(program.kernels) or "none"),
              ("compile seconds", f"{program.seconds:.1f}")]
     if pod:
-        rows.append((f"one {hardware} chip", fit_verdict(model_config, config, devices, fsdp, pod, program,
+        rows.append(("verdict (one chip)", fit_verdict(model_config, config, devices, fsdp, pod, program,
                                                           compile_fn)))
     rows += [
         ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
