@@ -12,8 +12,10 @@ through `einsum` below, whose backward pass also feeds bf16 operands with fp32 a
 autodiff of an fp32-accumulating dot hands the backward fp32 cotangents, which take the slow path
 on CPUs (AMX) and waste bandwidth everywhere.
 
-Attention (`attend`) is plain einsums on a CPU; on a TPU or GPU (`attention="auto"`) it is a fused
-Pallas kernel that takes the packed rows' segment ids and never builds the score array.
+Attention (`attend`) is plain einsums on a CPU; in a program for a TPU or GPU (`attention="auto"`,
+decided by the devices of the mesh it is traced for, so a TPU step compiled on a CPU gets the TPU's
+kernel) it is a fused Pallas kernel that takes the packed rows' segment ids and never builds the
+score array.
 
 This file imports nothing of ours: no I/O, no flags.
 """
@@ -27,10 +29,14 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 REMAT_POLICIES = ("none", "full", "dots")
-# "auto" follows the backend (see `attention_impl`); the others name one implementation.
+# What --remat=dots keeps. jax.checkpoint's dots_saveable cannot see the matmuls inside `einsum`'s
+# custom VJP (it compiles to the same program as "full"), so `einsum` names its outputs instead.
+MATMUL_OUTPUT = "matmul_output"
+# "auto" follows the target platform (see `attention_impl`); the others name one implementation.
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "splash", "flash", "cudnn")
 # What "auto" runs on each backend: the fused kernel that honours segment ids there.
 AUTO_ATTENTION = {"tpu": "splash", "gpu": "flash", "cpu": "einsum"}
@@ -51,8 +57,8 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "bfloat16"  # activations and matmul inputs; "float32" for exact checks
     scan_layers: bool = True  # one compiled block for all layers; unrolled runs faster on CPU
-    remat: str = "none"  # "none" | "full" | "dots" (keep matmul outputs, recompute the rest)
-    attention: str = "einsum"  # one of ATTENTION_IMPLS; "auto" picks by backend at trace time
+    remat: str = "none"  # "none" | "full" | "dots" (keep matmul outputs but scores, recompute the rest)
+    attention: str = "einsum"  # one of ATTENTION_IMPLS; "auto" picks by target platform at trace time
 
     def __post_init__(self):
         problems = []
@@ -102,17 +108,12 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def einsum(spec: str, a: Array, b: Array, dtype: str) -> Float[Array, "..."]:
-    """`jnp.einsum(spec, a, b)` on `dtype` operands, accumulated and returned in fp32.
-
-    Valid for specs where every index of an operand appears in the other operand or the output
-    (true of every projection and attention product here), so the gradients are einsums too.
-    """
+def _einsum(spec: str, a: Array, b: Array, dtype: str) -> Float[Array, "..."]:
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def _einsum_fwd(spec, a, b, dtype):
-    return einsum(spec, a, b, dtype), (a, b)
+    return _einsum(spec, a, b, dtype), (a, b)
 
 
 def _einsum_bwd(spec, dtype, residuals, g):
@@ -125,7 +126,19 @@ def _einsum_bwd(spec, dtype, residuals, g):
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
-einsum.defvjp(_einsum_fwd, _einsum_bwd)
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
+
+
+def einsum(spec: str, a: Array, b: Array, dtype: str, saveable: bool = True) -> Float[Array, "..."]:
+    """`jnp.einsum(spec, a, b)` on `dtype` operands, accumulated and returned in fp32.
+
+    Valid for specs where every index of an operand appears in the other operand or the output
+    (true of every projection and attention product here), so the gradients are einsums too.
+    The output is named MATMUL_OUTPUT for `--remat=dots` unless `saveable` is False (the
+    attention scores, [heads, seq, seq] per row: cheaper to recompute than to keep).
+    """
+    out = _einsum(spec, a, b, dtype)
+    return checkpoint_name(out, MATMUL_OUTPUT) if saveable else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,13 +198,22 @@ def attention_mask(q_segments: Int[Array, "batch q"], kv_segments: Int[Array, "b
     return same & (kv_positions[:, None, :] <= q_positions[:, :, None])
 
 
+def target_platform() -> str:
+    """The platform of the program being traced: that of the devices of the mesh it is traced
+    under (parallel.traced_on sets it), else the host's default backend. A step compiled on a CPU
+    for a TPU mesh is a TPU program, and must get the TPU's kernels, not interpreted ones."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def attention_impl(requested: str, seq_len: int, backend: str | None = None) -> str:
-    """What runs for `requested`: itself, or for "auto" the backend's fused kernel
-    (AUTO_ATTENTION) when the sequence is a whole number of kernel tiles, else einsum (the
-    short rows of a unit test or an evaluation bucket)."""
+    """What runs for `requested`: itself, or for "auto" the fused kernel of `backend` (by default
+    the target platform's; AUTO_ATTENTION) when the sequence is a whole number of kernel tiles,
+    else einsum (the short rows of a unit test or an evaluation bucket)."""
     if requested != "auto":
         return requested
-    impl = AUTO_ATTENTION.get(backend or jax.default_backend(), "einsum")
+    impl = AUTO_ATTENTION.get(backend or target_platform(), "einsum")
     return impl if impl == "einsum" or seq_len % KERNEL_BLOCK == 0 else "einsum"
 
 
@@ -222,11 +244,11 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool):
 def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
             v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"]
             ) -> Float[Array, "batch seq heads head_dim"]:
-    """TPU Pallas splash attention, causal within segments (a CPU runs it interpreted)."""
+    """TPU Pallas splash attention, causal within segments (interpreted on other platforms)."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     b, h, t, d = q.shape
-    kernel = _splash_kernel(h, t, jax.default_backend() == "cpu")
+    kernel = _splash_kernel(h, t, interpret=target_platform() != "tpu")
     q = q / math.sqrt(d)  # the kernel does not scale the scores
     out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)))(q, k, v, segments)
     return out.transpose(0, 2, 1, 3)
@@ -235,12 +257,12 @@ def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch 
 def _flash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
            v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"]
            ) -> Float[Array, "batch seq heads head_dim"]:
-    """Pallas GPU (Triton) flash attention, causal within segments (a CPU runs it interpreted)."""
+    """Pallas GPU (Triton) flash attention, causal within segments (interpreted on other platforms)."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
     swap = lambda a: a.transpose(0, 2, 1, 3)  # it wants (batch, seq, heads, head_dim)
     return gpu_attention.mha(swap(q), swap(k), swap(v), segments, sm_scale=1 / math.sqrt(q.shape[-1]),
-                             causal=True, interpret=jax.default_backend() == "cpu")
+                             causal=True, interpret=target_platform() != "gpu")
 
 
 def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
@@ -274,7 +296,7 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
                                             implementation="cudnn" if impl == "cudnn" else "xla")
     index = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = segments if segments.ndim == 3 else attention_mask(segments, segments, index, index)
-    scores = einsum("bhqd,bhkd->bhqk", q, k, dtype) / math.sqrt(d)
+    scores = einsum("bhqd,bhkd->bhqk", q, k, dtype, saveable=False) / math.sqrt(d)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     return einsum("bhqk,bhkd->bhqd", probs, v, dtype).transpose(0, 2, 1, 3).astype(dtype)
@@ -333,7 +355,7 @@ class Attention(eqx.Module):
         # Slots up to a token's own position hold the row's earlier tokens; later slots hold
         # padding or stale entries, and causality alone hides them.
         visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]
-        scores = einsum("bhqd,bhkd->bhqk", q, k_cache, config.dtype) / math.sqrt(q.shape[-1])
+        scores = einsum("bhqd,bhkd->bhqk", q, k_cache, config.dtype, saveable=False) / math.sqrt(q.shape[-1])
         scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         out = einsum("bhqk,bhkd->bhqd", probs, v_cache, config.dtype).transpose(0, 2, 1, 3)
@@ -402,7 +424,7 @@ def _dropout(x: Float[Array, "..."], rate: float, key: PRNGKeyArray | None) -> F
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
-    saveable = jax.checkpoint_policies.dots_saveable if policy == "dots" else None
+    saveable = jax.checkpoint_policies.save_only_these_names(MATMUL_OUTPUT) if policy == "dots" else None
     return jax.checkpoint(fn, policy=saveable)
 
 

@@ -383,6 +383,25 @@ def test_remat_changes_nothing_in_logits_or_gradients(remat):
     assert_trees_close(rematted[1], plain[1], rtol=1e-5)
 
 
+def _matmuls_in_gradient(model) -> int:
+    """Matmuls in the lowered program of the loss's gradient: forward, recomputed and backward."""
+    toks = tokens(shape=(BATCH, SEQ + 1))
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def loss(p):
+        logits = eqx.combine(p, static)(toks[:, :-1])
+        return M.cross_entropy(logits, toks[:, 1:], jnp.ones(toks[:, 1:].shape))
+    return jax.jit(jax.grad(loss)).lower(params).as_text().count("stablehlo.dot_general")
+
+
+def test_remat_dots_recomputes_only_the_attention_scores_where_full_recomputes_the_forward():
+    none, dots, full = (_matmuls_in_gradient(build(remat=remat)) for remat in ("none", "dots", "full"))
+    # "dots" keeps every matmul output but the [heads, seq, seq] scores: one more matmul per layer
+    # than no remat at all; "full" recomputes the layer's forward matmuls.
+    assert dots == none + TINY.n_layers
+    assert full > dots
+
+
 
 def test_layer_copies_hold_matrices_in_the_activation_dtype_and_decode_the_same_numbers():
     """`layers()` copies the matrices in bf16 (the einsums cast them to it anyway) and the norm
@@ -476,6 +495,15 @@ def test_a_fused_kernel_on_a_sequence_it_cannot_tile_is_refused_with_the_length(
 def test_auto_attention_follows_the_backend_and_falls_back_to_einsum_on_untiled_rows(backend, seq, expected):
     assert M.attention_impl("auto", seq, backend) == expected
     assert M.attention_impl("flash", seq, backend) == "flash"  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("platform, expected", [("tpu", "splash"), ("cuda", "flash"), ("cpu", "einsum")])
+def test_auto_attention_follows_the_platform_of_the_mesh_it_is_traced_for_not_the_host(platform, expected):
+    device = jax.sharding.AbstractDevice(device_kind="any", num_cores=1, platform=platform)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",), abstract_device=device)):
+        assert M.target_platform() == ("gpu" if platform == "cuda" else platform)
+        assert M.attention_impl("auto", 2048) == expected
+    assert M.attention_impl("auto", 2048) == "einsum"  # this CPU host, outside the mesh
 
 
 def test_a_model_with_flash_attention_trains_like_einsum_on_packed_rows():
@@ -599,7 +627,7 @@ def test_the_tiny_config_itself_is_valid():
 # ---------------------------------------------------------------------------------------------
 # Type annotations.
 
-PUBLIC_FUNCTIONS = [M.num_params, M.flops_per_token, M.einsum.fun, M.segment_positions, M.rotary,
+PUBLIC_FUNCTIONS = [M.num_params, M.flops_per_token, M.einsum, M.segment_positions, M.rotary,
                     M.attention_mask, M.cross_entropy, M.Transformer.__call__, M.Transformer.hidden,
                     M.Block.__call__, M.Attention.__call__, M.MLP.__call__, M.RMSNorm.__call__]
 
