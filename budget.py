@@ -280,6 +280,35 @@ def dry_run_devices(hardware: str) -> tuple[list, str]:
     return local, f"ESTIMATE for {hardware} from {where}" if hardware else where
 
 
+def _gib(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def program_rows(program: Program, pod: Pod | None) -> list[tuple[str, str]]:
+    """The dry run's lines about one compiled program: per-chip memory, headroom, kernels, seconds."""
+    if program.refused:
+        rows = [("per-chip memory", f"refused by the compiler: {program.refused}")]
+    else:
+        memory = program.memory
+        rows = [("per-chip memory: arguments", _gib(memory.argument_size_in_bytes)),
+                ("per-chip memory: outputs", _gib(memory.output_size_in_bytes)),
+                ("per-chip memory: aliased", _gib(memory.alias_size_in_bytes)),
+                ("per-chip memory: temporaries", _gib(memory.temp_size_in_bytes)),
+                ("per-chip memory: generated code", _gib(memory.generated_code_size_in_bytes)),
+                ("per-chip memory: peak", f"{_gib(program.peak)} (arguments + outputs - aliased + temporaries)")]
+        if pod:
+            free = pod.memory_gib * 2**30 - program.peak
+            rows.append(("headroom", f"{_gib(free) if free > 0 else '-' + _gib(-free)} of {pod.memory_gib:g} GiB "
+                                     f"({free / (pod.memory_gib * 2**30):.0%})"))
+    return rows + [("fused kernels", ", ".join(program.kernels) or "none"),
+                   ("compile seconds", f"{program.seconds:.1f}")]
+
+
+def print_rows(rows: Sequence[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
 def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
             peak_tflops: float, compile_fn: CompileFn) -> None:
     """Print parameter count, the compiled per-chip memory and kernels, whether the program fits
@@ -303,34 +332,11 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware:
         where = f"{mesh.size} x {jax.devices()[0].device_kind}"
         peak = device_peak_flops(peak_tflops)
     days = total_flops / (peak * assumed_mfu) / 86400
-    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-    rows = [
-        ("parameters", f"{n:,}"),
-        ("compiled for", compiled_for),
-        ("mesh", f"{dict(mesh.shape)} ({mesh.size} devices)"),
-        ("attention, remat", f"{model_config.attention}, {model_config.remat}"),
-    ]
-    if program.refused:
-        rows.append(("per-chip memory", f"refused by the compiler: {program.refused}"))
-    else:
-        memory = program.memory
-        rows += [
-            ("per-chip memory: arguments", gib(memory.argument_size_in_bytes)),
-            ("per-chip memory: outputs", gib(memory.output_size_in_bytes)),
-            ("per-chip memory: aliased", gib(memory.alias_size_in_bytes)),
-            ("per-chip memory: temporaries", gib(memory.temp_size_in_bytes)),
-            ("per-chip memory: generated code", gib(memory.generated_code_size_in_bytes)),
-            ("per-chip memory: peak", f"{gib(program.peak)} (arguments + outputs - aliased + temporaries)"),
-        ]
-        if pod:
-            free = pod.memory_gib * 2**30 - program.peak
-            rows.append(("headroom", f"{gib(free) if free > 0 else '-' + gib(-free)} of {pod.memory_gib:g} GiB "
-                                     f"({free / (pod.memory_gib * 2**30):.0%})"))
-    rows += [("fused kernels", ", ".join(program.kernels) or "none"),
-             ("compile seconds", f"{program.seconds:.1f}")]
+    rows = [("parameters", f"{n:,}"), ("compiled for", compiled_for),
+            ("mesh", f"{dict(mesh.shape)} ({mesh.size} devices)"),
+            ("attention, remat", f"{model_config.attention}, {model_config.remat}"), *program_rows(program, pod)]
     if pod:
-        rows.append(("verdict (one chip)", fit_verdict(model_config, config, devices, fsdp, pod, program,
-                                                          compile_fn)))
+        rows.append(("verdict (one chip)", fit_verdict(model_config, config, devices, fsdp, pod, program, compile_fn)))
     rows += [
         ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
                             f"sequences per device per micro-batch)"),
@@ -338,5 +344,4 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware:
         ("FLOPs (6N + attention)", f"{total_flops:.3g}"),
         (f"time at {assumed_mfu:.0%} MFU on {where}", f"{days:.2f} days"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print_rows(rows)

@@ -336,27 +336,31 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (too many rollbacks); the message says what happened and where."""
 
 
-def compile_step(model_config: ModelConfig, config: TrainConfig, mesh: Mesh):
+def compile_step(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, loss_fn: LossFn = token_loss,
+                 row: dict[str, jax.ShapeDtypeStruct] | None = None):
     """The train step compiled for `mesh` (whose devices may be a topology's: budget.py's
-    --hardware) from abstract arguments; allocates nothing."""
+    --hardware) from abstract arguments; allocates nothing. `row` is one batch row's arrays, a
+    pretraining row of tokens by default (sft.py and dpo.py pass theirs, with their `loss_fn`)."""
     optimizer = make_optimizer(config)
     state = abstract_state(model_config, optimizer, mesh)
     micro = config.batch_size // config.grad_accum
-    tokens = jax.ShapeDtypeStruct((config.grad_accum, micro, model_config.max_seq_len + 1), jnp.int32,
-                                  sharding=batch_sharding(mesh))
+    row = row or {"tokens": jax.ShapeDtypeStruct((model_config.max_seq_len + 1,), jnp.int32)}
+    batch = {name: jax.ShapeDtypeStruct((config.grad_accum, micro, *x.shape), x.dtype, sharding=batch_sharding(mesh))
+             for name, x in row.items()}
     # Every argument abstract and placed on `mesh`: it may be a topology this host does not have.
     replicated = NamedSharding(mesh, P())
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
     votes = jax.ShapeDtypeStruct((mesh.size,), jnp.bool_, sharding=NamedSharding(mesh, P(AXES)))
-    return make_train_step(optimizer, shardings(state), mesh).lower(
-        state, {"tokens": tokens}, key, scalar(jnp.int32), scalar(jnp.bool_), votes).compile()
+    return make_train_step(optimizer, shardings(state), mesh, loss_fn).lower(
+        state, batch, key, scalar(jnp.int32), scalar(jnp.bool_), votes).compile()
 
 
 def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
-            peak_tflops: float) -> None:
-    """budget.dry_run of this file's train step (sizes, memory, kernels, fit on `hardware`, time budget)."""
-    budget.dry_run(model_config, config, fsdp, hardware, assumed_mfu, peak_tflops, compile_step)
+            peak_tflops: float, compile_fn: budget.CompileFn = compile_step) -> None:
+    """budget.dry_run of a train step (this file's, or sft.py's and dpo.py's through `compile_fn`):
+    sizes, memory, kernels, fit on `hardware`, time budget."""
+    budget.dry_run(model_config, config, fsdp, hardware, assumed_mfu, peak_tflops, compile_fn)
 
 
 # --- The run ---------------------------------------------------------------------------------------
