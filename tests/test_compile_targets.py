@@ -20,10 +20,14 @@ pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) is not insta
 TINY_TRAIN = TrainConfig(steps=300, batch_size=8, warmup_steps=30)
 
 
+def printed_rows(out: str) -> dict[str, str]:
+    """A dry run's printout as {label: value}."""
+    return dict(re.match(r"(.+?)\s{2,}(.*)", line).groups() for line in out.splitlines() if "  " in line)
+
+
 def dry_run(*flags: str) -> dict[str, str]:
     """train.py --flagfile=configs/tiny.flags --dry_run FLAGS..., as rows {label: value}."""
-    out = run_script("train.py", "--flagfile=configs/tiny.flags", "--dry_run", *flags).stdout
-    return dict(re.match(r"(.+?)\s{2,}(.*)", line).groups() for line in out.splitlines() if "  " in line)
+    return printed_rows(run_script("train.py", "--flagfile=configs/tiny.flags", "--dry_run", *flags).stdout)
 
 
 def gib(text: str) -> float:
@@ -66,3 +70,12 @@ def test_a_step_that_cannot_fit_a_v4_chip_is_refused_in_one_line_naming_the_flag
     assert verdict.startswith("does NOT fit: ") and "--fsdp=4" in verdict and verdict.endswith("and fits")
     fitted = float(re.search(r"it needs ([\d.]+) GiB and fits", verdict).group(1))
     assert fitted <= budget.FIT_FRACTION * 32
+
+
+def test_evaluate_dry_run_compiles_the_largest_scoring_pass_for_one_v4_chip(tiny_run):
+    rows = printed_rows(run_script("evaluate.py", f"--checkpoint={tiny_run}", "--dry_run", "--hardware=v4-8").stdout)
+    assert rows["compiled for"].startswith("v4-8: XLA:TPU for 4 x TPU v4")
+    # --batch_size=16 on an accelerator: 16 x 256 tokens in rows of the tiny model's 128.
+    assert rows["scoring pass"].startswith("32 rows x 128 tokens")
+    assert gib(rows["per-chip memory: arguments"]) * 2**30 >= 4 * 3_344_064  # fp32 parameters
+    assert rows["verdict (one chip)"].startswith("fits")
