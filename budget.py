@@ -336,7 +336,8 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware:
             ("mesh", f"{dict(mesh.shape)} ({mesh.size} devices)"),
             ("attention, remat", f"{model_config.attention}, {model_config.remat}"), *program_rows(program, pod)]
     if pod:
-        rows.append(("verdict (one chip)", fit_verdict(model_config, config, devices, fsdp, pod, program, compile_fn)))
+        verdict = fit_verdict(model_config, config, devices, fsdp, pod, program, compile_fn)
+        rows.append(("verdict (one chip)", f"ESTIMATE: {verdict}" if compiled_for.startswith("ESTIMATE") else verdict))
     rows += [
         ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
                             f"sequences per device per micro-batch)"),

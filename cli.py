@@ -87,9 +87,9 @@ def cpu_only_without_accelerator() -> None:
     compiles for TPUs and GPUs), JAX would otherwise try both at startup and print a TPU
     hostname error and a CUDA traceback before every run."""
     if "JAX_PLATFORMS" not in os.environ and not any(os.path.exists(d) for d in ACCELERATOR_DEVICES):
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")
+        os.environ["JAX_PLATFORMS"] = "cpu"  # for a later `import jax`, and the processes it starts
+        if "jax" in sys.modules:  # imported already: its config read the environment then
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def run(main: Callable[[Sequence[str]], object], summary: str | None = None) -> None:
