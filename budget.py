@@ -75,7 +75,7 @@ GPU_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 
 # What compiles for each backend on a host without its chips: the module, and how to install it.
 COMPILERS = {"tpu": ("libtpu", 'pip install "libtpu==0.0.42.*" (the jax[tpu]==0.10.2 pin)'),
-             "gpu": ("jax_plugins.xla_cuda12", 'pip install "jax-cuda12-plugin==0.10.2" "jax-cuda12-pjrt==0.10.2"')}
+             "gpu": ("jax_plugins.xla_cuda12", "pip install -r requirements-compile-gpu.txt: the CUDA plugin")}
 # The fused kernels' custom calls in a compiled program: Mosaic (TPU Pallas) and Triton (GPU Pallas).
 KERNEL_CALL = re.compile(r'^\s*%?([\w.-]+?)(?:\.\d+)? = .*custom_call_target="(?:tpu_custom_call|__gpu\$xla\.gpu\.triton)"',
                          re.MULTILINE)
