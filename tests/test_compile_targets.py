@@ -55,9 +55,10 @@ def test_dots_keeps_the_matmul_outputs_that_full_recomputes_in_the_program_compi
     mesh = make_mesh(1, budget.target_devices("v4-8"))
     temporaries = {remat: budget.compile_program(compile_step, dataclasses.replace(model_config, remat=remat),
                                                  TINY_TRAIN, mesh).memory.temp_size_in_bytes
-                   for remat in ("full", "dots", "none")}
-    # Saved activations are temporaries: dots holds more than full, less than saving everything.
-    assert temporaries["full"] < temporaries["dots"] < temporaries["none"], temporaries
+                   for remat in ("full", "dots")}
+    # Saved activations are temporaries: dots holds the matmul outputs that full recomputes
+    # (+50% here; at 600m on a v4-32, 14.75 GiB against 5.22: benchmarks/compile_targets.py).
+    assert temporaries["dots"] > 1.2 * temporaries["full"], temporaries
 
 
 @pytest.mark.slow  # two 4B-parameter compiles: ~25 s on an idle 2-core CPU
