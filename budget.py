@@ -76,9 +76,11 @@ GPU_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 # What compiles for each backend on a host without its chips: the module, and how to install it.
 COMPILERS = {"tpu": ("libtpu", 'pip install "libtpu==0.0.42.*" (the jax[tpu]==0.10.2 pin)'),
              "gpu": ("jax_plugins.xla_cuda12", "pip install -r requirements-compile-gpu.txt: the CUDA plugin")}
-# The fused kernels' custom calls in a compiled program: Mosaic (TPU Pallas) and Triton (GPU Pallas).
-KERNEL_CALL = re.compile(r'^\s*%?([\w.-]+?)(?:\.\d+)? = .*custom_call_target="(?:tpu_custom_call|__gpu\$xla\.gpu\.triton)"',
-                         re.MULTILINE)
+# The fused kernels' custom calls in a compiled program: Mosaic (TPU Pallas) and Triton (GPU
+# Pallas), named by the function that called pallas_call (splash_mha_fwd..., mha_backward).
+KERNEL_TARGETS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__gpu$xla.gpu.triton"')
+KERNEL_CALLER = re.compile(r'op_name="[^"]*?([\w.-]+)/pallas_call"')
+INSTRUCTION = re.compile(r'^\s*%?([\w.-]+?)(?:\.\d+)? = ')
 
 
 # A program fits a chip when it needs at most this share of its memory: the runtime and the
@@ -120,7 +122,8 @@ def target_devices(hardware: str) -> list | None:
 
 def kernels(compiled) -> list[str]:
     """The fused attention kernels (Pallas: Mosaic on a TPU, Triton on a GPU) in a compiled program."""
-    return sorted(set(KERNEL_CALL.findall(compiled.as_text())))
+    lines = (line for line in compiled.as_text().splitlines() if any(t in line for t in KERNEL_TARGETS))
+    return sorted({(KERNEL_CALLER.search(line) or INSTRUCTION.search(line)).group(1) for line in lines})
 
 
 # The CPU peak's matmuls (m, k, n), the same for every model so that runs on one machine compare:
