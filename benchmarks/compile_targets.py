@@ -61,6 +61,7 @@ def rows() -> list[Row]:
     out += [Row("600m-8xH100-flash-dots", "pretrain", "600m", "8xH100", "flash", "dots"),
             Row("600m-1xH200-flash-dots", "pretrain", "600m", "1xH200", "flash", "dots"),
             Row("sft-600m-v4-32-splash-dots", "sft", "600m", "v4-32", "splash", "dots"),
+            Row("sft-600m-v4-32-splash-full", "sft", "600m", "v4-32", "splash", "full"),
             Row("dpo-600m-v4-32-splash-dots", "dpo", "600m", "v4-32", "splash", "dots"),
             Row("eval-600m-v4-32", "eval", "600m", "v4-32", "einsum", "none")]
     out += [Row(f"600m-v4-32-einsum-{r}", "pretrain", "600m", "v4-32", "einsum", r) for r in ("dots", "full", "none")]
