@@ -1,8 +1,11 @@
 """What a run costs: the chips' peak FLOP/s (for MFU), the named pods, and the dry run.
 
-`--dry_run` prints a config's parameters, its compiled per-device memory, whether a step fits the
-named pod's chips (and which flag would make it fit), and the time its token budget takes at an
-assumed MFU. On a CPU the peak is measured once per machine and cached, so runs compare.
+`--dry_run --hardware=NAME` compiles the program for NAME's own chips on this host (XLA:TPU from
+libtpu's topologies, XLA:GPU from the CUDA plugin and configs/gpu/'s target configs), prints
+XLA's per-chip memory, the fused kernels, whether it fits a chip (and which flag would make it
+fit, compiled to find out), and the time its token budget takes at an assumed MFU. Without the
+target's compiler it compiles for this host's CPU instead, labelled as an estimate. On a CPU the
+MFU peak is measured once per machine and cached, so runs compare.
 """
 
 from __future__ import annotations
