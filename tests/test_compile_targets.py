@@ -80,3 +80,12 @@ def test_evaluate_dry_run_compiles_the_largest_scoring_pass_for_one_v4_chip(tiny
     assert rows["scoring pass"].startswith("32 rows x 128 tokens")
     assert gib(rows["per-chip memory: arguments"]) * 2**30 >= 4 * 3_344_064  # fp32 parameters
     assert rows["verdict (one chip)"].startswith("fits")
+
+
+def test_dpo_dry_run_compiles_the_pair_step_for_a_v4_8_and_writes_nothing(tiny_run, tmp_path):
+    rows = printed_rows(run_script(
+        "dpo.py", "--flagfile=configs/dpo_tiny.flags", f"--init_from={tiny_run}", f"--output_dir={tmp_path}/never",
+        "--train_data=samples/preference/en_hh_rlhf_sample100_pairs.jsonl", "--dry_run", "--hardware=v4-8").stdout)
+    assert rows["compiled for"] == "v4-8: XLA:TPU for 4 x TPU v4"
+    assert "splash_mha_fwd" in rows["fused kernels"] and rows["verdict (one chip)"].startswith("fits")
+    assert not (tmp_path / "never").exists()
