@@ -1,16 +1,21 @@
 """What a run costs: the chips' peak FLOP/s (for MFU), the named pods, and the dry run.
 
-`--dry_run` prints a config's parameters, its compiled per-device memory, whether a step fits the
-named pod's chips (and which flag would make it fit), and the time its token budget takes at an
-assumed MFU. On a CPU the peak is measured once per machine and cached, so runs compare.
+`--dry_run --hardware=NAME` compiles the program for NAME's own chips on this host (XLA:TPU from
+libtpu's topologies, XLA:GPU from the CUDA plugin and configs/gpu/'s target configs), prints
+XLA's per-chip memory, the fused kernels, whether it fits a chip (and which flag would make it
+fit, compiled to find out), and the time its token budget takes at an assumed MFU. Without the
+target's compiler it compiles for this host's CPU instead, labelled as an estimate. On a CPU the
+MFU peak is measured once per machine and cached, so runs compare.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -21,13 +26,15 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 import cli
-from model import ModelConfig, attention_impl, flops_per_token, num_params
+from model import AUTO_ATTENTION, ModelConfig, attention_impl, flops_per_token, num_params
+from parallel import make_mesh
 
 if TYPE_CHECKING:
     from train import TrainConfig
 
-# The compiled train step's memory analysis for (model config, train config) on the run's mesh.
-MemoryOf = Callable[[ModelConfig, Any], Any]
+# The dry run's program compiled for (model config, train config, mesh): train.py's step, sft.py's
+# and dpo.py's (the same step with their loss), evaluate.py's scoring.
+CompileFn = Callable[[ModelConfig, Any, Mesh], Any]
 
 
 # bf16 dense TFLOP/s per chip, from vendor spec sheets, keyed by a substring of device_kind.
@@ -41,20 +48,86 @@ class Pod(NamedTuple):
     tflops: float  # bf16 dense peak per chip
     memory_gib: float  # HBM per chip
     backend: str  # what --attention=auto runs there (model.AUTO_ATTENTION)
+    # How XLA names it for compiling without one (jax.experimental.topologies.get_topology_desc):
+    # a TPU slice's "generation:shape"; a GPU box's "hosts x nodes x devices" and its target config.
+    topology: str
+    target_config: str = ""  # configs/gpu/ file: the GPU's description, as XLA reads it
 
 
-# Named pods for --dry_run, from vendor spec sheets. A v4-32 has 16 chips (32 cores).
-HARDWARE = {"v4-8": Pod(4, 275.0, 32, "tpu"), "v4-32": Pod(16, 275.0, 32, "tpu"),
-            "v5e-16": Pod(16, 197.0, 16, "tpu"), "v5p-32": Pod(16, 459.0, 95, "tpu"),
-            "1xH100": Pod(1, 989.0, 80, "gpu"), "8xH100": Pod(8, 989.0, 80, "gpu"),
-            "1xH200": Pod(1, 989.0, 141, "gpu")}
+def _tpu(chips: int, tflops: float, memory_gib: float, topology: str) -> Pod:
+    return Pod(chips, tflops, memory_gib, "tpu", topology)
 
 
-# A program fits a chip when it needs at most this share of its memory: the runtime, the
-# allocator's fragmentation and the other backend's fusion choices (the dry run compiles for a
-# CPU) need the rest.
+def _gpu(chips: int, tflops: float, memory_gib: float, target_config: str) -> Pod:
+    return Pod(chips, tflops, memory_gib, "gpu", f"1 x 1 x {chips}", target_config)
+
+
+# Named pods for --dry_run, from vendor spec sheets. A v4 or v5p slice is named by its cores
+# (two per chip: a v4-32 has 16 chips); v5e and v6e slices by their chips.
+HARDWARE = {
+    "v4-8": _tpu(4, 275.0, 32, "v4:2x2x1"), "v4-32": _tpu(16, 275.0, 32, "v4:2x2x4"),
+    "v4-128": _tpu(64, 275.0, 32, "v4:4x4x4"),
+    "v5e-8": _tpu(8, 197.0, 16, "v5e:2x4"), "v5e-16": _tpu(16, 197.0, 16, "v5e:4x4"),
+    "v5e-256": _tpu(256, 197.0, 16, "v5e:16x16"),
+    "v5p-8": _tpu(4, 459.0, 95, "v5p:2x2x1"), "v5p-32": _tpu(16, 459.0, 95, "v5p:2x2x4"),
+    "v6e-8": _tpu(8, 918.0, 32, "v6e:2x4"), "v6e-16": _tpu(16, 918.0, 32, "v6e:4x4"),
+    "v6e-64": _tpu(64, 918.0, 32, "v6e:8x8"), "v6e-256": _tpu(256, 918.0, 32, "v6e:16x16"),
+    "1xH100": _gpu(1, 989.0, 79.1, "h100_sxm.txtpb"), "8xH100": _gpu(8, 989.0, 79.1, "h100_sxm.txtpb"),
+    "1xH200": _gpu(1, 989.0, 141, "h200.txtpb"), "8xH200": _gpu(8, 989.0, 141, "h200.txtpb"),
+}
+GPU_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "gpu")
+
+# What compiles for each backend on a host without its chips: the module, and how to install it.
+COMPILERS = {"tpu": ("libtpu", 'pip install "libtpu==0.0.42.*" (the jax[tpu]==0.10.2 pin)'),
+             "gpu": ("jax_plugins.xla_cuda12", "pip install -r requirements-compile-gpu.txt: the CUDA plugin")}
+# The fused kernels' custom calls in a compiled program: Mosaic (TPU Pallas) and Triton (GPU
+# Pallas), named by the function that called pallas_call (splash_mha_fwd..., mha_backward).
+KERNEL_TARGETS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__gpu$xla.gpu.triton"')
+KERNEL_CALLER = re.compile(r'op_name="[^"]*?([\w.-]+)/pallas_call"')
+INSTRUCTION = re.compile(r'^\s*%?([\w.-]+?)(?:\.\d+)? = ')
+
+
+# A program fits a chip when it needs at most this share of its memory: the runtime and the
+# allocator's fragmentation need the rest.
 FIT_FRACTION = 0.9
 REMAT_ORDER = ("none", "dots", "full")  # least to most recomputation
+
+
+def prepare_host(hardware: str) -> None:
+    """Before any JAX call of a --dry_run for `hardware`: compile on this host's CPU, whatever
+    accelerator it has, with the pod's chip count faked there for the estimate's fallback, and
+    libtpu's warnings about a host that is no TPU worker silenced."""
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", HARDWARE[hardware].chips)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", hardware if HARDWARE[hardware].backend == "tpu" else "v4-8")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # dry runs side by side share libtpu
+
+
+def target_devices(hardware: str) -> list | None:
+    """The devices of the pod `hardware` names as its own compiler sees them, or None (with a
+    line saying why and how to fix it) when that compiler is not installed here."""
+    pod = HARDWARE[hardware]
+    module, install = COMPILERS[pod.backend]
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        print(f"{hardware}: XLA's {pod.backend.upper()} compiler is not installed here ({install}); "
+              f"what follows is an ESTIMATE, compiled for this CPU")
+        return None
+    from jax.experimental import topologies
+
+    if pod.backend == "tpu":  # a v4 or v5p chip is one device of two cores ("megacore")
+        megacore = pod.topology.startswith(("v4", "v5p"))
+        topo = topologies.get_topology_desc(pod.topology, "tpu", **({"chip_config_name": "megacore"} if megacore else {}))
+    else:
+        with open(os.path.join(GPU_CONFIGS, pod.target_config)) as f:
+            topo = topologies.get_topology_desc("", "cuda", topology=pod.topology, target_config=f.read())
+    return list(topo.devices)
+
+
+def kernels(compiled) -> list[str]:
+    """The fused attention kernels (Pallas: Mosaic on a TPU, Triton on a GPU) in a compiled program."""
+    lines = (line for line in compiled.as_text().splitlines() if any(t in line for t in KERNEL_TARGETS))
+    return sorted({(KERNEL_CALLER.search(line) or INSTRUCTION.search(line)).group(1) for line in lines})
 
 
 # The CPU peak's matmuls (m, k, n), the same for every model so that runs on one machine compare:
@@ -142,41 +215,119 @@ def peak_bytes(memory) -> int:
             + memory.temp_size_in_bytes)
 
 
-def fit_verdict(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, pod: Pod, needed: int,
-                memory_of: MemoryOf) -> str:
-    """Whether the step fits a chip of `pod`; if not, the first of --remat=dots, --remat=full,
-    then a doubled --grad_accum that does (each one compiled to find out)."""
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What the dry run reads of one compiled program: XLA's per-chip memory analysis, its fused
+    kernels and compile seconds; or, when the compiler refused it for want of memory, why."""
+    memory: Any
+    kernels: tuple[str, ...]
+    seconds: float
+    refused: str = ""
+
+    @property
+    def peak(self) -> int | None:
+        return None if self.refused else peak_bytes(self.memory)
+
+
+def compile_program(compile_fn: CompileFn, model_config: ModelConfig, config: Any, mesh: Mesh) -> Program:
+    """`compile_fn`'s program for `mesh`, read as a Program. XLA:TPU refuses a program whose
+    temporaries exceed the chip (it checks nothing else): that is a verdict, not an error."""
+    start = time.perf_counter()
+    try:
+        compiled = compile_fn(model_config, config, mesh)
+    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is an answer
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        line = next(line for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line)
+        return Program(None, (), time.perf_counter() - start, line.split("RESOURCE_EXHAUSTED:", 1)[-1].strip())
+    return Program(compiled.memory_analysis(), tuple(kernels(compiled)), time.perf_counter() - start)
+
+
+def fit_verdict(model_config: ModelConfig, config: TrainConfig, devices: Sequence, fsdp: int, pod: Pod,
+                program: Program, compile_fn: CompileFn) -> str:
+    """"fits", or why not and the first of these that fits (each one compiled to find out): less
+    recomputation's opposite (--remat=dots, then full), the pod's fused attention kernel, the
+    state sharded over every chip (--fsdp), then a doubled --grad_accum under full remat."""
     limit = FIT_FRACTION * pod.memory_gib * 2**30
-    if needed <= limit:
-        return f"yes: {needed / 2**30:.1f} GiB of {pod.memory_gib:g} GiB per chip"
-    tries = [(f"--remat={r}", dataclasses.replace(model_config, remat=r), config)
+    if program.peak is not None and program.peak <= limit:
+        return (f"fits: {program.peak / 2**30:.1f} GiB of {pod.memory_gib:g} GiB per chip, "
+                f"{1 - program.peak / (pod.memory_gib * 2**30):.0%} headroom")
+    tries = [(f"--remat={r}", dataclasses.replace(model_config, remat=r), config, fsdp)
              for r in REMAT_ORDER if REMAT_ORDER.index(r) > REMAT_ORDER.index(model_config.remat)]
+    full = dataclasses.replace(model_config, remat="full")
+    kernel = AUTO_ATTENTION[pod.backend]
+    if model_config.attention != kernel:
+        tries.append((f"--attention={kernel} --remat=full", dataclasses.replace(full, attention=kernel), config, fsdp))
+    if fsdp < len(devices):
+        tries.append((f"--fsdp={len(devices)} --remat=full", full, config, len(devices)))
     micro = config.batch_size // config.grad_accum
     accum = config.grad_accum * 2
-    while config.batch_size % accum == 0 and config.batch_size // accum >= mesh.size and len(tries) < 5:
-        full = dataclasses.replace(model_config, remat="full")
-        tries.append((f"--remat=full --grad_accum={accum}", full, dataclasses.replace(config, grad_accum=accum)))
+    while config.batch_size % accum == 0 and config.batch_size // accum >= len(devices) and len(tries) < 6:
+        tries.append((f"--remat=full --grad_accum={accum}", full, dataclasses.replace(config, grad_accum=accum), fsdp))
         accum *= 2
-    advice = f"no flag tried makes it fit (micro-batch {micro}): shard with --fsdp or use a bigger chip"
-    for flag, model_try, config_try in tries:
-        if (other := peak_bytes(memory_of(model_try, config_try))) <= limit:
+    advice = f"no flag tried makes it fit (micro-batch {micro}): use a bigger slice or chip"
+    for flag, model_try, config_try, fsdp_try in tries:
+        other = compile_program(compile_fn, model_try, config_try, make_mesh(fsdp_try, devices)).peak
+        if other is not None and other <= limit:
             advice = f"with {flag} it needs {other / 2**30:.1f} GiB and fits"
             break
-    return (f"NO: needs {needed / 2**30:.1f} GiB per chip, over {FIT_FRACTION:.0%} of a {pod.memory_gib:g} GiB "
-            f"chip; {advice}")
+    needs = (f"the compiler refuses it ({program.refused})" if program.refused else
+             f"needs {program.peak / 2**30:.1f} GiB per chip, over {FIT_FRACTION:.0%} of a {pod.memory_gib:g} GiB chip")
+    return f"does NOT fit: {needs}; {advice}"
 
 
-def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware: str, assumed_mfu: float,
-            peak_tflops: float, memory_of: MemoryOf) -> None:
-    """Print parameter count, compiled per-device memory for `mesh` and the compute budget;
-    allocate nothing. `hardware` names a pod in HARDWARE: the time estimate, whether the step
-    fits its chips' memory (and which flag would make it fit), and its --attention=auto choice."""
+def dry_run_devices(hardware: str) -> tuple[list, str]:
+    """(devices to compile for, what they are): the named pod's chips through its own compiler;
+    without that compiler, or without `hardware`, this host's devices (an estimate for the pod)."""
+    devices = target_devices(hardware) if hardware else None
+    if devices is not None:
+        return devices, f"{hardware}: XLA:{HARDWARE[hardware].backend.upper()} for {len(devices)} x {devices[0].device_kind}"
+    local = jax.devices()
+    where = f"{len(local)} x {local[0].device_kind} (this host)"
+    return local, f"ESTIMATE for {hardware} from {where}" if hardware else where
+
+
+def _gib(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def program_rows(program: Program, pod: Pod | None) -> list[tuple[str, str]]:
+    """The dry run's lines about one compiled program: per-chip memory, headroom, kernels, seconds."""
+    if program.refused:
+        rows = [("per-chip memory", f"refused by the compiler: {program.refused}")]
+    else:
+        memory = program.memory
+        rows = [("per-chip memory: arguments", _gib(memory.argument_size_in_bytes)),
+                ("per-chip memory: outputs", _gib(memory.output_size_in_bytes)),
+                ("per-chip memory: aliased", _gib(memory.alias_size_in_bytes)),
+                ("per-chip memory: temporaries", _gib(memory.temp_size_in_bytes)),
+                ("per-chip memory: generated code", _gib(memory.generated_code_size_in_bytes)),
+                ("per-chip memory: peak", f"{_gib(program.peak)} (arguments + outputs - aliased + temporaries)")]
+        if pod:
+            free = pod.memory_gib * 2**30 - program.peak
+            rows.append(("headroom", f"{_gib(free) if free > 0 else '-' + _gib(-free)} of {pod.memory_gib:g} GiB "
+                                     f"({free / (pod.memory_gib * 2**30):.0%})"))
+    return rows + [("fused kernels", ", ".join(program.kernels) or "none"),
+                   ("compile seconds", f"{program.seconds:.1f}")]
+
+
+def print_rows(rows: Sequence[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
+            peak_tflops: float, compile_fn: CompileFn) -> None:
+    """Print parameter count, the compiled per-chip memory and kernels, whether the program fits
+    the named pod's chips (and which flag would make it fit), and the compute budget; allocate
+    nothing. `hardware` names a pod in HARDWARE, compiled for by its own compiler when installed."""
     seq_len = model_config.max_seq_len
     pod = HARDWARE[hardware] if hardware else None
-    attention = attention_impl(model_config.attention, seq_len, pod.backend if pod else None)
-    # A TPU or GPU kernel compiles here in Pallas interpret mode: its loop over tiles, not a score array.
-    model_config = dataclasses.replace(model_config, attention=attention)
-    memory = memory_of(model_config, config)
+    devices, compiled_for = dry_run_devices(hardware)
+    model_config = dataclasses.replace(
+        model_config, attention=attention_impl(model_config.attention, seq_len, pod.backend if pod else None))
+    mesh = make_mesh(fsdp, devices)
+    program = compile_program(compile_fn, model_config, config, mesh)
 
     n = num_params(model_config)
     micro = config.batch_size // config.grad_accum
@@ -188,19 +339,12 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
         where = f"{mesh.size} x {jax.devices()[0].device_kind}"
         peak = device_peak_flops(peak_tflops)
     days = total_flops / (peak * assumed_mfu) / 86400
-    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
-    rows = [
-        ("parameters", f"{n:,}"),
-        ("mesh", f"{dict(mesh.shape)} ({cli.plural(mesh.size, 'device')})"),
-        ("attention, remat", f"{attention}, {model_config.remat}"),
-        ("per-device memory: arguments", gib(memory.argument_size_in_bytes)),
-        ("per-device memory: outputs", gib(memory.output_size_in_bytes)),
-        ("per-device memory: temporaries", gib(memory.temp_size_in_bytes)),
-        ("per-device memory: code", gib(memory.generated_code_size_in_bytes)),
-        ("per-device memory: peak", gib(peak_bytes(memory))),
-    ]
+    rows = [("parameters", f"{n:,}"), ("compiled for", compiled_for),
+            ("mesh", f"{dict(mesh.shape)} ({cli.plural(mesh.size, 'device')})"),
+            ("attention, remat", f"{model_config.attention}, {model_config.remat}"), *program_rows(program, pod)]
     if pod:
-        rows.append((f"fits one chip of {hardware}", fit_verdict(model_config, config, mesh, pod, peak_bytes(memory), memory_of)))
+        verdict = fit_verdict(model_config, config, devices, fsdp, pod, program, compile_fn)
+        rows.append(("verdict (one chip)", f"ESTIMATE: {verdict}" if compiled_for.startswith("ESTIMATE") else verdict))
     rows += [
         ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
                             f"sequences per device per micro-batch)"),
@@ -208,5 +352,4 @@ def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware
         ("FLOPs (6N + attention)", f"{total_flops:.3g}"),
         (f"time at {assumed_mfu:.0%} MFU on {where}", f"{days:.2f} days"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print_rows(rows)

@@ -92,10 +92,26 @@ def short_help(summary: str) -> str:
             "Every flag, the libraries' too: --helpfull.\n")
 
 
+# Device files of the accelerators JAX drives: TPU v4/v5p, TPU v5e/v6e, NVIDIA, AMD.
+ACCELERATOR_DEVICES = ("/dev/accel0", "/dev/vfio/0", "/dev/nvidiactl", "/dev/kfd")
+
+
+def cpu_only_without_accelerator() -> None:
+    """On a host with no accelerator, use JAX's CPU backend only, unless JAX_PLATFORMS says
+    otherwise. With libtpu and the CUDA plugin installed (requirements-dev.txt: the dry run
+    compiles for TPUs and GPUs), JAX would otherwise try both at startup and print a TPU
+    hostname error and a CUDA traceback before every run."""
+    if "JAX_PLATFORMS" not in os.environ and not any(os.path.exists(d) for d in ACCELERATOR_DEVICES):
+        os.environ["JAX_PLATFORMS"] = "cpu"  # for a later `import jax`, and the processes it starts
+        if "jax" in sys.modules:  # imported already: its config read the environment then
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def run(main: Callable[[Sequence[str]], object], summary: str | None = None) -> None:
     """absl.app.run(main) with this module's conventions (see the module docstring)."""
     global _stderr
     summary = summary_of(sys.modules["__main__"].__doc__) if summary is None else summary
+    cpu_only_without_accelerator()
     _stderr = os.fdopen(os.dup(2), "w")
 
     def parse(argv: list[str]) -> list[str]:

@@ -52,6 +52,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
+import budget
 import chat_formats
 import checkpoint
 import cli
@@ -152,6 +153,14 @@ class PairBatches(sft.ChatBatches):
     def batch(self, step: int) -> dict[str, np.ndarray]:
         parts = self.global_rows(step).reshape(self.grad_accum, self.process_count, -1)
         return pair_arrays(self.rows, parts[:, self.process_index].reshape(-1), self.reference_logps)
+
+
+def pair_row(max_length: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """One batch row of pair_arrays, abstract: what train.compile_step compiles the step for."""
+    return {"tokens": jax.ShapeDtypeStruct((2, max_length + 1), jnp.int32),
+            "weights": jax.ShapeDtypeStruct((2, max_length), jnp.float32),
+            "pairs": jax.ShapeDtypeStruct((), jnp.float32),
+            "reference_logps": jax.ShapeDtypeStruct((2,), jnp.float32)}
 
 
 def pair_arrays(rows: PairRows, indices: Int[np.ndarray, " n"], reference_logps: np.ndarray | None
@@ -448,11 +457,16 @@ def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
     checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
+    if FLAGS.dry_run and FLAGS.hardware:  # as train.py
+        budget.prepare_host(FLAGS.hardware)
     try:
         flag_model, config, run = train.configs_from_flags()
-        if not run.init_from:
+        if not run.init_from and not FLAGS.dry_run:  # a dry run may take the shape from the flags
             raise ValueError("--init_from is required: the fine-tuned checkpoint to align (also the reference)")
-        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        if FLAGS.dry_run and FLAGS.pack_pairs:
+            raise ValueError("--dry_run compiles the step on unpacked pairs: drop --pack_pairs")
+        if not FLAGS.dry_run:
+            parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         model_config, tokenizer = sft.init_model_config(run, flag_model)
         if FLAGS.max_length > model_config.max_seq_len:
             raise ValueError(f"--max_length={FLAGS.max_length} exceeds the model's context of "
@@ -467,7 +481,8 @@ def main(argv):
                                  FLAGS.format, FLAGS.system_prompt, FLAGS.max_bad_fraction, held_out, config.seed,
                                  model_config.max_seq_len + 1 if FLAGS.pack_pairs else 0)
         workers = prepared.workers(FLAGS.prepare_workers)
-        cache = prepared.run_cache(run.output_dir, FLAGS.prepared_dir, FLAGS.reuse_prepared, jax.process_index())
+        cache = None if FLAGS.dry_run else prepared.run_cache(
+            run.output_dir, FLAGS.prepared_dir, FLAGS.reuse_prepared, jax.process_index())
         rows, validation_rows, stats = prepare(data_config, tokenizer, workers, cache)
         pair_keys = [prepared.digest(cache_parts(data_config, tokenizer))]
         if FLAGS.eval_every and FLAGS.validation_data:
@@ -482,6 +497,11 @@ def main(argv):
             config = _with_steps(config, math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size))
         if FLAGS.warmup_ratio:
             config = _with_steps(config, config.steps, int(FLAGS.warmup_ratio * config.steps))
+        if FLAGS.dry_run:  # the step on stored reference log-probabilities (online adds a forward)
+            step = functools.partial(train.compile_step, loss_fn=make_loss_fn(loss_config),
+                                     row=pair_row(FLAGS.max_length))
+            return train.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
+                                 FLAGS.peak_tflops, step)
         mesh = parallel.make_mesh(run.fsdp)
         execution = {k: getattr(model_config, k) for k in checkpoint.EXECUTION_FIELDS}
         reference, _, _ = checkpoint.load(run.init_from, model_overrides={**execution, "dropout": 0.0})

@@ -53,13 +53,15 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 from tqdm import tqdm
 
+import budget
 import checkpoint
 import cli
 import generate
 import storage
 import stream
 from eval_tasks import check_task_data, evaluate_with, perplexity_table, report_table
-from model import Transformer
+from model import ModelConfig, Transformer, num_params
+from parallel import make_mesh
 from runlog import check_writable
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
 
@@ -90,6 +92,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("bootstrap_iters", 1000, "lm-eval's bootstrap iterations for standard "
                          "errors (0: none).", lower_bound=0)
     flags.DEFINE_string("compilation_cache_dir", None, checkpoint.COMPILATION_CACHE_HELP)
+    flags.DEFINE_bool("dry_run", False, "Compile the largest scoring pass for one chip of --hardware "
+                      "(the model's shape from --checkpoint, no weights loaded): memory, kernels, fit.")
+    flags.DEFINE_enum("hardware", "", ["", *budget.HARDWARE], "--dry_run for this pod's chip (budget.py).")
     flags.DEFINE_string("output", None, "Write lm-eval's results dict (keyed by task) here as JSON.")
     flags.DEFINE_list("ppl_data", [], "Instead of tasks: loss, perplexity and bits per byte of text "
                       "files (one document per line), per language: [lang=]path; without 'lang=', "
@@ -131,6 +136,29 @@ def _target_scores(model: Transformer, hidden: Float[Array, "rows length d_model
 # Two programs, not one: the body compiles once per row shape, the cheap head once per target count.
 _packed_hidden_jit = jax.jit(_packed_hidden)
 _target_scores_jit = jax.jit(_target_scores)
+
+
+def rows_per_pass(batch_size: int, length: int, accelerator: bool) -> int:
+    """Every pass holds about batch_size x TOKENS_PER_REQUEST tokens (4x that on an accelerator)."""
+    return max(1, batch_size * TOKENS_PER_REQUEST * (4 if accelerator else 1) // length)
+
+
+def compile_scoring(model_config: ModelConfig, rows: int, length: int, device):
+    """One scoring pass (_packed_hidden, then _target_scores with every position a target: the
+    most a pass of `rows` x `length` scores) compiled for `device`, which may be a TPU or GPU
+    topology's (budget.py), from abstract shapes; allocates nothing. JulianLM scores on one
+    device per process, so this is the per-chip program."""
+    config = dataclasses.replace(model_config, scan_layers=True)
+    place = jax.sharding.SingleDeviceSharding(device)
+    model = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),
+                         eqx.filter_eval_shape(Transformer, config, jax.random.key(0)))
+    grid = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=place)
+    flat = jax.ShapeDtypeStruct((rows * length,), jnp.int32, sharding=place)
+
+    def scoring_pass(model, tokens, positions, ends, index, targets):
+        return _target_scores(model, _packed_hidden(model, tokens, positions, ends), index, targets)
+
+    return jax.jit(scoring_pass).lower(model, grid, grid, grid, flat, flat).compile()
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:
@@ -367,9 +395,7 @@ class JulianLM(TemplateLM):
         return [(logprob, greedy) for logprob, greedy in totals]
 
     def rows_per_pass(self, length: int) -> int:
-        """Every pass holds about batch_size x TOKENS_PER_REQUEST tokens (4x that on an accelerator)."""
-        per_request = TOKENS_PER_REQUEST * (1 if jax.default_backend() == "cpu" else 4)
-        return max(1, self.batch_size * per_request // length)
+        return rows_per_pass(self.batch_size, length, jax.default_backend() != "cpu")
 
     def _score_pass(self, packed: _Pass, requests) -> dict[int, tuple[float, bool]]:
         n_rows, length = packed.n_rows, packed.length
@@ -567,6 +593,32 @@ def _held_out_records_nll(lm: "JulianLM", tokenizer: Tokenizer, spec: str) -> tu
 # The command line.
 
 
+def dry_run(directory: str, step: int | None, hardware: str, batch_size: int, dtype: str) -> None:
+    """The largest scoring pass (rows of the model's whole context, every position scored) compiled
+    for one chip of `hardware` (budget.py), on the checkpoint's model shape; no arrays loaded."""
+    step = checkpoint.latest_step(directory) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"--checkpoint {directory!r} holds no checkpoint step")
+    saved = checkpoint.Checkpointer(directory).restore_config(step)["model"]
+    model_config = dataclasses.replace(ModelConfig(**saved), dtype=dtype)
+    devices, compiled_for = budget.dry_run_devices(hardware)
+    pod = budget.HARDWARE.get(hardware)
+    length = model_config.max_seq_len
+    rows = rows_per_pass(batch_size, length, pod is not None or devices[0].platform != "cpu")
+    program = budget.compile_program(lambda m, c, mesh: compile_scoring(m, rows, length, devices[0]),
+                                     model_config, None, make_mesh(1, devices[:1]))
+    lines = [("parameters", f"{num_params(model_config):,}"),
+             ("compiled for", f"{compiled_for} (one chip scores; each process uses one)"),
+             ("scoring pass", f"{rows} rows x {length} tokens, every position scored (--batch_size={batch_size})"),
+             *budget.program_rows(program, pod)]
+    if pod:
+        limit = budget.FIT_FRACTION * pod.memory_gib * 2**30
+        fits = program.peak is not None and program.peak <= limit
+        lines.append(("verdict (one chip)", f"fits: {program.peak / 2**30:.1f} GiB of {pod.memory_gib:g} GiB" if fits else
+                      f"does NOT fit {budget.FIT_FRACTION:.0%} of a {pod.memory_gib:g} GiB chip: lower --batch_size"))
+    budget.print_rows(lines)
+
+
 def _write_json(path: str, content: dict) -> None:
     """Written under a temporary name and renamed: a crash never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -584,8 +636,12 @@ def main(argv):
     os.environ.setdefault("DISABLE_MULTIPROC", "1")
     if not FLAGS.checkpoint:
         raise app.UsageError("--checkpoint is required: a train.py --output_dir")
+    if FLAGS.dry_run and FLAGS.hardware:
+        budget.prepare_host(FLAGS.hardware)
     try:
         check_checkpoint(FLAGS.checkpoint)
+        if FLAGS.dry_run:
+            return dry_run(FLAGS.checkpoint, FLAGS.step, FLAGS.hardware, FLAGS.batch_size, FLAGS.dtype)
         if FLAGS.output:
             check_writable(os.path.dirname(os.path.abspath(FLAGS.output)), "--output")
         if not FLAGS.ppl_data:  # before the model loads: the tasks' data is there

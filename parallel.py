@@ -9,7 +9,7 @@ process loads only its rows and builds the global batch from them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -30,8 +30,10 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         jax.distributed.initialize()
 
 
-def make_mesh(fsdp: int) -> Mesh:
-    devices = jax.devices()
+def make_mesh(fsdp: int, devices: Sequence | None = None) -> Mesh:
+    """The ("data", "fsdp") mesh over `devices` (default all of them; budget.py passes a TPU or
+    GPU topology's to compile for it)."""
+    devices = jax.devices() if devices is None else devices
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"--fsdp={fsdp} must divide the number of devices, {len(devices)}")
     return Mesh(np.array(devices).reshape(-1, fsdp), AXES)

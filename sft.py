@@ -296,6 +296,13 @@ class ChatBatches:
             step += 1
 
 
+def chat_row(seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """One batch row of batch_arrays, abstract: what train.compile_step compiles the step for."""
+    return {"tokens": jax.ShapeDtypeStruct((seq_len + 1,), np.int32),
+            "segment_ids": jax.ShapeDtypeStruct((seq_len,), np.int32),
+            "weights": jax.ShapeDtypeStruct((seq_len,), np.float32)}
+
+
 def batch_arrays(rows: PackedRows, indices: Int[np.ndarray, " n"]) -> dict[str, np.ndarray]:
     """The model's inputs and loss weights for the packed rows `indices` (see ChatBatches.batch);
     index -1 is an empty row (padding, no loss)."""
@@ -469,8 +476,8 @@ def main(argv):
     del argv
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
     checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
-    if FLAGS.dry_run and FLAGS.hardware:  # as train.py: the named pod's chips, faked on a CPU
-        jax.config.update("jax_num_cpu_devices", budget.HARDWARE[FLAGS.hardware].chips)
+    if FLAGS.dry_run and FLAGS.hardware:  # as train.py
+        budget.prepare_host(FLAGS.hardware)
     try:
         flag_model, config, run = train.configs_from_flags()
         if not FLAGS.dry_run:
@@ -505,8 +512,8 @@ def main(argv):
                 raise ValueError(f"--epochs={FLAGS.epochs:g} of {rows.num_rows:,} rows at --batch_size="
                                  f"{config.batch_size} is {steps} steps: {e}") from None
         if FLAGS.dry_run:  # sizes, memory and budget of this fine-tuning (steps from --epochs)
-            return train.dry_run(model_config, config, parallel.make_mesh(run.fsdp), FLAGS.hardware,
-                                 FLAGS.assumed_mfu, FLAGS.peak_tflops)
+            return train.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
+                                 FLAGS.peak_tflops, functools.partial(train.compile_step, row=chat_row(seq_len)))
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None

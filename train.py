@@ -150,7 +150,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("eval_limit", 0, "Items per task for --eval_tasks (0: all).")
     flags.DEFINE_bool("dry_run", False, "Print sizes, compiled memory and compute budget; train nothing.")
     flags.DEFINE_enum("hardware", "", ["", *HARDWARE],
-                      "--dry_run on a CPU as if on this pod: memory per chip and the time estimate.")
+                      "--dry_run for this pod: compiled by its own compiler (libtpu, the CUDA plugin) on this "
+                      "host, memory per chip, kernels, fit, and the time estimate.")
     flags.DEFINE_float("assumed_mfu", 0.4, "For --dry_run's time estimate.")
     flags.DEFINE_float("peak_tflops", 0.0,
                        "bf16 peak TFLOP/s per device for MFU; 0 looks the chip up (CPU: measured once per "
@@ -353,24 +354,31 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (too many rollbacks); the message says what happened and where."""
 
 
-def step_memory(model_config: ModelConfig, config: TrainConfig, mesh: Mesh):
-    """XLA's memory analysis of the compiled train step for `mesh` (per device); allocates nothing."""
+def compile_step(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, loss_fn: LossFn = token_loss,
+                 row: dict[str, jax.ShapeDtypeStruct] | None = None):
+    """The train step compiled for `mesh` (whose devices may be a topology's: budget.py's
+    --hardware) from abstract arguments; allocates nothing. `row` is one batch row's arrays, a
+    pretraining row of tokens by default (sft.py and dpo.py pass theirs, with their `loss_fn`)."""
     optimizer = make_optimizer(config)
     state = abstract_state(model_config, optimizer, mesh)
     micro = config.batch_size // config.grad_accum
-    tokens = jax.ShapeDtypeStruct((config.grad_accum, micro, model_config.max_seq_len + 1), jnp.int32,
-                                  sharding=batch_sharding(mesh))
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    return make_train_step(optimizer, shardings(state), mesh).lower(
-        state, {"tokens": tokens}, jax.random.key(0), scalar, jax.ShapeDtypeStruct((), jnp.bool_),
-        jax.ShapeDtypeStruct((mesh.size,), jnp.bool_)).compile().memory_analysis()
+    row = row or {"tokens": jax.ShapeDtypeStruct((model_config.max_seq_len + 1,), jnp.int32)}
+    batch = {name: jax.ShapeDtypeStruct((config.grad_accum, micro, *x.shape), x.dtype, sharding=batch_sharding(mesh))
+             for name, x in row.items()}
+    # Every argument abstract and placed on `mesh`: it may be a topology this host does not have.
+    replicated = NamedSharding(mesh, P())
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+    votes = jax.ShapeDtypeStruct((mesh.size,), jnp.bool_, sharding=NamedSharding(mesh, P(AXES)))
+    return make_train_step(optimizer, shardings(state), mesh, loss_fn).lower(
+        state, batch, key, scalar(jnp.int32), scalar(jnp.bool_), votes).compile()
 
 
-def dry_run(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, hardware: str, assumed_mfu: float,
-            peak_tflops: float) -> None:
-    """budget.dry_run of this file's train step (sizes, memory, fit on `hardware`, time budget)."""
-    budget.dry_run(model_config, config, mesh, hardware, assumed_mfu, peak_tflops,
-                   lambda m, c: step_memory(m, c, mesh))
+def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
+            peak_tflops: float, compile_fn: budget.CompileFn = compile_step) -> None:
+    """budget.dry_run of a train step (this file's, or sft.py's and dpo.py's through `compile_fn`):
+    sizes, memory, kernels, fit on `hardware`, time budget."""
+    budget.dry_run(model_config, config, fsdp, hardware, assumed_mfu, peak_tflops, compile_fn)
 
 
 # --- The run ---------------------------------------------------------------------------------------
@@ -614,13 +622,11 @@ def main(argv):
     checkpoint.quiet_logging(FLAGS["verbosity"].present)
     checkpoint.use_compilation_cache(FLAGS.compilation_cache_dir)
     if FLAGS.dry_run and FLAGS.hardware:
-        # On a CPU, fake the named pod's chips so the batch splits and memory is per chip.
-        jax.config.update("jax_num_cpu_devices", HARDWARE[FLAGS.hardware].chips)
+        budget.prepare_host(FLAGS.hardware)
     try:
         model_config, config, run = configs_from_flags()
         if FLAGS.dry_run:
-            return dry_run(model_config, config, make_mesh(run.fsdp), FLAGS.hardware,
-                           FLAGS.assumed_mfu, FLAGS.peak_tflops)
+            return dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu, FLAGS.peak_tflops)
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
         if not FLAGS.train_data:

@@ -14,6 +14,12 @@ import pytest
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="julian-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The suite runs on JAX's CPU backend, in this process and the scripts it starts: with libtpu and
+# the CUDA plugin installed (requirements-dev.txt) JAX would try both first. The tests that compile
+# for a TPU or a GPU do it through topologies, which need neither backend; processes doing so at
+# once share libtpu (it takes a lock file otherwise).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # `ray start --head` turns token authentication on: every node and driver of the session's Ray
 # cluster must expect it (the processes the tests start inherit this).
 os.environ["RAY_AUTH_MODE"] = "token"

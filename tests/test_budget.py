@@ -7,10 +7,10 @@ import os
 import jax
 
 import budget
-from budget import FIT_FRACTION, Pod, fit_verdict, peak_bytes
+from budget import FIT_FRACTION, Pod, compile_program, fit_verdict
 from model import ModelConfig
 from parallel import make_mesh
-from train import TrainConfig, step_memory
+from train import TrainConfig, compile_step
 
 TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
                    dtype="float32")
@@ -33,14 +33,13 @@ def test_cpu_peak_is_measured_once_per_cpu_model_and_core_count_then_read_from_t
 def test_dry_run_fit_verdict_names_the_remat_flag_that_makes_a_step_fit():
     model_config = dataclasses.replace(TINY, max_seq_len=256, attention="einsum")
     config = TrainConfig(steps=10, batch_size=8, warmup_steps=1)
-    mesh = make_mesh(1)
-    plain = peak_bytes(step_memory(model_config, config, mesh))
-    dots = peak_bytes(step_memory(dataclasses.replace(model_config, remat="dots"), config, mesh))
-    assert dots < plain
+    devices, mesh = jax.devices(), make_mesh(1)
+    plain = compile_program(compile_step, model_config, config, mesh)
+    dots = compile_program(compile_step, dataclasses.replace(model_config, remat="dots"), config, mesh)
+    assert dots.peak < plain.peak
     # A chip between the two: the step as configured does not fit, --remat=dots does.
-    between = Pod(1, 275.0, (dots + plain) / 2 / FIT_FRACTION / 2**30, "tpu")
-    memory_of = lambda m, c: step_memory(m, c, mesh)
-    verdict = fit_verdict(model_config, config, mesh, between, plain, memory_of)
-    assert verdict.startswith(f"NO: needs {plain / 2**30:.1f} GiB per chip") and "with --remat=dots" in verdict
-    roomy = Pod(1, 275.0, 2 * plain / FIT_FRACTION / 2**30, "tpu")
-    assert fit_verdict(model_config, config, mesh, roomy, plain, memory_of).startswith("yes")
+    between = Pod(1, 275.0, (dots.peak + plain.peak) / 2 / FIT_FRACTION / 2**30, "tpu", "")
+    verdict = fit_verdict(model_config, config, devices, 1, between, plain, compile_step)
+    assert verdict.startswith(f"does NOT fit: needs {plain.peak / 2**30:.1f} GiB per chip") and "with --remat=dots" in verdict
+    roomy = Pod(1, 275.0, 2 * plain.peak / FIT_FRACTION / 2**30, "tpu", "")
+    assert fit_verdict(model_config, config, devices, 1, roomy, plain, compile_step).startswith("fits")

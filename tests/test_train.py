@@ -119,7 +119,7 @@ def test_dry_run_prints_parameters_and_compiled_memory_without_training(tmp_path
                      f"--output_dir={tmp_path}/never").stdout
     tiny = ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512, max_seq_len=128)
     assert f"{num_params(tiny):,}" in out
-    assert "per-device memory: temporaries" in out and "MiB" in out
+    assert "per-chip memory: temporaries" in out and "MiB" in out
     assert "training tokens" in out and "days" in out
     assert not os.path.exists(f"{tmp_path}/never")
 
@@ -181,13 +181,13 @@ def test_dry_run_shows_fsdp_dividing_the_per_device_state(tmp_path):
         out = run_script("train.py", "--flagfile=configs/tiny.flags", "--dry_run", "--hardware=v4-8",
                          f"--output_dir={tmp_path}/never", *args).stdout
         assert "{'data': %d, 'fsdp': %d}" % (4 // int(args[0][7:]), int(args[0][7:])) in out
-        fit_lines.extend(l for l in out.splitlines() if l.startswith("fits one v4-8 chip"))
-        line = next(l for l in out.splitlines() if l.startswith("per-device memory: arguments"))
+        fit_lines.extend(l for l in out.splitlines() if l.startswith("verdict (one chip)"))
+        line = next(l for l in out.splitlines() if l.startswith("per-chip memory: arguments"))
         value, unit = line.split()[-2:]
         return float(value) * {"GiB": 1024, "MiB": 1}[unit]
 
     replicated, sharded = argument_mib("--fsdp=1"), argument_mib("--fsdp=4")
-    assert fit_lines[0].split()[4] == "yes:", fit_lines  # the tiny model fits a v4 chip
+    assert fit_lines[0].split()[3] == "fits:", fit_lines  # the tiny model fits a v4 chip
     assert sharded < 0.3 * replicated, (replicated, sharded)
 
 

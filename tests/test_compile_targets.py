@@ -1,0 +1,91 @@
+"""`--dry_run --hardware=NAME` compiles for NAME's own chips on this CPU (budget.py): XLA:TPU from
+libtpu for a TPU slice, with its memory figures, its Mosaic kernels and a verdict that was itself
+compiled. model.py's side (kernels follow the mesh, dots saves matmul outputs) is tested in
+tests/test_model_targets.py; here, what a user reads."""
+
+import dataclasses
+import re
+
+import pytest
+
+import budget
+from conftest import run_script
+from model import ModelConfig
+from parallel import make_mesh
+from train import TrainConfig, compile_step
+
+pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) is not installed: no XLA:TPU to compile with")
+
+# configs/tiny.flags' batch.
+TINY_TRAIN = TrainConfig(steps=300, batch_size=8, warmup_steps=30)
+
+
+def printed_rows(out: str) -> dict[str, str]:
+    """A dry run's printout as {label: value}."""
+    return dict(re.match(r"(.+?)\s{2,}(.*)", line).groups() for line in out.splitlines() if "  " in line)
+
+
+def dry_run(*flags: str) -> dict[str, str]:
+    """train.py --flagfile=configs/tiny.flags --dry_run FLAGS..., as rows {label: value}."""
+    return printed_rows(run_script("train.py", "--flagfile=configs/tiny.flags", "--dry_run", *flags).stdout)
+
+
+def gib(text: str) -> float:
+    number, unit = re.match(r"-?([\d.]+) (GiB|MiB)", text).groups()
+    return float(number) / (1024 if unit == "MiB" else 1)
+
+
+def test_tiny_dry_run_for_a_v4_8_prints_xla_tpu_figures_the_splash_kernels_and_fits():
+    rows = dry_run("--hardware=v4-8")
+    assert rows["compiled for"] == "v4-8: XLA:TPU for 4 x TPU v4"
+    assert rows["attention, remat"] == "splash, none"  # --attention=auto on a TPU
+    for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):  # forward and backward
+        assert kernel in rows["fused kernels"]
+    figures = {k.removeprefix("per-chip memory: "): gib(v) for k, v in rows.items() if k.startswith("per-chip memory")}
+    peak = figures["arguments"] + figures["outputs"] - figures["aliased"] + figures["temporaries"]
+    assert figures["peak"] == pytest.approx(peak, abs=0.02)
+    assert rows["verdict (one chip)"].startswith(f"fits: {figures['peak']:.1f} GiB of 32 GiB per chip")
+
+
+def test_dots_keeps_the_matmul_outputs_that_full_recomputes_in_the_program_compiled_for_a_v4_8():
+    # Wider and longer than tiny, with a small vocabulary: the saved activations, not the logits,
+    # set the temporaries (at tiny's size XLA:TPU keeps most of them out of HBM).
+    model_config = ModelConfig(vocab_size=256, d_model=512, n_layers=2, n_heads=4, d_ff=2048, max_seq_len=1024,
+                               scan_layers=False, attention="splash")
+    mesh = make_mesh(1, budget.target_devices("v4-8"))
+    temporaries = {remat: budget.compile_program(compile_step, dataclasses.replace(model_config, remat=remat),
+                                                 TINY_TRAIN, mesh).memory.temp_size_in_bytes
+                   for remat in ("full", "dots")}
+    # Saved activations are temporaries: dots holds the matmul outputs that full recomputes
+    # (+50% here; at 600m on a v4-32, 14.75 GiB against 5.22: benchmarks/compile_targets.py).
+    assert temporaries["dots"] > 1.2 * temporaries["full"], temporaries
+
+
+@pytest.mark.slow  # two 4B-parameter compiles: ~25 s on an idle 2-core CPU
+def test_a_step_that_cannot_fit_a_v4_chip_is_refused_in_one_line_naming_the_flag_that_fits():
+    # 4.4B parameters and their Adam state replicated on every chip: over 32 GiB before any
+    # activation; sharded over the slice's 4 chips they fit.
+    rows = dry_run("--hardware=v4-8", "--d_model=8192", "--d_ff=32768", "--n_heads=64", "--n_layers=4",
+                   "--scan_layers=true", "--remat=full")
+    verdict = rows["verdict (one chip)"]
+    assert verdict.startswith("does NOT fit: ") and "--fsdp=4" in verdict and verdict.endswith("and fits")
+    fitted = float(re.search(r"it needs ([\d.]+) GiB and fits", verdict).group(1))
+    assert fitted <= budget.FIT_FRACTION * 32
+
+
+def test_evaluate_dry_run_compiles_the_largest_scoring_pass_for_one_v4_chip(tiny_run):
+    rows = printed_rows(run_script("evaluate.py", f"--checkpoint={tiny_run}", "--dry_run", "--hardware=v4-8").stdout)
+    assert rows["compiled for"].startswith("v4-8: XLA:TPU for 4 x TPU v4")
+    # --batch_size=16 on an accelerator: 16 x 256 tokens in rows of the tiny model's 128.
+    assert rows["scoring pass"].startswith("32 rows x 128 tokens")
+    assert gib(rows["per-chip memory: arguments"]) * 2**30 >= 4 * 3_344_064  # fp32 parameters
+    assert rows["verdict (one chip)"].startswith("fits")
+
+
+def test_dpo_dry_run_compiles_the_pair_step_for_a_v4_8_and_writes_nothing(tiny_run, tmp_path):
+    rows = printed_rows(run_script(
+        "dpo.py", "--flagfile=configs/dpo_tiny.flags", f"--init_from={tiny_run}", f"--output_dir={tmp_path}/never",
+        "--train_data=samples/preference/en_hh_rlhf_sample100_pairs.jsonl", "--dry_run", "--hardware=v4-8").stdout)
+    assert rows["compiled for"] == "v4-8: XLA:TPU for 4 x TPU v4"
+    assert "splash_mha_fwd" in rows["fused kernels"] and rows["verdict (one chip)"].startswith("fits")
+    assert not (tmp_path / "never").exists()
