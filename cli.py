@@ -98,9 +98,9 @@ ACCELERATOR_DEVICES = ("/dev/accel0", "/dev/vfio/0", "/dev/nvidiactl", "/dev/kfd
 
 def cpu_only_without_accelerator() -> None:
     """On a host with no accelerator, use JAX's CPU backend only, unless JAX_PLATFORMS says
-    otherwise. With libtpu and the CUDA plugin installed (requirements-dev.txt: the dry run
-    compiles for TPUs and GPUs), JAX would otherwise try both at startup and print a TPU
-    hostname error and a CUDA traceback before every run."""
+    otherwise. With libtpu (requirements-dev.txt) or the CUDA plugin (requirements-compile-gpu.txt)
+    installed for the dry run, which compiles for TPUs and GPUs, JAX would otherwise try them at
+    startup and print a TPU hostname error or a CUDA traceback before every run."""
     if "JAX_PLATFORMS" not in os.environ and not any(os.path.exists(d) for d in ACCELERATOR_DEVICES):
         os.environ["JAX_PLATFORMS"] = "cpu"  # for a later `import jax`, and the processes it starts
         if "jax" in sys.modules:  # imported already: its config read the environment then
