@@ -123,9 +123,9 @@ def test_a_data_dir_without_a_tasks_file_is_refused_in_one_line_naming_task_and_
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    expected = os.path.join(os.path.abspath(FR_DIR), "xnli_fr.jsonl")
-    assert lines[0].startswith("evaluate.py: error: task 'xnli_fr': ")
-    assert "expected the 'validation' split of facebook/xnli (fr) as JSONL at " + expected in lines[0]
+    assert lines[0].startswith(f"evaluate.py: error: --data_dir '{os.path.abspath(FR_DIR)}' lacks 1 of 2 "
+                               "tasks' files: xnli_fr.jsonl")
+    assert "xnli_fr.jsonl: the 'validation' split of facebook/xnli (fr)" in lines[0]
     assert "xwinograd_fr" not in lines[0]  # its file is there
 
 
