@@ -10,12 +10,14 @@ MFU peak is measured once per machine and cached, so runs compare.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib.util
 import json
 import os
 import platform
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 import cli
-from model import AUTO_ATTENTION, ModelConfig, attention_impl, flops_per_token, num_params
+from model import AUTO_ATTENTION, REMAT_POLICIES, ModelConfig, attention_impl, flops_per_token, num_params
 from parallel import make_mesh
 
 if TYPE_CHECKING:
@@ -90,13 +92,18 @@ INSTRUCTION = re.compile(r'^\s*%?([\w.-]+?)(?:\.\d+)? = ')
 # A program fits a chip when it needs at most this share of its memory: the runtime and the
 # allocator's fragmentation need the rest.
 FIT_FRACTION = 0.9
-REMAT_ORDER = ("none", "dots", "full")  # least to most recomputation
+REMAT_ORDER = REMAT_POLICIES  # least to most recomputation
 
 
 def prepare_host(hardware: str) -> None:
     """Before any JAX call of a --dry_run for `hardware`: compile on this host's CPU, whatever
-    accelerator it has, with the pod's chip count faked there for the estimate's fallback, and
-    libtpu's warnings about a host that is no TPU worker silenced."""
+    accelerator it has, with the pod's chip count faked there for the estimate's fallback,
+    libtpu's warnings about a host that is no TPU worker silenced, and XLA's buffer assignment
+    dumped (to a temporary directory) for the table of the buffers live at the peak."""
+    if not dump_dir():  # XLA reads its flags once, when the first backend starts
+        dump = tempfile.mkdtemp(prefix="xla_dump_")
+        atexit.register(shutil.rmtree, dump, ignore_errors=True)
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text".strip()
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", HARDWARE[hardware].chips)
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", hardware if HARDWARE[hardware].backend == "tpu" else "v4-8")
@@ -215,14 +222,136 @@ def peak_bytes(memory) -> int:
             + memory.temp_size_in_bytes)
 
 
+# --- What is live at the peak: XLA's buffer assignment, read from its dump -------------------------
+
+# What a buffer live at the peak holds, as the table groups them.
+BUFFER_GROUPS = ("parameters", "optimizer state", "batch and scalars", "gathered parameters", "parameter casts",
+                 "saved activations", "logits", "attention", "gradients and updates", "other temporaries")
+PEAK_LINE = re.compile(r"^\s+([\w.\-]+)\{([\d,]*)\}: (\d+) bytes")
+HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(")
+ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """One buffer live at the peak: bytes per chip, dtype[dims], what it holds, the op that made it."""
+    size: int
+    shape: str
+    group: str
+    op: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShapes:
+    """What the buffers are recognised by: the parameters' shapes (whole, one layer's, and each
+    chip's shard), and the layer count, vocabulary and sequence length."""
+    whole: frozenset[tuple[int, ...]]
+    sharded: frozenset[tuple[int, ...]]
+    n_layers: int
+    vocab: int
+    seq_len: int
+    fsdp: int
+
+    @classmethod
+    def of(cls, model_config: ModelConfig, mesh: Mesh) -> ModelShapes:
+        from model import Transformer
+        from parallel import leaf_sharding
+
+        shapes = [x.shape for x in jax.tree.leaves(jax.eval_shape(lambda: Transformer(model_config, jax.random.key(0))))]
+        whole = set(shapes) | {s[1:] for s in shapes if len(s) == 3}  # stacked blocks: one layer's too
+        sharded = {leaf_sharding(mesh, s).shard_shape(s) for s in shapes}
+        sharded |= {s[1:] for s in sharded if len(s) == 3}
+        return cls(frozenset(whole), frozenset(sharded), model_config.n_layers, model_config.vocab_size,
+                   model_config.max_seq_len, mesh.shape["fsdp"])
+
+    def group(self, dtype: str, dims: tuple[int, ...], opcode: str, op: str) -> str:
+        """Which of BUFFER_GROUPS a buffer is, from its argument path (XLA names a parameter by
+        it), its op (backward ops are jax's "transpose(...)") and its shape."""
+        if op.startswith("args["):
+            return ("optimizer state" if ".opt_state" in op else "parameters" if ".model" in op
+                    else "batch and scalars")
+        backward = "transpose(" in op
+        if opcode.startswith("all-gather") or (self.fsdp > 1 and dims in self.whole - self.sharded and not backward):
+            return "gathered parameters"
+        if dims in self.whole | self.sharded:
+            return "gradients and updates" if dtype == "f32" else "parameter casts"
+        if self.vocab in dims:
+            return "logits"
+        if "splash" in op or "attend" in op or (len(dims) == 4 and dims[-1] == dims[-2] >= self.seq_len // 2):
+            return "attention"
+        if len(dims) >= 4 and dims[0] == self.n_layers:  # what the layer scan stacks for the backward
+            return "saved activations"
+        return "other temporaries"
+
+
+def dump_dir() -> str | None:
+    """Where XLA dumps compiled modules (--xla_dump_to in XLA_FLAGS), if it does."""
+    found = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    return found.group(1) if found else None
+
+
+def peak_buffers(dump: str, known: set[str], shapes: ModelShapes) -> tuple[int, tuple[Buffer, ...]]:
+    """(bytes live at the peak, the buffers live then, largest first) of the largest module XLA
+    dumped to `dump` since `known` (file names seen before); its files are deleted once read.
+
+    From XLA's live ranges (*-live-range.txt: the buffers live at the step of the peak, from the
+    same heap simulation as its buffer assignment) and the optimized HLO (each buffer's shape and
+    the op that defined it)."""
+    new = [f for f in os.listdir(dump) if f.endswith("after_optimizations-live-range.txt") and f not in known]
+    if not new:
+        return 0, ()
+    paths = {f: os.path.join(dump, f) for f in new}
+    module = max(new, key=lambda f: os.path.getsize(paths[f])).removesuffix("-live-range.txt")
+    instructions = {}
+    with open(os.path.join(dump, module + ".txt")) as f:
+        for line in f:
+            if match := HLO_LINE.match(line):
+                op = OP_NAME.search(line)
+                instructions[match.group(1)] = (ARRAY.findall(match.group(2)), match.group(3), op.group(1) if op else "")
+    buffers, peak, live = [], 0, False
+    with open(paths[module + "-live-range.txt"]) as f:
+        for line in f:
+            if "(peak):" in line:
+                live = True
+            elif live and (match := PEAK_LINE.match(line)):
+                name, index, size = match.group(1), match.group(2), int(match.group(3))
+                arrays, opcode, op = instructions.get(name, ([], "", ""))
+                element = int(index.split(",")[0]) if index and len(arrays) > 1 else 0
+                dtype, dims = arrays[element] if element < len(arrays) else ("", "")
+                dims = tuple(int(d) for d in dims.split(",") if d)
+                buffers.append(Buffer(size, f"{dtype}[{','.join(map(str, dims))}]",
+                                      shapes.group(dtype, dims, opcode, op), op or f"{opcode} {name}"))
+                peak += size
+            elif live:
+                break
+    prefix = module.split(".")[0] + "."
+    for f in os.listdir(dump):  # a big model's dump is hundreds of MB: keep none of it
+        if f.startswith(prefix):
+            path = os.path.join(dump, f)
+            if os.path.isfile(path):
+                os.remove(path)
+    return peak, tuple(sorted(buffers, key=lambda b: -b.size))
+
+
+def buffer_groups(buffers: Sequence[Buffer]) -> dict[str, tuple[int, int]]:
+    """{group: (bytes, buffers)} of the buffers live at the peak, in BUFFER_GROUPS' order."""
+    totals = {g: (sum(b.size for b in buffers if b.group == g), sum(b.group == g for b in buffers))
+              for g in BUFFER_GROUPS}
+    return {g: t for g, t in totals.items() if t[1]}
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
     """What the dry run reads of one compiled program: XLA's per-chip memory analysis, its fused
-    kernels and compile seconds; or, when the compiler refused it for want of memory, why."""
+    kernels and compile seconds, and (when XLA dumps its buffer assignment) the buffers live at
+    the peak; or, when the compiler refused it for want of memory, why."""
     memory: Any
     kernels: tuple[str, ...]
     seconds: float
     refused: str = ""
+    live_peak: int = 0  # bytes live at the peak, by XLA's heap simulation
+    buffers: tuple[Buffer, ...] = ()
 
     @property
     def peak(self) -> int | None:
@@ -232,6 +361,8 @@ class Program:
 def compile_program(compile_fn: CompileFn, model_config: ModelConfig, config: Any, mesh: Mesh) -> Program:
     """`compile_fn`'s program for `mesh`, read as a Program. XLA:TPU refuses a program whose
     temporaries exceed the chip (it checks nothing else): that is a verdict, not an error."""
+    dump = dump_dir()
+    known = set(os.listdir(dump)) if dump and os.path.isdir(dump) else set()
     start = time.perf_counter()
     try:
         compiled = compile_fn(model_config, config, mesh)
@@ -240,7 +371,9 @@ def compile_program(compile_fn: CompileFn, model_config: ModelConfig, config: An
             raise
         line = next(line for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line)
         return Program(None, (), time.perf_counter() - start, line.split("RESOURCE_EXHAUSTED:", 1)[-1].strip())
-    return Program(compiled.memory_analysis(), tuple(kernels(compiled)), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    live_peak, buffers = peak_buffers(dump, known, ModelShapes.of(model_config, mesh)) if dump else (0, ())
+    return Program(compiled.memory_analysis(), tuple(kernels(compiled)), seconds, live_peak=live_peak, buffers=buffers)
 
 
 def fit_verdict(model_config: ModelConfig, config: TrainConfig, devices: Sequence, fsdp: int, pod: Pod,
@@ -308,7 +441,20 @@ def program_rows(program: Program, pod: Pod | None) -> list[tuple[str, str]]:
             rows.append(("headroom", f"{_gib(free) if free > 0 else '-' + _gib(-free)} of {pod.memory_gib:g} GiB "
                                      f"({free / (pod.memory_gib * 2**30):.0%})"))
     return rows + [("fused kernels", ", ".join(program.kernels) or "none"),
-                   ("compile seconds", f"{program.seconds:.1f}")]
+                   ("compile seconds", f"{program.seconds:.1f}")] + buffer_rows(program)
+
+
+def buffer_rows(program: Program, largest: int = 8) -> list[tuple[str, str]]:
+    """What is live at the peak: bytes per group (BUFFER_GROUPS), then the largest buffers."""
+    if not program.buffers:
+        return []
+    rows = [("live at the peak", f"{_gib(program.live_peak)} in {cli.plural(len(program.buffers), 'buffer')} "
+                                 "(XLA's buffer assignment)")]
+    rows += [(f"  {group}", f"{_gib(size)} in {cli.plural(count, 'buffer')}")
+             for group, (size, count) in buffer_groups(program.buffers).items()]
+    rows += [(f"  largest #{i + 1}", f"{_gib(b.size)} {b.shape} {b.group}: {b.op[-70:]}")
+             for i, b in enumerate(program.buffers[:largest])]
+    return rows
 
 
 def print_rows(rows: Sequence[tuple[str, str]]) -> None:

@@ -14,7 +14,8 @@ v4 chip (a report-task pass at the default --batch_size on an accelerator: 2 row
 position scored, which bounds the real passes). All at the flagfiles' batch: 4 sequences per chip
 for pretraining. Columns: XLA's per-chip memory (arguments, outputs, aliased, temporaries, code;
 peak = arguments + outputs - aliased + temporaries), the fused kernels, compile seconds, and
-whether the peak fits 90% of the chip (budget.FIT_FRACTION). Each row is appended to
+whether the peak fits 90% of the chip (budget.FIT_FRACTION); then, from XLA's buffer assignment,
+what is live at each row's peak, by group (budget.BUFFER_GROUPS). Each row is appended to
 --output (JSON lines) as it completes, so a run cut short keeps what it compiled.
 """
 
@@ -97,7 +98,9 @@ def measure(row: Row) -> dict:
     if not program.refused:
         m = program.memory
         out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
-                   temporaries=m.temp_size_in_bytes, code=m.generated_code_size_in_bytes, peak=program.peak)
+                   temporaries=m.temp_size_in_bytes, code=m.generated_code_size_in_bytes, peak=program.peak,
+                   live_peak=program.live_peak, groups={g: size for g, (size, _) in budget.buffer_groups(program.buffers).items()},
+                   largest=[dataclasses.asdict(b) for b in program.buffers[:5]])
     out["fits"] = bool(program.peak is not None and program.peak <= budget.FIT_FRACTION * pod.memory_gib * 2**30)
     return out
 
@@ -120,6 +123,22 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def buffer_table(results: list[dict]) -> str:
+    """Where each row's peak goes: GiB per chip of each group of buffers live at the peak
+    (budget.BUFFER_GROUPS, from XLA's buffer assignment), and the largest buffer."""
+    groups = [g for g in budget.BUFFER_GROUPS if any(g in r.get("groups", {}) for r in results)]
+    lines = [f"| row | live at peak | {' | '.join(groups)} | largest buffer |",
+             "| --- | ---: | " + "---: | " * len(groups) + "--- |"]
+    for r in results:
+        if not r.get("groups"):
+            continue
+        big = r["largest"][0]
+        cells = " | ".join(f"{r['groups'].get(g, 0) / 2**30:.2f}" for g in groups)
+        lines.append(f"| {r['row']} | {r['live_peak'] / 2**30:.2f} | {cells} | "
+                     f"{big['size'] / 2**30:.2f} GiB {big['shape']} {big['group']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="", help="comma-separated prefixes of row names (default: all)")
@@ -137,7 +156,10 @@ def main() -> None:
                     f.write(json.dumps(result) + "\n")
     with open(args.output) as f:
         results = {r["row"]: r for r in map(json.loads, f)}  # the newest run of each row
-    print(table([results[row.name] for row in rows() if row.name in results]))
+    done = [results[row.name] for row in rows() if row.name in results]
+    print(table(done))
+    print()
+    print(buffer_table(done))
 
 
 if __name__ == "__main__":
