@@ -32,10 +32,17 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-REMAT_POLICIES = ("none", "full", "dots")
-# What --remat=dots keeps. jax.checkpoint's dots_saveable cannot see the matmuls inside `einsum`'s
-# custom VJP (it compiles to the same program as "full"), so `einsum` names its outputs instead.
-MATMUL_OUTPUT = "matmul_output"
+# What `einsum` names its outputs, for remat policies to save: jax.checkpoint's dots_saveable cannot
+# see the matmuls inside `einsum`'s custom VJP (it compiles to the same program as "full").
+QKV, CONTEXT, OUT_PROJ, MLP_HIDDEN, MLP_OUT = "qkv_proj", "context", "out_proj", "mlp_hidden", "mlp_out"
+# --remat: the named matmul outputs each policy keeps from the forward for the backward (in the
+# compute dtype); the rest of a block is recomputed. From least to most recomputation:
+#   none: nothing recomputed; dots: every matmul output but the attention scores; dots_except_mlp:
+#   all but the MLP's d_ff-wide gate and up (the largest, 2 x d_ff per token); attention: the q/k/v
+#   and output projections only; full: only each block's input.
+REMAT_SAVES = {"dots": (QKV, CONTEXT, OUT_PROJ, MLP_HIDDEN, MLP_OUT), "dots_except_mlp": (QKV, CONTEXT, OUT_PROJ, MLP_OUT),
+               "attention": (QKV, OUT_PROJ), "full": ()}
+REMAT_POLICIES = ("none", *REMAT_SAVES)
 # "auto" follows the target platform (see `attention_impl`); the others name one implementation.
 ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "splash", "flash", "cudnn")
 # What "auto" runs on each backend: the fused kernel that honours segment ids there.
@@ -57,7 +64,7 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "bfloat16"  # activations and matmul inputs; "float32" for exact checks
     scan_layers: bool = True  # one compiled block for all layers; unrolled runs faster on CPU
-    remat: str = "none"  # "none" | "full" | "dots" (keep matmul outputs but scores, recompute the rest)
+    remat: str = "none"  # one of REMAT_POLICIES: which matmul outputs the backward keeps (REMAT_SAVES)
     attention: str = "einsum"  # one of ATTENTION_IMPLS; "auto" picks by target platform at trace time
 
     def __post_init__(self):
@@ -129,16 +136,18 @@ def _einsum_bwd(spec, dtype, residuals, g):
 _einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 
-def einsum(spec: str, a: Array, b: Array, dtype: str, saveable: bool = True) -> Float[Array, "..."]:
-    """`jnp.einsum(spec, a, b)` on `dtype` operands, accumulated and returned in fp32.
+def einsum(spec: str, a: Array, b: Array, dtype: str, name: str | None = None) -> Float[Array, "..."]:
+    """`jnp.einsum(spec, a, b)` on `dtype` operands, accumulated in fp32; returned in fp32, or, when
+    `name`d, rounded to `dtype` and named for the remat policies (REMAT_SAVES) to keep.
 
     Valid for specs where every index of an operand appears in the other operand or the output
     (true of every projection and attention product here), so the gradients are einsums too.
-    The output is named MATMUL_OUTPUT for `--remat=dots` unless `saveable` is False (the
-    attention scores, [heads, seq, seq] per row: cheaper to recompute than to keep).
+    A named output is rounded first so that what remat keeps is in the compute dtype: half the
+    bytes of the fp32 accumulator (MaxText's choice too). Unnamed: the attention scores ([heads,
+    seq, seq] per row: cheaper to recompute than to keep) and the logits.
     """
     out = _einsum(spec, a, b, dtype)
-    return checkpoint_name(out, MATMUL_OUTPUT) if saveable else out
+    return out if name is None else checkpoint_name(out.astype(dtype), name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,10 +305,10 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
                                             implementation="cudnn" if impl == "cudnn" else "xla")
     index = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = segments if segments.ndim == 3 else attention_mask(segments, segments, index, index)
-    scores = einsum("bhqd,bhkd->bhqk", q, k, dtype, saveable=False) / math.sqrt(d)
+    scores = einsum("bhqd,bhkd->bhqk", q, k, dtype) / math.sqrt(d)
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    return einsum("bhqk,bhkd->bhqd", probs, v, dtype).transpose(0, 2, 1, 3).astype(dtype)
+    return einsum("bhqk,bhkd->bhqd", probs, v, dtype, CONTEXT).transpose(0, 2, 1, 3)
 
 
 class Attention(eqx.Module):
@@ -323,11 +332,11 @@ class Attention(eqx.Module):
         b, t, _ = x.shape
         # Heads before time, so every attention product batches over leading (batch, head) axes:
         # XLA:CPU rejects bf16 -> f32 batched dots whose batch axes are not leading.
-        heads = lambda w: einsum("btd,de->bte", x, w, config.dtype).reshape(
+        heads = lambda w: einsum("btd,de->bte", x, w, config.dtype, QKV).reshape(
             b, t, self.n_heads, -1).transpose(0, 2, 1, 3)
         q = rotary(heads(self.wq), positions, config.rope_theta)
         k = rotary(heads(self.wk), positions, config.rope_theta)
-        return q, k, heads(self.wv).astype(config.dtype)
+        return q, k, heads(self.wv)
 
     def __call__(self, x: Float[Array, "batch seq d_model"], segments: Segments,
                  positions: Int[Array, "batch seq"], config: ModelConfig
@@ -336,7 +345,7 @@ class Attention(eqx.Module):
         q, k, v = self.qkv(x, positions, config)
         out = attend(q, k, v, segments, config.attention, config.dtype)
         out = out.reshape(b, t, d).astype(config.dtype)
-        return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype)
+        return einsum("bte,ed->btd", out, self.wo, config.dtype, OUT_PROJ)
 
     def extend(self, x: Float[Array, "batch new d_model"], k_cache: Float[Array, "batch heads cache head_dim"],
                v_cache: Float[Array, "batch heads cache head_dim"], positions: Int[Array, "batch new"],
@@ -355,7 +364,7 @@ class Attention(eqx.Module):
         # Slots up to a token's own position hold the row's earlier tokens; later slots hold
         # padding or stale entries, and causality alone hides them.
         visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]
-        scores = einsum("bhqd,bhkd->bhqk", q, k_cache, config.dtype, saveable=False) / math.sqrt(q.shape[-1])
+        scores = einsum("bhqd,bhkd->bhqk", q, k_cache, config.dtype) / math.sqrt(q.shape[-1])
         scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         out = einsum("bhqk,bhkd->bhqd", probs, v_cache, config.dtype).transpose(0, 2, 1, 3)
@@ -376,10 +385,10 @@ class MLP(eqx.Module):
 
     def __call__(self, x: Float[Array, "batch seq d_model"], config: ModelConfig
                  ) -> Float[Array, "batch seq d_model"]:
-        gate = einsum("btd,df->btf", x, self.w_gate, config.dtype)
-        up = einsum("btd,df->btf", x, self.w_up, config.dtype)
-        hidden = (jax.nn.silu(gate) * up).astype(config.dtype)
-        return einsum("btf,fd->btd", hidden, self.w_down, config.dtype).astype(config.dtype)
+        gate = einsum("btd,df->btf", x, self.w_gate, config.dtype, MLP_HIDDEN)
+        up = einsum("btd,df->btf", x, self.w_up, config.dtype, MLP_HIDDEN)
+        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up).astype(config.dtype)
+        return einsum("btf,fd->btd", hidden, self.w_down, config.dtype, MLP_OUT)
 
 
 class Block(eqx.Module):
@@ -424,8 +433,7 @@ def _dropout(x: Float[Array, "..."], rate: float, key: PRNGKeyArray | None) -> F
 def _remat(fn, policy: str):
     if policy == "none":
         return fn
-    saveable = jax.checkpoint_policies.save_only_these_names(MATMUL_OUTPUT) if policy == "dots" else None
-    return jax.checkpoint(fn, policy=saveable)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*REMAT_SAVES[policy]))
 
 
 class Transformer(eqx.Module):

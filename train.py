@@ -55,7 +55,7 @@ import cli
 import runlog
 import stream
 from budget import HARDWARE, device_peak_flops
-from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
+from model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from optim import learning_rate_schedule, make_optimizer
 from parallel import (AXES, batch_sharding, global_batch, initialize_distributed, leaf_sharding, make_mesh,
                       shardings, stop_votes, traced_on)
@@ -81,7 +81,11 @@ def define_flags() -> None:
     flags.DEFINE_float("dropout", 0.0, "Residual dropout (the report's table says 0.1); a fresh key per step.")
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation and matmul dtype.")
     flags.DEFINE_bool("scan_layers", True, "lax.scan over layers (fast compile) instead of unrolling.")
-    flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Rematerialize activations per block.")
+    flags.DEFINE_enum("remat", "none", list(REMAT_POLICIES),
+                      "What each block keeps for the backward, the rest recomputed (model.REMAT_SAVES), least "
+                      "recomputation first: none; dots (every matmul output but the attention scores); "
+                      "dots_except_mlp (not the MLP's gate and up); attention (the q/k/v and output "
+                      "projections only); full (only the block's input).")
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLS),
                       "auto: splash on TPU, flash on GPU, einsum on CPU. splash: TPU Pallas kernel; "
                       "flash: Pallas GPU (Triton) kernel; cudnn: jax.nn.dot_product_attention on "

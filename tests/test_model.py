@@ -374,7 +374,7 @@ def test_scanned_layers_draw_the_same_dropout_masks_as_the_unrolled_loop():
     assert_close(scanned, unrolled, rtol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", sorted(M.REMAT_SAVES))
 def test_remat_changes_nothing_in_logits_or_gradients(remat):
     toks = tokens(shape=(BATCH, SEQ + 1))
     plain = logits_and_grads(build(scan_layers=True, remat="none"), toks)
@@ -394,12 +394,33 @@ def _matmuls_in_gradient(model) -> int:
     return jax.jit(jax.grad(loss)).lower(params).as_text().count("stablehlo.dot_general")
 
 
-def test_remat_dots_recomputes_only_the_attention_scores_where_full_recomputes_the_forward():
-    none, dots, full = (_matmuls_in_gradient(build(remat=remat)) for remat in ("none", "dots", "full"))
-    # "dots" keeps every matmul output but the [heads, seq, seq] scores: one more matmul per layer
-    # than no remat at all; "full" recomputes the layer's forward matmuls.
-    assert dots == none + TINY.n_layers
-    assert full > dots
+def test_each_remat_policy_recomputes_exactly_the_matmuls_it_does_not_save():
+    none = _matmuls_in_gradient(build(remat="none"))
+    # Matmuls recomputed per layer: dots, the [heads, seq, seq] scores; dots_except_mlp, those and
+    # the MLP's gate and up; attention, the scores, the attention's weighted sum, gate and up; full,
+    # the whole forward but the MLP's down projection (its output is not needed backward).
+    recomputed = {"dots": 1, "dots_except_mlp": 3, "attention": 4, "full": 8}
+    assert recomputed.keys() == M.REMAT_SAVES.keys()
+    for remat, per_layer in recomputed.items():
+        assert _matmuls_in_gradient(build(remat=remat)) == none + per_layer * TINY.n_layers, remat
+
+
+@pytest.mark.parametrize("remat", ["dots", "dots_except_mlp", "attention"])
+def test_remat_keeps_the_matmul_outputs_it_saves_in_the_compute_dtype(remat):
+    """What a policy keeps for the backward is bf16 under bf16 compute (half the bytes of the
+    fp32 accumulators); only the logits, the loss's own, are fp32."""
+    model = build(remat=remat, dtype="bfloat16", scan_layers=True)
+    toks = tokens(shape=(BATCH, SEQ + 1))
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def loss(p):
+        logits = eqx.combine(p, static)(toks[:, :-1])
+        return M.cross_entropy(logits, toks[:, 1:], jnp.ones(toks[:, 1:].shape))
+    # The residuals the backward closes over: the leaves of vjp's function. The layer scan stacks
+    # its per-layer ones: [layers, batch, ...].
+    saved = jax.tree.leaves(jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params))
+    activations = [a for a in saved if a.ndim >= 4 and SEQ in a.shape and a.shape[-1] != VOCAB]
+    assert activations and all(a.dtype == jnp.bfloat16 for a in activations), saved
 
 
 
