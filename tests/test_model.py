@@ -680,3 +680,16 @@ def test_forward_and_helpers_return_the_shapes_their_annotations_promise():
     check(M.cross_entropy, cross_entropy, forward(model, toks), toks, np.ones(toks.shape, np.float32))
     with pytest.raises(AssertionError):  # the check can fail: "seq" is bound to 16 by the input
         check(M.segment_positions, lambda s: segment_positions(s)[:, :5], seg)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_and_its_gradients_equal_plain_autodiff_of_silu_times_up(dtype):
+    gate, up, g = (normal(seed, (4, 8, 32)).astype(dtype) for seed in range(3))
+    plain = lambda gate, up: (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+    out, pullback = jax.vjp(M.swiglu, gate, up)
+    want, want_pullback = jax.vjp(plain, gate, up)
+    assert_close(out, want, rtol=0)
+    for got, expected in zip(pullback(g), want_pullback(g)):
+        assert got.dtype == dtype
+        # The same fp32 arithmetic, in another order: fp32 rounding, or one bf16 rounding apart.
+        assert_close(got, expected, rtol=1e-6 if dtype == jnp.float32 else BF16_EPS)
