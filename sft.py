@@ -45,6 +45,7 @@ import dataclasses
 import functools
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -57,6 +58,7 @@ import checkpoint
 import cli
 import parallel
 import prepared
+import stream
 import train
 from chat_formats import FORMATS, FileStats, load_conversations, stats_table
 from model import ModelConfig
@@ -243,6 +245,9 @@ class ChatBatches:
         self.rows, self.seed, self.global_batch_size = rows, seed, global_batch_size
         self.grad_accum, self.process_index, self.process_count = grad_accum, process_index, process_count
         self.shuffle = shuffle
+        # An epoch's order, drawn once: a step's rows span at most two epochs.
+        self.permutation = functools.lru_cache(maxsize=2)(
+            lambda epoch: np.random.default_rng([seed, epoch]).permutation(rows.num_rows))
 
     @property
     def num_rows(self) -> int:
@@ -277,8 +282,7 @@ class ChatBatches:
         epochs, offsets = np.divmod(flat, n)
         rows = np.empty_like(flat)
         for epoch in np.unique(epochs):
-            permutation = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
-            rows[epochs == epoch] = permutation[offsets[epochs == epoch]]
+            rows[epochs == epoch] = self.permutation(int(epoch))[offsets[epochs == epoch]]
         return rows
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -289,11 +293,12 @@ class ChatBatches:
         local = parts[:, self.process_index].reshape(-1)
         return batch_arrays(self.rows, local)
 
-    def iterate(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        step = start_step
-        while True:
-            yield step, self.batch(step)
-            step += 1
+    def iterate(self, start_step: int = 0, prefetch: int = 4) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(step, batch) from start_step on, computed `prefetch` batches ahead on a thread (as
+        pretraining's stream), so their assembly overlaps the steps."""
+        for step, batch, _ in stream.prefetched(self.batch, start_step, prefetch, "prefetch chat batches",
+                                                threading.Event()):
+            yield step, batch
 
 
 def chat_row(seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -60,12 +60,15 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from storage import file_size, gcs_blob, gcs_retry, is_gcs, join, read_bytes
 from tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 MANIFEST = "manifest.json"
 
@@ -86,6 +89,42 @@ def read_documents(path: str, flag: str = "--train_data") -> list[str]:
         raise ValueError(f"{flag} file {path!r} is not UTF-8 text ({e.reason}): expected text files, "
                          "one document per line, or a data.py manifest") from None
 
+
+
+def prefetched(batch: Callable[[int], T], start_step: int, depth: int, name: str,
+               stop: threading.Event) -> Iterator[tuple[int, T, float]]:
+    """(step, batch(step), seconds the caller waited for it) from `start_step` on, computed `depth`
+    batches ahead on a thread named `name`, until `stop` is set or the iterator is closed. An
+    error in `batch` is raised here, in the caller."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        step = start_step
+        try:
+            while put((step, batch(step))):
+                step += 1
+        except BaseException as e:  # re-raised in the consumer
+            put(_Failure(e))
+
+    threading.Thread(target=produce, daemon=True, name=name).start()
+    try:
+        while True:
+            started = time.perf_counter()
+            item = ready.get()
+            if isinstance(item, _Failure):
+                raise item.error
+            yield *item, time.perf_counter() - started
+    finally:
+        stop.set()
 
 
 class _Failure:
@@ -174,45 +213,17 @@ class RecordStream:
 
     def iterate(self, start_step: int = 0, prefetch: int = 4) -> Iterator[tuple[int, np.ndarray]]:
         """(step, batch) from start_step on, computed `prefetch` batches ahead on a thread."""
-        ready: queue.Queue = queue.Queue(maxsize=prefetch)
         stop = threading.Event()
         self._stops.append(stop)
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        def produce():
-            step = start_step
-            try:
-                while put((step, self.batch(step))):
-                    step += 1
-            except BaseException as e:  # re-raised in the consumer
-                put(_Failure(e))
-
-        threading.Thread(target=produce, daemon=True, name=f"prefetch {self.name}").start()
         epoch = start_step * self.global_batch_size // self.num_sequences
-        try:
-            while True:
-                started = time.perf_counter()
-                item = ready.get()
-                self.wait_seconds += time.perf_counter() - started
-                if isinstance(item, _Failure):
-                    raise item.error
-                step = item[0]
-                last = ((step + 1) * self.global_batch_size - 1) // self.num_sequences
-                if last > epoch:
-                    epoch = last
-                    print(f"{self.name}: epoch {epoch} begins during step {step} "
-                          f"({self.num_sequences:,} records per epoch)", flush=True)
-                yield item
-        finally:
-            stop.set()
+        for step, batch, waited in prefetched(self.batch, start_step, prefetch, f"prefetch {self.name}", stop):
+            self.wait_seconds += waited
+            last = ((step + 1) * self.global_batch_size - 1) // self.num_sequences
+            if last > epoch:
+                epoch = last
+                print(f"{self.name}: epoch {epoch} begins during step {step} "
+                      f"({self.num_sequences:,} records per epoch)", flush=True)
+            yield step, batch
 
     def close(self) -> None:
         """Stops every prefetch thread of this stream."""

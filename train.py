@@ -31,6 +31,7 @@ dry run in budget.py, the logger, the loss plot, traces and W&B in runlog.py.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -280,10 +281,14 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         weights = batch.get("weights")
         keys = jax.random.split(jax.random.fold_in(key, step), batch["tokens"].shape[0])
 
-        # With sharded parameters, gather them once per step for the compute: left to itself, XLA
-        # keeps the matmuls' weights sharded and moves the activations instead (measured: 252 GiB
-        # of temporaries per device for 600m on 32 devices). Gradients go back sharded to `carry`.
-        model = jax.lax.with_sharding_constraint(state.model, NamedSharding(mesh, P()))
+        # With sharded parameters, gather them for the compute: left to itself, XLA keeps the
+        # matmuls' weights sharded and moves the activations instead (measured: 252 GiB of
+        # temporaries per device for 600m on 32 devices). The blocks gather their own, in bf16, one
+        # layer at a time inside the layer scan (model._sharded_layer); the embeddings, the final
+        # norm and the output layer once here. Gradients go back sharded to `carry`.
+        gathered = lambda m: (m.embed, m.final_norm.weight, m.lm_head)
+        model = eqx.tree_at(gathered, state.model, jax.lax.with_sharding_constraint(
+            gathered(state.model), NamedSharding(mesh, P())))
 
         def micro_loss(m, micro, micro_key):
             loss, count, sums = loss_fn(m, micro, micro_key)
@@ -475,39 +480,63 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
     profile = ProfileWindow(run.profile, step, primary)
     batches = train_data.iterate(step + data_offset)
     bar = tqdm(initial=step, total=config.steps, disable=None if primary else True, desc=title)
+    # The loop runs one step ahead: it dispatches step N+1 before it reads step N's metrics (the
+    # stop vote, the skipped flag, the loss), so the host assembles and sends the next batch while
+    # the chips compute. It waits for the step itself only where it needs the state of that step:
+    # a checkpoint, an evaluation, the last step. A stop vote is therefore acted on one step late:
+    # the checkpoint holds the step after the one that carried it.
+    in_flight: collections.deque = collections.deque()  # (step, data position, metrics) not yet read
+    due = lambda at: (at == config.steps or at % run.checkpoint_every == 0
+                      or bool(run.eval_every and at % run.eval_every == 0))
+    stopping = False
     try:
-        while step < config.steps:
-            with times("data_wait"):
-                position, rows = next(batches)
-            batch = global_batch(as_batch(rows), config.grad_accum, mesh)
-            # The loop reads every step's metrics (the stop vote, the skipped flag) before going on, so
-            # it waits for the device at each step anyway: dispatch to result is the step's device
-            # time, measured without adding a synchronization. The profiler's start and stop are host.
-            with profile.step(step), times("step"):
-                state, metrics = train_step(state, batch, key, step, position in run.test_nan_batches,
-                                            stop_votes(guard.requested, mesh))
-                metrics = jax.device_get(metrics)
-            step += 1
-            bar.update()
-            bad_streak = bad_streak + 1 if metrics["skipped"] else 0
-            skipped += bool(metrics["skipped"])
-            if bad_streak >= run.max_bad_steps:
+        while step < config.steps or in_flight:
+            if step < config.steps and not stopping:
+                with times("data_wait"):
+                    position, rows = next(batches)
+                batch = global_batch(as_batch(rows), config.grad_accum, mesh)
+                with profile.step(step), times("step"):
+                    state, metrics = train_step(state, batch, key, step, position in run.test_nan_batches,
+                                                stop_votes(guard.requested, mesh))
+                step += 1
+                in_flight.append((step, position, metrics))
+            rollback = None
+            while len(in_flight) > (0 if stopping or due(step) else 1):
+                done, position, metrics = in_flight.popleft()
+                with times("step"):  # the device's time not hidden behind the next step's dispatch
+                    metrics = jax.device_get(metrics)
+                bar.update()
+                bad_streak = bad_streak + 1 if metrics["skipped"] else 0
+                skipped += bool(metrics["skipped"])
+                if bad_streak >= run.max_bad_steps:
+                    rollback = (done, position)
+                    break
+                stopping = stopping or bool(metrics["stop"])
+                if logger:
+                    extra = {"skipped_steps": skipped, "rollbacks": rollbacks}
+                    if hasattr(train_data, "epoch"):
+                        extra["epoch"] = float(train_data.epoch(position))
+                    if line := logger.log(done, metrics, times, extra, last=stopping and not in_flight):
+                        bar.write(line)
+            if rollback:
+                failed_at, position = rollback
                 rollbacks += 1
                 restored = ckpt.latest_step() or 0
                 if rollbacks > run.max_rollbacks:
                     raise TrainingStopped(
-                        f"{bad_streak} non-finite steps in a row ending at step {step} (data positions "
+                        f"{bad_streak} non-finite steps in a row ending at step {failed_at} (data positions "
                         f"{position - bad_streak + 1}..{position}) after {rollbacks - 1} rollbacks "
                         f"(--max_rollbacks={run.max_rollbacks}); the newest checkpoint is step {restored} "
                         f"in {run.output_dir}. Look at those batches, or lower --learning_rate.")
+                in_flight.clear()  # computed from the batches being skipped: dropped
                 ckpt.wait()
                 # The newest checkpoint, or the initial parameters when there is none yet.
                 state, _, _ = start_state(model_config, optimizer, mesh, run, config.seed, ckpt)
                 data_offset = position + 1 - restored  # go on right after the offending batches
-                bar.write(f"step {step}: {bad_streak} non-finite steps in a row; rolled back to step "
+                bar.write(f"step {failed_at}: {bad_streak} non-finite steps in a row; rolled back to step "
                           f"{restored}, the data moves on to position {position + 1} (rollback "
                           f"{rollbacks} of at most {run.max_rollbacks})")
-                failed_at, step, bad_streak = step, restored, 0
+                step, bad_streak = restored, 0
                 bar.reset(total=config.steps)
                 bar.update(step)
                 batches.close()  # stops its prefetch thread
@@ -516,12 +545,8 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                     logger.restart(step)
                     logger.write({"step": step, "event": "rollback", "from_step": failed_at, "time": time.time()})
                 continue
-            if logger:
-                extra = {"skipped_steps": skipped, "rollbacks": rollbacks}
-                if hasattr(train_data, "epoch"):
-                    extra["epoch"] = float(train_data.epoch(position))
-                if line := logger.log(step, metrics, times, extra, last=bool(metrics["stop"])):
-                    bar.write(line)
+            if in_flight:  # ran ahead: the state is a step past what was read
+                continue
             if run.eval_every and (step % run.eval_every == 0 or step == config.steps):
                 with times("eval"):
                     record = {k: v for evaluate in evaluations for k, v in evaluate(state.model).items()}
@@ -529,7 +554,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                     logger.write({"step": step, **record})
                     bar.write(f"step {step:>7} | " + " | ".join(
                         f"{'held-out loss' if k == 'eval_loss' else k} {v:.4f}" for k, v in record.items()))
-            if metrics["stop"]:
+            if stopping:
                 started = time.perf_counter()
                 save(step)
                 ckpt.wait()
