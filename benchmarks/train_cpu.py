@@ -3,6 +3,7 @@
     python benchmarks/train_cpu.py                          # tiny and 100m, batch 4 x 512, 5 timed steps
     python benchmarks/train_cpu.py --malloc=default,keep    # each row under two malloc settings
     python benchmarks/train_cpu.py --configs=tiny --steps=10 --impls=julian
+    python benchmarks/train_cpu.py --configs=tiny --impls=julian --steps=20 --loop=tiny --host_seconds=0.3
 
 1) The peak: the best FLOP/s of a bf16 x bf16 -> f32 `jnp.dot` over large square and model-shaped
    matrices, measured here first, since a CPU has no spec-sheet bf16 number (AMX or not, cores
@@ -220,9 +221,23 @@ def bench_checkpoint(name: str, directory: str) -> dict:
     return result
 
 
-def bench_loop(name: str, batch: int, seq_len: int, steps: int, directory: str) -> dict:
-    """train.fit itself on the bundled text (a 4,096-piece tokenizer trained here): the share of
-    wall time the loop waited for data, from metrics.jsonl's data_wait_fraction."""
+class SlowHost:
+    """A data source whose batches cost the loop's own thread `seconds` each (no prefetch thread
+    hides them): a stand-in for a host slow to assemble or send batches."""
+
+    def __init__(self, source, seconds: float):
+        self.source, self.seconds = source, seconds
+
+    def iterate(self, start_step: int = 0):
+        for item in self.source.iterate(start_step):
+            time.sleep(self.seconds)
+            yield item
+
+
+def bench_loop(name: str, batch: int, seq_len: int, steps: int, directory: str, host_seconds: float = 0.0) -> dict:
+    """train.fit itself on the bundled text (a 4,096-piece tokenizer trained here), its batches
+    costing the loop `host_seconds` each (SlowHost): seconds per step and the share of wall time
+    the loop waited for data, from metrics.jsonl's last record."""
     from tokenizer import Tokenizer, train_tokenizer
     import stream as data
 
@@ -230,14 +245,16 @@ def bench_loop(name: str, batch: int, seq_len: int, steps: int, directory: str) 
     tokenizer = Tokenizer.load(train_tokenizer(files, os.path.join(directory, "tok"), vocab_size=4096))
     config = ModelConfig(**{**CONFIGS[name], "vocab_size": 4096}, max_seq_len=seq_len, scan_layers=False)
     train_config = TrainConfig(steps=steps, batch_size=batch, warmup_steps=1)
-    run = train.RunConfig(output_dir=os.path.join(directory, "run"), metrics_dir=os.path.join(directory, "run"),
-                          checkpoint_every=steps, log_every=max(1, steps // 2))
+    out = os.path.join(directory, f"run_{host_seconds}")
+    run = train.RunConfig(output_dir=out, metrics_dir=out, checkpoint_every=steps, log_every=max(1, steps // 2))
     stream = data.open_train_data(",".join(files), tokenizer=tokenizer, seq_len=seq_len, seed=0,
                                   global_batch_size=batch)
-    train.fit(config, train_config, run, stream, [], tokenizer.model_bytes, {})
+    train.fit(config, train_config, run, SlowHost(stream, host_seconds) if host_seconds else stream, [],
+              tokenizer.model_bytes, {})
     with open(os.path.join(run.metrics_dir, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
-    return {"data_wait": last["data_wait_fraction"], "tokens_per_s": last["tokens_per_s"]}
+    return {"data_wait": last["data_wait_fraction"], "tokens_per_s": last["tokens_per_s"],
+            "seconds": batch * seq_len / last["tokens_per_s"]}
 
 
 def run_rows(args) -> list[dict]:
@@ -288,6 +305,9 @@ def main() -> None:
                         "state (and its size) with train.py's Checkpointer, e.g. 100m")
     parser.add_argument("--loop", default="", help="also run train.fit on this config (4,096-piece "
                         "vocabulary) and report the share of time spent waiting for data")
+    parser.add_argument("--host_seconds", type=float, default=0.0, help="with --loop: also run it with a "
+                        "host that spends this long on each batch in the loop's own thread (a sleep), to "
+                        "show the loop hides it behind the device's step")
     parser.add_argument("--rows_json", action="store_true", help=argparse.SUPPRESS)  # a --malloc child
     args = parser.parse_args()
     for option, values, known in (("configs", args.configs, CONFIGS), ("impls", args.impls, ("julian", "hf")),
@@ -379,8 +399,14 @@ def extras(args) -> None:
     if args.loop:
         with tempfile.TemporaryDirectory() as directory:
             r = bench_loop(args.loop, args.batch, args.seq_len, max(args.steps, 4), directory)
-        print(f"train.fit on {args.loop} (vocabulary 4,096): {r['tokens_per_s']:,.0f} tokens/s, "
-              f"{r['data_wait']:.2%} of the time waiting for data, the rest computing")
+            print(f"train.fit on {args.loop} (vocabulary 4,096): {r['tokens_per_s']:,.0f} tokens/s, "
+                  f"{r['data_wait']:.2%} of the time waiting for data, the rest computing")
+            if args.host_seconds:
+                slow = bench_loop(args.loop, args.batch, args.seq_len, max(args.steps, 4), directory, args.host_seconds)
+                device, host = r["seconds"], args.host_seconds
+                print(f"with a host that takes {host * 1e3:,.0f} ms per batch in the loop's thread: "
+                      f"{slow['seconds'] * 1e3:,.0f} ms per step against {device * 1e3:,.0f} ms without it; "
+                      f"max(device, host) = {max(device, host) * 1e3:,.0f} ms, their sum {(device + host) * 1e3:,.0f} ms")
 
 
 if __name__ == "__main__":
