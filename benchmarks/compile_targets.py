@@ -6,8 +6,9 @@ compiles them (budget.py), each row one compile.
     python benchmarks/compile_targets.py --rows=600m-v4-32,2b   # rows whose name starts so
 
 Rows: the 600m pretraining step on a v4-32 for each attention x remat; the 250m on a v4-32 and
-the 2B (configs/2b.flags, FSDP over 64 chips) on a v6e-64 for each remat (the flagfiles' remat
-defaults are chosen from these); the 600m on 8 H100s and on one H200 (flash); the SFT and DPO
+the 2B (configs/2b.flags, FSDP over 64 chips) on a v6e-64 for each remat, and the 7B
+(configs/7b.flags) there for the policies between full and dots (the flagfiles' remat defaults
+are chosen from these); the 600m on 8 H100s and on one H200 (flash); the SFT and DPO
 steps of the 600m on a v4-32 (configs/sft_600m.flags: 128 packed rows of 2,048; dpo_600m.flags:
 64 pairs of 1,024, stored reference log-probabilities); the 600m evaluation scoring pass on one
 v4 chip (a report-task pass at the default --batch_size on an accelerator: 2 rows of 2,048, every
@@ -59,6 +60,8 @@ def rows() -> list[Row]:
     out = [Row(f"600m-v4-32-splash-{r}", "pretrain", "600m", "v4-32", "splash", r) for r in ("dots", "full", "none")]
     out += [Row(f"250m-v4-32-splash-{r}", "pretrain", "250m", "v4-32", "splash", r) for r in ("dots", "full", "none")]
     out += [Row(f"2b-v6e-64-splash-{r}", "pretrain", "2b", "v6e-64", "splash", r, fsdp=64) for r in ("dots", "full", "none")]
+    out += [Row(f"7b-v6e-64-splash-{r}", "pretrain", "7b", "v6e-64", "splash", r, fsdp=64)
+            for r in ("dots_except_mlp", "attention", "dots", "full")]
     out += [Row("600m-8xH100-flash-dots", "pretrain", "600m", "8xH100", "flash", "dots"),
             Row("600m-1xH200-flash-dots", "pretrain", "600m", "1xH200", "flash", "dots"),
             Row("sft-600m-v4-32-splash-dots", "sft", "600m", "v4-32", "splash", "dots"),

@@ -89,3 +89,18 @@ def test_dpo_dry_run_compiles_the_pair_step_for_a_v4_8_and_writes_nothing(tiny_r
     assert rows["compiled for"] == "v4-8: XLA:TPU for 4 x TPU v4"
     assert "splash_mha_fwd" in rows["fused kernels"] and rows["verdict (one chip)"].startswith("fits")
     assert not (tmp_path / "never").exists()
+
+
+def test_fsdp_gathers_each_layers_weights_in_bf16_inside_the_layer_scan_never_the_whole_model():
+    # configs/tiny.flags' shape, scanned, its state sharded over a v4-8's 4 chips.
+    model_config = ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512, max_seq_len=128,
+                               scan_layers=True, remat="full", attention="splash")
+    compiled = compile_step(model_config, TINY_TRAIN, make_mesh(4, budget.target_devices("v4-8")))
+    gathered = [re.match(r"\s*%?\S+ = (\(?[^ ]+) all-gather", line).group(1)
+                for line in compiled.as_text().splitlines() if re.match(r"\s*%?\S+ = \(?[^ ]+ all-gather(-start)?\(", line)]
+    shapes = [(dtype, tuple(int(d) for d in dims.split(","))) for text in gathered
+              for dtype, dims in re.findall(r"(\w+)\[([\d,]+)\]", text)]
+    layer = {(192, 192), (192, 512), (512, 192)}  # one layer's matrices, whole
+    assert {dims for dtype, dims in shapes if dtype == "bf16"} >= layer, shapes
+    # No gather of the stacked blocks (a leading axis of 4 layers), nor of a layer's matrix in fp32.
+    assert not [s for s in shapes if len(s[1]) == 3 or (s[1] in layer and s[0] != "bf16")], shapes
