@@ -227,7 +227,9 @@ def peak_bytes(memory) -> int:
 # What a buffer live at the peak holds, as the table groups them.
 BUFFER_GROUPS = ("parameters", "optimizer state", "batch and scalars", "gathered parameters", "parameter casts",
                  "saved activations", "logits", "attention", "gradients and updates", "other temporaries")
-PEAK_LINE = re.compile(r"^\s+([\w.\-]+)\{([\d,]*)\}: (\d+) bytes")
+ALLOCATION = re.compile(r"^allocation (\d+): ")
+VALUE = re.compile(r"^\s*value: <\d+ ([\w.\-]+)(?:\{([\d,]*)\})? @\d+> \(size=(\d+),offset=(\d+)\)")
+LIVE_RANGE = re.compile(r"^\s+([\w.\-]+)\{([\d,]*)\}:(\d+)-(\d+)$")
 HLO_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(")
 ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -295,43 +297,78 @@ def peak_buffers(dump: str, known: set[str], shapes: ModelShapes) -> tuple[int, 
     """(bytes live at the peak, the buffers live then, largest first) of the largest module XLA
     dumped to `dump` since `known` (file names seen before); its files are deleted once read.
 
-    From XLA's live ranges (*-live-range.txt: the buffers live at the step of the peak, from the
-    same heap simulation as its buffer assignment) and the optimized HLO (each buffer's shape and
-    the op that defined it)."""
+    From XLA's own files: the buffer assignment (*-buffer-assignment.txt: each value's bytes and
+    its place in an allocation; values at one place share the bytes), the live ranges of the
+    flattened schedule, nested loops' bodies included (*-live-range.txt; its own "peak" line
+    counts the outer schedule only), and the optimized HLO (each value's shape and the op that
+    defined it)."""
     new = [f for f in os.listdir(dump) if f.endswith("after_optimizations-live-range.txt") and f not in known]
     if not new:
         return 0, ()
-    paths = {f: os.path.join(dump, f) for f in new}
-    module = max(new, key=lambda f: os.path.getsize(paths[f])).removesuffix("-live-range.txt")
+    module = max(new, key=lambda f: os.path.getsize(os.path.join(dump, f))).removesuffix("-live-range.txt")
+    read = lambda suffix: open(os.path.join(dump, module + suffix))
+    places, allocation = {}, None  # value -> (allocation, offset), bytes
+    with read("-buffer-assignment.txt") as f:
+        for line in f:
+            if match := ALLOCATION.match(line):
+                allocation = match.group(1)
+            elif match := VALUE.match(line):
+                places[(match.group(1), match.group(2) or "")] = ((allocation, match.group(4)), int(match.group(3)))
+    spans: dict[tuple, list] = {}  # place -> [(start, end, value, bytes)]
+    end = 0
+    with read("-live-range.txt") as f:
+        for line in f:
+            if (match := LIVE_RANGE.match(line)) and (key := (match.group(1), match.group(2))) in places:
+                place, size = places[key]
+                spans.setdefault(place, []).append((int(match.group(3)), int(match.group(4)), key, size))
+                end = max(end, int(match.group(4)))
+    # Values at one place whose live ranges overlap are one buffer seen through aliases (a loop's
+    # carry, an async copy's halves); those that follow one another reuse the bytes.
+    held = [cluster for values in spans.values() for cluster in _overlapping(values)]
+    change = [0] * (end + 2)
+    for start, stop, _, size in held:
+        change[start] += size
+        change[stop + 1] -= size
+    live, peak, at = 0, 0, 0
+    for t, delta in enumerate(change):
+        live += delta
+        if live > peak:
+            peak, at = live, t
     instructions = {}
-    with open(os.path.join(dump, module + ".txt")) as f:
+    with read(".txt") as f:
         for line in f:
             if match := HLO_LINE.match(line):
                 op = OP_NAME.search(line)
                 instructions[match.group(1)] = (ARRAY.findall(match.group(2)), match.group(3), op.group(1) if op else "")
-    buffers, peak, live = [], 0, False
-    with open(paths[module + "-live-range.txt"]) as f:
-        for line in f:
-            if "(peak):" in line:
-                live = True
-            elif live and (match := PEAK_LINE.match(line)):
-                name, index, size = match.group(1), match.group(2), int(match.group(3))
-                arrays, opcode, op = instructions.get(name, ([], "", ""))
-                element = int(index.split(",")[0]) if index and len(arrays) > 1 else 0
-                dtype, dims = arrays[element] if element < len(arrays) else ("", "")
-                dims = tuple(int(d) for d in dims.split(",") if d)
-                buffers.append(Buffer(size, f"{dtype}[{','.join(map(str, dims))}]",
-                                      shapes.group(dtype, dims, opcode, op), op or f"{opcode} {name}"))
-                peak += size
-            elif live:
-                break
+    buffers = []
+    for start, stop, (name, index), size in held:
+        if not start <= at <= stop:
+            continue
+        arrays, opcode, op = instructions.get(name, ([], "", ""))
+        element = int(index.split(",")[0]) if index and len(arrays) > 1 else 0
+        dtype, dims = arrays[element] if element < len(arrays) else ("", "")
+        dims = tuple(int(d) for d in dims.split(",") if d)
+        buffers.append(Buffer(size, f"{dtype}[{','.join(map(str, dims))}]", shapes.group(dtype, dims, opcode, op),
+                              op or f"{opcode} {name}"))
     prefix = module.split(".")[0] + "."
     for f in os.listdir(dump):  # a big model's dump is hundreds of MB: keep none of it
-        if f.startswith(prefix):
-            path = os.path.join(dump, f)
-            if os.path.isfile(path):
-                os.remove(path)
+        path = os.path.join(dump, f)
+        if f.startswith(prefix) and os.path.isfile(path):
+            os.remove(path)
     return peak, tuple(sorted(buffers, key=lambda b: -b.size))
+
+
+def _overlapping(values: list[tuple]) -> list[tuple]:
+    """(start, end, value, bytes) spans at one place, those that overlap merged into one span held
+    by its largest value."""
+    out: list[tuple] = []
+    for start, stop, value, size in sorted(values):
+        if out and start <= out[-1][1]:
+            first, last, biggest, most = out[-1]
+            out[-1] = (first, max(last, stop), value if size > most else biggest, max(most, size))
+        else:
+            out.append((start, stop, value, size))
+    return out
 
 
 def buffer_groups(buffers: Sequence[Buffer]) -> dict[str, tuple[int, int]]:

@@ -10,7 +10,7 @@ import pytest
 
 import budget
 from conftest import run_script
-from model import ModelConfig
+from model import ModelConfig, num_params
 from parallel import make_mesh
 from train import TrainConfig, compile_step
 
@@ -45,6 +45,14 @@ def test_tiny_dry_run_for_a_v4_8_prints_xla_tpu_figures_the_splash_kernels_and_f
     peak = figures["arguments"] + figures["outputs"] - figures["aliased"] + figures["temporaries"]
     assert figures["peak"] == pytest.approx(peak, abs=0.02)
     assert rows["verdict (one chip)"].startswith(f"fits: {figures['peak']:.1f} GiB of 32 GiB per chip")
+    # What is live at the peak, from XLA's buffer assignment, by group, adding up to the whole: the
+    # fp32 parameters (the donated ones XLA has finished reading are not), the bf16 Adam moments.
+    n = num_params(ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512))
+    assert 0 < gib(rows["  parameters"]) <= 4 * n / 2**30 * 1.01
+    assert 0 < gib(rows["  optimizer state"]) <= 2 * 2 * n / 2**30 * 1.01
+    groups = sum(gib(v) for k, v in rows.items() if k.strip() in budget.BUFFER_GROUPS and k.startswith("  "))
+    assert groups == pytest.approx(gib(rows["live at the peak"]), rel=0.02)
+    assert rows["  largest #1"]
 
 
 def test_dots_keeps_the_matmul_outputs_that_full_recomputes_in_the_program_compiled_for_a_v4_8():
