@@ -5,7 +5,7 @@ libtpu's topologies, XLA:GPU from the CUDA plugin and configs/gpu/'s target conf
 XLA's per-chip memory, the fused kernels, whether it fits a chip (and which flag would make it
 fit, compiled to find out), and the time its token budget takes at an assumed MFU. Without the
 target's compiler it compiles for this host's CPU instead, labelled as an estimate. On a CPU the
-MFU peak is measured once per machine and cached, so runs compare.
+MFU peak is measured once per machine and compute dtype and cached, so runs compare.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ def kernels(compiled) -> list[str]:
 CPU_PEAK_SHAPES = ((2048, 2048, 2048), (2048, 640, 2560), (2048, 2560, 640))
 
 
-def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 3) -> float:
-    """Best bf16 x bf16 -> f32 FLOP/s of the default device over (m, k, n) matmul shapes.
+def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 3, dtype: str = "bfloat16") -> float:
+    """Best `dtype` x `dtype` -> f32 FLOP/s of the default device over (m, k, n) matmul shapes.
 
     The MFU denominator where no spec sheet applies: CPUs differ by 10x (with AMX or without),
     and a CPU reaches its best on shapes like the model's, not on large squares.
@@ -144,7 +144,7 @@ def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     best = float("inf")
     for m, k, n in shapes:
-        a, b = jnp.ones((m, k), jnp.bfloat16), jnp.ones((k, n), jnp.bfloat16)
+        a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
         matmul(a, b).block_until_ready()
         for _ in range(repeats):
             start = time.perf_counter()
@@ -153,21 +153,31 @@ def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 
     return 1 / best
 
 
-def cpu_key() -> str:
-    """What a CPU's peak depends on: its model and the cores this process may use."""
-    name = platform.processor() or platform.machine()
+# The instruction sets that decide a CPU's matmul peak (AMX tiles: ~10x; AVX-512 with bf16 dot
+# products: ~2x), as /proc/cpuinfo names them: a VM may hide them from a CPU model that has them.
+MATMUL_ISA = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
+
+
+def cpu_key(dtype: str = "bfloat16") -> str:
+    """What a CPU's peak in `dtype` depends on: its model, the cores this process may use, the
+    matmul instruction sets it exposes, and the dtype."""
+    name, isa = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+            info = f.read().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+        flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+        isa = [f for f in MATMUL_ISA if f in flags]
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores"
+    return f"{name}, {cores} cores, {' '.join(isa) or 'no matmul ISA flags'}, {dtype}"
 
 
-def cpu_peak_flops(cache_path: str | None = None, key: str | None = None) -> float:
-    """This CPU's bf16 matmul FLOP/s on CPU_PEAK_SHAPES, measured once per `key` (default
-    cpu_key()) and kept in `cache_path` (default ~/.cache/julian/cpu_peak_flops.json).
+def cpu_peak_flops(cache_path: str | None = None, key: str | None = None, dtype: str = "bfloat16") -> float:
+    """This CPU's `dtype` matmul FLOP/s on CPU_PEAK_SHAPES, measured once per `key` (default
+    cpu_key(dtype)) and kept in `cache_path` (default ~/.cache/julian/cpu_peak_flops.json). A run
+    computing in fp32 divides by the fp32 peak: bf16's would misstate its MFU several-fold.
 
     Measured at every start, the peak varied by 2x with the machine's load, and so did the MFU
     of the same speed; cached, every run on a machine divides by the same number. Delete the
@@ -175,15 +185,15 @@ def cpu_peak_flops(cache_path: str | None = None, key: str | None = None) -> flo
     """
     cache_path = cache_path or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                                             "julian", "cpu_peak_flops.json")
-    key = key or cpu_key()
+    key = key or cpu_key(dtype)
     try:
         with open(cache_path) as f:
             cached = json.load(f)
     except (OSError, ValueError):
         cached = {}
     if key not in cached:
-        cached[key] = measure_matmul_flops(CPU_PEAK_SHAPES, repeats=5)
-        print(f"measured the bf16 matmul peak of this CPU ({key}) for MFU: {cached[key] / 1e12:.3f} "
+        cached[key] = measure_matmul_flops(CPU_PEAK_SHAPES, repeats=5, dtype=dtype)
+        print(f"measured the {dtype} matmul peak of this CPU ({key}) for MFU: {cached[key] / 1e12:.3f} "
               f"TFLOP/s, kept in {cache_path}")
         try:  # written whole or not at all: processes measuring at once each replace the file
             os.makedirs(os.path.dirname(cache_path), exist_ok=True)
@@ -195,13 +205,15 @@ def cpu_peak_flops(cache_path: str | None = None, key: str | None = None) -> flo
     return cached[key]
 
 
-def device_peak_flops(peak_tflops: float = 0.0) -> float:
-    """Peak bf16 FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides."""
+def device_peak_flops(peak_tflops: float = 0.0, dtype: str = "bfloat16") -> float:
+    """Peak FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides. A CPU's
+    is measured in the run's compute `dtype`; an accelerator's is its bf16 spec-sheet figure
+    (XLA runs fp32 matmuls there in bf16 passes by default)."""
     devices = jax.devices()
     if peak_tflops:
         return peak_tflops * 1e12 * len(devices)
     if devices[0].platform == "cpu":  # fake CPU devices share the same cores: one peak in all
-        return cpu_peak_flops()
+        return cpu_peak_flops(dtype=dtype)
     kind = devices[0].device_kind
     per_chip = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     if per_chip is None:
@@ -262,8 +274,10 @@ def fit_verdict(model_config: ModelConfig, config: TrainConfig, devices: Sequenc
         tries.append((f"--fsdp={len(devices)} --remat=full", full, config, len(devices)))
     micro = config.batch_size // config.grad_accum
     accum = config.grad_accum * 2
+    # Only micro-batches that split evenly over the devices (parallel.check_batch) compile at all.
     while config.batch_size % accum == 0 and config.batch_size // accum >= len(devices) and len(tries) < 6:
-        tries.append((f"--remat=full --grad_accum={accum}", full, dataclasses.replace(config, grad_accum=accum), fsdp))
+        if (config.batch_size // accum) % len(devices) == 0:
+            tries.append((f"--remat=full --grad_accum={accum}", full, dataclasses.replace(config, grad_accum=accum), fsdp))
         accum *= 2
     advice = f"no flag tried makes it fit (micro-batch {micro}): use a bigger slice or chip"
     for flag, model_try, config_try, fsdp_try in tries:

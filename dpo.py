@@ -467,6 +467,7 @@ def main(argv):
             raise ValueError("--dry_run compiles the step on unpacked pairs: drop --pack_pairs")
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            parallel.check_batch(config.batch_size, config.grad_accum, jax.device_count())
         model_config, tokenizer = sft.init_model_config(run, flag_model)
         if FLAGS.max_length > model_config.max_seq_len:
             raise ValueError(f"--max_length={FLAGS.max_length} exceeds the model's context of "

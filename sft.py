@@ -482,6 +482,7 @@ def main(argv):
         flag_model, config, run = train.configs_from_flags()
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            parallel.check_batch(config.batch_size, config.grad_accum, jax.device_count())
         model_config, tokenizer = init_model_config(run, flag_model)
         # Rows of --seq_len tokens when given (at most the model's context), else the context.
         seq_len = FLAGS.seq_len if FLAGS["seq_len"].present else model_config.max_seq_len

@@ -16,14 +16,14 @@ import pytest
 from conftest import DATA_FILES, REPO
 from runlog import PHASES, IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, open_wandb
 
-METRICS = {"grad_norm": 1.0, "skipped": False, "supervised_tokens": 8}
+METRICS = {"grad_norm": 1.0, "skipped": False, "supervised_tokens": 8, "lr": 1e-3}
 # train.py with a model small enough for a few steps a second (test_train.py's).
 SMALL = ["--flagfile=configs/tiny.flags", "--d_model=64", "--n_layers=2", "--n_heads=2", "--d_ff=128",
          "--seq_len=32", "--batch_size=4", "--warmup_steps=2", "--learning_rate=1e-2", "--peak_tflops=1"]
 
 
 def logger_in(directory, every: int, wandb_run=None) -> IntervalLogger:
-    return IntervalLogger(str(directory), every=every, steps=100, schedule=lambda s: 1e-3,
+    return IntervalLogger(str(directory), every=every, steps=100,
                           tokens_per_step=8, flops_per_step=1.0, peak_flops=1.0, wandb_run=wandb_run)
 
 
