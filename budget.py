@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 import cli
 from model import AUTO_ATTENTION, ModelConfig, attention_impl, flops_per_token, num_params
-from parallel import make_mesh
+from parallel import check_batch, make_mesh
 
 if TYPE_CHECKING:
     from train import TrainConfig
@@ -330,40 +330,67 @@ def print_rows(rows: Sequence[tuple[str, str]]) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one row of a step's batch costs, for the dry run's token and FLOP counts: sft.py's
+    rows are --seq_len long, dpo.py's hold a pair (two sequences of --max_length), and an online
+    DPO reference adds a forward pass (a third of a training step's FLOPs) per token."""
+    sequences_per_row: int = 1
+    seq_len: int | None = None  # default: the model's context
+    extra_forward: bool = False
+
+
 def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
-            peak_tflops: float, compile_fn: CompileFn) -> None:
+            peak_tflops: float, compile_fn: CompileFn, workload: Workload = Workload(),
+            before: Sequence[tuple[str, CompileFn]] = ()) -> None:
     """Print parameter count, the compiled per-chip memory and kernels, whether the program fits
     the named pod's chips (and which flag would make it fit), and the compute budget; allocate
-    nothing. `hardware` names a pod in HARDWARE, compiled for by its own compiler when installed."""
-    seq_len = model_config.max_seq_len
+    nothing. `hardware` names a pod in HARDWARE, compiled for by its own compiler when installed.
+    `before` names programs a run compiles and runs before its steps (dpo.py's reference pass):
+    each is compiled too, its memory printed and held against the chip."""
+    seq_len = workload.seq_len or model_config.max_seq_len
     pod = HARDWARE[hardware] if hardware else None
     devices, compiled_for = dry_run_devices(hardware)
+    check_batch(config.batch_size, config.grad_accum, len(devices))
     model_config = dataclasses.replace(
         model_config, attention=attention_impl(model_config.attention, seq_len, pod.backend if pod else None))
     mesh = make_mesh(fsdp, devices)
     program = compile_program(compile_fn, model_config, config, mesh)
+    earlier = [(label, compile_program(fn, model_config, config, mesh)) for label, fn in before]
 
     n = num_params(model_config)
     micro = config.batch_size // config.grad_accum
-    tokens_per_step = config.batch_size * seq_len
-    total_flops = flops_per_token(model_config, seq_len) * tokens_per_step * config.steps
+    tokens_per_step = config.batch_size * workload.sequences_per_row * seq_len
+    flops = flops_per_token(model_config, seq_len) * (4 / 3 if workload.extra_forward else 1)
+    total_flops = flops * tokens_per_step * config.steps
     if pod:
         where, peak = f"{hardware} ({cli.plural(pod.chips, 'chip')} x {pod.tflops:g} TFLOP/s)", pod.chips * pod.tflops * 1e12
     else:
         where = f"{mesh.size} x {jax.devices()[0].device_kind}"
-        peak = device_peak_flops(peak_tflops)
+        peak = device_peak_flops(peak_tflops, model_config.dtype)
     days = total_flops / (peak * assumed_mfu) / 86400
     rows = [("parameters", f"{n:,}"), ("compiled for", compiled_for),
             ("mesh", f"{dict(mesh.shape)} ({cli.plural(mesh.size, 'device')})"),
-            ("attention, remat", f"{model_config.attention}, {model_config.remat}"), *program_rows(program, pod)]
+            ("attention, remat", f"{model_config.attention}, {model_config.remat}")]
+    for label, other in earlier:
+        rows += [(f"{label}: per-chip peak", f"refused by the compiler: {other.refused}" if other.refused else
+                  f"{_gib(other.peak)} (runs before the steps; its memory is freed before them)"),
+                 (f"{label}: fused kernels", ", ".join(other.kernels) or "none")]
+    rows += program_rows(program, pod)
     if pod:
         verdict = fit_verdict(model_config, config, devices, fsdp, pod, program, compile_fn)
+        limit = FIT_FRACTION * pod.memory_gib * 2**30
+        for label, other in earlier:
+            if other.peak is None or other.peak > limit:
+                verdict += f"; the {label} does NOT fit"
         rows.append(("verdict (one chip)", f"ESTIMATE: {verdict}" if compiled_for.startswith("ESTIMATE") else verdict))
+    shape = f"{config.batch_size} x {workload.sequences_per_row} x {seq_len}" if workload.sequences_per_row > 1 \
+        else f"{config.batch_size} x {seq_len}"
     rows += [
-        ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
-                            f"sequences per device per micro-batch)"),
+        ("tokens per step", f"{tokens_per_step:,} ({shape}, {micro // mesh.size} "
+                            f"rows per device per micro-batch)"),
         ("training tokens", f"{tokens_per_step * config.steps:,} ({cli.plural(config.steps, 'step')})"),
-        ("FLOPs (6N + attention)", f"{total_flops:.3g}"),
+        ("FLOPs (6N + attention" + (", + reference forward)" if workload.extra_forward else ")"), f"{total_flops:.3g}"),
         (f"time at {assumed_mfu:.0%} MFU on {where}", f"{days:.2f} days"),
     ]
     print_rows(rows)

@@ -514,7 +514,8 @@ def main(argv):
                                  f"{config.batch_size} is {steps} steps: {e}") from None
         if FLAGS.dry_run:  # sizes, memory and budget of this fine-tuning (steps from --epochs)
             return train.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
-                                 FLAGS.peak_tflops, functools.partial(train.compile_step, row=chat_row(seq_len)))
+                                 FLAGS.peak_tflops, functools.partial(train.compile_step, row=chat_row(seq_len)),
+                                 workload=budget.Workload(seq_len=seq_len))
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None

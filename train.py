@@ -418,15 +418,20 @@ def compile_step(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, los
     --hardware) from abstract arguments; allocates nothing. `row` as abstract_batch's (sft.py
     and dpo.py pass theirs, with their `loss_fn`, whose arrays may be abstract too)."""
     optimizer = make_optimizer(config)
-    state = abstract_state(model_config, optimizer, mesh)
-    batch = abstract_batch(model_config, config, mesh, row)
-    # Every argument abstract and placed on `mesh`: it may be a topology this host does not have.
+    arguments = step_arguments(model_config, config, mesh, row)
+    return make_train_step(optimizer, shardings(arguments[0]), mesh, loss_fn, config).lower(*arguments).compile()
+
+
+def step_arguments(model_config: ModelConfig, config: TrainConfig, mesh: Mesh,
+                   row: dict[str, jax.ShapeDtypeStruct] | None = None) -> tuple:
+    """The train step's arguments (state, batch, key, step, inject_nan, stop_votes), abstract and
+    placed on `mesh`: it may be a topology this host does not have."""
     replicated = NamedSharding(mesh, P())
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
     votes = jax.ShapeDtypeStruct((mesh.size,), jnp.bool_, sharding=NamedSharding(mesh, P(AXES)))
-    return make_train_step(optimizer, shardings(state), mesh, loss_fn, config).lower(
-        state, batch, key, scalar(jnp.int32), scalar(jnp.bool_), votes).compile()
+    return (abstract_state(model_config, make_optimizer(config), mesh), abstract_batch(model_config, config, mesh, row),
+            key, scalar(jnp.int32), scalar(jnp.bool_), votes)
 
 
 def compile_held_out(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, loss_fn: LossFn = token_loss,
@@ -437,10 +442,11 @@ def compile_held_out(model_config: ModelConfig, config: TrainConfig, mesh: Mesh,
 
 
 def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
-            peak_tflops: float, compile_fn: budget.CompileFn = compile_step) -> None:
-    """budget.dry_run of a train step (this file's, or sft.py's and dpo.py's through `compile_fn`):
-    sizes, memory, kernels, fit on `hardware`, time budget."""
-    budget.dry_run(model_config, config, fsdp, hardware, assumed_mfu, peak_tflops, compile_fn)
+            peak_tflops: float, compile_fn: budget.CompileFn = compile_step, **more) -> None:
+    """budget.dry_run of a train step (this file's, or sft.py's and dpo.py's through `compile_fn`,
+    with their `workload` and the programs they run `before` the steps): sizes, memory, kernels,
+    fit on `hardware`, time budget."""
+    budget.dry_run(model_config, config, fsdp, hardware, assumed_mfu, peak_tflops, compile_fn, **more)
 
 
 # --- The run ---------------------------------------------------------------------------------------
