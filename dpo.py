@@ -561,8 +561,8 @@ def main(argv):
         source = pair_batches(rows, ref_train, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
         if validation_rows is not None and run.eval_every:
-            validation = pair_batches(validation_rows, ref_valid, config.seed, config.batch_size,
-                                      shuffle=False, **where)
+            validation = pair_batches(validation_rows, ref_valid, config.seed, config.batch_size, config.grad_accum,
+                                      shuffle=False, **where)  # scored in the step's micro-batches
             run = dataclasses.replace(run, eval_batches=validation.num_batches)
         loss_fn = make_loss_fn(loss_config, load_reference() if online else None)
         settings = {**dataclasses.asdict(data_config), **dataclasses.asdict(loss_config),

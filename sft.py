@@ -520,7 +520,8 @@ def main(argv):
         source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
         if validation_rows is not None and run.eval_every:
-            validation = ChatBatches(validation_rows, config.seed, config.batch_size, shuffle=False, **where)
+            validation = ChatBatches(validation_rows, config.seed, config.batch_size, config.grad_accum, shuffle=False,
+                                    **where)  # scored in the step's micro-batches
             run = dataclasses.replace(run, eval_batches=validation.num_batches)  # each row once
         sft_settings = {**dataclasses.asdict(data_config), "epochs": FLAGS.epochs,
                         "rows": rows.num_rows, "supervised_tokens_per_epoch": rows.supervised_tokens,
