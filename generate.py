@@ -89,7 +89,8 @@ SAMPLING = ("temperature", "top_k", "top_p")
 def _prefill(model: Transformer, layers: tuple[Block, ...], prompts: Int[Array, "batch prompt"],
              lengths: Int[Array, " batch"], key: PRNGKeyArray, size: int, temperature: float, top_k: int,
              top_p: float) -> tuple[Int[Array, " batch"], KVCache]:
-    hidden, cache = model.extend(prompts, init_cache(model.config, prompts.shape[0], size), lengths, layers)
+    hidden, cache = model.forward(prompts, cache=init_cache(model.config, prompts.shape[0], size), valid=lengths,
+                                  layers=layers, mesh=None)  # one device decodes
     # Only each row's last prompt position goes through the vocabulary-sized output projection.
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
     return sample_logits(model.head(last)[:, 0], key, temperature, top_k, top_p), cache
@@ -106,7 +107,7 @@ def _decode(model: Transformer, layers: tuple[Block, ...], cache: KVCache, token
 
     def step(carry):
         i, cache, tokens, done, out = carry
-        hidden, cache = model.extend(tokens[:, None], cache, layers=layers)
+        hidden, cache = model.forward(tokens[:, None], cache=cache, layers=layers, mesh=None)
         tokens = sample_logits(model.head(hidden)[:, 0], jax.random.fold_in(key, first_step + i),
                                temperature, top_k, top_p)
         return i + 1, cache, tokens, done | jnp.isin(tokens, stop_ids), out.at[:, i].set(tokens)

@@ -58,7 +58,7 @@ from budget import HARDWARE, device_peak_flops
 from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from optim import learning_rate_applied, make_optimizer
 from parallel import (AXES, batch_sharding, check_batch, global_batch, initialize_distributed, leaf_sharding, make_mesh,
-                      shardings, stop_votes, traced_on)
+                      shardings, stop_votes)
 from runlog import (IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, check_writable,
                     keep_metrics_until, open_wandb)
 from tokenizer import Tokenizer
@@ -247,20 +247,22 @@ def as_batch(rows: np.ndarray | dict) -> dict[str, np.ndarray]:
     return rows if isinstance(rows, dict) else {"tokens": rows}
 
 
-# A loss function: (model, micro-batch, dropout key or None) -> (summed loss, count, summed
+# A loss function: (model, micro-batch, dropout key or None, mesh) -> (summed loss, count, summed
 # metrics). The step's loss and each metric are their sums over micro-batches divided by the
-# summed count (tokens for language modelling, pairs for dpo.py); gradients likewise.
-LossFn = Callable[[Transformer, dict, PRNGKeyArray | None], tuple[Array, Array, dict[str, Array]]]
+# summed count (tokens for language modelling, pairs for dpo.py); gradients likewise. `mesh` is
+# the mesh the step is built for (None: one device), which attention's kernels run under.
+LossFn = Callable[[Transformer, dict, PRNGKeyArray | None, Mesh | None], tuple[Array, Array, dict[str, Array]]]
 
 
-def token_loss(model: Transformer, micro: dict[str, Array], key: PRNGKeyArray | None
+def token_loss(model: Transformer, micro: dict[str, Array], key: PRNGKeyArray | None, mesh: Mesh | None = None
                ) -> tuple[Float[Array, ""], Float[Array, ""], dict[str, Array]]:
     """Next-token cross-entropy summed over the weighted targets, and their count."""
     tokens = micro["tokens"]
     weights = micro.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
-    logits = model(tokens[:, :-1], micro.get("segment_ids"), key=key if model.config.dropout else None)
     count = weights.sum()
-    return cross_entropy(logits, tokens[:, 1:], weights) * count, count, {}
+    loss = cross_entropy(model, tokens, weights, micro.get("segment_ids"), mesh=mesh,
+                         key=key if model.config.dropout else None)
+    return loss * count, count, {}
 
 
 class BoundProgram:
@@ -309,7 +311,7 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         model = jax.lax.with_sharding_constraint(state.model, NamedSharding(mesh, P()))
 
         def micro_loss(m, micro, micro_key):
-            loss, count, sums = loss_fn(m, micro, micro_key)
+            loss, count, sums = loss_fn(m, micro, micro_key, mesh)
             return loss, (count, sums)
 
         def accumulate(carry, xs):
@@ -338,7 +340,7 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         return state, metrics
 
     replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(traced_on(mesh, train_step), donate_argnums=0,
+    jitted = jax.jit(train_step, donate_argnums=0,
                      in_shardings=(state_sharding, batch_sharding(mesh), replicated, replicated,
                                    replicated, NamedSharding(mesh, P(AXES)), shardings(loss_arrays)),
                      out_shardings=(state_sharding, replicated))
@@ -350,7 +352,7 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
 Evaluator = Callable[[Transformer], dict[str, float]]
 
 
-def make_held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> BoundProgram:
+def held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> BoundProgram:
     """The jitted held-out pass: (model, [grad_accum, micro, ...] batch) -> (summed loss, count,
     summed metrics), one micro-batch at a time as the train step, so it needs no more memory
     than the step (the whole batch at once needed 4.7x the step's temporaries at grad_accum 8)."""
@@ -359,17 +361,17 @@ def make_held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> BoundProgram
     def held_out(model: Transformer, batch: dict[str, Array], loss_arrays):
         loss_fn = with_arrays(loss_arrays)
         first = jax.tree.map(lambda x: x[0], batch)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_fn, model, first, None))
-        add = lambda total, micro: (jax.tree.map(jnp.add, total, loss_fn(model, micro, None)), None)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_fn, model, first, None, mesh))
+        add = lambda total, micro: (jax.tree.map(jnp.add, total, loss_fn(model, micro, None, mesh)), None)
         return jax.lax.scan(add, zeros, batch)[0]
 
-    return BoundProgram(jax.jit(traced_on(mesh, held_out)), loss_arrays)
+    return BoundProgram(jax.jit(held_out), loss_arrays)
 
 
 def held_out_loss(validation_data, batches: int, mesh: Mesh, loss_fn: LossFn = token_loss) -> Evaluator:
     """eval_loss, and the loss function's metrics as eval_<name>, over global batches
     0..batches-1 of `validation_data` (read like fit's train_data, in its micro-batches)."""
-    step = make_held_out_step(mesh, loss_fn)
+    step = held_out_step(mesh, loss_fn)
 
     def evaluate(model: Transformer) -> dict[str, float]:
         loss = count = 0.0
@@ -436,9 +438,9 @@ def step_arguments(model_config: ModelConfig, config: TrainConfig, mesh: Mesh,
 
 def compile_held_out(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, loss_fn: LossFn = token_loss,
                      row: dict[str, jax.ShapeDtypeStruct] | None = None):
-    """The held-out pass (make_held_out_step) compiled for `mesh` on compile_step's batch."""
+    """The held-out pass (held_out_step) compiled for `mesh` on compile_step's batch."""
     model = abstract_state(model_config, make_optimizer(config), mesh).model
-    return make_held_out_step(mesh, loss_fn).lower(model, abstract_batch(model_config, config, mesh, row)).compile()
+    return held_out_step(mesh, loss_fn).lower(model, abstract_batch(model_config, config, mesh, row)).compile()
 
 
 def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
