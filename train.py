@@ -361,7 +361,7 @@ def held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> BoundProgram:
     def held_out(model: Transformer, batch: dict[str, Array], loss_arrays):
         loss_fn = with_arrays(loss_arrays)
         first = jax.tree.map(lambda x: x[0], batch)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_fn, model, first, None, mesh))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda m, b: loss_fn(m, b, None, mesh), model, first))
         add = lambda total, micro: (jax.tree.map(jnp.add, total, loss_fn(model, micro, None, mesh)), None)
         return jax.lax.scan(add, zeros, batch)[0]
 
