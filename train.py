@@ -361,7 +361,8 @@ def held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> BoundProgram:
     def held_out(model: Transformer, batch: dict[str, Array], loss_arrays):
         loss_fn = with_arrays(loss_arrays)
         first = jax.tree.map(lambda x: x[0], batch)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda m, b: loss_fn(m, b, None, mesh), model, first))
+        shapes = jax.eval_shape(lambda m, b: loss_fn(m, b, None, mesh), model, first)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         add = lambda total, micro: (jax.tree.map(jnp.add, total, loss_fn(model, micro, None, mesh)), None)
         return jax.lax.scan(add, zeros, batch)[0]
 
@@ -567,7 +568,8 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
         with open(os.path.join(run.metrics_dir, "config.json"), "w") as f:
             json.dump(run_config, f, indent=2)
         keep_metrics_until(os.path.join(run.metrics_dir, "metrics.jsonl"), step)
-        logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, tokens_per_step, flops_per_token(model_config, seq_len) * tokens_per_step, peak,
+        logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, tokens_per_step,
+                                flops_per_token(model_config, seq_len) * tokens_per_step, peak,
                                 open_wandb(run.wandb, run.output_dir, run.metrics_dir, run_config) if run.wandb else None)
         print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
               f"per step | {cli.plural(jax.process_count(), 'process', 'processes')}, mesh {dict(mesh.shape)} | peak "
