@@ -518,3 +518,14 @@ def test_mesh_puts_each_fsdp_group_on_neighbouring_chips_of_a_tpu_slice():
     for group in mesh.devices:
         hops = [sum(abs(a - b) for a, b in zip(x.coords, y.coords)) for x, y in zip(group, group[1:])]
         assert hops == [1, 1, 1], [x.coords for x in group]
+
+
+def test_mesh_over_several_slices_keeps_each_fsdp_group_inside_one_slice():
+    from jax.experimental import topologies
+
+    devices = list(topologies.get_topology_desc("v5e:2x2", "tpu", num_slices=2).devices)  # 2 slices x 4 chips
+    mesh = make_mesh(2, devices)
+    assert mesh.shape == {"data": 4, "fsdp": 2}
+    assert [[d.slice_index for d in group] for group in mesh.devices] == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    with pytest.raises(ValueError, match="--fsdp=8 must divide the 4 devices of one slice"):
+        make_mesh(8, devices)
