@@ -478,7 +478,7 @@ def check_resume(saved: dict, now: dict, where: str) -> str | None:
                 out.update({f"data ({k})": value[k] for k in DERIVED if k in value and k != "epochs"})
         return out
 
-    before, after = flatten(saved), flatten(now)
+    before, after = flatten(saved), flatten(json.loads(json.dumps(now)))  # as saved: tuples become lists
     short = lambda v: (r := repr(v)) if len(r := repr(v)) <= 60 else r[:57] + "..."
     changed = [f"{k} {short(before[k])} -> {short(after[k])}" for k in after if k in before and before[k] != after[k]]
     steps_before, steps_after = saved.get("train", {}).get("steps"), now["train"]["steps"]

@@ -500,7 +500,9 @@ def test_resume_refuses_changed_batch_seed_schedule_or_data_and_allows_longer_st
     shorter["train"].update(steps=50, warmup_steps=5)
     with pytest.raises(ValueError, match=r"--warmup_steps 10 -> 5; --steps 100 -> 50 \(a shorter schedule\)"):
         check_resume(saved, shorter, "--output_dir=runs/x")
-    # sft.py's and dpo.py's data settings are compared too.
+    # sft.py's and dpo.py's data settings are compared too (a tuple of the flags is a list once saved).
+    assert check_resume({**saved, "sft": {"train_data": ["a.jsonl"]}}, {**saved, "sft": {"train_data": ("a.jsonl",)}},
+                        "--output_dir=runs/x") is None
     sft_saved = {**saved, "sft": {"seq_len": 128, "files": [1], "rows": 10, "epochs": 1.0}}
     sft_now = {**saved, "sft": {"seq_len": 64, "files": [1], "rows": 10, "epochs": 2.0}}
     with pytest.raises(ValueError, match="--seq_len 128 -> 64"):
