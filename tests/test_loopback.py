@@ -5,9 +5,13 @@ name lookup is recorded, and none may leave 127.0.0.0/8.
 Two guards, because the clients live in two worlds: an audit hook sees what Python code does
 (gcsfs, google-auth, google-cloud-storage: `socket.getaddrinfo`, `socket.connect`) and refuses
 it; `strace` sees what native code does (TensorStore's curl, a resolver's DNS packets) and runs
-where it is installed and allowed to trace (CI's Debian image has it: `apt-get install strace`).
-A DNS query counts as leaving, whatever the resolver's address: it asks about a name that is not
-local.
+where it is installed and may trace (as root; Debian: `apt-get install strace`), else only the
+hook guards. A DNS query counts as leaving, whatever the resolver's address: it asks about a
+name that is not local.
+
+Without the settings of tests/conftest.py, each guard fails this test: with gcsfs's default
+credentials the hook refuses google-auth's probes of 169.254.169.254; without TensorStore's
+token the trace shows its DNS lookup of the metadata server; with none, the round trip hangs.
 """
 
 import json
