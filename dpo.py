@@ -20,9 +20,10 @@ as that conversation. Transcript texts lose their surrounding spaces. A record w
 prompts differ, whose two replies are identical, or that is otherwise unusable is counted and
 skipped; past --max_bad_fraction of a file the run stops, naming the file and the lines.
 
-Rendering is SFT's (sft.render): <s>, the system message (the default when the record brings
-none), ChatML turns, then the reply. The log-probabilities, and so the loss, cover the reply's
-tokens and its <|im_end|> only. An overlong pair keeps the end of its prompt (at most
+Rendering is SFT's (sft.render): the tokenizer's chat format (ours: <s>, the system message, the
+default when the record brings none, ChatML turns, then the reply; a Hugging Face model's: its
+chat template). The log-probabilities, and so the loss, cover the reply's tokens and its
+end-of-turn token (<|im_end|>, Llama 3's <|eot_id|>) only. An overlong pair keeps the end of its prompt (at most
 --max_prompt_length tokens) and then cuts both replies to --max_length in all; both are counted.
 
 Each pair is two rows (chosen, rejected) of --max_length + 1 tokens that go through the model in
@@ -77,14 +78,15 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 @dataclasses.dataclass(frozen=True)
 class RenderedPair:
-    prompt: Int[np.ndarray, " prompt"]  # <s> ... <|im_start|>assistant\n
-    chosen: Int[np.ndarray, " reply"]  # the reply's tokens and its <|im_end|>
+    prompt: Int[np.ndarray, " prompt"]  # <s> ... <|im_start|>assistant\n (the generation prompt)
+    chosen: Int[np.ndarray, " reply"]  # the reply's tokens and its end-of-turn token
     rejected: Int[np.ndarray, " reply"]
 
 
 def _split_reply(tokenizer: Tokenizer, prompt: Sequence[dict], reply: str) -> tuple[np.ndarray, np.ndarray]:
     """(prompt ids, reply ids) from SFT's rendering of the conversation: the reply is the last
-    stretch of the loss mask (its content and <|im_end|>); the newline after it is left out."""
+    stretch of the loss mask (its content and end-of-turn token); what follows it (ChatML's
+    newline) is left out."""
     example, _ = sft.render(tokenizer, [*prompt, {"role": "assistant", "content": reply}])
     end = len(example.mask) - int(np.argmax(example.mask[::-1]))
     start = end - int(np.argmin(example.mask[:end][::-1]))

@@ -1,4 +1,5 @@
-"""The SentencePiece BPE tokenizer: training, loading, special ids, ChatML rendering, a CLI.
+"""Tokenizers: ours (SentencePiece BPE: training, special ids, ChatML rendering, a CLI), and a
+pretrained model's own Hugging Face tokenizer, behind one interface (`Tokenizer.load`).
 
     python tokenizer.py --input=samples/a.txt,samples/b.txt --model_prefix=/tmp/tok --vocab_size=2000
     python tokenizer.py --model=/tmp/tok.model --stats=samples/en_doyle_sign_of_four.txt,samples/fr_maupassant_bel_ami.txt
@@ -28,6 +29,17 @@ Choices that are ours (each measured, see tests/test_tokenizer.py):
 * The ChatML/code tokens are control symbols, not user-defined ones: SentencePiece never
   produces them from text, so a user typing "<|im_end|>" cannot end a turn. Only
   `render_chat` emits them.
+
+A model imported from Hugging Face (convert.py) brings its own tokenizer: `tokenizer.json` (the
+`tokenizers` library; byte-level BPE for most Llama-family models), with `tokenizer_config.json`,
+`special_tokens_map.json` and `chat_template.jinja` beside it. `HFTokenizer` reads the special
+tokens by role from those files (bos may be absent, byte-level BPE has no unk), encodes as
+transformers' AutoTokenizer does, keeps the files byte for byte (a checkpoint stores them:
+`model_bytes`; `save_hf_tokenizer` writes them back), and renders chats with the model's own
+template through jinja2, with transformers' settings and globals, so the ids are those of
+transformers' `apply_chat_template`. Its chat is ChatML where the vocabulary has
+<|im_start|>/<|im_end|> and the files carry no template. One difference from ours, as in
+transformers: special-token strings inside a message are read as those tokens.
 """
 
 from __future__ import annotations
@@ -50,6 +62,9 @@ import tokenizers
 SPECIAL_TOKENS = (
     "<pad>", "<unk>", "<s>", "</s>", "<|code|>", "<|endcode|>", "<|im_start|>", "<|im_end|>"
 )
+# Our SentencePiece model's ids. Code reads a tokenizer's roles from it (tok.bos_id, tok.eos_id, ...):
+# a Hugging Face tokenizer has its own. PAD_ID alone is also used as the filler of padding
+# positions, which no loss or attention reads: id 0 exists in every vocabulary.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CODE_ID, ENDCODE_ID, IM_START_ID, IM_END_ID = range(8)
 CHAT_ROLES = ("system", "user", "assistant")
 # The report's system turn, for chats and SFT records that bring none.
@@ -281,6 +296,11 @@ class Tokenizer:
         raise NotImplementedError
 
     end_of_turn_id: int  # the token that closes an assistant turn in the chat format
+
+    @property
+    def has_code_wrappers(self) -> bool:
+        """Whether the vocabulary has <|code|> and <|endcode|> (the code share's wrappers)."""
+        return self.code_id is not None and self.endcode_id is not None
 
     @property
     def chat_stop_ids(self) -> tuple[int, ...]:

@@ -597,7 +597,8 @@ def resolved_config(model_config: ModelConfig, config: TrainConfig, run: RunConf
 
 def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
     if not path:
-        raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py)")
+        raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py), or a Hugging Face "
+                         "tokenizer.json or its folder")
     try:
         tokenizer = Tokenizer.load(path)
     except FileNotFoundError as e:
