@@ -194,9 +194,9 @@ def check_inputs(files: list[str]) -> list[int]:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-    """Ours (a SentencePiece .model) or a model's own Hugging Face tokenizer (tokenizer.json, or the
-    folder that holds it with its config files), local or gs://."""
-    if os.path.isdir(path):
+    """Ours (a SentencePiece .model) or a model's own Hugging Face tokenizer (tokenizer.json, with the
+    config files beside it, or their folder); on gs://, the one file."""
+    if "://" not in path and (os.path.isdir(path) or path.endswith(".json")):
         try:
             return Tokenizer.load(path)
         except (FileNotFoundError, ValueError) as e:
