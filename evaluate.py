@@ -350,8 +350,8 @@ class JulianLM(TemplateLM):
         files; a text that already starts with the prefix token's string ("<s>") starts with it."""
         start = self.tokenizer.id_to_piece(self.prefix_token_id)
         if add_special_tokens is None and string.startswith(start):
-            return [self.prefix_token_id, *self.tokenizer.encode(string[len(start):])]
-        return self.tokenizer.encode(string, bos=add_special_tokens is not False)
+            return [self.prefix_token_id, *self.tokenizer.encode_as_transformers(string[len(start):], False)]
+        return self.tokenizer.encode_as_transformers(string, add_special_tokens is not False)
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)

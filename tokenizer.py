@@ -270,6 +270,13 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         raise NotImplementedError
 
+    def encode_as_transformers(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """transformers' `tokenizer(text, add_special_tokens=...).input_ids` on this tokenizer's
+        Hugging Face files (what lm-eval's hf backend scores): a Hugging Face tokenizer reads
+        special-token strings in the text as those tokens; ours never does (its exported files
+        would), as `encode`."""
+        return self.encode(text, bos=add_special_tokens)
+
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; special (control) tokens carry no text."""
         raise NotImplementedError
@@ -587,6 +594,9 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         start, end = (self._prefix if bos else []), ([self.eos_id] if eos else [])
         return [[*start, *e.ids, *end] for e in self._text.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_as_transformers(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._markup.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         text = self._text.decode([int(i) for i in ids], skip_special_tokens=True)
