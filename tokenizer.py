@@ -219,9 +219,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """A SentencePiece .model, a Hugging Face tokenizer.json, or a folder holding either
-        (tokenizer.json first, with its tokenizer_config.json, special_tokens_map.json and
-        chat_template.jinja)."""
+        """A SentencePiece .model, a Hugging Face tokenizer.json (with the tokenizer_config.json,
+        special_tokens_map.json and chat_template.jinja beside it), or a folder holding either
+        (tokenizer.json first)."""
         path = os.fspath(path)
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, "tokenizer.json")):
@@ -473,8 +473,9 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer (the `tokenizers` library's tokenizer.json), its roles read from
-    tokenizer_config.json and special_tokens_map.json (as transformers reads them: the map wins),
-    its chat format from chat_template.jinja or tokenizer_config.json's chat_template.
+    tokenizer_config.json and special_tokens_map.json as transformers 5 reads them (a bare
+    tokenizer.json: by their usual names), its chat format from chat_template.jinja or
+    tokenizer_config.json's chat_template.
 
     `encode` reads special-token strings in text as text (as ours does: a document that quotes
     "<|endoftext|>" does not end there); the chat template's rendering is read as transformers'
@@ -490,7 +491,7 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{where}/tokenizer.json: not a Hugging Face tokenizer "
                              f"({str(e).splitlines()[0]}); expected the tokenizers library's format") from None
         self._text.encode_special_tokens = True
-        self.config = self._json("tokenizer_config.json", where)
+        self._config = self._json("tokenizer_config.json", where)
         special_map = self._json("special_tokens_map.json", where)
         self._special = {i for i, added in self._text.get_added_tokens_decoder().items() if added.special}
         with_special = self._text.encode("a", add_special_tokens=True).ids
@@ -499,7 +500,7 @@ class HFTokenizer(Tokenizer):
         self._prefix = with_special[:start]
         # As transformers 5 reads them: tokenizer_config.json, overridden by special_tokens_map.json
         # unless the config lists its added tokens itself (then the map is legacy and unread).
-        declared = {**self.config, **({} if "added_tokens_decoder" in self.config else special_map)}
+        declared = {**self._config, **({} if "added_tokens_decoder" in self._config else special_map)}
         self._strings: dict[str, str] = {}
         for key in TEMPLATE_TOKENS:
             value = declared.get(key)
@@ -519,7 +520,7 @@ class HFTokenizer(Tokenizer):
                              f"bare tokenizer.json, one of {', '.join(_KNOWN['eos'])} in its vocabulary)")
         self.im_start_id, self.im_end_id, self.code_id, self.endcode_id = (
             self._text.token_to_id(s) for s in ("<|im_start|>", "<|im_end|>", "<|code|>", "<|endcode|>"))
-        template = files.get("chat_template.jinja") or self.config.get("chat_template")
+        template = files.get("chat_template.jinja") or self._config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if template is None and self.im_start_id is not None and self.im_end_id is not None:
@@ -527,8 +528,8 @@ class HFTokenizer(Tokenizer):
         self.chat_template = template
         # transformers 5 skips the clean-up for BPE models, which it would corrupt, unless forced.
         model_type = json.loads(files["tokenizer.json"]).get("model", {}).get("type")
-        self._clean_up = bool(self.config.get("clean_up_tokenization_spaces")) and (
-            model_type != "BPE" or bool(self.config.get(
+        self._clean_up = bool(self._config.get("clean_up_tokenization_spaces")) and (
+            model_type != "BPE" or bool(self._config.get(
                 "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
 
     def _json(self, name: str, where: str) -> dict:
