@@ -471,6 +471,43 @@ _CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
              (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
+def _as_transformers_builds_it(backend: tokenizers.Tokenizer, config: dict, tokenizer_json: dict) -> None:
+    """What transformers 5's AutoTokenizer changes in tokenizer.json's pipeline (so that our ids
+    are its ids): a declared LlamaTokenizer that is not byte-level gets its own normalizer-free
+    Metaspace, a GPT2Tokenizer its plain ByteLevel, and add_bos_token/add_eos_token in the config
+    rewrite the post-processor. Every other class reads the file as it is."""
+    declared = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+    parts = [tokenizer_json.get("pre_tokenizer") or {}, tokenizer_json.get("decoder") or {}]
+    parts += [p for part in list(parts) for p in part.get("pretokenizers", part.get("decoders", []))]
+    byte_level = any(part.get("type") == "ByteLevel" for part in parts)
+    prefix_space = config.get("add_prefix_space")
+    if declared == "LlamaTokenizer" and not byte_level:
+        prefix_space = True if prefix_space is None else prefix_space
+        scheme = ("always" if config.get("legacy", False) else "first") if prefix_space else "never"
+        backend.normalizer = None
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme,
+                                                                    split=False)
+        backend.decoder = tokenizers.decoders.Sequence(
+            [tokenizers.decoders.Replace("▁", " "), tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()]
+            + ([tokenizers.decoders.Strip(" ", 1, 0)] if prefix_space else []))
+    elif declared == "GPT2Tokenizer":
+        backend.normalizer = None
+        backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=bool(prefix_space))
+        backend.decoder = tokenizers.decoders.ByteLevel()
+    if "add_bos_token" in config or "add_eos_token" in config or backend.post_processor is None:
+        ends = {}
+        for role in ("bos", "eos"):
+            token = config.get(f"{role}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if config.get(f"add_{role}_token") and token is not None and backend.token_to_id(token) is not None:
+                ends[role] = token
+        single = " ".join([*ends.get("bos", "").split(), "$A", *ends.get("eos", "").split()])
+        pair = " ".join([single, *(f"{ends['bos']}:1".split() if "bos" in ends else []), "$B:1",
+                         *(f"{ends['eos']}:1".split() if "eos" in ends else [])])
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(t, backend.token_to_id(t)) for t in ends.values()])
+
+
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer (the `tokenizers` library's tokenizer.json), its roles read from
     tokenizer_config.json and special_tokens_map.json as transformers 5 reads them (a bare
@@ -490,8 +527,10 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # noqa: BLE001: the library raises plain Exceptions on a bad file
             raise ValueError(f"{where}/tokenizer.json: not a Hugging Face tokenizer "
                              f"({str(e).splitlines()[0]}); expected the tokenizers library's format") from None
-        self._text.encode_special_tokens = True
         self._config = self._json("tokenizer_config.json", where)
+        for backend in (self._text, self._markup):
+            _as_transformers_builds_it(backend, self._config, json.loads(files["tokenizer.json"]))
+        self._text.encode_special_tokens = True
         special_map = self._json("special_tokens_map.json", where)
         self._special = {i for i, added in self._text.get_added_tokens_decoder().items() if added.special}
         with_special = self._text.encode("a", add_special_tokens=True).ids

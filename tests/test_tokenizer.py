@@ -2,6 +2,7 @@
 Hugging Face's LlamaTokenizer."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -435,3 +436,45 @@ def test_a_role_that_names_a_token_not_in_the_vocabulary_is_refused_naming_it(ll
     (folder / "tokenizer_config.json").write_text('{"eos_token": null}')
     with pytest.raises(ValueError, match="no eos token"):
         Tokenizer.load(folder)
+
+
+# TinyLlama-1.1B-Chat's template (Zephyr's): every message ends with eos.
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}")
+
+
+def test_a_llama2_style_tokenizer_json_encodes_and_chats_as_transformers_5_rebuilds_it(tmp_path):
+    """Llama 2 / TinyLlama's tokenizer.json (BPE with byte fallback, the "▁" prepended by its
+    normalizer), declared a LlamaTokenizer: transformers 5 replaces that normalizer with its own
+    Metaspace (a "▁" before the first section only); ours encodes as it does."""
+    from tokenizers import Tokenizer as Backend, decoders, models, normalizers, processors, trainers
+
+    transformers = pytest.importorskip("transformers")
+    backend = Backend(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    backend.train(DATA_FILES, trainers.BpeTrainer(vocab_size=1200, special_tokens=specials, show_progress=False))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 100_000,
+              "chat_template": ZEPHYR_TEMPLATE}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, hf = Tokenizer.load(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert type(hf).__name__ == "LlamaTokenizer"
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id, None)
+    lines = data_lines()
+    for text in ["\n".join(lines[i: i + 7]) for i in range(0, 1400, 7)] + [CODE, MIXED, " lead", "a  b"]:
+        ids = tok.encode(text, bos=True)
+        assert ids == hf(text).input_ids and tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), text[:80]
+    for messages in CONVERSATIONS:
+        for prompt in (False, True):
+            assert tok.chat_ids(messages, add_generation_prompt=prompt) == hf.apply_chat_template(
+                messages, add_generation_prompt=prompt, tokenize=True, return_dict=True)["input_ids"]
+    assert tok.chat_stop_ids == (tok.eos_id,)  # the template ends a turn with eos itself
