@@ -34,7 +34,7 @@ import yaml
 import checkpoint
 import cli
 from model import ModelConfig, Transformer, num_params
-from runlog import check_writable
+from runlog import check_writable, perplexity_text
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, UNK_ID, Tokenizer, save_hf_tokenizer
 
 FLAGS = flags.FLAGS
@@ -226,8 +226,9 @@ def model_card(model_config: ModelConfig, run_config: dict, step: int | None, li
               "hellaswag, piqa, lambada_openai, arc_easy, arc_challenge, winogrande, boolq)."]
     if tasks:
         lines += ["", "| task | items | metric | value |", "| --- | --- | --- | --- |"]
-        lines += [f"| {task} | {items.get(task, '')} | {metric} | {value:.4g} |" for task, metrics in tasks.items()
-                  for metric, value in metrics.items()]
+        lines += [f"| {task} | {items.get(task, '')} | {metric} | "
+                  f"{perplexity_text(value) if metric == 'perplexity' else f'{value:.4g}'} |"
+                  for task, metrics in tasks.items() for metric, value in metrics.items()]
     else:
         lines += ["", "No results were found in the run's directory."]
     if others:

@@ -403,7 +403,8 @@ def stored_reference_logps(splits: dict[str, PairRows], model: Transformer, part
 
 def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows | sft.PackedRows) -> str:
     """One line per file and a total: read, skipped, cut, held out, mixed."""
-    text = chat_formats.stats_table(stats, "pairs", "cut", "reply tokens")
+    text = chat_formats.stats_table(stats, "pairs", "cut", "reply tokens", dropped_why=(
+        "the prompt, even cut to --max_prompt_length, left no room for a reply token in --max_length"))
     filled = (rows.tokens != PAD_ID).sum() / max(rows.tokens.size, 1)
     if isinstance(rows, sft.PackedRows):
         return text + (f"\n{sum(s.mixed for s in stats):,} pairs packed in {rows.num_rows:,} rows of "

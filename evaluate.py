@@ -59,7 +59,7 @@ import cli
 import generate
 import storage
 import stream
-from eval_tasks import check_task_data, evaluate_with, perplexity_table, report_table
+from eval_tasks import check_task_data, evaluate_with, perplexity_table, readable, report_table
 from model import ModelConfig, Transformer, num_params, target_logps
 from parallel import make_mesh
 from runlog import check_writable
@@ -652,7 +652,7 @@ def main(argv):
                                    bootstrap_iters=FLAGS.bootstrap_iters)
             results = output["results"]
             seconds = time.perf_counter() - start
-            summary = (f"{make_table(output)}\n{report_table(results)}\n\n{lm.scored_requests} requests "
+            summary = (f"{make_table(readable(output))}\n{report_table(results)}\n\n{lm.scored_requests} requests "
                        f"in {seconds:.1f} s ({lm.scored_requests / seconds:.1f} requests/s, this process)")
     except (FileNotFoundError, ValueError) as e:  # bad input: say what, in one line, no usage dump
         cli.error(str(e))

@@ -253,6 +253,15 @@ def chat(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict], max
                     temperature, top_k, top_p, CHAT_STOP_IDS, on_text=stream)[0]
 
 
+def empty_note(text: str, chat: bool) -> str:
+    """What to print after a streamed output: nothing, or, when the model stopped before its first
+    token, a line saying so (an empty line reads as a bug of the script, not as the model's answer)."""
+    if text:
+        return ""
+    return ("(empty reply: the model ended its turn at once)" if chat
+            else "(empty continuation: the model ended the text at once)")
+
+
 def rule(label: str) -> str:
     """The line above a prompt or an output, naming it: samples must not run into each other."""
     return f"---- {label} " + "-" * max(4, 40 - len(label))
@@ -280,6 +289,7 @@ def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new
             break
         if line.strip() == "/reset":
             history = []
+            print("(conversation reset: the model sees only what you type next)")
             continue
         history.append({"role": "user", "content": line})
         while len(history) > 1 and len(chat_prompt(tokenizer, opening + history)) > budget:
@@ -291,7 +301,7 @@ def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new
             continue
         reply = chat(model, tokenizer, opening + history, max_new_tokens, jax.random.fold_in(key, turn),
                      on_text=_print_stream, **sampling)
-        print()
+        print(empty_note(reply, chat=True))
         history.append({"role": "assistant", "content": reply})
 
 
@@ -330,11 +340,11 @@ def main(argv):
                      stop_strings=FLAGS.stop, on_text=(lambda row, piece: _print_stream(piece)) if single else None,
                      **sampling)
     if single:
-        print()
+        print(empty_note(texts[0], FLAGS.chat))
         return
     for row, text in enumerate(texts):
         show_prompt(row)
-        print(text, end="\n\n")
+        print(text or empty_note(text, FLAGS.chat), end="\n\n")
 
 
 if __name__ == "__main__":
