@@ -239,6 +239,12 @@ def test_a_second_generate_process_loads_its_programs_from_the_cache_the_flag_na
     assert "Persistent compilation cache hit" not in off and not _cache_entries(env_cache)
 
 
+def test_an_empty_reply_is_named_as_one_and_a_reply_is_printed_as_it_is():
+    assert G.empty_note("Bonjour", chat=True) == ""
+    assert G.empty_note("", chat=True) == "(empty reply: the model ended its turn at once)"
+    assert "ended the text at once" in G.empty_note("", chat=False)
+
+
 def test_chat_with_a_llama3_template_stops_at_its_eot_token_not_at_eos(llama3_tokenizer_dir, tmp_path):
     """A model built to answer two tokens then <|eot_id|> then more: with the blocks zeroed, the
     hidden state of a token is its embedding, so each token's embedding (a basis vector) and the
