@@ -623,8 +623,12 @@ def init_from_model(init_from: str, from_flags: ModelConfig, given: set[str]) ->
     saved, tokenizer_bytes = checkpoint.load_config(init_from)
     execution = {name: getattr(from_flags, name) for name in checkpoint.EXECUTION_FIELDS}
     model_config = dataclasses.replace(ModelConfig(**saved["model"]), **execution)
+    # --seq_len is the rows' length here (open_data's seq_len): at most the context, which stays.
     stated = dataclasses.replace(model_config, **{MODEL_FLAGS[f]: getattr(from_flags, MODEL_FLAGS[f])
-                                                  for f in given if f in MODEL_FLAGS})
+                                                  for f in given if f in MODEL_FLAGS and f != "seq_len"})
+    if "seq_len" in given and from_flags.max_seq_len > model_config.max_seq_len:
+        raise ValueError(f"--seq_len={from_flags.max_seq_len} exceeds the context of --init_from={init_from} "
+                         f"({model_config.max_seq_len} tokens)")
     mismatch = checkpoint.config_mismatch(dataclasses.asdict(model_config), stated)
     if mismatch:
         raise ValueError(f"--init_from={init_from} holds a different model ({mismatch}): drop the flag, "
@@ -668,9 +672,11 @@ def init_tokenizer(path: str | None, init_from: str, tokenizer_bytes: bytes) -> 
 
 
 def open_data(spec: str, split: str, tokenizer: Tokenizer, model_config: ModelConfig,
-              config: TrainConfig, batch_size: int | None = None, grad_accum: int | None = None):
+              config: TrainConfig, batch_size: int | None = None, grad_accum: int | None = None,
+              seq_len: int | None = None):
+    """Batches of rows of `seq_len` tokens (default: the model's context) from `spec`."""
     return stream.open_train_data(
-        spec, tokenizer=tokenizer, seq_len=model_config.max_seq_len, seed=config.seed,
+        spec, tokenizer=tokenizer, seq_len=seq_len or model_config.max_seq_len, seed=config.seed,
         global_batch_size=batch_size or config.batch_size, grad_accum=grad_accum or config.grad_accum,
         process_index=jax.process_index(), process_count=jax.process_count(), split=split)
 
@@ -686,8 +692,9 @@ def main(argv):
         if FLAGS.dry_run:
             return dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu, FLAGS.peak_tflops)
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        more = {}
+        more, seq_len = {}, None
         if run.init_from:
+            seq_len = model_config.max_seq_len if FLAGS["seq_len"].present else None
             model_config, tokenizer_bytes, saved = init_from_model(
                 run.init_from, model_config, {name for name in MODEL_FLAGS if FLAGS[name].present})
             tokenizer = init_tokenizer(FLAGS.tokenizer, run.init_from, tokenizer_bytes)
@@ -696,11 +703,11 @@ def main(argv):
             tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
         if not FLAGS.train_data:
             raise ValueError("--train_data is required: a shard manifest (data.py prepare) or text files")
-        train_data = open_data(FLAGS.train_data, "train", tokenizer, model_config, config)
+        train_data = open_data(FLAGS.train_data, "train", tokenizer, model_config, config, seq_len=seq_len)
         validation_data = None
         if FLAGS.eval_every:
             validation_data = open_data(FLAGS.validation_data or FLAGS.train_data,
-                                        "validation", tokenizer, model_config, config, grad_accum=1)
+                                        "validation", tokenizer, model_config, config, grad_accum=1, seq_len=seq_len)
         fit(model_config, config, run, train_data,
             evaluators(run, make_mesh(run.fsdp), validation_data, tokenizer.model_bytes), tokenizer.model_bytes,
             resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data, **more))
