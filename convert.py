@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from safetensors import SafetensorError, flax as safetensors_jax
+from safetensors import SafetensorError, flax as safetensors_jax, numpy as safetensors_np
 import yaml
 
 import checkpoint
@@ -280,7 +280,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, out_dir: str, card: str 
     save_hf_tokenizer(tokenizer, out_dir, CHAT_TEMPLATE)
 
 
-def _read_hf_tensors(hf_dir: str) -> dict[str, jax.Array]:
+def _read_hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -297,7 +297,7 @@ def _read_hf_tensors(hf_dir: str) -> dict[str, jax.Array]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist: expected the model's safetensors weights")
         try:
-            tensors.update(safetensors_jax.load_file(path))
+            tensors.update(safetensors_np.load_file(path))  # host arrays (bf16 too, through ml_dtypes)
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e}): expected the model's "
                              "weights, whole") from None
@@ -392,8 +392,12 @@ def import_hf(hf_dir: str, overrides: dict | None = None) -> tuple[Transformer, 
     except KeyError as e:
         raise ValueError(f"{config_path} has no {e}: expected a Hugging Face Llama config") from None
     tokenizer = _hf_tokenizer(hf_dir)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{hf_dir}'s tokenizer has {tokenizer.vocab_size} tokens, config.json's vocab_size is "
+    # A tokenizer.json may have fewer tokens than the embedding has rows (a table padded to a round
+    # size); never more. A SentencePiece tokenizer.model is a julian export's: exactly as many.
+    sentencepiece = not os.path.exists(os.path.join(hf_dir, "tokenizer.json"))
+    if tokenizer.vocab_size > config.vocab_size or (sentencepiece and tokenizer.vocab_size != config.vocab_size):
+        which = "tokenizer.model has" if sentencepiece else "tokenizer.json has"
+        raise ValueError(f"{hf_dir}/{which} {tokenizer.vocab_size} pieces, config.json's vocab_size is "
                          f"{config.vocab_size}: expected the tokenizer the model was trained with")
     imported = {"path": os.path.abspath(hf_dir), "config": hf}
     generation = os.path.join(hf_dir, "generation_config.json")
@@ -403,31 +407,36 @@ def import_hf(hf_dir: str, overrides: dict | None = None) -> tuple[Transformer, 
     return model_from_hf_tensors(config, _read_hf_tensors(hf_dir), hf_dir), tokenizer, {checkpoint.IMPORTED: imported}
 
 
-def model_from_hf_tensors(config: ModelConfig, tensors: dict[str, jax.Array], where: str) -> Transformer:
+def model_from_hf_tensors(config: ModelConfig, tensors: dict[str, jax.Array | np.ndarray], where: str) -> Transformer:
     """Our model of `config` holding a Hugging Face Llama state dict (names as in its safetensors;
     `where` names the source in errors)."""
     model = eqx.filter_eval_shape(Transformer, config, jax.random.key(0))
 
-    def tensor(name: str, shape: tuple[int, ...], transpose: bool) -> jax.Array:
+    def tensor(name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+        """The named tensor as stored (checked against our `shape`); a view, not yet copied."""
         value = tensors.get(name)
         if value is None:
             raise ValueError(f"{where}: tensor {name} is missing")
         expected = tuple(reversed(shape)) if transpose else tuple(shape)
         if value.shape != expected:
             raise ValueError(f"{where}: tensor {name} has shape {value.shape}, expected {expected}")
-        value = value.astype(jnp.float32)
+        value = np.asarray(value)
         return value.T if transpose else value
 
+    # On the host in NumPy, each layer's tensor converted, transposed and stacked in one copy into
+    # its slot, then one device_put: eager jax ops per tensor took seconds at 135M.
     paths, values = [], []
     for ours, theirs, transpose in MODEL_WEIGHTS:
         if _get(model, ours) is not None:  # a tied model has no lm_head (transformers ties it too)
             paths.append(ours)
-            values.append(tensor(theirs, _get(model, ours).shape, transpose))
+            values.append(tensor(theirs, _get(model, ours).shape, transpose).astype(np.float32))
     for ours, theirs, transpose in LAYER_WEIGHTS:
-        shape = _get(model.blocks, ours).shape[1:]
+        stacked = np.empty(_get(model.blocks, ours).shape, np.float32)
+        for i in range(config.n_layers):
+            stacked[i] = tensor(theirs.format(i), stacked.shape[1:], transpose)
         paths.append("blocks." + ours)
-        values.append(jnp.stack([tensor(theirs.format(i), shape, transpose) for i in range(config.n_layers)]))
-    return eqx.tree_at(lambda m: [_get(m, p) for p in paths], model, values)
+        values.append(stacked)
+    return eqx.tree_at(lambda m: [_get(m, p) for p in paths], model, jax.device_put(values))
 
 
 def describe(config: ModelConfig) -> str:

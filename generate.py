@@ -46,7 +46,8 @@ CHAT_STOP_IDS = (EOS_ID, IM_END_ID)
 
 def define_flags() -> None:
     """Defined on demand, not at import: other scripts and the tests import this file."""
-    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step) to sample from.")
+    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step) to sample from, or a Hugging "
+                        "Face Llama folder (imported on the way in).")
     flags.DEFINE_multi_string("prompt", None, "Prompt text, one per prompt of the batch; with --chat, the "
                               "user's message (without it, --chat is interactive)")
     flags.DEFINE_boolean("chat", False, "Render the prompt as a ChatML user turn and print the "

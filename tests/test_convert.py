@@ -555,8 +555,8 @@ def gqa_hf_dir(tok, tiny_tokenizer_path, tmp_path_factory) -> str:
     hf_model.save_pretrained(out, safe_serialization=True, max_shard_size="100KB")
     transformers.GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, IM_END_ID], temperature=0.3,
                                   do_sample=True).save_pretrained(out)
-    # The tokenizer files as an export writes them (save_hf_tokenizer).
-    convert.save_hf_tokenizer(tok, out)
+    # The tokenizer files as our export writes them: a SentencePiece model with its chat template.
+    convert.save_hf_tokenizer(tok, out, convert.CHAT_TEMPLATE)
     return out
 
 
