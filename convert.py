@@ -43,7 +43,7 @@ import yaml
 import checkpoint
 import cli
 from model import ModelConfig, Transformer, num_params
-from runlog import check_writable
+from runlog import check_writable, perplexity_text
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, UNK_ID, Tokenizer, save_hf_tokenizer
 
 FLAGS = flags.FLAGS
@@ -196,6 +196,29 @@ def model_name(model_config: ModelConfig, run_config: dict) -> str:
     return f"julian-{num_params(model_config) / 1e6:.0f}M{stage}"
 
 
+def _usage(chat: bool, context: int) -> list[str]:
+    """The card's transformers snippet: a chat for a fine-tuned model, a continuation for a base
+    model (which has not learnt to answer), with new tokens that fit the model's context."""
+    new_tokens = min(64, context // 4)
+    if chat:
+        head = ["This model was fine-tuned to chat:", "", "```python"]
+        body = f"""\
+            chat = tokenizer.apply_chat_template([{{"role": "user", "content": "Bonjour !"}}], add_generation_prompt=True,
+                                                 return_tensors="pt", return_dict=True)
+            reply = model.generate(**chat, max_new_tokens={new_tokens}, do_sample=False)[0, chat["input_ids"].shape[1]:]
+            print(tokenizer.decode(reply, skip_special_tokens=True))"""
+    else:
+        head = ["This is a pretrained (base) model: it continues text; the chat format is for the models "
+                "fine-tuned from it (`sft.py`, `dpo.py`).", "", "```python"]
+        body = f"""\
+            text = tokenizer("Il était une fois", return_tensors="pt")
+            out = model.generate(**text, max_new_tokens={new_tokens}, do_sample=False)
+            print(tokenizer.decode(out[0], skip_special_tokens=True))"""
+    return [*head, "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "tokenizer = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)",
+            *textwrap.dedent(body).splitlines(), "```"]
+
+
 def model_card(model_config: ModelConfig, run_config: dict, step: int | None, license: str,
                results: tuple[dict, dict, dict] = ({}, {}, {})) -> str:
     """README.md for the Hugging Face folder: YAML front matter (what the Hub and llama.cpp read)
@@ -232,22 +255,16 @@ def model_card(model_config: ModelConfig, run_config: dict, step: int | None, li
               f"<s><|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nBonjour !<|im_end|>\n"
               "<|im_start|>assistant\n", "```", "",
               "A reply ends at `<|im_end|>`; `generation_config.json` stops generation there and at `</s>`.",
-              "", "```python", *textwrap.dedent("""\
-                  from transformers import AutoModelForCausalLM, AutoTokenizer
-                  tokenizer = AutoTokenizer.from_pretrained(PATH)
-                  model = AutoModelForCausalLM.from_pretrained(PATH)
-                  chat = tokenizer.apply_chat_template([{"role": "user", "content": "Bonjour !"}], add_generation_prompt=True,
-                                                       return_tensors="pt", return_dict=True)
-                  reply = model.generate(**chat, max_new_tokens=64, do_sample=False)[0, chat["input_ids"].shape[1]:]
-                  print(tokenizer.decode(reply, skip_special_tokens=True))""").splitlines(), "```",
+              "", *_usage(stage is not None, model_config.max_seq_len),
               "", "## Evaluation", "",
               "Zero-shot, with lm-evaluation-harness's own task definitions, through julian's `evaluate.py` "
               "(`python evaluate.py --checkpoint=RUN --output=RUN/eval_results.json`; the report's tasks: "
               "hellaswag, piqa, lambada_openai, arc_easy, arc_challenge, winogrande, boolq)."]
     if tasks:
         lines += ["", "| task | items | metric | value |", "| --- | --- | --- | --- |"]
-        lines += [f"| {task} | {items.get(task, '')} | {metric} | {value:.4g} |" for task, metrics in tasks.items()
-                  for metric, value in metrics.items()]
+        lines += [f"| {task} | {items.get(task, '')} | {metric} | "
+                  f"{perplexity_text(value) if metric == 'perplexity' else f'{value:.4g}'} |"
+                  for task, metrics in tasks.items() for metric, value in metrics.items()]
     else:
         lines += ["", "No results were found in the run's directory."]
     if others:

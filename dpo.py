@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 import budget
@@ -63,7 +63,7 @@ import sft
 import storage
 import train
 from chat_formats import PAIR_FORMATS, Pair, load_pairs
-from model import Transformer
+from model import Transformer, next_token_logps
 from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
 
 LOSSES = ("sigmoid", "ipo")
@@ -196,14 +196,12 @@ class LossConfig:
             raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 0.5)")
 
 
-def sequence_logps(model: Transformer, tokens: Int[Array, "n 2 length"], weights: Float[Array, "n 2 seq"]
-                   ) -> Float[Array, "n 2"]:
+def sequence_logps(model: Transformer, tokens: Int[Array, "n 2 length"], weights: Float[Array, "n 2 seq"],
+                   mesh: Mesh | None = None) -> Float[Array, "n 2"]:
     """Summed log-probability of the weighted targets of each sequence: chosen and rejected of
     every pair go through one forward pass (the pairs axis and the pair axis flattened)."""
     flat = tokens.reshape(-1, tokens.shape[-1])
-    logits = model(flat[:, :-1]).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, flat[:, 1:, None], axis=-1)[..., 0]
-    logps = picked - jax.nn.logsumexp(logits, axis=-1)
+    logps = next_token_logps(model, flat, mesh=mesh)
     return jnp.sum(logps * weights.reshape(flat.shape[0], -1), axis=-1).reshape(tokens.shape[:2])
 
 
@@ -235,13 +233,13 @@ def pair_metrics(config: LossConfig, policy: Float[Array, "n 2"], reference: Flo
 def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> train.LossFn:
     """train.fit's loss over a micro-batch of pairs: (summed pair loss, pairs, summed metrics).
     Reference log-probabilities come from the batch, or from `reference` (frozen) when given."""
-    def loss_fn(model: Transformer, micro: dict[str, Array], key):
+    def loss_fn(model: Transformer, micro: dict[str, Array], key, mesh: Mesh | None = None):
         del key  # DPO compares log-probabilities: no dropout, as TRL's reference forward
-        policy = batch_logps(model, micro)
+        policy = batch_logps(model, micro, mesh)
         if reference is None:
             ref = micro["reference_logps"].reshape(-1, 2)
         else:
-            ref = jax.lax.stop_gradient(batch_logps(reference, micro))
+            ref = jax.lax.stop_gradient(batch_logps(reference, micro, mesh))
         real = micro["pairs"].reshape(-1)
         losses = pair_losses(config, policy, ref, reply_lengths(micro))
         metrics = {k: jnp.sum(v * real) for k, v in pair_metrics(config, policy, ref).items()}
@@ -250,12 +248,12 @@ def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> tr
     return loss_fn
 
 
-def batch_logps(model: Transformer, batch: dict[str, Array]) -> Float[Array, "pairs 2"]:
+def batch_logps(model: Transformer, batch: dict[str, Array], mesh: Mesh | None) -> Float[Array, "pairs 2"]:
     """(chosen, rejected) log-probabilities of a batch's pairs: unpacked (PairBatches) or packed
     (pair_packing.PackedPairBatches: every slot of every row, used or not)."""
     if "segment_ids" in batch:
-        return pair_packing.packed_logps(model, batch)
-    return sequence_logps(model, batch["tokens"], batch["weights"])
+        return pair_packing.packed_logps(model, batch, mesh)
+    return sequence_logps(model, batch["tokens"], batch["weights"], mesh)
 
 
 def reply_lengths(batch: dict[str, Array]) -> Float[Array, "pairs 2"]:
@@ -281,7 +279,7 @@ def reference_shape(rows: PairRows | sft.PackedRows) -> tuple[int, ...]:
 @functools.cache
 def _reference_forward(mesh) -> Callable:
     """Jitted once per mesh: (model, [1, rows, ...] batch) -> replicated [pairs, 2] log-probs."""
-    return jax.jit(lambda m, b: batch_logps(m, {k: v[0] for k, v in b.items()}),
+    return jax.jit(lambda m, b: batch_logps(m, {k: v[0] for k, v in b.items()}, mesh),
                    out_shardings=NamedSharding(mesh, P()))
 
 
@@ -405,7 +403,8 @@ def stored_reference_logps(splits: dict[str, PairRows], model: Transformer, part
 
 def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows | sft.PackedRows) -> str:
     """One line per file and a total: read, skipped, cut, held out, mixed."""
-    text = chat_formats.stats_table(stats, "pairs", "cut", "reply tokens")
+    text = chat_formats.stats_table(stats, "pairs", "cut", "reply tokens", dropped_why=(
+        "the prompt, even cut to --max_prompt_length, left no room for a reply token in --max_length"))
     filled = (rows.tokens != PAD_ID).sum() / max(rows.tokens.size, 1)
     if isinstance(rows, sft.PackedRows):
         return text + (f"\n{sum(s.mixed for s in stats):,} pairs packed in {rows.num_rows:,} rows of "

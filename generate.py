@@ -90,7 +90,8 @@ SAMPLING = ("temperature", "top_k", "top_p")
 def _prefill(model: Transformer, layers: tuple[Block, ...], prompts: Int[Array, "batch prompt"],
              lengths: Int[Array, " batch"], key: PRNGKeyArray, size: int, temperature: float, top_k: int,
              top_p: float) -> tuple[Int[Array, " batch"], KVCache]:
-    hidden, cache = model.extend(prompts, init_cache(model.config, prompts.shape[0], size), lengths, layers)
+    hidden, cache = model.forward(prompts, cache=init_cache(model.config, prompts.shape[0], size), valid=lengths,
+                                  layers=layers, mesh=None)  # one device decodes
     # Only each row's last prompt position goes through the vocabulary-sized output projection.
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
     return sample_logits(model.head(last)[:, 0], key, temperature, top_k, top_p), cache
@@ -107,7 +108,7 @@ def _decode(model: Transformer, layers: tuple[Block, ...], cache: KVCache, token
 
     def step(carry):
         i, cache, tokens, done, out = carry
-        hidden, cache = model.extend(tokens[:, None], cache, layers=layers)
+        hidden, cache = model.forward(tokens[:, None], cache=cache, layers=layers, mesh=None)
         tokens = sample_logits(model.head(hidden)[:, 0], jax.random.fold_in(key, first_step + i),
                                temperature, top_k, top_p)
         return i + 1, cache, tokens, done | jnp.isin(tokens, stop_ids), out.at[:, i].set(tokens)
@@ -253,6 +254,15 @@ def chat(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict], max
                     temperature, top_k, top_p, CHAT_STOP_IDS, on_text=stream)[0]
 
 
+def empty_note(text: str, chat: bool) -> str:
+    """What to print after a streamed output: nothing, or, when the model stopped before its first
+    token, a line saying so (an empty line reads as a bug of the script, not as the model's answer)."""
+    if text:
+        return ""
+    return ("(empty reply: the model ended its turn at once)" if chat
+            else "(empty continuation: the model ended the text at once)")
+
+
 def rule(label: str) -> str:
     """The line above a prompt or an output, naming it: samples must not run into each other."""
     return f"---- {label} " + "-" * max(4, 40 - len(label))
@@ -280,6 +290,7 @@ def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new
             break
         if line.strip() == "/reset":
             history = []
+            print("(conversation reset: the model sees only what you type next)")
             continue
         history.append({"role": "user", "content": line})
         while len(history) > 1 and len(chat_prompt(tokenizer, opening + history)) > budget:
@@ -291,7 +302,7 @@ def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new
             continue
         reply = chat(model, tokenizer, opening + history, max_new_tokens, jax.random.fold_in(key, turn),
                      on_text=_print_stream, **sampling)
-        print()
+        print(empty_note(reply, chat=True))
         history.append({"role": "assistant", "content": reply})
 
 
@@ -330,11 +341,11 @@ def main(argv):
                      stop_strings=FLAGS.stop, on_text=(lambda row, piece: _print_stream(piece)) if single else None,
                      **sampling)
     if single:
-        print()
+        print(empty_note(texts[0], FLAGS.chat))
         return
     for row, text in enumerate(texts):
         show_prompt(row)
-        print(text, end="\n\n")
+        print(text or empty_note(text, FLAGS.chat), end="\n\n")
 
 
 if __name__ == "__main__":

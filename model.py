@@ -4,9 +4,11 @@ RoPE (rotate-halves layout, as Hugging Face Llama; optionally Llama 3's frequenc
 MLP, pre-norm RMSNorm, no biases, grouped-query attention (`n_kv_heads` K/V heads, each shared by
 `n_heads // n_kv_heads` query heads; the default is one per query head), input and output
 embeddings untied unless `tie_embeddings`. Blocks are stacked along a leading layer axis
-(`eqx.filter_vmap` at init) and run with `lax.scan` or an unrolled loop. For inference,
-`Transformer.extend` runs new tokens against a `KVCache` of fixed size (prefill, then one token
-per step, every shape static).
+(`eqx.filter_vmap` at init) and run with `lax.scan` or an unrolled loop. `Transformer.forward`
+is the one forward pass: training (packed rows, segment ids), evaluation's packed scoring (an
+explicit mask and positions) and decoding (new tokens against a `KVCache` of fixed size: prefill,
+then one token per step, every shape static). `target_logps` is the one way tokens are scored
+(the loss, DPO's log-probabilities, evaluation), a chunk of positions at a time.
 
 Precision: parameters are fp32; activations and matmul inputs use `config.dtype` (bf16 by
 default) with fp32 accumulation; norms, softmax, logits and the loss are fp32. Every matmul goes
@@ -15,9 +17,9 @@ autodiff of an fp32-accumulating dot hands the backward fp32 cotangents, which t
 on CPUs (AMX) and waste bandwidth everywhere.
 
 Attention (`attend`) is plain einsums on a CPU; in a program for a TPU or GPU (`attention="auto"`,
-decided by the devices of the mesh it is traced for, so a TPU step compiled on a CPU gets the TPU's
-kernel) it is a fused Pallas kernel that takes the packed rows' segment ids and never builds the
-score array.
+decided by the devices of the mesh that whoever builds the program passes down, so a TPU step
+compiled on a CPU gets the TPU's kernel) it is a fused Pallas kernel that takes the packed rows'
+segment ids and never builds the score array.
 
 This file imports nothing of ours: no I/O, no flags.
 """
@@ -32,6 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -44,6 +47,9 @@ ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "splash", "flash", "cudnn")
 AUTO_ATTENTION = {"tpu": "splash", "gpu": "flash", "cpu": "einsum"}
 # The kernels' tile along the sequence: TPU splash attention takes multiples of 128 only.
 KERNEL_BLOCK = 128
+# Positions per piece of the vocabulary-sized head in `target_logps`: a piece's fp32 logits are
+# batch x SCORE_CHUNK x vocab (4 x 512 x 50,000 x 4 bytes = 410 MB at the 600m's batch per chip).
+SCORE_CHUNK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,9 @@ class ModelConfig:
     scan_layers: bool = True  # one compiled block for all layers; unrolled runs faster on CPU
     remat: str = "none"  # "none" | "full" | "dots" (keep matmul outputs but scores, recompute the rest)
     attention: str = "einsum"  # one of ATTENTION_IMPLS; "auto" picks by target platform at trace time
+    # The residual stream in fp32 (blocks add their `dtype` outputs to it) instead of `dtype`:
+    # evaluation's choice, where it halves bf16's log-likelihood error for free (see tests).
+    fp32_residual: bool = False
 
     def __post_init__(self):
         if self.rope_scaling is not None:  # a JSON list from a checkpoint's config; hashable here
@@ -240,31 +249,32 @@ def attention_mask(q_segments: Int[Array, "batch q"], kv_segments: Int[Array, "b
     return same & (kv_positions[:, None, :] <= q_positions[:, :, None])
 
 
-def target_platform() -> str:
-    """The platform of the program being traced: that of the devices of the mesh it is traced
-    under (parallel.traced_on sets it), else the host's default backend. A step compiled on a CPU
-    for a TPU mesh is a TPU program, and must get the TPU's kernels, not interpreted ones."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    platform = device.platform if device is not None else jax.default_backend()
+def target_platform(mesh: Mesh | None) -> str:
+    """The platform a program runs on: that of the devices of `mesh` (which may be a TPU
+    topology's while this host is a CPU: a TPU step compiled here must get the TPU's kernels, not
+    interpreted ones), or with no mesh (one device) the host's default backend."""
+    if mesh is None:
+        platform = jax.default_backend()
+    else:
+        platform = (mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh).abstract_device.platform
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def attention_impl(requested: str, seq_len: int, backend: str | None = None) -> str:
     """What runs for `requested`: itself, or for "auto" the fused kernel of `backend` (by default
-    the target platform's; AUTO_ATTENTION) when the sequence is a whole number of kernel tiles,
-    else einsum (the short rows of a unit test or an evaluation bucket)."""
+    the host's; AUTO_ATTENTION) when the sequence is a whole number of kernel tiles, else einsum
+    (the short rows of a unit test or an evaluation bucket)."""
     if requested != "auto":
         return requested
-    impl = AUTO_ATTENTION.get(backend or target_platform(), "einsum")
+    impl = AUTO_ATTENTION.get(backend or target_platform(None), "einsum")
     return impl if impl == "einsum" or seq_len % KERNEL_BLOCK == 0 else "einsum"
 
 
-def _per_device(fn, *args: Array) -> Array:
+def _per_device(fn, mesh: Mesh | None, *args: Array) -> Array:
     """`fn` on each device's rows of the batch. A Pallas kernel is a custom call XLA cannot
-    partition (it would gather the whole batch onto every device); train.py sets the mesh
-    while tracing, so the kernel runs under shard_map over the batch's mesh axes instead."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    partition (it would gather the whole batch onto every device, or refuse), so under a mesh
+    the kernel runs under shard_map over the batch's mesh axes."""
+    if mesh is None:
         return fn(*args)
     spec = jax.sharding.PartitionSpec(mesh.axis_names)
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
@@ -284,7 +294,7 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool):
 
 
 def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads seq head_dim"],
-            v: Float[Array, "batch kv_heads seq head_dim"], segments: Int[Array, "batch seq"]
+            v: Float[Array, "batch kv_heads seq head_dim"], segments: Int[Array, "batch seq"], platform: str
             ) -> Float[Array, "batch seq heads head_dim"]:
     """TPU Pallas splash attention, causal within segments (interpreted on other platforms).
 
@@ -294,14 +304,14 @@ def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch 
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     b, h, t, d = q.shape
-    kernel = _splash_kernel(h, t, interpret=target_platform() != "tpu")
+    kernel = _splash_kernel(h, t, interpret=platform != "tpu")
     q = q / math.sqrt(d)  # the kernel does not scale the scores
     out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)))(q, k, v, segments)
     return out.transpose(0, 2, 1, 3)
 
 
 def _flash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads seq head_dim"],
-           v: Float[Array, "batch kv_heads seq head_dim"], segments: Int[Array, "batch seq"]
+           v: Float[Array, "batch kv_heads seq head_dim"], segments: Int[Array, "batch seq"], platform: str
            ) -> Float[Array, "batch seq heads head_dim"]:
     """Pallas GPU (Triton) flash attention, causal within segments (interpreted on other platforms).
 
@@ -312,7 +322,7 @@ def _flash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch k
     swap = lambda a: a.transpose(0, 2, 1, 3)  # it wants (batch, seq, heads, head_dim)
     k, v = (_repeat_kv(a, q.shape[1]) for a in (k, v))
     return gpu_attention.mha(swap(q), swap(k), swap(v), segments, sm_scale=1 / math.sqrt(q.shape[-1]),
-                             causal=True, interpret=target_platform() != "gpu")
+                             causal=True, interpret=platform != "gpu")
 
 
 def _repeat_kv(x: Float[Array, "batch kv_heads seq head_dim"], heads: int) -> Float[Array, "batch heads seq head_dim"]:
@@ -321,23 +331,26 @@ def _repeat_kv(x: Float[Array, "batch kv_heads seq head_dim"], heads: int) -> Fl
     return x if x.shape[1] == heads else jnp.repeat(x, heads // x.shape[1], axis=1)
 
 
-def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads seq head_dim"],
-           v: Float[Array, "batch kv_heads seq head_dim"], segments: Segments,
-           impl: str, dtype: str) -> Float[Array, "batch seq heads head_dim"]:
+def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads kv head_dim"],
+           v: Float[Array, "batch kv_heads kv head_dim"], segments: Segments, impl: str, dtype: str,
+           mesh: Mesh | None = None) -> Float[Array, "batch seq heads head_dim"]:
     """Causal attention within segments (a token sees earlier tokens of its own segment), in `dtype`.
     Given a [batch, q, k] boolean mask instead of segment ids (evaluate.py's rows, where every
-    continuation branches from a shared context), the einsum path applies it as it is.
+    continuation branches from a shared context; a KV cache's slots), the einsum path applies it
+    as it is.
 
     `segments` numbers the runs of a packed row (each run a document); `impl` is one of
     ATTENTION_IMPLS. einsum builds the [batch, heads, seq, seq] scores; splash (TPU) and flash
     (GPU) are Pallas kernels that take segment ids and never build them; cudnn is cuDNN's fused
     kernel through jax.nn.dot_product_attention, which takes no segment ids, so the segments
     reach it as a [batch, 1, seq, seq] mask (a bias in cuDNN); dot_product is the same call on
-    XLA's own path. K/V may have fewer heads than Q (grouped-query attention: query head i reads
-    K/V head i // (heads // kv_heads)).
+    XLA's own path. `mesh` is the mesh the program is built for (None: one device): "auto" picks
+    its platform's kernel, and a kernel runs per device under it. K/V may have fewer heads than Q
+    (grouped-query attention: query head i reads K/V head i // (heads // kv_heads)).
     """
     b, h, t, d = q.shape
-    impl = "einsum" if segments.ndim == 3 else attention_impl(impl, t)
+    platform = target_platform(mesh)
+    impl = "einsum" if segments.ndim == 3 else attention_impl(impl, t, platform)
     if impl in ("splash", "flash") and t % KERNEL_BLOCK:
         raise ValueError(f"attention={impl} needs a sequence length that is a multiple of "
                          f"{KERNEL_BLOCK}, got {t}: use attention=auto or einsum for this shape")
@@ -345,7 +358,8 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch k
     if segments.ndim == 2:
         segments = segments.astype(jnp.int32)
     if impl in ("splash", "flash"):
-        return _per_device(_splash if impl == "splash" else _flash, q, k, v, segments)
+        kernel = functools.partial(_splash if impl == "splash" else _flash, platform=platform)
+        return _per_device(kernel, mesh, q, k, v, segments)
     if impl in ("cudnn", "dot_product"):
         swap = lambda a: a.transpose(0, 2, 1, 3)  # it wants (batch, seq, heads, head_dim)
         same = segments[:, None, :, None] == segments[:, None, None, :]
@@ -368,6 +382,10 @@ def _grouped_attention(q: Float[Array, "batch heads q head_dim"], k: Float[Array
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     return einsum("bkgqc,bkcd->bkgqd", probs, v, dtype).reshape(b, h, t, d).astype(dtype)
+
+
+# One layer's keys and values for every cache slot: (k, v), each [batch, heads, size, head_dim].
+LayerCache = tuple[Float[Array, "batch kv_heads size head_dim"], Float[Array, "batch kv_heads size head_dim"]]
 
 
 class Attention(eqx.Module):
@@ -403,34 +421,23 @@ class Attention(eqx.Module):
         return q, k, heads(self.wv, self.n_kv_heads).astype(config.dtype)
 
     def __call__(self, x: Float[Array, "batch seq d_model"], segments: Segments,
-                 positions: Int[Array, "batch seq"], config: ModelConfig
-                 ) -> Float[Array, "batch seq d_model"]:
+                 positions: Int[Array, "batch seq"], config: ModelConfig, mesh: Mesh | None = None,
+                 cache: LayerCache | None = None) -> tuple[Float[Array, "batch seq d_model"], LayerCache | None]:
+        """The attention sublayer, and with a `cache` (decoding) that cache holding these tokens'
+        keys and values at their positions, which they attend to with everything before them
+        (`segments` is then the [batch, seq, size] mask of the slots each token sees)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x, positions, config)
-        out = attend(q, k, v, segments, config.attention, config.dtype)
+        if cache is not None:
+            # One scatter index per (row, head, token): at batch 1 a per-row write is simplified
+            # to a dynamic-update-slice, which XLA:CPU fused with the attention's read and so
+            # copied every layer's cache at every step; this scatter updates the donated cache in place.
+            rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.n_kv_heads)[None, :, None]
+            k, v = (c.at[rows, heads, positions[:, None, :]].set(new.astype(c.dtype)) for c, new in zip(cache, (k, v)))
+            cache = (k, v)
+        out = attend(q, k, v, segments, config.attention, config.dtype, mesh)
         out = out.reshape(b, t, d).astype(config.dtype)
-        return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype)
-
-    def extend(self, x: Float[Array, "batch new d_model"], k_cache: Float[Array, "batch kv_heads cache head_dim"],
-               v_cache: Float[Array, "batch kv_heads cache head_dim"], positions: Int[Array, "batch new"],
-               config: ModelConfig) -> tuple[Float[Array, "batch new d_model"], Float[Array, "batch kv_heads cache head_dim"],
-                                             Float[Array, "batch kv_heads cache head_dim"]]:
-        """Attend from new tokens to the cache and to each other; write their keys and values
-        into the cache at their positions (each row's new tokens are contiguous from positions[:, 0])."""
-        b, t, d = x.shape
-        q, k, v = self.qkv(x, positions, config)
-        # One scatter index per (row, head, token): at batch 1 a per-row write is simplified to a
-        # dynamic-update-slice, which XLA:CPU fused with the attention's read and so copied every
-        # layer's cache at every step; this scatter updates the donated cache in place.
-        rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.n_kv_heads)[None, :, None]
-        k_cache = k_cache.at[rows, heads, positions[:, None, :]].set(k.astype(k_cache.dtype))
-        v_cache = v_cache.at[rows, heads, positions[:, None, :]].set(v.astype(v_cache.dtype))
-        # Slots up to a token's own position hold the row's earlier tokens; later slots hold
-        # padding or stale entries, and causality alone hides them.
-        visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]
-        out = _grouped_attention(q, k_cache, v_cache, visible, config.dtype).transpose(0, 2, 1, 3)
-        out = out.reshape(b, t, d).astype(config.dtype)
-        return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype), k_cache, v_cache
+        return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype), cache
 
 
 class MLP(eqx.Module):
@@ -466,22 +473,14 @@ class Block(eqx.Module):
         self.mlp = MLP(config, km)
 
     def __call__(self, x: Float[Array, "batch seq d_model"], segments: Segments,
-                 positions: Int[Array, "batch seq"], config: ModelConfig,
-                 key: PRNGKeyArray | None) -> Float[Array, "batch seq d_model"]:
+                 positions: Int[Array, "batch seq"], config: ModelConfig, key: PRNGKeyArray | None,
+                 mesh: Mesh | None = None, cache: LayerCache | None = None
+                 ) -> tuple[Float[Array, "batch seq d_model"], LayerCache | None]:
         k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
-        h = self.attn(self.attn_norm(x, config.dtype), segments, positions, config)
+        h, cache = self.attn(self.attn_norm(x, config.dtype), segments, positions, config, mesh, cache)
         x = x + _dropout(h, config.dropout, k_attn)
         h = self.mlp(self.mlp_norm(x, config.dtype), config)
-        return x + _dropout(h, config.dropout, k_mlp)
-
-    def extend(self, x: Float[Array, "batch new d_model"], k_cache: Float[Array, "batch kv_heads cache head_dim"],
-               v_cache: Float[Array, "batch kv_heads cache head_dim"], positions: Int[Array, "batch new"],
-               config: ModelConfig) -> tuple[Float[Array, "batch new d_model"], Float[Array, "batch kv_heads cache head_dim"],
-                                             Float[Array, "batch kv_heads cache head_dim"]]:
-        """The block on new tokens against a cache of earlier ones (inference: no dropout)."""
-        h, k_cache, v_cache = self.attn.extend(self.attn_norm(x, config.dtype), k_cache, v_cache, positions, config)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x, config.dtype), config), k_cache, v_cache
+        return x + _dropout(h, config.dropout, k_mlp), cache
 
 
 def _dropout(x: Float[Array, "..."], rate: float, key: PRNGKeyArray | None) -> Float[Array, "..."]:
@@ -513,26 +512,63 @@ class Transformer(eqx.Module):
         self.lm_head = None if config.tie_embeddings else _normal(kh, (config.d_model, config.vocab_size), 0.02)
         self.config = config
 
-    def hidden(self, tokens: Int[Array, "batch seq"], segment_ids: Int[Array, "batch seq"] | None = None,
-               *, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq d_model"]:
-        """Final-norm hidden states; `segment_ids` isolate packed documents from each other."""
+    def forward(self, tokens: Int[Array, "batch seq"], segments: Segments | None = None, *, mesh: Mesh | None,
+                positions: Int[Array, "batch seq"] | None = None, cache: KVCache | None = None,
+                valid: Int[Array, " batch"] | None = None, layers: tuple[Block, ...] | None = None,
+                key: PRNGKeyArray | None = None) -> tuple[Float[Array, "batch seq d_model"], KVCache | None]:
+        """Final-norm hidden states of `tokens`: the one forward pass of training, scoring and
+        decoding. `mesh` is the mesh the program is built for (None: one device); attention picks
+        its kernel by that mesh's platform and runs it per device under it.
+
+        What each token sees:
+          * training: `segments` [batch, seq] ids (default: one segment per row) isolate packed
+            documents; positions restart at each change of id.
+          * packed scoring (evaluate.py's prefix trees): `segments` a [batch, seq, seq] boolean
+            mask with explicit `positions` (segment ids cannot say "branches from a shared prefix").
+          * decoding: `cache`; row r's tokens take positions `cache.lengths[r]` onwards and see
+            every earlier slot. Only its first `valid[r]` (default: all) count as written, so a
+            right-padded batch of prompts prefills in one call; the caller keeps `cache.lengths +
+            new` within the cache's size (a write past it would be dropped). `layers` is
+            `self.layers()`, made once outside the jitted steps (else each call copies the
+            weights); the layers then run unrolled whatever `scan_layers` says: a scan would slice,
+            and so copy, each layer's weights and cache at every step. Returns the updated cache.
+        """
         config = self.config
         if tokens.shape[1] > config.max_seq_len:
             raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_seq_len={config.max_seq_len}")
-        if segment_ids is None:
-            segment_ids = jnp.zeros_like(tokens)
-        positions = segment_positions(segment_ids)
-        # A segment is a run of equal ids: number the runs, so an id that comes back later starts
-        # a new segment (attention masks on the raw index, since positions restart per segment).
-        runs = jnp.cumsum(_segment_starts(segment_ids), axis=1)
-        x = self.embed.astype(config.dtype)[tokens]
-        keys = jax.random.split(key, config.n_layers) if key is not None else None
+        if cache is not None:
+            positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])
+            # Slots up to a token's own position hold the row's earlier tokens; later slots hold
+            # padding or stale entries, and causality alone hides them.
+            segments = jnp.arange(cache.k[0].shape[2])[None, None, :] <= positions[:, :, None]
+        elif segments is None or segments.ndim == 2:
+            ids = jnp.zeros_like(tokens) if segments is None else segments
+            positions = segment_positions(ids)
+            # A segment is a run of equal ids: number the runs, so an id that comes back later
+            # starts a new segment (attention masks on the raw index, since positions restart).
+            segments = jnp.cumsum(_segment_starts(ids), axis=1)
+        elif positions is None:
+            raise ValueError("an explicit [batch, seq, seq] attention mask needs explicit positions")
+        # Rows gathered from the fp32 table, then cast: the gradient's scatter-add then sums in
+        # fp32 (a bf16 table's loses a frequent token's updates), and decoding casts a few rows,
+        # not the whole table, per step.
+        x = self.embed[tokens].astype(jnp.float32 if config.fp32_residual else config.dtype)
 
+        if cache is not None:
+            k, v = [], []
+            for block, kv in zip(self.layers() if layers is None else layers, zip(cache.k, cache.v)):
+                x, (k_cache, v_cache) = block(x, segments, positions, config, None, mesh, kv)
+                k.append(k_cache)
+                v.append(v_cache)
+            lengths = cache.lengths + (tokens.shape[1] if valid is None else valid)
+            return self.final_norm(x, config.dtype), KVCache(tuple(k), tuple(v), lengths)
+
+        keys = jax.random.split(key, config.n_layers) if key is not None else None
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x, layer_params, layer_key):
             block = eqx.combine(layer_params, static)
-            return block(x, runs, positions, config, layer_key)
+            return block(x, segments, positions, config, layer_key, mesh)[0]
 
         layer = _remat(layer, config.remat)
         if config.scan_layers:
@@ -540,12 +576,13 @@ class Transformer(eqx.Module):
         else:
             for i in range(config.n_layers):
                 x = layer(x, jax.tree.map(lambda a: a[i], params), None if keys is None else keys[i])
-        return self.final_norm(x, config.dtype)
+        return self.final_norm(x, config.dtype), None
 
     def __call__(self, tokens: Int[Array, "batch seq"], segment_ids: Int[Array, "batch seq"] | None = None,
-                 *, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq vocab"]:
-        """fp32 next-token logits."""
-        return self.head(self.hidden(tokens, segment_ids, key=key))
+                 *, key: PRNGKeyArray | None = None, mesh: Mesh | None = None) -> Float[Array, "batch seq vocab"]:
+        """fp32 next-token logits at every position (tests and conversion checks: training and
+        scoring go through `target_logps`, which never holds them all)."""
+        return self.head(self.forward(tokens, segment_ids, mesh=mesh, key=key)[0])
 
     def head(self, hidden: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
         """fp32 logits of final hidden states (a sampler applies it to the last position only)."""
@@ -555,7 +592,7 @@ class Transformer(eqx.Module):
 
     def layers(self) -> tuple[Block, ...]:
         """Each layer's block on arrays of its own: a copy of the blocks' weights, made once for
-        many decoding steps (`extend`). Inside a jitted step, XLA:CPU copies a slice of the stacked
+        many decoding steps (`forward` with a cache). Inside a jitted step, XLA:CPU copies a slice of the stacked
         arrays (a `scan` step's, or an unrolled `blocks[i]`) before a matmul reads it: a batch-1
         step, which only has to read each weight once, read it, wrote a copy and read that.
         The matrices are copied in the activation dtype, which `einsum` casts them to anyway: the
@@ -565,29 +602,6 @@ class Transformer(eqx.Module):
         copy = lambda a, i: a[i].astype(self.config.dtype) if a.ndim == 3 else a[i]
         return tuple(eqx.combine(jax.tree.map(lambda a: copy(a, i), params), static)
                      for i in range(self.config.n_layers))
-
-    def extend(self, tokens: Int[Array, "batch new"], cache: KVCache, valid: Int[Array, " batch"] | None = None,
-               layers: tuple[Block, ...] | None = None) -> tuple[Float[Array, "batch new d_model"], KVCache]:
-        """Final-norm hidden states of `tokens` appended to each row of `cache`, and the cache
-        holding them: a prefill (many new tokens) or a decoding step (one).
-
-        Row r's tokens take positions `cache.lengths[r]` onwards; only its first `valid[r]` (default:
-        all) count as written, so a right-padded batch of prompts prefills in one call. The caller
-        keeps `cache.lengths + new` within the cache's size (a write past it would be dropped).
-        `layers` is `self.layers()`, made once outside the jitted steps (else each call copies the
-        weights). The layers run unrolled whatever `scan_layers` says: a scan would slice, and so
-        copy, each layer's weights and cache at every step.
-        """
-        config = self.config
-        positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])
-        x = self.embed.astype(config.dtype)[tokens]
-        k, v = [], []
-        for block, k_cache, v_cache in zip(self.layers() if layers is None else layers, cache.k, cache.v):
-            x, k_cache, v_cache = block.extend(x, k_cache, v_cache, positions, config)
-            k.append(k_cache)
-            v.append(v_cache)
-        lengths = cache.lengths + (tokens.shape[1] if valid is None else valid)
-        return self.final_norm(x, config.dtype), KVCache(tuple(k), tuple(v), lengths)
 
 
 class KVCache(eqx.Module):
@@ -605,17 +619,51 @@ def init_cache(config: ModelConfig, batch: int, size: int) -> KVCache:
                    jnp.zeros((batch,), jnp.int32))
 
 
-def cross_entropy(logits: Float[Array, "batch seq vocab"], targets: Int[Array, "batch seq"],
-                  weights: Float[Array, "batch seq"]) -> Float[Array, ""]:
-    """Weighted mean next-token loss in fp32.
+def target_logps(model: Transformer, hidden: Float[Array, "batch seq d_model"], targets: Int[Array, "batch seq"],
+                 chunk: int = SCORE_CHUNK) -> tuple[Float[Array, "batch seq"], Bool[Array, "batch seq"]]:
+    """The one way tokens are scored: log p(target) under the model's head at every position of
+    `hidden` (fp32 log-softmax), and whether the target is the head's argmax. The loss, DPO's
+    sequence log-probabilities, packed pairs and evaluation all reduce these.
 
-    Written as logsumexp minus the selected logit through a one-hot `where`, not
-    `take_along_axis`, whose gradient scatters into a zeroed vocab-sized buffer: that measured
-    slower on an AMX CPU; on the AVX-512 CPU of benchmarks/ the whole step times the same.
+    The [batch, seq, vocab] fp32 logits are never all held: the sequence is cut into pieces of at
+    most `chunk` positions, scored one after another (lax.map), and each piece's logits are
+    recomputed in the backward pass (jax.checkpoint) rather than kept; the batch axis stays whole,
+    so a batch split over devices stays split. The target's logit is picked with a one-hot
+    `where`, not `take_along_axis`, whose gradient scatters into a zeroed vocab-sized buffer (that
+    measured slower on an AMX CPU).
     """
-    logits = logits.astype(jnp.float32)
-    onehot = targets[..., None] == jnp.arange(logits.shape[-1])
-    picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-    losses = jax.nn.logsumexp(logits, axis=-1) - picked
+    config = model.config
+
+    def score(h: Float[Array, "batch piece d_model"], y: Int[Array, "batch piece"]):
+        logits = model.head(h)
+        picked = jnp.sum(jnp.where(y[..., None] == jnp.arange(logits.shape[-1]), logits, 0.0), axis=-1)
+        return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == y
+
+    b, t, _ = hidden.shape
+    if t <= chunk:
+        return score(hidden, targets)
+    pieces = -(-t // chunk)
+    size = -(-t // pieces)  # pieces of equal size, padded by fewer than `pieces` positions
+    pad = pieces * size - t
+    cut = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(
+        b, pieces, size, *a.shape[2:]).swapaxes(0, 1)
+    logps, greedy = jax.lax.map(lambda hy: jax.checkpoint(score)(*hy), (cut(hidden), cut(targets)))
+    uncut = lambda a: a.swapaxes(0, 1).reshape(b, pieces * size)[:, :t]
+    return uncut(logps), uncut(greedy)
+
+
+def next_token_logps(model: Transformer, tokens: Int[Array, "batch seq_plus_one"],
+                     segment_ids: Int[Array, "batch seq"] | None = None, *, mesh: Mesh | None,
+                     key: PRNGKeyArray | None = None) -> Float[Array, "batch seq"]:
+    """log p(tokens[:, t + 1] | tokens[:, :t + 1]) of every row (within its segment, when packed)."""
+    hidden, _ = model.forward(tokens[:, :-1], segment_ids, mesh=mesh, key=key)
+    return target_logps(model, hidden, tokens[:, 1:])[0]
+
+
+def cross_entropy(model: Transformer, tokens: Int[Array, "batch seq_plus_one"], weights: Float[Array, "batch seq"],
+                  segment_ids: Int[Array, "batch seq"] | None = None, *, mesh: Mesh | None,
+                  key: PRNGKeyArray | None = None) -> Float[Array, ""]:
+    """Weighted mean next-token loss in fp32 (targets tokens[:, 1:], weighted by `weights`)."""
+    logps = next_token_logps(model, tokens, segment_ids, mesh=mesh, key=key)
     total = jnp.sum(weights)
-    return jnp.sum(losses * weights) / jnp.where(total > 0, total, 1.0)
+    return -jnp.sum(logps * weights) / jnp.where(total > 0, total, 1.0)

@@ -415,9 +415,13 @@ def _prepare(config: DataConfig, tokenizer: Tokenizer, workers: int
     return pack(train, config.seq_len, config.packing), valid_rows, all_stats
 
 
-def summary_table(stats: Sequence[FileStats], rows: PackedRows) -> str:
-    """One line per file and a total: what was read, skipped, cut and mixed."""
-    text = stats_table(stats, "conversations", "truncated", "supervised tokens")
+def summary_table(stats: Sequence[FileStats], rows: PackedRows, overlong: str = "truncate") -> str:
+    """One line per file and a total: what was read, skipped, cut and mixed, and why any were dropped."""
+    length = rows.tokens.shape[1]
+    why = (f"longer than a row of {length:,} tokens (--overlong=drop; --overlong=truncate keeps the turns "
+           "that fit)" if overlong == "drop" else
+           f"even the first assistant reply ends past a row of {length:,} tokens (--max_seq_len)")
+    text = stats_table(stats, "conversations", "truncated", "supervised tokens", dropped_why=why)
     filled = rows.tokens.size and (rows.segment_ids > 0).sum() / rows.segment_ids.size
     text += (f"\n{rows.num_rows:,} rows of {rows.tokens.shape[1]:,} tokens, {filled:.1%} filled, "
              f"{rows.supervised_tokens:,} supervised tokens "
@@ -499,7 +503,7 @@ def main(argv):
                 tokenizer, workers, cache)
             stats += [dataclasses.replace(s, validation=s.mixed, mixed=0, supervised_tokens=0) for s in more]
         if jax.process_index() == 0:
-            print(summary_table(stats, rows))
+            print(summary_table(stats, rows, FLAGS.overlong))
         if FLAGS.epochs:
             steps = math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size)
             try:

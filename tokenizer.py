@@ -352,6 +352,10 @@ def main(argv: Sequence[str]) -> None:
     for name in ("input", "model_prefix"):
         if not FLAGS[name].value:
             raise ValueError(f"--{name} is required to train (or --model and --stats to measure)")
+    missing = [p for p in FLAGS.input if not os.path.exists(p)]
+    if missing:
+        raise ValueError(f"--input: {', '.join(map(repr, missing))} not found (expected UTF-8 text files, "
+                         "comma-separated)")
     start = time.time()
     path = train_tokenizer(
         FLAGS.input, FLAGS.model_prefix, vocab_size=FLAGS.vocab_size,

@@ -58,7 +58,7 @@ from budget import HARDWARE, device_peak_flops
 from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from optim import learning_rate_schedule, make_optimizer
 from parallel import (AXES, batch_sharding, global_batch, initialize_distributed, leaf_sharding, make_mesh,
-                      shardings, stop_votes, traced_on)
+                      shardings, stop_votes)
 from runlog import (IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, check_writable,
                     keep_metrics_until, open_wandb)
 from tokenizer import Tokenizer
@@ -254,20 +254,22 @@ def as_batch(rows: np.ndarray | dict) -> dict[str, np.ndarray]:
     return rows if isinstance(rows, dict) else {"tokens": rows}
 
 
-# A loss function: (model, micro-batch, dropout key or None) -> (summed loss, count, summed
+# A loss function: (model, micro-batch, dropout key or None, mesh) -> (summed loss, count, summed
 # metrics). The step's loss and each metric are their sums over micro-batches divided by the
-# summed count (tokens for language modelling, pairs for dpo.py); gradients likewise.
-LossFn = Callable[[Transformer, dict, PRNGKeyArray | None], tuple[Array, Array, dict[str, Array]]]
+# summed count (tokens for language modelling, pairs for dpo.py); gradients likewise. `mesh` is
+# the mesh the step is built for (None: one device), which attention's kernels run under.
+LossFn = Callable[[Transformer, dict, PRNGKeyArray | None, Mesh | None], tuple[Array, Array, dict[str, Array]]]
 
 
-def token_loss(model: Transformer, micro: dict[str, Array], key: PRNGKeyArray | None
+def token_loss(model: Transformer, micro: dict[str, Array], key: PRNGKeyArray | None, mesh: Mesh | None = None
                ) -> tuple[Float[Array, ""], Float[Array, ""], dict[str, Array]]:
     """Next-token cross-entropy summed over the weighted targets, and their count."""
     tokens = micro["tokens"]
     weights = micro.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
-    logits = model(tokens[:, :-1], micro.get("segment_ids"), key=key if model.config.dropout else None)
     count = weights.sum()
-    return cross_entropy(logits, tokens[:, 1:], weights) * count, count, {}
+    loss = cross_entropy(model, tokens, weights, micro.get("segment_ids"), mesh=mesh,
+                         key=key if model.config.dropout else None)
+    return loss * count, count, {}
 
 
 def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mesh: Mesh,
@@ -289,7 +291,7 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         model = jax.lax.with_sharding_constraint(state.model, NamedSharding(mesh, P()))
 
         def micro_loss(m, micro, micro_key):
-            loss, count, sums = loss_fn(m, micro, micro_key)
+            loss, count, sums = loss_fn(m, micro, micro_key, mesh)
             return loss, (count, sums)
 
         def accumulate(carry, xs):
@@ -315,7 +317,7 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         return state, metrics
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(traced_on(mesh, train_step), donate_argnums=0,
+    return jax.jit(train_step, donate_argnums=0,
                    in_shardings=(state_sharding, batch_sharding(mesh), replicated, replicated,
                                  replicated, NamedSharding(mesh, P(AXES))),
                    out_shardings=(state_sharding, replicated))
@@ -326,10 +328,15 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
 Evaluator = Callable[[Transformer], dict[str, float]]
 
 
+def held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> Callable:
+    """The jitted held-out pass: (model, [1, micro, ...] batch) -> loss_fn's sums, no dropout."""
+    return jax.jit(lambda model, batch: loss_fn(model, jax.tree.map(lambda x: x[0], batch), None, mesh))
+
+
 def held_out_loss(validation_data, batches: int, mesh: Mesh, loss_fn: LossFn = token_loss) -> Evaluator:
     """eval_loss, and the loss function's metrics as eval_<name>, over global batches
     0..batches-1 of `validation_data` (read like fit's train_data)."""
-    step = jax.jit(traced_on(mesh, lambda model, batch: loss_fn(model, jax.tree.map(lambda x: x[0], batch), None)))
+    step = held_out_step(mesh, loss_fn)
 
     def evaluate(model: Transformer) -> dict[str, float]:
         loss = count = 0.0

@@ -61,7 +61,7 @@ class Row:
 ROWS = [
     # tokenizer.py
     Row("tokenizer-missing-file", "tokenizer.py", ["--input={in}/none.txt", "--model_prefix={out}/tok"], 2,
-        ("none.txt", "not found")),
+        ("--input", "none.txt", "not found", "expected UTF-8 text files")),
     Row("tokenizer-empty-file", "tokenizer.py", ["--input={in}/empty.txt", "--model_prefix={out}/tok"], 2,
         ("empty.txt", "is empty", "expected UTF-8 text")),
     Row("tokenizer-binary-file", "tokenizer.py", ["--input={in}/binary.bin", "--model_prefix={out}/tok",

@@ -344,6 +344,15 @@ def test_the_model_card_names_languages_license_data_chat_format_and_evaluation(
     assert "<|im_start|>user" in card and DEFAULT_SYSTEM in card and "`<|im_end|>`" in card
     assert "lm-evaluation-harness" in card and "No results were found" in card
     assert all(f"- `{f}`" in card for f in DATA_FILES)  # tiny_run trains on the samples
+    # A base model's snippet continues text (it has not learnt to chat) within its 128-token context.
+    assert "pretrained (base) model" in card and "apply_chat_template" not in card
+    assert "max_new_tokens=32" in card
+
+
+def test_a_fine_tuned_models_card_shows_a_chat_that_fits_its_context():
+    config = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=2048)
+    card = convert.model_card(config, {"sft": {"train_data": "chat.jsonl"}}, 7, "other")
+    assert "fine-tuned to chat" in card and "apply_chat_template" in card and "max_new_tokens=64" in card
 
 
 def test_the_model_card_carries_the_runs_lm_eval_results_and_parses_as_a_hub_card(tiny_run, tmp_path):
@@ -368,6 +377,7 @@ def test_the_model_card_carries_the_runs_lm_eval_results_and_parses_as_a_hub_car
     assert scores == {("piqa", "acc"): 0.575, ("lambada_openai", "acc"): 0.0,
                       ("lambada_openai", "perplexity"): 9.1e7, ("winogrande", "acc"): 0.55}
     assert "| piqa | 40 | acc | 0.575 |" in card and "| winogrande |  | acc | 0.55 |" in card
+    assert "| lambada_openai | 40 | perplexity | not predicted (> 1,000) |" in card
     assert "held-out data: loss 5.5." in card and f"step {step}." in card
     hub = pytest.importorskip("huggingface_hub")
     parsed = hub.ModelCard.load(str(out / "README.md"))

@@ -236,6 +236,19 @@ def test_the_report_table_puts_chance_beside_each_score_and_marks_scores_within_
                 "| arc_challenge | acc_norm | 2.5 | 25 | below |  |"):
         assert row in table, table
     assert eval_tasks.versus_chance(2.5, 0.0, n) == "above"  # one right answer is more than chance's none
+    assert "| lambada_openai | perplexity | not predicted (> 1,000) |" in table  # not nine digits
+
+
+def test_lm_evals_own_table_names_an_unpredicted_perplexity_instead_of_printing_its_digits():
+    output = {"results": {"lambada_openai": {"alias": "lambada_openai", "acc,none": 0.0, "acc_stderr,none": 0.0,
+                                             "perplexity,none": 166270678.169, "perplexity_stderr,none": 525712115.38}},
+              "versions": {"lambada_openai": 1.0}, "n-shot": {"lambada_openai": 0}, "higher_is_better": {}}
+    table = evaluate.make_table(eval_tasks.readable(output))
+    assert "not predicted (> 1,000)" in table and "166270678" not in table and "525712115" not in table
+    assert output["results"]["lambada_openai"]["perplexity,none"] == 166270678.169  # the JSON keeps the value
+    sensible = evaluate.make_table(eval_tasks.readable(
+        {**output, "results": {"lambada_openai": {"perplexity,none": 12.5, "perplexity_stderr,none": 0.4}}}))
+    assert "12.5" in sensible and "0.4" in sensible and "not predicted" not in sensible
 
 
 def test_the_command_line_prints_both_tables_and_writes_the_results_json(tiny_run, tmp_path):
@@ -250,6 +263,7 @@ def test_the_command_line_prints_both_tables_and_writes_the_results_json(tiny_ru
     results = json.loads(output.read_text())
     assert set(results) == {"lambada_openai"}
     assert {"acc,none", "perplexity,none"} <= set(results["lambada_openai"])
+    assert "bootstrapping for stddev" not in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------

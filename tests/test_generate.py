@@ -237,3 +237,9 @@ def test_a_second_generate_process_loads_its_programs_from_the_cache_the_flag_na
     assert _cache_entries(flag_cache) == written
     off = _compile_log(*args, "--compilation_cache_dir=", env_cache=env_cache)
     assert "Persistent compilation cache hit" not in off and not _cache_entries(env_cache)
+
+
+def test_an_empty_reply_is_named_as_one_and_a_reply_is_printed_as_it_is():
+    assert G.empty_note("Bonjour", chat=True) == ""
+    assert G.empty_note("", chat=True) == "(empty reply: the model ended its turn at once)"
+    assert "ended the text at once" in G.empty_note("", chat=False)

@@ -481,6 +481,17 @@ def test_the_bundled_sample_loads_cleanly_in_both_languages(tokenizer):
     assert "supervised tokens" in sft.summary_table(stats, rows)
 
 
+def test_the_summary_says_why_conversations_were_dropped(tokenizer):
+    sample = os.path.join(REPO, "samples", "sft", "en_alpaca_seed_tasks.jsonl")
+    rows, _, stats = sft.prepare(sft.DataConfig((sample,), seq_len=48, overlong="drop"), tokenizer)
+    assert sum(s.dropped for s in stats) > 0
+    assert "dropped: longer than a row of 49 tokens (--overlong=drop" in sft.summary_table(stats, rows, "drop")
+    assert "dropped: even the first assistant reply ends past a row of 49 tokens (--max_seq_len)" in (
+        sft.summary_table(stats, rows))
+    kept = [dataclasses.replace(s, dropped=0) for s in stats]
+    assert "dropped:" not in sft.summary_table(kept, rows)  # no reason printed for nothing
+
+
 # --- Behaviour: fine-tuning the tiny pretrained model -------------------------------------------
 
 REPLY = "Bien sûr ! Here is my answer."
