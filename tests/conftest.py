@@ -146,6 +146,55 @@ def tiny_hf(tmp_path_factory, tiny_run) -> str:
     return out
 
 
+# Meta-Llama-3-8B-Instruct's chat template, verbatim.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def write_hf_tokenizer(out: str, specials: list[str], bos: str | None = None, config: dict | None = None,
+                       chat_template: str | None = None, vocab_size: int = 1000) -> str:
+    """A byte-level BPE (GPT-2 style, as Llama 3's and SmolLM's) trained on the bundled samples by
+    the `tokenizers` library in a few seconds, saved as a Hugging Face folder: tokenizer.json (its
+    post-processor puts `bos` before a text), and tokenizer_config.json / chat_template.jinja
+    when given."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train(DATA_FILES, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if bos:
+        steps.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                   special_tokens=[(bos, tokenizer.token_to_id(bos))]))
+    tokenizer.post_processor = processors.Sequence(steps)
+    os.makedirs(out, exist_ok=True)
+    tokenizer.save(os.path.join(out, "tokenizer.json"))
+    if config is not None:
+        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **config}, f, indent=2)
+    if chat_template is not None:
+        with open(os.path.join(out, "chat_template.jinja"), "w") as f:
+            f.write(chat_template)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory) -> str:
+    """A Llama-3-style Hugging Face tokenizer folder: byte-level BPE, <|begin_of_text|> before a
+    text, eos <|end_of_text|>, no pad or unk, and Llama 3's chat template (turns end with <|eot_id|>)."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    return write_hf_tokenizer(str(tmp_path_factory.mktemp("llama3_tokenizer")), specials, bos="<|begin_of_text|>",
+                              config={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                                      "model_max_length": 100_000}, chat_template=LLAMA3_TEMPLATE)
+
+
 def free_port() -> int:
     import socket
 

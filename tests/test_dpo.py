@@ -431,3 +431,19 @@ def test_dpo_trains_on_packed_pairs_and_resumes_from_the_cache(tiny_run, tmp_pat
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [2, 4] and all(np.isfinite(r["loss"]) for r in steps)
     assert all("rewards/accuracies" in r for r in steps) and any("eval_rewards/margins" in r for r in records)
+
+
+def test_a_llama3_template_splits_prompt_and_replies_where_transformers_renders_them(llama3_tokenizer_dir):
+    tokenizer = Tokenizer.load(llama3_tokenizer_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    pair = chat_formats.to_pair(FORMAT_CASES["standard"])
+    rendered, status = dpo.render_pair(tokenizer, pair, 256, 128)
+    prompt = list(pair.prompt)
+    assert status == "ok" and rendered.prompt.tolist() == hf.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    eot = hf.convert_tokens_to_ids("<|eot_id|>")
+    for reply, ids in ((pair.chosen, rendered.chosen), (pair.rejected, rendered.rejected)):
+        assert ids.tolist() == [*hf(reply, add_special_tokens=False).input_ids, eot]
+        whole = hf.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=True,
+                                       return_dict=True)["input_ids"]
+        assert whole == rendered.prompt.tolist() + ids.tolist()
