@@ -474,7 +474,7 @@ def main(argv):
             raise ValueError("--dry_run compiles the step on unpacked pairs: drop --pack_pairs")
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        model_config, tokenizer = sft.init_model_config(run, flag_model)
+        model_config, tokenizer, carried = sft.init_model_config(run, flag_model)
         if FLAGS.max_length > model_config.max_seq_len:
             raise ValueError(f"--max_length={FLAGS.max_length} exceeds the model's context of "
                              f"{model_config.max_seq_len}")
@@ -535,7 +535,7 @@ def main(argv):
                     "files": [s.to_dict() for s in stats]}
         evaluations = train.evaluators(run, mesh, validation, tokenizer.model_bytes, loss_fn)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
-                  train.resolved_config(model_config, config, run, dpo=settings), title="dpo", loss_fn=loss_fn)
+                  train.resolved_config(model_config, config, run, dpo=settings, **carried), title="dpo", loss_fn=loss_fn)
         if jax.process_index() == 0:
             print(learning_summary(os.path.join(run.metrics_dir, "metrics.jsonl")))
     except train.TrainingStopped as e:

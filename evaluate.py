@@ -77,7 +77,8 @@ TOKENS_PER_REQUEST = 64
 
 def define_flags() -> None:
     """Defined on demand, not at import: other scripts and the tests import this file."""
-    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step), local or gs://.")
+    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step), local or gs://, or a Hugging "
+                        "Face Llama folder (imported on the way in).")
     flags.DEFINE_integer("step", None, "Evaluate this step instead of the newest.")
     flags.DEFINE_list("tasks", ["report"], "lm-eval task names, or presets: report (the report's "
                       "seven English tasks), french (XWinograd, XNLI, PAWS-X, Belebele, LAMBADA "

@@ -47,7 +47,8 @@ CHUNK = 8  # tokens per device loop: what streaming shows at once; at most CHUNK
 
 def define_flags() -> None:
     """Defined on demand, not at import: other scripts and the tests import this file."""
-    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step) to sample from.")
+    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step) to sample from, or a Hugging "
+                        "Face Llama folder (imported on the way in).")
     flags.DEFINE_multi_string("prompt", None, "Prompt text, one per prompt of the batch; with --chat, the "
                               "user's message (without it, --chat is interactive)")
     flags.DEFINE_boolean("chat", False, "Render the prompt as a user turn in the tokenizer's chat format and print the "

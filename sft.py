@@ -449,20 +449,16 @@ def define_flags() -> None:
         FLAGS.set_default(name, value)
 
 
-def init_model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelConfig, Tokenizer]:
-    """The --init_from checkpoint's model (this run's execution settings) and its tokenizer; or,
+def init_model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelConfig, Tokenizer, dict]:
+    """The --init_from checkpoint's (or Hugging Face folder's) model with this run's execution
+    settings, its tokenizer, and what the run config carries on from it (an import's files); or,
     without --init_from, the flags' model and --tokenizer."""
     if not run.init_from:
-        return from_flags, train.load_tokenizer(FLAGS.tokenizer, from_flags.vocab_size)
-    _, tokenizer_bytes, saved = checkpoint.load(run.init_from)
-    if FLAGS.tokenizer:  # the checkpoint's own tokenizer is the one its embeddings were trained with
-        given = Tokenizer.load(FLAGS.tokenizer)
-        if given.model_bytes != tokenizer_bytes:
-            raise ValueError(f"--tokenizer={FLAGS.tokenizer} ({given.vocab_size} pieces) is not the tokenizer of "
-                             f"--init_from={run.init_from} ({saved['model']['vocab_size']} pieces): expected "
-                             "the same model, or no --tokenizer (the checkpoint's is used)")
-    runtime = {name: getattr(from_flags, name) for name in checkpoint.EXECUTION_FIELDS}
-    return dataclasses.replace(ModelConfig(**saved["model"]), **runtime), Tokenizer.from_bytes(tokenizer_bytes)
+        return from_flags, train.load_tokenizer(FLAGS.tokenizer, from_flags.vocab_size), {}
+    model_config, tokenizer_bytes, saved = train.init_from_model(run.init_from, from_flags, set())
+    imported = checkpoint.imported_of(saved)
+    return (model_config, train.init_tokenizer(FLAGS.tokenizer, run.init_from, tokenizer_bytes),
+            {checkpoint.IMPORTED: imported} if imported else {})
 
 
 def main(argv):
@@ -475,7 +471,7 @@ def main(argv):
         flag_model, config, run = train.configs_from_flags()
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        model_config, tokenizer = init_model_config(run, flag_model)
+        model_config, tokenizer, carried = init_model_config(run, flag_model)
         # Rows of --seq_len tokens when given (at most the model's context), else the context.
         seq_len = FLAGS.seq_len if FLAGS["seq_len"].present else model_config.max_seq_len
         if seq_len > model_config.max_seq_len:
@@ -518,7 +514,7 @@ def main(argv):
                         "files": [s.to_dict() for s in stats]}
         evaluations = train.evaluators(run, parallel.make_mesh(run.fsdp), validation, tokenizer.model_bytes)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
-                  train.resolved_config(model_config, config, run, sft=sft_settings), title="sft")
+                  train.resolved_config(model_config, config, run, sft=sft_settings, **carried), title="sft")
     except train.TrainingStopped as e:
         sys.exit(f"sft.py: training stopped: {e}")
 
