@@ -450,29 +450,22 @@ def test_a_llama3_template_splits_prompt_and_replies_where_transformers_renders_
 
 
 def test_a_reply_whose_first_characters_merge_into_the_prompt_keeps_its_whole_rendering(tmp_path):
-    """SmolLM2's case: byte-level BPE with "\\n\\n" as one token and ChatML's prompt ending in
-    "assistant\\n": a reply starting with "\\n" changes the prompt's last token, so the prompt is
+    """A template whose generation prompt ends in a space ("assistant: "): byte-level BPE spells
+    " Hello" as one token, so a reply's first word takes the prompt's last token. The prompt is
     what both replies' renderings share and each reply keeps the rest."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    import conftest
 
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    with open(os.path.join(REPO, "samples", "en_doyle_sign_of_four.txt")) as f:
-        paragraphs = f.read().split("\n")
-    documents = ["\n\n".join(paragraphs[i: i + 10]) for i in range(0, len(paragraphs), 10)]
-    backend.train_from_iterator(documents, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    backend.save(str(tmp_path / "tokenizer.json"))
-    tokenizer = Tokenizer.load(tmp_path / "tokenizer.json")
-    assert len(tokenizer.encode("\n\n")) == 1
-    pair = chat_formats.Pair(({"role": "user", "content": "Hi?"},), "\nHello.", "Go away.")
+    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    folder = conftest.write_hf_tokenizer(str(tmp_path), ["<|endoftext|>"],
+                                         config={"eos_token": "<|endoftext|>", "chat_template": template})
+    tokenizer = Tokenizer.load(folder)
+    pair = chat_formats.Pair(({"role": "user", "content": "Hi?"},), "Hello.", "\nGo away.")
     prompts = [dpo._split_reply(tokenizer, pair.prompt, reply)[0].tolist() for reply in (pair.chosen, pair.rejected)]
-    assert prompts[0] != prompts[1]
+    assert prompts[0] == prompts[1][:-1]  # the rejected reply leaves the prompt's final " " alone
     rendered, status = dpo.render_pair(tokenizer, pair, 256, 128)
-    assert status == "ok" and rendered.prompt.tolist() == prompts[0][:-1] == prompts[1][:-1]
+    assert status == "ok" and rendered.prompt.tolist() == prompts[0]
     for reply, ids in ((pair.chosen, rendered.chosen), (pair.rejected, rendered.rejected)):
         whole = tokenizer.chat_ids([*pair.prompt, {"role": "assistant", "content": reply}])
-        assert rendered.prompt.tolist() + ids.tolist() == whole[:-1]  # all but ChatML's final "\n"
-        assert ids[-1] == tokenizer.im_end_id
+        assert rendered.prompt.tolist() + ids.tolist() == whole
+        assert tokenizer.decode(ids) == f" {reply}\n"  # the prompt's final space belongs to both replies
