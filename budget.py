@@ -99,6 +99,9 @@ def prepare_host(hardware: str) -> None:
     libtpu's warnings about a host that is no TPU worker silenced."""
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", HARDWARE[hardware].chips)
+    # A program compiled for a topology has no client to load a cached executable with: every
+    # cache lookup would print "Error reading persistent compilation cache entry" and save nothing.
+    jax.config.update("jax_enable_compilation_cache", False)
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", hardware if HARDWARE[hardware].backend == "tpu" else "v4-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # dry runs side by side share libtpu

@@ -99,7 +99,13 @@ def render_pair(tokenizer: Tokenizer, pair: Pair, max_length: int, max_prompt_le
     the prompt too), or "dropped" (None: no reply token fits)."""
     prompt, chosen = _split_reply(tokenizer, pair.prompt, pair.chosen)
     rejected_prompt, rejected = _split_reply(tokenizer, pair.prompt, pair.rejected)
-    assert np.array_equal(prompt, rejected_prompt), "the prompt's ids depend on the reply"
+    if not np.array_equal(prompt, rejected_prompt):
+        # A chat template whose generation prompt ends where a reply's first characters can merge
+        # with it: the prompt is what both renderings share, the rest belongs to each reply.
+        shared = next((n for n, (a, b) in enumerate(zip(prompt, rejected_prompt)) if a != b),
+                      min(len(prompt), len(rejected_prompt)))
+        chosen, rejected = np.concatenate([prompt[shared:], chosen]), np.concatenate([rejected_prompt[shared:], rejected])
+        prompt = prompt[:shared]
     status = "ok"
     if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
         prompt, status = prompt[len(prompt) - max_prompt_length:], "prompt cut"

@@ -249,14 +249,22 @@ def chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
 
 def chat(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict], max_new_tokens: int = 256,
          key: PRNGKeyArray | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-         on_text: Callable[[str], None] | None = None) -> str:
+         on_text: Callable[[str], None] | None = None, more_stop_ids: tuple[int, ...] = ()) -> str:
     """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content": ...}]),
-    ending at the chat format's end of turn or eos (Tokenizer.chat_stop_ids). Greedy by default;
-    `on_text` streams the reply."""
+    ending at the chat format's end of turn or eos (Tokenizer.chat_stop_ids), or at one of
+    `more_stop_ids`. Greedy by default; `on_text` streams the reply."""
     key = jax.random.key(0) if key is None else key
     stream = None if on_text is None else (lambda row, piece: on_text(piece))
+    stop_ids = tuple(dict.fromkeys((*tokenizer.chat_stop_ids, *more_stop_ids)))
     return complete(model, tokenizer, [chat_prompt(tokenizer, messages)], max_new_tokens, key,
-                    temperature, top_k, top_p, tokenizer.chat_stop_ids, on_text=stream)[0]
+                    temperature, top_k, top_p, stop_ids, on_text=stream)[0]
+
+
+def generation_stop_ids(config: dict) -> tuple[int, ...]:
+    """The eos ids of an imported model's generation_config.json (checkpoint.load's config), where
+    transformers' `generate` stops too (Llama 3.1's <|eom_id|>, for example); none for ours."""
+    eos = ((checkpoint.imported_of(config) or {}).get("generation_config") or {}).get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
 
 
 def empty_note(text: str, chat: bool) -> str:
@@ -279,7 +287,7 @@ def _print_stream(piece: str) -> None:
 
 
 def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new_tokens: int,
-                  key: PRNGKeyArray, sampling: dict) -> None:
+                  key: PRNGKeyArray, sampling: dict, more_stop_ids: tuple[int, ...] = ()) -> None:
     """A REPL: each line is a user turn; the history grows until it no longer fits the context,
     then the oldest exchanges are dropped. '/reset' clears it; an empty line or EOF ends."""
     opening = [{"role": "system", "content": system}] if system else []
@@ -306,7 +314,7 @@ def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new
             history = []
             continue
         reply = chat(model, tokenizer, opening + history, max_new_tokens, jax.random.fold_in(key, turn),
-                     on_text=_print_stream, **sampling)
+                     on_text=_print_stream, more_stop_ids=more_stop_ids, **sampling)
         print(empty_note(reply, chat=True))
         history.append({"role": "assistant", "content": reply})
 
@@ -319,20 +327,21 @@ def main(argv):
         raise cli.UsageError("--checkpoint is required: a train.py --output_dir")
     if not FLAGS.prompt and not FLAGS.chat:
         raise cli.UsageError("--prompt is required (or --chat for a conversation)")
-    model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
+    model, tokenizer_bytes, config = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
     tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    more_stop_ids = generation_stop_ids(config)
     key = jax.random.key(FLAGS.seed)
     sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
     if FLAGS.chat and not FLAGS.prompt:
-        _conversation(model, tokenizer, FLAGS.system, FLAGS.max_new_tokens, key, sampling)
+        _conversation(model, tokenizer, FLAGS.system, FLAGS.max_new_tokens, key, sampling, more_stop_ids)
         return
     if FLAGS.chat:
         prompts = [chat_prompt(tokenizer, ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else [])
                                + [{"role": "user", "content": p}]) for p in FLAGS.prompt]
-        stop_ids = tokenizer.chat_stop_ids
+        stop_ids = tuple(dict.fromkeys((*tokenizer.chat_stop_ids, *more_stop_ids)))
     else:
         prompts = [tokenizer.encode(p, bos=True) for p in FLAGS.prompt]
-        stop_ids = (tokenizer.eos_id,)
+        stop_ids = tuple(dict.fromkeys((tokenizer.eos_id, *more_stop_ids)))
     asked, answered = ("user", "assistant") if FLAGS.chat else ("prompt", "continuation")
 
     def show_prompt(row: int) -> None:

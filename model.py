@@ -71,7 +71,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # activations and matmul inputs; "float32" for exact checks
     scan_layers: bool = True  # one compiled block for all layers; unrolled runs faster on CPU
     remat: str = "none"  # "none" | "full" | "dots" (keep matmul outputs but scores, recompute the rest)
-    attention: str = "einsum"  # one of ATTENTION_IMPLS; "auto" picks by target platform at trace time
+    attention: str = "auto"  # one of ATTENTION_IMPLS; "auto" (as --attention) picks by target platform at trace time
     # The residual stream in fp32 (blocks add their `dtype` outputs to it) instead of `dtype`:
     # evaluation's choice, where it halves bf16's log-likelihood error for free (see tests).
     fp32_residual: bool = False

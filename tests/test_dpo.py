@@ -447,3 +447,25 @@ def test_a_llama3_template_splits_prompt_and_replies_where_transformers_renders_
         whole = hf.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=True,
                                        return_dict=True)["input_ids"]
         assert whole == rendered.prompt.tolist() + ids.tolist()
+
+
+def test_a_reply_whose_first_characters_merge_into_the_prompt_keeps_its_whole_rendering(tmp_path):
+    """A template whose generation prompt ends in a space ("assistant: "): byte-level BPE spells
+    " Hello" as one token, so a reply's first word takes the prompt's last token. The prompt is
+    what both replies' renderings share and each reply keeps the rest."""
+    import conftest
+
+    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    folder = conftest.write_hf_tokenizer(str(tmp_path), ["<|endoftext|>"],
+                                         config={"eos_token": "<|endoftext|>", "chat_template": template})
+    tokenizer = Tokenizer.load(folder)
+    pair = chat_formats.Pair(({"role": "user", "content": "Hi?"},), "Hello.", "\nGo away.")
+    prompts = [dpo._split_reply(tokenizer, pair.prompt, reply)[0].tolist() for reply in (pair.chosen, pair.rejected)]
+    assert prompts[0] == prompts[1][:-1]  # the rejected reply leaves the prompt's final " " alone
+    rendered, status = dpo.render_pair(tokenizer, pair, 256, 128)
+    assert status == "ok" and rendered.prompt.tolist() == prompts[0]
+    for reply, ids in ((pair.chosen, rendered.chosen), (pair.rejected, rendered.rejected)):
+        whole = tokenizer.chat_ids([*pair.prompt, {"role": "assistant", "content": reply}])
+        assert rendered.prompt.tolist() + ids.tolist() == whole
+        assert tokenizer.decode(ids) == f" {reply}\n"  # the prompt's final space belongs to both replies

@@ -278,3 +278,11 @@ def test_chat_with_a_llama3_template_stops_at_its_eot_token_not_at_eos(llama3_to
                   "--temperature=0", "--max_new_tokens=8")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{G.rule('user')}\nBonjour\n{G.rule('assistant')}\n{tokenizer.decode([a, b])}\n"
+    # An imported model's generation_config.json may name more ends (transformers stops there too).
+    imported = str(tmp_path / "imported")
+    checkpoint.save(imported, 0, model, tokenizer.model_bytes,
+                    {checkpoint.IMPORTED: {"generation_config": {"eos_token_id": [eos, b]}}})
+    result = _run(f"--checkpoint={imported}", "--chat", "--prompt=Bonjour", "--system=Sois bref.",
+                  "--temperature=0", "--max_new_tokens=8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(f"{G.rule('assistant')}\n{tokenizer.decode([a])}\n")
