@@ -49,7 +49,7 @@ COMPILATION_CACHE_HELP = (
     "its compiled programs instead of compiling them. Default: $JAX_COMPILATION_CACHE_DIR if set, "
     f"else {DEFAULT_COMPILATION_CACHE}; '' turns it off. The flag, when given, wins over the variable.")
 # ModelConfig fields that change how the model runs, not what its weights mean.
-EXECUTION_FIELDS = ("dtype", "scan_layers", "remat", "attention", "dropout")
+EXECUTION_FIELDS = ("dtype", "scan_layers", "remat", "attention", "dropout", "fp32_residual")
 
 
 def quiet_logging(verbosity_flag_given: bool) -> None:
