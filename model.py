@@ -1,7 +1,9 @@
 """The Julian model: a LLaMA-style decoder in Equinox.
 
-RoPE (rotate-halves layout, as Hugging Face Llama), SwiGLU MLP, pre-norm RMSNorm, no biases,
-untied input and output embeddings. Blocks are stacked along a leading layer axis
+RoPE (rotate-halves layout, as Hugging Face Llama; optionally Llama 3's frequency scaling), SwiGLU
+MLP, pre-norm RMSNorm, no biases, grouped-query attention (`n_kv_heads` K/V heads, each shared by
+`n_heads // n_kv_heads` query heads; the default is one per query head), input and output
+embeddings untied unless `tie_embeddings`. Blocks are stacked along a leading layer axis
 (`eqx.filter_vmap` at init) and run with `lax.scan` or an unrolled loop. `Transformer.forward`
 is the one forward pass: training (packed rows, segment ids), evaluation's packed scoring (an
 explicit mask and positions) and decoding (new tokens against a `KVCache` of fixed size: prefill,
@@ -59,6 +61,11 @@ class ModelConfig:
     d_ff: int = 5120
     max_seq_len: int = 2048
     rope_theta: float = 10_000.0
+    # Llama 3's rotary frequency scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), or None for plain RoPE.
+    rope_scaling: tuple[float, float, float, int] | None = None
+    n_kv_heads: int | None = None  # K/V heads for grouped-query attention; None: n_heads (MHA)
+    tie_embeddings: bool = False  # the output projection is the input embedding, transposed
     norm_eps: float = 1e-6
     dropout: float = 0.0
     dtype: str = "bfloat16"  # activations and matmul inputs; "float32" for exact checks
@@ -70,6 +77,8 @@ class ModelConfig:
     fp32_residual: bool = False
 
     def __post_init__(self):
+        if self.rope_scaling is not None:  # a JSON list from a checkpoint's config; hashable here
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         problems = []
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
@@ -80,6 +89,13 @@ class ModelConfig:
                 "expected d_model to be a multiple of n_heads")
         elif self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
             problems.append(f"head_dim={self.d_model // self.n_heads} must be even for rotary embeddings")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            problems.append(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.rope_scaling is not None and (
+                len(self.rope_scaling) != 4 or self.rope_scaling[0] < 1
+                or not 0 < self.rope_scaling[1] < self.rope_scaling[2] or self.rope_scaling[3] <= 0):
+            problems.append(f"rope_scaling={self.rope_scaling} must be (factor >= 1, low_freq_factor, "
+                            "high_freq_factor > low_freq_factor > 0, original_max_position_embeddings > 0)")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} must be in [0, 1)")
         if self.remat not in REMAT_POLICIES:
@@ -95,6 +111,10 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
 
 def num_params(config: ModelConfig) -> int:
     """Exact parameter count, from the shapes alone (nothing is allocated)."""
@@ -106,10 +126,13 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6·N + 12·L·T·d_model (PaLM appendix B, nanoGPT's MFU).
 
     6·N counts the forward (2·N) and backward (4·N) matmuls over all weights, the embedding lookup
-    included as PaLM does; 12·L·T·d is the attention scores and weighted sum (QK^T and AV, forward
-    and backward) at full, unmasked length T.
+    included as PaLM does (a tied table counts twice: the lookup and the output projection);
+    grouped-query attention's smaller K/V projections are in N. 12·L·T·d is the attention scores
+    and weighted sum (QK^T and AV, forward and backward) at full, unmasked length T, over all query
+    heads (n_heads · head_dim = d_model) however few K/V heads they share.
     """
-    return 6.0 * num_params(config) + 12.0 * config.n_layers * seq_len * config.d_model
+    tied = config.vocab_size * config.d_model if config.tie_embeddings else 0
+    return 6.0 * (num_params(config) + tied) + 12.0 * config.n_layers * seq_len * config.d_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,11 +206,30 @@ def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch
     return t - jax.lax.cummax(jnp.where(_segment_starts(segment_ids), t, 0), axis=1)
 
 
-def rotary(x: Float[Array, "batch heads seq head_dim"], positions: Int[Array, "batch seq"],
-           theta: float) -> Float[Array, "batch heads seq head_dim"]:
-    """Rotate the two halves of each head by position-dependent angles (Hugging Face's layout)."""
-    half = x.shape[-1] // 2
+def rotary_frequencies(head_dim: int, theta: float,
+                       scaling: tuple[float, float, float, int] | None = None) -> Float[Array, " half"]:
+    """RoPE's angular frequency per pair of channels; with `scaling`, Llama 3's: low frequencies
+    (wavelengths beyond the original context / low_freq_factor) slowed down by `factor`, high ones
+    (below original context / high_freq_factor) kept, and the band between interpolated
+    (transformers' `_compute_llama3_parameters`)."""
+    half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    if scaling is None:
+        return inv_freq
+    factor, low, high, original = scaling
+    wavelength = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x: Float[Array, "batch heads seq head_dim"], positions: Int[Array, "batch seq"],
+           theta: float, scaling: tuple[float, float, float, int] | None = None
+           ) -> Float[Array, "batch heads seq head_dim"]:
+    """Rotate the two halves of each head by position-dependent angles (Hugging Face's layout)."""
+    inv_freq = rotary_frequencies(x.shape[-1], theta, scaling)
     angles = positions.astype(jnp.float32)[:, None, :, None] * inv_freq  # batch 1 seq half
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -251,10 +293,14 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool):
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
-            v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"], platform: str
+def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads seq head_dim"],
+            v: Float[Array, "batch kv_heads seq head_dim"], segments: Int[Array, "batch seq"], platform: str
             ) -> Float[Array, "batch seq heads head_dim"]:
-    """TPU Pallas splash attention, causal within segments (interpreted on other platforms)."""
+    """TPU Pallas splash attention, causal within segments (interpreted on other platforms).
+
+    Grouped-query K/V go in as they are: the MHA kernel takes fewer K/V heads than query heads
+    (query head h reads K/V head h // group through its block index maps, and its dK/dV kernel
+    sums over the group), so no K/V is repeated in memory and one kernel call serves all heads."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     b, h, t, d = q.shape
@@ -264,19 +310,29 @@ def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch 
     return out.transpose(0, 2, 1, 3)
 
 
-def _flash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
-           v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"], platform: str
+def _flash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads seq head_dim"],
+           v: Float[Array, "batch kv_heads seq head_dim"], segments: Int[Array, "batch seq"], platform: str
            ) -> Float[Array, "batch seq heads head_dim"]:
-    """Pallas GPU (Triton) flash attention, causal within segments (interpreted on other platforms)."""
+    """Pallas GPU (Triton) flash attention, causal within segments (interpreted on other platforms).
+
+    The kernel takes as many K/V heads as query heads: grouped-query K/V are repeated for it (a
+    per-device [batch, seq, heads, head_dim] copy of each; attention=cudnn takes them unrepeated)."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
     swap = lambda a: a.transpose(0, 2, 1, 3)  # it wants (batch, seq, heads, head_dim)
+    k, v = (_repeat_kv(a, q.shape[1]) for a in (k, v))
     return gpu_attention.mha(swap(q), swap(k), swap(v), segments, sm_scale=1 / math.sqrt(q.shape[-1]),
                              causal=True, interpret=platform != "gpu")
 
 
-def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads kv head_dim"],
-           v: Float[Array, "batch heads kv head_dim"], segments: Segments, impl: str, dtype: str,
+def _repeat_kv(x: Float[Array, "batch kv_heads seq head_dim"], heads: int) -> Float[Array, "batch heads seq head_dim"]:
+    """Each K/V head repeated for the query heads of its group (query head i reads K/V head
+    i // group, as Hugging Face's repeat_kv)."""
+    return x if x.shape[1] == heads else jnp.repeat(x, heads // x.shape[1], axis=1)
+
+
+def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads kv head_dim"],
+           v: Float[Array, "batch kv_heads kv head_dim"], segments: Segments, impl: str, dtype: str,
            mesh: Mesh | None = None) -> Float[Array, "batch seq heads head_dim"]:
     """Causal attention within segments (a token sees earlier tokens of its own segment), in `dtype`.
     Given a [batch, q, k] boolean mask instead of segment ids (evaluate.py's rows, where every
@@ -289,7 +345,8 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
     kernel through jax.nn.dot_product_attention, which takes no segment ids, so the segments
     reach it as a [batch, 1, seq, seq] mask (a bias in cuDNN); dot_product is the same call on
     XLA's own path. `mesh` is the mesh the program is built for (None: one device): "auto" picks
-    its platform's kernel, and a kernel runs per device under it.
+    its platform's kernel, and a kernel runs per device under it. K/V may have fewer heads than Q
+    (grouped-query attention: query head i reads K/V head i // (heads // kv_heads)).
     """
     b, h, t, d = q.shape
     platform = target_platform(mesh)
@@ -310,42 +367,58 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
                                             implementation="cudnn" if impl == "cudnn" else "xla")
     index = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = segments if segments.ndim == 3 else attention_mask(segments, segments, index, index)
-    scores = einsum("bhqd,bhkd->bhqk", q, k, dtype, saveable=False) / math.sqrt(d)
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    return _grouped_attention(q, k, v, mask, dtype).transpose(0, 2, 1, 3)
+
+
+def _grouped_attention(q: Float[Array, "batch heads q head_dim"], k: Float[Array, "batch kv_heads k head_dim"],
+                       v: Float[Array, "batch kv_heads k head_dim"], mask: Bool[Array, "batch q k"],
+                       dtype: str) -> Float[Array, "batch heads q head_dim"]:
+    """Softmax attention in einsums, each K/V head read by its group of query heads as they are
+    (the group is a free axis of the products, so no K/V is repeated)."""
+    b, h, t, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, kv_heads, h // kv_heads, t, d)
+    scores = einsum("bkgqd,bkcd->bkgqc", q, k, dtype, saveable=False) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    return einsum("bhqk,bhkd->bhqd", probs, v, dtype).transpose(0, 2, 1, 3).astype(dtype)
+    return einsum("bkgqc,bkcd->bkgqd", probs, v, dtype).reshape(b, h, t, d).astype(dtype)
 
 
 # One layer's keys and values for every cache slot: (k, v), each [batch, heads, size, head_dim].
-LayerCache = tuple[Float[Array, "batch heads size head_dim"], Float[Array, "batch heads size head_dim"]]
+LayerCache = tuple[Float[Array, "batch kv_heads size head_dim"], Float[Array, "batch kv_heads size head_dim"]]
 
 
 class Attention(eqx.Module):
     wq: Float[Array, "d_model d_attn"]
-    wk: Float[Array, "d_model d_attn"]
-    wv: Float[Array, "d_model d_attn"]
+    wk: Float[Array, "d_model d_kv"]
+    wv: Float[Array, "d_model d_kv"]
     wo: Float[Array, "d_attn d_model"]
     n_heads: int = eqx.field(static=True)
+    n_kv_heads: int = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, key: PRNGKeyArray):
         kq, kk, kv, ko = jax.random.split(key, 4)
-        d = config.d_model
-        self.wq, self.wk, self.wv = (_normal(k, (d, d), 0.02) for k in (kq, kk, kv))
+        d, d_kv = config.d_model, config.kv_heads * config.head_dim
+        self.wq = _normal(kq, (d, d), 0.02)
+        self.wk, self.wv = (_normal(k, (d, d_kv), 0.02) for k in (kk, kv))
         # Scaled so the residual stream's variance does not grow with depth (GPT-2).
         self.wo = _normal(ko, (d, d), 0.02 / math.sqrt(2 * config.n_layers))
         self.n_heads = config.n_heads
+        self.n_kv_heads = config.kv_heads
 
     def qkv(self, x: Float[Array, "batch seq d_model"], positions: Int[Array, "batch seq"],
-            config: ModelConfig) -> tuple[Float[Array, "batch heads seq head_dim"], ...]:
+            config: ModelConfig) -> tuple[Float[Array, "batch heads seq head_dim"],
+                                          Float[Array, "batch kv_heads seq head_dim"],
+                                          Float[Array, "batch kv_heads seq head_dim"]]:
         """Rotated queries and keys, and values, heads before time."""
         b, t, _ = x.shape
         # Heads before time, so every attention product batches over leading (batch, head) axes:
         # XLA:CPU rejects bf16 -> f32 batched dots whose batch axes are not leading.
-        heads = lambda w: einsum("btd,de->bte", x, w, config.dtype).reshape(
-            b, t, self.n_heads, -1).transpose(0, 2, 1, 3)
-        q = rotary(heads(self.wq), positions, config.rope_theta)
-        k = rotary(heads(self.wk), positions, config.rope_theta)
-        return q, k, heads(self.wv).astype(config.dtype)
+        heads = lambda w, n: einsum("btd,de->bte", x, w, config.dtype).reshape(
+            b, t, n, -1).transpose(0, 2, 1, 3)
+        q = rotary(heads(self.wq, self.n_heads), positions, config.rope_theta, config.rope_scaling)
+        k = rotary(heads(self.wk, self.n_kv_heads), positions, config.rope_theta, config.rope_scaling)
+        return q, k, heads(self.wv, self.n_kv_heads).astype(config.dtype)
 
     def __call__(self, x: Float[Array, "batch seq d_model"], segments: Segments,
                  positions: Int[Array, "batch seq"], config: ModelConfig, mesh: Mesh | None = None,
@@ -359,7 +432,7 @@ class Attention(eqx.Module):
             # One scatter index per (row, head, token): at batch 1 a per-row write is simplified
             # to a dynamic-update-slice, which XLA:CPU fused with the attention's read and so
             # copied every layer's cache at every step; this scatter updates the donated cache in place.
-            rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.n_heads)[None, :, None]
+            rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.n_kv_heads)[None, :, None]
             k, v = (c.at[rows, heads, positions[:, None, :]].set(new.astype(c.dtype)) for c, new in zip(cache, (k, v)))
             cache = (k, v)
         out = attend(q, k, v, segments, config.attention, config.dtype, mesh)
@@ -428,7 +501,7 @@ class Transformer(eqx.Module):
     embed: Float[Array, "vocab d_model"]
     blocks: Block  # every array has a leading n_layers axis
     final_norm: RMSNorm
-    lm_head: Float[Array, "d_model vocab"]
+    lm_head: Float[Array, "d_model vocab"] | None  # None when tied: the head is embed.T
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, key: PRNGKeyArray):
@@ -436,7 +509,7 @@ class Transformer(eqx.Module):
         self.embed = _normal(ke, (config.vocab_size, config.d_model), 0.02)
         self.blocks = eqx.filter_vmap(lambda k: Block(config, k))(jax.random.split(kb, config.n_layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = _normal(kh, (config.d_model, config.vocab_size), 0.02)
+        self.lm_head = None if config.tie_embeddings else _normal(kh, (config.d_model, config.vocab_size), 0.02)
         self.config = config
 
     def forward(self, tokens: Int[Array, "batch seq"], segments: Segments | None = None, *, mesh: Mesh | None,
@@ -514,6 +587,8 @@ class Transformer(eqx.Module):
 
     def head(self, hidden: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
         """fp32 logits of final hidden states (a sampler applies it to the last position only)."""
+        if self.lm_head is None:
+            return einsum("btd,vd->btv", hidden, self.embed, self.config.dtype)
         return einsum("btd,dv->btv", hidden, self.lm_head, self.config.dtype)
 
     def layers(self) -> tuple[Block, ...]:
@@ -533,14 +608,14 @@ class Transformer(eqx.Module):
 class KVCache(eqx.Module):
     """Keys and values at `size` positions per row, one array per layer (a layer's slice of a
     stacked array would be copied at every step); row r holds `lengths[r]` tokens."""
-    k: tuple[Float[Array, "batch heads size head_dim"], ...]
-    v: tuple[Float[Array, "batch heads size head_dim"], ...]
+    k: tuple[Float[Array, "batch kv_heads size head_dim"], ...]
+    v: tuple[Float[Array, "batch kv_heads size head_dim"], ...]
     lengths: Int[Array, " batch"]
 
 
 def init_cache(config: ModelConfig, batch: int, size: int) -> KVCache:
     """An empty cache for `batch` rows of up to `size` tokens, in the activation dtype."""
-    zeros = lambda: jnp.zeros((batch, config.n_heads, size, config.head_dim), config.dtype)
+    zeros = lambda: jnp.zeros((batch, config.kv_heads, size, config.head_dim), config.dtype)
     return KVCache(tuple(zeros() for _ in range(config.n_layers)), tuple(zeros() for _ in range(config.n_layers)),
                    jnp.zeros((batch,), jnp.int32))
 
@@ -561,7 +636,7 @@ def target_logps(model: Transformer, hidden: Float[Array, "batch seq d_model"], 
     config = model.config
 
     def score(h: Float[Array, "batch piece d_model"], y: Int[Array, "batch piece"]):
-        logits = einsum("btd,dv->btv", h, model.lm_head, config.dtype)
+        logits = model.head(h)
         picked = jnp.sum(jnp.where(y[..., None] == jnp.arange(logits.shape[-1]), logits, 0.0), axis=-1)
         return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == y
 

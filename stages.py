@@ -20,7 +20,7 @@ from absl import logging
 import documents
 from storage import file_size, join, read_bytes, read_ranges, write_bytes
 from stream import token_dtype
-from tokenizer import BOS_ID, CODE_ID, ENDCODE_ID, EOS_ID, Tokenizer
+from tokenizer import Tokenizer
 
 STAGE_DIR = "_stages"
 KEY_INDEX = 4096  # key-range boundaries indexed per map output: up to this many partitions
@@ -155,6 +155,10 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
     code_sources = set(config.code_sources)
     wanted = {lang for lang, _ in config.languages}
     dtype = token_dtype(tokenizer.vocab_size)
+    # A document is what the tokenizer starts one with (<s>), its text, eos; code inside the
+    # <|code|>/<|endcode|> wrappers where the vocabulary has them (data.py says when it has not).
+    head, tail = tokenizer.document_prefix, [tokenizer.eos_id]
+    code_head, code_tail = ([tokenizer.code_id], [tokenizer.endcode_id]) if tokenizer.has_code_wrappers else ([], [])
     # CPU seconds (time.process_time), so that other processes on the same cores do not count.
     seconds = dict.fromkeys(("read", "clean", "minhash", "language_id", "tokenize"), 0.0)
     summary = {"read": 0, "bad": 0, "bad_examples": [], "input_bytes": 0, "file": where.file}
@@ -181,7 +185,7 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
             ids = []
             if lang in wanted and score >= config.min_language_confidence:
                 ids = tokenizer.encode(text)
-                ids = [BOS_ID, CODE_ID, *ids, ENDCODE_ID, EOS_ID] if is_code else [BOS_ID, *ids, EOS_ID]
+                ids = [*head, *code_head, *ids, *code_tail, *tail] if is_code else [*head, *ids, *tail]
                 token_parts.append(np.asarray(ids, dtype))
             if lang not in langs:
                 langs.append(lang)

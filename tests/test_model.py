@@ -731,6 +731,111 @@ def test_forward_and_helpers_return_the_shapes_their_annotations_promise():
 
 
 # ---------------------------------------------------------------------------------------------
+# Grouped-query attention, tied embeddings and Llama 3's rotary scaling, against transformers.
+
+GQA = dict(d_model=64, n_heads=4, n_kv_heads=2)
+
+
+def _hf_llama(**overrides):
+    """A random tiny transformers LlamaForCausalLM (GQA 4/2 heads, tied, Llama 3 rope scaling
+    unless overridden) with a trained model's scale, and our model of the same weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import convert
+
+    torch.manual_seed(0)
+    settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                    tie_word_embeddings=True, rope_theta=500_000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **overrides})).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(1.0 + 0.5 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    config = convert.model_config_from_hf(hf.config.to_dict(), "test", {"dtype": "float32", "scan_layers": False})
+    tensors = {k: jnp.asarray(v.numpy()) for k, v in hf.state_dict().items()}
+    return hf, convert.model_from_hf_tensors(config, tensors, "test")
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param({}, id="gqa-tied-llama3-rope"),
+    pytest.param(dict(num_key_value_heads=1, tie_word_embeddings=False, rope_scaling=None), id="mqa-untied"),
+])
+def test_gqa_logits_equal_transformers_llama_in_fp32(overrides):
+    import torch
+
+    hf, model = _hf_llama(**overrides)
+    assert model.config.kv_heads == overrides.get("num_key_value_heads", 2)
+    assert (model.lm_head is None) == overrides.get("tie_word_embeddings", True)
+    toks = np.random.default_rng(3).integers(0, VOCAB, (2, 40))  # past original_max_position_embeddings
+    with torch.no_grad():
+        want = hf(input_ids=torch.as_tensor(toks)).logits.numpy()
+    got = forward(model, toks)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_num_params_and_flops_of_a_gqa_tied_model_count_what_transformers_holds():
+    hf, model = _hf_llama()
+    hf_count = sum(p.numel() for p in hf.parameters())  # the tied matrix once
+    assert M.num_params(model.config) == hf_count
+    assert sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))) == hf_count
+    untied = dataclasses.replace(model.config, tie_embeddings=False, n_kv_heads=None)
+    assert M.num_params(untied) - hf_count == VOCAB * 64 + 2 * 2 * (64 * 32)  # the head, and K/V's 2 more heads
+    # The tied table is read twice (lookup and head); attention runs over all 4 query heads.
+    assert M.flops_per_token(model.config, 16) == 6 * (hf_count + VOCAB * 64) + 12 * 2 * 16 * 64
+
+
+@pytest.mark.parametrize("impl", ["splash", "flash", "dot_product", "einsum"])
+def test_grouped_query_attention_equals_attention_on_repeated_keys_and_values(impl):
+    """Each query head reads K/V head h // group, as transformers' repeat_kv lays them out; the
+    gradient of a shared K/V head is the sum over its group."""
+    q = normal(21, (2, 4, KERNEL_SEQ, 32)).astype(jnp.bfloat16)
+    k, v = (normal(seed, (2, 2, KERNEL_SEQ, 32)).astype(jnp.bfloat16) for seed in (22, 23))
+    weights = normal(24, (2, KERNEL_SEQ, 4, 32))
+    runs = jnp.asarray(np.cumsum(np.concatenate([np.ones((2, 1)), PACKED[:, 1:] != PACKED[:, :-1]], axis=1),
+                                 axis=1), jnp.int32)
+
+    def loss(q, k, v, impl, repeat):
+        if repeat:
+            k, v = jnp.repeat(k, 2, axis=1), jnp.repeat(v, 2, axis=1)
+        return jnp.sum(M.attend(q, k, v, runs, impl, "bfloat16").astype(jnp.float32) * weights)
+
+    grads = lambda impl, repeat: jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))(
+        q, k, v, impl, repeat)
+    (want, want_grads), (got, got_grads) = grads("einsum", True), grads(impl, False)
+    assert_close(got, want, rtol=4 * BF16_EPS)
+    for g, w in zip(got_grads, want_grads):
+        assert g.shape == w.shape
+        assert_close(g, w, rtol=4 * BF16_EPS)
+
+
+def test_a_gqa_cache_holds_kv_heads_and_prefill_plus_decoding_equals_the_forward_pass():
+    model = build(**GQA)
+    cache = M.init_cache(model.config, BATCH, SEQ)
+    assert cache.k[0].shape == (BATCH, 2, SEQ, 16)
+    toks = tokens()
+    extend = eqx.filter_jit(lambda m, t, c: m.forward(t, cache=c, mesh=None))
+    hidden, cache = extend(model, toks[:, :10], cache)
+    steps = [hidden]
+    for i in range(10, SEQ):
+        hidden, cache = extend(model, toks[:, i:i + 1], cache)
+        steps.append(hidden)
+    whole = eqx.filter_jit(lambda m, t: m.forward(t, mesh=None)[0])(model, toks)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (dict(n_kv_heads=3), ("n_kv_heads", "n_heads")),
+    (dict(rope_scaling=(8.0, 4.0, 1.0, 8192)), ("rope_scaling",)),
+])
+def test_a_bad_gqa_or_rope_config_names_the_field(overrides, names):
+    with pytest.raises(ValueError) as raised:
+        dataclasses.replace(TINY, **overrides)
+    for name in names:
+        assert name in str(raised.value)
+
+
 # What the bf16 forward pass keeps in fp32.
 
 

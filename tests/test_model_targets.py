@@ -65,6 +65,16 @@ def test_the_tiny_train_step_compiled_for_a_tpu_v4_8_on_a_cpu_runs_the_mosaic_sp
     assert "tpu_custom_call" in text  # Mosaic, not the interpreter's loops of XLA ops
 
 
+def test_a_grouped_query_train_step_compiled_for_a_tpu_v4_8_runs_splash_on_unrepeated_kv_heads():
+    """4 query heads on 2 K/V heads: the MHA splash kernel takes the K/V heads as they are."""
+    import dataclasses
+
+    gqa = dataclasses.replace(TINY, d_model=256, n_heads=4, n_kv_heads=2, tie_embeddings=True, n_layers=2)
+    text = compile_step(gqa, TINY_TRAIN, v4_8_mesh()).as_text()
+    assert splash_kernels(text) == SPLASH, f"splash kernels compiled: {sorted(splash_kernels(text))}"
+    assert "tpu_custom_call" in text
+
+
 @pytest.mark.slow  # seven XLA:TPU compiles: ~1 min on an idle 2-core CPU
 def test_every_other_program_we_ship_compiles_for_a_v4_8_with_the_attention_its_rows_call_for():
     """The train step is the test above's."""
