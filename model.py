@@ -633,8 +633,6 @@ def target_logps(model: Transformer, hidden: Float[Array, "batch seq d_model"], 
     `where`, not `take_along_axis`, whose gradient scatters into a zeroed vocab-sized buffer (that
     measured slower on an AMX CPU).
     """
-    config = model.config
-
     def score(h: Float[Array, "batch piece d_model"], y: Int[Array, "batch piece"]):
         logits = model.head(h)
         picked = jnp.sum(jnp.where(y[..., None] == jnp.arange(logits.shape[-1]), logits, 0.0), axis=-1)
