@@ -537,14 +537,15 @@ class Transformer(eqx.Module):
             and so copy, each layer's weights and cache at every step. Returns the updated cache.
         """
         config = self.config
-        if tokens.shape[1] > config.max_seq_len:
-            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_seq_len={config.max_seq_len}")
         if cache is not None:
             positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])
             # Slots up to a token's own position hold the row's earlier tokens; later slots hold
             # padding or stale entries, and causality alone hides them.
             segments = jnp.arange(cache.k[0].shape[2])[None, None, :] <= positions[:, :, None]
         elif segments is None or segments.ndim == 2:
+            # Positions count along the row here (explicit ones may be depths in a longer row).
+            if tokens.shape[1] > config.max_seq_len:
+                raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_seq_len={config.max_seq_len}")
             ids = jnp.zeros_like(tokens) if segments is None else segments
             positions = segment_positions(ids)
             # A segment is a run of equal ids: number the runs, so an id that comes back later
@@ -635,8 +636,6 @@ def target_logps(model: Transformer, hidden: Float[Array, "batch seq d_model"], 
     `where`, not `take_along_axis`, whose gradient scatters into a zeroed vocab-sized buffer (that
     measured slower on an AMX CPU).
     """
-    config = model.config
-
     def score(h: Float[Array, "batch piece d_model"], y: Int[Array, "batch piece"]):
         logits = model.head(h)
         picked = jnp.sum(jnp.where(y[..., None] == jnp.arange(logits.shape[-1]), logits, 0.0), axis=-1)
