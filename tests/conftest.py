@@ -3,11 +3,29 @@
 import glob
 import os
 import pathlib
+import secrets
 import subprocess
 import sys
 import tempfile
 
 import pytest
+
+# The tests' gs:// paths are a local emulator's (the gcs_bucket fixture): no client may ask Google
+# anything. By default gcsfs 2026.10 is its ExtendedGcsFileSystem, which on a listing asks
+# Google's storage-control endpoint over gRPC whether the bucket is hierarchical, and building
+# that client makes google-auth probe the GCE metadata server (169.254.169.254), not caching a
+# failure: on a machine without one, a checkpoint save blocked for minutes. And a client without
+# credentials looks for them, the metadata server last (TensorStore looks up
+# metadata.google.internal). So, for the tests only: the plain gcsfs, no metadata probe, and
+# explicit anonymous credentials (gcsfs's "anon", a fixed token for TensorStore;
+# google-cloud-storage is anonymous by itself when STORAGE_EMULATOR_HOST is set). The libraries
+# read these at import: set here, before any test imports them, and inherited by every process a
+# test starts. Real gs:// users keep the defaults (README, "When something goes wrong", says what
+# an offline or sandboxed machine sets). tests/test_loopback.py checks that nothing leaves.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+os.environ["NO_GCE_CHECK"] = "true"
+os.environ["FSSPEC_GS_TOKEN"] = "anon"
+os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"
 
 # Tests run many small training processes with the same programs: share compiled executables
 # between them (and with this process) through JAX's persistent compilation cache.
@@ -20,9 +38,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # once share libtpu (it takes a lock file otherwise).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-# `ray start --head` turns token authentication on: every node and driver of the session's Ray
-# cluster must expect it (the processes the tests start inherit this).
+# Ray's token authentication, for every node and driver of the tests' clusters (the processes
+# the tests start inherit these): `ray start` turns it on when it finds a token but makes none,
+# so the run brings its own, never a ~/.ray/auth_token of this machine (a fresh one has none).
 os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 # No test reaches the Hugging Face Hub: the libraries fail at once on what is not cached.
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_name] = "1"
