@@ -286,3 +286,43 @@ def test_chat_with_a_llama3_template_stops_at_its_eot_token_not_at_eos(llama3_to
                   "--temperature=0", "--max_new_tokens=8")
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith(f"{G.rule('assistant')}\n{tokenizer.decode([a])}\n")
+
+
+def test_an_imported_llama3_style_model_chats_as_transformers_generate_and_exports_its_tokenizer_back(
+        llama3_tokenizer_dir, tmp_path):
+    """A random GQA Llama with the Llama-3-style tokenizer (conftest), imported by convert.py: the
+    greedy chat reply is transformers' (prompt by its template, stop at <|eot_id|> or eos), and the
+    export writes the tokenizer's files back byte for byte."""
+    import shutil
+
+    import convert
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    stops = [hf_tokenizer.eos_token_id, hf_tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(hf_tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=True,
+                                      bos_token_id=hf_tokenizer.bos_token_id, eos_token_id=stops)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    folder = str(tmp_path / "hf")
+    hf_model.save_pretrained(folder)
+    for name in os.listdir(llama3_tokenizer_dir):
+        shutil.copy(os.path.join(llama3_tokenizer_dir, name), folder)
+    model, tokenizer, kept = convert.import_hf(folder, overrides={"dtype": "float32"})
+    messages = [{"role": "system", "content": "Sois bref."}, {"role": "user", "content": "Qui est Holmes ?"}]
+    prompt = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"]
+    assert G.chat_prompt(tokenizer, messages) == prompt
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                                   pad_token_id=stops[0])[0, len(prompt):].tolist()
+    reply = G.chat(model, tokenizer, messages, max_new_tokens=12)
+    assert len([t for t in theirs if t not in stops]) >= 4  # a reply of several tokens, not an immediate stop
+    assert reply == tokenizer.decode([t for t in theirs if t not in stops])
+    convert.export_hf(model, tokenizer, str(tmp_path / "back"), imported=kept[checkpoint.IMPORTED])
+    for name in os.listdir(llama3_tokenizer_dir):
+        with open(os.path.join(llama3_tokenizer_dir, name), "rb") as a, open(tmp_path / "back" / name, "rb") as b:
+            assert a.read() == b.read(), name
