@@ -358,11 +358,12 @@ def test_code_skips_language_id_is_wrapped_in_code_markers_and_gets_its_share(
     manifest = data.prepare(config(tmp_path, [*corpus[0], *code, stack], tiny_tokenizer_path,
                                    languages=(("en", 0.5), ("fr", 0.2), ("code", 0.3)), code_sources=("stack",),
                                    dedup=True, seq_len=128))
-    cleaned = manifest["documents_by_language"]["cleaned"]["code"]
+    cleaned = manifest["documents_by_source"]["cleaned"]
     kept = sum(documents.keep_after_cleaning(documents.clean_text(t), True, 100, 500_000, 0.7, 0.25)
                for t in texts)
-    assert cleaned == kept + 3 and kept >= len(code) - 2  # the stack copies are counted, then deduplicated
-    assert manifest["documents_by_language"]["exact_dedup"]["code"] == kept
+    assert cleaned["code"] == kept and cleaned["stack"] == 3 and kept >= len(code) - 2
+    assert manifest["documents_by_source"]["exact_dedup"]["stack"] == 0  # copies of earlier files
+    assert manifest["documents_by_language"]["language_kept"]["code"] == kept
     tokens = {lang: e["tokens"] for lang, e in manifest["languages"].items()}
     # Whole files are few and long: the draw of copies is coarse, the share only roughly reached.
     assert abs(tokens["code"] / sum(tokens.values()) - 0.3) < 0.1, tokens
