@@ -471,8 +471,8 @@ def mixture_report(config: PrepareConfig, available: dict, targets: dict, plans:
     """The manifest's `languages` and `sources`: per language and per source, the documents and
     tokens written (every copy, before packing cuts the shards' tails), the tokens available after
     dedup and language ID; per source also its target (None without one), its epochs (written over
-    available) and, when it falls short of its target, by how many tokens; per source and
-    language, tokens available and written."""
+    available) and, when it holds less than its target and is not repeated (--short_sources=report),
+    by how many tokens it falls short; per source and language, tokens available and written."""
     written: dict = {}
     for plan in plans:
         for group, (documents_, tokens) in plan["groups"].items():
@@ -496,7 +496,8 @@ def mixture_report(config: PrepareConfig, available: dict, targets: dict, plans:
         target = targets_by_source.get(name)
         entry["target_tokens"] = None if target is None else int(round(target))
         entry["epochs"] = round(entry["tokens"] / entry["available_tokens"], 4)
-        entry["short_tokens"] = max(0, int(round(target)) - entry["tokens"]) if target else 0
+        short = target is not None and config.short_sources == "report" and entry["available_tokens"] < target
+        entry["short_tokens"] = int(round(target)) - entry["available_tokens"] if short else 0
     return {"languages": languages, "sources": sources}
 
 

@@ -394,10 +394,24 @@ def clean_text(text: str) -> str:
     return _CONTROL.sub("", unicodedata.normalize("NFC", text))
 
 
+_ASCII_ALNUM = bytes(c for c in range(128) if chr(c).isalnum())
+_ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
 def alnum_share(text: str) -> float:
-    """Letters and digits (any script) over non-whitespace characters; 0 for blank text."""
-    visible = len(text) - sum(map(str.isspace, text))
-    return sum(map(str.isalnum, text)) / visible if visible else 0.0
+    """Letters and digits (any script) over non-whitespace characters; 0 for blank text. The
+    ASCII characters are counted by bytes.translate, the others one by one (str.isalnum on
+    every character cost 3x as much CPU on EN/FR text)."""
+    ascii_ = text.encode("ascii", "ignore")
+    alnum = len(ascii_) - len(ascii_.translate(None, _ASCII_ALNUM))
+    space = len(ascii_) - len(ascii_.translate(None, _ASCII_SPACE))
+    if len(ascii_) != len(text):
+        other = "".join(_NON_ASCII.findall(text))
+        alnum += sum(map(str.isalnum, other))
+        space += sum(map(str.isspace, other))
+    visible = len(text) - space
+    return alnum / visible if visible else 0.0
 
 
 def code_line_rule(text: str) -> bool:
@@ -464,7 +478,7 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys | np.uint64(1)
 
 
-LANGUAGE_ID_CHARS = 2000  # the default prefix language ID reads (data.py --language_id_chars)
+LANGUAGE_ID_CHARS = 1000  # the default prefix language ID reads (data.py --language_id_chars)
 _detector = None
 
 
