@@ -3,6 +3,7 @@
     python data.py prepare --input=PATTERN[,PATTERN...] --output=DIR_OR_GS_URI --tokenizer=MODEL \\
         --seq_len=2048 --num_shards=N [--languages=en:0.7,fr:0.3,code:0.05] [--code_sources=stack]
         [--num_cpus=N | --ray_address=auto|HOST:PORT]
+    python data.py prepare --flagfile=configs/corpus_report.flags --input=MIRROR --output=... --tokenizer=...
 
 Without --ray_address the tasks run in --num_cpus worker processes of this machine (default:
 every core): no engine to start, no port opened, nothing sent on the network. With it, they run
@@ -11,48 +12,66 @@ The output is the same bytes either way. Inputs, settings and tokenizer are chec
 worker starts. Input formats are documents.py's; the shard format and the stream train.py reads
 are stream.py's.
 
+Sources. A document's source is its --source name (`--source=NAME=PATTERN`, repeatable: the
+files of NAME, a glob under each --input root), else its `source` field, else its file name.
+Each source has its own layout (documents.Layout): the field or column holding its text
+(--text_fields=oscar:content,stack:content), whether its .txt files are books
+(--book_sources: Project Gutenberg), whether it is code (--code_sources), whether its records'
+own lid.176 answer is trusted (--trusted_language_sources: OSCAR 2301, FineWeb-Edu), and OSCAR's
+quality warnings that drop a record (--drop_quality_warnings). configs/corpus_report.flags is
+the report's corpus: five sources at their token targets.
+
 A document's id is (input file index in the order given, record index in the file). Stages,
 each a set of tasks (stages.py) whose outputs are files under OUTPUT/_stages/ (local or
-gs://), each written whole and atomically, the last one of a task marking it done:
+gs://), each written whole and atomically, the last one of a task marking it done. The cheap
+work comes first and the costly work (language ID, tokenization) only on what dedup keeps:
 1. map, one task per input split: a file, or a byte range of about --split_mb of an uncompressed
    .jsonl or .txt file (compressed streams cannot be entered mid-way: those files are one split
-   each). A range reads the records whose first byte lies in it: from the first record boundary
-   at or after its start (a JSONL line; a text document's first non-blank line after a blank
-   one) to the end of the record straddling its end. A split's task knows neither the record
-   index nor the line number of its first record: it numbers its documents from 0 and its lines
-   from 1, and the driver adds the earlier splits' counts (stages.split_bases), so ids, the
-   draws made from them and the line numbers of bad records are those of whole files, and the
-   output does not depend on --split_mb. Read (malformed records are skipped and counted up to
-   --max_bad_fraction of all records; at 0 the first one fails the run naming file and line);
-   clean (NFC, control characters other than tab and newline stripped; documents outside
-   [--min_chars, --max_chars] dropped; prose needs --min_alnum letters and digits among its
-   non-whitespace characters, code --min_code_alnum and documents.code_line_rule); sha256;
-   MinHash (rensa, --num_perm, word 5-grams) cut into LSH bands (datasketch's choice of bands
-   for --near_dup_threshold); language ID (fastText lid.176 on the whole document, kept at
-   --min_language_confidence; code, i.e. records with lang `code` and sources named in
-   --code_sources, skips it); tokenize the documents whose language is kept (`<s> text </s>`,
-   code `<s><|code|> text <|endcode|></s>`). Writes the tokens, the signatures, one metadata
-   row per cleaned document, and its exact-hash and band keys sorted by key.
+   each, and so is a book). A range reads the records whose first byte lies in it: from the first
+   record boundary at or after its start (a JSONL line; a text document's first non-blank line
+   after a blank one) to the end of the record straddling its end. A split's task knows neither
+   the record index nor the line number of its first record: it numbers its documents from 0 and
+   its lines from 1, and the driver adds the earlier splits' counts (stages.split_bases), so ids,
+   the draws made from them and the line numbers of bad records are those of whole files, and
+   the output does not depend on --split_mb. Read (malformed records are skipped and counted up
+   to --max_bad_fraction of all records; at 0 the first one fails the run naming file and line);
+   drop OSCAR records with a listed quality warning; clean (NFC, control characters other than
+   tab and newline stripped; documents outside [--min_chars, --max_chars] dropped; prose needs
+   --min_alnum letters and digits among its non-whitespace characters, code --min_code_alnum and
+   documents.code_line_rule); sha256; MinHash (rensa, --num_perm, word 5-grams) cut into LSH
+   bands (datasketch's choice of bands for --near_dup_threshold). Writes the cleaned texts
+   (zstd), the signatures, one metadata row per cleaned document, and its exact-hash and band
+   keys sorted by key.
 2. dedup, one task per key range (--num_partitions of the 64-bit key space): documents sharing an
    exact key are exact duplicates; documents sharing a band key are candidates, kept as a pair
    when their estimated Jaccard similarity reaches --near_dup_threshold (a bucket collision
    alone is not a duplicate). Every pair is found whatever file, task or node holds its ends.
 3. components, one task: connected components of the pairs (scipy); each keeps its smallest id.
    Its memory grows with the duplicate pairs, not with the corpus.
-4. mixture: per-language token shares from --languages (`en:0.7,fr:0.3`; names without weights
-   keep natural shares) and per-source weights (--source_weights=wiki:2,oscar:0.5), reached
-   by up/down-sampling that keeps the total token count: a kept document of language l and
-   source weight w is emitted floor(x) + [u < frac(x)] times, x = w * share_l * T / (sum over
-   language l of w * tokens), with u drawn from (--seed, id).
-5. pack, one task per train shard: copy c of document id goes to shard hash(seed, id, c) mod
+4. encode, one task per split, on the documents dedup kept only: language ID (fastText lid.176
+   on the first --language_id_chars characters, kept at --min_language_confidence; code skips
+   it; a trusted source's records bring their own answer) and tokenization of the documents
+   whose language is kept (`<s> text </s>`, code `<s><|code|> text <|endcode|></s>`): their
+   exact token counts, for the mixture.
+5. mixture: a number of tokens to write per (source, language), from the tokens each holds:
+   with --source_tokens, each source's target split over its languages in their natural
+   proportions (a source short of it repeated, or with --short_sources=report written once and
+   its gap reported); else per-language token shares from --languages (`en:0.7,fr:0.3`; names
+   without weights keep natural shares) and per-source weights (--source_weights=wiki:2,oscar:0.5)
+   at an unchanged total. A group of x times its tokens gives each of its documents floor(x)
+   copies, plus one to those whose draw u (from --seed and the id) is below a threshold chosen,
+   from a histogram of the draws and then the documents of one bin, so that the group's tokens
+   come nearest its target: exact to within one document.
+6. pack, one task per train shard: copy c of document id goes to shard hash(seed, id, c) mod
    --num_shards; a shard shuffles its copies (seed, shard), concatenates them and cuts records of
    seq_len + 1 tokens (the last partial one dropped). max(1, round(--validation_fraction * n))
    of all n records, spread over the shards' tails, form the validation split.
 Output bytes depend only on the inputs and the settings, not on CPU, node or partition counts,
-nor on --split_mb, nor on task retries. Memory: the driver holds per-task summaries, never
-per-document state; a map task holds one split's tokens and metadata (a compressed file is one
-split: cut very large ones into several files), a dedup task one key range, a pack task one
-shard, the components task the duplicate pairs. A rerun of the same command resumes: finished
+nor on --split_mb, nor on task retries. Memory: the driver holds per-task summaries (for the
+mixture, a histogram per (source, language) and the draws and token counts of one bin's
+documents), never per-document state; a map or encode task holds one split's texts, signatures,
+tokens and metadata (a compressed file is one split: cut very large ones into several files), a
+dedup task one key range, a pack task one shard, the components task the duplicate pairs. A rerun of the same command resumes: finished
 stage files are kept (no finished split is read again) and finished shards are not rewritten;
 OUTPUT/_run.json, created first and exclusively, refuses a run with other settings (or, while
 partial, another --split_mb) into the same output; a run that fails before any map task

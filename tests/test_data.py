@@ -337,13 +337,13 @@ def test_a_local_run_listens_on_no_socket_connects_nowhere_and_starts_no_ray(tmp
 
 def test_planted_near_duplicates_are_found_across_files_with_precision_and_recall_above_095(
         tmp_path, tiny_tokenizer_path):
-    from benchmarks.data_prep import dedup_quality, planted_corpus
+    from benchmarks.data_prep import dedup_quality, planted_corpus, removed_by_julian
 
     files, truth = planted_corpus(str(tmp_path / "planted"), distinct=240, files=3, seed=1)
     cfg = config(tmp_path, files, tiny_tokenizer_path, language_id=False, languages=(("en", None),),
                  num_shards=1, seq_len=256)
     manifest = data.prepare(cfg)
-    quality = dedup_quality(cfg, truth)
+    quality = dedup_quality(removed_by_julian(cfg), truth)
     assert quality["precision"] >= 0.95 and quality["recall"] >= 0.95, quality
     assert quality["distinct_removed"] == 0, quality
     assert quality["cross_file_pairs_found"] > 0, quality
