@@ -46,7 +46,7 @@ work comes first and the costly work (language ID, tokenization) only on what de
    exact key are exact duplicates; documents sharing a band key are candidates, kept as a pair
    when their estimated Jaccard similarity reaches --near_dup_threshold (a bucket collision
    alone is not a duplicate). Every pair is found whatever file, task or node holds its ends.
-3. components, one task: connected components of the pairs (scipy); each keeps its smallest id.
+3. components, one task: connected components of the pairs; each keeps its smallest id.
    Its memory grows with the duplicate pairs, not with the corpus.
 4. encode, one task per split, on the documents dedup kept only: language ID (fastText lid.176
    on the first --language_id_chars characters, kept at --min_language_confidence; code skips

@@ -348,25 +348,33 @@ def dedup_partition(config: PrepareConfig, num_splits: int, part: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- 3. components
+def smallest_in_component(edges: np.ndarray, n: int) -> np.ndarray:
+    """For nodes 0..n-1 and int64 edges [m, 2]: the smallest node of each one's connected
+    component. Each round links every node to its neighbours' smallest label, then halves the
+    paths (label[label]): rounds grow with the log of a component's diameter. (scipy's
+    connected_components did this; importing scipy.sparse cost more CPU than the stage.)"""
+    label = np.arange(n)
+    a, b = edges[:, 0], edges[:, 1]
+    while True:
+        linked = label.copy()
+        np.minimum.at(linked, a, label[b])
+        np.minimum.at(linked, b, label[a])
+        linked = linked[linked]
+        if np.array_equal(linked, label):
+            return label
+        label = linked
+
+
 def components(config: PrepareConfig, num_splits: int) -> dict:
     """Connected components of all pairs; writes, per input split, the rows removed (exact
     duplicates apart), each component keeping its smallest id."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     started = time.process_time()
     parts = [load_npz(stage(config, f"dedup-{p:05d}-of-{config.num_partitions:05d}.npz"))
              for p in range(config.num_partitions)]
     pairs = np.concatenate([p["pairs"] for p in parts])
     exact_removed = np.unique(np.concatenate([p["exact_removed"] for p in parts]))
-    ids, inverse = np.unique(pairs, return_inverse=True)
-    inverse = inverse.reshape(-1, 2)
-    graph = coo_matrix((np.ones(len(pairs), np.int8), (inverse[:, 0], inverse[:, 1])),
-                       shape=(len(ids), len(ids)))
-    _, label = connected_components(graph, directed=False)
-    smallest = np.full(label.max() + 1 if len(label) else 0, len(ids))
-    np.minimum.at(smallest, label, np.arange(len(ids)))  # ids are sorted: first index = smallest id
-    removed = ids[smallest[label] != np.arange(len(ids))]
+    ids, inverse = np.unique(pairs, return_inverse=True)  # sorted: the smallest index is the smallest id
+    removed = ids[smallest_in_component(inverse.reshape(-1, 2), len(ids)) != np.arange(len(ids))]
     for split in range(num_splits):
         mine = lambda a: (a[(a >> np.uint64(32)) == split] & np.uint64(0xFFFFFFFF)).astype(np.int64)  # noqa: E731
         save_npz(stage(config, f"removed-{split:05d}.npz"), removed=mine(removed),

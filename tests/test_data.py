@@ -198,6 +198,25 @@ def test_near_duplicates_with_a_few_words_changed_are_removed_and_distinct_docum
                                      "near_dedup": n, "language_kept": n}
 
 
+def test_lsh_bands_and_components_equal_their_references():
+    from datasketch.lsh import _optimal_param
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    for threshold in (0.5, 0.7, 0.8, 0.9):
+        for num_perm in (64, 128, 256):
+            assert documents.lsh_bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.1, 0.9)
+    rng = np.random.default_rng(0)
+    for n, m in ((1, 0), (50, 30), (300, 200), (300, 600)):
+        edges = rng.integers(0, n, (m, 2))
+        chain = rng.permutation(n)  # a long path: many rounds of linking
+        edges = np.concatenate([edges, np.stack([chain[:-1], chain[1:]], axis=1)[: n // 3]])
+        _, label = connected_components(coo_matrix((np.ones(len(edges)), edges.T), shape=(n, n)), directed=False)
+        smallest = np.full(label.max() + 1, n)
+        np.minimum.at(smallest, label, np.arange(n))
+        assert (stages.smallest_in_component(edges, n) == smallest[label]).all()
+
+
 def test_cleaning_drops_short_long_and_symbol_heavy_documents_and_normalises(
         tmp_path, tiny_tokenizer_path, tokenizer):
     prose = fixture_documents("en_wells.txt", chars=400)
