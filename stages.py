@@ -495,17 +495,30 @@ def kept_documents(config: PrepareConfig, split: int, base: tuple[int, int]) -> 
     return kept, {"by_source": by_source, "by_language": by_language}, encoded
 
 
+def groups_of(kept: Kept) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """The (source, language) groups of a split's kept documents, and each document's group index."""
+    names = list(zip(kept.source, kept.lang))
+    groups = sorted(set(names))
+    index = {group: i for i, group in enumerate(groups)}
+    return groups, np.array([index[name] for name in names], np.int64)
+
+
+def draw_bins(kept: Kept) -> np.ndarray:
+    return np.minimum((kept.u * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+
+
 def group_totals(config: PrepareConfig, split: int, base: tuple[int, int]) -> dict:
     """Per (source, language) of one split's kept documents: tokens, documents and the tokens
     per bin of their draws (HISTOGRAM_BINS); and its stage counts."""
     kept, counts, _ = kept_documents(config, split, base)
-    bins = np.minimum((kept.u * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
-    groups: dict = {}
-    for group in sorted(set(zip(kept.source, kept.lang))):
-        mask = np.array([(s, lang) == group for s, lang in zip(kept.source, kept.lang)])
-        groups[group] = (int(kept.tokens[mask].sum()), int(mask.sum()),
-                         np.bincount(bins[mask], kept.tokens[mask], HISTOGRAM_BINS).astype(np.int64))
-    return {"groups": groups, "counts": counts}
+    groups, index = groups_of(kept)
+    bins = draw_bins(kept)
+    out = {}
+    for i, group in enumerate(groups):
+        mask = index == i
+        out[group] = (int(kept.tokens[mask].sum()), int(mask.sum()),
+                      np.bincount(bins[mask], kept.tokens[mask], HISTOGRAM_BINS).astype(np.int64))
+    return {"groups": out, "counts": counts}
 
 
 def group_targets(config: PrepareConfig, available: dict) -> dict:
@@ -567,10 +580,11 @@ def bin_members(config: PrepareConfig, split: int, base: tuple[int, int], bins: 
     """Per group: (draw, tokens) of one split's kept documents whose draw falls in the group's
     boundary bin."""
     kept, _, _ = kept_documents(config, split, base)
-    b = np.minimum((kept.u * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+    groups, index = groups_of(kept)
+    b = draw_bins(kept)
     out = {}
-    for group, (_, _, bin_, _) in bins.items():
-        mask = np.array([(s, lang) == group for s, lang in zip(kept.source, kept.lang)], bool) & (b == bin_)
+    for i, group in enumerate(groups):
+        mask = (index == i) & (b == bins[group][2])
         out[group] = (kept.u[mask], kept.tokens[mask])
     return out
 
@@ -594,9 +608,10 @@ def mixture_thresholds(bins: dict, members: list[dict]) -> dict:
 def emitted(kept: Kept, mixture: dict) -> tuple[np.ndarray, np.ndarray]:
     """(kept-document index, shard) per emitted copy of one split's kept documents; `mixture`:
     mixture_thresholds'."""
-    whole, threshold = (np.array([mixture[g][i] for g in zip(kept.source, kept.lang)], dtype)
-                        for i, dtype in ((0, np.int64), (1, np.float64)))
-    copies = whole + (kept.u < threshold) if len(kept.u) else np.zeros(0, np.int64)
+    groups, index = groups_of(kept)
+    whole = np.array([mixture[g][0] for g in groups], np.int64)[index]
+    threshold = np.array([mixture[g][1] for g in groups], np.float64)[index]
+    copies = whole + (kept.u < threshold)
     doc = np.repeat(np.arange(len(kept.u)), copies)
     copy = np.arange(len(doc)) - np.repeat(np.cumsum(copies) - copies, copies)
     return doc, copy
@@ -607,12 +622,11 @@ def plan_split(config: PrepareConfig, split: int, base: tuple[int, int], mixture
     kept, _, _ = kept_documents(config, split, base)
     doc, shard = shards_of(config, base, kept, mixture)
     tokens = kept.tokens[doc]
-    out = {"shard_tokens": np.bincount(shard, tokens, config.num_shards).astype(np.int64).tolist(), "groups": {}}
-    for i, t in zip(doc.tolist(), tokens.tolist()):
-        entry = out["groups"].setdefault((kept.source[i], kept.lang[i]), [0, 0])
-        entry[0] += 1
-        entry[1] += t
-    return out
+    groups, index = groups_of(kept)
+    copies = np.bincount(index[doc], minlength=len(groups))
+    written = np.bincount(index[doc], tokens, len(groups)).astype(np.int64)
+    return {"shard_tokens": np.bincount(shard, tokens, config.num_shards).astype(np.int64).tolist(),
+            "groups": {g: [int(c), int(t)] for g, c, t in zip(groups, copies, written) if c}}
 
 
 def shards_of(config: PrepareConfig, base: tuple[int, int], kept: Kept, mixture: dict) -> tuple[np.ndarray, np.ndarray]:
