@@ -291,15 +291,22 @@ def check_inputs(config: PrepareConfig, files: list[tuple[str, str | None]]) -> 
 
 
 def load_tokenizer(path: str) -> Tokenizer:
+    """Ours (a SentencePiece .model) or a model's own Hugging Face tokenizer (tokenizer.json, with the
+    config files beside it, or their folder); on gs://, the one file."""
+    if "://" not in path and (os.path.isdir(path) or path.endswith(".json")):
+        try:
+            return Tokenizer.load(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--tokenizer={path}: {str(e).splitlines()[0]}") from None
     try:
         data = read_bytes(path)
     except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"--tokenizer={path}: file not found (expected a SentencePiece .model, "
-                                "as tokenizer.py writes)") from None
+                                "as tokenizer.py writes, or a Hugging Face tokenizer.json)") from None
     try:
         return Tokenizer.from_bytes(data)
     except (RuntimeError, ValueError) as e:  # sentencepiece's parse error, or not one of ours
-        raise ValueError(f"--tokenizer={path}: not a julian SentencePiece model "
+        raise ValueError(f"--tokenizer={path}: not a julian SentencePiece model or a Hugging Face tokenizer.json "
                          f"({str(e).split(chr(10))[0].strip()})") from None
 
 
@@ -329,6 +336,10 @@ def prepare(config: PrepareConfig) -> dict:
     started = time.time()
     check_config(config)
     tokenizer = load_tokenizer(config.tokenizer)
+    if (config.code_sources or any(lang == documents.CODE for lang, _ in config.languages)) \
+            and not tokenizer.has_code_wrappers:
+        print(f"--tokenizer={config.tokenizer} has no <|code|>/<|endcode|> tokens: code documents are "
+              "tokenized as text, without the wrappers")
     files = input_files(config)
     sizes = check_inputs(config, files)
     settings = _settings(config, files, sizes, tokenizer)

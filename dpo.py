@@ -20,9 +20,10 @@ as that conversation. Transcript texts lose their surrounding spaces. A record w
 prompts differ, whose two replies are identical, or that is otherwise unusable is counted and
 skipped; past --max_bad_fraction of a file the run stops, naming the file and the lines.
 
-Rendering is SFT's (sft.render): <s>, the system message (the default when the record brings
-none), ChatML turns, then the reply. The log-probabilities, and so the loss, cover the reply's
-tokens and its <|im_end|> only. An overlong pair keeps the end of its prompt (at most
+Rendering is SFT's (sft.render): the tokenizer's chat format (ours: <s>, the system message, the
+default when the record brings none, ChatML turns, then the reply; a Hugging Face model's: its
+chat template). The log-probabilities, and so the loss, cover the reply's tokens and its
+end-of-turn token (<|im_end|>, Llama 3's <|eot_id|>) only. An overlong pair keeps the end of its prompt (at most
 --max_prompt_length tokens) and then cuts both replies to --max_length in all; both are counted.
 
 Each pair is two rows (chosen, rejected) of --max_length + 1 tokens that go through the model in
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 import budget
@@ -63,7 +64,7 @@ import sft
 import storage
 import train
 from chat_formats import PAIR_FORMATS, Pair, load_pairs
-from model import Transformer
+from model import Transformer, next_token_logps
 from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
 
 LOSSES = ("sigmoid", "ipo")
@@ -77,14 +78,15 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 @dataclasses.dataclass(frozen=True)
 class RenderedPair:
-    prompt: Int[np.ndarray, " prompt"]  # <s> ... <|im_start|>assistant\n
-    chosen: Int[np.ndarray, " reply"]  # the reply's tokens and its <|im_end|>
+    prompt: Int[np.ndarray, " prompt"]  # <s> ... <|im_start|>assistant\n (the generation prompt)
+    chosen: Int[np.ndarray, " reply"]  # the reply's tokens and its end-of-turn token
     rejected: Int[np.ndarray, " reply"]
 
 
 def _split_reply(tokenizer: Tokenizer, prompt: Sequence[dict], reply: str) -> tuple[np.ndarray, np.ndarray]:
     """(prompt ids, reply ids) from SFT's rendering of the conversation: the reply is the last
-    stretch of the loss mask (its content and <|im_end|>); the newline after it is left out."""
+    stretch of the loss mask (its content and end-of-turn token); what follows it (ChatML's
+    newline) is left out."""
     example, _ = sft.render(tokenizer, [*prompt, {"role": "assistant", "content": reply}])
     end = len(example.mask) - int(np.argmax(example.mask[::-1]))
     start = end - int(np.argmin(example.mask[:end][::-1]))
@@ -97,7 +99,13 @@ def render_pair(tokenizer: Tokenizer, pair: Pair, max_length: int, max_prompt_le
     the prompt too), or "dropped" (None: no reply token fits)."""
     prompt, chosen = _split_reply(tokenizer, pair.prompt, pair.chosen)
     rejected_prompt, rejected = _split_reply(tokenizer, pair.prompt, pair.rejected)
-    assert np.array_equal(prompt, rejected_prompt), "the prompt's ids depend on the reply"
+    if not np.array_equal(prompt, rejected_prompt):
+        # A chat template whose generation prompt ends where a reply's first characters can merge
+        # with it: the prompt is what both renderings share, the rest belongs to each reply.
+        shared = next((n for n, (a, b) in enumerate(zip(prompt, rejected_prompt)) if a != b),
+                      min(len(prompt), len(rejected_prompt)))
+        chosen, rejected = np.concatenate([prompt[shared:], chosen]), np.concatenate([rejected_prompt[shared:], rejected])
+        prompt = prompt[:shared]
     status = "ok"
     if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
         prompt, status = prompt[len(prompt) - max_prompt_length:], "prompt cut"
@@ -196,14 +204,12 @@ class LossConfig:
             raise ValueError(f"--label_smoothing={self.label_smoothing} must be in [0, 0.5)")
 
 
-def sequence_logps(model: Transformer, tokens: Int[Array, "n 2 length"], weights: Float[Array, "n 2 seq"]
-                   ) -> Float[Array, "n 2"]:
+def sequence_logps(model: Transformer, tokens: Int[Array, "n 2 length"], weights: Float[Array, "n 2 seq"],
+                   mesh: Mesh | None = None) -> Float[Array, "n 2"]:
     """Summed log-probability of the weighted targets of each sequence: chosen and rejected of
     every pair go through one forward pass (the pairs axis and the pair axis flattened)."""
     flat = tokens.reshape(-1, tokens.shape[-1])
-    logits = model(flat[:, :-1]).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, flat[:, 1:, None], axis=-1)[..., 0]
-    logps = picked - jax.nn.logsumexp(logits, axis=-1)
+    logps = next_token_logps(model, flat, mesh=mesh)
     return jnp.sum(logps * weights.reshape(flat.shape[0], -1), axis=-1).reshape(tokens.shape[:2])
 
 
@@ -235,13 +241,13 @@ def pair_metrics(config: LossConfig, policy: Float[Array, "n 2"], reference: Flo
 def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> train.LossFn:
     """train.fit's loss over a micro-batch of pairs: (summed pair loss, pairs, summed metrics).
     Reference log-probabilities come from the batch, or from `reference` (frozen) when given."""
-    def loss_fn(model: Transformer, micro: dict[str, Array], key):
+    def loss_fn(model: Transformer, micro: dict[str, Array], key, mesh: Mesh | None = None):
         del key  # DPO compares log-probabilities: no dropout, as TRL's reference forward
-        policy = batch_logps(model, micro)
+        policy = batch_logps(model, micro, mesh)
         if reference is None:
             ref = micro["reference_logps"].reshape(-1, 2)
         else:
-            ref = jax.lax.stop_gradient(batch_logps(reference, micro))
+            ref = jax.lax.stop_gradient(batch_logps(reference, micro, mesh))
         real = micro["pairs"].reshape(-1)
         losses = pair_losses(config, policy, ref, reply_lengths(micro))
         metrics = {k: jnp.sum(v * real) for k, v in pair_metrics(config, policy, ref).items()}
@@ -250,12 +256,12 @@ def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> tr
     return loss_fn
 
 
-def batch_logps(model: Transformer, batch: dict[str, Array]) -> Float[Array, "pairs 2"]:
+def batch_logps(model: Transformer, batch: dict[str, Array], mesh: Mesh | None) -> Float[Array, "pairs 2"]:
     """(chosen, rejected) log-probabilities of a batch's pairs: unpacked (PairBatches) or packed
     (pair_packing.PackedPairBatches: every slot of every row, used or not)."""
     if "segment_ids" in batch:
-        return pair_packing.packed_logps(model, batch)
-    return sequence_logps(model, batch["tokens"], batch["weights"])
+        return pair_packing.packed_logps(model, batch, mesh)
+    return sequence_logps(model, batch["tokens"], batch["weights"], mesh)
 
 
 def reply_lengths(batch: dict[str, Array]) -> Float[Array, "pairs 2"]:
@@ -281,7 +287,7 @@ def reference_shape(rows: PairRows | sft.PackedRows) -> tuple[int, ...]:
 @functools.cache
 def _reference_forward(mesh) -> Callable:
     """Jitted once per mesh: (model, [1, rows, ...] batch) -> replicated [pairs, 2] log-probs."""
-    return jax.jit(lambda m, b: batch_logps(m, {k: v[0] for k, v in b.items()}),
+    return jax.jit(lambda m, b: batch_logps(m, {k: v[0] for k, v in b.items()}, mesh),
                    out_shardings=NamedSharding(mesh, P()))
 
 
@@ -405,7 +411,8 @@ def stored_reference_logps(splits: dict[str, PairRows], model: Transformer, part
 
 def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows | sft.PackedRows) -> str:
     """One line per file and a total: read, skipped, cut, held out, mixed."""
-    text = chat_formats.stats_table(stats, "pairs", "cut", "reply tokens")
+    text = chat_formats.stats_table(stats, "pairs", "cut", "reply tokens", dropped_why=(
+        "the prompt, even cut to --max_prompt_length, left no room for a reply token in --max_length"))
     filled = (rows.tokens != PAD_ID).sum() / max(rows.tokens.size, 1)
     if isinstance(rows, sft.PackedRows):
         return text + (f"\n{sum(s.mixed for s in stats):,} pairs packed in {rows.num_rows:,} rows of "
@@ -467,7 +474,7 @@ def main(argv):
             raise ValueError("--dry_run compiles the step on unpacked pairs: drop --pack_pairs")
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        model_config, tokenizer = sft.init_model_config(run, flag_model)
+        model_config, tokenizer, carried = sft.init_model_config(run, flag_model)
         if FLAGS.max_length > model_config.max_seq_len:
             raise ValueError(f"--max_length={FLAGS.max_length} exceeds the model's context of "
                              f"{model_config.max_seq_len}")
@@ -528,7 +535,7 @@ def main(argv):
                     "files": [s.to_dict() for s in stats]}
         evaluations = train.evaluators(run, mesh, validation, tokenizer.model_bytes, loss_fn)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
-                  train.resolved_config(model_config, config, run, dpo=settings), title="dpo", loss_fn=loss_fn)
+                  train.resolved_config(model_config, config, run, dpo=settings, **carried), title="dpo", loss_fn=loss_fn)
         if jax.process_index() == 0:
             print(learning_summary(os.path.join(run.metrics_dir, "metrics.jsonl")))
     except train.TrainingStopped as e:

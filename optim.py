@@ -35,8 +35,9 @@ def decay_mask(model: Transformer) -> Transformer:
     merely for being rarely seen. The untied output projection is a matmul and is decayed."""
     mask = jax.tree.map(lambda _: False, model)
     weights = lambda m: (m.blocks.attn.wq, m.blocks.attn.wk, m.blocks.attn.wv, m.blocks.attn.wo,
-                         m.blocks.mlp.w_gate, m.blocks.mlp.w_up, m.blocks.mlp.w_down, m.lm_head)
-    return eqx.tree_at(weights, mask, replace=(True,) * 8)
+                         m.blocks.mlp.w_gate, m.blocks.mlp.w_up, m.blocks.mlp.w_down,
+                         *(() if m.lm_head is None else (m.lm_head,)))  # tied: the embedding's, undecayed
+    return eqx.tree_at(weights, mask, replace=(True,) * (7 if model.lm_head is None else 8))
 
 
 class AdamState(NamedTuple):

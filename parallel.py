@@ -9,7 +9,7 @@ process loads only its rows and builds the global batch from them.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -69,15 +69,6 @@ def global_batch(local: dict[str, np.ndarray], grad_accum: int, mesh: Mesh) -> d
         shape = (grad_accum, rows.shape[1] * jax.process_count(), *rows.shape[2:])
         out[name] = jax.make_array_from_process_local_data(sharding, rows, shape)
     return out
-
-
-def traced_on(mesh: Mesh, fn: Callable) -> Callable:
-    """`fn`, traced with `mesh` known: model.py runs Pallas attention kernels per device under it
-    (XLA cannot split a kernel's custom call over devices by itself)."""
-    def traced(*args):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args)
-    return traced
 
 
 def stop_votes(requested: bool, mesh: Mesh) -> Array:

@@ -28,6 +28,17 @@ from tqdm import tqdm
 
 import storage
 
+# A perplexity past this is a model that cannot predict the targets at all (worse than a 1-in-1,000
+# guess per target): its value and bootstrapped error are noise in nine digits, so tables name it.
+UNPREDICTED_PERPLEXITY = 1_000.0
+
+
+def perplexity_text(value: float) -> str:
+    """A perplexity as a table shows it: two decimals, or what it means when the model cannot predict."""
+    if value > UNPREDICTED_PERPLEXITY:
+        return f"not predicted (> {UNPREDICTED_PERPLEXITY:,.0f})"
+    return f"{value:.2f}"
+
 
 def define_flags() -> None:
     """The flags train.py, sft.py and dpo.py share for looking inside a run (train.define_flags)."""

@@ -21,7 +21,7 @@ from absl import logging
 import documents
 from storage import file_size, join, read_bytes, read_ranges, write_bytes
 from stream import token_dtype
-from tokenizer import BOS_ID, CODE_ID, ENDCODE_ID, EOS_ID, Tokenizer
+from tokenizer import Tokenizer
 
 STAGE_DIR = "_stages"
 KEY_INDEX = 4096  # key-range boundaries indexed per map output: up to this many partitions
@@ -437,10 +437,14 @@ def encode_split(config: PrepareConfig, tokenizer_bytes: bytes, split: int) -> d
     seconds["language_id"] = time.process_time() - clock
     clock = time.process_time()
     dtype = token_dtype(tokenizer.vocab_size)
+    # A document is what the tokenizer starts one with (<s>), its text, eos; code inside the
+    # <|code|>/<|endcode|> wrappers where the vocabulary has them (data.py says when it has not).
+    head, tail = tokenizer.document_prefix, [tokenizer.eos_id]
+    code_head, code_tail = ([tokenizer.code_id], [tokenizer.endcode_id]) if tokenizer.has_code_wrappers else ([], [])
     tokens = np.zeros(n, np.int64)
     parts = []
     for row, ids in zip(chosen, tokenizer.encode_batch(texts)):
-        ids = [BOS_ID, CODE_ID, *ids, ENDCODE_ID, EOS_ID] if meta["code"][row] else [BOS_ID, *ids, EOS_ID]
+        ids = [*head, *code_head, *ids, *code_tail, *tail] if meta["code"][row] else [*head, *ids, *tail]
         tokens[row] = len(ids)
         parts.append(np.array(ids, dtype))
     write_bytes(stage(config, f"encode-{split:05d}.tokens"), np.concatenate(parts or [np.zeros(0, dtype)]).tobytes())

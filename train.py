@@ -58,7 +58,7 @@ from budget import HARDWARE, device_peak_flops
 from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from optim import learning_rate_schedule, make_optimizer
 from parallel import (AXES, batch_sharding, global_batch, initialize_distributed, leaf_sharding, make_mesh,
-                      shardings, stop_votes, traced_on)
+                      shardings, stop_votes)
 from runlog import (IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, check_writable,
                     keep_metrics_until, open_wandb)
 from tokenizer import Tokenizer
@@ -74,9 +74,14 @@ def define_flags() -> None:
     flags.DEFINE_integer("d_model", 1280, "Width of the residual stream.")
     flags.DEFINE_integer("n_layers", 18, "Number of transformer blocks.")
     flags.DEFINE_integer("n_heads", 20, "Attention heads; must divide d_model (head dim 64 in the report).")
+    flags.DEFINE_integer("n_kv_heads", None, "Key/value heads (grouped-query attention); must divide "
+                         "--n_heads. Default: --n_heads (multi-head attention).")
+    flags.DEFINE_bool("tie_embeddings", False, "The output projection is the input embedding (transposed).")
     flags.DEFINE_integer("d_ff", 5120, "Hidden width of the SwiGLU MLP.")
     flags.DEFINE_integer("seq_len", 2048, "Training sequence length, and the model's context length.")
     flags.DEFINE_float("rope_theta", 10_000.0, "Rotary embedding base.")
+    flags.DEFINE_list("rope_scaling", None, "Llama 3's rotary scaling: factor,low_freq_factor,high_freq_factor,"
+                      "original_max_position_embeddings (e.g. 32,1,4,8192). Default: none.")
     flags.DEFINE_float("norm_eps", 1e-6, "RMSNorm epsilon.")
     flags.DEFINE_float("dropout", 0.0, "Residual dropout (the report's table says 0.1); a fresh key per step.")
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation and matmul dtype.")
@@ -126,8 +131,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("keep", 3, "Most recent checkpoints to keep.")
     flags.DEFINE_integer("keep_every", 0, "Also keep every checkpoint whose step is a multiple of this (0: none).")
     flags.DEFINE_string("init_from", None,
-                        "Start from this checkpoint directory's parameters only (fresh optimizer, "
-                        "step 0); ignored when --output_dir already holds a checkpoint to resume.")
+                        "Start from this checkpoint directory's (or Hugging Face Llama folder's, imported "
+                        "on the way in) parameters only: fresh optimizer, step 0, its own warmup. Its shape "
+                        "and tokenizer are the run's (model flags given must agree); ignored when "
+                        "--output_dir already holds a checkpoint to resume.")
     flags.DEFINE_integer("max_bad_steps", 3,
                          "Consecutive non-finite steps (each skipped) before rolling back to the "
                          "newest checkpoint and moving the data past the offending batches.")
@@ -247,20 +254,22 @@ def as_batch(rows: np.ndarray | dict) -> dict[str, np.ndarray]:
     return rows if isinstance(rows, dict) else {"tokens": rows}
 
 
-# A loss function: (model, micro-batch, dropout key or None) -> (summed loss, count, summed
+# A loss function: (model, micro-batch, dropout key or None, mesh) -> (summed loss, count, summed
 # metrics). The step's loss and each metric are their sums over micro-batches divided by the
-# summed count (tokens for language modelling, pairs for dpo.py); gradients likewise.
-LossFn = Callable[[Transformer, dict, PRNGKeyArray | None], tuple[Array, Array, dict[str, Array]]]
+# summed count (tokens for language modelling, pairs for dpo.py); gradients likewise. `mesh` is
+# the mesh the step is built for (None: one device), which attention's kernels run under.
+LossFn = Callable[[Transformer, dict, PRNGKeyArray | None, Mesh | None], tuple[Array, Array, dict[str, Array]]]
 
 
-def token_loss(model: Transformer, micro: dict[str, Array], key: PRNGKeyArray | None
+def token_loss(model: Transformer, micro: dict[str, Array], key: PRNGKeyArray | None, mesh: Mesh | None = None
                ) -> tuple[Float[Array, ""], Float[Array, ""], dict[str, Array]]:
     """Next-token cross-entropy summed over the weighted targets, and their count."""
     tokens = micro["tokens"]
     weights = micro.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
-    logits = model(tokens[:, :-1], micro.get("segment_ids"), key=key if model.config.dropout else None)
     count = weights.sum()
-    return cross_entropy(logits, tokens[:, 1:], weights) * count, count, {}
+    loss = cross_entropy(model, tokens, weights, micro.get("segment_ids"), mesh=mesh,
+                         key=key if model.config.dropout else None)
+    return loss * count, count, {}
 
 
 def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mesh: Mesh,
@@ -282,7 +291,7 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         model = jax.lax.with_sharding_constraint(state.model, NamedSharding(mesh, P()))
 
         def micro_loss(m, micro, micro_key):
-            loss, count, sums = loss_fn(m, micro, micro_key)
+            loss, count, sums = loss_fn(m, micro, micro_key, mesh)
             return loss, (count, sums)
 
         def accumulate(carry, xs):
@@ -308,7 +317,7 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         return state, metrics
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(traced_on(mesh, train_step), donate_argnums=0,
+    return jax.jit(train_step, donate_argnums=0,
                    in_shardings=(state_sharding, batch_sharding(mesh), replicated, replicated,
                                  replicated, NamedSharding(mesh, P(AXES))),
                    out_shardings=(state_sharding, replicated))
@@ -319,10 +328,15 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
 Evaluator = Callable[[Transformer], dict[str, float]]
 
 
+def held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> Callable:
+    """The jitted held-out pass: (model, [1, micro, ...] batch) -> loss_fn's sums, no dropout."""
+    return jax.jit(lambda model, batch: loss_fn(model, jax.tree.map(lambda x: x[0], batch), None, mesh))
+
+
 def held_out_loss(validation_data, batches: int, mesh: Mesh, loss_fn: LossFn = token_loss) -> Evaluator:
     """eval_loss, and the loss function's metrics as eval_<name>, over global batches
     0..batches-1 of `validation_data` (read like fit's train_data)."""
-    step = jax.jit(traced_on(mesh, lambda model, batch: loss_fn(model, jax.tree.map(lambda x: x[0], batch), None)))
+    step = held_out_step(mesh, loss_fn)
 
     def evaluate(model: Transformer) -> dict[str, float]:
         loss = count = 0.0
@@ -561,9 +575,10 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
 def configs_from_flags() -> tuple[ModelConfig, TrainConfig, RunConfig]:
     model_config = ModelConfig(
         vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
-        n_heads=FLAGS.n_heads, d_ff=FLAGS.d_ff, max_seq_len=FLAGS.seq_len, rope_theta=FLAGS.rope_theta,
-        norm_eps=FLAGS.norm_eps, dropout=FLAGS.dropout, dtype=FLAGS.dtype,
-        scan_layers=FLAGS.scan_layers, remat=FLAGS.remat, attention=FLAGS.attention)
+        n_heads=FLAGS.n_heads, n_kv_heads=FLAGS.n_kv_heads, tie_embeddings=FLAGS.tie_embeddings,
+        d_ff=FLAGS.d_ff, max_seq_len=FLAGS.seq_len, rope_theta=FLAGS.rope_theta,
+        rope_scaling=rope_scaling_flag(FLAGS.rope_scaling), norm_eps=FLAGS.norm_eps, dropout=FLAGS.dropout,
+        dtype=FLAGS.dtype, scan_layers=FLAGS.scan_layers, remat=FLAGS.remat, attention=FLAGS.attention)
     train_config = TrainConfig(
         steps=FLAGS.steps, batch_size=FLAGS.batch_size, grad_accum=FLAGS.grad_accum,
         learning_rate=FLAGS.learning_rate, min_lr_ratio=FLAGS.min_lr_ratio,
@@ -590,6 +605,44 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, RunConfig]:
     return model_config, train_config, run
 
 
+def rope_scaling_flag(values: list[str] | None) -> tuple[float, float, float, int] | None:
+    if not values:
+        return None
+    try:
+        factor, low, high, original = values
+        return float(factor), float(low), float(high), int(original)
+    except ValueError:
+        raise ValueError(f"--rope_scaling={','.join(values)}: expected four numbers, factor,low_freq_factor,"
+                         "high_freq_factor,original_max_position_embeddings (e.g. 32,1,4,8192)") from None
+
+
+# Model flags and the ModelConfig fields they set.
+MODEL_FLAGS = {"vocab_size": "vocab_size", "d_model": "d_model", "n_layers": "n_layers", "n_heads": "n_heads",
+               "n_kv_heads": "n_kv_heads", "tie_embeddings": "tie_embeddings", "d_ff": "d_ff",
+               "seq_len": "max_seq_len", "rope_theta": "rope_theta", "rope_scaling": "rope_scaling",
+               "norm_eps": "norm_eps"}
+
+
+def init_from_model(init_from: str, from_flags: ModelConfig, given: set[str]) -> tuple[ModelConfig, bytes, dict]:
+    """(model config, tokenizer bytes, config dict) of --init_from (a checkpoint, or a Hugging Face
+    folder it imports): its weights' shape with this run's execution settings. A model flag given
+    on the command line (`given`) must agree with it."""
+    saved, tokenizer_bytes = checkpoint.load_config(init_from)
+    execution = {name: getattr(from_flags, name) for name in checkpoint.EXECUTION_FIELDS}
+    model_config = dataclasses.replace(ModelConfig(**saved["model"]), **execution)
+    # --seq_len is the rows' length here (open_data's seq_len): at most the context, which stays.
+    stated = dataclasses.replace(model_config, **{MODEL_FLAGS[f]: getattr(from_flags, MODEL_FLAGS[f])
+                                                  for f in given if f in MODEL_FLAGS and f != "seq_len"})
+    if "seq_len" in given and from_flags.max_seq_len > model_config.max_seq_len:
+        raise ValueError(f"--seq_len={from_flags.max_seq_len} exceeds the context of --init_from={init_from} "
+                         f"({model_config.max_seq_len} tokens)")
+    mismatch = checkpoint.config_mismatch(dataclasses.asdict(model_config), stated)
+    if mismatch:
+        raise ValueError(f"--init_from={init_from} holds a different model ({mismatch}): drop the flag, "
+                         "the model's shape comes from --init_from")
+    return model_config, tokenizer_bytes, saved
+
+
 def resolved_config(model_config: ModelConfig, config: TrainConfig, run: RunConfig, **more) -> dict:
     return {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config),
             "run": dataclasses.asdict(run), **more}
@@ -597,7 +650,8 @@ def resolved_config(model_config: ModelConfig, config: TrainConfig, run: RunConf
 
 def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
     if not path:
-        raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py)")
+        raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py), or a Hugging Face "
+                         "tokenizer.json or its folder")
     try:
         tokenizer = Tokenizer.load(path)
     except FileNotFoundError as e:
@@ -609,10 +663,28 @@ def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
+def init_tokenizer(path: str | None, init_from: str, tokenizer_bytes: bytes) -> Tokenizer:
+    """--init_from's tokenizer, the one its embeddings were trained with; --tokenizer, when
+    given, must be the same."""
+    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    if path:
+        try:
+            given = Tokenizer.load(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--tokenizer: {e}") from None
+        if given.model_bytes != tokenizer_bytes:
+            raise ValueError(f"--tokenizer={path} ({given.vocab_size} pieces) is not the tokenizer of "
+                             f"--init_from={init_from} ({tokenizer.vocab_size} pieces): expected the same one, "
+                             "or no --tokenizer (the checkpoint's is used)")
+    return tokenizer
+
+
 def open_data(spec: str, split: str, tokenizer: Tokenizer, model_config: ModelConfig,
-              config: TrainConfig, batch_size: int | None = None, grad_accum: int | None = None):
+              config: TrainConfig, batch_size: int | None = None, grad_accum: int | None = None,
+              seq_len: int | None = None):
+    """Batches of rows of `seq_len` tokens (default: the model's context) from `spec`."""
     return stream.open_train_data(
-        spec, tokenizer=tokenizer, seq_len=model_config.max_seq_len, seed=config.seed,
+        spec, tokenizer=tokenizer, seq_len=seq_len or model_config.max_seq_len, seed=config.seed,
         global_batch_size=batch_size or config.batch_size, grad_accum=grad_accum or config.grad_accum,
         process_index=jax.process_index(), process_count=jax.process_count(), split=split)
 
@@ -628,17 +700,25 @@ def main(argv):
         if FLAGS.dry_run:
             return dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu, FLAGS.peak_tflops)
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
+        more, seq_len = {}, None
+        if run.init_from:
+            seq_len = model_config.max_seq_len if FLAGS["seq_len"].present else None
+            model_config, tokenizer_bytes, saved = init_from_model(
+                run.init_from, model_config, {name for name in MODEL_FLAGS if FLAGS[name].present})
+            tokenizer = init_tokenizer(FLAGS.tokenizer, run.init_from, tokenizer_bytes)
+            more = {checkpoint.IMPORTED: checkpoint.imported_of(saved)} if checkpoint.imported_of(saved) else {}
+        else:
+            tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
         if not FLAGS.train_data:
             raise ValueError("--train_data is required: a shard manifest (data.py prepare) or text files")
-        train_data = open_data(FLAGS.train_data, "train", tokenizer, model_config, config)
+        train_data = open_data(FLAGS.train_data, "train", tokenizer, model_config, config, seq_len=seq_len)
         validation_data = None
         if FLAGS.eval_every:
             validation_data = open_data(FLAGS.validation_data or FLAGS.train_data,
-                                        "validation", tokenizer, model_config, config, grad_accum=1)
+                                        "validation", tokenizer, model_config, config, grad_accum=1, seq_len=seq_len)
         fit(model_config, config, run, train_data,
             evaluators(run, make_mesh(run.fsdp), validation_data, tokenizer.model_bytes), tokenizer.model_bytes,
-            resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data))
+            resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data, **more))
     except TrainingStopped as e:
         sys.exit(f"train.py: training stopped: {e}")
 

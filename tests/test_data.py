@@ -1046,3 +1046,27 @@ def test_command_line_help_is_short_and_bad_flags_are_one_line_with_status_2(tmp
         assert failed.returncode == 2, (args, failed.stderr)
         assert len(failed.stderr.strip().splitlines()) == 1 and named in failed.stderr, (args, failed.stderr)
     assert run("merge").returncode == 2
+
+
+def test_a_models_own_tokenizer_json_prepares_the_corpus_in_its_vocabulary_and_says_code_goes_unwrapped(
+        tmp_path, corpus, llama3_tokenizer_dir, capsys):
+    """Continued pretraining's data: a Hugging Face tokenizer.json (conftest: Llama-3-style byte-level
+    BPE, no <|code|>), documents as <|begin_of_text|> text <|end_of_text|>, code without wrappers."""
+    path = os.path.join(llama3_tokenizer_dir, "tokenizer.json")
+    tok = Tokenizer.load(path)
+    code = pathlib.Path(REPO, "sft.py").read_text()
+    stack = write_jsonl(tmp_path / "stack.jsonl", [{"text": code, "source": "stack"}])
+    manifest = data.prepare(config(tmp_path, [*corpus[0], stack], path, num_cpus=1, num_shards=1,
+                                   languages=(("en", None), ("fr", None), ("code", None)), code_sources=("stack",)))
+    assert f"--tokenizer={path} has no <|code|>/<|endcode|> tokens" in capsys.readouterr().out
+    assert manifest["vocab_size"] == tok.vocab_size and manifest["tokenizer"] == hashlib.sha256(tok.model_bytes).hexdigest()
+    records = np.concatenate([shard_records(str(tmp_path / "out"), manifest),
+                              shard_records(str(tmp_path / "out"), manifest, "validation")]).ravel()
+    starts = np.flatnonzero(records == tok.bos_id)
+    whole = [records[a + 1:b - 1].tolist() for a, b in zip(starts, starts[1:]) if records[b - 1] == tok.eos_id]
+    decoded = [tok.decode(ids) for ids in whole]
+    assert all(ids == tok.encode(text) for ids, text in zip(whole, decoded))
+    en, fr = corpus[1], corpus[2]
+    prose = [text for text in decoded if text in set(en + fr)]
+    assert len(prose) >= len(en + fr) - 2 * len(manifest["shards"]) - 1
+    assert [text for text in decoded if text not in set(en + fr)] == [documents.clean_text(code)]

@@ -431,3 +431,41 @@ def test_dpo_trains_on_packed_pairs_and_resumes_from_the_cache(tiny_run, tmp_pat
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [2, 4] and all(np.isfinite(r["loss"]) for r in steps)
     assert all("rewards/accuracies" in r for r in steps) and any("eval_rewards/margins" in r for r in records)
+
+
+def test_a_llama3_template_splits_prompt_and_replies_where_transformers_renders_them(llama3_tokenizer_dir):
+    tokenizer = Tokenizer.load(llama3_tokenizer_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    pair = chat_formats.to_pair(FORMAT_CASES["standard"])
+    rendered, status = dpo.render_pair(tokenizer, pair, 256, 128)
+    prompt = list(pair.prompt)
+    assert status == "ok" and rendered.prompt.tolist() == hf.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    eot = hf.convert_tokens_to_ids("<|eot_id|>")
+    for reply, ids in ((pair.chosen, rendered.chosen), (pair.rejected, rendered.rejected)):
+        assert ids.tolist() == [*hf(reply, add_special_tokens=False).input_ids, eot]
+        whole = hf.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=True,
+                                       return_dict=True)["input_ids"]
+        assert whole == rendered.prompt.tolist() + ids.tolist()
+
+
+def test_a_reply_whose_first_characters_merge_into_the_prompt_keeps_its_whole_rendering(tmp_path):
+    """A template whose generation prompt ends in a space ("assistant: "): byte-level BPE spells
+    " Hello" as one token, so a reply's first word takes the prompt's last token. The prompt is
+    what both replies' renderings share and each reply keeps the rest."""
+    import conftest
+
+    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    folder = conftest.write_hf_tokenizer(str(tmp_path), ["<|endoftext|>"],
+                                         config={"eos_token": "<|endoftext|>", "chat_template": template})
+    tokenizer = Tokenizer.load(folder)
+    pair = chat_formats.Pair(({"role": "user", "content": "Hi?"},), "Hello.", "\nGo away.")
+    prompts = [dpo._split_reply(tokenizer, pair.prompt, reply)[0].tolist() for reply in (pair.chosen, pair.rejected)]
+    assert prompts[0] == prompts[1][:-1]  # the rejected reply leaves the prompt's final " " alone
+    rendered, status = dpo.render_pair(tokenizer, pair, 256, 128)
+    assert status == "ok" and rendered.prompt.tolist() == prompts[0]
+    for reply, ids in ((pair.chosen, rendered.chosen), (pair.rejected, rendered.rejected)):
+        whole = tokenizer.chat_ids([*pair.prompt, {"role": "assistant", "content": reply}])
+        assert rendered.prompt.tolist() + ids.tolist() == whole
+        assert tokenizer.decode(ids) == f" {reply}\n"  # the prompt's final space belongs to both replies
