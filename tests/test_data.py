@@ -1047,6 +1047,16 @@ def test_command_line_help_is_short_and_bad_flags_are_one_line_with_status_2(tmp
         failed = run("prepare", *args)
         assert failed.returncode == 2, (args, failed.stderr)
         assert len(failed.stderr.strip().splitlines()) == 1 and named in failed.stderr, (args, failed.stderr)
+    # The recipe's flags: a bad target, a source matching nothing, targets beside language shares.
+    common = [f"--input={tmp_path}", f"--output={tmp_path}/o", f"--tokenizer={tiny_tokenizer_path}"]
+    for args, named in [(["--source_tokens=wiki:lots"], "--source_tokens"),
+                        (["--source=wiki=none/*.parquet", "--source_tokens=wiki:5B", "--languages=en,fr"],
+                         "--source=wiki"),
+                        (["--source_tokens=wiki:5B", "--languages=en:0.7,fr:0.3"], "--source_tokens"),
+                        (["--source=wiki", "--languages=en,fr"], "--source=wiki")]:
+        failed = run("prepare", *common, *args)
+        assert failed.returncode == 2, (args, failed.stderr)
+        assert len(failed.stderr.strip().splitlines()) == 1 and named in failed.stderr, (args, failed.stderr)
     assert run("merge").returncode == 2
 
 
