@@ -257,9 +257,10 @@ def load_conversations(path: str, fmt: str = "auto", max_bad_fraction: float = 0
                         "conversations")
 
 
-def stats_table(stats: list[FileStats], items: str, cut: str, tokens: str) -> str:
+def stats_table(stats: list[FileStats], items: str, cut: str, tokens: str, dropped_why: str = "") -> str:
     """One line per file and a total (read, bad, `items` kept, `cut`, dropped, held out, in the
-    mix, `tokens` trained on), then the bad records' reasons."""
+    mix, `tokens` trained on), then the bad records' reasons and, when some were dropped,
+    `dropped_why` (a count alone reads as lost data)."""
     header = ("file", "records", "bad", items, cut, "dropped", "validation", "in mix", tokens)
     lines = [(s.path, s.records, sum(s.bad.values()), s.conversations, s.truncated, s.dropped,
               s.validation, s.mixed, s.supervised_tokens) for s in stats]
@@ -273,6 +274,8 @@ def stats_table(stats: list[FileStats], items: str, cut: str, tokens: str) -> st
         reasons.update(s.bad)
     if reasons:
         text += "\nbad records: " + ", ".join(f"{k} {v:,}" for k, v in reasons.most_common())
+    if dropped_why and any(s.dropped for s in stats):
+        text += f"\ndropped: {dropped_why}"
     return text
 
 

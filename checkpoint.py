@@ -7,7 +7,7 @@ A step directory holds five items:
              of step s is read at data position s + data_offset (a rollback past bad batches
              raises the offset); "rng" is the raw PRNG key all per-step keys are folded from.
   config     JSON: {"model": ModelConfig fields, "run": the resolved run config}
-  tokenizer  the SentencePiece model's bytes, so a checkpoint is self-contained
+  tokenizer  the tokenizer's bytes (Tokenizer.model_bytes), so a checkpoint is self-contained
 
 Orbax writes a step into a temporary directory and renames it when every process has finished
 (on GCS, a commit marker), so a process killed mid-save leaves nothing `latest_step` picks up:
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
 import sys
 import tempfile
+import time
 
 import equinox as eqx
 import fsspec
@@ -48,8 +50,11 @@ COMPILATION_CACHE_HELP = (
     "JAX's persistent compilation cache (local or gs://, so a pod's hosts share it): a relaunch loads "
     "its compiled programs instead of compiling them. Default: $JAX_COMPILATION_CACHE_DIR if set, "
     f"else {DEFAULT_COMPILATION_CACHE}; '' turns it off. The flag, when given, wins over the variable.")
+# Where a run config keeps what an import from a Hugging Face folder read besides weights and
+# tokenizer ({"path", "config": its config.json, "generation_config"}), so an export writes them back.
+IMPORTED = "imported"
 # ModelConfig fields that change how the model runs, not what its weights mean.
-EXECUTION_FIELDS = ("dtype", "scan_layers", "remat", "attention", "dropout")
+EXECUTION_FIELDS = ("dtype", "scan_layers", "remat", "attention", "dropout", "fp32_residual")
 
 
 def quiet_logging(verbosity_flag_given: bool) -> None:
@@ -112,11 +117,14 @@ def latest_step(directory: str) -> int | None:
 
 def config_mismatch(saved: dict, model_config: ModelConfig) -> str | None:
     """Name the first weight-shaping field where `saved` (a checkpoint's config["model"]) and
-    `model_config` differ, as 'field: checkpoint has X, flags say Y'; None when they agree."""
+    `model_config` differ, as 'field: checkpoint has X, flags say Y'; None when they agree.
+    A field the checkpoint predates has its default there."""
+    defaults = dataclasses.asdict(ModelConfig())
+    saved = dataclasses.asdict(ModelConfig(**{**defaults, **saved}))  # a JSON list becomes its tuple
     for field, value in dataclasses.asdict(model_config).items():
-        if field not in EXECUTION_FIELDS and saved.get(field) != value:
+        if field not in EXECUTION_FIELDS and saved[field] != value:
             return f"--{'seq_len' if field == 'max_seq_len' else field}: the checkpoint has " \
-                   f"{saved.get(field)!r}, the flags say {value!r}"
+                   f"{saved[field]!r}, the flags say {value!r}"
     return None
 
 
@@ -222,7 +230,8 @@ def save(directory: str, step: int, model: Transformer, tokenizer_bytes: bytes,
 
 def load(directory: str, step: int | None = None, model_overrides: dict | None = None
          ) -> tuple[Transformer, bytes, dict]:
-    """Restore (model, tokenizer bytes, config dict) from the newest (or given) step.
+    """Restore (model, tokenizer bytes, config dict) from the newest (or given) step; a Hugging
+    Face Llama folder is imported (load_hf).
 
     `model_overrides` changes execution-only fields of the saved ModelConfig (dtype, scan_layers,
     remat, attention) without touching the weights.
@@ -230,9 +239,7 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
     step = latest_step(directory) if step is None else step
     if step is None:
         if _is_hf_folder(directory):
-            raise FileNotFoundError(
-                f"{directory!r} is a Hugging Face model folder (config.json), not a julian checkpoint: "
-                f"import it first with `python convert.py --to=julian --hf={directory} --out=DIR`")
+            return load_hf(directory, model_overrides)
         raise FileNotFoundError(
             f"no checkpoint in {directory!r}: expected an Orbax step directory written by train.py")
     with _manager(directory, create=False) as manager, _reading(directory, step):
@@ -244,6 +251,49 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
             tokenizer=ocp.args.StandardRestore(),
         ))
     return restored.params, np.asarray(restored.tokenizer["model"]).tobytes(), config
+
+
+def load_hf(directory: str, model_overrides: dict | None = None) -> tuple[Transformer, bytes, dict]:
+    """`load` of a Hugging Face Llama folder: imported on the way in (convert.py's import, said in
+    one line on stderr), its config.json and generation_config.json kept in the run config."""
+    model, tokenizer_bytes, kept = _import_hf(os.path.abspath(directory))
+    config = dataclasses.replace(model.config, **(model_overrides or {}))
+    like = eqx.filter_eval_shape(Transformer, config, jax.random.key(0))
+    model = jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(model))
+    return model, tokenizer_bytes, {"model": dataclasses.asdict(config), "run": kept}
+
+
+@functools.lru_cache(maxsize=1)
+def _import_hf(directory: str) -> tuple[Transformer, bytes, dict]:
+    """Imported once per process: a run reads its --init_from for its shape and tokenizer, then
+    for its parameters (and dpo.py for its reference)."""
+    import convert  # it imports this file
+
+    started = time.perf_counter()
+    model, tokenizer, kept = convert.import_hf(directory)
+    print(f"imported Hugging Face folder {directory} ({convert.describe(model.config)}) in "
+          f"{time.perf_counter() - started:.1f} s; `python convert.py --to=julian --hf={directory} "
+          "--out=DIR` does it once for all runs", file=sys.stderr)
+    return model, tokenizer.model_bytes, kept
+
+
+def imported_of(config: dict) -> dict | None:
+    """The IMPORTED entry of a checkpoint's config: an imported checkpoint's run config, or (passed
+    on by train.py, sft.py and dpo.py) that of a run started from one."""
+    return (config.get("run") or {}).get(IMPORTED) or config.get(IMPORTED)
+
+
+def load_config(directory: str) -> tuple[dict, bytes]:
+    """(config dict, tokenizer bytes) of the newest step, without its parameters; of a Hugging
+    Face folder, as `load` imports it."""
+    step = latest_step(directory)
+    if step is None:
+        _, tokenizer_bytes, config = load(directory)
+        return config, tokenizer_bytes
+    with _manager(directory, create=False) as manager, _reading(directory, step):
+        restored = manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(), tokenizer=ocp.args.StandardRestore()))
+    return restored.config, np.asarray(restored.tokenizer["model"]).tobytes()
 
 
 class PreemptionGuard:

@@ -10,6 +10,8 @@ file and points it at that file (`dataset_path: json`); README.md shows how to m
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -30,6 +32,8 @@ from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._index import Kind
 from lm_eval.tasks._yaml_loader import load_yaml
+
+from runlog import UNPREDICTED_PERPLEXITY, perplexity_text
 
 LM_EVAL_TASKS = os.path.join(os.path.dirname(lm_evaluator.__file__), "tasks")
 # The report's seven tasks, each with lm-eval's task file (so that naming them needs no scan of
@@ -255,8 +259,28 @@ def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: 
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-        return lm_evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=log_samples,
-                                     bootstrap_iters=bootstrap_iters)
+        # lm-eval prints "bootstrapping for stddev: <metric>" to stdout for every bootstrapped
+        # metric: a line a user cannot act on, among the scores. Its other prints pass through.
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            output = lm_evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=log_samples,
+                                           bootstrap_iters=bootstrap_iters)
+        sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                                 if not line.startswith("bootstrapping for stddev")))
+        return output
+
+
+def readable(output: dict) -> dict:
+    """lm-eval's output for its own `make_table`, with each unpredicted perplexity (and its error)
+    replaced by what it means."""
+    results = {}
+    for task, metrics in output["results"].items():
+        metrics = dict(metrics)
+        for key, value in list(metrics.items()):
+            if key.startswith("perplexity,") and isinstance(value, float) and value > UNPREDICTED_PERPLEXITY:
+                metrics[key] = perplexity_text(value)
+                metrics[key.replace("perplexity,", "perplexity_stderr,")] = "N/A"
+        results[task] = metrics
+    return {**output, "results": results}
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +335,7 @@ def _rows(task: str, metrics: dict, published: list, with_chance: bool = False) 
         cells = ["" if chance is None else f"{chance:g}", verdict, *cells]
     rows = [f"| {task} | {metric} | {100 * value:.1f} | " + " | ".join(cells) + " |"]
     if "perplexity,none" in metrics:
-        rows.append(f"| {task} | perplexity | {metrics['perplexity,none']:.2f} |" + " |" * len(cells))
+        rows.append(f"| {task} | perplexity | {perplexity_text(metrics['perplexity,none'])} |" + " |" * len(cells))
     return rows
 
 
@@ -320,5 +344,5 @@ def perplexity_table(results: dict) -> str:
     lines = ["| data | bits/byte | bytes | documents | tokens | loss | perplexity |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {k} | {v['bits_per_byte']:.4f} | {v['bytes']} | {v['documents']} | {v['tokens']} | "
-              f"{v['loss']:.4f} | {v['perplexity']:.2f} |" for k, v in results.items()]
+              f"{v['loss']:.4f} | {perplexity_text(v['perplexity'])} |" for k, v in results.items()]
     return "\n".join(lines)

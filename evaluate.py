@@ -10,7 +10,8 @@ requests and score them, so the numbers compare with published ones; we only ans
 `loglikelihood`, `loglikelihood_rolling` and `generate_until` (the latter with generate.py's
 KV-cache sampler). The tokenization of a (context, continuation) pair is lm-eval's own
 (`TemplateLM`: <s> + context, continuation = the rest of the encoded whole), which is what its
-`hf` backend does on our exported tokenizer, so both see the same tokens.
+`hf` backend does on our exported tokenizer, or on an imported model's own Hugging Face tokenizer
+(its document start, its eos), so both see the same tokens.
 
 Speed (fp32, same per-item choices: benchmarks/README.md has the figures against the `hf` backend):
   * Requests are laid out as prefix trees, depth first, so every shared prefix is computed once
@@ -59,11 +60,11 @@ import cli
 import generate
 import storage
 import stream
-from eval_tasks import check_task_data, evaluate_with, perplexity_table, report_table
-from model import ModelConfig, Transformer, num_params
+from eval_tasks import check_task_data, evaluate_with, perplexity_table, readable, report_table
+from model import ModelConfig, Transformer, num_params, target_logps
 from parallel import make_mesh
 from runlog import check_writable
-from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
+from tokenizer import PAD_ID, Tokenizer, language_of
 
 FLAGS = flags.FLAGS
 
@@ -76,7 +77,8 @@ TOKENS_PER_REQUEST = 64
 
 def define_flags() -> None:
     """Defined on demand, not at import: other scripts and the tests import this file."""
-    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step), local or gs://.")
+    flags.DEFINE_string("checkpoint", None, "train.py --output_dir (newest step), local or gs://, or a Hugging "
+                        "Face Llama folder (imported on the way in).")
     flags.DEFINE_integer("step", None, "Evaluate this step instead of the newest.")
     flags.DEFINE_list("tasks", ["report"], "lm-eval task names, or presets: report (the report's "
                       "seven English tasks), french (XWinograd, XNLI, PAWS-X, Belebele, LAMBADA "
@@ -110,17 +112,10 @@ def _packed_hidden(model: Transformer, tokens: Int[Array, "rows length"], positi
                    ends: Int[Array, "rows length"]) -> Float[Array, "rows length d_model"]:
     """Final-norm hidden states of rows of prefix trees laid out depth first: a token q sees the
     tokens k <= q whose subtree (k ... ends[k]) holds it, its ancestors; positions are depths.
-    On model.py's blocks, not `Transformer.hidden`: segment ids cannot say "branches from a
-    shared prefix", an explicit mask can."""
-    config = model.config
+    An explicit mask, not segment ids: those cannot say "branches from a shared prefix"."""
     index = jnp.arange(tokens.shape[1])
-    mask = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] <= ends[:, None, :])
-    params, static = eqx.partition(model.blocks, eqx.is_array)
-    # An fp32 residual stream (blocks add bf16 outputs to it) cut bf16's worst log-likelihood error
-    # against fp32 on the report tasks (100m) from 0.11 to 0.07 nats, mean 0.017 -> 0.013, for free.
-    x = model.embed[tokens]
-    x, _ = jax.lax.scan(lambda x, p: (eqx.combine(p, static)(x, mask, positions, config, None), None), x, params)
-    return model.final_norm(x, config.dtype)
+    ancestors = (index[None, None, :] <= index[None, :, None]) & (index[None, :, None] <= ends[:, None, :])
+    return model.forward(tokens, ancestors, positions=positions, mesh=None)[0]  # one device per process
 
 
 def _target_scores(model: Transformer, hidden: Float[Array, "rows length d_model"], index: Int[Array, " targets"],
@@ -128,9 +123,8 @@ def _target_scores(model: Transformer, hidden: Float[Array, "rows length d_model
     """log p(target) and whether it is the argmax, at the flat row positions `index`: only
     those positions go through the vocabulary-sized head and its log-normaliser."""
     picked = hidden.reshape(-1, hidden.shape[-1])[index]
-    logits = model.head(picked[None])[0]
-    target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
+    logps, greedy = target_logps(model, picked[None], targets[None])
+    return logps[0], greedy[0]
 
 
 # Two programs, not one: the body compiles once per row shape, the cheap head once per target count.
@@ -148,7 +142,7 @@ def compile_scoring(model_config: ModelConfig, rows: int, length: int, device):
     most a pass of `rows` x `length` scores) compiled for `device`, which may be a TPU or GPU
     topology's (budget.py), from abstract shapes; allocates nothing. JulianLM scores on one
     device per process, so this is the per-chip program."""
-    config = dataclasses.replace(model_config, scan_layers=True)
+    config = dataclasses.replace(model_config, scan_layers=True, fp32_residual=True)  # as for_inference
     place = jax.sharding.SingleDeviceSharding(device)
     model = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),
                          eqx.filter_eval_shape(Transformer, config, jax.random.key(0)))
@@ -298,9 +292,11 @@ def _local_copy(model: Transformer) -> Transformer:
 
 
 def for_inference(model: Transformer, dtype: str) -> Transformer:
-    """The same weights, run in another activation dtype with layers under `lax.scan` (one program
-    per padded shape: a scanned stack compiles in a fraction of an unrolled one's time)."""
-    config = dataclasses.replace(model.config, dtype=dtype, scan_layers=True)
+    """The same weights, run in another activation dtype over an fp32 residual stream (in bf16 it
+    cut the worst log-likelihood error against fp32 on the report tasks (100m) from 0.11 to 0.07
+    nats, mean 0.017 -> 0.013, for free), with layers under `lax.scan` (one program per padded
+    shape: a scanned stack compiles in a fraction of an unrolled one's time)."""
+    config = dataclasses.replace(model.config, dtype=dtype, scan_layers=True, fp32_residual=True)
     like = eqx.filter_eval_shape(Transformer, config, jax.random.key(0))
     return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(model))
 
@@ -331,24 +327,26 @@ class JulianLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return EOS_ID
+        return self.tokenizer.eos_id
 
     @property
     def prefix_token_id(self) -> int:
-        return BOS_ID
+        """What an empty context is scored after: bos, or eos where the tokenizer has none (as
+        lm-eval's HF backend)."""
+        return self.tokenizer.eos_id if self.tokenizer.bos_id is None else self.tokenizer.bos_id
 
     @property
     def max_length(self) -> int:
         return self.model.config.max_seq_len
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """<s> + the text's ids (no <s> when add_special_tokens=False), like the exported HF
-        tokenizer; a text that already starts with "<s>" gets no second one."""
-        bos = SPECIAL_TOKENS[BOS_ID]
-        if string.startswith(bos) and add_special_tokens is None:
-            string = string[len(bos):]
-        ids = self.tokenizer.encode(string)
-        return ids if add_special_tokens is False else [BOS_ID, *ids]
+        """The text's ids after what the tokenizer starts a document with (<s> for ours; nothing
+        when add_special_tokens=False), as lm-eval's HF backend encodes with the same tokenizer's
+        files; a text that already starts with the prefix token's string ("<s>") starts with it."""
+        start = self.tokenizer.id_to_piece(self.prefix_token_id)
+        if add_special_tokens is None and string.startswith(start):
+            return [self.prefix_token_id, *self.tokenizer.encode_as_transformers(string[len(start):], False)]
+        return self.tokenizer.encode_as_transformers(string, add_special_tokens is not False)
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
@@ -449,7 +447,7 @@ class JulianLM(TemplateLM):
         windows, owners = [], []
         for owner, text in enumerate(texts):
             tokens = self.tok_encode(text, add_special_tokens=False)
-            for window in get_rolling_token_windows(tokens, BOS_ID, self.max_length, context_len=1):
+            for window in get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, context_len=1):
                 windows.append(make_disjoint_window(window))
                 owners.append(owner)
         totals = [0.0] * len(texts)
@@ -658,7 +656,7 @@ def main(argv):
                                    bootstrap_iters=FLAGS.bootstrap_iters)
             results = output["results"]
             seconds = time.perf_counter() - start
-            summary = (f"{make_table(output)}\n{report_table(results)}\n\n{lm.scored_requests} requests "
+            summary = (f"{make_table(readable(output))}\n{report_table(results)}\n\n{lm.scored_requests} requests "
                        f"in {seconds:.1f} s ({lm.scored_requests / seconds:.1f} requests/s, this process)")
     except (FileNotFoundError, ValueError) as e:  # bad input: say what, in one line, no usage dump
         cli.error(str(e))

@@ -1,10 +1,14 @@
 """The Julian model: a LLaMA-style decoder in Equinox.
 
-RoPE (rotate-halves layout, as Hugging Face Llama), SwiGLU MLP, pre-norm RMSNorm, no biases,
-untied input and output embeddings. Blocks are stacked along a leading layer axis
-(`eqx.filter_vmap` at init) and run with `lax.scan` or an unrolled loop. For inference,
-`Transformer.extend` runs new tokens against a `KVCache` of fixed size (prefill, then one token
-per step, every shape static).
+RoPE (rotate-halves layout, as Hugging Face Llama; optionally Llama 3's frequency scaling), SwiGLU
+MLP, pre-norm RMSNorm, no biases, grouped-query attention (`n_kv_heads` K/V heads, each shared by
+`n_heads // n_kv_heads` query heads; the default is one per query head), input and output
+embeddings untied unless `tie_embeddings`. Blocks are stacked along a leading layer axis
+(`eqx.filter_vmap` at init) and run with `lax.scan` or an unrolled loop. `Transformer.forward`
+is the one forward pass: training (packed rows, segment ids), evaluation's packed scoring (an
+explicit mask and positions) and decoding (new tokens against a `KVCache` of fixed size: prefill,
+then one token per step, every shape static). `target_logps` is the one way tokens are scored
+(the loss, DPO's log-probabilities, evaluation), a chunk of positions at a time.
 
 Precision: parameters are fp32; activations and matmul inputs use `config.dtype` (bf16 by
 default) with fp32 accumulation; norms, softmax, logits and the loss are fp32. Every matmul goes
@@ -13,9 +17,9 @@ autodiff of an fp32-accumulating dot hands the backward fp32 cotangents, which t
 on CPUs (AMX) and waste bandwidth everywhere.
 
 Attention (`attend`) is plain einsums on a CPU; in a program for a TPU or GPU (`attention="auto"`,
-decided by the devices of the mesh it is traced for, so a TPU step compiled on a CPU gets the TPU's
-kernel) it is a fused Pallas kernel that takes the packed rows' segment ids and never builds the
-score array.
+decided by the devices of the mesh that whoever builds the program passes down, so a TPU step
+compiled on a CPU gets the TPU's kernel) it is a fused Pallas kernel that takes the packed rows'
+segment ids and never builds the score array.
 
 This file imports nothing of ours: no I/O, no flags.
 """
@@ -30,6 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 # What `einsum` names its outputs, for remat policies to save: jax.checkpoint's dots_saveable cannot
@@ -49,6 +54,9 @@ ATTENTION_IMPLS = ("auto", "einsum", "dot_product", "splash", "flash", "cudnn")
 AUTO_ATTENTION = {"tpu": "splash", "gpu": "flash", "cpu": "einsum"}
 # The kernels' tile along the sequence: TPU splash attention takes multiples of 128 only.
 KERNEL_BLOCK = 128
+# Positions per piece of the vocabulary-sized head in `target_logps`: a piece's fp32 logits are
+# batch x SCORE_CHUNK x vocab (4 x 512 x 50,000 x 4 bytes = 410 MB at the 600m's batch per chip).
+SCORE_CHUNK = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +68,24 @@ class ModelConfig:
     d_ff: int = 5120
     max_seq_len: int = 2048
     rope_theta: float = 10_000.0
+    # Llama 3's rotary frequency scaling: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), or None for plain RoPE.
+    rope_scaling: tuple[float, float, float, int] | None = None
+    n_kv_heads: int | None = None  # K/V heads for grouped-query attention; None: n_heads (MHA)
+    tie_embeddings: bool = False  # the output projection is the input embedding, transposed
     norm_eps: float = 1e-6
     dropout: float = 0.0
     dtype: str = "bfloat16"  # activations and matmul inputs; "float32" for exact checks
     scan_layers: bool = True  # one compiled block for all layers; unrolled runs faster on CPU
     remat: str = "none"  # one of REMAT_POLICIES: which matmul outputs the backward keeps (REMAT_SAVES)
-    attention: str = "einsum"  # one of ATTENTION_IMPLS; "auto" picks by target platform at trace time
+    attention: str = "auto"  # one of ATTENTION_IMPLS; "auto" (as --attention) picks by target platform at trace time
+    # The residual stream in fp32 (blocks add their `dtype` outputs to it) instead of `dtype`:
+    # evaluation's choice, where it halves bf16's log-likelihood error for free (see tests).
+    fp32_residual: bool = False
 
     def __post_init__(self):
+        if self.rope_scaling is not None:  # a JSON list from a checkpoint's config; hashable here
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         problems = []
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
@@ -78,6 +96,13 @@ class ModelConfig:
                 "expected d_model to be a multiple of n_heads")
         elif self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
             problems.append(f"head_dim={self.d_model // self.n_heads} must be even for rotary embeddings")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            problems.append(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.rope_scaling is not None and (
+                len(self.rope_scaling) != 4 or self.rope_scaling[0] < 1
+                or not 0 < self.rope_scaling[1] < self.rope_scaling[2] or self.rope_scaling[3] <= 0):
+            problems.append(f"rope_scaling={self.rope_scaling} must be (factor >= 1, low_freq_factor, "
+                            "high_freq_factor > low_freq_factor > 0, original_max_position_embeddings > 0)")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} must be in [0, 1)")
         if self.remat not in REMAT_POLICIES:
@@ -93,6 +118,10 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
 
 def num_params(config: ModelConfig) -> int:
     """Exact parameter count, from the shapes alone (nothing is allocated)."""
@@ -101,13 +130,19 @@ def num_params(config: ModelConfig) -> int:
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N + 12·L·T·d_model (PaLM appendix B, nanoGPT's MFU).
+    """Training FLOPs per token: 6 x (matmul parameters) + 12·L·T·d_model (PaLM appendix B).
 
-    6·N counts the forward (2·N) and backward (4·N) matmuls over all weights, the embedding lookup
-    included as PaLM does; 12·L·T·d is the attention scores and weighted sum (QK^T and AV, forward
-    and backward) at full, unmasked length T.
+    6 x the parameters that take part in matmuls counts their forward (2) and backward (4)
+    multiply-adds: every weight but an untied input embedding, whose "matmul" is a row gather (PaLM
+    counts it because PaLM ties it to the output projection: a tied table is counted once, as that
+    projection); grouped-query attention's smaller K/V projections are in the count. 12·L·T·d is
+    the attention scores and weighted sum (QK^T and AV, forward and backward) at full, unmasked
+    length T, over all query heads (n_heads · head_dim = d_model) however few K/V heads they share,
+    as the kernels compute them. The norm gains' elementwise products are left in (under 0.1%).
+    tests/test_model.py checks this within 5% of XLA's own count of the compiled step.
     """
-    return 6.0 * num_params(config) + 12.0 * config.n_layers * seq_len * config.d_model
+    gather = 0 if config.tie_embeddings else config.vocab_size * config.d_model
+    return 6.0 * (num_params(config) - gather) + 12.0 * config.n_layers * seq_len * config.d_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,11 +218,30 @@ def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch
     return t - jax.lax.cummax(jnp.where(_segment_starts(segment_ids), t, 0), axis=1)
 
 
-def rotary(x: Float[Array, "batch heads seq head_dim"], positions: Int[Array, "batch seq"],
-           theta: float) -> Float[Array, "batch heads seq head_dim"]:
-    """Rotate the two halves of each head by position-dependent angles (Hugging Face's layout)."""
-    half = x.shape[-1] // 2
+def rotary_frequencies(head_dim: int, theta: float,
+                       scaling: tuple[float, float, float, int] | None = None) -> Float[Array, " half"]:
+    """RoPE's angular frequency per pair of channels; with `scaling`, Llama 3's: low frequencies
+    (wavelengths beyond the original context / low_freq_factor) slowed down by `factor`, high ones
+    (below original context / high_freq_factor) kept, and the band between interpolated
+    (transformers' `_compute_llama3_parameters`)."""
+    half = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) / half))
+    if scaling is None:
+        return inv_freq
+    factor, low, high, original = scaling
+    wavelength = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x: Float[Array, "batch heads seq head_dim"], positions: Int[Array, "batch seq"],
+           theta: float, scaling: tuple[float, float, float, int] | None = None
+           ) -> Float[Array, "batch heads seq head_dim"]:
+    """Rotate the two halves of each head by position-dependent angles (Hugging Face's layout)."""
+    inv_freq = rotary_frequencies(x.shape[-1], theta, scaling)
     angles = positions.astype(jnp.float32)[:, None, :, None] * inv_freq  # batch 1 seq half
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -207,31 +261,32 @@ def attention_mask(q_segments: Int[Array, "batch q"], kv_segments: Int[Array, "b
     return same & (kv_positions[:, None, :] <= q_positions[:, :, None])
 
 
-def target_platform() -> str:
-    """The platform of the program being traced: that of the devices of the mesh it is traced
-    under (parallel.traced_on sets it), else the host's default backend. A step compiled on a CPU
-    for a TPU mesh is a TPU program, and must get the TPU's kernels, not interpreted ones."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    platform = device.platform if device is not None else jax.default_backend()
+def target_platform(mesh: Mesh | None) -> str:
+    """The platform a program runs on: that of the devices of `mesh` (which may be a TPU
+    topology's while this host is a CPU: a TPU step compiled here must get the TPU's kernels, not
+    interpreted ones), or with no mesh (one device) the host's default backend."""
+    if mesh is None:
+        platform = jax.default_backend()
+    else:
+        platform = (mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh).abstract_device.platform
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def attention_impl(requested: str, seq_len: int, backend: str | None = None) -> str:
     """What runs for `requested`: itself, or for "auto" the fused kernel of `backend` (by default
-    the target platform's; AUTO_ATTENTION) when the sequence is a whole number of kernel tiles,
-    else einsum (the short rows of a unit test or an evaluation bucket)."""
+    the host's; AUTO_ATTENTION) when the sequence is a whole number of kernel tiles, else einsum
+    (the short rows of a unit test or an evaluation bucket)."""
     if requested != "auto":
         return requested
-    impl = AUTO_ATTENTION.get(backend or target_platform(), "einsum")
+    impl = AUTO_ATTENTION.get(backend or target_platform(None), "einsum")
     return impl if impl == "einsum" or seq_len % KERNEL_BLOCK == 0 else "einsum"
 
 
-def _per_device(fn, *args: Array) -> Array:
+def _per_device(fn, mesh: Mesh | None, *args: Array) -> Array:
     """`fn` on each device's rows of the batch. A Pallas kernel is a custom call XLA cannot
-    partition (it would gather the whole batch onto every device); train.py sets the mesh
-    while tracing, so the kernel runs under shard_map over the batch's mesh axes instead."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    partition (it would gather the whole batch onto every device, or refuse), so under a mesh
+    the kernel runs under shard_map over the batch's mesh axes."""
+    if mesh is None:
         return fn(*args)
     spec = jax.sharding.PartitionSpec(mesh.axis_names)
     return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
@@ -250,46 +305,64 @@ def _splash_kernel(heads: int, seq_len: int, interpret: bool):
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
-            v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"]
+def _splash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads seq head_dim"],
+            v: Float[Array, "batch kv_heads seq head_dim"], segments: Int[Array, "batch seq"], platform: str
             ) -> Float[Array, "batch seq heads head_dim"]:
-    """TPU Pallas splash attention, causal within segments (interpreted on other platforms)."""
+    """TPU Pallas splash attention, causal within segments (interpreted on other platforms).
+
+    Grouped-query K/V go in as they are: the MHA kernel takes fewer K/V heads than query heads
+    (query head h reads K/V head h // group through its block index maps, and its dK/dV kernel
+    sums over the group), so no K/V is repeated in memory and one kernel call serves all heads."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     b, h, t, d = q.shape
-    kernel = _splash_kernel(h, t, interpret=target_platform() != "tpu")
+    kernel = _splash_kernel(h, t, interpret=platform != "tpu")
     q = q / math.sqrt(d)  # the kernel does not scale the scores
     out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s)))(q, k, v, segments)
     return out.transpose(0, 2, 1, 3)
 
 
-def _flash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
-           v: Float[Array, "batch heads seq head_dim"], segments: Int[Array, "batch seq"]
+def _flash(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads seq head_dim"],
+           v: Float[Array, "batch kv_heads seq head_dim"], segments: Int[Array, "batch seq"], platform: str
            ) -> Float[Array, "batch seq heads head_dim"]:
-    """Pallas GPU (Triton) flash attention, causal within segments (interpreted on other platforms)."""
+    """Pallas GPU (Triton) flash attention, causal within segments (interpreted on other platforms).
+
+    The kernel takes as many K/V heads as query heads: grouped-query K/V are repeated for it (a
+    per-device [batch, seq, heads, head_dim] copy of each; attention=cudnn takes them unrepeated)."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
     swap = lambda a: a.transpose(0, 2, 1, 3)  # it wants (batch, seq, heads, head_dim)
+    k, v = (_repeat_kv(a, q.shape[1]) for a in (k, v))
     return gpu_attention.mha(swap(q), swap(k), swap(v), segments, sm_scale=1 / math.sqrt(q.shape[-1]),
-                             causal=True, interpret=target_platform() != "gpu")
+                             causal=True, interpret=platform != "gpu")
 
 
-def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch heads seq head_dim"],
-           v: Float[Array, "batch heads seq head_dim"], segments: Segments,
-           impl: str, dtype: str) -> Float[Array, "batch seq heads head_dim"]:
+def _repeat_kv(x: Float[Array, "batch kv_heads seq head_dim"], heads: int) -> Float[Array, "batch heads seq head_dim"]:
+    """Each K/V head repeated for the query heads of its group (query head i reads K/V head
+    i // group, as Hugging Face's repeat_kv)."""
+    return x if x.shape[1] == heads else jnp.repeat(x, heads // x.shape[1], axis=1)
+
+
+def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch kv_heads kv head_dim"],
+           v: Float[Array, "batch kv_heads kv head_dim"], segments: Segments, impl: str, dtype: str,
+           mesh: Mesh | None = None) -> Float[Array, "batch seq heads head_dim"]:
     """Causal attention within segments (a token sees earlier tokens of its own segment), in `dtype`.
     Given a [batch, q, k] boolean mask instead of segment ids (evaluate.py's rows, where every
-    continuation branches from a shared context), the einsum path applies it as it is.
+    continuation branches from a shared context; a KV cache's slots), the einsum path applies it
+    as it is.
 
     `segments` numbers the runs of a packed row (each run a document); `impl` is one of
     ATTENTION_IMPLS. einsum builds the [batch, heads, seq, seq] scores; splash (TPU) and flash
     (GPU) are Pallas kernels that take segment ids and never build them; cudnn is cuDNN's fused
     kernel through jax.nn.dot_product_attention, which takes no segment ids, so the segments
     reach it as a [batch, 1, seq, seq] mask (a bias in cuDNN); dot_product is the same call on
-    XLA's own path.
+    XLA's own path. `mesh` is the mesh the program is built for (None: one device): "auto" picks
+    its platform's kernel, and a kernel runs per device under it. K/V may have fewer heads than Q
+    (grouped-query attention: query head i reads K/V head i // (heads // kv_heads)).
     """
     b, h, t, d = q.shape
-    impl = "einsum" if segments.ndim == 3 else attention_impl(impl, t)
+    platform = target_platform(mesh)
+    impl = "einsum" if segments.ndim == 3 else attention_impl(impl, t, platform)
     if impl in ("splash", "flash") and t % KERNEL_BLOCK:
         raise ValueError(f"attention={impl} needs a sequence length that is a multiple of "
                          f"{KERNEL_BLOCK}, got {t}: use attention=auto or einsum for this shape")
@@ -297,7 +370,8 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
     if segments.ndim == 2:
         segments = segments.astype(jnp.int32)
     if impl in ("splash", "flash"):
-        return _per_device(_splash if impl == "splash" else _flash, q, k, v, segments)
+        kernel = functools.partial(_splash if impl == "splash" else _flash, platform=platform)
+        return _per_device(kernel, mesh, q, k, v, segments)
     if impl in ("cudnn", "dot_product"):
         swap = lambda a: a.transpose(0, 2, 1, 3)  # it wants (batch, seq, heads, head_dim)
         same = segments[:, None, :, None] == segments[:, None, None, :]
@@ -305,71 +379,77 @@ def attend(q: Float[Array, "batch heads seq head_dim"], k: Float[Array, "batch h
                                             implementation="cudnn" if impl == "cudnn" else "xla")
     index = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = segments if segments.ndim == 3 else attention_mask(segments, segments, index, index)
-    scores = einsum("bhqd,bhkd->bhqk", q, k, dtype) / math.sqrt(d)
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    return _grouped_attention(q, k, v, mask, dtype).transpose(0, 2, 1, 3)
+
+
+def _grouped_attention(q: Float[Array, "batch heads q head_dim"], k: Float[Array, "batch kv_heads k head_dim"],
+                       v: Float[Array, "batch kv_heads k head_dim"], mask: Bool[Array, "batch q k"],
+                       dtype: str) -> Float[Array, "batch heads q head_dim"]:
+    """Softmax attention in einsums, each K/V head read by its group of query heads as they are
+    (the group is a free axis of the products, so no K/V is repeated)."""
+    b, h, t, d = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, kv_heads, h // kv_heads, t, d)
+    scores = einsum("bkgqd,bkcd->bkgqc", q, k, dtype) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    return einsum("bhqk,bhkd->bhqd", probs, v, dtype, CONTEXT).transpose(0, 2, 1, 3)
+    return einsum("bkgqc,bkcd->bkgqd", probs, v, dtype, CONTEXT).reshape(b, h, t, d)
+
+
+# One layer's keys and values for every cache slot: (k, v), each [batch, heads, size, head_dim].
+LayerCache = tuple[Float[Array, "batch kv_heads size head_dim"], Float[Array, "batch kv_heads size head_dim"]]
 
 
 class Attention(eqx.Module):
     wq: Float[Array, "d_model d_attn"]
-    wk: Float[Array, "d_model d_attn"]
-    wv: Float[Array, "d_model d_attn"]
+    wk: Float[Array, "d_model d_kv"]
+    wv: Float[Array, "d_model d_kv"]
     wo: Float[Array, "d_attn d_model"]
     n_heads: int = eqx.field(static=True)
+    n_kv_heads: int = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, key: PRNGKeyArray):
         kq, kk, kv, ko = jax.random.split(key, 4)
-        d = config.d_model
-        self.wq, self.wk, self.wv = (_normal(k, (d, d), 0.02) for k in (kq, kk, kv))
+        d, d_kv = config.d_model, config.kv_heads * config.head_dim
+        self.wq = _normal(kq, (d, d), 0.02)
+        self.wk, self.wv = (_normal(k, (d, d_kv), 0.02) for k in (kk, kv))
         # Scaled so the residual stream's variance does not grow with depth (GPT-2).
         self.wo = _normal(ko, (d, d), 0.02 / math.sqrt(2 * config.n_layers))
         self.n_heads = config.n_heads
+        self.n_kv_heads = config.kv_heads
 
     def qkv(self, x: Float[Array, "batch seq d_model"], positions: Int[Array, "batch seq"],
-            config: ModelConfig) -> tuple[Float[Array, "batch heads seq head_dim"], ...]:
+            config: ModelConfig) -> tuple[Float[Array, "batch heads seq head_dim"],
+                                          Float[Array, "batch kv_heads seq head_dim"],
+                                          Float[Array, "batch kv_heads seq head_dim"]]:
         """Rotated queries and keys, and values, heads before time."""
         b, t, _ = x.shape
         # Heads before time, so every attention product batches over leading (batch, head) axes:
         # XLA:CPU rejects bf16 -> f32 batched dots whose batch axes are not leading.
-        heads = lambda w: einsum("btd,de->bte", x, w, config.dtype, QKV).reshape(
-            b, t, self.n_heads, -1).transpose(0, 2, 1, 3)
-        q = rotary(heads(self.wq), positions, config.rope_theta)
-        k = rotary(heads(self.wk), positions, config.rope_theta)
-        return q, k, heads(self.wv)
+        heads = lambda w, n: einsum("btd,de->bte", x, w, config.dtype, QKV).reshape(
+            b, t, n, -1).transpose(0, 2, 1, 3)
+        q = rotary(heads(self.wq, self.n_heads), positions, config.rope_theta, config.rope_scaling)
+        k = rotary(heads(self.wk, self.n_kv_heads), positions, config.rope_theta, config.rope_scaling)
+        return q, k, heads(self.wv, self.n_kv_heads)
 
     def __call__(self, x: Float[Array, "batch seq d_model"], segments: Segments,
-                 positions: Int[Array, "batch seq"], config: ModelConfig
-                 ) -> Float[Array, "batch seq d_model"]:
+                 positions: Int[Array, "batch seq"], config: ModelConfig, mesh: Mesh | None = None,
+                 cache: LayerCache | None = None) -> tuple[Float[Array, "batch seq d_model"], LayerCache | None]:
+        """The attention sublayer, and with a `cache` (decoding) that cache holding these tokens'
+        keys and values at their positions, which they attend to with everything before them
+        (`segments` is then the [batch, seq, size] mask of the slots each token sees)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x, positions, config)
-        out = attend(q, k, v, segments, config.attention, config.dtype)
+        if cache is not None:
+            # One scatter index per (row, head, token): at batch 1 a per-row write is simplified
+            # to a dynamic-update-slice, which XLA:CPU fused with the attention's read and so
+            # copied every layer's cache at every step; this scatter updates the donated cache in place.
+            rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.n_kv_heads)[None, :, None]
+            k, v = (c.at[rows, heads, positions[:, None, :]].set(new.astype(c.dtype)) for c, new in zip(cache, (k, v)))
+            cache = (k, v)
+        out = attend(q, k, v, segments, config.attention, config.dtype, mesh)
         out = out.reshape(b, t, d).astype(config.dtype)
-        return einsum("bte,ed->btd", out, self.wo, config.dtype, OUT_PROJ)
-
-    def extend(self, x: Float[Array, "batch new d_model"], k_cache: Float[Array, "batch heads cache head_dim"],
-               v_cache: Float[Array, "batch heads cache head_dim"], positions: Int[Array, "batch new"],
-               config: ModelConfig) -> tuple[Float[Array, "batch new d_model"], Float[Array, "batch heads cache head_dim"],
-                                             Float[Array, "batch heads cache head_dim"]]:
-        """Attend from new tokens to the cache and to each other; write their keys and values
-        into the cache at their positions (each row's new tokens are contiguous from positions[:, 0])."""
-        b, t, d = x.shape
-        q, k, v = self.qkv(x, positions, config)
-        # One scatter index per (row, head, token): at batch 1 a per-row write is simplified to a
-        # dynamic-update-slice, which XLA:CPU fused with the attention's read and so copied every
-        # layer's cache at every step; this scatter updates the donated cache in place.
-        rows, heads = jnp.arange(b)[:, None, None], jnp.arange(self.n_heads)[None, :, None]
-        k_cache = k_cache.at[rows, heads, positions[:, None, :]].set(k.astype(k_cache.dtype))
-        v_cache = v_cache.at[rows, heads, positions[:, None, :]].set(v.astype(v_cache.dtype))
-        # Slots up to a token's own position hold the row's earlier tokens; later slots hold
-        # padding or stale entries, and causality alone hides them.
-        visible = jnp.arange(k_cache.shape[2])[None, None, :] <= positions[:, :, None]
-        scores = einsum("bhqd,bhkd->bhqk", q, k_cache, config.dtype) / math.sqrt(q.shape[-1])
-        scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = einsum("bhqk,bhkd->bhqd", probs, v_cache, config.dtype).transpose(0, 2, 1, 3)
-        out = out.reshape(b, t, d).astype(config.dtype)
-        return einsum("bte,ed->btd", out, self.wo, config.dtype).astype(config.dtype), k_cache, v_cache
+        return einsum("bte,ed->btd", out, self.wo, config.dtype, OUT_PROJ), cache
 
 
 @jax.custom_vjp
@@ -429,22 +509,14 @@ class Block(eqx.Module):
         self.mlp = MLP(config, km)
 
     def __call__(self, x: Float[Array, "batch seq d_model"], segments: Segments,
-                 positions: Int[Array, "batch seq"], config: ModelConfig,
-                 key: PRNGKeyArray | None) -> Float[Array, "batch seq d_model"]:
+                 positions: Int[Array, "batch seq"], config: ModelConfig, key: PRNGKeyArray | None,
+                 mesh: Mesh | None = None, cache: LayerCache | None = None
+                 ) -> tuple[Float[Array, "batch seq d_model"], LayerCache | None]:
         k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
-        h = self.attn(self.attn_norm(x, config.dtype), segments, positions, config)
+        h, cache = self.attn(self.attn_norm(x, config.dtype), segments, positions, config, mesh, cache)
         x = x + _dropout(h, config.dropout, k_attn)
         h = self.mlp(self.mlp_norm(x, config.dtype), config)
-        return x + _dropout(h, config.dropout, k_mlp)
-
-    def extend(self, x: Float[Array, "batch new d_model"], k_cache: Float[Array, "batch heads cache head_dim"],
-               v_cache: Float[Array, "batch heads cache head_dim"], positions: Int[Array, "batch new"],
-               config: ModelConfig) -> tuple[Float[Array, "batch new d_model"], Float[Array, "batch heads cache head_dim"],
-                                             Float[Array, "batch heads cache head_dim"]]:
-        """The block on new tokens against a cache of earlier ones (inference: no dropout)."""
-        h, k_cache, v_cache = self.attn.extend(self.attn_norm(x, config.dtype), k_cache, v_cache, positions, config)
-        x = x + h
-        return x + self.mlp(self.mlp_norm(x, config.dtype), config), k_cache, v_cache
+        return x + _dropout(h, config.dropout, k_mlp), cache
 
 
 def _dropout(x: Float[Array, "..."], rate: float, key: PRNGKeyArray | None) -> Float[Array, "..."]:
@@ -454,19 +526,18 @@ def _dropout(x: Float[Array, "..."], rate: float, key: PRNGKeyArray | None) -> F
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _sharded_layer(layer_params: Block, x: Float[Array, "batch seq d_model"], dtype: str
+def _sharded_layer(layer_params: Block, x: Float[Array, "batch seq d_model"], dtype: str, mesh: Mesh | None
                    ) -> tuple[Block, Float[Array, "batch seq d_model"]]:
-    """Under a mesh whose "fsdp" axis shards the parameters (train.py's steps set it while
-    tracing): this layer's matrices cast to `dtype` and gathered whole onto every device, one
-    layer at a time inside the layer scan, and the activations kept split by batch over all
-    devices. XLA then moves bf16 weights, one layer's at a time (their gradients go back
-    reduce-scattered), rather than activations; the whole model is never gathered at once."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get("fsdp", 1) == 1:
+    """On a `mesh` whose "fsdp" axis shards the parameters (train.py's steps): this layer's
+    matrices cast to `dtype` and gathered whole onto every device, one layer at a time inside the
+    layer scan, and the activations kept split by batch over all devices. XLA then moves bf16
+    weights, one layer's at a time (their gradients go back reduce-scattered), rather than
+    activations; the whole model is never gathered at once."""
+    if mesh is None or mesh.shape["fsdp"] == 1:
         return layer_params, x
-    replicated = jax.sharding.PartitionSpec()
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     gather = lambda a: jax.lax.with_sharding_constraint(a.astype(dtype) if a.ndim == 2 else a, replicated)
-    batch = jax.sharding.PartitionSpec(mesh.axis_names)
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
     return jax.tree.map(gather, layer_params), jax.lax.with_sharding_constraint(x, batch)
 
 
@@ -480,7 +551,7 @@ class Transformer(eqx.Module):
     embed: Float[Array, "vocab d_model"]
     blocks: Block  # every array has a leading n_layers axis
     final_norm: RMSNorm
-    lm_head: Float[Array, "d_model vocab"]
+    lm_head: Float[Array, "d_model vocab"] | None  # None when tied: the head is embed.T
     config: ModelConfig = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, key: PRNGKeyArray):
@@ -488,30 +559,68 @@ class Transformer(eqx.Module):
         self.embed = _normal(ke, (config.vocab_size, config.d_model), 0.02)
         self.blocks = eqx.filter_vmap(lambda k: Block(config, k))(jax.random.split(kb, config.n_layers))
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = _normal(kh, (config.d_model, config.vocab_size), 0.02)
+        self.lm_head = None if config.tie_embeddings else _normal(kh, (config.d_model, config.vocab_size), 0.02)
         self.config = config
 
-    def hidden(self, tokens: Int[Array, "batch seq"], segment_ids: Int[Array, "batch seq"] | None = None,
-               *, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq d_model"]:
-        """Final-norm hidden states; `segment_ids` isolate packed documents from each other."""
-        config = self.config
-        if tokens.shape[1] > config.max_seq_len:
-            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_seq_len={config.max_seq_len}")
-        if segment_ids is None:
-            segment_ids = jnp.zeros_like(tokens)
-        positions = segment_positions(segment_ids)
-        # A segment is a run of equal ids: number the runs, so an id that comes back later starts
-        # a new segment (attention masks on the raw index, since positions restart per segment).
-        runs = jnp.cumsum(_segment_starts(segment_ids), axis=1)
-        x = self.embed.astype(config.dtype)[tokens]
-        keys = jax.random.split(key, config.n_layers) if key is not None else None
+    def forward(self, tokens: Int[Array, "batch seq"], segments: Segments | None = None, *, mesh: Mesh | None,
+                positions: Int[Array, "batch seq"] | None = None, cache: KVCache | None = None,
+                valid: Int[Array, " batch"] | None = None, layers: tuple[Block, ...] | None = None,
+                key: PRNGKeyArray | None = None) -> tuple[Float[Array, "batch seq d_model"], KVCache | None]:
+        """Final-norm hidden states of `tokens`: the one forward pass of training, scoring and
+        decoding. `mesh` is the mesh the program is built for (None: one device); attention picks
+        its kernel by that mesh's platform and runs it per device under it.
 
+        What each token sees:
+          * training: `segments` [batch, seq] ids (default: one segment per row) isolate packed
+            documents; positions restart at each change of id.
+          * packed scoring (evaluate.py's prefix trees): `segments` a [batch, seq, seq] boolean
+            mask with explicit `positions` (segment ids cannot say "branches from a shared prefix").
+          * decoding: `cache`; row r's tokens take positions `cache.lengths[r]` onwards and see
+            every earlier slot. Only its first `valid[r]` (default: all) count as written, so a
+            right-padded batch of prompts prefills in one call; the caller keeps `cache.lengths +
+            new` within the cache's size (a write past it would be dropped). `layers` is
+            `self.layers()`, made once outside the jitted steps (else each call copies the
+            weights); the layers then run unrolled whatever `scan_layers` says: a scan would slice,
+            and so copy, each layer's weights and cache at every step. Returns the updated cache.
+        """
+        config = self.config
+        if cache is not None:
+            positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])
+            # Slots up to a token's own position hold the row's earlier tokens; later slots hold
+            # padding or stale entries, and causality alone hides them.
+            segments = jnp.arange(cache.k[0].shape[2])[None, None, :] <= positions[:, :, None]
+        elif segments is None or segments.ndim == 2:
+            # Positions count along the row here (explicit ones may be depths in a longer row).
+            if tokens.shape[1] > config.max_seq_len:
+                raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_seq_len={config.max_seq_len}")
+            ids = jnp.zeros_like(tokens) if segments is None else segments
+            positions = segment_positions(ids)
+            # A segment is a run of equal ids: number the runs, so an id that comes back later
+            # starts a new segment (attention masks on the raw index, since positions restart).
+            segments = jnp.cumsum(_segment_starts(ids), axis=1)
+        elif positions is None:
+            raise ValueError("an explicit [batch, seq, seq] attention mask needs explicit positions")
+        # Rows gathered from the fp32 table, then cast: the gradient's scatter-add then sums in
+        # fp32 (a bf16 table's loses a frequent token's updates), and decoding casts a few rows,
+        # not the whole table, per step.
+        x = self.embed[tokens].astype(jnp.float32 if config.fp32_residual else config.dtype)
+
+        if cache is not None:
+            k, v = [], []
+            for block, kv in zip(self.layers() if layers is None else layers, zip(cache.k, cache.v)):
+                x, (k_cache, v_cache) = block(x, segments, positions, config, None, mesh, kv)
+                k.append(k_cache)
+                v.append(v_cache)
+            lengths = cache.lengths + (tokens.shape[1] if valid is None else valid)
+            return self.final_norm(x, config.dtype), KVCache(tuple(k), tuple(v), lengths)
+
+        keys = jax.random.split(key, config.n_layers) if key is not None else None
         params, static = eqx.partition(self.blocks, eqx.is_array)
 
         def layer(x, layer_params, layer_key):
-            layer_params, x = _sharded_layer(layer_params, x, config.dtype)
+            layer_params, x = _sharded_layer(layer_params, x, config.dtype, mesh)
             block = eqx.combine(layer_params, static)
-            return block(x, runs, positions, config, layer_key)
+            return block(x, segments, positions, config, layer_key, mesh)[0]
 
         layer = _remat(layer, config.remat)
         if config.scan_layers:
@@ -519,20 +628,23 @@ class Transformer(eqx.Module):
         else:
             for i in range(config.n_layers):
                 x = layer(x, jax.tree.map(lambda a: a[i], params), None if keys is None else keys[i])
-        return self.final_norm(x, config.dtype)
+        return self.final_norm(x, config.dtype), None
 
     def __call__(self, tokens: Int[Array, "batch seq"], segment_ids: Int[Array, "batch seq"] | None = None,
-                 *, key: PRNGKeyArray | None = None) -> Float[Array, "batch seq vocab"]:
-        """fp32 next-token logits."""
-        return self.head(self.hidden(tokens, segment_ids, key=key))
+                 *, key: PRNGKeyArray | None = None, mesh: Mesh | None = None) -> Float[Array, "batch seq vocab"]:
+        """fp32 next-token logits at every position (tests and conversion checks: training and
+        scoring go through `target_logps`, which never holds them all)."""
+        return self.head(self.forward(tokens, segment_ids, mesh=mesh, key=key)[0])
 
     def head(self, hidden: Float[Array, "batch seq d_model"]) -> Float[Array, "batch seq vocab"]:
         """fp32 logits of final hidden states (a sampler applies it to the last position only)."""
+        if self.lm_head is None:
+            return einsum("btd,vd->btv", hidden, self.embed, self.config.dtype)
         return einsum("btd,dv->btv", hidden, self.lm_head, self.config.dtype)
 
     def layers(self) -> tuple[Block, ...]:
         """Each layer's block on arrays of its own: a copy of the blocks' weights, made once for
-        many decoding steps (`extend`). Inside a jitted step, XLA:CPU copies a slice of the stacked
+        many decoding steps (`forward` with a cache). Inside a jitted step, XLA:CPU copies a slice of the stacked
         arrays (a `scan` step's, or an unrolled `blocks[i]`) before a matmul reads it: a batch-1
         step, which only has to read each weight once, read it, wrote a copy and read that.
         The matrices are copied in the activation dtype, which `einsum` casts them to anyway: the
@@ -543,56 +655,65 @@ class Transformer(eqx.Module):
         return tuple(eqx.combine(jax.tree.map(lambda a: copy(a, i), params), static)
                      for i in range(self.config.n_layers))
 
-    def extend(self, tokens: Int[Array, "batch new"], cache: KVCache, valid: Int[Array, " batch"] | None = None,
-               layers: tuple[Block, ...] | None = None) -> tuple[Float[Array, "batch new d_model"], KVCache]:
-        """Final-norm hidden states of `tokens` appended to each row of `cache`, and the cache
-        holding them: a prefill (many new tokens) or a decoding step (one).
-
-        Row r's tokens take positions `cache.lengths[r]` onwards; only its first `valid[r]` (default:
-        all) count as written, so a right-padded batch of prompts prefills in one call. The caller
-        keeps `cache.lengths + new` within the cache's size (a write past it would be dropped).
-        `layers` is `self.layers()`, made once outside the jitted steps (else each call copies the
-        weights). The layers run unrolled whatever `scan_layers` says: a scan would slice, and so
-        copy, each layer's weights and cache at every step.
-        """
-        config = self.config
-        positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])
-        x = self.embed.astype(config.dtype)[tokens]
-        k, v = [], []
-        for block, k_cache, v_cache in zip(self.layers() if layers is None else layers, cache.k, cache.v):
-            x, k_cache, v_cache = block.extend(x, k_cache, v_cache, positions, config)
-            k.append(k_cache)
-            v.append(v_cache)
-        lengths = cache.lengths + (tokens.shape[1] if valid is None else valid)
-        return self.final_norm(x, config.dtype), KVCache(tuple(k), tuple(v), lengths)
-
 
 class KVCache(eqx.Module):
     """Keys and values at `size` positions per row, one array per layer (a layer's slice of a
     stacked array would be copied at every step); row r holds `lengths[r]` tokens."""
-    k: tuple[Float[Array, "batch heads size head_dim"], ...]
-    v: tuple[Float[Array, "batch heads size head_dim"], ...]
+    k: tuple[Float[Array, "batch kv_heads size head_dim"], ...]
+    v: tuple[Float[Array, "batch kv_heads size head_dim"], ...]
     lengths: Int[Array, " batch"]
 
 
 def init_cache(config: ModelConfig, batch: int, size: int) -> KVCache:
     """An empty cache for `batch` rows of up to `size` tokens, in the activation dtype."""
-    zeros = lambda: jnp.zeros((batch, config.n_heads, size, config.head_dim), config.dtype)
+    zeros = lambda: jnp.zeros((batch, config.kv_heads, size, config.head_dim), config.dtype)
     return KVCache(tuple(zeros() for _ in range(config.n_layers)), tuple(zeros() for _ in range(config.n_layers)),
                    jnp.zeros((batch,), jnp.int32))
 
 
-def cross_entropy(logits: Float[Array, "batch seq vocab"], targets: Int[Array, "batch seq"],
-                  weights: Float[Array, "batch seq"]) -> Float[Array, ""]:
-    """Weighted mean next-token loss in fp32.
+def target_logps(model: Transformer, hidden: Float[Array, "batch seq d_model"], targets: Int[Array, "batch seq"],
+                 chunk: int = SCORE_CHUNK) -> tuple[Float[Array, "batch seq"], Bool[Array, "batch seq"]]:
+    """The one way tokens are scored: log p(target) under the model's head at every position of
+    `hidden` (fp32 log-softmax), and whether the target is the head's argmax. The loss, DPO's
+    sequence log-probabilities, packed pairs and evaluation all reduce these.
 
-    Written as logsumexp minus the selected logit through a one-hot `where`, not
-    `take_along_axis`, whose gradient scatters into a zeroed vocab-sized buffer: that measured
-    slower on an AMX CPU; on the AVX-512 CPU of benchmarks/ the whole step times the same.
+    The [batch, seq, vocab] fp32 logits are never all held: the sequence is cut into pieces of at
+    most `chunk` positions, scored one after another (lax.map), and each piece's logits are
+    recomputed in the backward pass (jax.checkpoint) rather than kept; the batch axis stays whole,
+    so a batch split over devices stays split. The target's logit is picked with a one-hot
+    `where`, not `take_along_axis`, whose gradient scatters into a zeroed vocab-sized buffer (that
+    measured slower on an AMX CPU).
     """
-    logits = logits.astype(jnp.float32)
-    onehot = targets[..., None] == jnp.arange(logits.shape[-1])
-    picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-    losses = jax.nn.logsumexp(logits, axis=-1) - picked
+    def score(h: Float[Array, "batch piece d_model"], y: Int[Array, "batch piece"]):
+        logits = model.head(h)
+        picked = jnp.sum(jnp.where(y[..., None] == jnp.arange(logits.shape[-1]), logits, 0.0), axis=-1)
+        return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == y
+
+    b, t, _ = hidden.shape
+    if t <= chunk:
+        return score(hidden, targets)
+    pieces = -(-t // chunk)
+    size = -(-t // pieces)  # pieces of equal size, padded by fewer than `pieces` positions
+    pad = pieces * size - t
+    cut = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)).reshape(
+        b, pieces, size, *a.shape[2:]).swapaxes(0, 1)
+    logps, greedy = jax.lax.map(lambda hy: jax.checkpoint(score)(*hy), (cut(hidden), cut(targets)))
+    uncut = lambda a: a.swapaxes(0, 1).reshape(b, pieces * size)[:, :t]
+    return uncut(logps), uncut(greedy)
+
+
+def next_token_logps(model: Transformer, tokens: Int[Array, "batch seq_plus_one"],
+                     segment_ids: Int[Array, "batch seq"] | None = None, *, mesh: Mesh | None,
+                     key: PRNGKeyArray | None = None) -> Float[Array, "batch seq"]:
+    """log p(tokens[:, t + 1] | tokens[:, :t + 1]) of every row (within its segment, when packed)."""
+    hidden, _ = model.forward(tokens[:, :-1], segment_ids, mesh=mesh, key=key)
+    return target_logps(model, hidden, tokens[:, 1:])[0]
+
+
+def cross_entropy(model: Transformer, tokens: Int[Array, "batch seq_plus_one"], weights: Float[Array, "batch seq"],
+                  segment_ids: Int[Array, "batch seq"] | None = None, *, mesh: Mesh | None,
+                  key: PRNGKeyArray | None = None) -> Float[Array, ""]:
+    """Weighted mean next-token loss in fp32 (targets tokens[:, 1:], weighted by `weights`)."""
+    logps = next_token_logps(model, tokens, segment_ids, mesh=mesh, key=key)
     total = jnp.sum(weights)
-    return jnp.sum(losses * weights) / jnp.where(total > 0, total, 1.0)
+    return -jnp.sum(logps * weights) / jnp.where(total > 0, total, 1.0)

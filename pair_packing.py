@@ -16,9 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 import sft
+from model import Transformer, next_token_logps
 from tokenizer import PAD_ID
 
 
@@ -75,13 +77,10 @@ def per_pair(values: Float[Array, "n seq"], target_segments: Int[Array, "n seq"]
     return jnp.einsum("nt,nts->ns", values, one_hot).reshape(-1, 2)
 
 
-def packed_logps(model, batch: dict[str, Array]) -> Float[Array, "pairs 2"]:
+def packed_logps(model: Transformer, batch: dict[str, Array], mesh: Mesh | None = None) -> Float[Array, "pairs 2"]:
     """Every slot's (chosen, rejected) summed reply log-probabilities, in one forward pass over
-    the packed rows."""
-    tokens = batch["tokens"]
-    logits = model(tokens[:, :-1], batch["segment_ids"]).astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    logps = picked - jax.nn.logsumexp(logits, axis=-1)
+    the packed rows (`mesh`: the one the program is built for, None on one device)."""
+    logps = next_token_logps(model, batch["tokens"], batch["segment_ids"], mesh=mesh)
     return per_pair(logps * batch["weights"], batch["target_segments"], batch["pairs"].shape[-1])
 
 

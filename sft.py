@@ -16,13 +16,17 @@ round(share_i * N): whole copies of the file, then a seeded random subset of it 
 Without weights every file is taken once, as is. Weights need not sum to 1 (they are normalised)
 and must be given for all files or none.
 
-Rendering is exactly the report's ChatML, `Tokenizer.render_chat`:
+Rendering is the tokenizer's chat format (`Tokenizer.chat_ids`). Ours is the report's ChatML,
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{...}<|im_end|>\\n
     <|im_start|>assistant\\n{...}<|im_end|>\\n
 preceded by <s>: a conversation is a document, as in pretraining and in `generate.py --chat`.
 Control tokens are inserted by id; text, whatever it contains, goes through SentencePiece, which
-never emits them. The loss mask is 1 on each assistant message's content tokens and on the <|im_end|> that
-closes it (so the model learns to stop), 0 on system and user turns, role headers and newlines.
+never emits them. A Hugging Face model's tokenizer renders with its own chat template (Llama 3's
+<|start_header_id|>role<|end_header_id|>\\n\\n{...}<|eot_id|>, for example), as transformers does.
+The loss mask is 1 on each assistant message's reply tokens and on the end-of-turn token that
+closes it (<|im_end|>, <|eot_id|>: so the model learns to stop), 0 on system and user turns, role
+headers and newlines; with a template, an assistant turn is found by rendering the conversation
+prefix by prefix (Tokenizer.chat_turns).
 
 Packing: conversations are packed into rows of seq_len + 1 tokens by best-fit decreasing, each
 with its own segment id (1, 2, ... per row; padding is 0), so attention stays within a
@@ -62,7 +66,7 @@ import stream
 import train
 from chat_formats import FORMATS, FileStats, load_conversations, stats_table
 from model import ModelConfig
-from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, PAD_ID, Tokenizer
+from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
 
 OVERLONG = ("truncate", "drop")
 
@@ -78,38 +82,23 @@ class Example:
     mask: Bool[np.ndarray, " length"]
 
 
-def _render_turns(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[tuple[list[int], list[bool]]]:
-    turns = []
-    header = tokenizer.encode("assistant\n")
-    for message in messages:
-        ids = tokenizer.render_chat([message])  # <|im_start|>role\ncontent<|im_end|>\n
-        mask = [False] * len(ids)
-        if message["role"] == "assistant":
-            # The header is a prefix of the turn's ids: "\n" is a byte piece that never merges.
-            assert ids[1: 1 + len(header)] == header, "role header merged with the content"
-            end = ids.index(IM_END_ID, 1 + len(header))  # the first: content cannot produce the id
-            mask[1 + len(header): end + 1] = [True] * (end - len(header))
-        turns.append((ids, mask))
-    return turns
-
-
 def render(tokenizer: Tokenizer, messages: Sequence[dict], max_tokens: int | None = None,
            overlong: str = "truncate") -> tuple[Example | None, str]:
     """(example, status): status "ok", "truncated" (cut after the last assistant turn that fits
-    in `max_tokens`) or "dropped" (example None: no assistant turn fits, or overlong="drop")."""
-    turns = [([BOS_ID], [False]), *_render_turns(tokenizer, messages)]
-    ends = np.cumsum([len(ids) for ids, _ in turns])
-    keep = len(turns)
-    if max_tokens is not None and ends[-1] > max_tokens:
-        fitting = [i + 2 for i, m in enumerate(messages)  # turns[i + 1] is messages[i]
-                   if m["role"] == "assistant" and ends[i + 1] <= max_tokens]
+    in `max_tokens`) or "dropped" (example None: no assistant turn fits, or overlong="drop").
+    The mask is 1 on each assistant turn's reply and end-of-turn token (Tokenizer.chat_turns)."""
+    ids, turns = tokenizer.chat_turns(messages)
+    mask = np.zeros(len(ids), bool)
+    for start, stop, _ in turns:
+        mask[start:stop] = True
+    keep = len(ids)
+    if max_tokens is not None and keep > max_tokens:
+        fitting = [end for _, _, end in turns if end <= max_tokens]
         if overlong == "drop" or not fitting:
             return None, "dropped"
         keep = fitting[-1]
-    ids = [t for turn_ids, _ in turns[:keep] for t in turn_ids]
-    mask = [m for _, turn_mask in turns[:keep] for m in turn_mask]
-    example = Example(np.asarray(ids, np.int32), np.asarray(mask, bool))
-    return example, ("ok" if keep == len(turns) else "truncated")
+    example = Example(np.asarray(ids[:keep], np.int32), mask[:keep])
+    return example, ("ok" if keep == len(ids) else "truncated")
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,9 +409,13 @@ def _prepare(config: DataConfig, tokenizer: Tokenizer, workers: int
     return pack(train, config.seq_len, config.packing), valid_rows, all_stats
 
 
-def summary_table(stats: Sequence[FileStats], rows: PackedRows) -> str:
-    """One line per file and a total: what was read, skipped, cut and mixed."""
-    text = stats_table(stats, "conversations", "truncated", "supervised tokens")
+def summary_table(stats: Sequence[FileStats], rows: PackedRows, overlong: str = "truncate") -> str:
+    """One line per file and a total: what was read, skipped, cut and mixed, and why any were dropped."""
+    length = rows.tokens.shape[1]
+    why = (f"longer than a row of {length:,} tokens (--overlong=drop; --overlong=truncate keeps the turns "
+           "that fit)" if overlong == "drop" else
+           f"even the first assistant reply ends past a row of {length:,} tokens (--max_seq_len)")
+    text = stats_table(stats, "conversations", "truncated", "supervised tokens", dropped_why=why)
     filled = rows.tokens.size and (rows.segment_ids > 0).sum() / rows.segment_ids.size
     text += (f"\n{rows.num_rows:,} rows of {rows.tokens.shape[1]:,} tokens, {filled:.1%} filled, "
              f"{rows.supervised_tokens:,} supervised tokens "
@@ -461,20 +454,16 @@ def define_flags() -> None:
         FLAGS.set_default(name, value)
 
 
-def init_model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelConfig, Tokenizer]:
-    """The --init_from checkpoint's model (this run's execution settings) and its tokenizer; or,
+def init_model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[ModelConfig, Tokenizer, dict]:
+    """The --init_from checkpoint's (or Hugging Face folder's) model with this run's execution
+    settings, its tokenizer, and what the run config carries on from it (an import's files); or,
     without --init_from, the flags' model and --tokenizer."""
     if not run.init_from:
-        return from_flags, train.load_tokenizer(FLAGS.tokenizer, from_flags.vocab_size)
-    _, tokenizer_bytes, saved = checkpoint.load(run.init_from)
-    if FLAGS.tokenizer:  # the checkpoint's own tokenizer is the one its embeddings were trained with
-        given = Tokenizer.load(FLAGS.tokenizer)
-        if given.model_bytes != tokenizer_bytes:
-            raise ValueError(f"--tokenizer={FLAGS.tokenizer} ({given.vocab_size} pieces) is not the tokenizer of "
-                             f"--init_from={run.init_from} ({saved['model']['vocab_size']} pieces): expected "
-                             "the same model, or no --tokenizer (the checkpoint's is used)")
-    runtime = {name: getattr(from_flags, name) for name in checkpoint.EXECUTION_FIELDS}
-    return dataclasses.replace(ModelConfig(**saved["model"]), **runtime), Tokenizer.from_bytes(tokenizer_bytes)
+        return from_flags, train.load_tokenizer(FLAGS.tokenizer, from_flags.vocab_size), {}
+    model_config, tokenizer_bytes, saved = train.init_from_model(run.init_from, from_flags, set())
+    imported = checkpoint.imported_of(saved)
+    return (model_config, train.init_tokenizer(FLAGS.tokenizer, run.init_from, tokenizer_bytes),
+            {checkpoint.IMPORTED: imported} if imported else {})
 
 
 def main(argv):
@@ -487,7 +476,8 @@ def main(argv):
         flag_model, config, run = train.configs_from_flags()
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        model_config, tokenizer = init_model_config(run, flag_model)
+            parallel.check_batch(config.batch_size, config.grad_accum, jax.device_count())
+        model_config, tokenizer, carried = init_model_config(run, flag_model)
         # Rows of --seq_len tokens when given (at most the model's context), else the context.
         seq_len = FLAGS.seq_len if FLAGS["seq_len"].present else model_config.max_seq_len
         if seq_len > model_config.max_seq_len:
@@ -508,7 +498,7 @@ def main(argv):
                 tokenizer, workers, cache)
             stats += [dataclasses.replace(s, validation=s.mixed, mixed=0, supervised_tokens=0) for s in more]
         if jax.process_index() == 0:
-            print(summary_table(stats, rows))
+            print(summary_table(stats, rows, FLAGS.overlong))
         if FLAGS.epochs:
             steps = math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size)
             try:
@@ -518,19 +508,21 @@ def main(argv):
                                  f"{config.batch_size} is {steps} steps: {e}") from None
         if FLAGS.dry_run:  # sizes, memory and budget of this fine-tuning (steps from --epochs)
             return train.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
-                                 FLAGS.peak_tflops, functools.partial(train.compile_step, row=chat_row(seq_len)))
+                                 FLAGS.peak_tflops, functools.partial(train.compile_step, row=chat_row(seq_len)),
+                                 workload=budget.Workload(seq_len=seq_len))
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
         if validation_rows is not None and run.eval_every:
-            validation = ChatBatches(validation_rows, config.seed, config.batch_size, shuffle=False, **where)
+            validation = ChatBatches(validation_rows, config.seed, config.batch_size, config.grad_accum, shuffle=False,
+                                    **where)  # scored in the step's micro-batches
             run = dataclasses.replace(run, eval_batches=validation.num_batches)  # each row once
         sft_settings = {**dataclasses.asdict(data_config), "epochs": FLAGS.epochs,
                         "rows": rows.num_rows, "supervised_tokens_per_epoch": rows.supervised_tokens,
                         "files": [s.to_dict() for s in stats]}
         evaluations = train.evaluators(run, parallel.make_mesh(run.fsdp), validation, tokenizer.model_bytes)
         train.fit(model_config, config, run, source, evaluations, tokenizer.model_bytes,
-                  train.resolved_config(model_config, config, run, sft=sft_settings), title="sft")
+                  train.resolved_config(model_config, config, run, sft=sft_settings, **carried), title="sft")
     except train.TrainingStopped as e:
         sys.exit(f"sft.py: training stopped: {e}")
 

@@ -61,7 +61,7 @@ class Row:
 ROWS = [
     # tokenizer.py
     Row("tokenizer-missing-file", "tokenizer.py", ["--input={in}/none.txt", "--model_prefix={out}/tok"], 2,
-        ("none.txt", "not found")),
+        ("--input", "none.txt", "not found", "expected UTF-8 text files")),
     Row("tokenizer-empty-file", "tokenizer.py", ["--input={in}/empty.txt", "--model_prefix={out}/tok"], 2,
         ("empty.txt", "is empty", "expected UTF-8 text")),
     Row("tokenizer-binary-file", "tokenizer.py", ["--input={in}/binary.bin", "--model_prefix={out}/tok",
@@ -127,9 +127,9 @@ ROWS = [
         ("object.json, line 1", "wrong shape", "expected one of messages")),
     Row("sft-preference-pairs-not-conversations", "sft.py", [*SFT, f"--train_data={PAIRS_100}", "--output_dir={out}"],
         2, ("en_hh_rlhf_sample100_pairs.jsonl, line 1", "'chosen'", "100 of 100 records are bad")),
-    Row("sft-init-from-a-hugging-face-folder", "sft.py",
-        [*SFT, "--init_from={hf}", f"--train_data={SFT_DATA}", "--output_dir={out}"], 2,
-        ("Hugging Face model folder", "convert.py --to=julian")),
+    Row("sft-init-from-a-hugging-face-folder-we-do-not-run", "sft.py",
+        [*SFT, "--init_from={in}/hf_sliding_window", f"--train_data={SFT_DATA}", "--output_dir={out}"], 2,
+        ("hf_sliding_window/config.json", "sliding_window=4096 (sliding-window attention)", "supported: a Llama")),
     Row("sft-init-from-a-truncated-checkpoint", "sft.py",
         [*SFT, "--init_from={in}/truncated_run", f"--train_data={SFT_DATA}", "--output_dir={out}"], 2,
         ("truncated_run", "is damaged")),
@@ -170,9 +170,9 @@ ROWS = [
         ("boolq.jsonl: line 1", "not UTF-8")),
     Row("evaluate-task-file-of-another-schema", "evaluate.py", [*EVALUATE, "--tasks=hellaswag", "--data_dir={in}/eval"],
         2, ("hellaswag.jsonl", "ctx_a", "Hugging Face schema")),
-    Row("evaluate-hugging-face-folder", "evaluate.py", [*EVALUATE, "--checkpoint={hf}", "--tasks=piqa",
-                                                        f"--data_dir={EVAL_DIR}"], 2,
-        ("Hugging Face model folder", "convert.py --to=julian")),
+    Row("evaluate-hugging-face-folder-we-do-not-run", "evaluate.py",
+        [*EVALUATE, "--checkpoint={in}/hf_sliding_window", "--tasks=piqa", f"--data_dir={EVAL_DIR}"], 2,
+        ("hf_sliding_window/config.json", "sliding_window=4096", "supported: a Llama")),
     Row("evaluate-truncated-checkpoint", "evaluate.py", [*EVALUATE, "--checkpoint={in}/truncated_run", "--tasks=piqa",
                                                          f"--data_dir={EVAL_DIR}"], 2, ("truncated_run", "is damaged")),
     Row("evaluate-flag-out-of-range", "evaluate.py", [*EVALUATE, "--limit=0", "--tasks=piqa", f"--data_dir={EVAL_DIR}"],
@@ -183,8 +183,9 @@ ROWS = [
     Row("evaluate-empty-ppl-file", "evaluate.py", [*EVALUATE, "--ppl_data={in}/empty.txt"], 2,
         ("empty.txt", "holds no text")),
     # generate.py
-    Row("generate-hugging-face-folder", "generate.py", ["--checkpoint={hf}", "--prompt=Hello"], 2,
-        ("Hugging Face model folder", "convert.py --to=julian")),
+    Row("generate-hugging-face-folder-of-a-mixture-of-experts", "generate.py",
+        ["--checkpoint={in}/hf_moe", "--prompt=Hello"], 2,
+        ("hf_moe/config.json", "num_local_experts=8 (a mixture of experts)", "supported: a Llama")),
     Row("generate-truncated-checkpoint", "generate.py", ["--checkpoint={in}/truncated_run", "--prompt=Hello"], 2,
         ("truncated_run", "is damaged")),
     Row("generate-a-folder-without-checkpoints", "generate.py", ["--checkpoint={in}", "--prompt=Hello"], 2,
@@ -267,6 +268,13 @@ def bad_inputs(tmp_path_factory, tiny_run, tiny_hf) -> str:
     os.truncate(params, params.stat().st_size // 2)
     shutil.copytree(tiny_hf, root / "hf_truncated")
     os.truncate(root / "hf_truncated" / "model.safetensors", 100_000)
+    for name, edit in (("hf_sliding_window", {"model_type": "mistral", "sliding_window": 4096}),
+                       ("hf_moe", {"model_type": "mixtral", "num_local_experts": 8})):
+        shutil.copytree(tiny_hf, root / name)
+        with open(root / name / "config.json") as f:
+            config = json.load(f)
+        with open(root / name / "config.json", "w") as f:
+            json.dump({**config, **edit}, f)
     shutil.copytree(tiny_hf, root / "hf_tok2000")
     shutil.copyfile(root / "tok2000.model", root / "hf_tok2000" / "tokenizer.model")
     return str(root)

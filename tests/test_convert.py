@@ -263,33 +263,35 @@ def test_exported_tokenizer_gives_sentencepiece_ids_on_accents_emoji_code_and_di
 
 @pytest.fixture(scope="module")
 def replying_run(trained, tmp_path_factory) -> tuple[str, list[int]]:
-    """(checkpoint, its greedy reply to QUESTION): the trained tiny model made to end its chat
-    replies. The tiny run, only pretrained, never writes <|im_end|>; here <|im_end|>'s output row
-    becomes 1.5 x that of a token t of its greedy reply, so greedy decoding ends the reply at the
-    first position where 1.5 x t's logit beats the best one (computed here, with a margin)."""
+    """(checkpoint, its greedy chat reply: REPLY's tokens): the tiny model rewired so that greedy
+    decoding replies REPLY, then <|im_end|>, then REPLY again, whatever the prompt. What a tiny
+    model happens to reply is not under test (one machine's greedy reply held </s>), where
+    generation stops is. The blocks add nothing (zero output projections), so the last token alone
+    sets the logits: token CHAIN[i] embeds as the i-th unit vector and the head maps that to
+    CHAIN[i + 1] alone (logit sqrt(d_model) after the final norm, 0 for every other token)."""
     import generate
 
     model, tokenizer_bytes = trained
     tok = Tokenizer.from_bytes(tokenizer_bytes)
     prompt = generate.chat_prompt(tok, [{"role": "system", "content": DEFAULT_SYSTEM},
                                         {"role": "user", "content": QUESTION}])
-    reply = generate.generate(model, [prompt], MAX_NEW, jax.random.key(0), temperature=0.0, stop_ids=())[0]
-    logits = _logits(model, [prompt + reply])[0, len(prompt) - 1:-1]  # row i predicts reply[i]
-    best = logits.max(axis=-1)
-    for t in dict.fromkeys(reply[2:]):
-        wins = 1.5 * logits[:, t] - best
-        stop = int(np.argmax(wins > 0.1)) if (wins > 0.1).any() else None
-        if stop is not None and stop >= 2 and (wins[:stop] < -0.1).all():
-            break
-    else:
-        pytest.fail(f"no token of the greedy reply {reply} can end it cleanly")
-    lm_head = model.lm_head.at[:, IM_END_ID].set(1.5 * model.lm_head[:, t])
+    reply = tok.encode(REPLY)
+    chain = [prompt[-1], *reply, IM_END_ID, reply[0]]  # the chat prompt ends the same way for HF
+    assert len(set(chain[:-1])) == len(chain) - 1 and EOS_ID not in chain, chain
+    rows, nexts = jnp.asarray(chain[:-1]), jnp.asarray(chain[1:])
+    unit = jnp.eye(model.config.d_model)[:len(rows)]
+    model = eqx.tree_at(lambda m: (m.embed, m.final_norm.weight, m.lm_head, m.blocks.attn.wo, m.blocks.mlp.w_down),
+                        model, (model.embed.at[rows].set(unit), jnp.ones_like(model.final_norm.weight),
+                                jnp.zeros_like(model.lm_head).at[jnp.arange(len(rows)), nexts].set(1.0),
+                                jnp.zeros_like(model.blocks.attn.wo), jnp.zeros_like(model.blocks.mlp.w_down)))
+    replied = generate.generate(model, [prompt], MAX_NEW, jax.random.key(0), temperature=0.0, stop_ids=())[0]
+    assert replied[:len(reply) + 2] == [*reply, IM_END_ID, reply[0]], replied
     out = str(tmp_path_factory.mktemp("replying"))
-    checkpoint.save(out, 0, eqx.tree_at(lambda m: m.lm_head, model, lm_head), tokenizer_bytes)
-    return out, reply[:stop]
+    checkpoint.save(out, 0, model, tokenizer_bytes)
+    return out, reply
 
 
-QUESTION, MAX_NEW = "Who is Holmes?", 24
+QUESTION, REPLY, MAX_NEW = "Who is Holmes?", "A detective in London.", 24
 
 
 def test_transformers_generate_on_the_chat_template_stops_at_im_end_with_generate_py_chats_reply(
@@ -344,6 +346,15 @@ def test_the_model_card_names_languages_license_data_chat_format_and_evaluation(
     assert "<|im_start|>user" in card and DEFAULT_SYSTEM in card and "`<|im_end|>`" in card
     assert "lm-evaluation-harness" in card and "No results were found" in card
     assert all(f"- `{f}`" in card for f in DATA_FILES)  # tiny_run trains on the samples
+    # A base model's snippet continues text (it has not learnt to chat) within its 128-token context.
+    assert "pretrained (base) model" in card and "apply_chat_template" not in card
+    assert "max_new_tokens=32" in card
+
+
+def test_a_fine_tuned_models_card_shows_a_chat_that_fits_its_context():
+    config = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=2048)
+    card = convert.model_card(config, {"sft": {"train_data": "chat.jsonl"}}, 7, "other")
+    assert "fine-tuned to chat" in card and "apply_chat_template" in card and "max_new_tokens=64" in card
 
 
 def test_the_model_card_carries_the_runs_lm_eval_results_and_parses_as_a_hub_card(tiny_run, tmp_path):
@@ -368,6 +379,7 @@ def test_the_model_card_carries_the_runs_lm_eval_results_and_parses_as_a_hub_car
     assert scores == {("piqa", "acc"): 0.575, ("lambada_openai", "acc"): 0.0,
                       ("lambada_openai", "perplexity"): 9.1e7, ("winogrande", "acc"): 0.55}
     assert "| piqa | 40 | acc | 0.575 |" in card and "| winogrande |  | acc | 0.55 |" in card
+    assert "| lambada_openai | 40 | perplexity | not predicted (> 1,000) |" in card
     assert "held-out data: loss 5.5." in card and f"step {step}." in card
     hub = pytest.importorskip("huggingface_hub")
     parsed = hub.ModelCard.load(str(out / "README.md"))
@@ -381,7 +393,7 @@ def test_the_model_card_carries_the_runs_lm_eval_results_and_parses_as_a_hub_car
 
 def test_import_of_an_export_gives_back_every_weight_exactly_and_the_config(random_model, random_hf_dir,
                                                                             tok):
-    model, tokenizer = convert.import_hf(random_hf_dir)
+    model, tokenizer, _ = convert.import_hf(random_hf_dir)
     # The activation dtype is how a model runs, not what it is: the folder does not carry it.
     assert dataclasses.replace(model.config, dtype=random_model.config.dtype) == random_model.config
     model = _with_dtype(model, random_model.config.dtype)
@@ -425,9 +437,9 @@ def test_import_of_a_tied_embedding_hf_llama_gives_its_logits(tok, tiny_tokenize
     saved = safetensors_np.load_file(os.path.join(hf_dir, "model.safetensors"))
     assert "lm_head.weight" not in saved  # so the import must tie the head itself
 
-    model, tokenizer = convert.import_hf(hf_dir)
+    model, tokenizer, _ = convert.import_hf(hf_dir)
     assert (model.config.rope_theta, model.config.norm_eps, model.config.d_model) == (20_000.0, 1e-5, 64)
-    assert np.array_equal(np.asarray(model.lm_head), np.asarray(model.embed).T)
+    assert model.config.tie_embeddings and model.lm_head is None  # the head is the embedding itself
     assert tokenizer.model_bytes == tok.model_bytes
     tokens = np.random.default_rng(5).integers(0, tok.vocab_size, (2, 33))
     np.testing.assert_allclose(_logits(_with_dtype(model, "float32"), tokens), _hf_logits(hf_model, tokens),
@@ -443,14 +455,41 @@ def test_import_of_a_folder_without_config_json_names_the_path(tmp_path):
         convert.import_hf(str(tmp_path))
 
 
-def test_import_of_grouped_query_attention_is_refused_naming_num_key_value_heads(random_hf_dir, tmp_path):
+@pytest.mark.parametrize("edit, named", [
+    pytest.param({"model_type": "mistral", "sliding_window": 4096}, "sliding_window=4096 (sliding-window attention)",
+                 id="mistral-sliding-window"),
+    pytest.param({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "num_local_experts": 8},
+                 "num_local_experts=8 (a mixture of experts)", id="moe"),
+    pytest.param({"attention_bias": True}, "attention_bias=true", id="attention-bias"),
+    pytest.param({"mlp_bias": True}, "mlp_bias=true", id="mlp-bias"),
+    pytest.param({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "model_type='qwen2'", id="qwen2"),
+    pytest.param({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'",
+                 id="yarn-rope"),
+    pytest.param({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type='linear'",
+                 id="old-linear-rope"),
+    pytest.param({"head_dim": 128}, "head_dim=128", id="head-dim"),
+])
+def test_import_of_an_architecture_we_do_not_run_is_refused_in_one_line_naming_it(random_hf_dir, tmp_path,
+                                                                                  edit, named):
     with open(os.path.join(random_hf_dir, "config.json")) as f:
         config = json.load(f)
-    config["num_key_value_heads"] = 1
     with open(tmp_path / "config.json", "w") as f:
-        json.dump(config, f)
-    with pytest.raises(ValueError, match="num_key_value_heads"):
+        json.dump({**config, **edit}, f)
+    with pytest.raises(ValueError) as raised:
         convert.import_hf(str(tmp_path))
+    message = str(raised.value)
+    assert named in message and "supported: a Llama" in message and "\n" not in message
+
+
+def test_both_rope_spellings_are_read_theta_and_llama3_scaling():
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    base = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=1)
+    new = convert.model_config_from_hf({**base, "rope_parameters": {**llama3, "rope_theta": 5e5}}, "new")
+    old = convert.model_config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": llama3}, "old")
+    assert new == old
+    assert (new.rope_theta, new.rope_scaling, new.kv_heads) == (5e5, (32.0, 1.0, 4.0, 8192), 1)
 
 
 def _corrupted_copy(hf_dir: str, tmp_path, edit) -> str:
@@ -504,3 +543,111 @@ def test_cli_export_of_a_directory_without_a_checkpoint_fails_naming_it(tmp_path
     assert result.returncode != 0
     assert str(empty) in result.stdout + result.stderr
     assert not os.path.exists(out / "model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# 7. A Llama-family folder (grouped-query attention, tied embeddings, Llama 3 rope, sharded
+# safetensors) imports, computes transformers' logits, and goes back byte for byte.
+
+
+@pytest.fixture(scope="module")
+def gqa_hf_dir(tok, tiny_tokenizer_path, tmp_path_factory) -> str:
+    torch.manual_seed(1)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, rope_theta=500_000.0, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})
+    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.copy_(1.0 + 0.5 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    out = str(tmp_path_factory.mktemp("hf_gqa"))
+    hf_model.save_pretrained(out, safe_serialization=True, max_shard_size="100KB")
+    transformers.GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, IM_END_ID], temperature=0.3,
+                                  do_sample=True).save_pretrained(out)
+    # The tokenizer files as our export writes them: a SentencePiece model with its chat template.
+    convert.save_hf_tokenizer(tok, out, convert.CHAT_TEMPLATE)
+    return out
+
+
+def test_a_sharded_gqa_tied_llama3_folder_imports_and_gives_transformers_logits(gqa_hf_dir, tok):
+    assert os.path.exists(os.path.join(gqa_hf_dir, "model.safetensors.index.json"))
+    model, tokenizer, kept = convert.import_hf(gqa_hf_dir)
+    c = model.config
+    assert (c.n_heads, c.kv_heads, c.tie_embeddings, c.rope_scaling) == (4, 2, True, (8.0, 1.0, 4.0, 16))
+    assert kept[checkpoint.IMPORTED]["generation_config"]["temperature"] == 0.3
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(gqa_hf_dir, dtype=torch.float32).eval()
+    tokens = np.random.default_rng(7).integers(0, tok.vocab_size, (2, 48))
+    want = _hf_logits(hf_model, tokens)
+    np.testing.assert_allclose(_logits(_with_dtype(model, "float32"), tokens), want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+
+
+def _files(directory: str) -> dict[str, bytes]:
+    return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
+
+
+def test_cli_round_trip_hf_julian_hf_gives_identical_tensors_tokenizer_and_generation_config(gqa_hf_dir, tmp_path):
+    run_script("convert.py", "--to=julian", f"--hf={gqa_hf_dir}", f"--out={tmp_path / 'imported'}")
+    run_script("convert.py", "--to=hf", f"--checkpoint={tmp_path / 'imported'}", f"--out={tmp_path / 'back'}")
+    back = str(tmp_path / "back")
+    original = {}
+    for name in _files(gqa_hf_dir):
+        if name.endswith(".safetensors"):
+            original.update(safetensors_np.load_file(os.path.join(gqa_hf_dir, name)))
+    exported = safetensors_np.load_file(os.path.join(back, "model.safetensors"))
+    assert sorted(exported) == sorted(original)  # tied: no lm_head.weight on either side
+    for name, value in original.items():
+        assert np.array_equal(exported[name], value), name
+    before, after = _files(gqa_hf_dir), _files(back)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+                 "chat_template.jinja"):
+        assert before.get(name) == after.get(name), name
+    assert json.loads(after["generation_config.json"]) == json.loads(before["generation_config.json"])
+    config, hf_config = json.loads(after["config.json"]), json.loads(before["config.json"])
+    for key in ("num_key_value_heads", "tie_word_embeddings", "rope_parameters", "bos_token_id", "eos_token_id"):
+        assert config[key] == hf_config[key], key
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
+    assert hf_model.config.num_key_value_heads == 2 and hf_model.config.tie_word_embeddings
+
+
+def test_a_hugging_face_folder_loads_wherever_a_checkpoint_does_and_says_it_imports_it(gqa_hf_dir, capsys):
+    model, tokenizer_bytes, config = checkpoint.load(gqa_hf_dir, model_overrides={"dtype": "float32"})
+    assert "imported Hugging Face folder" in capsys.readouterr().err
+    reference, tokenizer, _ = convert.import_hf(gqa_hf_dir)
+    _assert_same_leaves(model, _with_dtype(reference, "float32"))
+    assert tokenizer_bytes == tokenizer.model_bytes
+    assert config["model"]["n_kv_heads"] == 2 and checkpoint.imported_of(config)["config"]["model_type"] == "llama"
+    saved, saved_bytes = checkpoint.load_config(gqa_hf_dir)
+    assert {**saved["model"], "dtype": "float32"} == config["model"] and saved_bytes == tokenizer_bytes
+
+
+@pytest.mark.slow
+def test_continued_pretraining_from_a_hugging_face_folder_takes_its_shape_and_tokenizer_and_exports_back(
+        gqa_hf_dir, tmp_path):
+    """train.py --init_from=HF folder with no model flags and no --tokenizer: the folder's shape
+    and tokenizer, a fresh optimizer with its own warmup; the export is still a GQA tied Llama 3
+    with the folder's generation config. A model flag that disagrees is refused naming it."""
+    run = str(tmp_path / "continued")
+    common = [f"--init_from={gqa_hf_dir}", f"--train_data={DATA_FILES[0]}", "--seq_len=32",
+              "--steps=2", "--warmup_steps=1", "--batch_size=2", "--log_every=1", "--checkpoint_every=2",
+              "--dtype=float32", "--scan_layers=false", "--eval_every=0"]
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *common, "--n_kv_heads=4",
+                             f"--output_dir={tmp_path / 'refused'}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0 and "--n_kv_heads: the checkpoint has 2, the flags say 4" in result.stderr
+    result = run_script("train.py", *common, f"--output_dir={run}")
+    assert "imported Hugging Face folder" in result.stderr and f"parameters from {gqa_hf_dir}" in result.stdout + result.stderr
+    model, _, config = checkpoint.load(run)
+    assert (model.config.kv_heads, model.config.tie_embeddings, model.config.rope_scaling) == (2, True, (8.0, 1.0, 4.0, 16))
+    back = str(tmp_path / "back")
+    run_script("convert.py", "--to=hf", f"--checkpoint={run}", f"--out={back}")
+    with open(os.path.join(back, "generation_config.json")) as f:
+        assert json.load(f)["temperature"] == 0.3
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
+    tokens = np.random.default_rng(8).integers(0, 4096, (1, 20))
+    want = _hf_logits(hf_model, tokens)
+    np.testing.assert_allclose(_logits(_with_dtype(model, "float32"), tokens), want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())

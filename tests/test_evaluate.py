@@ -236,6 +236,19 @@ def test_the_report_table_puts_chance_beside_each_score_and_marks_scores_within_
                 "| arc_challenge | acc_norm | 2.5 | 25 | below |  |"):
         assert row in table, table
     assert eval_tasks.versus_chance(2.5, 0.0, n) == "above"  # one right answer is more than chance's none
+    assert "| lambada_openai | perplexity | not predicted (> 1,000) |" in table  # not nine digits
+
+
+def test_lm_evals_own_table_names_an_unpredicted_perplexity_instead_of_printing_its_digits():
+    output = {"results": {"lambada_openai": {"alias": "lambada_openai", "acc,none": 0.0, "acc_stderr,none": 0.0,
+                                             "perplexity,none": 166270678.169, "perplexity_stderr,none": 525712115.38}},
+              "versions": {"lambada_openai": 1.0}, "n-shot": {"lambada_openai": 0}, "higher_is_better": {}}
+    table = evaluate.make_table(eval_tasks.readable(output))
+    assert "not predicted (> 1,000)" in table and "166270678" not in table and "525712115" not in table
+    assert output["results"]["lambada_openai"]["perplexity,none"] == 166270678.169  # the JSON keeps the value
+    sensible = evaluate.make_table(eval_tasks.readable(
+        {**output, "results": {"lambada_openai": {"perplexity,none": 12.5, "perplexity_stderr,none": 0.4}}}))
+    assert "12.5" in sensible and "0.4" in sensible and "not predicted" not in sensible
 
 
 def test_the_command_line_prints_both_tables_and_writes_the_results_json(tiny_run, tmp_path):
@@ -250,6 +263,7 @@ def test_the_command_line_prints_both_tables_and_writes_the_results_json(tiny_ru
     results = json.loads(output.read_text())
     assert set(results) == {"lambada_openai"}
     assert {"acc,none", "perplexity,none"} <= set(results["lambada_openai"])
+    assert "bootstrapping for stddev" not in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +275,7 @@ WORKER = textwrap.dedent("""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
     import convert, eval_tasks, evaluate
-    model, tokenizer = convert.import_hf(sys.argv[3])
+    model, tokenizer, _ = convert.import_hf(sys.argv[3])
     lm = evaluate.JulianLM(model, tokenizer, dtype="float32", batch_size=4)
     out = eval_tasks.evaluate_with(lm, ["hellaswag"], sys.argv[4], limit=2, log_samples=True)
     answers = {t: [[r[0] for r in s["resps"]] for s in sorted(out["samples"][t], key=lambda s: s["doc_id"])]
@@ -351,3 +365,32 @@ def test_bf16_log_likelihoods_stay_near_the_hf_backends_fp32_ones(tiny, hf_outpu
               for mine, theirs in zip(_responses(ours, task), _responses(hf_output, task)) for a, b in zip(mine, theirs)]
     print(f"bf16 against fp32: largest error {max(errors):.4f} nats, mean {np.mean(errors):.4f}")
     assert max(errors) < BF16_LOGPROB_ATOL
+
+
+def test_with_a_models_own_hugging_face_tokenizer_requests_are_encoded_as_the_hf_backend_encodes_them(
+        llama3_tokenizer_dir):
+    """lm-eval's TemplateLM builds every request from tok_encode, prefix_token_id and eot_token_id:
+    ours on the Llama-3-style tokenizer (conftest) against HFLM's on the same files."""
+    import jax
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    from model import ModelConfig, Transformer
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer.load(llama3_tokenizer_dir)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+    theirs = HFLM(pretrained=transformers.LlamaForCausalLM(config), tokenizer=hf_tokenizer, batch_size=1, device="cpu")
+    ours = evaluate.JulianLM(Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
+                                                     d_ff=32, max_seq_len=64), jax.random.key(0)), tok)
+    assert (ours.prefix_token_id, ours.eot_token_id) == (theirs.prefix_token_id, theirs.eot_token_id)
+    texts = ["The cat sat.", " Il était une fois", "<|begin_of_text|>Holmes said", "", "x\n\n  y"]
+    for text in texts:
+        for special in (None, True, False):
+            assert ours.tok_encode(text, add_special_tokens=special) == theirs.tok_encode(
+                text, add_special_tokens=special), (text, special)
+    requests = [Instance("loglikelihood", {}, (context, continuation), 0)
+                for context, continuation in [("Sherlock", " Holmes"), ("Le chat ", "dort."), ("x", "\n\ny")]]
+    assert [ours._encode_pair(*r.args) for r in requests] == [theirs._encode_pair(*r.args) for r in requests]

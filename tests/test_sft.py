@@ -481,6 +481,17 @@ def test_the_bundled_sample_loads_cleanly_in_both_languages(tokenizer):
     assert "supervised tokens" in sft.summary_table(stats, rows)
 
 
+def test_the_summary_says_why_conversations_were_dropped(tokenizer):
+    sample = os.path.join(REPO, "samples", "sft", "en_alpaca_seed_tasks.jsonl")
+    rows, _, stats = sft.prepare(sft.DataConfig((sample,), seq_len=48, overlong="drop"), tokenizer)
+    assert sum(s.dropped for s in stats) > 0
+    assert "dropped: longer than a row of 49 tokens (--overlong=drop" in sft.summary_table(stats, rows, "drop")
+    assert "dropped: even the first assistant reply ends past a row of 49 tokens (--max_seq_len)" in (
+        sft.summary_table(stats, rows))
+    kept = [dataclasses.replace(s, dropped=0) for s in stats]
+    assert "dropped:" not in sft.summary_table(kept, rows)  # no reason printed for nothing
+
+
 # --- Behaviour: fine-tuning the tiny pretrained model -------------------------------------------
 
 REPLY = "Bien sûr ! Here is my answer."
@@ -577,3 +588,23 @@ def test_cli_names_the_file_line_and_reason_of_bad_records(tiny_tokenizer_path, 
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "bad.jsonl, line 2: no assistant turn" in result.stderr
     assert "--max_bad_fraction=0.1" in result.stderr
+
+
+def test_a_llama3_template_renders_as_transformers_and_trains_exactly_each_reply_and_its_eot(llama3_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = Tokenizer.load(llama3_tokenizer_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    turns = FORMAT_CASES["messages"][1][0]
+    messages = as_messages(turns)
+    hf_ids = lambda m: hf.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]
+    example, status = sft.render(tokenizer, messages)
+    assert status == "ok" and example.ids.tolist() == hf_ids(messages)
+    # The trained stretches, one per assistant turn: its reply's tokens and <|eot_id|>, nothing else.
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], example.mask.astype(int), [0]])))
+    stretches = [example.ids[a:b].tolist() for a, b in zip(edges[::2], edges[1::2])]
+    eot = hf.convert_tokens_to_ids("<|eot_id|>")
+    assert stretches == [[*hf(content, add_special_tokens=False).input_ids, eot]
+                         for role, content in turns if role == "assistant"]
+    # A cut falls after a whole assistant turn: what the template renders for the conversation up to it.
+    cut, status = sft.render(tokenizer, messages, max_tokens=len(example.ids) - 1)
+    assert status == "truncated" and cut.ids.tolist() == hf_ids(messages[:3])
