@@ -5,7 +5,7 @@ libtpu's topologies, XLA:GPU from the CUDA plugin and configs/gpu/'s target conf
 XLA's per-chip memory, the fused kernels, whether it fits a chip (and which flag would make it
 fit, compiled to find out), and the time its token budget takes at an assumed MFU. Without the
 target's compiler it compiles for this host's CPU instead, labelled as an estimate. On a CPU the
-MFU peak is measured once per machine and cached, so runs compare.
+MFU peak is measured once per machine and compute dtype and cached, so runs compare.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 import cli
 from model import AUTO_ATTENTION, ModelConfig, attention_impl, flops_per_token, num_params
-from parallel import make_mesh
+from parallel import check_batch, make_mesh
 
 if TYPE_CHECKING:
     from train import TrainConfig
@@ -99,6 +99,9 @@ def prepare_host(hardware: str) -> None:
     libtpu's warnings about a host that is no TPU worker silenced."""
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", HARDWARE[hardware].chips)
+    # A program compiled for a topology has no client to load a cached executable with: every
+    # cache lookup would print "Error reading persistent compilation cache entry" and save nothing.
+    jax.config.update("jax_enable_compilation_cache", False)
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", hardware if HARDWARE[hardware].backend == "tpu" else "v4-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # dry runs side by side share libtpu
@@ -135,8 +138,8 @@ def kernels(compiled) -> list[str]:
 CPU_PEAK_SHAPES = ((2048, 2048, 2048), (2048, 640, 2560), (2048, 2560, 640))
 
 
-def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 3) -> float:
-    """Best bf16 x bf16 -> f32 FLOP/s of the default device over (m, k, n) matmul shapes.
+def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 3, dtype: str = "bfloat16") -> float:
+    """Best `dtype` x `dtype` -> f32 FLOP/s of the default device over (m, k, n) matmul shapes.
 
     The MFU denominator where no spec sheet applies: CPUs differ by 10x (with AMX or without),
     and a CPU reaches its best on shapes like the model's, not on large squares.
@@ -144,7 +147,7 @@ def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     best = float("inf")
     for m, k, n in shapes:
-        a, b = jnp.ones((m, k), jnp.bfloat16), jnp.ones((k, n), jnp.bfloat16)
+        a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
         matmul(a, b).block_until_ready()
         for _ in range(repeats):
             start = time.perf_counter()
@@ -153,21 +156,31 @@ def measure_matmul_flops(shapes: Sequence[tuple[int, int, int]], repeats: int = 
     return 1 / best
 
 
-def cpu_key() -> str:
-    """What a CPU's peak depends on: its model and the cores this process may use."""
-    name = platform.processor() or platform.machine()
+# The instruction sets that decide a CPU's matmul peak (AMX tiles: ~10x; AVX-512 with bf16 dot
+# products: ~2x), as /proc/cpuinfo names them: a VM may hide them from a CPU model that has them.
+MATMUL_ISA = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
+
+
+def cpu_key(dtype: str = "bfloat16") -> str:
+    """What a CPU's peak in `dtype` depends on: its model, the cores this process may use, the
+    matmul instruction sets it exposes, and the dtype."""
+    name, isa = platform.processor() or platform.machine(), []
     try:
         with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+            info = f.read().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+        flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+        isa = [f for f in MATMUL_ISA if f in flags]
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores"
+    return f"{name}, {cores} cores, {' '.join(isa) or 'no matmul ISA flags'}, {dtype}"
 
 
-def cpu_peak_flops(cache_path: str | None = None, key: str | None = None) -> float:
-    """This CPU's bf16 matmul FLOP/s on CPU_PEAK_SHAPES, measured once per `key` (default
-    cpu_key()) and kept in `cache_path` (default ~/.cache/julian/cpu_peak_flops.json).
+def cpu_peak_flops(cache_path: str | None = None, key: str | None = None, dtype: str = "bfloat16") -> float:
+    """This CPU's `dtype` matmul FLOP/s on CPU_PEAK_SHAPES, measured once per `key` (default
+    cpu_key(dtype)) and kept in `cache_path` (default ~/.cache/julian/cpu_peak_flops.json). A run
+    computing in fp32 divides by the fp32 peak: bf16's would misstate its MFU several-fold.
 
     Measured at every start, the peak varied by 2x with the machine's load, and so did the MFU
     of the same speed; cached, every run on a machine divides by the same number. Delete the
@@ -175,15 +188,15 @@ def cpu_peak_flops(cache_path: str | None = None, key: str | None = None) -> flo
     """
     cache_path = cache_path or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                                             "julian", "cpu_peak_flops.json")
-    key = key or cpu_key()
+    key = key or cpu_key(dtype)
     try:
         with open(cache_path) as f:
             cached = json.load(f)
     except (OSError, ValueError):
         cached = {}
     if key not in cached:
-        cached[key] = measure_matmul_flops(CPU_PEAK_SHAPES, repeats=5)
-        print(f"measured the bf16 matmul peak of this CPU ({key}) for MFU: {cached[key] / 1e12:.3f} "
+        cached[key] = measure_matmul_flops(CPU_PEAK_SHAPES, repeats=5, dtype=dtype)
+        print(f"measured the {dtype} matmul peak of this CPU ({key}) for MFU: {cached[key] / 1e12:.3f} "
               f"TFLOP/s, kept in {cache_path}")
         try:  # written whole or not at all: processes measuring at once each replace the file
             os.makedirs(os.path.dirname(cache_path), exist_ok=True)
@@ -195,13 +208,15 @@ def cpu_peak_flops(cache_path: str | None = None, key: str | None = None) -> flo
     return cached[key]
 
 
-def device_peak_flops(peak_tflops: float = 0.0) -> float:
-    """Peak bf16 FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides."""
+def device_peak_flops(peak_tflops: float = 0.0, dtype: str = "bfloat16") -> float:
+    """Peak FLOP/s of all devices together, for MFU; `peak_tflops` per device overrides. A CPU's
+    is measured in the run's compute `dtype`; an accelerator's is its bf16 spec-sheet figure
+    (XLA runs fp32 matmuls there in bf16 passes by default)."""
     devices = jax.devices()
     if peak_tflops:
         return peak_tflops * 1e12 * len(devices)
     if devices[0].platform == "cpu":  # fake CPU devices share the same cores: one peak in all
-        return cpu_peak_flops()
+        return cpu_peak_flops(dtype=dtype)
     kind = devices[0].device_kind
     per_chip = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
     if per_chip is None:
@@ -262,8 +277,10 @@ def fit_verdict(model_config: ModelConfig, config: TrainConfig, devices: Sequenc
         tries.append((f"--fsdp={len(devices)} --remat=full", full, config, len(devices)))
     micro = config.batch_size // config.grad_accum
     accum = config.grad_accum * 2
+    # Only micro-batches that split evenly over the devices (parallel.check_batch) compile at all.
     while config.batch_size % accum == 0 and config.batch_size // accum >= len(devices) and len(tries) < 6:
-        tries.append((f"--remat=full --grad_accum={accum}", full, dataclasses.replace(config, grad_accum=accum), fsdp))
+        if (config.batch_size // accum) % len(devices) == 0:
+            tries.append((f"--remat=full --grad_accum={accum}", full, dataclasses.replace(config, grad_accum=accum), fsdp))
         accum *= 2
     advice = f"no flag tried makes it fit (micro-batch {micro}): use a bigger slice or chip"
     for flag, model_try, config_try, fsdp_try in tries:
@@ -316,40 +333,67 @@ def print_rows(rows: Sequence[tuple[str, str]]) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one row of a step's batch costs, for the dry run's token and FLOP counts: sft.py's
+    rows are --seq_len long, dpo.py's hold a pair (two sequences of --max_length), and an online
+    DPO reference adds a forward pass (a third of a training step's FLOPs) per token."""
+    sequences_per_row: int = 1
+    seq_len: int | None = None  # default: the model's context
+    extra_forward: bool = False
+
+
 def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
-            peak_tflops: float, compile_fn: CompileFn) -> None:
+            peak_tflops: float, compile_fn: CompileFn, workload: Workload = Workload(),
+            before: Sequence[tuple[str, CompileFn]] = ()) -> None:
     """Print parameter count, the compiled per-chip memory and kernels, whether the program fits
     the named pod's chips (and which flag would make it fit), and the compute budget; allocate
-    nothing. `hardware` names a pod in HARDWARE, compiled for by its own compiler when installed."""
-    seq_len = model_config.max_seq_len
+    nothing. `hardware` names a pod in HARDWARE, compiled for by its own compiler when installed.
+    `before` names programs a run compiles and runs before its steps (dpo.py's reference pass):
+    each is compiled too, its memory printed and held against the chip."""
+    seq_len = workload.seq_len or model_config.max_seq_len
     pod = HARDWARE[hardware] if hardware else None
     devices, compiled_for = dry_run_devices(hardware)
+    check_batch(config.batch_size, config.grad_accum, len(devices))
     model_config = dataclasses.replace(
         model_config, attention=attention_impl(model_config.attention, seq_len, pod.backend if pod else None))
     mesh = make_mesh(fsdp, devices)
     program = compile_program(compile_fn, model_config, config, mesh)
+    earlier = [(label, compile_program(fn, model_config, config, mesh)) for label, fn in before]
 
     n = num_params(model_config)
     micro = config.batch_size // config.grad_accum
-    tokens_per_step = config.batch_size * seq_len
-    total_flops = flops_per_token(model_config, seq_len) * tokens_per_step * config.steps
+    tokens_per_step = config.batch_size * workload.sequences_per_row * seq_len
+    flops = flops_per_token(model_config, seq_len) * (4 / 3 if workload.extra_forward else 1)
+    total_flops = flops * tokens_per_step * config.steps
     if pod:
         where, peak = f"{hardware} ({cli.plural(pod.chips, 'chip')} x {pod.tflops:g} TFLOP/s)", pod.chips * pod.tflops * 1e12
     else:
         where = f"{mesh.size} x {jax.devices()[0].device_kind}"
-        peak = device_peak_flops(peak_tflops)
+        peak = device_peak_flops(peak_tflops, model_config.dtype)
     days = total_flops / (peak * assumed_mfu) / 86400
     rows = [("parameters", f"{n:,}"), ("compiled for", compiled_for),
             ("mesh", f"{dict(mesh.shape)} ({cli.plural(mesh.size, 'device')})"),
-            ("attention, remat", f"{model_config.attention}, {model_config.remat}"), *program_rows(program, pod)]
+            ("attention, remat", f"{model_config.attention}, {model_config.remat}")]
+    for label, other in earlier:
+        rows += [(f"{label}: per-chip peak", f"refused by the compiler: {other.refused}" if other.refused else
+                  f"{_gib(other.peak)} (runs before the steps; its memory is freed before them)"),
+                 (f"{label}: fused kernels", ", ".join(other.kernels) or "none")]
+    rows += program_rows(program, pod)
     if pod:
         verdict = fit_verdict(model_config, config, devices, fsdp, pod, program, compile_fn)
+        limit = FIT_FRACTION * pod.memory_gib * 2**30
+        for label, other in earlier:
+            if other.peak is None or other.peak > limit:
+                verdict += f"; the {label} does NOT fit"
         rows.append(("verdict (one chip)", f"ESTIMATE: {verdict}" if compiled_for.startswith("ESTIMATE") else verdict))
+    shape = f"{config.batch_size} x {workload.sequences_per_row} x {seq_len}" if workload.sequences_per_row > 1 \
+        else f"{config.batch_size} x {seq_len}"
     rows += [
-        ("tokens per step", f"{tokens_per_step:,} ({config.batch_size} x {seq_len}, {micro // mesh.size} "
-                            f"sequences per device per micro-batch)"),
+        ("tokens per step", f"{tokens_per_step:,} ({shape}, {micro // mesh.size} "
+                            f"rows per device per micro-batch)"),
         ("training tokens", f"{tokens_per_step * config.steps:,} ({cli.plural(config.steps, 'step')})"),
-        ("FLOPs (6N + attention)", f"{total_flops:.3g}"),
+        ("FLOPs (6N + attention" + (", + reference forward)" if workload.extra_forward else ")"), f"{total_flops:.3g}"),
         (f"time at {assumed_mfu:.0%} MFU on {where}", f"{days:.2f} days"),
     ]
     print_rows(rows)

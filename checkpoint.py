@@ -54,7 +54,7 @@ COMPILATION_CACHE_HELP = (
 # tokenizer ({"path", "config": its config.json, "generation_config"}), so an export writes them back.
 IMPORTED = "imported"
 # ModelConfig fields that change how the model runs, not what its weights mean.
-EXECUTION_FIELDS = ("dtype", "scan_layers", "remat", "attention", "dropout")
+EXECUTION_FIELDS = ("dtype", "scan_layers", "remat", "attention", "dropout", "fp32_residual")
 
 
 def quiet_logging(verbosity_flag_given: bool) -> None:

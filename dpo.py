@@ -20,9 +20,10 @@ as that conversation. Transcript texts lose their surrounding spaces. A record w
 prompts differ, whose two replies are identical, or that is otherwise unusable is counted and
 skipped; past --max_bad_fraction of a file the run stops, naming the file and the lines.
 
-Rendering is SFT's (sft.render): <s>, the system message (the default when the record brings
-none), ChatML turns, then the reply. The log-probabilities, and so the loss, cover the reply's
-tokens and its <|im_end|> only. An overlong pair keeps the end of its prompt (at most
+Rendering is SFT's (sft.render): the tokenizer's chat format (ours: <s>, the system message, the
+default when the record brings none, ChatML turns, then the reply; a Hugging Face model's: its
+chat template). The log-probabilities, and so the loss, cover the reply's tokens and its
+end-of-turn token (<|im_end|>, Llama 3's <|eot_id|>) only. An overlong pair keeps the end of its prompt (at most
 --max_prompt_length tokens) and then cuts both replies to --max_length in all; both are counted.
 
 Each pair is two rows (chosen, rejected) of --max_length + 1 tokens that go through the model in
@@ -44,6 +45,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +65,7 @@ import sft
 import storage
 import train
 from chat_formats import PAIR_FORMATS, Pair, load_pairs
-from model import Transformer, next_token_logps
+from model import ModelConfig, Transformer, next_token_logps
 from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
 
 LOSSES = ("sigmoid", "ipo")
@@ -77,14 +79,15 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 @dataclasses.dataclass(frozen=True)
 class RenderedPair:
-    prompt: Int[np.ndarray, " prompt"]  # <s> ... <|im_start|>assistant\n
-    chosen: Int[np.ndarray, " reply"]  # the reply's tokens and its <|im_end|>
+    prompt: Int[np.ndarray, " prompt"]  # <s> ... <|im_start|>assistant\n (the generation prompt)
+    chosen: Int[np.ndarray, " reply"]  # the reply's tokens and its end-of-turn token
     rejected: Int[np.ndarray, " reply"]
 
 
 def _split_reply(tokenizer: Tokenizer, prompt: Sequence[dict], reply: str) -> tuple[np.ndarray, np.ndarray]:
     """(prompt ids, reply ids) from SFT's rendering of the conversation: the reply is the last
-    stretch of the loss mask (its content and <|im_end|>); the newline after it is left out."""
+    stretch of the loss mask (its content and end-of-turn token); what follows it (ChatML's
+    newline) is left out."""
     example, _ = sft.render(tokenizer, [*prompt, {"role": "assistant", "content": reply}])
     end = len(example.mask) - int(np.argmax(example.mask[::-1]))
     start = end - int(np.argmin(example.mask[:end][::-1]))
@@ -97,7 +100,13 @@ def render_pair(tokenizer: Tokenizer, pair: Pair, max_length: int, max_prompt_le
     the prompt too), or "dropped" (None: no reply token fits)."""
     prompt, chosen = _split_reply(tokenizer, pair.prompt, pair.chosen)
     rejected_prompt, rejected = _split_reply(tokenizer, pair.prompt, pair.rejected)
-    assert np.array_equal(prompt, rejected_prompt), "the prompt's ids depend on the reply"
+    if not np.array_equal(prompt, rejected_prompt):
+        # A chat template whose generation prompt ends where a reply's first characters can merge
+        # with it: the prompt is what both renderings share, the rest belongs to each reply.
+        shared = next((n for n, (a, b) in enumerate(zip(prompt, rejected_prompt)) if a != b),
+                      min(len(prompt), len(rejected_prompt)))
+        chosen, rejected = np.concatenate([prompt[shared:], chosen]), np.concatenate([rejected_prompt[shared:], rejected])
+        prompt = prompt[:shared]
     status = "ok"
     if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
         prompt, status = prompt[len(prompt) - max_prompt_length:], "prompt cut"
@@ -230,22 +239,29 @@ def pair_metrics(config: LossConfig, policy: Float[Array, "n 2"], reference: Flo
             "logps/rejected": jax.lax.stop_gradient(policy[:, 1])}
 
 
-def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> train.LossFn:
+class PairLoss(eqx.Module):
     """train.fit's loss over a micro-batch of pairs: (summed pair loss, pairs, summed metrics).
-    Reference log-probabilities come from the batch, or from `reference` (frozen) when given."""
-    def loss_fn(model: Transformer, micro: dict[str, Array], key, mesh: Mesh | None = None):
+    Reference log-probabilities come from the batch, or from `reference` (frozen) when given.
+    A module, not a closure: train.make_train_step passes `reference`'s arrays to the jitted step
+    as arguments (train.split_loss), where a closure would bake the whole model into it."""
+    config: LossConfig = eqx.field(static=True)
+    reference: Transformer | None = None
+
+    def __call__(self, model: Transformer, micro: dict[str, Array], key, mesh: Mesh | None = None):
         del key  # DPO compares log-probabilities: no dropout, as TRL's reference forward
         policy = batch_logps(model, micro, mesh)
-        if reference is None:
+        if self.reference is None:
             ref = micro["reference_logps"].reshape(-1, 2)
         else:
-            ref = jax.lax.stop_gradient(batch_logps(reference, micro, mesh))
+            ref = jax.lax.stop_gradient(batch_logps(self.reference, micro, mesh))
         real = micro["pairs"].reshape(-1)
-        losses = pair_losses(config, policy, ref, reply_lengths(micro))
-        metrics = {k: jnp.sum(v * real) for k, v in pair_metrics(config, policy, ref).items()}
+        losses = pair_losses(self.config, policy, ref, reply_lengths(micro))
+        metrics = {k: jnp.sum(v * real) for k, v in pair_metrics(self.config, policy, ref).items()}
         return jnp.sum(losses * real), jnp.sum(real), metrics
 
-    return loss_fn
+
+def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> train.LossFn:
+    return PairLoss(config, reference)
 
 
 def batch_logps(model: Transformer, batch: dict[str, Array], mesh: Mesh | None) -> Float[Array, "pairs 2"]:
@@ -297,6 +313,30 @@ def reference_logps(model: Transformer, rows: PairRows | sft.PackedRows, batch_s
         values = np.asarray(jax.device_get(forward(model, parallel.global_batch(batch, 1, mesh))))
         out.append(values.reshape(-1, *shape[1:]))
     return np.concatenate(out)[: rows.num_rows] if out else np.zeros((0, *shape[1:]), np.float32)
+
+
+def abstract_reference(model_config: ModelConfig, mesh) -> Transformer:
+    """The reference model's shapes, replicated on `mesh` as main() places it; allocates nothing."""
+    shapes = eqx.filter_eval_shape(Transformer, model_config, jax.random.key(0))
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+
+
+def compile_step(model_config: ModelConfig, config: train.TrainConfig, mesh, loss_config: LossConfig,
+                 max_length: int, online: bool):
+    """DPO's train step compiled for `mesh` (budget.CompileFn): on stored log-probabilities, or
+    with the reference model's arrays as arguments (online), so its memory counts."""
+    reference = abstract_reference(model_config, mesh) if online else None
+    return train.compile_step(model_config, config, mesh, make_loss_fn(loss_config, reference), pair_row(max_length))
+
+
+def compile_reference_pass(model_config: ModelConfig, config: train.TrainConfig, mesh, max_length: int):
+    """The stored reference pass (reference_logps' program) compiled for `mesh` on the step's
+    micro-batches (main() runs it at --batch_size / --grad_accum pairs a batch)."""
+    row = {k: v for k, v in pair_row(max_length).items() if k != "reference_logps"}
+    micro = dataclasses.replace(config, batch_size=config.batch_size // config.grad_accum, grad_accum=1)
+    batch = train.abstract_batch(model_config, micro, mesh, row)
+    return _reference_forward(mesh).lower(abstract_reference(model_config, mesh), batch).compile()
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,11 +417,13 @@ def reference_identity(init_from: str, execution: dict) -> dict:
     return {"init_from": where, "step": checkpoint.latest_step(init_from), "execution": execution}
 
 
-def stored_reference_logps(splits: dict[str, PairRows], model: Transformer, parts: dict, cache: prepared.Cache,
-                           batch_size: int, mesh) -> tuple[dict[str, np.ndarray], str]:
+def stored_reference_logps(splits: dict[str, PairRows], load_reference: Callable[[], Transformer], parts: dict,
+                           cache: prepared.Cache, batch_size: int, mesh) -> tuple[dict[str, np.ndarray], str]:
     """({split: log-probabilities}, how): read from `cache` when computed before for the same
-    `parts` (the pairs' key and the reference's identity), else computed now and stored there
-    for a resumed run."""
+    `parts` (the pairs' key and the reference's identity), else computed now with the model
+    `load_reference` returns, and stored there for a resumed run. The reference model is loaded
+    only to compute them and freed on return: training never holds it (at 2B with --fsdp=64, a
+    replicated fp32 copy is 8.6 GB per chip)."""
     # Process 0 decides and shares what it read: every process must take the same branch (the
     # pass below is collective), also when the cache is a local folder only process 0 has.
     what = "reference log-probabilities"
@@ -396,7 +438,9 @@ def stored_reference_logps(splits: dict[str, PairRows], model: Transformer, part
             values = None
     if values is not None:
         return values, f"read from {cache.path(parts)}"
+    model = load_reference()
     values = {name: reference_logps(model, rows, batch_size, mesh) for name, rows in splits.items()}
+    del model
     cache.store(parts, values, {}, what)
     return values, f"computed and stored in {cache.path(parts)}"
 
@@ -466,6 +510,7 @@ def main(argv):
             raise ValueError("--dry_run compiles the step on unpacked pairs: drop --pack_pairs")
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            parallel.check_batch(config.batch_size, config.grad_accum, jax.device_count())
         model_config, tokenizer, carried = sft.init_model_config(run, flag_model)
         if FLAGS.max_length > model_config.max_seq_len:
             raise ValueError(f"--max_length={FLAGS.max_length} exceeds the model's context of "
@@ -496,31 +541,37 @@ def main(argv):
             config = _with_steps(config, math.ceil(FLAGS.epochs * rows.num_rows / config.batch_size))
         if FLAGS.warmup_ratio:
             config = _with_steps(config, config.steps, int(FLAGS.warmup_ratio * config.steps))
-        if FLAGS.dry_run:  # the step on stored reference log-probabilities (online adds a forward)
-            step = functools.partial(train.compile_step, loss_fn=make_loss_fn(loss_config),
-                                     row=pair_row(FLAGS.max_length))
+        online = FLAGS.ref_logps == "online"
+        if FLAGS.dry_run:  # the step, and what the reference costs: its pass before, or its arrays in the step
+            step = functools.partial(compile_step, loss_config=loss_config, max_length=FLAGS.max_length, online=online)
+            before = [] if online else [("reference pass", functools.partial(compile_reference_pass,
+                                                                             max_length=FLAGS.max_length))]
             return train.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
-                                 FLAGS.peak_tflops, step)
+                                 FLAGS.peak_tflops, step, before=before,
+                                 workload=budget.Workload(2, FLAGS.max_length, extra_forward=online))
         mesh = parallel.make_mesh(run.fsdp)
         execution = {k: getattr(model_config, k) for k in checkpoint.EXECUTION_FIELDS}
-        reference, _, _ = checkpoint.load(run.init_from, model_overrides={**execution, "dropout": 0.0})
-        reference = jax.device_put(reference, NamedSharding(mesh, P()))
+
+        def load_reference() -> Transformer:
+            reference, _, _ = checkpoint.load(run.init_from, model_overrides={**execution, "dropout": 0.0})
+            return jax.device_put(reference, NamedSharding(mesh, P()))
+
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         ref_train = ref_valid = None
-        if FLAGS.ref_logps == "stored":
+        if not online:  # the reference lives only while its log-probabilities are computed, if they are
             splits = {"train": rows, **({"validation": validation_rows} if validation_rows is not None else {})}
             parts = {"kind": "dpo reference log-probabilities", "version": prepared.VERSION, "pairs": pair_keys,
                      "reference": reference_identity(run.init_from, execution)}
-            logps, _ = stored_reference_logps(splits, reference, parts, cache,
+            logps, _ = stored_reference_logps(splits, load_reference, parts, cache,
                                               config.batch_size // config.grad_accum, mesh)
             ref_train, ref_valid = logps["train"], logps.get("validation")
         source = pair_batches(rows, ref_train, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
         if validation_rows is not None and run.eval_every:
-            validation = pair_batches(validation_rows, ref_valid, config.seed, config.batch_size,
-                                      shuffle=False, **where)
+            validation = pair_batches(validation_rows, ref_valid, config.seed, config.batch_size, config.grad_accum,
+                                      shuffle=False, **where)  # scored in the step's micro-batches
             run = dataclasses.replace(run, eval_batches=validation.num_batches)
-        loss_fn = make_loss_fn(loss_config, reference if FLAGS.ref_logps == "online" else None)
+        loss_fn = make_loss_fn(loss_config, load_reference() if online else None)
         settings = {**dataclasses.asdict(data_config), **dataclasses.asdict(loss_config),
                     "ref_logps": FLAGS.ref_logps, "epochs": FLAGS.epochs,
                     "pairs": sum(s.mixed for s in stats), "rows": rows.num_rows,

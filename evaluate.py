@@ -10,7 +10,8 @@ requests and score them, so the numbers compare with published ones; we only ans
 `loglikelihood`, `loglikelihood_rolling` and `generate_until` (the latter with generate.py's
 KV-cache sampler). The tokenization of a (context, continuation) pair is lm-eval's own
 (`TemplateLM`: <s> + context, continuation = the rest of the encoded whole), which is what its
-`hf` backend does on our exported tokenizer, so both see the same tokens.
+`hf` backend does on our exported tokenizer, or on an imported model's own Hugging Face tokenizer
+(its document start, its eos), so both see the same tokens.
 
 Speed (fp32, same per-item choices: benchmarks/README.md has the figures against the `hf` backend):
   * Requests are laid out as prefix trees, depth first, so every shared prefix is computed once
@@ -63,7 +64,7 @@ from eval_tasks import check_task_data, evaluate_with, perplexity_table, readabl
 from model import ModelConfig, Transformer, num_params, target_logps
 from parallel import make_mesh
 from runlog import check_writable
-from tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, language_of
+from tokenizer import PAD_ID, Tokenizer, language_of
 
 FLAGS = flags.FLAGS
 
@@ -326,24 +327,26 @@ class JulianLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return EOS_ID
+        return self.tokenizer.eos_id
 
     @property
     def prefix_token_id(self) -> int:
-        return BOS_ID
+        """What an empty context is scored after: bos, or eos where the tokenizer has none (as
+        lm-eval's HF backend)."""
+        return self.tokenizer.eos_id if self.tokenizer.bos_id is None else self.tokenizer.bos_id
 
     @property
     def max_length(self) -> int:
         return self.model.config.max_seq_len
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """<s> + the text's ids (no <s> when add_special_tokens=False), like the exported HF
-        tokenizer; a text that already starts with "<s>" gets no second one."""
-        bos = SPECIAL_TOKENS[BOS_ID]
-        if string.startswith(bos) and add_special_tokens is None:
-            string = string[len(bos):]
-        ids = self.tokenizer.encode(string)
-        return ids if add_special_tokens is False else [BOS_ID, *ids]
+        """The text's ids after what the tokenizer starts a document with (<s> for ours; nothing
+        when add_special_tokens=False), as lm-eval's HF backend encodes with the same tokenizer's
+        files; a text that already starts with the prefix token's string ("<s>") starts with it."""
+        start = self.tokenizer.id_to_piece(self.prefix_token_id)
+        if add_special_tokens is None and string.startswith(start):
+            return [self.prefix_token_id, *self.tokenizer.encode_as_transformers(string[len(start):], False)]
+        return self.tokenizer.encode_as_transformers(string, add_special_tokens is not False)
 
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens)
@@ -444,7 +447,7 @@ class JulianLM(TemplateLM):
         windows, owners = [], []
         for owner, text in enumerate(texts):
             tokens = self.tok_encode(text, add_special_tokens=False)
-            for window in get_rolling_token_windows(tokens, BOS_ID, self.max_length, context_len=1):
+            for window in get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, context_len=1):
                 windows.append(make_disjoint_window(window))
                 owners.append(owner)
         totals = [0.0] * len(texts)

@@ -10,10 +10,12 @@ place (one host round trip per chunk, not per token), every shape static (prompt
 16, 32 or a multiple of PAD_TO tokens, so a handful of shapes serves every prompt). Both run on
 a per-layer copy of the weights (`Transformer.layers`, kept for the last model sampled from):
 a step on the stacked weights copied each layer's slice before reading it. Greedy at
---temperature=0, else temperature with optional top-k and top-p. A row ends at a stop id (</s>;
-in chat also <|im_end|>) or once its text contains a stop string, where it is cut.
+--temperature=0, else temperature with optional top-k and top-p. A row ends at a stop id (the
+tokenizer's eos; in chat also its chat format's end of turn: <|im_end|>, Llama 3's <|eot_id|>) or
+once its text contains a stop string, where it is cut.
 
-A conversation is a document: <s>, then ChatML (Tokenizer.render_chat) up to the assistant's turn.
+A conversation is a document in the tokenizer's chat format (Tokenizer.chat_ids) up to the opening
+of the assistant's turn: ours is <s> then ChatML; a Hugging Face model's is its chat template.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 import checkpoint
 import cli
 from model import Block, KVCache, Transformer, init_cache
-from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokenizer
+from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
 
 FLAGS = flags.FLAGS
 PAD_TO = 64  # prompt and cache lengths are rounded up to this: one compiled shape per bucket
@@ -41,7 +43,6 @@ PAD_TO = 64  # prompt and cache lengths are rounded up to this: one compiled sha
 # and padding a 10-token prompt to 64 cost as much as four decoding steps.
 SHORT_PROMPTS = (16, 32)
 CHUNK = 8  # tokens per device loop: what streaming shows at once; at most CHUNK - 1 wasted past a stop string
-CHAT_STOP_IDS = (EOS_ID, IM_END_ID)
 
 
 def define_flags() -> None:
@@ -50,7 +51,7 @@ def define_flags() -> None:
                         "Face Llama folder (imported on the way in).")
     flags.DEFINE_multi_string("prompt", None, "Prompt text, one per prompt of the batch; with --chat, the "
                               "user's message (without it, --chat is interactive)")
-    flags.DEFINE_boolean("chat", False, "Render the prompt as a ChatML user turn and print the "
+    flags.DEFINE_boolean("chat", False, "Render the prompt as a user turn in the tokenizer's chat format and print the "
                          "assistant's reply; without --prompt, hold a conversation on stdin.")
     flags.DEFINE_string("system", DEFAULT_SYSTEM, "--chat: the system message ('' for none).")
     flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (per reply in --chat).",
@@ -139,7 +140,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, key: PRNGKeyArray,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: tuple[int, ...] = (EOS_ID,),
+             stop_ids: tuple[int, ...] = (),
              stop: Callable[[int, list[int]], bool] | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """New token ids for each prompt. A stop id ends a row and is not returned; `stop(row, ids)`
@@ -202,10 +203,12 @@ def _cut_at(text: str, stop_strings: Sequence[str]) -> str:
 
 def complete(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], max_new_tokens: int,
              key: PRNGKeyArray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             stop_ids: tuple[int, ...] = (EOS_ID,), stop_strings: Sequence[str] = (),
+             stop_ids: tuple[int, ...] | None = None, stop_strings: Sequence[str] = (),
              on_text: Callable[[int, str], None] | None = None) -> list[str]:
-    """Text generated after each prompt, cut before the first stop string. `on_text(row, piece)`
-    streams each row's text as it grows (never past a stop string)."""
+    """Text generated after each prompt, cut before the first stop string. A row also ends at a
+    stop id (default: the tokenizer's eos). `on_text(row, piece)` streams each row's text as it
+    grows (never past a stop string)."""
+    stop_ids = (tokenizer.eos_id,) if stop_ids is None else stop_ids
     shown = [0] * len(prompts)
     longest_stop = max((len(s) for s in stop_strings), default=0)
     out_ids: list[list[int]] = [[] for _ in prompts]
@@ -239,19 +242,29 @@ def complete(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]],
 
 
 def chat_prompt(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[int]:
-    """<s>, the conversation in ChatML, and the opening of the assistant's turn."""
-    return [BOS_ID, *tokenizer.render_chat(messages, add_generation_prompt=True)]
+    """The conversation in the tokenizer's chat format (ours: <s> and ChatML), and the opening of
+    the assistant's turn."""
+    return tokenizer.chat_ids(messages, add_generation_prompt=True)
 
 
 def chat(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict], max_new_tokens: int = 256,
          key: PRNGKeyArray | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-         on_text: Callable[[str], None] | None = None) -> str:
+         on_text: Callable[[str], None] | None = None, more_stop_ids: tuple[int, ...] = ()) -> str:
     """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content": ...}]),
-    ending at <|im_end|> or </s>. Greedy by default; `on_text` streams the reply."""
+    ending at the chat format's end of turn or eos (Tokenizer.chat_stop_ids), or at one of
+    `more_stop_ids`. Greedy by default; `on_text` streams the reply."""
     key = jax.random.key(0) if key is None else key
     stream = None if on_text is None else (lambda row, piece: on_text(piece))
+    stop_ids = tuple(dict.fromkeys((*tokenizer.chat_stop_ids, *more_stop_ids)))
     return complete(model, tokenizer, [chat_prompt(tokenizer, messages)], max_new_tokens, key,
-                    temperature, top_k, top_p, CHAT_STOP_IDS, on_text=stream)[0]
+                    temperature, top_k, top_p, stop_ids, on_text=stream)[0]
+
+
+def generation_stop_ids(config: dict) -> tuple[int, ...]:
+    """The eos ids of an imported model's generation_config.json (checkpoint.load's config), where
+    transformers' `generate` stops too (Llama 3.1's <|eom_id|>, for example); none for ours."""
+    eos = ((checkpoint.imported_of(config) or {}).get("generation_config") or {}).get("eos_token_id")
+    return tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
 
 
 def empty_note(text: str, chat: bool) -> str:
@@ -274,7 +287,7 @@ def _print_stream(piece: str) -> None:
 
 
 def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new_tokens: int,
-                  key: PRNGKeyArray, sampling: dict) -> None:
+                  key: PRNGKeyArray, sampling: dict, more_stop_ids: tuple[int, ...] = ()) -> None:
     """A REPL: each line is a user turn; the history grows until it no longer fits the context,
     then the oldest exchanges are dropped. '/reset' clears it; an empty line or EOF ends."""
     opening = [{"role": "system", "content": system}] if system else []
@@ -301,7 +314,7 @@ def _conversation(model: Transformer, tokenizer: Tokenizer, system: str, max_new
             history = []
             continue
         reply = chat(model, tokenizer, opening + history, max_new_tokens, jax.random.fold_in(key, turn),
-                     on_text=_print_stream, **sampling)
+                     on_text=_print_stream, more_stop_ids=more_stop_ids, **sampling)
         print(empty_note(reply, chat=True))
         history.append({"role": "assistant", "content": reply})
 
@@ -314,20 +327,21 @@ def main(argv):
         raise cli.UsageError("--checkpoint is required: a train.py --output_dir")
     if not FLAGS.prompt and not FLAGS.chat:
         raise cli.UsageError("--prompt is required (or --chat for a conversation)")
-    model, tokenizer_bytes, _ = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
+    model, tokenizer_bytes, config = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
     tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    more_stop_ids = generation_stop_ids(config)
     key = jax.random.key(FLAGS.seed)
     sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
     if FLAGS.chat and not FLAGS.prompt:
-        _conversation(model, tokenizer, FLAGS.system, FLAGS.max_new_tokens, key, sampling)
+        _conversation(model, tokenizer, FLAGS.system, FLAGS.max_new_tokens, key, sampling, more_stop_ids)
         return
     if FLAGS.chat:
         prompts = [chat_prompt(tokenizer, ([{"role": "system", "content": FLAGS.system}] if FLAGS.system else [])
                                + [{"role": "user", "content": p}]) for p in FLAGS.prompt]
-        stop_ids = CHAT_STOP_IDS
+        stop_ids = tuple(dict.fromkeys((*tokenizer.chat_stop_ids, *more_stop_ids)))
     else:
-        prompts = [[BOS_ID, *tokenizer.encode(p)] for p in FLAGS.prompt]
-        stop_ids = (EOS_ID,)
+        prompts = [tokenizer.encode(p, bos=True) for p in FLAGS.prompt]
+        stop_ids = tuple(dict.fromkeys((tokenizer.eos_id, *more_stop_ids)))
     asked, answered = ("user", "assistant") if FLAGS.chat else ("prompt", "continuation")
 
     def show_prompt(row: int) -> None:

@@ -71,7 +71,7 @@ class ModelConfig:
     dtype: str = "bfloat16"  # activations and matmul inputs; "float32" for exact checks
     scan_layers: bool = True  # one compiled block for all layers; unrolled runs faster on CPU
     remat: str = "none"  # "none" | "full" | "dots" (keep matmul outputs but scores, recompute the rest)
-    attention: str = "einsum"  # one of ATTENTION_IMPLS; "auto" picks by target platform at trace time
+    attention: str = "auto"  # one of ATTENTION_IMPLS; "auto" (as --attention) picks by target platform at trace time
     # The residual stream in fp32 (blocks add their `dtype` outputs to it) instead of `dtype`:
     # evaluation's choice, where it halves bf16's log-likelihood error for free (see tests).
     fp32_residual: bool = False
@@ -123,16 +123,19 @@ def num_params(config: ModelConfig) -> int:
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N + 12·L·T·d_model (PaLM appendix B, nanoGPT's MFU).
+    """Training FLOPs per token: 6 x (matmul parameters) + 12·L·T·d_model (PaLM appendix B).
 
-    6·N counts the forward (2·N) and backward (4·N) matmuls over all weights, the embedding lookup
-    included as PaLM does (a tied table counts twice: the lookup and the output projection);
-    grouped-query attention's smaller K/V projections are in N. 12·L·T·d is the attention scores
-    and weighted sum (QK^T and AV, forward and backward) at full, unmasked length T, over all query
-    heads (n_heads · head_dim = d_model) however few K/V heads they share.
+    6 x the parameters that take part in matmuls counts their forward (2) and backward (4)
+    multiply-adds: every weight but an untied input embedding, whose "matmul" is a row gather (PaLM
+    counts it because PaLM ties it to the output projection: a tied table is counted once, as that
+    projection); grouped-query attention's smaller K/V projections are in the count. 12·L·T·d is
+    the attention scores and weighted sum (QK^T and AV, forward and backward) at full, unmasked
+    length T, over all query heads (n_heads · head_dim = d_model) however few K/V heads they share,
+    as the kernels compute them. The norm gains' elementwise products are left in (under 0.1%).
+    tests/test_model.py checks this within 5% of XLA's own count of the compiled step.
     """
-    tied = config.vocab_size * config.d_model if config.tie_embeddings else 0
-    return 6.0 * (num_params(config) + tied) + 12.0 * config.n_layers * seq_len * config.d_model
+    gather = 0 if config.tie_embeddings else config.vocab_size * config.d_model
+    return 6.0 * (num_params(config) - gather) + 12.0 * config.n_layers * seq_len * config.d_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,14 +537,15 @@ class Transformer(eqx.Module):
             and so copy, each layer's weights and cache at every step. Returns the updated cache.
         """
         config = self.config
-        if tokens.shape[1] > config.max_seq_len:
-            raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_seq_len={config.max_seq_len}")
         if cache is not None:
             positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])
             # Slots up to a token's own position hold the row's earlier tokens; later slots hold
             # padding or stale entries, and causality alone hides them.
             segments = jnp.arange(cache.k[0].shape[2])[None, None, :] <= positions[:, :, None]
         elif segments is None or segments.ndim == 2:
+            # Positions count along the row here (explicit ones may be depths in a longer row).
+            if tokens.shape[1] > config.max_seq_len:
+                raise ValueError(f"{tokens.shape[1]} tokens exceed the model's max_seq_len={config.max_seq_len}")
             ids = jnp.zeros_like(tokens) if segments is None else segments
             positions = segment_positions(ids)
             # A segment is a run of equal ids: number the runs, so an id that comes back later
@@ -632,8 +636,6 @@ def target_logps(model: Transformer, hidden: Float[Array, "batch seq d_model"], 
     `where`, not `take_along_axis`, whose gradient scatters into a zeroed vocab-sized buffer (that
     measured slower on an AMX CPU).
     """
-    config = model.config
-
     def score(h: Float[Array, "batch piece d_model"], y: Int[Array, "batch piece"]):
         logits = model.head(h)
         picked = jnp.sum(jnp.where(y[..., None] == jnp.arange(logits.shape[-1]), logits, 0.0), axis=-1)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array
 
@@ -32,11 +33,39 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 
 def make_mesh(fsdp: int, devices: Sequence | None = None) -> Mesh:
     """The ("data", "fsdp") mesh over `devices` (default all of them; budget.py passes a TPU or
-    GPU topology's to compile for it)."""
+    GPU topology's to compile for it), laid out by mesh_utils along the chips' interconnect, so
+    that "fsdp"'s collectives run between neighbours. Devices of several TPU slices (multislice)
+    get a hybrid mesh: "data" spans the slices over the data-center network, "fsdp" stays inside
+    a slice."""
     devices = jax.devices() if devices is None else devices
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(f"--fsdp={fsdp} must divide the number of devices, {len(devices)}")
-    return Mesh(np.array(devices).reshape(-1, fsdp), AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        per_slice = len(devices) // slices
+        if per_slice % fsdp:
+            raise ValueError(f"--fsdp={fsdp} must divide the {per_slice} devices of one slice "
+                             f"({slices} slices): the state is not sharded across slices")
+        grid = mesh_utils.create_hybrid_device_mesh((per_slice // fsdp, fsdp), (slices, 1), devices)
+    else:
+        grid = mesh_utils.create_device_mesh((len(devices) // fsdp, fsdp), devices)
+    return Mesh(grid, AXES)
+
+
+def check_batch(batch_size: int, grad_accum: int, devices: int) -> None:
+    """Raise, in one line naming the flags that fix it, unless each micro-batch of
+    `batch_size / grad_accum` rows splits evenly over `devices` (batch_sharding's "data" x "fsdp":
+    every device takes the same number of rows). Checked before anything compiles: otherwise the
+    first step fails with a raw sharding error after the whole setup."""
+    micro = batch_size // grad_accum
+    if micro % devices == 0:
+        return
+    fixes = [f"--grad_accum={a}" for a in range(grad_accum - 1, 0, -1)
+             if batch_size % a == 0 and (batch_size // a) % devices == 0][:1]
+    rows = devices * grad_accum * -(-micro // devices)  # the next batch that splits with this --grad_accum
+    fixes.append(f"--batch_size={rows} --grad_accum={grad_accum}")
+    raise ValueError(f"--batch_size={batch_size} --grad_accum={grad_accum} makes micro-batches of {micro} rows, "
+                     f"which do not split over {devices} devices: use {' or '.join(fixes)}")
 
 
 def leaf_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:

@@ -22,7 +22,6 @@ import uuid
 
 import jax
 import numpy as np
-import optax
 from absl import flags
 from tqdm import tqdm
 
@@ -108,7 +107,7 @@ def keep_metrics_until(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-STEP_METRICS = ("loss", "grad_norm", "skipped", "supervised_tokens", "stop")
+STEP_METRICS = ("loss", "grad_norm", "skipped", "supervised_tokens", "stop", "lr")
 
 # Where a logging interval's wall time goes. The loop times MEASURED; host work (assembling and
 # sending the batch, the logger, the progress bar, a trace's start and stop) is the rest.
@@ -148,12 +147,20 @@ class PhaseTimes:
         return taken
 
 
+def mfu_text(mfu: float, peak_flops: float) -> str:
+    """'MFU 41.3%'; above 100% the peak it divides by is wrong, and the line says so instead."""
+    if mfu <= 1 or not np.isfinite(mfu):
+        return f"MFU {mfu:.1%}"
+    return (f"MFU n/a (over 100% of {peak_flops / 1e12:.3g} TFLOP/s: that peak is stale or wrong; "
+            "--peak_tflops, or delete ~/.cache/julian/cpu_peak_flops.json to measure it again)")
+
+
 class IntervalLogger:
     """Every `every` steps: one console line, one metrics.jsonl record, TensorBoard scalars and,
     given a W&B run, the same to W&B (step, loss, lr, grad norm, tokens/s, MFU, ETA, where the time
     went). The clock starts after the first step of this process, which includes compilation."""
 
-    def __init__(self, metrics_dir: str, every: int, steps: int, schedule: optax.Schedule,
+    def __init__(self, metrics_dir: str, every: int, steps: int,
                  tokens_per_step: int, flops_per_step: float, peak_flops: float, wandb_run=None):
         from tensorboardX import SummaryWriter
 
@@ -161,7 +168,7 @@ class IntervalLogger:
         self.file = open(self.path, "a")
         self.tensorboard = SummaryWriter(os.path.join(metrics_dir, "tb"))
         self.wandb = wandb_run
-        self.every, self.steps, self.schedule = every, steps, schedule
+        self.every, self.steps = every, steps
         self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
         self.pending: list[dict] = []
         self.clock, self.clock_step, self.last_step = None, 0, 0
@@ -193,7 +200,7 @@ class IntervalLogger:
         good = [m for m in self.pending if not m["skipped"]] or self.pending
         record = {"step": step,
                   "loss": float(np.mean([m["loss"] for m in good])),
-                  "lr": float(self.schedule(step - 1)),
+                  "lr": float(good[-1]["lr"]),  # the step's own: what its update applied
                   "grad_norm": float(good[-1]["grad_norm"]),
                   "tokens_per_s": self.tokens_per_step / seconds_per_step,
                   "mfu": self.flops_per_step / seconds_per_step / self.peak_flops,
@@ -210,7 +217,7 @@ class IntervalLogger:
         self.pending, self.clock, self.clock_step = [], now, step
         line = (f"step {step:>7} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
                 f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-                f"MFU {record['mfu']:.1%} | ETA {record['eta_s'] / 60:.1f} min")
+                f"{mfu_text(record['mfu'], self.peak_flops)} | ETA {record['eta_s'] / 60:.1f} min")
         if "epoch" in extra:
             line += f" | epoch {extra['epoch']:.2f}"
         if extra.get("skipped_steps"):

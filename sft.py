@@ -16,13 +16,17 @@ round(share_i * N): whole copies of the file, then a seeded random subset of it 
 Without weights every file is taken once, as is. Weights need not sum to 1 (they are normalised)
 and must be given for all files or none.
 
-Rendering is exactly the report's ChatML, `Tokenizer.render_chat`:
+Rendering is the tokenizer's chat format (`Tokenizer.chat_ids`). Ours is the report's ChatML,
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{...}<|im_end|>\\n
     <|im_start|>assistant\\n{...}<|im_end|>\\n
 preceded by <s>: a conversation is a document, as in pretraining and in `generate.py --chat`.
 Control tokens are inserted by id; text, whatever it contains, goes through SentencePiece, which
-never emits them. The loss mask is 1 on each assistant message's content tokens and on the <|im_end|> that
-closes it (so the model learns to stop), 0 on system and user turns, role headers and newlines.
+never emits them. A Hugging Face model's tokenizer renders with its own chat template (Llama 3's
+<|start_header_id|>role<|end_header_id|>\\n\\n{...}<|eot_id|>, for example), as transformers does.
+The loss mask is 1 on each assistant message's reply tokens and on the end-of-turn token that
+closes it (<|im_end|>, <|eot_id|>: so the model learns to stop), 0 on system and user turns, role
+headers and newlines; with a template, an assistant turn is found by rendering the conversation
+prefix by prefix (Tokenizer.chat_turns).
 
 Packing: conversations are packed into rows of seq_len + 1 tokens by best-fit decreasing, each
 with its own segment id (1, 2, ... per row; padding is 0), so attention stays within a
@@ -60,7 +64,7 @@ import prepared
 import train
 from chat_formats import FORMATS, FileStats, load_conversations, stats_table
 from model import ModelConfig
-from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, PAD_ID, Tokenizer
+from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
 
 OVERLONG = ("truncate", "drop")
 
@@ -76,38 +80,23 @@ class Example:
     mask: Bool[np.ndarray, " length"]
 
 
-def _render_turns(tokenizer: Tokenizer, messages: Sequence[dict]) -> list[tuple[list[int], list[bool]]]:
-    turns = []
-    header = tokenizer.encode("assistant\n")
-    for message in messages:
-        ids = tokenizer.render_chat([message])  # <|im_start|>role\ncontent<|im_end|>\n
-        mask = [False] * len(ids)
-        if message["role"] == "assistant":
-            # The header is a prefix of the turn's ids: "\n" is a byte piece that never merges.
-            assert ids[1: 1 + len(header)] == header, "role header merged with the content"
-            end = ids.index(IM_END_ID, 1 + len(header))  # the first: content cannot produce the id
-            mask[1 + len(header): end + 1] = [True] * (end - len(header))
-        turns.append((ids, mask))
-    return turns
-
-
 def render(tokenizer: Tokenizer, messages: Sequence[dict], max_tokens: int | None = None,
            overlong: str = "truncate") -> tuple[Example | None, str]:
     """(example, status): status "ok", "truncated" (cut after the last assistant turn that fits
-    in `max_tokens`) or "dropped" (example None: no assistant turn fits, or overlong="drop")."""
-    turns = [([BOS_ID], [False]), *_render_turns(tokenizer, messages)]
-    ends = np.cumsum([len(ids) for ids, _ in turns])
-    keep = len(turns)
-    if max_tokens is not None and ends[-1] > max_tokens:
-        fitting = [i + 2 for i, m in enumerate(messages)  # turns[i + 1] is messages[i]
-                   if m["role"] == "assistant" and ends[i + 1] <= max_tokens]
+    in `max_tokens`) or "dropped" (example None: no assistant turn fits, or overlong="drop").
+    The mask is 1 on each assistant turn's reply and end-of-turn token (Tokenizer.chat_turns)."""
+    ids, turns = tokenizer.chat_turns(messages)
+    mask = np.zeros(len(ids), bool)
+    for start, stop, _ in turns:
+        mask[start:stop] = True
+    keep = len(ids)
+    if max_tokens is not None and keep > max_tokens:
+        fitting = [end for _, _, end in turns if end <= max_tokens]
         if overlong == "drop" or not fitting:
             return None, "dropped"
         keep = fitting[-1]
-    ids = [t for turn_ids, _ in turns[:keep] for t in turn_ids]
-    mask = [m for _, turn_mask in turns[:keep] for m in turn_mask]
-    example = Example(np.asarray(ids, np.int32), np.asarray(mask, bool))
-    return example, ("ok" if keep == len(turns) else "truncated")
+    example = Example(np.asarray(ids[:keep], np.int32), mask[:keep])
+    return example, ("ok" if keep == len(ids) else "truncated")
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,6 +471,7 @@ def main(argv):
         flag_model, config, run = train.configs_from_flags()
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            parallel.check_batch(config.batch_size, config.grad_accum, jax.device_count())
         model_config, tokenizer, carried = init_model_config(run, flag_model)
         # Rows of --seq_len tokens when given (at most the model's context), else the context.
         seq_len = FLAGS.seq_len if FLAGS["seq_len"].present else model_config.max_seq_len
@@ -513,12 +503,14 @@ def main(argv):
                                  f"{config.batch_size} is {steps} steps: {e}") from None
         if FLAGS.dry_run:  # sizes, memory and budget of this fine-tuning (steps from --epochs)
             return train.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
-                                 FLAGS.peak_tflops, functools.partial(train.compile_step, row=chat_row(seq_len)))
+                                 FLAGS.peak_tflops, functools.partial(train.compile_step, row=chat_row(seq_len)),
+                                 workload=budget.Workload(seq_len=seq_len))
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)
         validation = None
         if validation_rows is not None and run.eval_every:
-            validation = ChatBatches(validation_rows, config.seed, config.batch_size, shuffle=False, **where)
+            validation = ChatBatches(validation_rows, config.seed, config.batch_size, config.grad_accum, shuffle=False,
+                                    **where)  # scored in the step's micro-batches
             run = dataclasses.replace(run, eval_batches=validation.num_batches)  # each row once
         sft_settings = {**dataclasses.asdict(data_config), "epochs": FLAGS.epochs,
                         "rows": rows.num_rows, "supervised_tokens_per_epoch": rows.supervised_tokens,

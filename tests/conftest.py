@@ -3,11 +3,29 @@
 import glob
 import os
 import pathlib
+import secrets
 import subprocess
 import sys
 import tempfile
 
 import pytest
+
+# The tests' gs:// paths are a local emulator's (the gcs_bucket fixture): no client may ask Google
+# anything. By default gcsfs 2026.10 is its ExtendedGcsFileSystem, which on a listing asks
+# Google's storage-control endpoint over gRPC whether the bucket is hierarchical, and building
+# that client makes google-auth probe the GCE metadata server (169.254.169.254), not caching a
+# failure: on a machine without one, a checkpoint save blocked for minutes. And a client without
+# credentials looks for them, the metadata server last (TensorStore looks up
+# metadata.google.internal). So, for the tests only: the plain gcsfs, no metadata probe, and
+# explicit anonymous credentials (gcsfs's "anon", a fixed token for TensorStore;
+# google-cloud-storage is anonymous by itself when STORAGE_EMULATOR_HOST is set). The libraries
+# read these at import: set here, before any test imports them, and inherited by every process a
+# test starts. Real gs:// users keep the defaults (README, "When something goes wrong", says what
+# an offline or sandboxed machine sets). tests/test_loopback.py checks that nothing leaves.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+os.environ["NO_GCE_CHECK"] = "true"
+os.environ["FSSPEC_GS_TOKEN"] = "anon"
+os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"
 
 # Tests run many small training processes with the same programs: share compiled executables
 # between them (and with this process) through JAX's persistent compilation cache.
@@ -20,9 +38,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # once share libtpu (it takes a lock file otherwise).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-# `ray start --head` turns token authentication on: every node and driver of the session's Ray
-# cluster must expect it (the processes the tests start inherit this).
+# Ray's token authentication, for every node and driver of the tests' clusters (the processes
+# the tests start inherit these): `ray start` turns it on when it finds a token but makes none,
+# so the run brings its own, never a ~/.ray/auth_token of this machine (a fresh one has none).
 os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 # No test reaches the Hugging Face Hub: the libraries fail at once on what is not cached.
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_name] = "1"
@@ -124,6 +144,55 @@ def tiny_hf(tmp_path_factory, tiny_run) -> str:
     model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
     convert.export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), out)
     return out
+
+
+# Meta-Llama-3-8B-Instruct's chat template, verbatim.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def write_hf_tokenizer(out: str, specials: list[str], bos: str | None = None, config: dict | None = None,
+                       chat_template: str | None = None, vocab_size: int = 1000) -> str:
+    """A byte-level BPE (GPT-2 style, as Llama 3's and SmolLM's) trained on the bundled samples by
+    the `tokenizers` library in a few seconds, saved as a Hugging Face folder: tokenizer.json (its
+    post-processor puts `bos` before a text), and tokenizer_config.json / chat_template.jinja
+    when given."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train(DATA_FILES, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if bos:
+        steps.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                   special_tokens=[(bos, tokenizer.token_to_id(bos))]))
+    tokenizer.post_processor = processors.Sequence(steps)
+    os.makedirs(out, exist_ok=True)
+    tokenizer.save(os.path.join(out, "tokenizer.json"))
+    if config is not None:
+        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **config}, f, indent=2)
+    if chat_template is not None:
+        with open(os.path.join(out, "chat_template.jinja"), "w") as f:
+            f.write(chat_template)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory) -> str:
+    """A Llama-3-style Hugging Face tokenizer folder: byte-level BPE, <|begin_of_text|> before a
+    text, eos <|end_of_text|>, no pad or unk, and Llama 3's chat template (turns end with <|eot_id|>)."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    return write_hf_tokenizer(str(tmp_path_factory.mktemp("llama3_tokenizer")), specials, bos="<|begin_of_text|>",
+                              config={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                                      "model_max_length": 100_000}, chat_template=LLAMA3_TEMPLATE)
 
 
 def free_port() -> int:

@@ -263,33 +263,35 @@ def test_exported_tokenizer_gives_sentencepiece_ids_on_accents_emoji_code_and_di
 
 @pytest.fixture(scope="module")
 def replying_run(trained, tmp_path_factory) -> tuple[str, list[int]]:
-    """(checkpoint, its greedy reply to QUESTION): the trained tiny model made to end its chat
-    replies. The tiny run, only pretrained, never writes <|im_end|>; here <|im_end|>'s output row
-    becomes 1.5 x that of a token t of its greedy reply, so greedy decoding ends the reply at the
-    first position where 1.5 x t's logit beats the best one (computed here, with a margin)."""
+    """(checkpoint, its greedy chat reply: REPLY's tokens): the tiny model rewired so that greedy
+    decoding replies REPLY, then <|im_end|>, then REPLY again, whatever the prompt. What a tiny
+    model happens to reply is not under test (one machine's greedy reply held </s>), where
+    generation stops is. The blocks add nothing (zero output projections), so the last token alone
+    sets the logits: token CHAIN[i] embeds as the i-th unit vector and the head maps that to
+    CHAIN[i + 1] alone (logit sqrt(d_model) after the final norm, 0 for every other token)."""
     import generate
 
     model, tokenizer_bytes = trained
     tok = Tokenizer.from_bytes(tokenizer_bytes)
     prompt = generate.chat_prompt(tok, [{"role": "system", "content": DEFAULT_SYSTEM},
                                         {"role": "user", "content": QUESTION}])
-    reply = generate.generate(model, [prompt], MAX_NEW, jax.random.key(0), temperature=0.0, stop_ids=())[0]
-    logits = _logits(model, [prompt + reply])[0, len(prompt) - 1:-1]  # row i predicts reply[i]
-    best = logits.max(axis=-1)
-    for t in dict.fromkeys(reply[2:]):
-        wins = 1.5 * logits[:, t] - best
-        stop = int(np.argmax(wins > 0.1)) if (wins > 0.1).any() else None
-        if stop is not None and stop >= 2 and (wins[:stop] < -0.1).all():
-            break
-    else:
-        pytest.fail(f"no token of the greedy reply {reply} can end it cleanly")
-    lm_head = model.lm_head.at[:, IM_END_ID].set(1.5 * model.lm_head[:, t])
+    reply = tok.encode(REPLY)
+    chain = [prompt[-1], *reply, IM_END_ID, reply[0]]  # the chat prompt ends the same way for HF
+    assert len(set(chain[:-1])) == len(chain) - 1 and EOS_ID not in chain, chain
+    rows, nexts = jnp.asarray(chain[:-1]), jnp.asarray(chain[1:])
+    unit = jnp.eye(model.config.d_model)[:len(rows)]
+    model = eqx.tree_at(lambda m: (m.embed, m.final_norm.weight, m.lm_head, m.blocks.attn.wo, m.blocks.mlp.w_down),
+                        model, (model.embed.at[rows].set(unit), jnp.ones_like(model.final_norm.weight),
+                                jnp.zeros_like(model.lm_head).at[jnp.arange(len(rows)), nexts].set(1.0),
+                                jnp.zeros_like(model.blocks.attn.wo), jnp.zeros_like(model.blocks.mlp.w_down)))
+    replied = generate.generate(model, [prompt], MAX_NEW, jax.random.key(0), temperature=0.0, stop_ids=())[0]
+    assert replied[:len(reply) + 2] == [*reply, IM_END_ID, reply[0]], replied
     out = str(tmp_path_factory.mktemp("replying"))
-    checkpoint.save(out, 0, eqx.tree_at(lambda m: m.lm_head, model, lm_head), tokenizer_bytes)
-    return out, reply[:stop]
+    checkpoint.save(out, 0, model, tokenizer_bytes)
+    return out, reply
 
 
-QUESTION, MAX_NEW = "Who is Holmes?", 24
+QUESTION, REPLY, MAX_NEW = "Who is Holmes?", "A detective in London.", 24
 
 
 def test_transformers_generate_on_the_chat_template_stops_at_im_end_with_generate_py_chats_reply(

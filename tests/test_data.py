@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import textwrap
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,6 +28,7 @@ import zstandard
 
 import data
 import documents
+import stages
 import storage
 import stream
 from conftest import DATA_FILES, REPO, ray_nodes_taking_tasks, run_script, start_ray_node, stop_ray_node
@@ -196,6 +198,25 @@ def test_near_duplicates_with_a_few_words_changed_are_removed_and_distinct_docum
                                      "near_dedup": n, "language_kept": n}
 
 
+def test_lsh_bands_and_components_equal_their_references():
+    from datasketch.lsh import _optimal_param
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    for threshold in (0.5, 0.7, 0.8, 0.9):
+        for num_perm in (64, 128, 256):
+            assert documents.lsh_bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.1, 0.9)
+    rng = np.random.default_rng(0)
+    for n, m in ((1, 0), (50, 30), (300, 200), (300, 600)):
+        edges = rng.integers(0, n, (m, 2))
+        chain = rng.permutation(n)  # a long path: many rounds of linking
+        edges = np.concatenate([edges, np.stack([chain[:-1], chain[1:]], axis=1)[: n // 3]])
+        _, label = connected_components(coo_matrix((np.ones(len(edges)), edges.T), shape=(n, n)), directed=False)
+        smallest = np.full(label.max() + 1, n)
+        np.minimum.at(smallest, label, np.arange(n))
+        assert (stages.smallest_in_component(edges, n) == smallest[label]).all()
+
+
 def test_cleaning_drops_short_long_and_symbol_heavy_documents_and_normalises(
         tmp_path, tiny_tokenizer_path, tokenizer):
     prose = fixture_documents("en_wells.txt", chars=400)
@@ -335,13 +356,13 @@ def test_a_local_run_listens_on_no_socket_connects_nowhere_and_starts_no_ray(tmp
 
 def test_planted_near_duplicates_are_found_across_files_with_precision_and_recall_above_095(
         tmp_path, tiny_tokenizer_path):
-    from benchmarks.data_prep import dedup_quality, planted_corpus
+    from benchmarks.data_prep import dedup_quality, planted_corpus, removed_by_julian
 
     files, truth = planted_corpus(str(tmp_path / "planted"), distinct=240, files=3, seed=1)
     cfg = config(tmp_path, files, tiny_tokenizer_path, language_id=False, languages=(("en", None),),
                  num_shards=1, seq_len=256)
     manifest = data.prepare(cfg)
-    quality = dedup_quality(cfg, truth)
+    quality = dedup_quality(removed_by_julian(cfg), truth)
     assert quality["precision"] >= 0.95 and quality["recall"] >= 0.95, quality
     assert quality["distinct_removed"] == 0, quality
     assert quality["cross_file_pairs_found"] > 0, quality
@@ -358,11 +379,12 @@ def test_code_skips_language_id_is_wrapped_in_code_markers_and_gets_its_share(
     manifest = data.prepare(config(tmp_path, [*corpus[0], *code, stack], tiny_tokenizer_path,
                                    languages=(("en", 0.5), ("fr", 0.2), ("code", 0.3)), code_sources=("stack",),
                                    dedup=True, seq_len=128))
-    cleaned = manifest["documents_by_language"]["cleaned"]["code"]
+    cleaned = manifest["documents_by_source"]["cleaned"]
     kept = sum(documents.keep_after_cleaning(documents.clean_text(t), True, 100, 500_000, 0.7, 0.25)
                for t in texts)
-    assert cleaned == kept + 3 and kept >= len(code) - 2  # the stack copies are counted, then deduplicated
-    assert manifest["documents_by_language"]["exact_dedup"]["code"] == kept
+    assert cleaned["code"] == kept and cleaned["stack"] == 3 and kept >= len(code) - 2
+    assert manifest["documents_by_source"]["exact_dedup"]["stack"] == 0  # copies of earlier files
+    assert manifest["documents_by_language"]["language_kept"]["code"] == kept
     tokens = {lang: e["tokens"] for lang, e in manifest["languages"].items()}
     # Whole files are few and long: the draw of copies is coarse, the share only roughly reached.
     assert abs(tokens["code"] / sum(tokens.values()) - 0.3) < 0.1, tokens
@@ -425,6 +447,185 @@ def test_all_input_formats_give_the_same_documents(tmp_path, corpus):
         assert got == expected, name
     got = [(d.text, d.source) for d in documents.iter_documents(str(tmp_path / "s.txt"))]
     assert got == [(t, "s") for t, _, _ in expected]
+
+
+# ----------------------------------------------------------------------------- the report's five sources
+def sample_documents(name: str, chars: int, first: int, count: int) -> list[str]:
+    """`count` documents of about `chars` characters, consecutive paragraphs of a bundled novel
+    from its `first` paragraph on."""
+    with open(os.path.join(REPO, "samples", name), encoding="utf-8") as f:
+        paragraphs = [line.strip() for line in f if len(line.strip()) > 40][first:]
+    docs, current = [], ""
+    for paragraph in paragraphs:
+        current = f"{current}\n{paragraph}" if current else paragraph
+        if len(current) >= chars:
+            docs.append(current)
+            current = ""
+            if len(docs) == count:
+                return docs
+    raise AssertionError(f"{name} holds fewer than {count} documents of {chars} characters from {first}")
+
+
+def code_snippets(count: int) -> list[str]:
+    """The repository's functions, one document each (their first 1,000 characters: documents
+    small beside a source's target, which the mixture reaches to within one document)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(REPO, "*.py"))):
+        text = pathlib.Path(path).read_text()
+        out += [("def " + part)[:1000] for part in text.split("\ndef ")[1:] if len(part) > 300]
+    assert len(out) >= count, len(out)
+    return out[:count]
+
+
+GUTENBERG_HEADER = ("The Project Gutenberg eBook of {title}\n\nThis eBook is for the use of anyone anywhere...\n\n"
+                    "*** START OF THE PROJECT GUTENBERG EBOOK {title} ***\n\n")
+GUTENBERG_FOOTER = "\n\n*** END OF THE PROJECT GUTENBERG EBOOK {title} ***\n\nSection 1. General Terms of Use...\n"
+
+
+def write_mirror(root: pathlib.Path) -> dict:
+    """A mirror of the report's five sources, a few hundred records each, in each one's own layout
+    and schema: Wikipedia (wikimedia/wikipedia Parquet, one folder per language), OSCAR 2301
+    (`content` and `metadata` in .jsonl.zst, one folder per language; some records flagged noisy),
+    FineWeb-Edu (Parquet with its language and score columns), Project Gutenberg (plain-text books
+    with the licence header and footer), The Stack (`content` Parquet, one folder per programming
+    language). Returns the documents written per source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def parquet(path, rows):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+    written = {}
+    for lang, name in (("en", "en_doyle_sign_of_four.txt"), ("fr", "fr_flaubert_madame_bovary_part.txt")):
+        docs = sample_documents(name, 400, 0, 100)
+        written.setdefault("wikipedia", []).extend(docs)
+        parquet(root / "wikipedia" / f"20231101.{lang}" / "train-00000-of-00001.parquet",
+                [{"id": str(i), "url": f"https://{lang}.wikipedia.org/wiki?curid={i}", "title": f"T{i}", "text": t}
+                 for i, t in enumerate(docs)])
+    for lang, name in (("en", "en_dickens_dombey_and_son_part.txt"), ("fr", "fr_maupassant_bel_ami.txt")):
+        docs = sample_documents(name, 400, 0, 120)
+        noisy = docs[::10]  # OSCAR flags them; the recipe drops them
+        written.setdefault("oscar", []).extend(d for d in docs if d not in noisy)
+        written.setdefault("oscar_noisy", []).extend(noisy)
+        folder = root / "oscar" / f"{lang}_meta"
+        folder.mkdir(parents=True)
+        lines = "".join(json.dumps({
+            "content": t, "warc_headers": {"warc-type": "conversion", "content-length": str(len(t))},
+            "metadata": {"identification": {"label": lang, "prob": 0.97}, "harmful_pp": 1000.0, "tlsh": "tlsh:T1",
+                         "quality_warnings": ["noisy"] if t in noisy else (["short_sentences"] if i % 3 else None),
+                         "categories": None, "sentence_identifications": []}}, ensure_ascii=False) + "\n"
+            for i, t in enumerate(docs))
+        (folder / f"{lang}_meta_part_1.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    docs = sample_documents("en_dickens_dombey_and_son_part.txt", 400, 1500, 150)
+    written["fineweb_edu"] = docs
+    parquet(root / "fineweb-edu" / "sample" / "10BT" / "000_00000.parquet",
+            [{"text": t, "id": f"<urn:uuid:{i}>", "dump": "CC-MAIN-2024-10", "url": "https://example.org",
+              "file_path": "s3://commoncrawl/...", "language": "en", "language_score": 0.95, "token_count": len(t) // 4,
+              "score": 3.1, "int_score": 3} for i, t in enumerate(docs)])
+    for lang, name, number in (("en", "en_dickens_dombey_and_son_part.txt", 821),
+                               ("fr", "fr_maupassant_bel_ami.txt", 4647)):
+        docs = sample_documents(name, 400, 2500, 40)
+        written.setdefault("gutenberg", []).extend(docs)
+        book = root / "gutenberg" / lang / f"pg{number}.txt"
+        book.parent.mkdir(parents=True)
+        title = f"Book {number}"
+        # Hard-wrapped at 70 columns with CRLF line ends, as Gutenberg's plain-text files are.
+        body = "\n\n".join("\n".join(textwrap.wrap(p, 70, break_on_hyphens=False, break_long_words=False))
+                           for d in docs for p in d.split("\n"))
+        book.write_bytes((GUTENBERG_HEADER.format(title=title) + body + GUTENBERG_FOOTER.format(title=title))
+                         .replace("\n", "\r\n").encode())
+    code = code_snippets(240)
+    written["stack"] = code
+    for i, language in enumerate(("python", "javascript")):
+        part = code[i::2]
+        parquet(root / "the-stack-dedup" / "data" / language / "data-00000-of-00001.parquet",
+                [{"hexsha": hashlib.sha1(t.encode()).hexdigest(), "size": len(t), "ext": "py", "lang": "Python",
+                  "max_stars_repo_path": f"f{j}.py", "content": t, "avg_line_length": 30.0, "max_line_length": 90,
+                  "alphanum_fraction": 0.6} for j, t in enumerate(part)])
+    return written
+
+
+REPORT_FLAGS = os.path.join(REPO, "configs", "corpus_report.flags")
+
+
+def test_each_source_is_read_in_its_own_layout(tmp_path):
+    written = write_mirror(tmp_path)
+    recipe = data.parse_sources([line.strip()[len("--source="):] for line in open(REPORT_FLAGS)
+                                 if line.startswith("--source=")])
+    config = data.PrepareConfig(inputs=(str(tmp_path),), output="", tokenizer="", sources=recipe,
+                                text_fields=(("oscar", "content"), ("stack", "content")), book_sources=("gutenberg",),
+                                max_chars=3000)
+    files = data.input_files(config)
+    assert {source for _, source in files} == {"wikipedia", "oscar", "fineweb_edu", "gutenberg", "stack"}
+    read: dict = {}
+    for path, source in files:
+        for doc in documents.iter_documents(path, layout=stages.layout(config, path, source)):
+            assert isinstance(doc, documents.Document), doc
+            read.setdefault(source, []).append(doc)
+    assert [d.text for d in read["wikipedia"]] == written["wikipedia"]
+    assert [d.text for d in read["fineweb_edu"]] == written["fineweb_edu"]
+    assert {(d.lang, d.lang_score) for d in read["fineweb_edu"]} == {("en", 0.95)}
+    oscar = read["oscar"]
+    assert sorted(d.text for d in oscar) == sorted(written["oscar"] + written["oscar_noisy"])
+    assert {d.lang for d in oscar} == {"en", "fr"} and {d.lang_score for d in oscar} == {0.97}
+    assert sorted(d.text for d in oscar if "noisy" in d.warnings) == sorted(written["oscar_noisy"])
+    assert sorted(d.text for d in read["stack"]) == sorted(written["stack"])
+    # A book: its licence header and footer gone, its hard-wrapped paragraphs whole again up to
+    # their line breaks, parts of at most max_chars.
+    books = "\n\n".join(d.text for d in read["gutenberg"])
+    assert "PROJECT GUTENBERG" not in books and "\r" not in books
+    assert all(len(d.text) <= 3000 for d in read["gutenberg"]) and len(read["gutenberg"]) > 2
+    words = lambda t: t.split()  # noqa: E731
+    assert words(books) == words(" ".join(written["gutenberg"]))
+    with pytest.raises(ValueError, match="no column 'text'"):
+        documents.check_input(files[-1][0])  # The Stack without its text column named
+    assert documents.check_input(files[-1][0], "content") > 0
+
+
+def test_the_report_recipe_reaches_each_source_token_target_within_one_percent(tmp_path, tiny_tokenizer_path):
+    written = write_mirror(tmp_path / "mirror")
+    tokenizer = Tokenizer.load(tiny_tokenizer_path)
+    tokens = {name: sum(len(t) for t in tokenizer.encode_batch(docs)) for name, docs in written.items()}
+    # Downsample four sources (to 40-60% of what they hold, language ID and cleaning apart) and
+    # repeat Gutenberg about 2.5 times.
+    targets = {"wikipedia": 0.5 * tokens["wikipedia"], "oscar": 0.6 * tokens["oscar"],
+               "fineweb_edu": 0.4 * tokens["fineweb_edu"], "gutenberg": 2.5 * tokens["gutenberg"],
+               "stack": 0.4 * tokens["stack"]}
+    spec = ",".join(f"{name}:{int(t)}" for name, t in targets.items())
+    out = tmp_path / "out"
+    run_script("data.py", "prepare", f"--flagfile={REPORT_FLAGS}", f"--input={tmp_path / 'mirror'}",
+               f"--output={out}", f"--tokenizer={tiny_tokenizer_path}", f"--source_tokens={spec}", "--seq_len=128",
+               "--num_shards=2", "--max_chars=3000", "--num_cpus=2")
+    manifest = json.loads((out / "manifest.json").read_text())
+    sources = manifest["sources"]
+    for name, target in targets.items():
+        assert sources[name]["target_tokens"] == int(target)
+        assert abs(sources[name]["tokens"] / target - 1) < 0.01, (name, sources[name])
+        assert sources[name]["short_tokens"] == 0
+        assert sum(per["tokens"] for per in sources[name]["languages"].values()) == sources[name]["tokens"]
+    assert 2 < sources["gutenberg"]["epochs"] < 3 and sources["wikipedia"]["epochs"] < 1
+    assert set(sources["wikipedia"]["languages"]) == {"en", "fr"} and set(sources["stack"]["languages"]) == {"code"}
+    assert set(sources["fineweb_edu"]["languages"]) == {"en"}
+    assert manifest["quality_dropped"] == len(written["oscar_noisy"])  # OSCAR's noisy records
+    # The survivors only were language-identified: OSCAR and FineWeb-Edu by their records' own
+    # lid.176 answers, code not at all; each source's kept documents are at most those written.
+    kept = manifest["documents_by_source"]["language_kept"]
+    assert kept["oscar"] == len(written["oscar"]) and kept["fineweb_edu"] == len(written["fineweb_edu"])
+    assert kept["wikipedia"] <= len(written["wikipedia"]) and kept["stack"] <= len(written["stack"])
+    # Available and written tokens add up; the table says so too.
+    assert manifest["languages"]["en"]["tokens"] == sum(s["languages"].get("en", {}).get("tokens", 0)
+                                                        for s in sources.values())
+    # The same recipe told to report a short source rather than repeat it: Gutenberg written once.
+    out = tmp_path / "report"
+    result = run_script("data.py", "prepare", f"--flagfile={REPORT_FLAGS}", f"--input={tmp_path / 'mirror'}",
+                        f"--output={out}", f"--tokenizer={tiny_tokenizer_path}", f"--source_tokens={spec}",
+                        "--seq_len=128", "--num_shards=2", "--max_chars=3000", "--short_sources=report")
+    gutenberg = json.loads((out / "manifest.json").read_text())["sources"]["gutenberg"]
+    assert gutenberg["tokens"] == gutenberg["available_tokens"] and gutenberg["epochs"] == 1
+    assert gutenberg["short_tokens"] == int(targets["gutenberg"]) - gutenberg["available_tokens"] > 0
+    assert re.search(rf"gutenberg\s+{int(targets['gutenberg']):,}\s+{gutenberg['available_tokens']:,}\s+"
+                     rf"{gutenberg['tokens']:,}\s+\S+%\s+1.00\s+{gutenberg['short_tokens']:,}", result.stdout), result.stdout
 
 
 # ----------------------------------------------------------------------------- byte-range splits
@@ -846,4 +1047,38 @@ def test_command_line_help_is_short_and_bad_flags_are_one_line_with_status_2(tmp
         failed = run("prepare", *args)
         assert failed.returncode == 2, (args, failed.stderr)
         assert len(failed.stderr.strip().splitlines()) == 1 and named in failed.stderr, (args, failed.stderr)
+    # The recipe's flags: a bad target, a source matching nothing, targets beside language shares.
+    common = [f"--input={tmp_path}", f"--output={tmp_path}/o", f"--tokenizer={tiny_tokenizer_path}"]
+    for args, named in [(["--source_tokens=wiki:lots"], "--source_tokens"),
+                        (["--source=wiki=none/*.parquet", "--source_tokens=wiki:5B", "--languages=en,fr"],
+                         "--source=wiki"),
+                        (["--source_tokens=wiki:5B", "--languages=en:0.7,fr:0.3"], "--source_tokens"),
+                        (["--source=wiki", "--languages=en,fr"], "--source=wiki")]:
+        failed = run("prepare", *common, *args)
+        assert failed.returncode == 2, (args, failed.stderr)
+        assert len(failed.stderr.strip().splitlines()) == 1 and named in failed.stderr, (args, failed.stderr)
     assert run("merge").returncode == 2
+
+
+def test_a_models_own_tokenizer_json_prepares_the_corpus_in_its_vocabulary_and_says_code_goes_unwrapped(
+        tmp_path, corpus, llama3_tokenizer_dir, capsys):
+    """Continued pretraining's data: a Hugging Face tokenizer.json (conftest: Llama-3-style byte-level
+    BPE, no <|code|>), documents as <|begin_of_text|> text <|end_of_text|>, code without wrappers."""
+    path = os.path.join(llama3_tokenizer_dir, "tokenizer.json")
+    tok = Tokenizer.load(path)
+    code = pathlib.Path(REPO, "sft.py").read_text()
+    stack = write_jsonl(tmp_path / "stack.jsonl", [{"text": code, "source": "stack"}])
+    manifest = data.prepare(config(tmp_path, [*corpus[0], stack], path, num_cpus=1, num_shards=1,
+                                   languages=(("en", None), ("fr", None), ("code", None)), code_sources=("stack",)))
+    assert f"--tokenizer={path} has no <|code|>/<|endcode|> tokens" in capsys.readouterr().out
+    assert manifest["vocab_size"] == tok.vocab_size and manifest["tokenizer"] == hashlib.sha256(tok.model_bytes).hexdigest()
+    records = np.concatenate([shard_records(str(tmp_path / "out"), manifest),
+                              shard_records(str(tmp_path / "out"), manifest, "validation")]).ravel()
+    starts = np.flatnonzero(records == tok.bos_id)
+    whole = [records[a + 1:b - 1].tolist() for a, b in zip(starts, starts[1:]) if records[b - 1] == tok.eos_id]
+    decoded = [tok.decode(ids) for ids in whole]
+    assert all(ids == tok.encode(text) for ids, text in zip(whole, decoded))
+    en, fr = corpus[1], corpus[2]
+    prose = [text for text in decoded if text in set(en + fr)]
+    assert len(prose) >= len(en + fr) - 2 * len(manifest["shards"]) - 1
+    assert [text for text in decoded if text not in set(en + fr)] == [documents.clean_text(code)]

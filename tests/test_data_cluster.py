@@ -36,13 +36,17 @@ def session_processes(leaders: list[int]) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_tpu_script_starts_a_two_node_ray_cluster_prepare_uses_and_stops_only_its_processes(
-        tmp_path, tiny_tokenizer_path, ray_cluster, netns):
-    worker = tmp_path / "local-worker"  # `$JULIAN_SSH WORKER COMMAND`: a local shell for every worker
-    worker.write_text(f'#!/usr/bin/env bash\nexec {" ".join(netns)} bash -c "$2"\n')
+        tmp_path, tiny_tokenizer_path, ray_cluster, netns, monkeypatch):
+    # `$JULIAN_SSH WORKER COMMAND`: a local shell for every worker, each with a home of its own
+    # that holds no Ray token yet, as on a fresh slice.
+    worker = tmp_path / "local-worker"
+    worker.write_text(f'#!/usr/bin/env bash\nHOME={tmp_path}/home-$1 exec {" ".join(netns)} bash -c "$2"\n')
     worker.chmod(0o755)
     port = free_port()
     temp = tempfile.mkdtemp(prefix="jr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "JULIAN_SSH": str(worker), "JULIAN_IPS": "127.0.0.1 127.0.0.1",
+    # Without the run's Ray token: tpu.sh makes the cluster's.
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"},
+           "JULIAN_SSH": str(worker), "JULIAN_IPS": "127.0.0.1 127.0.0.1",
            "JULIAN_RAY_PORT": str(port), "JULIAN_RAY_ARGS": f"--num-cpus=1 --temp-dir={temp}",
            "JULIAN_RAY_HEAD_ARGS": f"--include-dashboard=false --ray-client-server-port={free_port()}",
            "JULIAN_RAY_DIR": str(tmp_path / "ray"), "JULIAN_REMOTE_DIR": REPO,
@@ -56,6 +60,11 @@ def test_tpu_script_starts_a_two_node_ray_cluster_prepare_uses_and_stops_only_it
     try:
         started = subprocess_run([*script, "ray-start"], env)
         assert started.returncode == 0, started.stdout + started.stderr
+        # Worker 0 made the cluster's token and worker 1 got it; drivers here need it too.
+        tokens = [tmp_path / f"home-{w}" / ".ray" / "auth_token" for w in (0, 1)]
+        assert tokens[0].read_text() == tokens[1].read_text() and len(tokens[0].read_text()) == 64
+        assert [t.stat().st_mode & 0o777 for t in tokens] == [0o600, 0o600]
+        monkeypatch.setenv("RAY_AUTH_TOKEN", tokens[0].read_text())
         leaders = [int((tmp_path / "ray" / f"node-{w}.pid").read_text()) for w in (0, 1)]
         ours = session_processes(leaders)
         names = [p.name() for p in ours]

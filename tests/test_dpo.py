@@ -1,8 +1,10 @@
 """dpo.py: the numbers against TRL's DPOTrainer itself, a preference learnt, formats, bad input."""
 
 import dataclasses
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+import budget
 import chat_formats
 import checkpoint
 import convert
@@ -23,6 +26,7 @@ import parallel
 import prepared
 import train
 from conftest import REPO, run_script
+from model import ModelConfig, Transformer, num_params
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, Tokenizer
 
 torch = pytest.importorskip("torch")
@@ -190,6 +194,10 @@ def test_gradients_and_one_optimizer_step_equal_trls_trainer(models, real_pairs,
                                    atol=2e-3, err_msg=name)
 
 
+def _never_loaded():
+    pytest.fail("the reference model was loaded although its log-probabilities were stored")
+
+
 def test_online_reference_equals_the_stored_one_and_a_second_start_reads_it_back(models, real_pairs, tmp_path):
     policy, reference = models
     rows, batch = _our_batch(real_pairs, reference)
@@ -203,15 +211,74 @@ def test_online_reference_equals_the_stored_one_and_a_second_start_reads_it_back
     cache = prepared.Cache(str(tmp_path), log=logs.append)
     parts = {"kind": "dpo reference log-probabilities", "pairs": ["abc"],
              "reference": dpo.reference_identity("runs/sft", {"dtype": "float32"})}
-    first, how = dpo.stored_reference_logps({"train": rows}, reference, parts, cache, 4, mesh)
+    first, how = dpo.stored_reference_logps({"train": rows}, lambda: reference, parts, cache, 4, mesh)
     assert how.startswith("computed") and np.allclose(first["train"], batch["reference_logps"], atol=1e-5)
-    again, how = dpo.stored_reference_logps({"train": rows}, policy, parts, cache, 4, mesh)
+    again, how = dpo.stored_reference_logps({"train": rows}, _never_loaded, parts, cache, 4, mesh)
     assert how.startswith("read") and np.array_equal(again["train"], first["train"])  # not recomputed
     assert logs[-1].startswith("reference log-probabilities: cache hit")
     other = {**parts, "reference": dpo.reference_identity("runs/other", {"dtype": "float32"})}
-    _, how = dpo.stored_reference_logps({"train": rows}, reference, other, cache, 4, mesh)
+    _, how = dpo.stored_reference_logps({"train": rows}, lambda: reference, other, cache, 4, mesh)
     assert how.startswith("computed")  # another --init_from is another reference
     assert "differs in reference.init_from" in logs[-2]
+
+
+# The tiny config's shape (configs/tiny.flags), not the tiny run: these tests need no training.
+SMALL = ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512, max_seq_len=128)
+
+
+def test_online_reference_is_an_argument_of_the_step_not_constants_baked_into_it():
+    reference = Transformer(SMALL, jax.random.key(1))
+    config, mesh = train.TrainConfig(steps=10, batch_size=4, warmup_steps=1), parallel.make_mesh(1)
+    arguments = train.step_arguments(SMALL, config, mesh, dpo.pair_row(64))
+    optimizer = optim.make_optimizer(config)
+    size = {}
+    for name, loss_fn in (("stored", dpo.make_loss_fn(dpo.LossConfig())),
+                          ("online", dpo.make_loss_fn(dpo.LossConfig(), reference))):
+        step = train.make_train_step(optimizer, parallel.shardings(arguments[0]), mesh, loss_fn, config)
+        size[name] = len(step.lower(*arguments).as_text())
+    # Closed over, the reference's 3.3M parameters were constants of the program: 25.8 MiB of
+    # text against 0.3 MiB. As arguments, the online step is the stored one plus a forward pass.
+    assert size["online"] < 2 * size["stored"], size
+
+
+def test_stored_reference_is_loaded_only_to_compute_its_log_probabilities_then_freed(models, real_pairs, tmp_path):
+    _, reference = models
+    rows, batch = _our_batch(real_pairs, reference)
+    mesh, cache = parallel.make_mesh(1), prepared.Cache(str(tmp_path))
+    parts = {"kind": "dpo reference log-probabilities", "pairs": ["freed"],
+             "reference": dpo.reference_identity("runs/sft", {"dtype": "float32"})}
+    live = lambda: sum(x.nbytes for x in jax.live_arrays())
+    before, loaded = live(), []
+
+    def load():
+        loaded.append(jax.tree.map(jnp.copy, reference))  # a fresh copy on the device, as main() loads it
+        return loaded.pop()
+
+    values, how = dpo.stored_reference_logps({"train": rows}, load, parts, cache, 4, mesh)
+    assert how.startswith("computed") and np.allclose(values["train"], batch["reference_logps"], atol=1e-5)
+    reference_bytes = sum(x.nbytes for x in jax.tree.leaves(reference))
+    assert live() - before < reference_bytes / 10, (live() - before, reference_bytes)
+
+
+def test_dry_run_counts_both_sequences_of_a_pair_and_what_the_reference_costs(capsys):
+    config = train.TrainConfig(steps=10, batch_size=8, grad_accum=2, warmup_steps=1)
+    loss_config, printed = dpo.LossConfig(), {}
+    for online in (False, True):
+        step = functools.partial(dpo.compile_step, loss_config=loss_config, max_length=64, online=online)
+        before = [] if online else [("reference pass", functools.partial(dpo.compile_reference_pass, max_length=64))]
+        train.dry_run(SMALL, config, 1, "", 0.4, 1.0, step, before=before,
+                      workload=budget.Workload(2, 64, extra_forward=online))
+        printed[online] = dict(re.match(r"(.+?)\s{2,}(.*)", line).groups()
+                               for line in capsys.readouterr().out.splitlines() if "  " in line)
+    stored, online = printed[False], printed[True]
+    assert stored["tokens per step"].startswith("1,024 (8 x 2 x 64,")  # not 8 x 128
+    assert stored["reference pass: per-chip peak"].endswith("(runs before the steps; its memory is freed before them)")
+    assert "reference pass: per-chip peak" not in online
+    argument = lambda rows: float(rows["per-chip memory: arguments"].split()[0])  # MiB at this size
+    reference_mib = num_params(SMALL) * 4 / 2**20
+    assert argument(online) - argument(stored) == pytest.approx(reference_mib, rel=0.05)
+    flops = lambda rows: float(rows[next(k for k in rows if k.startswith("FLOPs"))])
+    assert flops(online) == pytest.approx(4 / 3 * flops(stored), rel=0.01)  # printed to 3 digits
 
 
 @pytest.mark.slow
@@ -431,3 +498,41 @@ def test_dpo_trains_on_packed_pairs_and_resumes_from_the_cache(tiny_run, tmp_pat
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [2, 4] and all(np.isfinite(r["loss"]) for r in steps)
     assert all("rewards/accuracies" in r for r in steps) and any("eval_rewards/margins" in r for r in records)
+
+
+def test_a_llama3_template_splits_prompt_and_replies_where_transformers_renders_them(llama3_tokenizer_dir):
+    tokenizer = Tokenizer.load(llama3_tokenizer_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    pair = chat_formats.to_pair(FORMAT_CASES["standard"])
+    rendered, status = dpo.render_pair(tokenizer, pair, 256, 128)
+    prompt = list(pair.prompt)
+    assert status == "ok" and rendered.prompt.tolist() == hf.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    eot = hf.convert_tokens_to_ids("<|eot_id|>")
+    for reply, ids in ((pair.chosen, rendered.chosen), (pair.rejected, rendered.rejected)):
+        assert ids.tolist() == [*hf(reply, add_special_tokens=False).input_ids, eot]
+        whole = hf.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=True,
+                                       return_dict=True)["input_ids"]
+        assert whole == rendered.prompt.tolist() + ids.tolist()
+
+
+def test_a_reply_whose_first_characters_merge_into_the_prompt_keeps_its_whole_rendering(tmp_path):
+    """A template whose generation prompt ends in a space ("assistant: "): byte-level BPE spells
+    " Hello" as one token, so a reply's first word takes the prompt's last token. The prompt is
+    what both replies' renderings share and each reply keeps the rest."""
+    import conftest
+
+    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    folder = conftest.write_hf_tokenizer(str(tmp_path), ["<|endoftext|>"],
+                                         config={"eos_token": "<|endoftext|>", "chat_template": template})
+    tokenizer = Tokenizer.load(folder)
+    pair = chat_formats.Pair(({"role": "user", "content": "Hi?"},), "Hello.", "\nGo away.")
+    prompts = [dpo._split_reply(tokenizer, pair.prompt, reply)[0].tolist() for reply in (pair.chosen, pair.rejected)]
+    assert prompts[0] == prompts[1][:-1]  # the rejected reply leaves the prompt's final " " alone
+    rendered, status = dpo.render_pair(tokenizer, pair, 256, 128)
+    assert status == "ok" and rendered.prompt.tolist() == prompts[0]
+    for reply, ids in ((pair.chosen, rendered.chosen), (pair.rejected, rendered.rejected)):
+        whole = tokenizer.chat_ids([*pair.prompt, {"role": "assistant", "content": reply}])
+        assert rendered.prompt.tolist() + ids.tolist() == whole
+        assert tokenizer.decode(ids) == f" {reply}\n"  # the prompt's final space belongs to both replies

@@ -365,3 +365,32 @@ def test_bf16_log_likelihoods_stay_near_the_hf_backends_fp32_ones(tiny, hf_outpu
               for mine, theirs in zip(_responses(ours, task), _responses(hf_output, task)) for a, b in zip(mine, theirs)]
     print(f"bf16 against fp32: largest error {max(errors):.4f} nats, mean {np.mean(errors):.4f}")
     assert max(errors) < BF16_LOGPROB_ATOL
+
+
+def test_with_a_models_own_hugging_face_tokenizer_requests_are_encoded_as_the_hf_backend_encodes_them(
+        llama3_tokenizer_dir):
+    """lm-eval's TemplateLM builds every request from tok_encode, prefix_token_id and eot_token_id:
+    ours on the Llama-3-style tokenizer (conftest) against HFLM's on the same files."""
+    import jax
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    from model import ModelConfig, Transformer
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer.load(llama3_tokenizer_dir)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+    theirs = HFLM(pretrained=transformers.LlamaForCausalLM(config), tokenizer=hf_tokenizer, batch_size=1, device="cpu")
+    ours = evaluate.JulianLM(Transformer(ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
+                                                     d_ff=32, max_seq_len=64), jax.random.key(0)), tok)
+    assert (ours.prefix_token_id, ours.eot_token_id) == (theirs.prefix_token_id, theirs.eot_token_id)
+    texts = ["The cat sat.", " Il était une fois", "<|begin_of_text|>Holmes said", "", "x\n\n  y"]
+    for text in texts:
+        for special in (None, True, False):
+            assert ours.tok_encode(text, add_special_tokens=special) == theirs.tok_encode(
+                text, add_special_tokens=special), (text, special)
+    requests = [Instance("loglikelihood", {}, (context, continuation), 0)
+                for context, continuation in [("Sherlock", " Holmes"), ("Le chat ", "dort."), ("x", "\n\ny")]]
+    assert [ours._encode_pair(*r.args) for r in requests] == [theirs._encode_pair(*r.args) for r in requests]

@@ -243,3 +243,86 @@ def test_an_empty_reply_is_named_as_one_and_a_reply_is_printed_as_it_is():
     assert G.empty_note("Bonjour", chat=True) == ""
     assert G.empty_note("", chat=True) == "(empty reply: the model ended its turn at once)"
     assert "ended the text at once" in G.empty_note("", chat=False)
+
+
+def test_chat_with_a_llama3_template_stops_at_its_eot_token_not_at_eos(llama3_tokenizer_dir, tmp_path):
+    """A model built to answer two tokens then <|eot_id|> then more: with the blocks zeroed, the
+    hidden state of a token is its embedding, so each token's embedding (a basis vector) and the
+    output matrix make a fixed chain: the prompt's last token -> A -> B -> <|eot_id|> -> C."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = Tokenizer.load(llama3_tokenizer_dir)
+    messages = [{"role": "system", "content": "Sois bref."}, {"role": "user", "content": "Bonjour"}]
+    prompt = G.chat_prompt(tokenizer, messages)
+    hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    assert prompt == hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+    eot, eos = hf.convert_tokens_to_ids("<|eot_id|>"), hf.eos_token_id
+    assert eot != eos and tokenizer.chat_stop_ids == (eos, eot)
+    a, b, c = (tokenizer.encode(word)[0] for word in (" Holmes", " Watson", " Paris"))
+    chain = [prompt[-1], a, b, eot, c]
+    assert len(set(chain)) == len(chain)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                         max_seq_len=128, dtype="float32")
+    model = Transformer(config, jax.random.key(0))
+    model = eqx.tree_at(lambda m: m.blocks, model, jax.tree.map(lambda x: jnp.zeros_like(x) if eqx.is_array(x) else x,
+                                                                model.blocks))
+    basis = jnp.eye(config.d_model)
+    embed, head = jnp.zeros_like(model.embed), jnp.zeros_like(model.lm_head)
+    for k, (token, following) in enumerate(zip(chain, chain[1:])):
+        embed, head = embed.at[token].set(basis[k]), head.at[:, following].set(10 * basis[k])
+    model = eqx.tree_at(lambda m: (m.embed, m.lm_head), model, (embed, head))
+    assert generate(model, [prompt], 4, jax.random.key(0), temperature=0.0, stop_ids=(eos,)) == [[a, b, eot, c]]
+    directory = str(tmp_path / "forced")
+    checkpoint.save(directory, 0, model, tokenizer.model_bytes)
+    result = _run(f"--checkpoint={directory}", "--chat", "--prompt=Bonjour", "--system=Sois bref.",
+                  "--temperature=0", "--max_new_tokens=8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{G.rule('user')}\nBonjour\n{G.rule('assistant')}\n{tokenizer.decode([a, b])}\n"
+    # An imported model's generation_config.json may name more ends (transformers stops there too).
+    imported = str(tmp_path / "imported")
+    checkpoint.save(imported, 0, model, tokenizer.model_bytes,
+                    {checkpoint.IMPORTED: {"generation_config": {"eos_token_id": [eos, b]}}})
+    result = _run(f"--checkpoint={imported}", "--chat", "--prompt=Bonjour", "--system=Sois bref.",
+                  "--temperature=0", "--max_new_tokens=8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith(f"{G.rule('assistant')}\n{tokenizer.decode([a])}\n")
+
+
+def test_an_imported_llama3_style_model_chats_as_transformers_generate_and_exports_its_tokenizer_back(
+        llama3_tokenizer_dir, tmp_path):
+    """A random GQA Llama with the Llama-3-style tokenizer (conftest), imported by convert.py: the
+    greedy chat reply is transformers' (prompt by its template, stop at <|eot_id|> or eos), and the
+    export writes the tokenizer's files back byte for byte."""
+    import shutil
+
+    import convert
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    stops = [hf_tokenizer.eos_token_id, hf_tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(hf_tokenizer), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=True,
+                                      bos_token_id=hf_tokenizer.bos_token_id, eos_token_id=stops)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    folder = str(tmp_path / "hf")
+    hf_model.save_pretrained(folder)
+    for name in os.listdir(llama3_tokenizer_dir):
+        shutil.copy(os.path.join(llama3_tokenizer_dir, name), folder)
+    model, tokenizer, kept = convert.import_hf(folder, overrides={"dtype": "float32"})
+    messages = [{"role": "system", "content": "Sois bref."}, {"role": "user", "content": "Qui est Holmes ?"}]
+    prompt = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"]
+    assert G.chat_prompt(tokenizer, messages) == prompt
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=stops,
+                                   pad_token_id=stops[0])[0, len(prompt):].tolist()
+    reply = G.chat(model, tokenizer, messages, max_new_tokens=12)
+    assert len([t for t in theirs if t not in stops]) >= 4  # a reply of several tokens, not an immediate stop
+    assert reply == tokenizer.decode([t for t in theirs if t not in stops])
+    convert.export_hf(model, tokenizer, str(tmp_path / "back"), imported=kept[checkpoint.IMPORTED])
+    for name in os.listdir(llama3_tokenizer_dir):
+        with open(os.path.join(llama3_tokenizer_dir, name), "rb") as a, open(tmp_path / "back" / name, "rb") as b:
+            assert a.read() == b.read(), name

@@ -1,5 +1,7 @@
 """optim.py: AdamW with bf16 moments against optax's, the schedule, the weight-decay mask."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import optax
 
 from model import ModelConfig, Transformer
+import optim
 from optim import learning_rate_schedule, make_optimizer, scale_by_adam
 from train import TrainConfig
 
@@ -65,7 +68,7 @@ def _descend(optimizer, steps=60):
 
 
 def test_adamw_with_fp32_moments_is_optax_adamw():
-    ours = optax.chain(scale_by_adam(0.9, 0.95, 1e-8, "float32"), optax.add_decayed_weights(0.1),
+    ours = optax.chain(scale_by_adam(0.9, 0.95, 1e-8, "float32", "float32"), optax.add_decayed_weights(0.1),
                        optax.scale_by_learning_rate(1e-2))
     reference = optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
     p1, t1, _ = _descend(ours)
@@ -76,7 +79,7 @@ def test_adamw_with_fp32_moments_is_optax_adamw():
 
 
 def test_adamw_with_bf16_moments_stores_bf16_and_tracks_optax_fp32_adamw():
-    ours = optax.chain(scale_by_adam(0.9, 0.95, 1e-8, "bfloat16"), optax.add_decayed_weights(0.1),
+    ours = optax.chain(scale_by_adam(0.9, 0.95, 1e-8, "bfloat16", "bfloat16"), optax.add_decayed_weights(0.1),
                        optax.scale_by_learning_rate(1e-2))
     p1, t1, state = _descend(ours)
     p2, t2, _ = _descend(optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1))
@@ -87,3 +90,34 @@ def test_adamw_with_bf16_moments_stores_bf16_and_tracks_optax_fp32_adamw():
     np.testing.assert_allclose(t1, t2, rtol=2e-2)
     for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(x, y, rtol=5e-2, atol=5e-3)
+
+
+def _second_moment_after_a_drop(config: TrainConfig) -> float:
+    """nu after the issue's scenario: gradient 1.0 for 200 steps, then 0.1 for 2,800, through
+    make_optimizer(config)'s Adam, its moments stored as moment_dtypes says."""
+    optimizer = scale_by_adam(config.beta1, config.beta2, config.adam_eps, *optim.moment_dtypes(config))
+    params = {"w": jnp.zeros(())}
+    grads = jnp.concatenate([jnp.ones(200), jnp.full(2800, 0.1)])
+
+    def step(state, g):
+        _, state = optimizer.update({"w": g}, state, params)
+        return state, None
+
+    state, _ = jax.lax.scan(step, optimizer.init(params), grads)
+    return float(state.nu["w"])
+
+
+def test_bf16_second_moment_with_beta2_near_one_decays_as_fp32s():
+    base = TrainConfig(steps=3000, batch_size=1, warmup_steps=0, beta2=0.999)
+    fp32 = _second_moment_after_a_drop(dataclasses.replace(base, opt_state_dtype="float32"))
+    bf16 = _second_moment_after_a_drop(base)
+    np.testing.assert_allclose(fp32, 0.0196, rtol=0.05)  # 0.999^2800 of the 0.18 reached, plus 0.01
+    np.testing.assert_allclose(bf16, fp32, rtol=0.1)
+    # The report's beta2 = 0.95 decays in bf16 (and stays there: half the state's memory).
+    report = dataclasses.replace(base, beta2=0.95)
+    assert optim.moment_dtypes(report) == ("bfloat16", "bfloat16")
+    np.testing.assert_allclose(_second_moment_after_a_drop(report),
+                               _second_moment_after_a_drop(dataclasses.replace(report, opt_state_dtype="float32")),
+                               rtol=0.1)
+    assert optim.moment_dtypes(base) == ("bfloat16", "float32")
+

@@ -14,16 +14,17 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import DATA_FILES, REPO
+import runlog
 from runlog import PHASES, IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, open_wandb
 
-METRICS = {"grad_norm": 1.0, "skipped": False, "supervised_tokens": 8}
+METRICS = {"grad_norm": 1.0, "skipped": False, "supervised_tokens": 8, "lr": 1e-3}
 # train.py with a model small enough for a few steps a second (test_train.py's).
 SMALL = ["--flagfile=configs/tiny.flags", "--d_model=64", "--n_layers=2", "--n_heads=2", "--d_ff=128",
          "--seq_len=32", "--batch_size=4", "--warmup_steps=2", "--learning_rate=1e-2", "--peak_tflops=1"]
 
 
 def logger_in(directory, every: int, wandb_run=None) -> IntervalLogger:
-    return IntervalLogger(str(directory), every=every, steps=100, schedule=lambda s: 1e-3,
+    return IntervalLogger(str(directory), every=every, steps=100,
                           tokens_per_step=8, flops_per_step=1.0, peak_flops=1.0, wandb_run=wandb_run)
 
 
@@ -40,6 +41,17 @@ def test_a_stopping_run_logs_the_steps_since_its_last_record(tmp_path):
     records = records_of(tmp_path)
     assert [(r["step"], r["loss"]) for r in records] == [(10, 5.5), (13, 12.0)]  # means of 1..10 and 11..13
 
+
+
+def test_mfu_never_prints_above_100_percent_and_the_line_says_the_peak_is_stale(tmp_path):
+    # flops_per_step 1.0 against a peak of 1.0 FLOP/s: a step under a second is "over 100%".
+    logger = logger_in(tmp_path, every=1)
+    logger.log(1, {"loss": 1.0, **METRICS}, PhaseTimes(), {})  # the first step starts the clock
+    line = logger.log(2, {"loss": 1.0, **METRICS, "lr": 2e-3}, PhaseTimes(), {})
+    logger.close()
+    assert "MFU n/a (over 100% of 1e-12 TFLOP/s: that peak is stale or wrong" in line
+    assert "| lr 2.00e-03 |" in line  # the step's own learning rate
+    assert runlog.mfu_text(0.413, 1e12) == "MFU 41.3%"
 
 def spend(seconds: float, times: PhaseTimes | None = None, phase: str = ""):
     if times is None:

@@ -588,3 +588,23 @@ def test_cli_names_the_file_line_and_reason_of_bad_records(tiny_tokenizer_path, 
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "bad.jsonl, line 2: no assistant turn" in result.stderr
     assert "--max_bad_fraction=0.1" in result.stderr
+
+
+def test_a_llama3_template_renders_as_transformers_and_trains_exactly_each_reply_and_its_eot(llama3_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = Tokenizer.load(llama3_tokenizer_dir)
+    hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    turns = FORMAT_CASES["messages"][1][0]
+    messages = as_messages(turns)
+    hf_ids = lambda m: hf.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]
+    example, status = sft.render(tokenizer, messages)
+    assert status == "ok" and example.ids.tolist() == hf_ids(messages)
+    # The trained stretches, one per assistant turn: its reply's tokens and <|eot_id|>, nothing else.
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], example.mask.astype(int), [0]])))
+    stretches = [example.ids[a:b].tolist() for a, b in zip(edges[::2], edges[1::2])]
+    eot = hf.convert_tokens_to_ids("<|eot_id|>")
+    assert stretches == [[*hf(content, add_special_tokens=False).input_ids, eot]
+                         for role, content in turns if role == "assistant"]
+    # A cut falls after a whole assistant turn: what the template renders for the conversation up to it.
+    cut, status = sft.render(tokenizer, messages, max_tokens=len(example.ids) - 1)
+    assert status == "truncated" and cut.ids.tolist() == hf_ids(messages[:3])

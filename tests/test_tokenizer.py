@@ -2,6 +2,7 @@
 Hugging Face's LlamaTokenizer."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -315,3 +316,165 @@ def test_cli_trains_and_writes_the_model(tmp_path):
     assert os.path.isfile(prefix + ".model") and os.path.isfile(prefix + ".vocab")
     assert Tokenizer.load(prefix + ".model").vocab_size == 800
     assert "tokens/char" in result.stdout
+
+
+# --- a pretrained model's own Hugging Face tokenizer -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama3(llama3_tokenizer_dir):
+    """(ours, transformers') on the same Llama-3-style folder (conftest: byte-level BPE, trained)."""
+    transformers = pytest.importorskip("transformers")
+    return Tokenizer.load(llama3_tokenizer_dir), transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+
+
+CONVERSATIONS = (
+    [{"role": "system", "content": "Tu es un assistant utile."}, {"role": "user", "content": "Qui est Holmes ?"},
+     {"role": "assistant", "content": "Un détective, à Londres."}],
+    [{"role": "user", "content": "Écris :\n  def f(x): return 2*x"}, {"role": "assistant", "content": " Voici 🎉\n"},
+     {"role": "user", "content": "Merci"}, {"role": "assistant", "content": "De rien."}],
+)
+
+
+def test_a_hugging_face_byte_level_bpe_encodes_as_transformers_on_the_english_and_french_samples(llama3):
+    tok, hf = llama3
+    assert type(tok).__name__ == "HFTokenizer" and type(hf).__name__ == "TokenizersBackend"
+    lines = data_lines()
+    documents = ["\n".join(lines[i: i + 7]) for i in range(0, len(lines), 7)]
+    assert len(documents) > 100
+    for text in documents:
+        assert tok.encode(text) == hf(text, add_special_tokens=False).input_ids, text[:80]
+    assert tok.encode_batch(documents[:20], bos=True) == [hf(t).input_ids for t in documents[:20]]
+    for text in (CODE, MIXED, " leading", "  two\n\n\nthree\t\tfour   ", ""):
+        ids = tok.encode(text)
+        assert ids == hf(text, add_special_tokens=False).input_ids and tok.decode(ids) == hf.decode(ids) == text
+
+
+def test_special_tokens_are_read_by_role_from_the_tokenizers_own_files(llama3):
+    tok, hf = llama3
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (
+        hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id)
+    assert tok.id_to_piece(tok.bos_id) == "<|begin_of_text|>" and tok.id_to_piece(tok.eos_id) == "<|end_of_text|>"
+    assert tok.pad_id is None and tok.unk_id is None  # byte-level BPE has no unk; the files name no pad
+    assert tok.document_prefix == [tok.bos_id] and tok.encode("a", bos=True, eos=True)[::2] == [tok.bos_id, tok.eos_id]
+    assert tok.im_start_id is None and not tok.has_code_wrappers
+    assert tok.vocab_size == len(hf) == 1000
+    # The end of turn is found in the template (<|eot_id|>), not assumed: a reply ends at it or at eos.
+    assert tok.id_to_piece(tok.end_of_turn_id) == "<|eot_id|>"
+    assert tok.chat_stop_ids == (tok.eos_id, tok.end_of_turn_id)
+    assert tok.decode([tok.bos_id, *tok.encode("Bonjour"), tok.end_of_turn_id]) == "Bonjour"
+
+
+def test_the_llama3_chat_template_renders_as_transformers_apply_chat_template(llama3):
+    tok, hf = llama3
+    for messages in CONVERSATIONS:
+        for prompt in (False, True):
+            expected = hf.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True,
+                                              return_dict=True)["input_ids"]
+            assert tok.chat_ids(messages, add_generation_prompt=prompt) == expected
+    # Each assistant turn: its reply (as the template writes it, trimmed) and <|eot_id|>.
+    messages = CONVERSATIONS[1]
+    ids, turns = tok.chat_turns(messages)
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert [ids[start:stop] for start, stop, _ in turns] == [
+        [*tok.encode(reply.strip()), tok.end_of_turn_id] for reply in replies]
+    assert turns[-1][2] == len(ids)
+
+
+def test_special_token_strings_are_text_to_encode_but_the_templates_are_read_as_transformers_reads_them(llama3):
+    tok, hf = llama3
+    text = "a <|eot_id|> b"
+    assert tok.end_of_turn_id not in tok.encode(text)
+    assert tok.encode(text) == hf(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    messages = [{"role": "user", "content": text}]
+    assert tok.chat_ids(messages) == hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_a_hugging_face_tokenizer_round_trips_through_bytes_and_is_saved_back_byte_for_byte(llama3_tokenizer_dir,
+                                                                                          tmp_path):
+    tok = Tokenizer.load(llama3_tokenizer_dir)
+    again = Tokenizer.from_bytes(tok.model_bytes)
+    assert again.model_bytes == tok.model_bytes
+    assert Tokenizer.load(os.path.join(llama3_tokenizer_dir, "tokenizer.json")).encode(MIXED) == tok.encode(MIXED)
+    for copy in (again, Tokenizer.load(llama3_tokenizer_dir)):
+        assert (copy.bos_id, copy.eos_id, copy.end_of_turn_id, copy.vocab_size) == (
+            tok.bos_id, tok.eos_id, tok.end_of_turn_id, tok.vocab_size)
+        assert copy.chat_ids(CONVERSATIONS[0]) == tok.chat_ids(CONVERSATIONS[0])
+    T.save_hf_tokenizer(again, tmp_path / "out")
+    names = sorted(os.listdir(llama3_tokenizer_dir))
+    assert sorted(os.listdir(tmp_path / "out")) == names == ["chat_template.jinja", "tokenizer.json",
+                                                            "tokenizer_config.json"]
+    for name in names:
+        with open(os.path.join(llama3_tokenizer_dir, name), "rb") as a, open(tmp_path / "out" / name, "rb") as b:
+            assert a.read() == b.read(), name
+
+
+def test_a_bare_chatml_tokenizer_json_gets_its_roles_by_name_and_chats_in_chatml(tmp_path):
+    import conftest
+
+    transformers = pytest.importorskip("transformers")
+    folder = conftest.write_hf_tokenizer(str(tmp_path / "smol"), ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))  # no config: roles by their usual names
+    assert tok.id_to_piece(tok.eos_id) == "<|endoftext|>"
+    assert (tok.bos_id, tok.unk_id, tok.pad_id, tok.document_prefix) == (None, None, None, [])
+    assert tok.chat_template == T.CHATML_TEMPLATE and tok.id_to_piece(tok.end_of_turn_id) == "<|im_end|>"
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
+    for messages in CONVERSATIONS:
+        expected = hf.apply_chat_template(messages, chat_template=T.CHATML_TEMPLATE, add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"]
+        assert tok.chat_ids(messages, add_generation_prompt=True) == expected
+
+
+def test_a_role_that_names_a_token_not_in_the_vocabulary_is_refused_naming_it(llama3_tokenizer_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "bad"
+    shutil.copytree(llama3_tokenizer_dir, folder)
+    (folder / "tokenizer_config.json").write_text('{"bos_token": "<|begin_of_text|>", "eos_token": "<eos>"}')
+    with pytest.raises(ValueError, match=r"eos_token='<eos>' is not in tokenizer.json's vocabulary"):
+        Tokenizer.load(folder)
+    (folder / "tokenizer_config.json").write_text('{"eos_token": null}')
+    with pytest.raises(ValueError, match="no eos token"):
+        Tokenizer.load(folder)
+
+
+# TinyLlama-1.1B-Chat's template (Zephyr's): every message ends with eos.
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}{% endfor %}")
+
+
+def test_a_llama2_style_tokenizer_json_encodes_and_chats_as_transformers_5_rebuilds_it(tmp_path):
+    """Llama 2 / TinyLlama's tokenizer.json (BPE with byte fallback, the "▁" prepended by its
+    normalizer), declared a LlamaTokenizer: transformers 5 replaces that normalizer with its own
+    Metaspace (a "▁" before the first section only); ours encodes as it does."""
+    from tokenizers import Tokenizer as Backend, decoders, models, normalizers, processors, trainers
+
+    transformers = pytest.importorskip("transformers")
+    backend = Backend(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    backend.train(DATA_FILES, trainers.BpeTrainer(vocab_size=1200, special_tokens=specials, show_progress=False))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 100_000,
+              "chat_template": ZEPHYR_TEMPLATE}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, hf = Tokenizer.load(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert type(hf).__name__ == "LlamaTokenizer"
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id, None)
+    lines = data_lines()
+    for text in ["\n".join(lines[i: i + 7]) for i in range(0, 1400, 7)] + [CODE, MIXED, " lead", "a  b"]:
+        ids = tok.encode(text, bos=True)
+        assert ids == hf(text).input_ids and tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), text[:80]
+    for messages in CONVERSATIONS:
+        for prompt in (False, True):
+            assert tok.chat_ids(messages, add_generation_prompt=prompt) == hf.apply_chat_template(
+                messages, add_generation_prompt=prompt, tokenize=True, return_dict=True)["input_ids"]
+    assert tok.chat_stop_ids == (tok.eos_id,)  # the template ends a turn with eos itself

@@ -22,7 +22,9 @@ from model import ModelConfig, num_params
 from tokenizer import Tokenizer
 from optim import make_optimizer
 from parallel import make_mesh, shardings
-from train import TrainConfig, abstract_state, init_state, make_train_step
+from parallel import check_batch
+from train import (TrainConfig, abstract_state, check_resume, compile_held_out, compile_step, held_out_loss,
+                   init_state, make_train_step)
 
 TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
                    dtype="float32")
@@ -419,3 +421,113 @@ def test_eval_tasks_score_the_model_during_training_as_evaluate_py_does(tmp_path
                                    os.path.join(REPO, "samples", "eval"), limit=6)["piqa"]
     assert scores[0]["piqa/acc"] == reference["acc,none"]
     assert scores[0]["piqa/acc_norm"] == reference["acc_norm,none"]
+
+
+def test_logged_learning_rate_is_the_one_the_optimizer_applied_after_a_skipped_step():
+    config = TrainConfig(steps=100, batch_size=2, warmup_steps=10, learning_rate=1.0, opt_state_dtype="float32")
+    optimizer = make_optimizer(config)
+    mesh = make_mesh(1)
+    step = make_train_step(optimizer, shardings(abstract_state(TINY, optimizer, mesh)), mesh, config=config)
+    state = init_state(TINY, optimizer, jax.random.key(0))
+    batch = {"tokens": jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 2, TINY.max_seq_len + 1)))}
+    votes = jnp.zeros((1,), bool)
+    rates = []
+    for i, nan in enumerate((False, True, False, False)):  # step 1 is non-finite: skipped
+        state, metrics = step(state, batch, jax.random.key(1), i, nan, votes)
+        rates.append((bool(metrics["skipped"]), float(metrics["lr"])))
+    # The warmup's rate advances with the updates made, not with the step number (the schedule
+    # of step - 1 logged 0.3 at step 4, while the optimizer applied 0.2).
+    assert rates == [(False, 0.0), (True, pytest.approx(0.1)), (False, pytest.approx(0.1)), (False, pytest.approx(0.2))]
+
+
+def test_held_out_loss_needs_no_more_temporaries_than_the_train_step_at_grad_accum_8():
+    # The logits dominate: a vocabulary of 4,096 on 64 rows of 128 tokens in 8 micro-batches.
+    model_config = ModelConfig(vocab_size=4096, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=128)
+    config = TrainConfig(steps=10, batch_size=64, grad_accum=8, warmup_steps=1)
+    mesh = make_mesh(1)
+    step = compile_step(model_config, config, mesh).memory_analysis().temp_size_in_bytes
+    held_out = compile_held_out(model_config, config, mesh).memory_analysis().temp_size_in_bytes
+    assert held_out <= step, (held_out, step)
+
+
+def test_held_out_loss_over_micro_batches_is_the_loss_over_the_whole_batch():
+    optimizer = make_optimizer(TrainConfig(steps=10, batch_size=8, warmup_steps=1))
+    model = init_state(TINY, optimizer, jax.random.key(0)).model
+    tokens = np.random.default_rng(0).integers(0, 256, (8, TINY.max_seq_len + 1)).astype(np.int32)
+
+    class Rows:  # validation data as stream.py lays it out: this process's rows, micro-batch by micro-batch
+        def __init__(self, grad_accum):
+            self.grad_accum = grad_accum
+
+        def batch(self, i):
+            return tokens
+
+    losses = [held_out_loss(Rows(k), 1, make_mesh(1))(model)["eval_loss"] for k in (1, 4)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] > 1.0
+
+
+def test_batch_that_does_not_split_over_the_devices_is_refused_naming_the_flags_that_fix_it():
+    check_batch(8, 2, 4)  # micro-batches of 4 rows on 4 devices
+    with pytest.raises(ValueError) as e:
+        check_batch(4, 2, 4)
+    assert str(e.value) == ("--batch_size=4 --grad_accum=2 makes micro-batches of 2 rows, which do not split over "
+                            "4 devices: use --grad_accum=1 or --batch_size=8 --grad_accum=2")
+    with pytest.raises(ValueError, match="use --batch_size=12 --grad_accum=3$"):
+        check_batch(9, 3, 4)  # no --grad_accum divides 9 into multiples of 4
+
+
+def test_resume_refuses_changed_batch_seed_schedule_or_data_and_allows_longer_steps():
+    saved = {"model": {}, "run": {"log_every": 10},
+             "train": dataclasses.asdict(TrainConfig(steps=100, batch_size=8, warmup_steps=10)),
+             "tokenizer": "tok.model", "train_data": "shards/"}
+    same = json.loads(json.dumps(saved))
+    same["run"]["log_every"] = 1  # how the run executes: free to change
+    same["train"]["grad_accum"] = 4  # the same global batch, split otherwise
+    assert check_resume(saved, same, "--output_dir=runs/x") is None
+    longer = json.loads(json.dumps(saved))
+    longer["train"]["steps"] = 200
+    assert "--steps 100 -> 200" in check_resume(saved, longer, "--output_dir=runs/x")
+    changed = json.loads(json.dumps(saved))
+    changed["train"].update(batch_size=16, seed=3)
+    changed["train_data"] = "other/"
+    with pytest.raises(ValueError) as e:
+        check_resume(saved, changed, "--output_dir=runs/x")
+    message = str(e.value)
+    assert message.startswith("--output_dir=runs/x holds a run with other settings")
+    for named in ("--batch_size 8 -> 16", "--seed 0 -> 3", "--train_data 'shards/' -> 'other/'"):
+        assert named in message
+    shorter = json.loads(json.dumps(saved))
+    shorter["train"].update(steps=50, warmup_steps=5)
+    with pytest.raises(ValueError, match=r"--warmup_steps 10 -> 5; --steps 100 -> 50 \(a shorter schedule\)"):
+        check_resume(saved, shorter, "--output_dir=runs/x")
+    # sft.py's and dpo.py's data settings are compared too (a tuple of the flags is a list once saved).
+    assert check_resume({**saved, "sft": {"train_data": ["a.jsonl"]}}, {**saved, "sft": {"train_data": ("a.jsonl",)}},
+                        "--output_dir=runs/x") is None
+    sft_saved = {**saved, "sft": {"seq_len": 128, "files": [1], "rows": 10, "epochs": 1.0}}
+    sft_now = {**saved, "sft": {"seq_len": 64, "files": [1], "rows": 10, "epochs": 2.0}}
+    with pytest.raises(ValueError, match="--seq_len 128 -> 64"):
+        check_resume(sft_saved, sft_now, "--output_dir=runs/x")
+
+
+def test_mesh_puts_each_fsdp_group_on_neighbouring_chips_of_a_tpu_slice():
+    import budget
+
+    devices = budget.target_devices("v5e-16")  # 16 chips as a 4x4 torus, through libtpu
+    mesh = make_mesh(4, devices)
+    assert mesh.shape == {"data": 4, "fsdp": 4}
+    # Each group of 4 that shards the state is a line of the torus, every hop one link (in
+    # jax.devices()' raw order it was a 2x2 block walked corner to opposite corner).
+    for group in mesh.devices:
+        hops = [sum(abs(a - b) for a, b in zip(x.coords, y.coords)) for x, y in zip(group, group[1:])]
+        assert hops == [1, 1, 1], [x.coords for x in group]
+
+
+def test_mesh_over_several_slices_keeps_each_fsdp_group_inside_one_slice():
+    from jax.experimental import topologies
+
+    devices = list(topologies.get_topology_desc("v5e:2x2", "tpu", num_slices=2).devices)  # 2 slices x 4 chips
+    mesh = make_mesh(2, devices)
+    assert mesh.shape == {"data": 4, "fsdp": 2}
+    assert [[d.slice_index for d in group] for group in mesh.devices] == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    with pytest.raises(ValueError, match="--fsdp=8 must divide the 4 devices of one slice"):
+        make_mesh(8, devices)
