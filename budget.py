@@ -19,7 +19,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,7 @@ import cli
 from model import AUTO_ATTENTION, ModelConfig, attention_impl, flops_per_token, num_params
 from parallel import check_batch, make_mesh
 
-if TYPE_CHECKING:
-    from train import TrainConfig
+from optim import TrainConfig
 
 # The dry run's program compiled for (model config, train config, mesh): train.py's step, sft.py's
 # and dpo.py's (the same step with their loss), evaluate.py's scoring.

@@ -1,7 +1,9 @@
 """The optimizer of every julian run: AdamW with bf16 moments, warmup + cosine, no decay on gains.
 
-`make_optimizer(config)` reads these fields of a train.TrainConfig: learning_rate, min_lr_ratio,
-warmup_steps, steps, beta1, beta2, adam_eps, grad_clip, weight_decay, opt_state_dtype. A fork
+`TrainConfig` (what decides a run's numbers) lives here, beside what reads it: the optimizer, the
+schedule and budget.py's dry run read it without importing the training loop. `make_optimizer`
+reads its fields learning_rate, min_lr_ratio, warmup_steps, steps, beta1, beta2, adam_eps,
+grad_clip, weight_decay, opt_state_dtype. A fork
 that tries another optimizer changes this file only.
 
 A moment whose beta is too close to 1 for bf16 (`moment_dtypes`) is stored in fp32 whatever
@@ -17,7 +19,8 @@ a refusal would only make them type --opt_state_dtype=float32.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import dataclasses
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -27,8 +30,41 @@ from jaxtyping import Array, Float, Int
 
 from model import Transformer
 
-if TYPE_CHECKING:
-    from train import TrainConfig
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What decides the numbers: optimization and data order."""
+    steps: int
+    batch_size: int
+    grad_accum: int = 1
+    learning_rate: float = 1.2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 3000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    opt_state_dtype: str = "bfloat16"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, value, ok, expected in (
+                ("steps", self.steps, self.steps >= 1, ">= 1"),
+                ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                ("grad_accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
+                ("learning_rate", self.learning_rate, self.learning_rate > 0, "> 0"),
+                ("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+                ("beta1", self.beta1, 0 <= self.beta1 < 1, "in [0, 1)"),
+                ("beta2", self.beta2, 0 <= self.beta2 < 1, "in [0, 1)"),
+                ("grad_clip", self.grad_clip, self.grad_clip > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"--{name}={value:g} must be {expected}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"--batch_size={self.batch_size} is not divisible by "
+                             f"--grad_accum={self.grad_accum}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"--warmup_steps={self.warmup_steps} must be in [0, --steps={self.steps})")
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:

@@ -56,7 +56,7 @@ import runlog
 import stream
 from budget import HARDWARE, device_peak_flops
 from model import ATTENTION_IMPLS, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
-from optim import learning_rate_applied, make_optimizer
+from optim import TrainConfig, learning_rate_applied, make_optimizer
 from parallel import (AXES, batch_sharding, check_batch, global_batch, initialize_distributed, leaf_sharding, make_mesh,
                       shardings, stop_votes)
 from runlog import (IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, check_writable,
@@ -164,43 +164,6 @@ def define_flags() -> None:
                        "bf16 peak TFLOP/s per device for MFU; 0 looks the chip up (CPU: measured once per "
                        "CPU model and core count, kept in ~/.cache/julian).")
     runlog.define_flags()  # --profile_steps, --wandb_project, ...
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """What decides the numbers: optimization and data order."""
-    steps: int
-    batch_size: int
-    grad_accum: int = 1
-    learning_rate: float = 1.2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 3000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    opt_state_dtype: str = "bfloat16"
-    seed: int = 0
-
-    def __post_init__(self):
-        for name, value, ok, expected in (
-                ("steps", self.steps, self.steps >= 1, ">= 1"),
-                ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
-                ("grad_accum", self.grad_accum, self.grad_accum >= 1, ">= 1"),
-                ("learning_rate", self.learning_rate, self.learning_rate > 0, "> 0"),
-                ("min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
-                ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
-                ("beta1", self.beta1, 0 <= self.beta1 < 1, "in [0, 1)"),
-                ("beta2", self.beta2, 0 <= self.beta2 < 1, "in [0, 1)"),
-                ("grad_clip", self.grad_clip, self.grad_clip > 0, "> 0")):
-            if not ok:
-                raise ValueError(f"--{name}={value:g} must be {expected}")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"--batch_size={self.batch_size} is not divisible by "
-                             f"--grad_accum={self.grad_accum}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"--warmup_steps={self.warmup_steps} must be in [0, --steps={self.steps})")
 
 
 @dataclasses.dataclass(frozen=True)
