@@ -409,12 +409,11 @@ def import_hf(hf_dir: str, overrides: dict | None = None) -> tuple[Transformer, 
     except KeyError as e:
         raise ValueError(f"{config_path} has no {e}: expected a Hugging Face Llama config") from None
     tokenizer = _hf_tokenizer(hf_dir)
-    # A tokenizer.json may have fewer tokens than the embedding has rows (a table padded to a round
-    # size); never more. A SentencePiece tokenizer.model is a julian export's: exactly as many.
-    sentencepiece = not os.path.exists(os.path.join(hf_dir, "tokenizer.json"))
-    if tokenizer.vocab_size > config.vocab_size or (sentencepiece and tokenizer.vocab_size != config.vocab_size):
-        which = "tokenizer.model has" if sentencepiece else "tokenizer.json has"
-        raise ValueError(f"{hf_dir}/{which} {tokenizer.vocab_size} pieces, config.json's vocab_size is "
+    # The embedding may have more rows than the tokenizer has tokens (a table padded to a round
+    # size), never fewer.
+    if tokenizer.vocab_size > config.vocab_size:
+        which = "tokenizer.json" if os.path.exists(os.path.join(hf_dir, "tokenizer.json")) else "tokenizer.model"
+        raise ValueError(f"{hf_dir}/{which} has {tokenizer.vocab_size} pieces, config.json's vocab_size is only "
                          f"{config.vocab_size}: expected the tokenizer the model was trained with")
     imported = {"path": os.path.abspath(hf_dir), "config": hf}
     generation = os.path.join(hf_dir, "generation_config.json")

@@ -143,7 +143,8 @@ def time_step(config: ModelConfig, compiled, train_config: train.TrainConfig, me
     batch = parallel.global_batch({"tokens": rows.astype(np.int32)}, 1, mesh)
     key, step, nan = jax.random.key(1), jnp.int32(0), jnp.bool_(False)
     votes = parallel.stop_votes(False, mesh)
-    args = jax.device_put((key, step, nan, votes), compiled.input_shardings[0][2:])
+    # The step's last argument is its loss function's own arrays: none for pretraining's loss.
+    args = (*jax.device_put((key, step, nan, votes), compiled.input_shardings[0][2:6]), None)
     state, metrics = jax.block_until_ready(compiled(state, batch, *args))
     start = time.perf_counter()
     for _ in range(steps):

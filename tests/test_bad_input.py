@@ -199,8 +199,9 @@ ROWS = [
         ("config.json names no model_type", "--to=hf")),
     Row("convert-truncated-safetensors", "convert.py", ["--to=julian", "--hf={in}/hf_truncated", "--out={out}"], 2,
         ("model.safetensors", "not a readable safetensors file")),
-    Row("convert-tokenizer-vocabulary-differs", "convert.py", ["--to=julian", "--hf={in}/hf_tok2000", "--out={out}"], 2,
-        ("tokenizer.model has 2000 pieces", "vocab_size is 4096")),
+    Row("convert-tokenizer-larger-than-the-vocabulary", "convert.py",
+        ["--to=julian", "--hf={in}/hf_vocab1000", "--out={out}"], 2,
+        ("tokenizer.model has 4096 pieces", "vocab_size is only 1000")),
     Row("convert-truncated-checkpoint", "convert.py", ["--to=hf", "--checkpoint={in}/truncated_run", "--out={out}"], 2,
         ("truncated_run", "is damaged")),
     Row("convert-into-a-run-folder", "convert.py", ["--to=julian", "--hf={hf}", "--out={run}"], 2,
@@ -269,14 +270,13 @@ def bad_inputs(tmp_path_factory, tiny_run, tiny_hf) -> str:
     shutil.copytree(tiny_hf, root / "hf_truncated")
     os.truncate(root / "hf_truncated" / "model.safetensors", 100_000)
     for name, edit in (("hf_sliding_window", {"model_type": "mistral", "sliding_window": 4096}),
-                       ("hf_moe", {"model_type": "mixtral", "num_local_experts": 8})):
+                       ("hf_moe", {"model_type": "mixtral", "num_local_experts": 8}),
+                       ("hf_vocab1000", {"vocab_size": 1000})):
         shutil.copytree(tiny_hf, root / name)
         with open(root / name / "config.json") as f:
             config = json.load(f)
         with open(root / name / "config.json", "w") as f:
             json.dump({**config, **edit}, f)
-    shutil.copytree(tiny_hf, root / "hf_tok2000")
-    shutil.copyfile(root / "tok2000.model", root / "hf_tok2000" / "tokenizer.model")
     return str(root)
 
 

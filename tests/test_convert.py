@@ -550,26 +550,42 @@ def test_cli_export_of_a_directory_without_a_checkpoint_fails_naming_it(tmp_path
 # safetensors) imports, computes transformers' logits, and goes back byte for byte.
 
 
-@pytest.fixture(scope="module")
-def gqa_hf_dir(tok, tiny_tokenizer_path, tmp_path_factory) -> str:
+def _gqa_hf_folder(out: str, vocab_size: int, bos_id: int, eos_id: int) -> str:
+    """A random GQA (4/2 heads), tied, Llama 3 rope-scaled transformers Llama saved in shards,
+    with a generation config of its own."""
     torch.manual_seed(1)
     hf_config = transformers.LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, rope_theta=500_000.0, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        tie_word_embeddings=True, rope_theta=500_000.0, bos_token_id=bos_id, eos_token_id=eos_id,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 16})
     hf_model = transformers.LlamaForCausalLM(hf_config).eval()
     with torch.no_grad():
         for p in hf_model.parameters():
             p.copy_(1.0 + 0.5 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
-    out = str(tmp_path_factory.mktemp("hf_gqa"))
     hf_model.save_pretrained(out, safe_serialization=True, max_shard_size="100KB")
-    transformers.GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, IM_END_ID], temperature=0.3,
+    transformers.GenerationConfig(bos_token_id=bos_id, eos_token_id=[eos_id, IM_END_ID], temperature=0.3,
                                   do_sample=True).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gqa_hf_dir(tok, tmp_path_factory) -> str:
+    out = _gqa_hf_folder(str(tmp_path_factory.mktemp("hf_gqa")), tok.vocab_size, BOS_ID, EOS_ID)
     # The tokenizer files as our export writes them: a SentencePiece model with its chat template.
     convert.save_hf_tokenizer(tok, out, convert.CHAT_TEMPLATE)
     return out
+
+
+@pytest.fixture(scope="module")
+def llama3_hf_dir(llama3_tokenizer_dir, tmp_path_factory) -> str:
+    """The same with a Llama 3-style tokenizer: byte-level BPE tokenizer.json, its config, and a
+    chat template in chat_template.jinja."""
+    out = str(tmp_path_factory.mktemp("hf_llama3"))
+    for name in os.listdir(llama3_tokenizer_dir):
+        shutil.copy(os.path.join(llama3_tokenizer_dir, name), out)
+    return _gqa_hf_folder(out, 1000, 0, 1)
 
 
 def test_a_sharded_gqa_tied_llama3_folder_imports_and_gives_transformers_logits(gqa_hf_dir, tok):
@@ -589,7 +605,10 @@ def _files(directory: str) -> dict[str, bytes]:
     return {name: open(os.path.join(directory, name), "rb").read() for name in sorted(os.listdir(directory))}
 
 
-def test_cli_round_trip_hf_julian_hf_gives_identical_tensors_tokenizer_and_generation_config(gqa_hf_dir, tmp_path):
+@pytest.mark.parametrize("folder", ["gqa_hf_dir", "llama3_hf_dir"])
+def test_cli_round_trip_hf_julian_hf_gives_identical_tensors_tokenizer_and_generation_config(folder, request,
+                                                                                            tmp_path):
+    gqa_hf_dir = request.getfixturevalue(folder)
     run_script("convert.py", "--to=julian", f"--hf={gqa_hf_dir}", f"--out={tmp_path / 'imported'}")
     run_script("convert.py", "--to=hf", f"--checkpoint={tmp_path / 'imported'}", f"--out={tmp_path / 'back'}")
     back = str(tmp_path / "back")
@@ -605,6 +624,7 @@ def test_cli_round_trip_hf_julian_hf_gives_identical_tensors_tokenizer_and_gener
     for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                  "chat_template.jinja"):
         assert before.get(name) == after.get(name), name
+    assert ("tokenizer.json" in after) == (folder == "llama3_hf_dir")
     assert json.loads(after["generation_config.json"]) == json.loads(before["generation_config.json"])
     config, hf_config = json.loads(after["config.json"]), json.loads(before["config.json"])
     for key in ("num_key_value_heads", "tie_word_embeddings", "rope_parameters", "bos_token_id", "eos_token_id"):
