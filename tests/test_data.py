@@ -37,10 +37,8 @@ from tokenizer import BOS_ID, CODE_ID, ENDCODE_ID, EOS_ID, Tokenizer, train_toke
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "text")
 
 
-def fixture_documents(name: str, chars: int = 1500) -> list[str]:
-    """A fixture novel cut at paragraph boundaries into documents of about `chars` characters."""
-    with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
-        paragraphs = [line.strip() for line in f if line.strip()]
+def paragraph_documents(paragraphs: list[str], chars: int) -> list[str]:
+    """Consecutive paragraphs joined into documents of about `chars` characters (the rest dropped)."""
     docs, current = [], ""
     for paragraph in paragraphs:
         current = f"{current}\n{paragraph}" if current else paragraph
@@ -48,6 +46,12 @@ def fixture_documents(name: str, chars: int = 1500) -> list[str]:
             docs.append(current)
             current = ""
     return docs
+
+
+def fixture_documents(name: str, chars: int = 1500) -> list[str]:
+    """A fixture novel cut at paragraph boundaries into documents of about `chars` characters."""
+    with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
+        return paragraph_documents([line.strip() for line in f if line.strip()], chars)
 
 
 def write_jsonl(path, records) -> str:
@@ -454,16 +458,9 @@ def sample_documents(name: str, chars: int, first: int, count: int) -> list[str]
     """`count` documents of about `chars` characters, consecutive paragraphs of a bundled novel
     from its `first` paragraph on."""
     with open(os.path.join(REPO, "samples", name), encoding="utf-8") as f:
-        paragraphs = [line.strip() for line in f if len(line.strip()) > 40][first:]
-    docs, current = [], ""
-    for paragraph in paragraphs:
-        current = f"{current}\n{paragraph}" if current else paragraph
-        if len(current) >= chars:
-            docs.append(current)
-            current = ""
-            if len(docs) == count:
-                return docs
-    raise AssertionError(f"{name} holds fewer than {count} documents of {chars} characters from {first}")
+        docs = paragraph_documents([line.strip() for line in f if len(line.strip()) > 40][first:], chars)
+    assert len(docs) >= count, f"{name} holds fewer than {count} documents of {chars} characters from {first}"
+    return docs[:count]
 
 
 def code_snippets(count: int) -> list[str]:
