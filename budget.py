@@ -284,7 +284,9 @@ class ModelShapes:
     def group(self, dtype: str, dims: tuple[int, ...], opcode: str, op: str) -> str:
         """Which of BUFFER_GROUPS a buffer is, from its argument path (XLA names a parameter by
         it), its op (backward ops are jax's "transpose(...)") and its shape."""
-        if op.startswith("args["):
+        # An argument's name is its path: "args[0].model..." or, when jit knows the argument names,
+        # "state.opt_state[1].mu..."; an op's name is a scope path ("jit(train_step)/while/...").
+        if op.startswith("args[") or (op and not re.search(r"[/( ]", op)):
             return ("optimizer state" if ".opt_state" in op else "parameters" if ".model" in op
                     else "batch and scalars")
         backward = "transpose(" in op

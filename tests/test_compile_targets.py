@@ -49,7 +49,9 @@ def test_tiny_dry_run_for_a_v4_8_prints_xla_tpu_figures_the_splash_kernels_and_f
     # fp32 parameters (the donated ones XLA has finished reading are not), the bf16 Adam moments.
     n = num_params(ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512))
     assert 0 < gib(rows["  parameters"]) <= 4 * n / 2**30 * 1.01
-    assert 0 < gib(rows["  optimizer state"]) <= 2 * 2 * n / 2**30 * 1.01
+    # The bf16 moments, and at most one copy of them in flight (an input moment still read while its
+    # update is written beside it: 14.5 MiB here against 12.8 MiB of moments).
+    assert 2 * 2 * n / 2**30 * 0.5 < gib(rows["  optimizer state"]) <= 2 * 2 * 2 * n / 2**30
     groups = sum(gib(v) for k, v in rows.items() if k.strip() in budget.BUFFER_GROUPS and k.startswith("  "))
     assert groups == pytest.approx(gib(rows["live at the peak"]), rel=0.02)
     assert rows["  largest #1"]
