@@ -337,10 +337,12 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, t
     # Same global arrays and program; only the cross-device sums' transport differs (in-process
     # vs gloo), which may reorder float additions: agreement to float32 rounding. Adam divides
     # each gradient by its own magnitude, so a rounding-level difference in a near-zero gradient
-    # moves its parameter by up to a whole step: the next gradient norm may differ by ~1e-4.
+    # moves its parameter by up to a whole step: the next gradient norm may differ by ~1e-4
+    # (2.24e-4 measured at one step once the mesh came from mesh_utils and the loss in chunks, with
+    # losses still within 1e-5: a wrong sum would be off by far more).
     for step in one:
         np.testing.assert_allclose(one[step][0], two[step][0], rtol=1e-5)
-        np.testing.assert_allclose(one[step][1], two[step][1], rtol=2e-4)
+        np.testing.assert_allclose(one[step][1], two[step][1], rtol=5e-4)
 
 
 def test_fsdp_over_two_devices_trains_like_replicated_parameters(tmp_path, tiny_tokenizer_path,
