@@ -116,7 +116,7 @@ PHASES = ("data_wait", "step", "host", "checkpoint", "eval")
 LABELS = {"data_wait": "data wait", "step": "step", "host": "host", "checkpoint": "checkpoint", "eval": "eval"}
 ADVICE = {
     "step": "the devices were busy, as they should be: to make each step faster, trace a few steps "
-            "(--profile_steps) and see the README's \"My MFU is low\" list",
+            "(--profile_steps) and see \"My MFU is low\" in docs/training.md",
     "data_wait": "the input stream did not keep up",
     "host": "the host kept the chips idle between steps (batch assembly and transfer, logging): a trace "
             "(--profile_steps) shows the gaps",
