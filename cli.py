@@ -21,8 +21,8 @@
   modules that the script defines (sft.py's include train.py's), and exits 0. The summary is
   `summary` if given, else the module docstring's first paragraph and the indented example
   commands right after it; the rest of the docstring is the long documentation, which
-  `python -m pydoc SCRIPT` and README.md show. `--helpfull` stays absl's: the whole docstring and
-  every flag, the libraries' included.
+  `python -m pydoc SCRIPT`, README.md and docs/ show. `--helpfull` stays absl's: the whole
+  docstring and every flag, the libraries' included.
 * `cli.error(message)` reports a usage error from anywhere (prints the line, exits 2).
 * `cli.plural(count, noun)` words a count in a message ("1 process", "2 processes").
 """
@@ -88,7 +88,7 @@ def short_help(summary: str) -> str:
     sections = [f"{os.path.basename(name).removesuffix('.py')}.py flags:\n"
                 + flags.FLAGS.module_help(name).strip("\n").split("\n", 1)[1] for name in _own_flag_modules()]
     return (f"{summary}\n\n" + "\n\n".join(sections) + "\n\n"
-            f"Full documentation: python -m pydoc {script.removesuffix('.py')}, and README.md. "
+            f"Full documentation: python -m pydoc {script.removesuffix('.py')}, README.md and docs/. "
             "Every flag, the libraries' too: --helpfull.\n")
 
 

@@ -28,7 +28,7 @@
 # JULIAN_RAY_HEAD_ARGS, for the head only; JULIAN_RAY_DIR (~/.julian-ray), where each node's pid
 # file and log go. Each node runs `ray start --block` in a session of its own: stopping that one
 # process stops the node's Ray processes, and nothing else. Ray listens on every interface of the
-# hosts (README: "A Ray cluster"): keep its ports closed to all but the slice's own network.
+# hosts (docs/data.md: "A Ray cluster's ports"): keep its ports closed to all but the slice's own network.
 set -euo pipefail
 
 if [[ $# -lt 3 ]]; then

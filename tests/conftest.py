@@ -20,7 +20,7 @@ import pytest
 # explicit anonymous credentials (gcsfs's "anon", a fixed token for TensorStore;
 # google-cloud-storage is anonymous by itself when STORAGE_EMULATOR_HOST is set). The libraries
 # read these at import: set here, before any test imports them, and inherited by every process a
-# test starts. Real gs:// users keep the defaults (README, "When something goes wrong", says what
+# test starts. Real gs:// users keep the defaults (docs/troubleshooting.md says what
 # an offline or sandboxed machine sets). tests/test_loopback.py checks that nothing leaves.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 os.environ["NO_GCE_CHECK"] = "true"
