@@ -381,18 +381,6 @@ def model_config_from_hf(hf: dict, path: str, overrides: dict | None = None) -> 
         **(overrides or {}))
 
 
-def _hf_tokenizer(hf_dir: str) -> Tokenizer:
-    """The folder's own tokenizer: its tokenizer.json (and the files beside it) when it has one,
-    else the SentencePiece tokenizer.model a julian export writes."""
-    if os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
-        return Tokenizer.load(hf_dir)
-    path = os.path.join(hf_dir, "tokenizer.model")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{hf_dir} has neither tokenizer.json nor tokenizer.model: expected the "
-                                "tokenizer the model was trained with")
-    return Tokenizer.load(path)
-
-
 def import_hf(hf_dir: str, overrides: dict | None = None) -> tuple[Transformer, Tokenizer, dict]:
     """(model, tokenizer, what else to keep: {checkpoint.IMPORTED: the folder's config.json and
     generation_config.json}) of a Hugging Face Llama folder."""
@@ -408,7 +396,7 @@ def import_hf(hf_dir: str, overrides: dict | None = None) -> tuple[Transformer, 
         config = model_config_from_hf(hf, config_path, overrides)
     except KeyError as e:
         raise ValueError(f"{config_path} has no {e}: expected a Hugging Face Llama config") from None
-    tokenizer = _hf_tokenizer(hf_dir)
+    tokenizer = Tokenizer.load(hf_dir)  # its tokenizer.json, else the tokenizer.model a julian export writes
     # The embedding may have more rows than the tokenizer has tokens (a table padded to a round
     # size), never fewer.
     if tokenizer.vocab_size > config.vocab_size:

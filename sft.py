@@ -414,10 +414,10 @@ def summary_table(stats: Sequence[FileStats], rows: PackedRows, overlong: str = 
     length = rows.tokens.shape[1]
     why = (f"longer than a row of {length:,} tokens (--overlong=drop; --overlong=truncate keeps the turns "
            "that fit)" if overlong == "drop" else
-           f"even the first assistant reply ends past a row of {length:,} tokens (--max_seq_len)")
+           f"even the first assistant reply ends past a row of {length:,} tokens (--seq_len)")
     text = stats_table(stats, "conversations", "truncated", "supervised tokens", dropped_why=why)
     filled = rows.tokens.size and (rows.segment_ids > 0).sum() / rows.segment_ids.size
-    text += (f"\n{rows.num_rows:,} rows of {rows.tokens.shape[1]:,} tokens, {filled:.1%} filled, "
+    text += (f"\n{rows.num_rows:,} rows of {length:,} tokens, {filled:.1%} filled, "
              f"{rows.supervised_tokens:,} supervised tokens "
              f"({rows.supervised_tokens / max(rows.tokens.size, 1):.1%} of all)")
     return text

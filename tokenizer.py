@@ -314,11 +314,6 @@ class Tokenizer:
         """Where a chat reply ends: eos and the chat format's end of turn."""
         return tuple(dict.fromkeys((self.eos_id, self.end_of_turn_id)))
 
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """The control tokens: no text decodes to them, and `decode` skips them."""
-        raise NotImplementedError
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
 
@@ -380,10 +375,6 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def document_prefix(self) -> list[int]:
         return [BOS_ID]
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        return frozenset(range(len(SPECIAL_TOKENS)))
 
     def render_chat(
         self, messages: Sequence[dict], add_generation_prompt: bool = False
@@ -528,8 +519,9 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{where}/tokenizer.json: not a Hugging Face tokenizer "
                              f"({str(e).splitlines()[0]}); expected the tokenizers library's format") from None
         self._config = self._json("tokenizer_config.json", where)
+        spec = json.loads(files["tokenizer.json"])  # once: Llama 3's is 9 MB
         for backend in (self._text, self._markup):
-            _as_transformers_builds_it(backend, self._config, json.loads(files["tokenizer.json"]))
+            _as_transformers_builds_it(backend, self._config, spec)
         self._text.encode_special_tokens = True
         special_map = self._json("special_tokens_map.json", where)
         self._special = {i for i, added in self._text.get_added_tokens_decoder().items() if added.special}
@@ -546,7 +538,7 @@ class HFTokenizer(Tokenizer):
             if isinstance(value, dict):  # an AddedToken: {"content": ..., "lstrip": ...}
                 value = value.get("content")
             if value is None and key not in declared and key.removesuffix("_token") in ROLES:
-                value = self._guess(key.removesuffix("_token"))
+                value = self._guess(key.removesuffix("_token"), spec)
             if value is not None:
                 if self._text.token_to_id(value) is None:
                     raise ValueError(f"{where}: {key}={value!r} is not in tokenizer.json's vocabulary")
@@ -566,7 +558,7 @@ class HFTokenizer(Tokenizer):
             template = CHATML_TEMPLATE
         self.chat_template = template
         # transformers 5 skips the clean-up for BPE models, which it would corrupt, unless forced.
-        model_type = json.loads(files["tokenizer.json"]).get("model", {}).get("type")
+        model_type = spec.get("model", {}).get("type")
         self._clean_up = bool(self._config.get("clean_up_tokenization_spaces")) and (
             model_type != "BPE" or bool(self._config.get(
                 "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
@@ -580,13 +572,13 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{where}/{name}: expected a JSON object, got {type(value).__name__}")
         return value
 
-    def _guess(self, role: str) -> str | None:
-        """A role's token in a bare tokenizer.json: bos is what its post-processor puts before a
-        text, unk its model's unk_token, else the usual names."""
+    def _guess(self, role: str, spec: dict) -> str | None:
+        """A role's token in a bare tokenizer.json (`spec`, parsed): bos is what its post-processor
+        puts before a text, unk its model's unk_token, else the usual names."""
         if role == "bos" and len(self._prefix) == 1:
             return self._text.id_to_token(self._prefix[0])
         if role == "unk":
-            return json.loads(self._files["tokenizer.json"]).get("model", {}).get("unk_token")
+            return spec.get("model", {}).get("unk_token")
         return next((name for name in _KNOWN[role] if self._text.token_to_id(name) is not None), None)
 
     @classmethod
@@ -648,10 +640,6 @@ class HFTokenizer(Tokenizer):
     @property
     def document_prefix(self) -> list[int]:
         return list(self._prefix)
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        return frozenset(self._special)
 
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> str:
         if self.chat_template is None:

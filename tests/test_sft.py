@@ -486,7 +486,7 @@ def test_the_summary_says_why_conversations_were_dropped(tokenizer):
     rows, _, stats = sft.prepare(sft.DataConfig((sample,), seq_len=48, overlong="drop"), tokenizer)
     assert sum(s.dropped for s in stats) > 0
     assert "dropped: longer than a row of 49 tokens (--overlong=drop" in sft.summary_table(stats, rows, "drop")
-    assert "dropped: even the first assistant reply ends past a row of 49 tokens (--max_seq_len)" in (
+    assert "dropped: even the first assistant reply ends past a row of 49 tokens (--seq_len)" in (
         sft.summary_table(stats, rows))
     kept = [dataclasses.replace(s, dropped=0) for s in stats]
     assert "dropped:" not in sft.summary_table(kept, rows)  # no reason printed for nothing
