@@ -97,7 +97,7 @@ import cli
 import documents
 import executors
 from stages import (ENGINE_ONLY, KEY_INDEX, STAGE_DIR, PrepareConfig, Split, bin_members, boundary_bins,
-                    components, dedup_partition, encode_split, group_targets, group_totals, layout, load_encoded,
+                    components, dedup_partition, encode_split, group_targets, group_totals, layout,
                     load_meta, map_split, mixture_thresholds, pack_shard, plan_split, split_bases, stage,
                     validation_shard)
 from storage import expand_inputs, file_size, join, read_bytes, read_json, remove, write_bytes
@@ -403,9 +403,6 @@ def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[
     tokenizer_ref = executor.share(tokenizer.model_bytes)
     todo = [i for i in range(len(splits)) if file_size(stage(config, f"encode-{i:05d}.npz")) is None]
     run("encode", encode_split, [(config, tokenizer_ref, i) for i in todo], [sizes[i] for i in todo], unit="B")
-    for i in range(len(splits)):
-        for key, value in load_encoded(config, i)["summary"]["seconds"].items():
-            seconds[key] = seconds.get(key, 0.0) + value
     walls["encode"] = time.time() - t
 
     # 5. mixture: tokens available per (source, language), the targets, the thresholds.
@@ -418,6 +415,8 @@ def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[
     by_source: dict = {stage_: {} for stage_ in STAGES[1:]}
     by_language: dict = {"near_dedup": {}, "language_kept": {}}
     for entry in stats:
+        for key, value in entry["seconds"].items():  # the encode tasks', finished in this run or before
+            seconds[key] = seconds.get(key, 0.0) + value
         for group, (tokens, documents_, histogram) in entry["groups"].items():
             into = available.setdefault(group, [0, 0])
             into[0] += tokens

@@ -471,17 +471,48 @@ class Kept:
     """One input split's documents after dedup and language ID."""
 
     rows: np.ndarray  # row index in the file's stage files
-    lang: list[str]
-    source: list[str]
+    groups: list[tuple[str, str]]  # the (source, language) groups they fall in, sorted
+    group: np.ndarray  # each one's index in `groups`
     tokens: np.ndarray
     u: np.ndarray  # each one's draw from (seed, id), uniform in [0, 1): which copies it gets
 
 
 def kept_documents(config: PrepareConfig, split: int, base: tuple[int, int]) -> tuple[Kept, dict, dict]:
-    """The kept documents of one split, its counts per stage and source and per stage and
-    language (known after deduplication only: only survivors are language-identified), and its
-    encode file. `base`: (file, rows of its earlier splits), from split_bases."""
+    """The kept documents of one split (those the encode task tokenized: dedup kept them, and
+    their language), and its metadata and encode file. `base`: (file, rows of its earlier
+    splits), from split_bases."""
     meta, encoded = load_meta(config, split), load_encoded(config, split)
+    rows = np.flatnonzero(encoded["tokens"] > 0)
+    # Groups as integer codes of (source, language), named once per split: the pack tasks call
+    # this for every split, where a name per document would cost Python work per document.
+    langs = encoded["summary"]["langs"]
+    codes, inverse = np.unique(meta["source"][rows].astype(np.int64) * len(langs) + encoded["lang"][rows],
+                               return_inverse=True)
+    names = [(meta["summary"]["sources"][c // len(langs)], langs[c % len(langs)]) for c in codes.tolist()]
+    groups = sorted(names)
+    position = {group: i for i, group in enumerate(groups)}
+    group = np.array([position[name] for name in names], np.int64)[inverse]
+    ids = document_ids(base, rows)
+    u = uniform(draw(config.seed, 0, ids)) if len(ids) else np.zeros(0)
+    return Kept(rows, groups, group, encoded["tokens"][rows], u), meta, encoded
+
+
+def draw_bins(kept: Kept) -> np.ndarray:
+    return np.minimum((kept.u * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
+
+
+def group_totals(config: PrepareConfig, split: int, base: tuple[int, int]) -> dict:
+    """Per (source, language) of one split's kept documents: tokens, documents and the tokens
+    per bin of their draws (HISTOGRAM_BINS); its counts per stage and source and per stage and
+    language (known after deduplication only: only survivors are language-identified); and its
+    encode task's CPU seconds (read here, so that the driver reads no encode file)."""
+    kept, meta, encoded = kept_documents(config, split, base)
+    bins = draw_bins(kept)
+    out = {}
+    for i, group in enumerate(kept.groups):
+        mask = kept.group == i
+        out[group] = (int(kept.tokens[mask].sum()), int(mask.sum()),
+                      np.bincount(bins[mask], kept.tokens[mask], HISTOGRAM_BINS).astype(np.int64))
     n = len(meta["record"])
     sources = np.array(meta["summary"]["sources"] or [""], object)[meta["source"]] if n else np.zeros(0, object)
     langs = np.array(encoded["summary"]["langs"] + [""], object)[encoded["lang"]] if n else np.zeros(0, object)
@@ -492,37 +523,8 @@ def kept_documents(config: PrepareConfig, split: int, base: tuple[int, int]) -> 
                                       ("near_dedup", near_kept), ("language_kept", language_kept))}
     by_language = {stage_: {lang: int(np.sum(mask & (langs == lang))) for lang in encoded["summary"]["langs"]}
                    for stage_, mask in (("near_dedup", near_kept), ("language_kept", language_kept))}
-    rows = np.flatnonzero(language_kept)
-    ids = document_ids(base, rows)
-    u = uniform(draw(config.seed, 0, ids)) if len(ids) else np.zeros(0)
-    kept = Kept(rows, langs[rows].tolist(), sources[rows].tolist(), encoded["tokens"][rows], u)
-    return kept, {"by_source": by_source, "by_language": by_language}, encoded
-
-
-def groups_of(kept: Kept) -> tuple[list[tuple[str, str]], np.ndarray]:
-    """The (source, language) groups of a split's kept documents, and each document's group index."""
-    names = list(zip(kept.source, kept.lang))
-    groups = sorted(set(names))
-    index = {group: i for i, group in enumerate(groups)}
-    return groups, np.array([index[name] for name in names], np.int64)
-
-
-def draw_bins(kept: Kept) -> np.ndarray:
-    return np.minimum((kept.u * HISTOGRAM_BINS).astype(np.int64), HISTOGRAM_BINS - 1)
-
-
-def group_totals(config: PrepareConfig, split: int, base: tuple[int, int]) -> dict:
-    """Per (source, language) of one split's kept documents: tokens, documents and the tokens
-    per bin of their draws (HISTOGRAM_BINS); and its stage counts."""
-    kept, counts, _ = kept_documents(config, split, base)
-    groups, index = groups_of(kept)
-    bins = draw_bins(kept)
-    out = {}
-    for i, group in enumerate(groups):
-        mask = index == i
-        out[group] = (int(kept.tokens[mask].sum()), int(mask.sum()),
-                      np.bincount(bins[mask], kept.tokens[mask], HISTOGRAM_BINS).astype(np.int64))
-    return {"groups": out, "counts": counts}
+    return {"groups": out, "counts": {"by_source": by_source, "by_language": by_language},
+            "seconds": encoded["summary"]["seconds"]}
 
 
 def group_targets(config: PrepareConfig, available: dict) -> dict:
@@ -583,12 +585,11 @@ def boundary_bins(targets: dict, available: dict, histograms: dict) -> dict:
 def bin_members(config: PrepareConfig, split: int, base: tuple[int, int], bins: dict) -> dict:
     """Per group: (draw, tokens) of one split's kept documents whose draw falls in the group's
     boundary bin."""
-    kept, _, _ = kept_documents(config, split, base)
-    groups, index = groups_of(kept)
+    kept = kept_documents(config, split, base)[0]
     b = draw_bins(kept)
     out = {}
-    for i, group in enumerate(groups):
-        mask = (index == i) & (b == bins[group][2])
+    for i, group in enumerate(kept.groups):
+        mask = (kept.group == i) & (b == bins[group][2])
         out[group] = (kept.u[mask], kept.tokens[mask])
     return out
 
@@ -610,11 +611,10 @@ def mixture_thresholds(bins: dict, members: list[dict]) -> dict:
 
 
 def emitted(kept: Kept, mixture: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(kept-document index, shard) per emitted copy of one split's kept documents; `mixture`:
-    mixture_thresholds'."""
-    groups, index = groups_of(kept)
-    whole = np.array([mixture[g][0] for g in groups], np.int64)[index]
-    threshold = np.array([mixture[g][1] for g in groups], np.float64)[index]
+    """(kept-document index, copy number) per emitted copy of one split's kept documents;
+    `mixture`: mixture_thresholds'."""
+    whole = np.array([mixture[g][0] for g in kept.groups], np.int64)[kept.group]
+    threshold = np.array([mixture[g][1] for g in kept.groups], np.float64)[kept.group]
     copies = whole + (kept.u < threshold)
     doc = np.repeat(np.arange(len(kept.u)), copies)
     copy = np.arange(len(doc)) - np.repeat(np.cumsum(copies) - copies, copies)
@@ -623,14 +623,13 @@ def emitted(kept: Kept, mixture: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_split(config: PrepareConfig, split: int, base: tuple[int, int], mixture: dict) -> dict:
     """Tokens per shard, and documents and tokens emitted per (source, language), of one split."""
-    kept, _, _ = kept_documents(config, split, base)
+    kept = kept_documents(config, split, base)[0]
     doc, shard = shards_of(config, base, kept, mixture)
     tokens = kept.tokens[doc]
-    groups, index = groups_of(kept)
-    copies = np.bincount(index[doc], minlength=len(groups))
-    written = np.bincount(index[doc], tokens, len(groups)).astype(np.int64)
+    copies = np.bincount(kept.group[doc], minlength=len(kept.groups))
+    written = np.bincount(kept.group[doc], tokens, len(kept.groups)).astype(np.int64)
     return {"shard_tokens": np.bincount(shard, tokens, config.num_shards).astype(np.int64).tolist(),
-            "groups": {g: [int(c), int(t)] for g, c, t in zip(groups, copies, written) if c}}
+            "groups": {g: [int(c), int(t)] for g, c, t in zip(kept.groups, copies, written) if c}}
 
 
 def shards_of(config: PrepareConfig, base: tuple[int, int], kept: Kept, mixture: dict) -> tuple[np.ndarray, np.ndarray]:
