@@ -28,10 +28,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 import cli
-from model import AUTO_ATTENTION, REMAT_POLICIES, ModelConfig, attention_impl, flops_per_token, num_params
-from parallel import check_batch, make_mesh
-
+from model import (AUTO_ATTENTION, REMAT_POLICIES, ModelConfig, Transformer, attention_impl, flops_per_token,
+                   num_params)
 from optim import TrainConfig
+from parallel import check_batch, leaf_sharding, make_mesh
 
 # The dry run's program compiled for (model config, train config, mesh): train.py's step, sft.py's
 # and dpo.py's (the same step with their loss), evaluate.py's scoring.
@@ -91,7 +91,6 @@ INSTRUCTION = re.compile(r'^\s*%?([\w.-]+?)(?:\.\d+)? = ')
 # A program fits a chip when it needs at most this share of its memory: the runtime and the
 # allocator's fragmentation need the rest.
 FIT_FRACTION = 0.9
-REMAT_ORDER = REMAT_POLICIES  # least to most recomputation
 
 
 def prepare_host(hardware: str) -> None:
@@ -271,9 +270,6 @@ class ModelShapes:
 
     @classmethod
     def of(cls, model_config: ModelConfig, mesh: Mesh) -> ModelShapes:
-        from model import Transformer
-        from parallel import leaf_sharding
-
         shapes = [x.shape for x in jax.tree.leaves(jax.eval_shape(lambda: Transformer(model_config, jax.random.key(0))))]
         whole = set(shapes) | {s[1:] for s in shapes if len(s) == 3}  # stacked blocks: one layer's too
         sharded = {leaf_sharding(mesh, s).shard_shape(s) for s in shapes}
@@ -431,15 +427,15 @@ def compile_program(compile_fn: CompileFn, model_config: ModelConfig, config: An
 
 def fit_verdict(model_config: ModelConfig, config: TrainConfig, devices: Sequence, fsdp: int, pod: Pod,
                 program: Program, compile_fn: CompileFn) -> str:
-    """"fits", or why not and the first of these that fits (each one compiled to find out): less
-    recomputation's opposite (--remat=dots, then full), the pod's fused attention kernel, the
-    state sharded over every chip (--fsdp), then a doubled --grad_accum under full remat."""
+    """"fits", or why not and the first of these that fits (each one compiled to find out): each
+    --remat that recomputes more (REMAT_POLICIES' order, full last), the pod's fused attention
+    kernel, the state sharded over every chip (--fsdp), then a doubled --grad_accum under full remat."""
     limit = FIT_FRACTION * pod.memory_gib * 2**30
     if program.peak is not None and program.peak <= limit:
         return (f"fits: {program.peak / 2**30:.1f} GiB of {pod.memory_gib:g} GiB per chip, "
                 f"{1 - program.peak / (pod.memory_gib * 2**30):.0%} headroom")
     tries = [(f"--remat={r}", dataclasses.replace(model_config, remat=r), config, fsdp)
-             for r in REMAT_ORDER if REMAT_ORDER.index(r) > REMAT_ORDER.index(model_config.remat)]
+             for r in REMAT_POLICIES[REMAT_POLICIES.index(model_config.remat) + 1:]]
     full = dataclasses.replace(model_config, remat="full")
     kernel = AUTO_ATTENTION[pod.backend]
     if model_config.attention != kernel:

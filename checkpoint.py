@@ -119,8 +119,7 @@ def config_mismatch(saved: dict, model_config: ModelConfig) -> str | None:
     """Name the first weight-shaping field where `saved` (a checkpoint's config["model"]) and
     `model_config` differ, as 'field: checkpoint has X, flags say Y'; None when they agree.
     A field the checkpoint predates has its default there."""
-    defaults = dataclasses.asdict(ModelConfig())
-    saved = dataclasses.asdict(ModelConfig(**{**defaults, **saved}))  # a JSON list becomes its tuple
+    saved = dataclasses.asdict(ModelConfig(**saved))  # a JSON list becomes its tuple
     for field, value in dataclasses.asdict(model_config).items():
         if field not in EXECUTION_FIELDS and saved[field] != value:
             return f"--{'seq_len' if field == 'max_seq_len' else field}: the checkpoint has " \

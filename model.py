@@ -265,10 +265,7 @@ def target_platform(mesh: Mesh | None) -> str:
     """The platform a program runs on: that of the devices of `mesh` (which may be a TPU
     topology's while this host is a CPU: a TPU step compiled here must get the TPU's kernels, not
     interpreted ones), or with no mesh (one device) the host's default backend."""
-    if mesh is None:
-        platform = jax.default_backend()
-    else:
-        platform = (mesh if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.abstract_mesh).abstract_device.platform
+    platform = jax.default_backend() if mesh is None else mesh.abstract_mesh.abstract_device.platform
     return "gpu" if platform in ("cuda", "rocm") else platform
 
 

@@ -83,7 +83,7 @@ def decay_mask(model: Transformer) -> Transformer:
     weights = lambda m: (m.blocks.attn.wq, m.blocks.attn.wk, m.blocks.attn.wv, m.blocks.attn.wo,
                          m.blocks.mlp.w_gate, m.blocks.mlp.w_up, m.blocks.mlp.w_down,
                          *(() if m.lm_head is None else (m.lm_head,)))  # tied: the embedding's, undecayed
-    return eqx.tree_at(weights, mask, replace=(True,) * (7 if model.lm_head is None else 8))
+    return eqx.tree_at(weights, mask, replace_fn=lambda _: True)
 
 
 # bf16 moments stall within 2^-8 / (1 - beta) of their target (see above): under this 1 - beta
@@ -103,8 +103,9 @@ def moment_dtypes(config: TrainConfig) -> tuple[str, str]:
 
 def learning_rate_applied(config: TrainConfig, opt_state: optax.OptState) -> Float[Array, ""]:
     """The learning rate the next `update` of make_optimizer(config) applies: the schedule at the
-    optimizer's own count, which a skipped (non-finite) step does not advance."""
-    return learning_rate_schedule(config)(opt_state[1].count)
+    count of its own state (found by name, not by place in the chain), which a skipped
+    (non-finite) step does not advance."""
+    return learning_rate_schedule(config)(optax.tree_utils.tree_get(opt_state, "ScaleByScheduleState").count)
 
 
 class AdamState(NamedTuple):

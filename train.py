@@ -458,7 +458,7 @@ def check_resume(saved: dict, now: dict, where: str) -> str | None:
         return out
 
     before, after = flatten(saved), flatten(json.loads(json.dumps(now)))  # as saved: tuples become lists
-    short = lambda v: (r := repr(v)) if len(r := repr(v)) <= 60 else r[:57] + "..."
+    short = lambda v: r if len(r := repr(v)) <= 60 else r[:57] + "..."
     changed = [f"{k} {short(before[k])} -> {short(after[k])}" for k in after if k in before and before[k] != after[k]]
     steps_before, steps_after = saved.get("train", {}).get("steps"), now["train"]["steps"]
     if steps_before is not None and steps_after < steps_before:
@@ -572,8 +572,8 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
     # a checkpoint, an evaluation, the last step. A stop vote is therefore acted on one step late:
     # the checkpoint holds the step after the one that carried it.
     in_flight: collections.deque = collections.deque()  # (step, data position, metrics) not yet read
-    due = lambda at: (at == config.steps or at % run.checkpoint_every == 0
-                      or bool(run.eval_every and at % run.eval_every == 0))
+    saves_at = lambda at: at % run.checkpoint_every == 0 or at == config.steps
+    evaluates_at = lambda at: bool(run.eval_every) and (at % run.eval_every == 0 or at == config.steps)
     stopping = False
     try:
         while step < config.steps or in_flight:
@@ -587,7 +587,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 step += 1
                 in_flight.append((step, position, metrics))
             rollback = None
-            while len(in_flight) > (0 if stopping or due(step) else 1):
+            while len(in_flight) > (0 if stopping or saves_at(step) or evaluates_at(step) else 1):
                 done, position, metrics = in_flight.popleft()
                 with times("step"):  # the device's time not hidden behind the next step's dispatch
                     metrics = jax.device_get(metrics)
@@ -633,7 +633,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                 continue
             if in_flight:  # ran ahead: the state is a step past what was read
                 continue
-            if run.eval_every and (step % run.eval_every == 0 or step == config.steps):
+            if evaluates_at(step):
                 with times("eval"):
                     record = {k: v for evaluate in evaluations for k, v in evaluate(state.model).items()}
                 if logger and record:
@@ -650,7 +650,7 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
                               f"{run.output_dir} in {time.perf_counter() - started:.1f} s; the same "
                               "command resumes from it")
                 return
-            if step % run.checkpoint_every == 0 or step == config.steps:
+            if saves_at(step):
                 with times("checkpoint"):
                     save(step)
         ckpt.wait()
@@ -808,7 +808,7 @@ def main(argv):
             model_config, tokenizer_bytes, saved = init_from_model(
                 run.init_from, model_config, {name for name in MODEL_FLAGS if FLAGS[name].present})
             tokenizer = init_tokenizer(FLAGS.tokenizer, run.init_from, tokenizer_bytes)
-            more = {checkpoint.IMPORTED: checkpoint.imported_of(saved)} if checkpoint.imported_of(saved) else {}
+            more = {checkpoint.IMPORTED: imported} if (imported := checkpoint.imported_of(saved)) else {}
         else:
             tokenizer = load_tokenizer(FLAGS.tokenizer, model_config.vocab_size)
         if not FLAGS.train_data:
