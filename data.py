@@ -630,7 +630,7 @@ def define_flags() -> None:
                        "about this many MB (compressed, Parquet and code files whole); changes no output "
                        "byte. 64: ~50 MB of tokens and metadata per task, ~2.5 minutes per task at 0.44 MB/s "
                        "per core, enough tasks to keep a cluster's cores busy, at most one split per core "
-                       "lost when a run is killed (README: Splits).")
+                       "lost when a run is killed (docs/data.md: Splits).")
 
 
 def config_from_flags(argv: Sequence[str]) -> PrepareConfig:

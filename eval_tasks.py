@@ -5,7 +5,7 @@ any LM (ours or its `hf` backend), and the comparison tables. evaluate.py is the
 Offline (`--data_dir=DIR`): DIR holds one JSONL per task, named after it (`hellaswag.jsonl`...),
 in the Hugging Face schema the task loads, holding the split the task scores (its test split if
 it has one, else validation). For each task we write a YAML that includes lm-eval's stock task
-file and points it at that file (`dataset_path: json`); README.md shows how to mirror the hub.
+file and points it at that file (`dataset_path: json`); docs/evaluation.md shows how to mirror the hub.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def check_task_data(tasks: Sequence[str], data_dir: str | None) -> None:
             raise FileNotFoundError(
                 f"the Hugging Face Hub is needed for {', '.join(tasks[:3])}{' ...' if len(tasks) > 3 else ''} "
                 f"without --data_dir, and {why}: give --data_dir=DIR, a directory of <task>.jsonl files "
-                "(samples/eval holds 40 items of each report task; README.md, 'Evaluation', 'Offline "
+                "(samples/eval holds 40 items of each report task; docs/evaluation.md, 'Offline "
                 "data', shows how to mirror them)")
         return
     if not os.path.isdir(data_dir):
@@ -193,7 +193,7 @@ def check_task_data(tasks: Sequence[str], data_dir: str | None) -> None:
         raise FileNotFoundError(
             f"--data_dir {data_dir!r} lacks {len(missing)} of {len(tasks)} tasks' files: "
             f"{', '.join(f'{task}.jsonl' for task in missing)} (e.g. {first}.jsonl: the {split!r} split of "
-            f"{dataset} ({config or 'default'}); README.md's 'Evaluation' lists the split each file "
+            f"{dataset} ({config or 'default'}); docs/evaluation.md lists the split each file "
             "holds and how to mirror them)")
 
 
@@ -254,7 +254,7 @@ def evaluate_with(lm, tasks: Sequence[str], data_dir: str | None = None, limit: 
                 raise
             raise ValueError(f"lm-eval could not read {', '.join(f'{t}.jsonl' for t in tasks)} in --data_dir "
                              f"{data_dir!r} ({type(e).__name__}: {e}): expected each in the Hugging Face "
-                             "schema of the split README.md's 'Evaluation' names") from e
+                             "schema of the split docs/evaluation.md names") from e
         for task in loaded["tasks"].values():
             if task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)

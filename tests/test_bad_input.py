@@ -161,9 +161,9 @@ ROWS = [
         2, ("--beta=-1", "positive")),
     # evaluate.py
     Row("evaluate-offline-without-data-dir", "evaluate.py", ["--checkpoint={run}"], 2,
-        ("--data_dir", "offline", "README.md", "mirror")),
+        ("--data_dir", "offline", "docs/evaluation.md", "mirror")),
     Row("evaluate-french-tasks-missing", "evaluate.py", [*EVALUATE, "--tasks=french", "--data_dir={samples}/eval_fr"],
-        2, ("lacks 12 of 13", "xnli_fr.jsonl", "README.md")),
+        2, ("lacks 12 of 13", "xnli_fr.jsonl", "docs/evaluation.md")),
     Row("evaluate-data-dir-missing", "evaluate.py", [*EVALUATE, "--tasks=piqa", "--data_dir={in}/none"], 2,
         ("none", "is not a directory")),
     Row("evaluate-empty-task-file", "evaluate.py", [*EVALUATE, "--tasks=piqa", "--data_dir={in}/eval"], 2,
