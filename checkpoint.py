@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+import hf_llama
 from model import ModelConfig, Transformer
 
 # Orbax checks gs:// directories through gcsfs, whose cached listings miss the files TensorStore
@@ -253,7 +254,7 @@ def load(directory: str, step: int | None = None, model_overrides: dict | None =
 
 
 def load_hf(directory: str, model_overrides: dict | None = None) -> tuple[Transformer, bytes, dict]:
-    """`load` of a Hugging Face Llama folder: imported on the way in (convert.py's import, said in
+    """`load` of a Hugging Face Llama folder: imported on the way in (hf_llama.py's import, said in
     one line on stderr), its config.json and generation_config.json kept in the run config."""
     model, tokenizer_bytes, kept = _import_hf(os.path.abspath(directory))
     config = dataclasses.replace(model.config, **(model_overrides or {}))
@@ -266,14 +267,12 @@ def load_hf(directory: str, model_overrides: dict | None = None) -> tuple[Transf
 def _import_hf(directory: str) -> tuple[Transformer, bytes, dict]:
     """Imported once per process: a run reads its --init_from for its shape and tokenizer, then
     for its parameters (and dpo.py for its reference)."""
-    import convert  # it imports this file
-
     started = time.perf_counter()
-    model, tokenizer, kept = convert.import_hf(directory)
-    print(f"imported Hugging Face folder {directory} ({convert.describe(model.config)}) in "
+    model, tokenizer, imported = hf_llama.import_hf(directory)
+    print(f"imported Hugging Face folder {directory} ({hf_llama.describe(model.config)}) in "
           f"{time.perf_counter() - started:.1f} s; `python convert.py --to=julian --hf={directory} "
           "--out=DIR` does it once for all runs", file=sys.stderr)
-    return model, tokenizer.model_bytes, kept
+    return model, tokenizer.model_bytes, {IMPORTED: imported}
 
 
 def imported_of(config: dict) -> dict | None:

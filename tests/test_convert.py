@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 import checkpoint  # noqa: E402
 import convert  # noqa: E402
+import hf_llama  # noqa: E402
 from conftest import DATA_FILES, REPO, run_script  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, IM_START_ID, PAD_ID, UNK_ID, Tokenizer  # noqa: E402
@@ -393,7 +394,7 @@ def test_the_model_card_carries_the_runs_lm_eval_results_and_parses_as_a_hub_car
 
 def test_import_of_an_export_gives_back_every_weight_exactly_and_the_config(random_model, random_hf_dir,
                                                                             tok):
-    model, tokenizer, _ = convert.import_hf(random_hf_dir)
+    model, tokenizer, _ = hf_llama.import_hf(random_hf_dir)
     # The activation dtype is how a model runs, not what it is: the folder does not carry it.
     assert dataclasses.replace(model.config, dtype=random_model.config.dtype) == random_model.config
     model = _with_dtype(model, random_model.config.dtype)
@@ -437,7 +438,7 @@ def test_import_of_a_tied_embedding_hf_llama_gives_its_logits(tok, tiny_tokenize
     saved = safetensors_np.load_file(os.path.join(hf_dir, "model.safetensors"))
     assert "lm_head.weight" not in saved  # so the import must tie the head itself
 
-    model, tokenizer, _ = convert.import_hf(hf_dir)
+    model, tokenizer, _ = hf_llama.import_hf(hf_dir)
     assert (model.config.rope_theta, model.config.norm_eps, model.config.d_model) == (20_000.0, 1e-5, 64)
     assert model.config.tie_embeddings and model.lm_head is None  # the head is the embedding itself
     assert tokenizer.model_bytes == tok.model_bytes
@@ -452,7 +453,7 @@ def test_import_of_a_tied_embedding_hf_llama_gives_its_logits(tok, tiny_tokenize
 
 def test_import_of_a_folder_without_config_json_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "config.json"))):
-        convert.import_hf(str(tmp_path))
+        hf_llama.import_hf(str(tmp_path))
 
 
 @pytest.mark.parametrize("edit, named", [
@@ -476,7 +477,7 @@ def test_import_of_an_architecture_we_do_not_run_is_refused_in_one_line_naming_i
     with open(tmp_path / "config.json", "w") as f:
         json.dump({**config, **edit}, f)
     with pytest.raises(ValueError) as raised:
-        convert.import_hf(str(tmp_path))
+        hf_llama.import_hf(str(tmp_path))
     message = str(raised.value)
     assert named in message and "supported: a Llama" in message and "\n" not in message
 
@@ -486,8 +487,8 @@ def test_both_rope_spellings_are_read_theta_and_llama3_scaling():
               "original_max_position_embeddings": 8192}
     base = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                 num_attention_heads=4, num_key_value_heads=1)
-    new = convert.model_config_from_hf({**base, "rope_parameters": {**llama3, "rope_theta": 5e5}}, "new")
-    old = convert.model_config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": llama3}, "old")
+    new = hf_llama.model_config_from_hf({**base, "rope_parameters": {**llama3, "rope_theta": 5e5}}, "new")
+    old = hf_llama.model_config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": llama3}, "old")
     assert new == old
     assert (new.rope_theta, new.rope_scaling, new.kv_heads) == (5e5, (32.0, 1.0, 4.0, 8192), 1)
 
@@ -523,14 +524,14 @@ def test_import_of_a_tensor_with_a_wrong_shape_is_refused_naming_the_tensor(rand
                                                                            name, edit):
     bad = _corrupted_copy(random_hf_dir, tmp_path, edit(name))
     with pytest.raises(ValueError, match=re.escape(name)):
-        convert.import_hf(bad)
+        hf_llama.import_hf(bad)
 
 
 def test_import_of_a_folder_missing_a_tensor_names_it(random_hf_dir, tmp_path):
     name = "model.layers.1.self_attn.k_proj.weight"
     bad = _corrupted_copy(random_hf_dir, tmp_path, lambda tensors: tensors.pop(name))
     with pytest.raises(ValueError, match=re.escape(name)):
-        convert.import_hf(bad)
+        hf_llama.import_hf(bad)
 
 
 def test_cli_export_of_a_directory_without_a_checkpoint_fails_naming_it(tmp_path):
@@ -590,10 +591,10 @@ def llama3_hf_dir(llama3_tokenizer_dir, tmp_path_factory) -> str:
 
 def test_a_sharded_gqa_tied_llama3_folder_imports_and_gives_transformers_logits(gqa_hf_dir, tok):
     assert os.path.exists(os.path.join(gqa_hf_dir, "model.safetensors.index.json"))
-    model, tokenizer, kept = convert.import_hf(gqa_hf_dir)
+    model, tokenizer, imported = hf_llama.import_hf(gqa_hf_dir)
     c = model.config
     assert (c.n_heads, c.kv_heads, c.tie_embeddings, c.rope_scaling) == (4, 2, True, (8.0, 1.0, 4.0, 16))
-    assert kept[checkpoint.IMPORTED]["generation_config"]["temperature"] == 0.3
+    assert imported["generation_config"]["temperature"] == 0.3
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(gqa_hf_dir, dtype=torch.float32).eval()
     tokens = np.random.default_rng(7).integers(0, tok.vocab_size, (2, 48))
     want = _hf_logits(hf_model, tokens)
@@ -636,7 +637,7 @@ def test_cli_round_trip_hf_julian_hf_gives_identical_tensors_tokenizer_and_gener
 def test_a_hugging_face_folder_loads_wherever_a_checkpoint_does_and_says_it_imports_it(gqa_hf_dir, capsys):
     model, tokenizer_bytes, config = checkpoint.load(gqa_hf_dir, model_overrides={"dtype": "float32"})
     assert "imported Hugging Face folder" in capsys.readouterr().err
-    reference, tokenizer, _ = convert.import_hf(gqa_hf_dir)
+    reference, tokenizer, _ = hf_llama.import_hf(gqa_hf_dir)
     _assert_same_leaves(model, _with_dtype(reference, "float32"))
     assert tokenizer_bytes == tokenizer.model_bytes
     assert config["model"]["n_kv_heads"] == 2 and checkpoint.imported_of(config)["config"]["model_type"] == "llama"

@@ -19,6 +19,7 @@ import budget
 import chat_formats
 import checkpoint
 import convert
+import hf_llama
 import dpo
 import optim
 import pair_packing
@@ -168,7 +169,7 @@ def test_gradients_and_one_optimizer_step_equal_trls_trainer(models, real_pairs,
     theirs = {k: p.grad.numpy() for k, p in trainer.model.named_parameters()}
     loss_fn = dpo.make_loss_fn(dpo.LossConfig("sigmoid", 0.1))
     grads = jax.grad(lambda m: (lambda s, c, _: s / c)(*loss_fn(m, batch, None)))(policy)
-    ours = convert.to_hf_state_dict(grads)
+    ours = hf_llama.to_hf_state_dict(grads)
     scale = max(np.abs(g).max() for g in theirs.values())
     for name, grad in ours.items():
         np.testing.assert_allclose(grad, theirs[name], atol=1e-4 * scale, rtol=0, err_msg=name)
@@ -180,8 +181,8 @@ def test_gradients_and_one_optimizer_step_equal_trls_trainer(models, real_pairs,
                                grad_clip=1.0, opt_state_dtype="float32")
     optimizer = optim.make_optimizer(config)
     updates, _ = optimizer.update(grads, optimizer.init(policy), policy)
-    stepped = convert.to_hf_state_dict(optax.apply_updates(policy, updates))
-    before = convert.to_hf_state_dict(policy)
+    stepped = hf_llama.to_hf_state_dict(optax.apply_updates(policy, updates))
+    before = hf_llama.to_hf_state_dict(policy)
     after = {k: p.detach().numpy() for k, p in trainer.model.named_parameters()}
     tiny = {k: (g != 0) & (np.abs(g) < 100 * config.adam_eps) for k, g in ours.items()}
     moving = sum(int((g != 0).sum()) for g in ours.values())

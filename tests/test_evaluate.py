@@ -274,8 +274,8 @@ WORKER = textwrap.dedent("""
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
-    import convert, eval_tasks, evaluate
-    model, tokenizer, _ = convert.import_hf(sys.argv[3])
+    import eval_tasks, evaluate, hf_llama
+    model, tokenizer, _ = hf_llama.import_hf(sys.argv[3])
     lm = evaluate.JulianLM(model, tokenizer, dtype="float32", batch_size=4)
     out = eval_tasks.evaluate_with(lm, ["hellaswag"], sys.argv[4], limit=2, log_samples=True)
     answers = {t: [[r[0] for r in s["resps"]] for s in sorted(out["samples"][t], key=lambda s: s["doc_id"])]

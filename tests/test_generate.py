@@ -296,6 +296,7 @@ def test_an_imported_llama3_style_model_chats_as_transformers_generate_and_expor
     import shutil
 
     import convert
+    import hf_llama
 
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -311,7 +312,7 @@ def test_an_imported_llama3_style_model_chats_as_transformers_generate_and_expor
     hf_model.save_pretrained(folder)
     for name in os.listdir(llama3_tokenizer_dir):
         shutil.copy(os.path.join(llama3_tokenizer_dir, name), folder)
-    model, tokenizer, kept = convert.import_hf(folder, overrides={"dtype": "float32"})
+    model, tokenizer, imported = hf_llama.import_hf(folder, overrides={"dtype": "float32"})
     messages = [{"role": "system", "content": "Sois bref."}, {"role": "user", "content": "Qui est Holmes ?"}]
     prompt = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                               return_dict=True)["input_ids"]
@@ -322,7 +323,7 @@ def test_an_imported_llama3_style_model_chats_as_transformers_generate_and_expor
     reply = G.chat(model, tokenizer, messages, max_new_tokens=12)
     assert len([t for t in theirs if t not in stops]) >= 4  # a reply of several tokens, not an immediate stop
     assert reply == tokenizer.decode([t for t in theirs if t not in stops])
-    convert.export_hf(model, tokenizer, str(tmp_path / "back"), imported=kept[checkpoint.IMPORTED])
+    convert.export_hf(model, tokenizer, str(tmp_path / "back"), imported=imported)
     for name in os.listdir(llama3_tokenizer_dir):
         with open(os.path.join(llama3_tokenizer_dir, name), "rb") as a, open(tmp_path / "back" / name, "rb") as b:
             assert a.read() == b.read(), name

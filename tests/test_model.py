@@ -787,7 +787,7 @@ def _hf_llama(**overrides):
     unless overridden) with a trained model's scale, and our model of the same weights."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import convert
+    import hf_llama
 
     torch.manual_seed(0)
     settings = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -799,9 +799,9 @@ def _hf_llama(**overrides):
     with torch.no_grad():
         for p in hf.parameters():
             p.copy_(1.0 + 0.5 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
-    config = convert.model_config_from_hf(hf.config.to_dict(), "test", {"dtype": "float32", "scan_layers": False})
+    config = hf_llama.model_config_from_hf(hf.config.to_dict(), "test", {"dtype": "float32", "scan_layers": False})
     tensors = {k: jnp.asarray(v.numpy()) for k, v in hf.state_dict().items()}
-    return hf, convert.model_from_hf_tensors(config, tensors, "test")
+    return hf, hf_llama.model_from_hf_tensors(config, tensors, "test")
 
 
 @pytest.mark.parametrize("overrides", [
