@@ -42,9 +42,10 @@ import yaml
 
 import checkpoint
 import cli
+from hf_tokenizer import save_hf_tokenizer
 from model import ModelConfig, Transformer, num_params
 from runlog import check_writable, perplexity_text
-from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, UNK_ID, Tokenizer, save_hf_tokenizer
+from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, UNK_ID, Tokenizer
 
 FLAGS = flags.FLAGS
 
