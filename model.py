@@ -12,10 +12,10 @@ then one token per step, every shape static). `target_logps` is the one way toke
 
 Precision: parameters are fp32; activations and matmul inputs use `config.dtype` (bf16 by
 default) with fp32 accumulation; norms, softmax, logits and the loss are fp32. The matmuls
-(`einsum`), SwiGLU and attention (`attend`, with its kernel per platform) are kernels.py's: the
-numerics and kernel choices every layer shares.
+(`einsum`), SwiGLU and attention (`attend`, with its kernel per platform) are layer_ops.py's:
+the numerics and kernel choices every layer shares.
 
-This file imports nothing of ours but kernels.py: no I/O, no flags.
+This file imports nothing of ours but layer_ops.py: no I/O, no flags.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from kernels import (ATTENTION_IMPLS, CONTEXT, MLP_HIDDEN, MLP_OUT, OUT_PROJ, QKV, Segments, attend, einsum,
-                     swiglu)
+from layer_ops import (ATTENTION_IMPLS, CONTEXT, MLP_HIDDEN, MLP_OUT, OUT_PROJ, QKV, Segments, attend, einsum,
+                       swiglu)
 
 # --remat: the named matmul outputs each policy keeps from the forward for the backward (in the
 # compute dtype); the rest of a block is recomputed. From least to most recomputation:

@@ -13,7 +13,8 @@ They fix the numerics and choose the kernels once, for all layers:
   takes the packed rows' segment ids and never builds the score array. The mesh is an argument,
   never ambient.
 
-This file imports nothing of ours: no I/O, no flags.
+This file imports nothing of ours: no I/O, no flags. (Not kernels.py: that name would shadow the
+`kernels` package, which transformers imports.)
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def einsum(spec: str, a: Array, b: Array, dtype: str, name: str | None = None) -
     `name`d, rounded to `dtype` and named for the remat policies (model.REMAT_SAVES) to keep.
 
     Valid for specs where every index of an operand appears in the other operand or the output
-    (true of every projection and attention product here), so the gradients are einsums too.
+    (true of every projection and attention product of the model), so the gradients are einsums too.
     A named output is rounded first so that what remat keeps is in the compute dtype: half the
     bytes of the fp32 accumulator (MaxText's choice too). Unnamed: the attention scores ([heads,
     seq, seq] per row: cheaper to recompute than to keep) and the logits.
