@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 import cli
-from model import (AUTO_ATTENTION, REMAT_POLICIES, ModelConfig, Transformer, attention_impl, flops_per_token,
-                   num_params)
+from layer_ops import AUTO_ATTENTION, attention_impl
+from model import REMAT_POLICIES, ModelConfig, Transformer, flops_per_token, num_params
 from optim import TrainConfig
 from parallel import check_batch, leaf_sharding, make_mesh
 
@@ -48,7 +48,7 @@ class Pod(NamedTuple):
     chips: int
     tflops: float  # bf16 dense peak per chip
     memory_gib: float  # HBM per chip
-    backend: str  # what --attention=auto runs there (model.AUTO_ATTENTION)
+    backend: str  # what --attention=auto runs there (layer_ops.AUTO_ATTENTION)
     # How XLA names it for compiling without one (jax.experimental.topologies.get_topology_desc):
     # a TPU slice's "generation:shape"; a GPU box's "hosts x nodes x devices" and its target config.
     topology: str

@@ -31,10 +31,11 @@ import yaml
 
 import checkpoint
 import cli
+from hf_llama import describe, hf_config, import_hf, to_hf_state_dict
+from hf_tokenizer import save_hf_tokenizer
 from model import ModelConfig, Transformer, num_params
 from runlog import check_writable, perplexity_text
-from hf_llama import describe, hf_config, import_hf, to_hf_state_dict
-from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokenizer, save_hf_tokenizer
+from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokenizer
 
 FLAGS = flags.FLAGS
 

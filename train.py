@@ -56,7 +56,8 @@ import cli
 import runlog
 import stream
 from budget import HARDWARE, device_peak_flops
-from model import ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
+from layer_ops import ATTENTION_IMPLS
+from model import REMAT_POLICIES, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
 from optim import TrainConfig, learning_rate_applied, make_optimizer
 from parallel import (AXES, batch_sharding, check_batch, global_batch, initialize_distributed, leaf_sharding, make_mesh,
                       shardings, stop_votes)

@@ -62,11 +62,12 @@ import generate  # noqa: E402
 import optim  # noqa: E402
 import parallel  # noqa: E402
 import train  # noqa: E402
-from model import AUTO_ATTENTION, ModelConfig, Transformer, flops_per_token, num_params  # noqa: E402
+from layer_ops import AUTO_ATTENTION  # noqa: E402
+from model import ModelConfig, Transformer, flops_per_token, num_params  # noqa: E402
 from tokenizer import BOS_ID, Tokenizer, train_tokenizer  # noqa: E402
 
 SEQ_LEN = 2048
-# What each backend can run; the first is what --attention=auto picks there (model.AUTO_ATTENTION).
+# What each backend can run; the first is what --attention=auto picks there (layer_ops.AUTO_ATTENTION).
 IMPLS = {"gpu": ("flash", "cudnn", "einsum"), "tpu": ("splash", "einsum"), "cpu": ("einsum",)}
 REMATS = ("none", "dots", "full")
 # --smoke: the same code paths on shapes a CPU runs in seconds (sequence 128: one kernel tile).

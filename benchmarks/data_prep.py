@@ -437,7 +437,7 @@ def compare_with_datatrove(args, tmp: str, tokenizer_path: str) -> None:
     seconds, peak memory of the tree, dedup precision and recall; then where each spends it."""
     from transformers import AutoTokenizer
 
-    from tokenizer import save_hf_tokenizer
+    from hf_tokenizer import save_hf_tokenizer
 
     save_hf_tokenizer(Tokenizer.load(tokenizer_path), os.path.join(tmp, "hf"))
     tokenizer_json = os.path.join(tmp, "tokenizer.json")

@@ -51,9 +51,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 3, "Timed calls of each, alternating; the best counts.")
     flags.DEFINE_integer("torch_threads", 0, "torch's intra-op threads (0: its default, one per core). On a "
                          "loaded machine 2 threads on 2 cores made HF 5-10x slower than 1 thread.")
-    flags.DEFINE_string("baseline", None, "Also time the generate.py and model.py in this folder (e.g. an older "
-                        "commit's: git archive OLD generate.py model.py | tar -x -C DIR), on the same weights, "
-                        "side by side.")
+    flags.DEFINE_string("baseline", None, "Also time the generate.py and model.py (and layer_ops.py, where OLD "
+                        "has one) in this folder (e.g. an older commit's: git archive OLD generate.py model.py | "
+                        "tar -x -C DIR), on the same weights, side by side.")
 
 
 def _measure(fn) -> tuple[float, float, list[list[int]]]:
@@ -73,13 +73,14 @@ def _load(name: str, path: str):
 
 def _baseline(folder: str, model: Transformer):
     """The folder's generate module, and `model`'s weights in the folder's Transformer class."""
-    old_model = _load("baseline_model", os.path.join(folder, "model.py"))
-    ours = sys.modules["model"]
-    sys.modules["model"] = old_model  # what the old generate.py imports
-    try:
+    ours = {name: sys.modules[name] for name in ("layer_ops", "model")}
+    try:  # what the old files import: the folder's model.py, and its layer_ops.py where it has one
+        if os.path.isfile(os.path.join(folder, "layer_ops.py")):
+            sys.modules["layer_ops"] = _load("baseline_layer_ops", os.path.join(folder, "layer_ops.py"))
+        old_model = sys.modules["model"] = _load("baseline_model", os.path.join(folder, "model.py"))
         old_generate = _load("baseline_generate", os.path.join(folder, "generate.py"))
     finally:
-        sys.modules["model"] = ours
+        sys.modules.update(ours)
     config = old_model.ModelConfig(**dataclasses.asdict(model.config))
     shapes = jax.eval_shape(lambda: old_model.Transformer(config, jax.random.key(0)))
     return old_generate, jax.tree.unflatten(jax.tree.structure(shapes), jax.tree.leaves(model))

@@ -27,7 +27,8 @@ def make_folder(out: str) -> int:
     import torch
     import transformers
 
-    from tokenizer import Tokenizer, save_hf_tokenizer, train_tokenizer
+    from hf_tokenizer import save_hf_tokenizer
+    from tokenizer import Tokenizer, train_tokenizer
 
     config = transformers.LlamaConfig(
         vocab_size=49_152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

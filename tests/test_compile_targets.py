@@ -1,6 +1,6 @@
 """`--dry_run --hardware=NAME` compiles for NAME's own chips on this CPU (budget.py): XLA:TPU from
 libtpu for a TPU slice, with its memory figures, its Mosaic kernels and a verdict that was itself
-compiled. model.py's side (kernels follow the mesh, dots saves matmul outputs) is tested in
+compiled. layer_ops.py's side (kernels follow the mesh, dots saves matmul outputs) is tested in
 tests/test_model_targets.py; here, what a user reads."""
 
 import dataclasses

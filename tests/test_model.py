@@ -1,6 +1,6 @@
-"""model.py against its spec: causality, packed segments, parameter and FLOP accounting, mixed
-precision, and the equivalence of the implementation choices (scan/unrolled, remat policies,
-attention implementations, the custom-VJP einsum).
+"""model.py and layer_ops.py against their spec: causality, packed segments, parameter and FLOP
+accounting, mixed precision, and the equivalence of the implementation choices (scan/unrolled,
+remat policies, attention implementations, the custom-VJP einsum).
 
 Everything runs on a tiny model (vocab 256, d_model 64, 2 layers, 2 heads of 32, seq 16) in
 float32 wherever numbers are compared exactly. Models and jitted functions are cached so each
@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jaxtyping import jaxtyped
 
+import layer_ops as ops
 import model as M
 from model import ModelConfig, Transformer
 
@@ -316,7 +317,7 @@ def test_bf16_forward_is_close_to_fp32_with_the_same_weights():
     assert differs(mixed, reference, at_least=0.0)  # bf16 was actually used
 
 
-EINSUM_CASES = {  # every contraction pattern model.py sends through `einsum`
+EINSUM_CASES = {  # every contraction pattern model.py and layer_ops.py send through `einsum`
     "btd,de->bte": ((2, 5, 8), (8, 6)),
     "bhqd,bhkd->bhqk": ((2, 3, 5, 8), (2, 3, 7, 8)),
     "bhqk,bhkd->bhqd": ((2, 3, 5, 7), (2, 3, 7, 8)),
@@ -332,11 +333,11 @@ def _einsum_grads(fn, spec, a, b):
 
 
 def _custom_einsum_f32(spec, a, b):
-    return M.einsum(spec, a, b, "float32")
+    return ops.einsum(spec, a, b, "float32")
 
 
 def _custom_einsum_bf16(spec, a, b):
-    return M.einsum(spec, a, b, "bfloat16")
+    return ops.einsum(spec, a, b, "bfloat16")
 
 
 def _jnp_einsum_f32(spec, a, b):
@@ -462,7 +463,7 @@ def test_dot_product_attention_agrees_with_the_einsum_implementation(with_segmen
 # Fused attention kernels against the einsum path, on packed rows, in bf16. The Pallas kernels
 # run in interpret mode on a CPU; their tile is 128 tokens, so these rows are 128 long.
 
-KERNEL_SEQ = M.KERNEL_BLOCK
+KERNEL_SEQ = ops.KERNEL_BLOCK
 # Rows of several documents each, one of them a segment id that comes back after another.
 PACKED = np.array([np.repeat([0, 1, 2, 3], [40, 7, 50, 31]), np.repeat([5, 9, 5], [64, 1, 63])])
 
@@ -476,7 +477,7 @@ def attend_with_grads(impl: str):
     runs = np.cumsum(np.concatenate([np.ones((2, 1)), PACKED[:, 1:] != PACKED[:, :-1]], axis=1), axis=1)
 
     def loss(q, k, v):
-        out = M.attend(q, k, v, jnp.asarray(runs, jnp.int32), impl, "bfloat16")
+        out = ops.attend(q, k, v, jnp.asarray(runs, jnp.int32), impl, "bfloat16")
         return jnp.sum(out.astype(jnp.float32) * weights), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -504,7 +505,7 @@ def test_fused_attention_keeps_documents_apart():
         q, k, v = (normal(seed, shape).astype(jnp.bfloat16) for seed in (11, 12, 13))
         v = v.at[:, :, :40].multiply(v_scale)  # only the first document of row 0 (and 0..39 of row 1)
         runs = np.cumsum(np.concatenate([np.ones((2, 1)), PACKED[:, 1:] != PACKED[:, :-1]], axis=1), axis=1)
-        return np.asarray(jax.jit(M.attend, static_argnums=(4, 5))(
+        return np.asarray(jax.jit(ops.attend, static_argnums=(4, 5))(
             q, k, v, jnp.asarray(runs, jnp.int32), impl, "bfloat16"), np.float32)
     for impl in ("splash", "flash"):
         before, after = out(impl, 1.0), out(impl, 3.0)
@@ -516,27 +517,27 @@ def test_fused_attention_keeps_documents_apart():
 def test_a_fused_kernel_on_a_sequence_it_cannot_tile_is_refused_with_the_length():
     x = jnp.zeros((1, 1, 100, 32), jnp.bfloat16)
     with pytest.raises(ValueError, match="multiple of 128, got 100"):
-        M.attend(x, x, x, jnp.zeros((1, 100), jnp.int32), "splash", "bfloat16")
+        ops.attend(x, x, x, jnp.zeros((1, 100), jnp.int32), "splash", "bfloat16")
 
 
 @pytest.mark.parametrize("backend, seq, expected", [
     ("tpu", 2048, "splash"), ("gpu", 2048, "flash"), ("cpu", 2048, "einsum"),
     ("tpu", 100, "einsum"), ("gpu", 64, "einsum")])
 def test_auto_attention_follows_the_backend_and_falls_back_to_einsum_on_untiled_rows(backend, seq, expected):
-    assert M.attention_impl("auto", seq, backend) == expected
-    assert M.attention_impl("flash", seq, backend) == "flash"  # an explicit choice is kept
+    assert ops.attention_impl("auto", seq, backend) == expected
+    assert ops.attention_impl("flash", seq, backend) == "flash"  # an explicit choice is kept
 
 
 @pytest.mark.parametrize("platform, expected", [("tpu", "splash"), ("cuda", "flash"), ("cpu", "einsum")])
 def test_auto_attention_follows_the_platform_of_the_mesh_it_is_given_not_the_host(platform, expected):
     device = jax.sharding.AbstractDevice(device_kind="any", num_cores=1, platform=platform)
     mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=device)
-    assert M.target_platform(mesh) == ("gpu" if platform == "cuda" else platform)
-    assert M.attention_impl("auto", 2048, M.target_platform(mesh)) == expected
-    assert M.target_platform(None) == "cpu"  # no mesh: one device of this CPU host
-    assert M.attention_impl("auto", 2048) == "einsum"
+    assert ops.target_platform(mesh) == ("gpu" if platform == "cuda" else platform)
+    assert ops.attention_impl("auto", 2048, ops.target_platform(mesh)) == expected
+    assert ops.target_platform(None) == "cpu"  # no mesh: one device of this CPU host
+    assert ops.attention_impl("auto", 2048) == "einsum"
     with jax.sharding.use_abstract_mesh(mesh):  # an ambient mesh no longer decides anything
-        assert M.target_platform(None) == "cpu"
+        assert ops.target_platform(None) == "cpu"
 
 
 def test_a_model_with_flash_attention_trains_like_einsum_on_packed_rows():
@@ -727,8 +728,8 @@ def test_the_tiny_config_itself_is_valid():
 # ---------------------------------------------------------------------------------------------
 # Type annotations.
 
-PUBLIC_FUNCTIONS = [M.num_params, M.flops_per_token, M.einsum, M.segment_positions, M.rotary,
-                    M.attention_mask, M.cross_entropy, M.target_logps, M.next_token_logps,
+PUBLIC_FUNCTIONS = [M.num_params, M.flops_per_token, ops.einsum, M.segment_positions, M.rotary,
+                    ops.attention_mask, M.cross_entropy, M.target_logps, M.next_token_logps,
                     M.Transformer.__call__, M.Transformer.forward,
                     M.Block.__call__, M.Attention.__call__, M.MLP.__call__, M.RMSNorm.__call__]
 
@@ -756,7 +757,7 @@ def test_forward_and_helpers_return_the_shapes_their_annotations_promise():
     model, toks, seg = build(), tokens(), _segments((8, 8), (3, 13))
     check(M.Transformer.__call__, lambda *a: _forward(model, *a, None), toks, seg)
     check(M.segment_positions, segment_positions, seg)
-    check(M.attention_mask, jit(M.attention_mask), seg, seg, seg, seg)
+    check(ops.attention_mask, jit(ops.attention_mask), seg, seg, seg, seg)
     plus_one = tokens(shape=(BATCH, SEQ + 1))
     check(M.next_token_logps, model_jit(lambda m, t: M.next_token_logps(m, t, mesh=None)), model, plus_one)
     with pytest.raises(AssertionError):  # the check can fail: "seq" is bound to 16 by the input
@@ -767,7 +768,7 @@ def test_forward_and_helpers_return_the_shapes_their_annotations_promise():
 def test_swiglu_and_its_gradients_equal_plain_autodiff_of_silu_times_up(dtype):
     gate, up, g = (normal(seed, (4, 8, 32)).astype(dtype) for seed in range(3))
     plain = lambda gate, up: (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
-    out, pullback = jax.vjp(M.swiglu, gate, up)
+    out, pullback = jax.vjp(ops.swiglu, gate, up)
     want, want_pullback = jax.vjp(plain, gate, up)
     assert_close(out, want, rtol=0)
     for got, expected in zip(pullback(g), want_pullback(g)):
@@ -846,7 +847,7 @@ def test_grouped_query_attention_equals_attention_on_repeated_keys_and_values(im
     def loss(q, k, v, impl, repeat):
         if repeat:
             k, v = jnp.repeat(k, 2, axis=1), jnp.repeat(v, 2, axis=1)
-        return jnp.sum(M.attend(q, k, v, runs, impl, "bfloat16").astype(jnp.float32) * weights)
+        return jnp.sum(ops.attend(q, k, v, runs, impl, "bfloat16").astype(jnp.float32) * weights)
 
     grads = lambda impl, repeat: jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))(
         q, k, v, impl, repeat)

@@ -1,4 +1,4 @@
-"""model.py's kernels follow the mesh a program is built for, not the host's backend: every jitted
+"""layer_ops.py's attention follows the mesh a program is built for, not the host's backend: every jitted
 program we ship, compiled on this CPU for a TPU v4-8 (XLA:TPU from libtpu, ahead of time), runs the
 Mosaic splash attention kernels where attention is causal within segments (training, SFT, DPO's
 step and reference pass, the held-out loss), and XLA's own dots where it is not (evaluation's

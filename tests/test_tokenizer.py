@@ -1,5 +1,5 @@
-"""tokenizer.py: a small real tokenizer trained on samples/, checked against the spec and against
-Hugging Face's LlamaTokenizer."""
+"""tokenizer.py and hf_tokenizer.py: a small real tokenizer trained on samples/, checked against the
+spec and against Hugging Face's LlamaTokenizer; Hugging Face tokenizers read as transformers reads them."""
 
 import glob
 import json
@@ -12,6 +12,7 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hf_tokenizer
 import tokenizer as T
 from tokenizer import Tokenizer
 
@@ -49,7 +50,7 @@ def tok(tmp_path_factory) -> Tokenizer:
 @pytest.fixture(scope="module")
 def hf_dir(tok, tmp_path_factory) -> str:
     folder = str(tmp_path_factory.mktemp("hf"))
-    T.save_hf_tokenizer(tok, folder)
+    hf_tokenizer.save_hf_tokenizer(tok, folder)
     return folder
 
 
@@ -155,7 +156,7 @@ def test_digits_are_pieces_even_when_the_corpus_has_none_and_hf_agrees(tmp_path)
     ids = tok.encode(text)
     assert tok.decode(ids) == text and "<0xC2>" in pieces(tok, ids)  # "½" is spelled in bytes
     transformers = pytest.importorskip("transformers")
-    T.save_hf_tokenizer(tok, tmp_path / "hf")
+    hf_tokenizer.save_hf_tokenizer(tok, tmp_path / "hf")
     hf = transformers.LlamaTokenizer.from_pretrained(tmp_path / "hf")
     for sample in (text, "0123456789", " 42", "x=7\n 8  9", *docs[:20]):
         assert hf(sample, add_special_tokens=False).input_ids == tok.encode(sample), repr(sample)
@@ -400,7 +401,7 @@ def test_a_hugging_face_tokenizer_round_trips_through_bytes_and_is_saved_back_by
         assert (copy.bos_id, copy.eos_id, copy.end_of_turn_id, copy.vocab_size) == (
             tok.bos_id, tok.eos_id, tok.end_of_turn_id, tok.vocab_size)
         assert copy.chat_ids(CONVERSATIONS[0]) == tok.chat_ids(CONVERSATIONS[0])
-    T.save_hf_tokenizer(again, tmp_path / "out")
+    hf_tokenizer.save_hf_tokenizer(again, tmp_path / "out")
     names = sorted(os.listdir(llama3_tokenizer_dir))
     assert sorted(os.listdir(tmp_path / "out")) == names == ["chat_template.jinja", "tokenizer.json",
                                                             "tokenizer_config.json"]
