@@ -64,6 +64,7 @@ import prepared
 import sft
 import storage
 import train
+import train_step
 from chat_formats import PAIR_FORMATS, Pair, load_pairs
 from model import ModelConfig, Transformer, next_token_logps
 from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
@@ -165,7 +166,7 @@ class PairBatches(sft.ChatBatches):
 
 
 def pair_row(max_length: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """One batch row of pair_arrays, abstract: what train.compile_step compiles the step for."""
+    """One batch row of pair_arrays, abstract: what train_step.compile_step compiles the step for."""
     return {"tokens": jax.ShapeDtypeStruct((2, max_length + 1), jnp.int32),
             "weights": jax.ShapeDtypeStruct((2, max_length), jnp.float32),
             "pairs": jax.ShapeDtypeStruct((), jnp.float32),
@@ -242,8 +243,8 @@ def pair_metrics(config: LossConfig, policy: Float[Array, "n 2"], reference: Flo
 class PairLoss(eqx.Module):
     """train.fit's loss over a micro-batch of pairs: (summed pair loss, pairs, summed metrics).
     Reference log-probabilities come from the batch, or from `reference` (frozen) when given.
-    A module, not a closure: train.make_train_step passes `reference`'s arrays to the jitted step
-    as arguments (train.split_loss), where a closure would bake the whole model into it."""
+    A module, not a closure: train_step.make_train_step passes `reference`'s arrays to the jitted step
+    as arguments (train_step.split_loss), where a closure would bake the whole model into it."""
     config: LossConfig = eqx.field(static=True)
     reference: Transformer | None = None
 
@@ -260,7 +261,7 @@ class PairLoss(eqx.Module):
         return jnp.sum(losses * real), jnp.sum(real), metrics
 
 
-def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> train.LossFn:
+def make_loss_fn(config: LossConfig, reference: Transformer | None = None) -> train_step.LossFn:
     return PairLoss(config, reference)
 
 
@@ -327,7 +328,7 @@ def compile_step(model_config: ModelConfig, config: train.TrainConfig, mesh, los
     """DPO's train step compiled for `mesh` (budget.CompileFn): on stored log-probabilities, or
     with the reference model's arrays as arguments (online), so its memory counts."""
     reference = abstract_reference(model_config, mesh) if online else None
-    return train.compile_step(model_config, config, mesh, make_loss_fn(loss_config, reference), pair_row(max_length))
+    return train_step.compile_step(model_config, config, mesh, make_loss_fn(loss_config, reference), pair_row(max_length))
 
 
 def compile_reference_pass(model_config: ModelConfig, config: train.TrainConfig, mesh, max_length: int):
@@ -335,7 +336,7 @@ def compile_reference_pass(model_config: ModelConfig, config: train.TrainConfig,
     micro-batches (main() runs it at --batch_size / --grad_accum pairs a batch)."""
     row = {k: v for k, v in pair_row(max_length).items() if k != "reference_logps"}
     micro = dataclasses.replace(config, batch_size=config.batch_size // config.grad_accum, grad_accum=1)
-    batch = train.abstract_batch(model_config, micro, mesh, row)
+    batch = train_step.abstract_batch(model_config, micro, mesh, row)
     return _reference_forward(mesh).lower(abstract_reference(model_config, mesh), batch).compile()
 
 
@@ -546,7 +547,7 @@ def main(argv):
             step = functools.partial(compile_step, loss_config=loss_config, max_length=FLAGS.max_length, online=online)
             before = [] if online else [("reference pass", functools.partial(compile_reference_pass,
                                                                              max_length=FLAGS.max_length))]
-            return train.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
+            return train_step.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
                                  FLAGS.peak_tflops, step, before=before,
                                  workload=budget.Workload(2, FLAGS.max_length, extra_forward=online))
         mesh = parallel.make_mesh(run.fsdp)

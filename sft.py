@@ -62,8 +62,10 @@ import checkpoint
 import cli
 import parallel
 import prepared
+import resume
 import stream
 import train
+import train_step
 from chat_formats import FORMATS, FileStats, load_conversations, stats_table
 from model import ModelConfig
 from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
@@ -291,7 +293,7 @@ class ChatBatches:
 
 
 def chat_row(seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """One batch row of batch_arrays, abstract: what train.compile_step compiles the step for."""
+    """One batch row of batch_arrays, abstract: what train_step.compile_step compiles the step for."""
     return {"tokens": jax.ShapeDtypeStruct((seq_len + 1,), np.int32),
             "segment_ids": jax.ShapeDtypeStruct((seq_len,), np.int32),
             "weights": jax.ShapeDtypeStruct((seq_len,), np.float32)}
@@ -460,9 +462,9 @@ def init_model_config(run: train.RunConfig, from_flags: ModelConfig) -> tuple[Mo
     without --init_from, the flags' model and --tokenizer."""
     if not run.init_from:
         return from_flags, train.load_tokenizer(FLAGS.tokenizer, from_flags.vocab_size), {}
-    model_config, tokenizer_bytes, saved = train.init_from_model(run.init_from, from_flags, set())
+    model_config, tokenizer_bytes, saved = resume.init_from_model(run.init_from, from_flags, set())
     imported = checkpoint.imported_of(saved)
-    return (model_config, train.init_tokenizer(FLAGS.tokenizer, run.init_from, tokenizer_bytes),
+    return (model_config, resume.init_tokenizer(FLAGS.tokenizer, run.init_from, tokenizer_bytes),
             {checkpoint.IMPORTED: imported} if imported else {})
 
 
@@ -507,8 +509,8 @@ def main(argv):
                 raise ValueError(f"--epochs={FLAGS.epochs:g} of {rows.num_rows:,} rows at --batch_size="
                                  f"{config.batch_size} is {steps} steps: {e}") from None
         if FLAGS.dry_run:  # sizes, memory and budget of this fine-tuning (steps from --epochs)
-            return train.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
-                                 FLAGS.peak_tflops, functools.partial(train.compile_step, row=chat_row(seq_len)),
+            return train_step.dry_run(model_config, config, run.fsdp, FLAGS.hardware, FLAGS.assumed_mfu,
+                                 FLAGS.peak_tflops, functools.partial(train_step.compile_step, row=chat_row(seq_len)),
                                  workload=budget.Workload(seq_len=seq_len))
         where = dict(process_index=jax.process_index(), process_count=jax.process_count())
         source = ChatBatches(rows, config.seed, config.batch_size, config.grad_accum, **where)

@@ -24,9 +24,10 @@ Outputs: Orbax checkpoints in --output_dir (see checkpoint.py); in --metrics_dir
 --output_dir): metrics.jsonl, TensorBoard events under tb/, config.json, loss.png, and with
 --profile_steps, an XLA trace under profile/; with --wandb_project, the same to Weights & Biases.
 
-To try another optimizer, change optim.py; to add a loss term, token_loss below (fit takes any
-loss function, as dpo.py's). The mesh and shardings are in parallel.py, the MFU peaks and the
-dry run in budget.py, the logger, the loss plot, traces and W&B in runlog.py.
+To try another optimizer, change optim.py; to add a loss term, token_loss in train_step.py
+(fit takes any loss function, as dpo.py's), where the jitted step and the held-out pass are.
+Resume and --init_from are in resume.py, the mesh and shardings in parallel.py, the MFU peaks
+and the dry run in budget.py, the logger, the loss plot, traces and W&B in runlog.py.
 """
 
 from __future__ import annotations
@@ -40,14 +41,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 import budget
@@ -57,12 +54,13 @@ import runlog
 import stream
 from budget import HARDWARE, device_peak_flops
 from layer_ops import ATTENTION_IMPLS
-from model import REMAT_POLICIES, ModelConfig, Transformer, cross_entropy, flops_per_token, num_params
-from optim import TrainConfig, learning_rate_applied, make_optimizer
-from parallel import (AXES, batch_sharding, check_batch, global_batch, initialize_distributed, leaf_sharding, make_mesh,
-                      shardings, stop_votes)
+from model import REMAT_POLICIES, ModelConfig, flops_per_token, num_params
+from optim import TrainConfig, make_optimizer
+from parallel import check_batch, global_batch, initialize_distributed, make_mesh, shardings, stop_votes
+from resume import MODEL_FLAGS, init_from_model, init_tokenizer, start_state, steps_left
 from runlog import (IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, check_writable,
                     keep_metrics_until, open_wandb)
+from train_step import Evaluator, LossFn, TrainState, as_batch, dry_run, held_out_loss, make_train_step, token_loss
 from tokenizer import Tokenizer
 
 
@@ -145,10 +143,6 @@ def define_flags() -> None:
                          "Consecutive non-finite steps (each skipped) before rolling back to the "
                          "newest checkpoint and moving the data past the offending batches.")
     flags.DEFINE_integer("max_rollbacks", 3, "Rollbacks before the run stops with an error.")
-    flags.DEFINE_list("test_nan_batches", [],
-                      "Testing only: data positions whose step gets a NaN loss injected.")
-    flags.DEFINE_integer("test_sigkill_during_save", -1,
-                         "Testing only: SIGKILL this process right after starting the save of this step.")
     # Logging.
     flags.DEFINE_string("metrics_dir", None,
                         "metrics.jsonl, TensorBoard events (tb/), config.json, loss.png; default "
@@ -191,317 +185,158 @@ class RunConfig:
     eval_data_dir: str | None = None
     eval_limit: int = 0
     peak_tflops: float = 0.0
-    test_nan_batches: tuple[int, ...] = ()
-    test_sigkill_during_save: int = -1
     profile: ProfileConfig | None = None
     wandb: WandbConfig | None = None
 
 
-# --- The state, the step, the held-out loss --------------------------------------------------------
-
-class TrainState(eqx.Module):
-    model: Transformer
-    opt_state: optax.OptState
-
-
-def abstract_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                   mesh: Mesh) -> TrainState:
-    """The state's shapes, dtypes and shardings, without allocating it."""
-    shapes = eqx.filter_eval_shape(lambda k: init_state(model_config, optimizer, k), jax.random.key(0))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=leaf_sharding(mesh, x.shape)),
-                        shapes)
+def injected_faults() -> tuple[frozenset[int], int]:
+    """Test-only fault injection, read here and nowhere else: tests/test_train.py sets these to
+    drive rollback and a save cut short through the real code; a run never should.
+    JULIAN_TEST_NAN_BATCHES: comma-separated data positions whose step gets a NaN loss injected.
+    JULIAN_TEST_SIGKILL_DURING_SAVE: a step; the process SIGKILLs itself right after starting its save."""
+    nan_batches = os.environ.get("JULIAN_TEST_NAN_BATCHES", "")
+    return (frozenset(int(p) for p in nan_batches.split(",") if p),
+            int(os.environ.get("JULIAN_TEST_SIGKILL_DURING_SAVE", "-1")))
 
 
-def init_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-               key: PRNGKeyArray) -> TrainState:
-    model = Transformer(model_config, key)
-    return TrainState(model, optimizer.init(model))
-
-
-def as_batch(rows: np.ndarray | dict) -> dict[str, np.ndarray]:
-    """Pretraining streams yield token rows; SFT yields {"tokens", "segment_ids", "weights"}."""
-    return rows if isinstance(rows, dict) else {"tokens": rows}
-
-
-# A loss function: (model, micro-batch, dropout key or None, mesh) -> (summed loss, count, summed
-# metrics). The step's loss and each metric are their sums over micro-batches divided by the
-# summed count (tokens for language modelling, pairs for dpo.py); gradients likewise. `mesh` is
-# the mesh the step is built for (None: one device), which attention's kernels run under.
-LossFn = Callable[[Transformer, dict, PRNGKeyArray | None, Mesh | None], tuple[Array, Array, dict[str, Array]]]
-
-
-def token_loss(model: Transformer, micro: dict[str, Array], key: PRNGKeyArray | None, mesh: Mesh | None = None
-               ) -> tuple[Float[Array, ""], Float[Array, ""], dict[str, Array]]:
-    """Next-token cross-entropy summed over the weighted targets, and their count."""
-    tokens = micro["tokens"]
-    weights = micro.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32))
-    count = weights.sum()
-    loss = cross_entropy(model, tokens, weights, micro.get("segment_ids"), mesh=mesh,
-                         key=key if model.config.dropout else None)
-    return loss * count, count, {}
-
-
-class BoundProgram:
-    """A jitted program with its last arguments bound: a loss function's own arrays (dpo.py's
-    online reference model). Passed at every call, they stay arguments of the compiled program;
-    closed over, jit would bake them into it as constants (the whole reference model in every
-    compile and cache entry: 25.8 MiB for the tiny model's DPO step instead of 0.3 MiB)."""
-
-    def __init__(self, jitted: Callable, *bound):
-        self.jitted, self.bound = jitted, bound
-
-    def __call__(self, *args):
-        return self.jitted(*args, *self.bound)
-
-    def lower(self, *args):
-        return self.jitted.lower(*args, *self.bound)
-
-
-def split_loss(loss_fn: LossFn) -> tuple[object, Callable[[object], LossFn]]:
-    """(arrays, rebuild): the arrays a loss function holds (none for token_loss; an equinox
-    module's fields), abstract ones included, and the function that puts them back."""
-    arrays, rest = eqx.partition(loss_fn, lambda x: isinstance(x, (jax.Array, jax.ShapeDtypeStruct)))
-    return arrays, lambda given: eqx.combine(given, rest)
-
-
-def make_train_step(optimizer: optax.GradientTransformation, state_sharding, mesh: Mesh,
-                    loss_fn: LossFn = token_loss, config: TrainConfig | None = None) -> BoundProgram:
-    """The jitted update: (state, batch, step, inject_nan, stop_votes) -> (state, metrics).
-
-    `batch` holds [grad_accum, micro, ...] arrays. `stop_votes` holds one bool per device (each
-    process sets its own): their OR comes back as metrics["stop"], so every process learns of a
-    signal any of them received at the same step, without a separate collective. Given the
-    `config` that built `optimizer`, metrics["lr"] is the learning rate the update applied.
-    """
-    loss_arrays, with_arrays = split_loss(loss_fn)
-
-    def train_step(state: TrainState, batch: dict[str, Array], key: PRNGKeyArray, step: Int[Array, ""],
-                   inject_nan: Bool[Array, ""], stop_votes: Bool[Array, " devices"], loss_arrays):
-        loss_fn = with_arrays(loss_arrays)
-        weights = batch.get("weights")
-        keys = jax.random.split(jax.random.fold_in(key, step), batch["tokens"].shape[0])
-
-        # With sharded parameters, gather them for the compute: left to itself, XLA keeps the
-        # matmuls' weights sharded and moves the activations instead (measured: 252 GiB of
-        # temporaries per device for 600m on 32 devices). The blocks gather their own, in bf16, one
-        # layer at a time inside the layer scan (model._sharded_layer); the embeddings, the final
-        # norm and the output layer once here. Gradients go back sharded to `carry`.
-        gathered = lambda m: (m.embed, m.final_norm.weight, *([] if m.lm_head is None else [m.lm_head]))
-        model = eqx.tree_at(gathered, state.model, jax.lax.with_sharding_constraint(
-            gathered(state.model), NamedSharding(mesh, P())))
-
-        def micro_loss(m, micro, micro_key):
-            loss, count, sums = loss_fn(m, micro, micro_key, mesh)
-            return loss, (count, sums)
-
-        def accumulate(carry, xs):
-            (loss, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(model, *xs)
-            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
-
-        first = jax.tree.map(lambda x: x[0], (batch, keys))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_loss, model, *first))
-        (loss, (count, sums), grads), _ = jax.lax.scan(
-            accumulate, (*zeros, jax.tree.map(jnp.zeros_like, state.model)), (batch, keys))
-        # Sums over the step, then one division: the mean over every token (or pair) of the step.
-        count = jnp.maximum(count, 1.0)
-        loss = jnp.where(inject_nan, jnp.nan, loss / count)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        grad_norm = optax.global_norm(grads)
-        applied = state.opt_state
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.model)
-        updated = TrainState(optax.apply_updates(state.model, updates), opt_state)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated, state)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok,
-                   "supervised_tokens": weights.sum() if weights is not None else count,
-                   "stop": jnp.any(stop_votes), **{k: v / count for k, v in sums.items()}}
-        if config is not None:  # the schedule at the optimizer's count: skipped steps do not advance it
-            metrics["lr"] = learning_rate_applied(config, applied)
-        return state, metrics
-
-    replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(train_step, donate_argnums=0,
-                     in_shardings=(state_sharding, batch_sharding(mesh), replicated, replicated,
-                                   replicated, NamedSharding(mesh, P(AXES)), shardings(loss_arrays)),
-                     out_shardings=(state_sharding, replicated))
-    return BoundProgram(jitted, loss_arrays)
-
-
-# Something fit() reports every --eval_every steps: the model (sharded over the run's mesh) ->
-# named figures. main() builds them (held-out loss, benchmark scores); the loop knows none.
-Evaluator = Callable[[Transformer], dict[str, float]]
-
-
-def held_out_step(mesh: Mesh, loss_fn: LossFn = token_loss) -> BoundProgram:
-    """The jitted held-out pass: (model, [grad_accum, micro, ...] batch) -> (summed loss, count,
-    summed metrics), one micro-batch at a time as the train step, so it needs no more memory
-    than the step (the whole batch at once needed 4.7x the step's temporaries at grad_accum 8)."""
-    loss_arrays, with_arrays = split_loss(loss_fn)
-
-    def held_out(model: Transformer, batch: dict[str, Array], loss_arrays):
-        loss_fn = with_arrays(loss_arrays)
-        first = jax.tree.map(lambda x: x[0], batch)
-        shapes = jax.eval_shape(lambda m, b: loss_fn(m, b, None, mesh), model, first)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        add = lambda total, micro: (jax.tree.map(jnp.add, total, loss_fn(model, micro, None, mesh)), None)
-        return jax.lax.scan(add, zeros, batch)[0]
-
-    return BoundProgram(jax.jit(held_out), loss_arrays)
-
-
-def held_out_loss(validation_data, batches: int, mesh: Mesh, loss_fn: LossFn = token_loss) -> Evaluator:
-    """eval_loss, and the loss function's metrics as eval_<name>, over global batches
-    0..batches-1 of `validation_data` (read like fit's train_data, in its micro-batches)."""
-    step = held_out_step(mesh, loss_fn)
-
-    def evaluate(model: Transformer) -> dict[str, float]:
-        loss = count = 0.0
-        sums: dict[str, float] = {}
-        for i in range(batches):
-            batch = global_batch(as_batch(validation_data.batch(i)), validation_data.grad_accum, mesh)
-            out = jax.device_get(step(model, batch))
-            loss, count = loss + float(out[0]), count + float(out[1])
-            sums = {k: sums.get(k, 0.0) + float(v) for k, v in out[2].items()}
-        count = max(count, 1.0)
-        return {"eval_loss": loss / count, **{f"eval_{k}": v / count for k, v in sums.items()}}
-
-    return evaluate
-
-
-def evaluators(run: RunConfig, mesh: Mesh, validation_data, tokenizer_bytes: bytes,
-               loss_fn: LossFn = token_loss) -> list[Evaluator]:
-    """What main() (here, in sft.py and dpo.py) hands fit: the held-out loss when there is
-    validation data, and --eval_tasks' lm-eval scores (evaluate.py) when asked for."""
-    out = [held_out_loss(validation_data, run.eval_batches, mesh, loss_fn)] if validation_data is not None else []
-    if run.eval_tasks:
-        import evaluate  # lm-eval takes seconds to import: only when asked for
-
-        out.append(evaluate.benchmark_scorer(Tokenizer.from_bytes(tokenizer_bytes), list(run.eval_tasks),
-                                             run.eval_data_dir, run.eval_limit or None, mesh))
-    return out
-
+# --- The run ---------------------------------------------------------------------------------------
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (too many rollbacks); the message says what happened and where."""
 
 
-def abstract_batch(model_config: ModelConfig, config: TrainConfig, mesh: Mesh,
-                   row: dict[str, jax.ShapeDtypeStruct] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """A step's [grad_accum, micro, ...] batch, abstract and placed on `mesh`. `row` is one batch
-    row's arrays, a pretraining row of tokens by default (sft.py and dpo.py pass theirs)."""
-    micro = config.batch_size // config.grad_accum
-    row = row or {"tokens": jax.ShapeDtypeStruct((model_config.max_seq_len + 1,), jnp.int32)}
-    return {name: jax.ShapeDtypeStruct((config.grad_accum, micro, *x.shape), x.dtype, sharding=batch_sharding(mesh))
-            for name, x in row.items()}
+def open_logger(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_data, run_config: dict,
+                mesh: Mesh, title: str, how: str, peak: float, step: int) -> IntervalLogger:
+    """The primary process's logger, once config.json is written, metrics.jsonl cut back to `step`
+    and the run's first line printed; a resumed run's first record marks where it took over."""
+    seq_len = getattr(train_data, "seq_len", model_config.max_seq_len)  # SFT rows may be shorter
+    tokens_per_step = config.batch_size * getattr(train_data, "sequences_per_row", 1) * seq_len
+    with open(os.path.join(run.metrics_dir, "config.json"), "w") as f:
+        json.dump(run_config, f, indent=2)
+    keep_metrics_until(os.path.join(run.metrics_dir, "metrics.jsonl"), step)
+    logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, tokens_per_step,
+                            flops_per_token(model_config, seq_len) * tokens_per_step, peak,
+                            open_wandb(run.wandb, run.output_dir, run.metrics_dir, run_config) if run.wandb else None)
+    print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
+          f"per step | {cli.plural(jax.process_count(), 'process', 'processes')}, mesh {dict(mesh.shape)} | peak "
+          f"{peak / 1e12:.2f} TFLOP/s for MFU")
+    if step:  # loss.png marks where a resumed run took over
+        logger.write({"step": step, "event": "resume", "time": time.time()})
+    return logger
 
 
-def compile_step(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, loss_fn: LossFn = token_loss,
-                 row: dict[str, jax.ShapeDtypeStruct] | None = None):
-    """The train step compiled for `mesh` (whose devices may be a topology's: budget.py's
-    --hardware) from abstract arguments; allocates nothing. `row` as abstract_batch's (sft.py
-    and dpo.py pass theirs, with their `loss_fn`, whose arrays may be abstract too)."""
-    optimizer = make_optimizer(config)
-    arguments = step_arguments(model_config, config, mesh, row)
-    return make_train_step(optimizer, shardings(arguments[0]), mesh, loss_fn, config).lower(*arguments).compile()
+class Loop:
+    """What fit's loop carries from step to step, and what it does between the steps: read their
+    metrics (the skipped-step streak, the stop vote, the log), roll back, evaluate, save, stop.
 
+    `step`, `data_offset`, `rollbacks` and `rng` are what a checkpoint's meta holds: the batch of
+    step s is the data's batch s + data_offset. `in_flight` holds the steps dispatched but not yet
+    read, (step, data position, metrics): the loop runs one step ahead (fit says why)."""
 
-def step_arguments(model_config: ModelConfig, config: TrainConfig, mesh: Mesh,
-                   row: dict[str, jax.ShapeDtypeStruct] | None = None) -> tuple:
-    """The train step's arguments (state, batch, key, step, inject_nan, stop_votes), abstract and
-    placed on `mesh`: it may be a topology this host does not have."""
-    replicated = NamedSharding(mesh, P())
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
-    votes = jax.ShapeDtypeStruct((mesh.size,), jnp.bool_, sharding=NamedSharding(mesh, P(AXES)))
-    return (abstract_state(model_config, make_optimizer(config), mesh), abstract_batch(model_config, config, mesh, row),
-            key, scalar(jnp.int32), scalar(jnp.bool_), votes)
+    def __init__(self, state: TrainState, meta: dict, run: RunConfig, steps: int, train_data,
+                 ckpt: checkpoint.Checkpointer, logger: IntervalLogger | None, run_config: dict,
+                 tokenizer_bytes: bytes, primary: bool, title: str):
+        self.state, self.step, self.data_offset = state, meta["step"], meta["data_offset"]
+        self.rollbacks, self.rng, self.bad_streak, self.skipped = meta["rollbacks"], meta["rng"], 0, 0
+        self.run, self.steps, self.train_data, self.ckpt, self.logger = run, steps, train_data, ckpt, logger
+        self.run_config, self.tokenizer_bytes, self.primary, self.title = run_config, tokenizer_bytes, primary, title
+        self.nan_batches, self.sigkill_during_save = injected_faults()
+        self.stopping, self.in_flight = False, collections.deque()
+        self.guard, self.times = checkpoint.PreemptionGuard(), PhaseTimes()
+        self.profile = ProfileWindow(run.profile, self.step, primary)
+        self.batches = train_data.iterate(self.step + self.data_offset)
+        self.bar = tqdm(initial=self.step, total=steps, disable=None if primary else True, desc=title)
 
+    def read_metrics(self, wait: bool) -> tuple[int, int] | None:
+        """Read the steps in flight: all of them when stopping or when `wait` (a save or an
+        evaluation needs the newest step's state), else all but the newest. Return (step, data
+        position) of the step that ends --max_bad_steps skipped steps in a row, if one does."""
+        while len(self.in_flight) > (0 if self.stopping or wait else 1):
+            done, position, metrics = self.in_flight.popleft()
+            with self.times("step"):  # the device's time not hidden behind the next step's dispatch
+                metrics = jax.device_get(metrics)
+            self.bar.update()
+            self.bad_streak = self.bad_streak + 1 if metrics["skipped"] else 0
+            self.skipped += bool(metrics["skipped"])
+            if self.bad_streak >= self.run.max_bad_steps:
+                return done, position
+            self.stopping = self.stopping or bool(metrics["stop"])
+            if self.logger:
+                extra = {"skipped_steps": self.skipped, "rollbacks": self.rollbacks}
+                if hasattr(self.train_data, "epoch"):
+                    extra["epoch"] = float(self.train_data.epoch(position))
+                if line := self.logger.log(done, metrics, self.times, extra, last=self.stopping and not self.in_flight):
+                    self.bar.write(line)
+        return None
 
-def compile_held_out(model_config: ModelConfig, config: TrainConfig, mesh: Mesh, loss_fn: LossFn = token_loss,
-                     row: dict[str, jax.ShapeDtypeStruct] | None = None):
-    """The held-out pass (held_out_step) compiled for `mesh` on compile_step's batch."""
-    model = abstract_state(model_config, make_optimizer(config), mesh).model
-    return held_out_step(mesh, loss_fn).lower(model, abstract_batch(model_config, config, mesh, row)).compile()
+    def roll_back(self, failed_at: int, position: int, restore: Callable[[], tuple[TrainState, dict, str]]) -> None:
+        """Back to the newest checkpoint (`restore`: start_state, the initial state when there is
+        none yet) after the bad streak that ended at step `failed_at`, on data `position`; the
+        data goes on right after the offending batches. Past --max_rollbacks: TrainingStopped."""
+        self.rollbacks += 1
+        restored = self.ckpt.latest_step() or 0
+        if self.rollbacks > self.run.max_rollbacks:
+            raise TrainingStopped(
+                f"{self.bad_streak} non-finite steps in a row ending at step {failed_at} (data positions "
+                f"{position - self.bad_streak + 1}..{position}) after {self.rollbacks - 1} rollbacks "
+                f"(--max_rollbacks={self.run.max_rollbacks}); the newest checkpoint is step {restored} "
+                f"in {self.run.output_dir}. Look at those batches, or lower --learning_rate.")
+        self.in_flight.clear()  # computed from the batches being skipped: dropped
+        self.ckpt.wait()
+        self.state = restore()[0]
+        self.data_offset = position + 1 - restored
+        self.bar.write(f"step {failed_at}: {self.bad_streak} non-finite steps in a row; rolled back to step "
+                       f"{restored}, the data moves on to position {position + 1} (rollback "
+                       f"{self.rollbacks} of at most {self.run.max_rollbacks})")
+        self.step, self.bad_streak = restored, 0
+        self.bar.reset(total=self.steps)
+        self.bar.update(self.step)
+        self.batches.close()  # stops its prefetch thread
+        self.batches = self.train_data.iterate(self.step + self.data_offset)
+        if self.logger:
+            self.logger.restart(self.step)
+            self.logger.write({"step": self.step, "event": "rollback", "from_step": failed_at, "time": time.time()})
 
+    def evaluate(self, evaluations: Sequence[Evaluator]) -> None:
+        with self.times("eval"):
+            record = {k: v for evaluate in evaluations for k, v in evaluate(self.state.model).items()}
+        if self.logger and record:
+            self.logger.write({"step": self.step, **record})
+            self.bar.write(f"step {self.step:>7} | " + " | ".join(
+                f"{'held-out loss' if k == 'eval_loss' else k} {v:.4f}" for k, v in record.items()))
 
-def dry_run(model_config: ModelConfig, config: TrainConfig, fsdp: int, hardware: str, assumed_mfu: float,
-            peak_tflops: float, compile_fn: budget.CompileFn = compile_step, **more) -> None:
-    """budget.dry_run of a train step (this file's, or sft.py's and dpo.py's through `compile_fn`,
-    with their `workload` and the programs they run `before` the steps): sizes, memory, kernels,
-    fit on `hardware`, time budget."""
-    budget.dry_run(model_config, config, fsdp, hardware, assumed_mfu, peak_tflops, compile_fn, **more)
+    def save(self) -> None:
+        meta = {"data_offset": self.data_offset, "rollbacks": self.rollbacks, "rng": self.rng}
+        self.ckpt.save(self.step, self.state.model, self.state.opt_state, meta, self.run_config, self.tokenizer_bytes)
+        if self.step == self.sigkill_during_save:
+            os.kill(os.getpid(), signal.SIGKILL)
 
+    def stop(self) -> None:
+        """Act on a stop vote (SIGTERM or SIGINT on some process): save this step and wait for it."""
+        started = time.perf_counter()
+        self.save()
+        self.ckpt.wait()
+        self.guard.saved_all()
+        if self.primary:
+            self.bar.write(f"stop requested (SIGTERM/SIGINT): checkpoint of step {self.step} written to "
+                           f"{self.run.output_dir} in {time.perf_counter() - started:.1f} s; the same "
+                           "command resumes from it")
 
-# --- The run ---------------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """After the last step: its checkpoint committed, the loss curve drawn."""
+        self.ckpt.wait()
+        self.guard.saved_all()
+        if self.logger:
+            self.logger.plot(os.path.join(self.run.metrics_dir, "loss.png"), f"julian {self.title}")
 
-# A resumed run's TrainConfig may differ from the checkpoint's in these only: --grad_accum splits
-# the same global batch differently; --steps (checked apart) may grow.
-RESUMABLE_CHANGES = ("grad_accum", "steps")
-# Settings of sft.py's and dpo.py's data (resolved_config's extra sections) that follow from others.
-DERIVED = ("epochs", "files", "rows", "pairs", "supervised_tokens_per_epoch")
-
-
-def check_resume(saved: dict, now: dict, where: str) -> str | None:
-    """Raise, naming every flag that differs, when resuming the run whose resolved_config was
-    `saved` with `now` would not continue it exactly (batch size, seed, schedule, optimizer,
-    data: the batch of step s and its update are functions of these); the model's shape is
-    start_state's to check. Return a note when --steps grew (allowed: the cosine stretches over
-    the new length from the resumed step on), else None."""
-    def flatten(config: dict) -> dict:
-        out = {f"--{k}": v for k, v in config.get("train", {}).items() if k not in RESUMABLE_CHANGES}
-        for section, value in config.items():
-            if section in ("model", "train", "run"):
-                continue
-            items = value.items() if isinstance(value, dict) else [(section, value)]
-            out.update({f"--{k}": v for k, v in items if k not in DERIVED})
-            if isinstance(value, dict):  # the data the settings produced: changed files change them
-                out.update({f"data ({k})": value[k] for k in DERIVED if k in value and k != "epochs"})
-        return out
-
-    before, after = flatten(saved), flatten(json.loads(json.dumps(now)))  # as saved: tuples become lists
-    short = lambda v: r if len(r := repr(v)) <= 60 else r[:57] + "..."
-    changed = [f"{k} {short(before[k])} -> {short(after[k])}" for k in after if k in before and before[k] != after[k]]
-    steps_before, steps_after = saved.get("train", {}).get("steps"), now["train"]["steps"]
-    if steps_before is not None and steps_after < steps_before:
-        changed.append(f"--steps {steps_before} -> {steps_after} (a shorter schedule)")
-    if changed:
-        raise ValueError(f"{where} holds a run with other settings, which a resume would not continue exactly: "
-                         f"{'; '.join(changed)}. Use the checkpoint's flags, another --output_dir, or "
-                         f"--init_from to start a new run from its parameters")
-    if steps_before is not None and steps_after > steps_before:
-        return (f"--steps {steps_before} -> {steps_after}: the run is extended, its cosine schedule "
-                f"now decays over {steps_after} steps")
-    return None
-
-
-def start_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
-                run: RunConfig, seed: int, ckpt: checkpoint.Checkpointer) -> tuple[TrainState, dict, str]:
-    """(state, meta, how) from the newest checkpoint in --output_dir, else --init_from's
-    parameters with a fresh optimizer, else a fresh initialization."""
-    abstract = abstract_state(model_config, optimizer, mesh)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        mismatch = checkpoint.config_mismatch(ckpt.restore_config(latest)["model"], model_config)
-        if mismatch:
-            raise ValueError(f"--output_dir={run.output_dir} holds step {latest} of a different model "
-                             f"({mismatch}): use another --output_dir, or --init_from to start from it")
-        model, opt_state, meta = ckpt.restore(latest, abstract.model, abstract.opt_state)
-        return TrainState(model, opt_state), meta, f"resumed from step {latest} in {run.output_dir}"
-    key = jax.random.key(seed)
-    meta = {"step": 0, "data_offset": 0, "rollbacks": 0,
-            "rng": np.asarray(jax.random.key_data(key)).tolist()}
-    if run.init_from:
-        # This run's execution settings (dtype, remat, ...) may differ from the checkpoint's.
-        saved = checkpoint.load(run.init_from, model_overrides={
-            name: getattr(model_config, name) for name in checkpoint.EXECUTION_FIELDS})
-        mismatch = checkpoint.config_mismatch(saved[2]["model"], model_config)
-        if mismatch:
-            raise ValueError(f"--init_from={run.init_from} holds a different model ({mismatch})")
-        model = jax.device_put(saved[0], shardings(abstract.model))
-        opt_state = jax.jit(optimizer.init, out_shardings=shardings(abstract.opt_state))(model)
-        return TrainState(model, opt_state), meta, f"parameters from {run.init_from}"
-    init = jax.jit(lambda k: init_state(model_config, optimizer, k), out_shardings=shardings(abstract))
-    return init(key), meta, "initialized from scratch"
+    def close(self) -> None:
+        self.profile.close()
+        self.batches.close()
+        self.bar.close()
+        self.guard.close()
+        self.ckpt.close()
+        if self.logger:
+            self.logger.close(failed=sys.exc_info()[0] is not None)
 
 
 def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_data,
@@ -522,154 +357,54 @@ def fit(model_config: ModelConfig, config: TrainConfig, run: RunConfig, train_da
     check_writable(run.metrics_dir, "--metrics_dir")
     optimizer = make_optimizer(config)
     ckpt = checkpoint.Checkpointer(run.output_dir, run.keep, run.keep_every or None)
-    finished = ckpt.latest_step()
-    if finished is not None and finished >= config.steps:  # rerun of a finished run: no resume to log
-        ckpt.close()
-        if primary:
-            print(f"{title}: {run.output_dir} already holds step {finished} of {config.steps}: nothing "
-                  "to train (another --output_dir, or an empty one, starts afresh)")
+    if not steps_left(ckpt, config.steps, run_config, title, primary):
         return
-    if finished is not None:
-        extended = check_resume(ckpt.restore_config(finished), run_config, f"--output_dir={run.output_dir}")
-        if extended and primary:
-            print(f"{title}: {extended}")
-    state, meta, how = start_state(model_config, optimizer, mesh, run, config.seed, ckpt)
-    state_sharding = shardings(state)
-    train_step = make_train_step(optimizer, state_sharding, mesh, loss_fn, config)
+    restore = lambda: start_state(model_config, optimizer, mesh, run.init_from, config.seed, ckpt)
+    state, meta, how = restore()
+    train_step = make_train_step(optimizer, shardings(state), mesh, loss_fn, config)
     key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
-    step, data_offset, rollbacks, bad_streak, skipped = meta["step"], meta["data_offset"], meta["rollbacks"], 0, 0
-    saved_meta = lambda: {"data_offset": data_offset, "rollbacks": rollbacks, "rng": meta["rng"]}
-
-    seq_len = getattr(train_data, "seq_len", model_config.max_seq_len)  # SFT rows may be shorter
-    tokens_per_step = config.batch_size * getattr(train_data, "sequences_per_row", 1) * seq_len
     peak = device_peak_flops(run.peak_tflops, model_config.dtype)
-    logger = None
-    if primary:
-        with open(os.path.join(run.metrics_dir, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=2)
-        keep_metrics_until(os.path.join(run.metrics_dir, "metrics.jsonl"), step)
-        logger = IntervalLogger(run.metrics_dir, run.log_every, config.steps, tokens_per_step,
-                                flops_per_token(model_config, seq_len) * tokens_per_step, peak,
-                                open_wandb(run.wandb, run.output_dir, run.metrics_dir, run_config) if run.wandb else None)
-        print(f"{title}: {num_params(model_config):,} parameters | {how} | {tokens_per_step:,} tokens "
-              f"per step | {cli.plural(jax.process_count(), 'process', 'processes')}, mesh {dict(mesh.shape)} | peak "
-              f"{peak / 1e12:.2f} TFLOP/s for MFU")
-        if step:  # loss.png marks where a resumed run took over
-            logger.write({"step": step, "event": "resume", "time": time.time()})
-
-    def save(at: int) -> None:
-        ckpt.save(at, state.model, state.opt_state, saved_meta(), run_config, tokenizer_bytes)
-        if at == run.test_sigkill_during_save:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    guard = checkpoint.PreemptionGuard()
-    times = PhaseTimes()
-    profile = ProfileWindow(run.profile, step, primary)
-    batches = train_data.iterate(step + data_offset)
-    bar = tqdm(initial=step, total=config.steps, disable=None if primary else True, desc=title)
+    logger = open_logger(model_config, config, run, train_data, run_config, mesh, title, how, peak,
+                         meta["step"]) if primary else None
+    loop = Loop(state, meta, run, config.steps, train_data, ckpt, logger, run_config, tokenizer_bytes, primary, title)
     # The loop runs one step ahead: it dispatches step N+1 before it reads step N's metrics (the
     # stop vote, the skipped flag, the loss), so the host assembles and sends the next batch while
     # the chips compute. It waits for the step itself only where it needs the state of that step:
     # a checkpoint, an evaluation, the last step. A stop vote is therefore acted on one step late:
     # the checkpoint holds the step after the one that carried it.
-    in_flight: collections.deque = collections.deque()  # (step, data position, metrics) not yet read
     saves_at = lambda at: at % run.checkpoint_every == 0 or at == config.steps
     evaluates_at = lambda at: bool(run.eval_every) and (at % run.eval_every == 0 or at == config.steps)
-    stopping = False
     try:
-        while step < config.steps or in_flight:
-            if step < config.steps and not stopping:
-                with times("data_wait"):
-                    position, rows = next(batches)
+        while loop.step < config.steps or loop.in_flight:
+            if loop.step < config.steps and not loop.stopping:
+                with loop.times("data_wait"):
+                    position, rows = next(loop.batches)
                 batch = global_batch(as_batch(rows), config.grad_accum, mesh)
-                with profile.step(step), times("step"):
-                    state, metrics = train_step(state, batch, key, step, position in run.test_nan_batches,
-                                                stop_votes(guard.requested, mesh))
-                step += 1
-                in_flight.append((step, position, metrics))
-            rollback = None
-            while len(in_flight) > (0 if stopping or saves_at(step) or evaluates_at(step) else 1):
-                done, position, metrics = in_flight.popleft()
-                with times("step"):  # the device's time not hidden behind the next step's dispatch
-                    metrics = jax.device_get(metrics)
-                bar.update()
-                bad_streak = bad_streak + 1 if metrics["skipped"] else 0
-                skipped += bool(metrics["skipped"])
-                if bad_streak >= run.max_bad_steps:
-                    rollback = (done, position)
-                    break
-                stopping = stopping or bool(metrics["stop"])
-                if logger:
-                    extra = {"skipped_steps": skipped, "rollbacks": rollbacks}
-                    if hasattr(train_data, "epoch"):
-                        extra["epoch"] = float(train_data.epoch(position))
-                    if line := logger.log(done, metrics, times, extra, last=stopping and not in_flight):
-                        bar.write(line)
-            if rollback:
-                failed_at, position = rollback
-                rollbacks += 1
-                restored = ckpt.latest_step() or 0
-                if rollbacks > run.max_rollbacks:
-                    raise TrainingStopped(
-                        f"{bad_streak} non-finite steps in a row ending at step {failed_at} (data positions "
-                        f"{position - bad_streak + 1}..{position}) after {rollbacks - 1} rollbacks "
-                        f"(--max_rollbacks={run.max_rollbacks}); the newest checkpoint is step {restored} "
-                        f"in {run.output_dir}. Look at those batches, or lower --learning_rate.")
-                in_flight.clear()  # computed from the batches being skipped: dropped
-                ckpt.wait()
-                # The newest checkpoint, or the initial parameters when there is none yet.
-                state, _, _ = start_state(model_config, optimizer, mesh, run, config.seed, ckpt)
-                data_offset = position + 1 - restored  # go on right after the offending batches
-                bar.write(f"step {failed_at}: {bad_streak} non-finite steps in a row; rolled back to step "
-                          f"{restored}, the data moves on to position {position + 1} (rollback "
-                          f"{rollbacks} of at most {run.max_rollbacks})")
-                step, bad_streak = restored, 0
-                bar.reset(total=config.steps)
-                bar.update(step)
-                batches.close()  # stops its prefetch thread
-                batches = train_data.iterate(step + data_offset)
-                if logger:
-                    logger.restart(step)
-                    logger.write({"step": step, "event": "rollback", "from_step": failed_at, "time": time.time()})
+                with loop.profile.step(loop.step), loop.times("step"):
+                    loop.state, metrics = train_step(loop.state, batch, key, loop.step, position in loop.nan_batches,
+                                                     stop_votes(loop.guard.requested, mesh))
+                loop.step += 1
+                loop.in_flight.append((loop.step, position, metrics))
+            if failed := loop.read_metrics(wait=saves_at(loop.step) or evaluates_at(loop.step)):
+                loop.roll_back(*failed, restore)
                 continue
-            if in_flight:  # ran ahead: the state is a step past what was read
+            if loop.in_flight:  # ran ahead: the state is a step past what was read
                 continue
-            if evaluates_at(step):
-                with times("eval"):
-                    record = {k: v for evaluate in evaluations for k, v in evaluate(state.model).items()}
-                if logger and record:
-                    logger.write({"step": step, **record})
-                    bar.write(f"step {step:>7} | " + " | ".join(
-                        f"{'held-out loss' if k == 'eval_loss' else k} {v:.4f}" for k, v in record.items()))
-            if stopping:
-                started = time.perf_counter()
-                save(step)
-                ckpt.wait()
-                guard.saved_all()
-                if primary:
-                    bar.write(f"stop requested (SIGTERM/SIGINT): checkpoint of step {step} written to "
-                              f"{run.output_dir} in {time.perf_counter() - started:.1f} s; the same "
-                              "command resumes from it")
+            if evaluates_at(loop.step):
+                loop.evaluate(evaluations)
+            if loop.stopping:
+                loop.stop()
                 return
-            if saves_at(step):
-                with times("checkpoint"):
-                    save(step)
-        ckpt.wait()
-        guard.saved_all()
-        if logger:
-            logger.plot(os.path.join(run.metrics_dir, "loss.png"), f"julian {title}")
+            if saves_at(loop.step):
+                with loop.times("checkpoint"):
+                    loop.save()
+        loop.finish()
     finally:
-        profile.close()
-        batches.close()
-        bar.close()
-        guard.close()
-        ckpt.close()
-        if logger:
-            logger.close(failed=sys.exc_info()[0] is not None)
+        loop.close()
     if primary:
         if summary := logger.summary():
             print(summary)
-        print(f"{title} done: step {step} saved to {run.output_dir} (metrics and loss curve in {run.metrics_dir})")
+        print(f"{title} done: step {loop.step} saved to {run.output_dir} (metrics and loss curve in {run.metrics_dir})")
 
 
 # --- The command line --------------------------------------------------------------------------
@@ -699,8 +434,6 @@ def configs_from_flags() -> tuple[ModelConfig, TrainConfig, RunConfig]:
         max_bad_steps=FLAGS.max_bad_steps, max_rollbacks=FLAGS.max_rollbacks, log_every=FLAGS.log_every,
         eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches, eval_tasks=tuple(FLAGS.eval_tasks),
         eval_data_dir=FLAGS.eval_data_dir, eval_limit=FLAGS.eval_limit, peak_tflops=FLAGS.peak_tflops,
-        test_nan_batches=tuple(int(s) for s in FLAGS.test_nan_batches),
-        test_sigkill_during_save=FLAGS.test_sigkill_during_save,
         profile=runlog.profile_config(FLAGS.profile_steps, FLAGS.profile_dir or os.path.join(metrics_dir, "profile"),
                                       FLAGS.profile_all_hosts),
         wandb=WandbConfig(FLAGS.wandb_project, FLAGS.wandb_entity, FLAGS.wandb_run_name) if FLAGS.wandb_project else None)
@@ -716,33 +449,6 @@ def rope_scaling_flag(values: list[str] | None) -> tuple[float, float, float, in
     except ValueError:
         raise ValueError(f"--rope_scaling={','.join(values)}: expected four numbers, factor,low_freq_factor,"
                          "high_freq_factor,original_max_position_embeddings (e.g. 32,1,4,8192)") from None
-
-
-# Model flags and the ModelConfig fields they set.
-MODEL_FLAGS = {"vocab_size": "vocab_size", "d_model": "d_model", "n_layers": "n_layers", "n_heads": "n_heads",
-               "n_kv_heads": "n_kv_heads", "tie_embeddings": "tie_embeddings", "d_ff": "d_ff",
-               "seq_len": "max_seq_len", "rope_theta": "rope_theta", "rope_scaling": "rope_scaling",
-               "norm_eps": "norm_eps"}
-
-
-def init_from_model(init_from: str, from_flags: ModelConfig, given: set[str]) -> tuple[ModelConfig, bytes, dict]:
-    """(model config, tokenizer bytes, config dict) of --init_from (a checkpoint, or a Hugging Face
-    folder it imports): its weights' shape with this run's execution settings. A model flag given
-    on the command line (`given`) must agree with it."""
-    saved, tokenizer_bytes = checkpoint.load_config(init_from)
-    execution = {name: getattr(from_flags, name) for name in checkpoint.EXECUTION_FIELDS}
-    model_config = dataclasses.replace(ModelConfig(**saved["model"]), **execution)
-    # --seq_len is the rows' length here (open_data's seq_len): at most the context, which stays.
-    stated = dataclasses.replace(model_config, **{MODEL_FLAGS[f]: getattr(from_flags, MODEL_FLAGS[f])
-                                                  for f in given if f in MODEL_FLAGS and f != "seq_len"})
-    if "seq_len" in given and from_flags.max_seq_len > model_config.max_seq_len:
-        raise ValueError(f"--seq_len={from_flags.max_seq_len} exceeds the context of --init_from={init_from} "
-                         f"({model_config.max_seq_len} tokens)")
-    mismatch = checkpoint.config_mismatch(dataclasses.asdict(model_config), stated)
-    if mismatch:
-        raise ValueError(f"--init_from={init_from} holds a different model ({mismatch}): drop the flag, "
-                         "the model's shape comes from --init_from")
-    return model_config, tokenizer_bytes, saved
 
 
 def resolved_config(model_config: ModelConfig, config: TrainConfig, run: RunConfig, **more) -> dict:
@@ -765,20 +471,17 @@ def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def init_tokenizer(path: str | None, init_from: str, tokenizer_bytes: bytes) -> Tokenizer:
-    """--init_from's tokenizer, the one its embeddings were trained with; --tokenizer, when
-    given, must be the same."""
-    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
-    if path:
-        try:
-            given = Tokenizer.load(path)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"--tokenizer: {e}") from None
-        if given.model_bytes != tokenizer_bytes:
-            raise ValueError(f"--tokenizer={path} ({given.vocab_size} pieces) is not the tokenizer of "
-                             f"--init_from={init_from} ({tokenizer.vocab_size} pieces): expected the same one, "
-                             "or no --tokenizer (the checkpoint's is used)")
-    return tokenizer
+def evaluators(run: RunConfig, mesh: Mesh, validation_data, tokenizer_bytes: bytes,
+               loss_fn: LossFn = token_loss) -> list[Evaluator]:
+    """What main() (here, in sft.py and dpo.py) hands fit: the held-out loss when there is
+    validation data, and --eval_tasks' lm-eval scores (evaluate.py) when asked for."""
+    out = [held_out_loss(validation_data, run.eval_batches, mesh, loss_fn)] if validation_data is not None else []
+    if run.eval_tasks:
+        import evaluate  # lm-eval takes seconds to import: only when asked for
+
+        out.append(evaluate.benchmark_scorer(Tokenizer.from_bytes(tokenizer_bytes), list(run.eval_tasks),
+                                             run.eval_data_dir, run.eval_limit or None, mesh))
+    return out
 
 
 def open_data(spec: str, split: str, tokenizer: Tokenizer, model_config: ModelConfig,

@@ -11,7 +11,7 @@ Checkpointer) and the run is bounded: training rows stop starting once --train_b
 (the rest are listed as not run), and the JSON is rewritten after every section, so a run cut
 short still leaves what it measured.
 
-1) Training: forward, backward and AdamW with bf16 moments (train.make_train_step) at sequence
+1) Training: forward, backward and AdamW with bf16 moments (train_step.make_train_step) at sequence
    2,048 for each size x attention implementation x remat policy, at the largest per-device batch
    of --batches that fits: the compiled step's memory (XLA's memory analysis) is checked against
    the device's limit before running, and an out-of-memory error tries the next smaller batch.
@@ -62,6 +62,7 @@ import generate  # noqa: E402
 import optim  # noqa: E402
 import parallel  # noqa: E402
 import train  # noqa: E402
+import train_step  # noqa: E402
 from layer_ops import AUTO_ATTENTION  # noqa: E402
 from model import ModelConfig, Transformer, flops_per_token, num_params  # noqa: E402
 from tokenizer import BOS_ID, Tokenizer, train_tokenizer  # noqa: E402
@@ -124,11 +125,11 @@ def compile_step(config: ModelConfig, per_device: int, mesh):
     train_config = train.TrainConfig(steps=1_000, batch_size=per_device * mesh.size, warmup_steps=10,
                                      opt_state_dtype="bfloat16")
     optimizer = optim.make_optimizer(train_config)
-    abstract = train.abstract_state(config, optimizer, mesh)
+    abstract = train_step.abstract_state(config, optimizer, mesh)
     tokens = jax.ShapeDtypeStruct((1, train_config.batch_size, config.max_seq_len + 1), jnp.int32,
                                   sharding=parallel.batch_sharding(mesh))
     start = time.perf_counter()
-    compiled = train.make_train_step(optimizer, parallel.shardings(abstract), mesh).lower(
+    compiled = train_step.make_train_step(optimizer, parallel.shardings(abstract), mesh).lower(
         abstract, {"tokens": tokens}, jax.random.key(0), jax.ShapeDtypeStruct((), jnp.int32),
         jax.ShapeDtypeStruct((), jnp.bool_), jax.ShapeDtypeStruct((mesh.size,), jnp.bool_)).compile()
     return compiled, train_config, time.perf_counter() - start
@@ -137,8 +138,8 @@ def compile_step(config: ModelConfig, per_device: int, mesh):
 def time_step(config: ModelConfig, compiled, train_config: train.TrainConfig, mesh, steps: int) -> float:
     """Seconds per step of `compiled` on a fresh state, over `steps` steps after one untimed."""
     optimizer = optim.make_optimizer(train_config)
-    abstract = train.abstract_state(config, optimizer, mesh)
-    state = jax.jit(lambda k: train.init_state(config, optimizer, k),
+    abstract = train_step.abstract_state(config, optimizer, mesh)
+    state = jax.jit(lambda k: train_step.init_state(config, optimizer, k),
                     out_shardings=parallel.shardings(abstract))(jax.random.key(0))
     rows = np.random.default_rng(0).integers(0, config.vocab_size, (train_config.batch_size, config.max_seq_len + 1))
     batch = parallel.global_batch({"tokens": rows.astype(np.int32)}, 1, mesh)

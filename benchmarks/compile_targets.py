@@ -38,6 +38,7 @@ import dpo  # noqa: E402
 import evaluate  # noqa: E402
 import sft  # noqa: E402
 import train  # noqa: E402
+import train_step  # noqa: E402
 from accelerator import model_config  # noqa: E402
 from parallel import make_mesh  # noqa: E402
 
@@ -75,16 +76,16 @@ def rows() -> list[Row]:
 def compile_fn(row: Row, chips: int) -> tuple[budget.CompileFn, train.TrainConfig]:
     """What the row compiles, through the scripts' own functions, and its batch."""
     if row.program == "sft":  # configs/sft_600m.flags: 128 packed rows
-        return functools.partial(train.compile_step, row=sft.chat_row(SEQ_LEN)), train.TrainConfig(
+        return functools.partial(train_step.compile_step, row=sft.chat_row(SEQ_LEN)), train.TrainConfig(
             steps=1000, batch_size=128, warmup_steps=100)
     if row.program == "dpo":  # configs/dpo_600m.flags: 64 pairs of 1,024 tokens, fp32 moments
         loss = dpo.make_loss_fn(dpo.LossConfig("sigmoid", 0.1, 0.0))
-        return functools.partial(train.compile_step, loss_fn=loss, row=dpo.pair_row(1024)), train.TrainConfig(
+        return functools.partial(train_step.compile_step, loss_fn=loss, row=dpo.pair_row(1024)), train.TrainConfig(
             steps=1000, batch_size=64, warmup_steps=100, opt_state_dtype="float32")
     if row.program == "eval":  # one chip scores; the evaluation's --batch_size 16 on an accelerator
         passes = 16 * evaluate.TOKENS_PER_REQUEST * 4 // SEQ_LEN
         return (lambda m, c, mesh: evaluate.compile_scoring(m, passes, SEQ_LEN, mesh.devices.flat[0])), None
-    return train.compile_step, train.TrainConfig(steps=1000, batch_size=PER_CHIP * chips, warmup_steps=100)
+    return train_step.compile_step, train.TrainConfig(steps=1000, batch_size=PER_CHIP * chips, warmup_steps=100)
 
 
 def measure(row: Row) -> dict:

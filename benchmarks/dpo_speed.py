@@ -3,8 +3,8 @@
     python benchmarks/dpo_speed.py                       # tiny shape, 8 pairs x 2 x 128 tokens
     python benchmarks/dpo_speed.py --d_model=512 --n_layers=8 --pairs=4 --length=256
 
-Both steps are train.make_train_step on the same model and the same tokens: the SFT step reads
-2 x pairs rows with token cross-entropy (train.token_loss), the DPO step reads the pairs
+Both steps are train_step.make_train_step on the same model and the same tokens: the SFT step reads
+2 x pairs rows with token cross-entropy (train_step.token_loss), the DPO step reads the pairs
 (chosen and rejected in one forward) with stored reference log-probabilities, and with
 --ref_logps=online (one more forward per step). The reference pass is dpo.reference_logps over
 the same pairs. Times are medians of the timed steps after warm-up steps (compilation).
@@ -31,6 +31,7 @@ import dpo  # noqa: E402
 import optim  # noqa: E402
 import parallel  # noqa: E402
 import train  # noqa: E402
+import train_step  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import PAD_ID  # noqa: E402
 
@@ -60,8 +61,8 @@ def timed(fn, warmup: int, steps: int) -> float:
 
 def train_step_seconds(model, batch: dict, loss_fn, mesh) -> float:
     optimizer = optim.make_optimizer(train.TrainConfig(steps=100, batch_size=len(batch["tokens"]), warmup_steps=1))
-    state = train.TrainState(jax.tree.map(lambda x: x.copy(), model), optimizer.init(model))
-    step = train.make_train_step(optimizer, parallel.shardings(state), mesh, loss_fn)
+    state = train_step.TrainState(jax.tree.map(lambda x: x.copy(), model), optimizer.init(model))
+    step = train_step.make_train_step(optimizer, parallel.shardings(state), mesh, loss_fn)
     global_batch = parallel.global_batch(batch, 1, mesh)
     holder = {"state": state}
 
@@ -123,7 +124,7 @@ def main(argv):
     sft_batch = {"tokens": tokens.reshape(2 * n, t + 1), "weights": reply.reshape(2 * n, t + 1)[:, 1:].astype(np.float32)}
     dpo_batch = dpo.pair_arrays(rows, np.arange(n), ref)
     online_batch = {k: v for k, v in dpo_batch.items() if k != "reference_logps"}
-    cases = [("SFT step (token loss)", sft_batch, train.token_loss),
+    cases = [("SFT step (token loss)", sft_batch, train_step.token_loss),
              ("DPO step, stored reference", dpo_batch, dpo.make_loss_fn(dpo.LossConfig())),
              ("DPO step, online reference", online_batch, dpo.make_loss_fn(dpo.LossConfig(), model))]
     for name, batch, loss_fn in cases:

@@ -9,7 +9,7 @@
    matrices, measured here first, since a CPU has no spec-sheet bf16 number (AMX or not, cores
    shared with other processes). MFU = flops_per_token (6N + attention) x tokens/s / that peak,
    for both implementations.
-2) julian: `train.make_train_step` on `train.init_state`, layers unrolled and under `lax.scan`.
+2) julian: `train_step.make_train_step` on `train_step.init_state`, layers unrolled and under `lax.scan`.
 3) HF torch: `transformers.LlamaForCausalLM` of the same shapes (untied embeddings, fp32 master
    weights), `torch.autocast("cpu", bfloat16)`, fp32 loss, global-norm clipping, `torch.optim.AdamW`.
 Each runs `--warmup` untimed steps (compilation, first allocations), then `--steps` timed steps,
@@ -50,7 +50,8 @@ import train  # noqa: E402
 from budget import measure_matmul_flops  # noqa: E402
 from optim import make_optimizer  # noqa: E402
 from parallel import make_mesh, shardings  # noqa: E402
-from train import TrainConfig, abstract_state, init_state, make_train_step  # noqa: E402
+from train import TrainConfig  # noqa: E402
+from train_step import TrainState, abstract_state, init_state, make_train_step  # noqa: E402
 
 CONFIGS = {  # configs/tiny.flags and configs/100m.flags
     "tiny": dict(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=512),
@@ -204,7 +205,7 @@ def bench_checkpoint(name: str, directory: str) -> dict:
     # Fresh moments are zeros, which compress to nothing: give them trained-like noise.
     noise = lambda x: (jax.random.normal(jax.random.key(1), x.shape, jnp.float32) * 1e-3).astype(x.dtype)
     opt_state = jax.tree.map(lambda x: noise(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, state.opt_state)
-    state = jax.block_until_ready(train.TrainState(state.model, opt_state))
+    state = jax.block_until_ready(TrainState(state.model, opt_state))
     ckpt = checkpoint.Checkpointer(directory, keep=1)
     meta = {"data_offset": 0, "rollbacks": 0, "rng": [0, 0]}
     result = {}

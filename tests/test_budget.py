@@ -10,7 +10,8 @@ import budget
 from budget import FIT_FRACTION, Pod, compile_program, fit_verdict
 from model import ModelConfig
 from parallel import make_mesh
-from train import TrainConfig, compile_step
+from optim import TrainConfig
+from train_step import compile_step
 
 TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
                    dtype="float32")

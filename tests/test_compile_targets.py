@@ -12,7 +12,8 @@ import budget
 from conftest import run_script
 from model import ModelConfig, num_params
 from parallel import make_mesh
-from train import TrainConfig, compile_step
+from optim import TrainConfig
+from train_step import compile_step
 
 pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) is not installed: no XLA:TPU to compile with")
 

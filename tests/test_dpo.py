@@ -26,6 +26,7 @@ import pair_packing
 import parallel
 import prepared
 import train
+import train_step
 from conftest import REPO, run_script
 from model import ModelConfig, Transformer, num_params
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, Tokenizer
@@ -127,7 +128,7 @@ def test_token_ids_logps_loss_and_reward_metrics_equal_trl(loss, models, real_pa
     np.testing.assert_allclose(np.asarray(batch["reference_logps"]), theirs_ref, atol=TOL, rtol=1e-6)
     np.testing.assert_allclose(ours_policy, theirs_policy, atol=TOL, rtol=1e-6)
     assert np.abs(ours_policy - theirs_ref).max() > 0.05  # policy and reference do differ
-    # 3. Loss and TRL's reward metrics, through our train.LossFn.
+    # 3. Loss and TRL's reward metrics, through our train_step.LossFn.
     trainer.model.train()
     with torch.no_grad():
         their_loss = float(trainer.compute_loss(trainer.model, trl_batch))
@@ -230,12 +231,12 @@ SMALL = ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=51
 def test_online_reference_is_an_argument_of_the_step_not_constants_baked_into_it():
     reference = Transformer(SMALL, jax.random.key(1))
     config, mesh = train.TrainConfig(steps=10, batch_size=4, warmup_steps=1), parallel.make_mesh(1)
-    arguments = train.step_arguments(SMALL, config, mesh, dpo.pair_row(64))
+    arguments = train_step.step_arguments(SMALL, config, mesh, dpo.pair_row(64))
     optimizer = optim.make_optimizer(config)
     size = {}
     for name, loss_fn in (("stored", dpo.make_loss_fn(dpo.LossConfig())),
                           ("online", dpo.make_loss_fn(dpo.LossConfig(), reference))):
-        step = train.make_train_step(optimizer, parallel.shardings(arguments[0]), mesh, loss_fn, config)
+        step = train_step.make_train_step(optimizer, parallel.shardings(arguments[0]), mesh, loss_fn, config)
         size[name] = len(step.lower(*arguments).as_text())
     # Closed over, the reference's 3.3M parameters were constants of the program: 25.8 MiB of
     # text against 0.3 MiB. As arguments, the online step is the stored one plus a forward pass.
@@ -267,7 +268,7 @@ def test_dry_run_counts_both_sequences_of_a_pair_and_what_the_reference_costs(ca
     for online in (False, True):
         step = functools.partial(dpo.compile_step, loss_config=loss_config, max_length=64, online=online)
         before = [] if online else [("reference pass", functools.partial(dpo.compile_reference_pass, max_length=64))]
-        train.dry_run(SMALL, config, 1, "", 0.4, 1.0, step, before=before,
+        train_step.dry_run(SMALL, config, 1, "", 0.4, 1.0, step, before=before,
                       workload=budget.Workload(2, 64, extra_forward=online))
         printed[online] = dict(re.match(r"(.+?)\s{2,}(.*)", line).groups()
                                for line in capsys.readouterr().out.splitlines() if "  " in line)
@@ -351,8 +352,8 @@ def test_reward_accuracy_on_held_out_pairs_rises_to_09_and_only_with_the_reply_m
                                opt_state_dtype="float32")
     optimizer = optim.make_optimizer(config)
     start = jax.tree.map(jnp.copy, reference)  # the step donates its state
-    state = train.TrainState(start, optimizer.init(start))
-    step_fn = train.make_train_step(optimizer, parallel.shardings(state), mesh, loss_fn)
+    state = train_step.TrainState(start, optimizer.init(start))
+    step_fn = train_step.make_train_step(optimizer, parallel.shardings(state), mesh, loss_fn)
     source = dpo.PairBatches(train_rows, ref_train, 0, 8)
     for step in range(config.steps):
         batch = parallel.global_batch(source.batch(step), 1, mesh)

@@ -286,11 +286,12 @@ def test_flops_per_token_counts_matmul_parameters_and_matches_xlas_count_of_the_
     # XLA's own FLOP count of the compiled train step (layers unrolled: a scan's body is counted
     # once), forward, backward and AdamW, against flops_per_token x the step's tokens.
     import train
+    import train_step
 
     config = dataclasses.replace(TINY, vocab_size=4096, d_model=128, n_layers=2, n_heads=2, d_ff=512,
                                  max_seq_len=128, scan_layers=False, attention="einsum")
     step = train.TrainConfig(steps=10, batch_size=8, warmup_steps=1)
-    compiled = train.compile_step(config, step, train.make_mesh(1))
+    compiled = train_step.compile_step(config, step, train.make_mesh(1))
     analysis = compiled.cost_analysis()
     xla_flops = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
     ours = M.flops_per_token(config, config.max_seq_len) * step.batch_size * config.max_seq_len

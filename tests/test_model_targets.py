@@ -19,7 +19,8 @@ import dpo
 import sft
 from model import ModelConfig, Transformer, init_cache
 from parallel import AXES, batch_sharding
-from train import TrainConfig, compile_step, held_out_step
+from optim import TrainConfig
+from train_step import compile_step, held_out_step
 
 pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) is not installed: no XLA:TPU to compile with")
 

@@ -10,8 +10,7 @@ import optax
 
 from model import ModelConfig, Transformer
 import optim
-from optim import learning_rate_schedule, make_optimizer, scale_by_adam
-from train import TrainConfig
+from optim import TrainConfig, learning_rate_schedule, make_optimizer, scale_by_adam
 
 TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
                    dtype="float32")

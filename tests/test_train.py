@@ -20,11 +20,12 @@ from conftest import DATA_FILES, REPO, TINY_STEPS, run_script
 from stream import TokenRecords
 from model import ModelConfig, num_params
 from tokenizer import Tokenizer
-from optim import make_optimizer
+from optim import TrainConfig, make_optimizer
 from parallel import make_mesh, shardings
 from parallel import check_batch
-from train import (TrainConfig, abstract_state, check_resume, compile_held_out, compile_step, held_out_loss,
-                   init_state, make_train_step)
+from resume import check_resume
+from train_step import (abstract_state, compile_held_out, compile_step, held_out_loss, init_state,
+                        make_train_step)
 
 TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32,
                    dtype="float32")
@@ -236,6 +237,12 @@ def with_devices(n: int) -> dict:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
 
 
+def with_faults(nan_batches: str = "", sigkill_during_save: int = -1) -> dict:
+    """The environment with train.injected_faults' test-only variables set."""
+    return {**os.environ, "JULIAN_TEST_NAN_BATCHES": nan_batches,
+            "JULIAN_TEST_SIGKILL_DURING_SAVE": str(sigkill_during_save)}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_tokenizer_path):
     out = tmp_path_factory.mktemp("uninterrupted")
@@ -278,7 +285,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_records_no_resume(tmp_path,
 def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpoint(
         tmp_path, tiny_tokenizer_path, uninterrupted):
     run_train(tmp_path, tiny_tokenizer_path, "--steps=60", "--checkpoint_every=20",
-              "--test_sigkill_during_save=40", expect=-signal.SIGKILL)
+              env=with_faults(sigkill_during_save=40), expect=-signal.SIGKILL)
     assert checkpoint.latest_step(str(tmp_path)) == 20
     resumed = run_train(tmp_path, tiny_tokenizer_path, "--steps=60", "--checkpoint_every=20").stdout
     assert "resumed from step 20" in resumed
@@ -286,14 +293,14 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpo
 
 
 def test_nan_steps_are_skipped_then_rolled_back_past_then_stop_the_run(tmp_path, tiny_tokenizer_path):
-    once = run_train(tmp_path / "once", tiny_tokenizer_path, "--steps=12", "--test_nan_batches=3")
+    once = run_train(tmp_path / "once", tiny_tokenizer_path, "--steps=12", env=with_faults("3"))
     record = [json.loads(l) for l in open(tmp_path / "once" / "metrics.jsonl")][-1]
     assert record["skipped_steps"] == 1 and record["rollbacks"] == 0 and np.isfinite(record["loss"])
     assert "rolled back" not in once.stdout
     assert events(tmp_path / "once") == [] and not drawn_in(tmp_path / "once" / "loss.png", "tab:red")
 
     rolled = run_train(tmp_path / "rolled", tiny_tokenizer_path, "--steps=12", "--checkpoint_every=4",
-                       "--max_bad_steps=2", "--test_nan_batches=5,6").stdout
+                       "--max_bad_steps=2", env=with_faults("5,6")).stdout
     assert "rolled back to step 4, the data moves on to position 7" in rolled
     ckpt = checkpoint.Checkpointer(str(tmp_path / "rolled"))
     meta = ckpt.manager.restore(12, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -304,7 +311,7 @@ def test_nan_steps_are_skipped_then_rolled_back_past_then_stop_the_run(tmp_path,
     assert all(np.isfinite(loss) for loss, _ in logged(tmp_path / "rolled").values())
 
     stopped = run_train(tmp_path / "stopped", tiny_tokenizer_path, "--steps=12", "--checkpoint_every=4",
-                        "--max_bad_steps=2", "--max_rollbacks=1", "--test_nan_batches=5,6,9,10",
+                        "--max_bad_steps=2", "--max_rollbacks=1", env=with_faults("5,6,9,10"),
                         expect=1).stderr
     assert "after 1 rollbacks (--max_rollbacks=1)" in stopped and "data positions 9..10" in stopped
 
@@ -379,7 +386,7 @@ def test_checkpoints_on_gcs_resume_like_local_ones(tmp_path, tiny_tokenizer_path
     # emulator by the fixture: the real clients, a local server.
     run = f"gs://{gcs_bucket}/runs/resume"
     run_train(run, tiny_tokenizer_path, "--steps=60", "--checkpoint_every=25",
-              "--test_sigkill_during_save=50", f"--metrics_dir={tmp_path}", expect=-signal.SIGKILL)
+              f"--metrics_dir={tmp_path}", env=with_faults(sigkill_during_save=50), expect=-signal.SIGKILL)
     assert checkpoint.latest_step(run) == 25
     resumed = run_train(run, tiny_tokenizer_path, "--steps=60", f"--metrics_dir={tmp_path}").stdout
     assert "resumed from step 25" in resumed
