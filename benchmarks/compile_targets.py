@@ -16,7 +16,7 @@ position scored, which bounds the real passes). All at the flagfiles' batch: 4 s
 for pretraining. Columns: XLA's per-chip memory (arguments, outputs, aliased, temporaries, code;
 peak = arguments + outputs - aliased + temporaries), the fused kernels, compile seconds, and
 whether the peak fits 90% of the chip (budget.FIT_FRACTION); then, from XLA's buffer assignment,
-what is live at each row's peak, by group (budget.BUFFER_GROUPS). Each row is appended to
+what is live at each row's peak, by group (live_buffers.BUFFER_GROUPS). Each row is appended to
 --output (JSON lines) as it completes, so a run cut short keeps what it compiled.
 """
 
@@ -35,7 +35,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: the host's back
 
 import budget  # noqa: E402
 import dpo  # noqa: E402
-import evaluate  # noqa: E402
+import live_buffers  # noqa: E402
+import packed_scoring  # noqa: E402
 import sft  # noqa: E402
 import train  # noqa: E402
 import train_step  # noqa: E402
@@ -83,8 +84,8 @@ def compile_fn(row: Row, chips: int) -> tuple[budget.CompileFn, train.TrainConfi
         return functools.partial(train_step.compile_step, loss_fn=loss, row=dpo.pair_row(1024)), train.TrainConfig(
             steps=1000, batch_size=64, warmup_steps=100, opt_state_dtype="float32")
     if row.program == "eval":  # one chip scores; the evaluation's --batch_size 16 on an accelerator
-        passes = 16 * evaluate.TOKENS_PER_REQUEST * 4 // SEQ_LEN
-        return (lambda m, c, mesh: evaluate.compile_scoring(m, passes, SEQ_LEN, mesh.devices.flat[0])), None
+        passes = 16 * packed_scoring.TOKENS_PER_REQUEST * 4 // SEQ_LEN
+        return (lambda m, c, mesh: packed_scoring.compile_scoring(m, passes, SEQ_LEN, mesh.devices.flat[0])), None
     return train_step.compile_step, train.TrainConfig(steps=1000, batch_size=PER_CHIP * chips, warmup_steps=100)
 
 
@@ -103,7 +104,8 @@ def measure(row: Row) -> dict:
         m = program.memory
         out.update(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
                    temporaries=m.temp_size_in_bytes, code=m.generated_code_size_in_bytes, peak=program.peak,
-                   live_peak=program.live_peak, groups={g: size for g, (size, _) in budget.buffer_groups(program.buffers).items()},
+                   live_peak=program.live_peak,
+                   groups={g: size for g, (size, _) in live_buffers.buffer_groups(program.buffers).items()},
                    largest=[dataclasses.asdict(b) for b in program.buffers[:5]])
     out["fits"] = bool(program.peak is not None and program.peak <= budget.FIT_FRACTION * pod.memory_gib * 2**30)
     return out
@@ -129,8 +131,8 @@ def table(results: list[dict]) -> str:
 
 def buffer_table(results: list[dict]) -> str:
     """Where each row's peak goes: GiB per chip of each group of buffers live at the peak
-    (budget.BUFFER_GROUPS, from XLA's buffer assignment), and the largest buffer."""
-    groups = [g for g in budget.BUFFER_GROUPS if any(g in r.get("groups", {}) for r in results)]
+    (live_buffers.BUFFER_GROUPS, from XLA's buffer assignment), and the largest buffer."""
+    groups = [g for g in live_buffers.BUFFER_GROUPS if any(g in r.get("groups", {}) for r in results)]
     lines = [f"| row | live at peak | {' | '.join(groups)} | largest buffer |",
              "| --- | ---: | " + "---: | " * len(groups) + "--- |"]
     for r in results:

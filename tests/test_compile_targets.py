@@ -9,6 +9,7 @@ import re
 import pytest
 
 import budget
+import live_buffers
 from conftest import run_script
 from model import ModelConfig, num_params
 from parallel import make_mesh
@@ -53,7 +54,7 @@ def test_tiny_dry_run_for_a_v4_8_prints_xla_tpu_figures_the_splash_kernels_and_f
     # The bf16 moments, and at most one copy of them in flight (an input moment still read while its
     # update is written beside it: 14.5 MiB here against 12.8 MiB of moments).
     assert 2 * 2 * n / 2**30 * 0.5 < gib(rows["  optimizer state"]) <= 2 * 2 * 2 * n / 2**30
-    groups = sum(gib(v) for k, v in rows.items() if k.strip() in budget.BUFFER_GROUPS and k.startswith("  "))
+    groups = sum(gib(v) for k, v in rows.items() if k.strip() in live_buffers.BUFFER_GROUPS and k.startswith("  "))
     assert groups == pytest.approx(gib(rows["live at the peak"]), rel=0.02)
     assert rows["  largest #1"]
 

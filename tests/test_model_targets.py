@@ -104,12 +104,12 @@ def test_every_other_program_we_ship_compiles_for_a_v4_8_with_the_attention_its_
 
     # Evaluation scores prefix trees (continuations branch from a shared context: an explicit
     # mask, which no kernel takes) and decoding attends to a KV cache: XLA's dots, one chip each.
-    import evaluate
     import generate
+    import packed_scoring
 
     chip = mesh.devices.flat[0]
     one = SingleDeviceSharding(chip)
-    scoring = evaluate.compile_scoring(TINY, 4, TINY.max_seq_len, chip).as_text()
+    scoring = packed_scoring.compile_scoring(TINY, 4, TINY.max_seq_len, chip).as_text()
     model = abstract_model(TINY, one)
     layers = placed(eqx.filter_eval_shape(Transformer.layers, model), one)
     scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=one)
