@@ -1,81 +1,18 @@
-"""The corpus pipeline: raw text to packed token shards, in local worker processes or on a Ray cluster.
+"""The corpus pipeline's driver and command: raw text to packed token shards, in local worker
+processes or on a Ray cluster.
 
     python data.py prepare --input=PATTERN[,PATTERN...] --output=DIR_OR_GS_URI --tokenizer=MODEL \\
         --seq_len=2048 --num_shards=N [--languages=en:0.7,fr:0.3,code:0.05] [--code_sources=stack]
         [--num_cpus=N | --ray_address=auto|HOST:PORT]
     python data.py prepare --flagfile=configs/corpus_report.flags --input=MIRROR --output=... --tokenizer=...
 
-Without --ray_address the tasks run in --num_cpus worker processes of this machine (default:
-every core): no engine to start, no port opened, nothing sent on the network. With it, they run
-on a running Ray cluster (scripts/tpu.sh starts one on a TPU VM's hosts); executors.py has both.
-The output is the same bytes either way. Inputs, settings and tokenizer are checked before any
-worker starts. Input formats are documents.py's; the shard format and the stream train.py reads
-are stream.py's.
-
-Sources. A document's source is its --source name (`--source=NAME=PATTERN`, repeatable: the
-files of NAME, a glob under each --input root), else its `source` field, else its file name.
-Each source has its own layout (documents.Layout): the field or column holding its text
-(--text_fields=oscar:content,stack:content), whether its .txt files are books
-(--book_sources: Project Gutenberg), whether it is code (--code_sources), whether its records'
-own lid.176 answer is trusted (--trusted_language_sources: OSCAR 2301, FineWeb-Edu), and OSCAR's
-quality warnings that drop a record (--drop_quality_warnings). configs/corpus_report.flags is
-the report's corpus: five sources at their token targets.
-
-A document's id is (input file index in the order given, record index in the file). Stages,
-each a set of tasks (stages.py) whose outputs are files under OUTPUT/_stages/ (local or
-gs://), each written whole and atomically, the last one of a task marking it done. The cheap
-work comes first and the costly work (language ID, tokenization) only on what dedup keeps:
-1. map, one task per input split: a file, or a byte range of about --split_mb of an uncompressed
-   .jsonl or .txt file (compressed streams cannot be entered mid-way: those files are one split
-   each, and so is a book). A range reads the records whose first byte lies in it: from the first
-   record boundary at or after its start (a JSONL line; a text document's first non-blank line
-   after a blank one) to the end of the record straddling its end. A split's task knows neither
-   the record index nor the line number of its first record: it numbers its documents from 0 and
-   its lines from 1, and the driver adds the earlier splits' counts (stages.split_bases), so ids,
-   the draws made from them and the line numbers of bad records are those of whole files, and
-   the output does not depend on --split_mb. Read (malformed records are skipped and counted up
-   to --max_bad_fraction of all records; at 0 the first one fails the run naming file and line);
-   drop OSCAR records with a listed quality warning; clean (NFC, control characters other than
-   tab and newline stripped; documents outside [--min_chars, --max_chars] dropped; prose needs
-   --min_alnum letters and digits among its non-whitespace characters, code --min_code_alnum and
-   documents.code_line_rule); sha256; MinHash (rensa, --num_perm, word 5-grams) cut into LSH
-   bands (datasketch's choice of bands for --near_dup_threshold). Writes the cleaned texts
-   (zstd), the signatures, one metadata row per cleaned document, and its exact-hash and band
-   keys sorted by key.
-2. dedup, one task per key range (--num_partitions of the 64-bit key space): documents sharing an
-   exact key are exact duplicates; documents sharing a band key are candidates, kept as a pair
-   when their estimated Jaccard similarity reaches --near_dup_threshold (a bucket collision
-   alone is not a duplicate). Every pair is found whatever file, task or node holds its ends.
-3. components, one task: connected components of the pairs; each keeps its smallest id.
-   Its memory grows with the duplicate pairs, not with the corpus.
-4. encode, one task per split, on the documents dedup kept only: language ID (fastText lid.176
-   on the first --language_id_chars characters, kept at --min_language_confidence; code skips
-   it; a trusted source's records bring their own answer) and tokenization of the documents
-   whose language is kept (`<s> text </s>`, code `<s><|code|> text <|endcode|></s>`): their
-   exact token counts, for the mixture.
-5. mixture: a number of tokens to write per (source, language), from the tokens each holds:
-   with --source_tokens, each source's target split over its languages in their natural
-   proportions (a source short of it repeated, or with --short_sources=report written once and
-   its gap reported); else per-language token shares from --languages (`en:0.7,fr:0.3`; names
-   without weights keep natural shares) and per-source weights (--source_weights=wiki:2,oscar:0.5)
-   at an unchanged total. A group of x times its tokens gives each of its documents floor(x)
-   copies, plus one to those whose draw u (from --seed and the id) is below a threshold chosen,
-   from a histogram of the draws and then the documents of one bin, so that the group's tokens
-   come nearest its target: exact to within one document.
-6. pack, one task per train shard: copy c of document id goes to shard hash(seed, id, c) mod
-   --num_shards; a shard shuffles its copies (seed, shard), concatenates them and cuts records of
-   seq_len + 1 tokens (the last partial one dropped). max(1, round(--validation_fraction * n))
-   of all n records, spread over the shards' tails, form the validation split.
-Output bytes depend only on the inputs and the settings, not on CPU, node or partition counts,
-nor on --split_mb, nor on task retries. Memory: the driver holds per-task summaries (for the
-mixture, a histogram per (source, language) and the draws and token counts of one bin's
-documents), never per-document state; a map or encode task holds one split's texts, signatures,
-tokens and metadata (a compressed file is one split: cut very large ones into several files), a
-dedup task one key range, a pack task one shard, the components task the duplicate pairs. A rerun of the same command resumes: finished
-stage files are kept (no finished split is read again) and finished shards are not rewritten;
-OUTPUT/_run.json, created first and exclusively, refuses a run with other settings (or, while
-partial, another --split_mb) into the same output; a run that fails before any map task
-finished removes it and OUTPUT/_stages/ again.
+This file turns the flags into a PrepareConfig, checks settings, inputs and tokenizer before any
+worker starts, claims the output (OUTPUT/_run.json), hands each stage's tasks to an executor
+(executors.py: local processes, or Ray with --ray_address), and writes the manifest and the
+end-of-run table. The tasks are stages.py's (map, dedup, components, encode) and mixture.py's
+(mixture, pack). docs/data.md (Data pipeline) says what each stage does and what the output
+guarantees; input formats are documents.py's, the shard format and the stream train.py reads are
+stream.py's.
 """
 
 from __future__ import annotations
@@ -86,7 +23,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import time
 from collections.abc import Sequence
 
@@ -96,10 +32,12 @@ from absl import flags
 import cli
 import documents
 import executors
-from stages import (ENGINE_ONLY, KEY_INDEX, STAGE_DIR, PrepareConfig, Split, bin_members, boundary_bins,
-                    components, dedup_partition, encode_split, group_targets, group_totals, layout,
-                    load_meta, map_split, mixture_thresholds, pack_shard, plan_split, split_bases, stage,
-                    validation_shard)
+from mixture import (bin_members, boundary_bins, group_targets, group_totals, mixture_report, mixture_thresholds,
+                     pack_shard, plan_split, validation_shard)
+from prepare_config import (ENGINE_ONLY, PrepareConfig, parse_languages, parse_pairs, parse_source_tokens,
+                            parse_source_weights, parse_sources)
+from stages import (KEY_INDEX, STAGE_DIR, Split, components, dedup_partition, encode_split, layout, load_meta,
+                    map_split, split_bases, stage)
 from storage import expand_inputs, file_size, join, read_bytes, read_json, remove, write_bytes
 from stream import MANIFEST, token_dtype
 from tokenizer import Tokenizer
@@ -109,75 +47,12 @@ mix and pack raw text into token shards for train.py, in local worker processes 
 cluster at --ray_address). Example:
   python data.py prepare --input=samples/*.txt --output=runs/shards --tokenizer=tok.model \\
       --seq_len=128 --num_shards=4 --languages=en:0.7,fr:0.3
-See the docstring of data.py for the stages and guarantees."""
+See docs/data.md for the stages and guarantees."""
 
 RUN_FILE = "_run.json"
 SPLITS_FILE = "splits.json"  # under _stages: the map tasks' inputs, in id order
 STAGES = ("read", "cleaned", "exact_dedup", "near_dedup", "language_kept")
 VOLATILE_KEYS = ("stage_cpu_seconds", "stage_wall_seconds", "wall_seconds")  # timings only
-
-
-def parse_languages(spec: str) -> tuple[tuple[str, float | None], ...]:
-    """`en:0.7,fr:0.3` (token shares, normalised to sum 1) or `en,fr` (natural shares)."""
-    pairs = [item.partition(":") for item in spec.split(",") if item]
-    if not pairs:
-        raise ValueError("--languages is empty: expected e.g. en:0.7,fr:0.3 or en,fr")
-    if any(sep for _, sep, _ in pairs) != all(sep for _, sep, _ in pairs):
-        raise ValueError(f"--languages={spec}: give a share for every language or for none")
-    if not pairs[0][1]:
-        return tuple((name, None) for name, _, _ in pairs)
-    try:
-        shares = [float(share) for _, _, share in pairs]
-    except ValueError:
-        raise ValueError(f"--languages={spec}: shares must be numbers, e.g. en:0.7,fr:0.3") from None
-    if min(shares) <= 0:
-        raise ValueError(f"--languages={spec}: shares must be positive")
-    return tuple((name, share / sum(shares)) for (name, _, _), share in zip(pairs, shares))
-
-
-def parse_source_weights(spec: str) -> tuple[tuple[str, float], ...]:
-    """`wiki:2,oscar:0.5` -> (("wiki", 2.0), ("oscar", 0.5))."""
-    try:
-        pairs = tuple((name, float(w)) for name, _, w in (i.partition(":") for i in spec.split(",") if i))
-    except ValueError:
-        raise ValueError(f"--source_weights={spec}: expected name:weight,... e.g. wiki:2,oscar:0.5") from None
-    if any(w < 0 for _, w in pairs):
-        raise ValueError(f"--source_weights={spec}: weights must not be negative")
-    return pairs
-
-
-def parse_pairs(spec: str, flag: str, example: str) -> tuple[tuple[str, str], ...]:
-    """`a:x,b:y` -> (("a", "x"), ("b", "y"))."""
-    pairs = tuple(item.partition(":") for item in spec.split(",") if item)
-    if any(not name or not sep or not value for name, sep, value in pairs):
-        raise ValueError(f"--{flag}={spec}: expected name:value,... e.g. {example}")
-    return tuple((name, value) for name, _, value in pairs)
-
-
-_SCALE = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
-
-
-def parse_source_tokens(spec: str) -> tuple[tuple[str, float], ...]:
-    """`wikipedia:5.5B,oscar:15B,code:200M` -> (("wikipedia", 5.5e9), ...): tokens per source."""
-    out = []
-    for name, value in parse_pairs(spec, "source_tokens", "wikipedia:5.5B,oscar:15B"):
-        match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([KMBT]?)", value.upper())
-        if not match or not float(match[1]):
-            raise ValueError(f"--source_tokens={spec}: {value!r} is not a positive token count (e.g. 5.5B, "
-                             "800M, 120000)")
-        out.append((name, float(match[1]) * _SCALE[match[2]]))
-    return tuple(out)
-
-
-def parse_sources(specs: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Repeated `--source=NAME=PATTERN` -> ((NAME, (PATTERN, ...)), ...) in first-seen order."""
-    out: dict = {}
-    for spec in specs:
-        name, sep, pattern = spec.partition("=")
-        if not name or not sep or not pattern:
-            raise ValueError(f"--source={spec}: expected NAME=PATTERN, e.g. wikipedia=wikipedia/*/*.parquet")
-        out.setdefault(name, []).append(pattern)
-    return tuple((name, tuple(patterns)) for name, patterns in out.items())
 
 
 def input_files(config: PrepareConfig) -> list[tuple[str, str | None]]:
@@ -330,7 +205,7 @@ def _release_output(config: PrepareConfig) -> None:
 
 
 def prepare(config: PrepareConfig) -> dict:
-    """Runs the pipeline of the module docstring; returns the manifest (also in OUTPUT). Settings,
+    """Runs the pipeline of docs/data.md; returns the manifest (also in OUTPUT). Settings,
     inputs and tokenizer are checked before any worker starts; a run that fails before a map task
     finished leaves nothing in OUTPUT that a next run would have to match."""
     started = time.time()
@@ -494,40 +369,6 @@ def _pipeline(config: PrepareConfig, executor: executors.Executor, bands: tuple[
     write_bytes(join(config.output, MANIFEST), json.dumps(manifest, indent=1).encode())
     print(summary_table(manifest))
     return manifest
-
-
-def mixture_report(config: PrepareConfig, available: dict, targets: dict, plans: list[dict]) -> dict:
-    """The manifest's `languages` and `sources`: per language and per source, the documents and
-    tokens written (every copy, before packing cuts the shards' tails), the tokens available after
-    dedup and language ID; per source also its target (None without one), its epochs (written over
-    available) and, when it holds less than its target and is not repeated (--short_sources=report),
-    by how many tokens it falls short; per source and language, tokens available and written."""
-    written: dict = {}
-    for plan in plans:
-        for group, (documents_, tokens) in plan["groups"].items():
-            into = written.setdefault(group, [0, 0])
-            into[0] += documents_
-            into[1] += tokens
-    targets_by_source = dict(config.source_tokens)
-    languages: dict = {}
-    sources: dict = {}
-    for (source, lang), (tokens, documents_) in sorted(available.items()):
-        done_documents, done_tokens = written.get((source, lang), (0, 0))
-        for into, name in ((languages, lang), (sources, source)):
-            entry = into.setdefault(name, {"documents": 0, "tokens": 0, "available_documents": 0,
-                                           "available_tokens": 0})
-            entry["documents"] += done_documents
-            entry["tokens"] += done_tokens
-            entry["available_documents"] += documents_
-            entry["available_tokens"] += tokens
-        sources[source].setdefault("languages", {})[lang] = {"available_tokens": tokens, "tokens": done_tokens}
-    for name, entry in sources.items():
-        target = targets_by_source.get(name)
-        entry["target_tokens"] = None if target is None else int(round(target))
-        entry["epochs"] = round(entry["tokens"] / entry["available_tokens"], 4)
-        short = target is not None and config.short_sources == "report" and entry["available_tokens"] < target
-        entry["short_tokens"] = int(round(target)) - entry["available_tokens"] if short else 0
-    return {"languages": languages, "sources": sources}
 
 
 def summary_table(manifest: dict) -> str:

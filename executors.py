@@ -4,8 +4,8 @@ function to `Executor.map` and gets their results in call order.
 
 Both executors run each call once in the end: a call whose worker died is run again (up to
 RETRIES times), a task's own error reaches the driver as is (and the rest of the stage is
-abandoned), and a progress bar counts the calls or their bytes. The tasks (stages.py) write
-their outputs as whole files, so running one twice changes nothing.
+abandoned), and a progress bar counts the calls or their bytes. The tasks (stages.py,
+mixture.py) write their outputs as whole files, so running one twice changes nothing.
 
 * `LocalExecutor`: a pool of --num_cpus processes of this machine, forked from the driver where
   that is safe (they share its imports), spawned elsewhere: no engine, no daemon, no port, nothing
@@ -13,7 +13,8 @@ their outputs as whole files, so running one twice changes nothing.
   go to it; when the driver dies, so do its workers.
 * `RayExecutor`: tasks on the Ray cluster at --ray_address (`auto`, or HOST:PORT of its head),
   spread over its nodes, retried by Ray when their worker dies. Every host needs this checkout
-  at the same path (tasks import stages.py by name) and the same Python environment.
+  at the same path (tasks import stages.py and mixture.py by name) and the same Python
+  environment.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def planted_corpus(directory: str, distinct: int, files: int, seed: int = 0) -> 
     return paths, {"docs": truth, "exact_copies": exact, "distinct": distinct}
 
 
-def removed_by_julian(config: stages.PrepareConfig) -> set[tuple[int, int]]:
+def removed_by_julian(config: data.PrepareConfig) -> set[tuple[int, int]]:
     """(file, record) of the documents a run's dedup removed, read from its stage files."""
     removed = set()
     splits = json.loads(storage.read_bytes(stages.stage(config, data.SPLITS_FILE)))

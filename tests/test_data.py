@@ -28,6 +28,7 @@ import zstandard
 
 import data
 import documents
+import prepare_config
 import stages
 import storage
 import stream
@@ -548,8 +549,8 @@ REPORT_FLAGS = os.path.join(REPO, "configs", "corpus_report.flags")
 
 def test_each_source_is_read_in_its_own_layout(tmp_path):
     written = write_mirror(tmp_path)
-    recipe = data.parse_sources([line.strip()[len("--source="):] for line in open(REPORT_FLAGS)
-                                 if line.startswith("--source=")])
+    recipe = prepare_config.parse_sources([line.strip()[len("--source="):] for line in open(REPORT_FLAGS)
+                                           if line.startswith("--source=")])
     config = data.PrepareConfig(inputs=(str(tmp_path),), output="", tokenizer="", sources=recipe,
                                 text_fields=(("oscar", "content"), ("stack", "content")), book_sources=("gutenberg",),
                                 max_chars=3000)
