@@ -20,9 +20,9 @@ as that conversation. Transcript texts lose their surrounding spaces. A record w
 prompts differ, whose two replies are identical, or that is otherwise unusable is counted and
 skipped; past --max_bad_fraction of a file the run stops, naming the file and the lines.
 
-Rendering is SFT's (sft.render): the tokenizer's chat format (ours: <s>, the system message, the
-default when the record brings none, ChatML turns, then the reply; a Hugging Face model's: its
-chat template). The log-probabilities, and so the loss, cover the reply's tokens and its
+Rendering is SFT's (chat_data.render): the tokenizer's chat format (ours: <s>, the system
+message, the default when the record brings none, ChatML turns, then the reply; a Hugging Face
+model's: its chat template). The log-probabilities, and so the loss, cover the reply's tokens and its
 end-of-turn token (<|im_end|>, Llama 3's <|eot_id|>) only. An overlong pair keeps the end of its prompt (at most
 --max_prompt_length tokens) and then cuts both replies to --max_length in all; both are counted.
 
@@ -52,7 +52,7 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 import budget
 import chat_formats
@@ -61,130 +61,18 @@ import cli
 import pair_packing
 import parallel
 import prepared
-import sft
 import storage
 import train
 import train_step
-from chat_formats import PAIR_FORMATS, Pair, load_pairs
+from chat_data import ChatBatches, PackedRows, init_model_config, input_identities, render_and_mix
+from chat_formats import PAIR_FORMATS, load_pairs
 from model import ModelConfig, Transformer, next_token_logps
+from pair_packing import PairBatches, PairRows, pair_row, render_pair, to_rows
 from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
 
 LOSSES = ("sigmoid", "ipo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering, truncation, rows.
-
-
-@dataclasses.dataclass(frozen=True)
-class RenderedPair:
-    prompt: Int[np.ndarray, " prompt"]  # <s> ... <|im_start|>assistant\n (the generation prompt)
-    chosen: Int[np.ndarray, " reply"]  # the reply's tokens and its end-of-turn token
-    rejected: Int[np.ndarray, " reply"]
-
-
-def _split_reply(tokenizer: Tokenizer, prompt: Sequence[dict], reply: str) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt ids, reply ids) from SFT's rendering of the conversation: the reply is the last
-    stretch of the loss mask (its content and end-of-turn token); what follows it (ChatML's
-    newline) is left out."""
-    example, _ = sft.render(tokenizer, [*prompt, {"role": "assistant", "content": reply}])
-    end = len(example.mask) - int(np.argmax(example.mask[::-1]))
-    start = end - int(np.argmin(example.mask[:end][::-1]))
-    return example.ids[:start], example.ids[start:end]
-
-
-def render_pair(tokenizer: Tokenizer, pair: Pair, max_length: int, max_prompt_length: int
-                ) -> tuple[RenderedPair | None, str]:
-    """(rendered pair, status): "ok", "prompt cut" (its start dropped), "reply cut" (and maybe
-    the prompt too), or "dropped" (None: no reply token fits)."""
-    prompt, chosen = _split_reply(tokenizer, pair.prompt, pair.chosen)
-    rejected_prompt, rejected = _split_reply(tokenizer, pair.prompt, pair.rejected)
-    if not np.array_equal(prompt, rejected_prompt):
-        # A chat template whose generation prompt ends where a reply's first characters can merge
-        # with it: the prompt is what both renderings share, the rest belongs to each reply.
-        shared = next((n for n, (a, b) in enumerate(zip(prompt, rejected_prompt)) if a != b),
-                      min(len(prompt), len(rejected_prompt)))
-        chosen, rejected = np.concatenate([prompt[shared:], chosen]), np.concatenate([rejected_prompt[shared:], rejected])
-        prompt = prompt[:shared]
-    status = "ok"
-    if len(prompt) + max(len(chosen), len(rejected)) > max_length and len(prompt) > max_prompt_length:
-        prompt, status = prompt[len(prompt) - max_prompt_length:], "prompt cut"
-    room = max_length - len(prompt)
-    if room < 1:
-        return None, "dropped"
-    if max(len(chosen), len(rejected)) > room:
-        chosen, rejected, status = chosen[:room], rejected[:room], "reply cut"
-    return RenderedPair(prompt, chosen, rejected), status
-
-
-@dataclasses.dataclass(frozen=True)
-class PairRows:
-    """Pair i is tokens[i, 0] (prompt + chosen) and tokens[i, 1] (prompt + rejected), padded;
-    reply[i, k, t] marks the reply tokens (targets of input t - 1)."""
-    tokens: Int[np.ndarray, "pairs 2 length"]
-    reply: Bool[np.ndarray, "pairs 2 length"]
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def supervised_tokens(self) -> int:
-        return int(self.reply.sum())
-
-
-def to_rows(pairs: Sequence[RenderedPair], max_length: int) -> PairRows:
-    """Rows of max_length + 1 tokens, as sft.py's (the model reads max_length inputs)."""
-    tokens = np.full((len(pairs), 2, max_length + 1), PAD_ID, np.int32)
-    reply = np.zeros((len(pairs), 2, max_length + 1), bool)
-    for i, pair in enumerate(pairs):
-        for k, answer in enumerate((pair.chosen, pair.rejected)):
-            n, m = len(pair.prompt), len(answer)
-            tokens[i, k, :n + m] = np.concatenate([pair.prompt, answer])
-            reply[i, k, n:n + m] = True
-    return PairRows(tokens, reply)
-
-
-class PairBatches(sft.ChatBatches):
-    """sft.ChatBatches' order (a pure function of seed and step) over pairs; each batch also
-    holds the pairs' reference log-probabilities when they are known."""
-    sequences_per_row = 2  # chosen and rejected: train.fit counts their tokens
-
-    def __init__(self, rows: PairRows, reference_logps: np.ndarray | None, *args, **kwargs):
-        super().__init__(rows, *args, **kwargs)
-        self.reference_logps = reference_logps
-
-    @property
-    def seq_len(self) -> int:
-        return self.rows.tokens.shape[-1] - 1
-
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        parts = self.global_rows(step).reshape(self.grad_accum, self.process_count, -1)
-        return pair_arrays(self.rows, parts[:, self.process_index].reshape(-1), self.reference_logps)
-
-
-def pair_row(max_length: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """One batch row of pair_arrays, abstract: what train_step.compile_step compiles the step for."""
-    return {"tokens": jax.ShapeDtypeStruct((2, max_length + 1), jnp.int32),
-            "weights": jax.ShapeDtypeStruct((2, max_length), jnp.float32),
-            "pairs": jax.ShapeDtypeStruct((), jnp.float32),
-            "reference_logps": jax.ShapeDtypeStruct((2,), jnp.float32)}
-
-
-def pair_arrays(rows: PairRows, indices: Int[np.ndarray, " n"], reference_logps: np.ndarray | None
-                ) -> dict[str, np.ndarray]:
-    """tokens int32 [n, 2, T+1]; weights float32 [n, 2, T] (1 on reply targets); pairs float32
-    [n] (1 for a real pair, 0 for the empty row of index -1); reference_logps float32 [n, 2]."""
-    real = indices >= 0
-    at = np.where(real, indices, 0)
-    out = {"tokens": np.where(real[:, None, None], rows.tokens[at], PAD_ID).astype(np.int32),
-           "weights": (rows.reply[at][..., 1:] & real[:, None, None]).astype(np.float32),
-           "pairs": real.astype(np.float32)}
-    if reference_logps is not None:
-        out["reference_logps"] = np.where(real[:, None], reference_logps[at], 0.0).astype(np.float32)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,16 +167,16 @@ def reply_lengths(batch: dict[str, Array]) -> Float[Array, "pairs 2"]:
     return batch["weights"].sum(-1)
 
 
-def pair_batches(rows: PairRows | sft.PackedRows, reference_logps: np.ndarray | None, *args, **kwargs
-                 ) -> sft.ChatBatches:
+def pair_batches(rows: PairRows | PackedRows, reference_logps: np.ndarray | None, *args, **kwargs
+                 ) -> ChatBatches:
     """PairBatches over unpacked rows, pair_packing.PackedPairBatches over packed ones."""
-    kind = pair_packing.PackedPairBatches if isinstance(rows, sft.PackedRows) else PairBatches
+    kind = pair_packing.PackedPairBatches if isinstance(rows, PackedRows) else PairBatches
     return kind(rows, reference_logps, *args, **kwargs)
 
 
-def reference_shape(rows: PairRows | sft.PackedRows) -> tuple[int, ...]:
+def reference_shape(rows: PairRows | PackedRows) -> tuple[int, ...]:
     """Of the reference log-probabilities: [pairs, 2], or [rows, slots, 2] when packed."""
-    if isinstance(rows, sft.PackedRows):
+    if isinstance(rows, PackedRows):
         return rows.num_rows, pair_packing.slots_of(rows), 2
     return rows.num_rows, 2
 
@@ -300,7 +188,7 @@ def _reference_forward(mesh) -> Callable:
                    out_shardings=NamedSharding(mesh, P()))
 
 
-def reference_logps(model: Transformer, rows: PairRows | sft.PackedRows, batch_size: int, mesh) -> np.ndarray:
+def reference_logps(model: Transformer, rows: PairRows | PackedRows, batch_size: int, mesh) -> np.ndarray:
     """Every pair's (chosen, rejected) log-probabilities under `model` (reference_shape), in one
     pass over the rows; each process reads its part of every batch, and every process gets all."""
     from tqdm import tqdm
@@ -377,7 +265,7 @@ class DataConfig:
 def cache_parts(config: DataConfig, tokenizer: Tokenizer) -> dict:
     """What the pairs of `config` depend on: the prepared-rows cache's key."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "train_data"}
-    return prepared.key_parts("dpo pairs", sft.input_identities(config.train_data), tokenizer.model_bytes, settings)
+    return prepared.key_parts("dpo pairs", input_identities(config.train_data), tokenizer.model_bytes, settings)
 
 
 def prepare(config: DataConfig, tokenizer: Tokenizer, workers: int = 1, cache: prepared.Cache | None = None
@@ -391,7 +279,7 @@ def prepare(config: DataConfig, tokenizer: Tokenizer, workers: int = 1, cache: p
     if cache is None:
         return build()
     return prepared.cached_rows(cache, cache_parts(config, tokenizer), "prepared pairs",
-                                sft.PackedRows if config.pack else PairRows, build)
+                                PackedRows if config.pack else PairRows, build)
 
 
 def _prepare(config: DataConfig, tokenizer: Tokenizer, workers: int
@@ -400,7 +288,7 @@ def _prepare(config: DataConfig, tokenizer: Tokenizer, workers: int
                              default_system=config.system_prompt)
     render_one = functools.partial(render_pair, max_length=config.max_length,
                                    max_prompt_length=config.max_prompt_length)
-    train_pairs, held_out, all_stats = sft.render_and_mix(
+    train_pairs, held_out, all_stats = render_and_mix(
         config.train_data, load, render_one, tokenizer, workers, lambda p: len(p.chosen) + len(p.rejected),
         config.validation_fraction, config.seed)
     if config.pack:
@@ -446,12 +334,12 @@ def stored_reference_logps(splits: dict[str, PairRows], load_reference: Callable
     return values, f"computed and stored in {cache.path(parts)}"
 
 
-def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows | sft.PackedRows) -> str:
+def summary_table(stats: Sequence[chat_formats.FileStats], rows: PairRows | PackedRows) -> str:
     """One line per file and a total: read, skipped, cut, held out, mixed."""
     text = chat_formats.stats_table(stats, "pairs", "cut", "reply tokens", dropped_why=(
         "the prompt, even cut to --max_prompt_length, left no room for a reply token in --max_length"))
     filled = (rows.tokens != PAD_ID).sum() / max(rows.tokens.size, 1)
-    if isinstance(rows, sft.PackedRows):
+    if isinstance(rows, PackedRows):
         return text + (f"\n{sum(s.mixed for s in stats):,} pairs packed in {rows.num_rows:,} rows of "
                        f"{rows.tokens.shape[-1]:,} tokens, {filled:.1%} filled")
     return text + f"\n{rows.num_rows:,} pairs in rows of {rows.tokens.shape[-1]:,} tokens, {filled:.1%} filled"
@@ -512,7 +400,7 @@ def main(argv):
         if not FLAGS.dry_run:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
             parallel.check_batch(config.batch_size, config.grad_accum, jax.device_count())
-        model_config, tokenizer, carried = sft.init_model_config(run, flag_model)
+        model_config, tokenizer, carried = init_model_config(run, flag_model, FLAGS.tokenizer)
         if FLAGS.max_length > model_config.max_seq_len:
             raise ValueError(f"--max_length={FLAGS.max_length} exceeds the model's context of "
                              f"{model_config.max_seq_len}")

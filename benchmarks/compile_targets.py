@@ -34,10 +34,11 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: the host's backends stay out of it
 
 import budget  # noqa: E402
+import chat_data  # noqa: E402
 import dpo  # noqa: E402
 import live_buffers  # noqa: E402
 import packed_scoring  # noqa: E402
-import sft  # noqa: E402
+import pair_packing  # noqa: E402
 import train  # noqa: E402
 import train_step  # noqa: E402
 from accelerator import model_config  # noqa: E402
@@ -77,11 +78,11 @@ def rows() -> list[Row]:
 def compile_fn(row: Row, chips: int) -> tuple[budget.CompileFn, train.TrainConfig]:
     """What the row compiles, through the scripts' own functions, and its batch."""
     if row.program == "sft":  # configs/sft_600m.flags: 128 packed rows
-        return functools.partial(train_step.compile_step, row=sft.chat_row(SEQ_LEN)), train.TrainConfig(
+        return functools.partial(train_step.compile_step, row=chat_data.chat_row(SEQ_LEN)), train.TrainConfig(
             steps=1000, batch_size=128, warmup_steps=100)
     if row.program == "dpo":  # configs/dpo_600m.flags: 64 pairs of 1,024 tokens, fp32 moments
         loss = dpo.make_loss_fn(dpo.LossConfig("sigmoid", 0.1, 0.0))
-        return functools.partial(train_step.compile_step, loss_fn=loss, row=dpo.pair_row(1024)), train.TrainConfig(
+        return functools.partial(train_step.compile_step, loss_fn=loss, row=pair_packing.pair_row(1024)), train.TrainConfig(
             steps=1000, batch_size=64, warmup_steps=100, opt_state_dtype="float32")
     if row.program == "eval":  # one chip scores; the evaluation's --batch_size 16 on an accelerator
         passes = 16 * packed_scoring.TOKENS_PER_REQUEST * 4 // SEQ_LEN

@@ -29,6 +29,7 @@ from absl import app, flags  # noqa: E402
 
 import dpo  # noqa: E402
 import optim  # noqa: E402
+import pair_packing  # noqa: E402
 import parallel  # noqa: E402
 import train  # noqa: E402
 import train_step  # noqa: E402
@@ -114,7 +115,7 @@ def main(argv):
     tokens = rng.integers(8, config.vocab_size, (n, 2, t + 1)).astype(np.int32)
     reply = np.zeros((n, 2, t + 1), bool)
     reply[:, :, t // 2:] = True  # half prompt, half reply, as a typical pair
-    rows = dpo.PairRows(tokens, reply)
+    rows = pair_packing.PairRows(tokens, reply)
     results = []
 
     start = time.perf_counter()
@@ -122,7 +123,7 @@ def main(argv):
     first = time.perf_counter() - start
     ref_step = timed(lambda: dpo.reference_logps(model, rows, n, mesh), 0, FLAGS.steps)
     sft_batch = {"tokens": tokens.reshape(2 * n, t + 1), "weights": reply.reshape(2 * n, t + 1)[:, 1:].astype(np.float32)}
-    dpo_batch = dpo.pair_arrays(rows, np.arange(n), ref)
+    dpo_batch = pair_packing.pair_arrays(rows, np.arange(n), ref)
     online_batch = {k: v for k, v in dpo_batch.items() if k != "reference_logps"}
     cases = [("SFT step (token loss)", sft_batch, train_step.token_loss),
              ("DPO step, stored reference", dpo_batch, dpo.make_loss_fn(dpo.LossConfig())),

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import chat_data  # noqa: E402
 import chat_formats  # noqa: E402
 import prepared  # noqa: E402
 import sft  # noqa: E402
@@ -83,7 +84,7 @@ def main(argv):
         tokenizer = Tokenizer.load(tokenizer_path)
         config = sft.DataConfig((corpus,), FLAGS.seq_len, validation_fraction=0.02)
         records, _ = chat_formats.load_conversations(corpus)
-        render_one = functools.partial(sft.render, max_tokens=FLAGS.seq_len + 1)
+        render_one = functools.partial(chat_data.render, max_tokens=FLAGS.seq_len + 1)
         for workers in (int(w) for w in FLAGS.workers.split(",")):
             with prepared.Renderer(tokenizer, workers) as renderer:
                 renderer.render(render_one, records[: 4 * prepared.CHUNK])  # start the pool: not timed

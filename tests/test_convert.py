@@ -227,8 +227,8 @@ def test_exported_chat_template_gives_generate_chat_ids_and_sft_training_ids(tok
     """apply_chat_template on the export = `generate.py --chat`'s prompt (<s>, the default system
     message when none is given, ChatML), and a whole conversation = what SFT trained on, up to
     the last reply's <|im_end|>."""
+    import chat_data
     import generate
-    import sft
 
     hf = transformers.AutoTokenizer.from_pretrained(random_hf_dir)
     turns = [{"role": "user", "content": "Écris f(x) = 2*x\n  en Python"}, {"role": "assistant", "content": " def f(x): 🎉"},
@@ -239,7 +239,7 @@ def test_exported_chat_template_gives_generate_chat_ids_and_sft_training_ids(tok
                                                           return_dict=True)["input_ids"]
     assert ids(given, True) == generate.chat_prompt(tok, rendered)
     assert ids(given, True)[:2] == [BOS_ID, IM_START_ID]
-    example, _ = sft.render(tok, [*rendered, {"role": "assistant", "content": "Voilà."}])
+    example, _ = chat_data.render(tok, [*rendered, {"role": "assistant", "content": "Voilà."}])
     assert ids([*given, {"role": "assistant", "content": "Voilà."}], False) == example.ids[:-1].tolist()
     assert example.mask[-2] and not example.mask[-1]  # what is left out is the unsupervised newline
 

@@ -19,8 +19,8 @@ import budget
 import chat_formats
 import checkpoint
 import convert
-import hf_llama
 import dpo
+import hf_llama
 import optim
 import pair_packing
 import parallel
@@ -70,7 +70,7 @@ def models(tiny_run):
 def real_pairs(tokenizer):
     """The first sample pairs that fit the tiny context whole (TRL would cut differently)."""
     pairs, _ = chat_formats.load_pairs(PAIRS)
-    fitting = [(p, r) for p in pairs for r, status in [dpo.render_pair(tokenizer, p, MAX_LENGTH, 96)]
+    fitting = [(p, r) for p in pairs for r, status in [pair_packing.render_pair(tokenizer, p, MAX_LENGTH, 96)]
                if status == "ok"]
     return fitting[:6]
 
@@ -102,8 +102,8 @@ def trl_setup(models, real_pairs, tokenizer, tmp_path_factory):
 
 
 def _our_batch(real_pairs, reference):
-    rows = dpo.to_rows([r for _, r in real_pairs], MAX_LENGTH)
-    batch = dpo.pair_arrays(rows, np.arange(rows.num_rows), None)
+    rows = pair_packing.to_rows([r for _, r in real_pairs], MAX_LENGTH)
+    batch = pair_packing.pair_arrays(rows, np.arange(rows.num_rows), None)
     batch["reference_logps"] = np.asarray(dpo.sequence_logps(reference, batch["tokens"], batch["weights"]))
     return rows, {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -231,7 +231,7 @@ SMALL = ModelConfig(vocab_size=4096, d_model=192, n_layers=4, n_heads=3, d_ff=51
 def test_online_reference_is_an_argument_of_the_step_not_constants_baked_into_it():
     reference = Transformer(SMALL, jax.random.key(1))
     config, mesh = train.TrainConfig(steps=10, batch_size=4, warmup_steps=1), parallel.make_mesh(1)
-    arguments = train_step.step_arguments(SMALL, config, mesh, dpo.pair_row(64))
+    arguments = train_step.step_arguments(SMALL, config, mesh, pair_packing.pair_row(64))
     optimizer = optim.make_optimizer(config)
     size = {}
     for name, loss_fn in (("stored", dpo.make_loss_fn(dpo.LossConfig())),
@@ -305,7 +305,7 @@ def test_pairs_are_prepared_over_two_processes_once_then_read_back(tokenizer, tm
 # A preference the tiny model can learn, and the loss mask that makes it learnable.
 
 
-def _language_pairs(tokenizer, n: int, seed: int) -> list[dpo.RenderedPair]:
+def _language_pairs(tokenizer, n: int, seed: int) -> list[pair_packing.RenderedPair]:
     """Prompt: a line of a sample book; chosen: another French line, rejected: an English one,
     of random lengths (so the untrained preference is a coin toss)."""
     lines = {}
@@ -322,20 +322,22 @@ def _language_pairs(tokenizer, n: int, seed: int) -> list[dpo.RenderedPair]:
         prompt = lines["en"][int(rng.integers(len(lines["en"])))]
         pair = chat_formats.Pair(({"role": "system", "content": "Réponds."}, {"role": "user", "content": prompt}),
                         cut(fr), cut(en))
-        out.append(dpo.render_pair(tokenizer, pair, 64, 32)[0])
+        out.append(pair_packing.render_pair(tokenizer, pair, 64, 32)[0])
     return out
 
 
 @pytest.mark.parametrize("mask", ["reply", "prompt"])
 def test_reward_accuracy_on_held_out_pairs_rises_to_09_and_only_with_the_reply_mask(mask, models, tokenizer):
     _, reference = models
-    train_rows, held_rows = (dpo.to_rows(_language_pairs(tokenizer, n, seed), 64) for n, seed in ((64, 0), (32, 1)))
+    train_rows, held_rows = (pair_packing.to_rows(_language_pairs(tokenizer, n, seed), 64)
+                             for n, seed in ((64, 0), (32, 1)))
     if mask == "prompt":  # broken on purpose: the loss reads the (shared) prompt, not the replies
         broken = lambda rows: dataclasses.replace(rows, reply=(rows.tokens != 0) & ~rows.reply)
         train_rows, held_rows = broken(train_rows), broken(held_rows)
     mesh = parallel.make_mesh(1)
     ref_train, ref_held = (dpo.reference_logps(reference, r, 16, mesh) for r in (train_rows, held_rows))
-    held = {k: jnp.asarray(v) for k, v in dpo.pair_arrays(held_rows, np.arange(held_rows.num_rows), ref_held).items()}
+    held = {k: jnp.asarray(v)
+            for k, v in pair_packing.pair_arrays(held_rows, np.arange(held_rows.num_rows), ref_held).items()}
     loss_fn = dpo.make_loss_fn(dpo.LossConfig("sigmoid", 0.1))
 
     @eqx.filter_jit
@@ -354,7 +356,7 @@ def test_reward_accuracy_on_held_out_pairs_rises_to_09_and_only_with_the_reply_m
     start = jax.tree.map(jnp.copy, reference)  # the step donates its state
     state = train_step.TrainState(start, optimizer.init(start))
     step_fn = train_step.make_train_step(optimizer, parallel.shardings(state), mesh, loss_fn)
-    source = dpo.PairBatches(train_rows, ref_train, 0, 8)
+    source = pair_packing.PairBatches(train_rows, ref_train, 0, 8)
     for step in range(config.steps):
         batch = parallel.global_batch(source.batch(step), 1, mesh)
         state, metrics = step_fn(state, batch, jax.random.key(0), step, False, parallel.stop_votes(False, mesh))
@@ -397,23 +399,23 @@ def test_a_standard_prompt_written_as_an_hh_transcript_becomes_its_turns():
 def test_overlong_pairs_keep_the_end_of_the_prompt_then_cut_the_replies(tokenizer):
     pair = chat_formats.Pair(({"role": "system", "content": "S"}, {"role": "user", "content": "word " * 60}),
                     "yes " * 40, "no")
-    full, status = dpo.render_pair(tokenizer, pair, 10_000, 9_999)
+    full, status = pair_packing.render_pair(tokenizer, pair, 10_000, 9_999)
     assert status == "ok"
-    cut, status = dpo.render_pair(tokenizer, pair, 60, 20)
+    cut, status = pair_packing.render_pair(tokenizer, pair, 60, 20)
     assert status == "reply cut" and len(cut.prompt) == 20 and len(cut.prompt) + len(cut.chosen) == 60
     assert cut.prompt.tolist() == full.prompt[-20:].tolist()  # the end: the assistant header stays
     assert cut.chosen.tolist() == full.chosen[:40].tolist() and cut.rejected.tolist() == full.rejected.tolist()
-    _, status = dpo.render_pair(tokenizer, dataclasses.replace(pair, chosen="yes"), 80, 30)
+    _, status = pair_packing.render_pair(tokenizer, dataclasses.replace(pair, chosen="yes"), 80, 30)
     assert status == "prompt cut"
 
 
 def test_the_reply_mask_is_the_reply_and_its_im_end_only(tokenizer):
     pair = chat_formats.to_pair(FORMAT_CASES["standard"])
-    rows = dpo.to_rows([dpo.render_pair(tokenizer, pair, 64, 32)[0]], 64)
+    rows = pair_packing.to_rows([pair_packing.render_pair(tokenizer, pair, 64, 32)[0]], 64)
     for k, reply in enumerate(("Hello.", "Go away.")):
         ids = rows.tokens[0, k][rows.reply[0, k]].tolist()
         assert ids[-1] == IM_END_ID and tokenizer.decode(ids[:-1]) == reply
-    batch = dpo.pair_arrays(rows, np.array([0, -1]), np.ones((1, 2), np.float32))
+    batch = pair_packing.pair_arrays(rows, np.array([0, -1]), np.ones((1, 2), np.float32))
     assert (batch["weights"][0] == rows.reply[0][:, 1:]).all() and batch["pairs"].tolist() == [1.0, 0.0]
     assert batch["weights"][1].sum() == 0 and batch["reference_logps"][1].tolist() == [0.0, 0.0]
 
@@ -461,8 +463,8 @@ def test_the_bundled_preference_samples_load_cleanly(tokenizer):
 def test_packed_pairs_get_the_log_probabilities_loss_and_metrics_they_get_unpacked(models, tokenizer):
     policy, reference = models
     pairs, _ = chat_formats.load_pairs(PAIRS)
-    rendered = [r for r in (dpo.render_pair(tokenizer, p, 32, 16)[0] for p in pairs[:16]) if r is not None]
-    unpacked, packed = dpo.to_rows(rendered, 32), pair_packing.pack_pairs(rendered, MAX_LENGTH + 1)
+    rendered = [r for r in (pair_packing.render_pair(tokenizer, p, 32, 16)[0] for p in pairs[:16]) if r is not None]
+    unpacked, packed = pair_packing.to_rows(rendered, 32), pair_packing.pack_pairs(rendered, MAX_LENGTH + 1)
     slots = pair_packing.slots_of(packed)
     assert packed.num_rows <= len(rendered) / 2 and slots >= 2  # shared rows
     assert packed.supervised_tokens == unpacked.supervised_tokens  # every reply token, once
@@ -473,7 +475,7 @@ def test_packed_pairs_get_the_log_probabilities_loss_and_metrics_they_get_unpack
     used = together.reshape(-1, 2)[batch["pairs"].reshape(-1) > 0]
     assert len(used) == len(rendered)
     np.testing.assert_allclose(used[np.lexsort(used.T[::-1])], alone[np.lexsort(alone.T[::-1])], atol=1e-4)
-    plain = {k: jnp.asarray(v) for k, v in dpo.pair_arrays(unpacked, np.arange(len(rendered)), alone).items()}
+    plain = {k: jnp.asarray(v) for k, v in pair_packing.pair_arrays(unpacked, np.arange(len(rendered)), alone).items()}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     for loss in ("sigmoid", "ipo"):
         config = dpo.LossConfig(loss, 0.1)
@@ -506,7 +508,7 @@ def test_a_llama3_template_splits_prompt_and_replies_where_transformers_renders_
     tokenizer = Tokenizer.load(llama3_tokenizer_dir)
     hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
     pair = chat_formats.to_pair(FORMAT_CASES["standard"])
-    rendered, status = dpo.render_pair(tokenizer, pair, 256, 128)
+    rendered, status = pair_packing.render_pair(tokenizer, pair, 256, 128)
     prompt = list(pair.prompt)
     assert status == "ok" and rendered.prompt.tolist() == hf.apply_chat_template(
         prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
@@ -530,9 +532,10 @@ def test_a_reply_whose_first_characters_merge_into_the_prompt_keeps_its_whole_re
                                          config={"eos_token": "<|endoftext|>", "chat_template": template})
     tokenizer = Tokenizer.load(folder)
     pair = chat_formats.Pair(({"role": "user", "content": "Hi?"},), "Hello.", "\nGo away.")
-    prompts = [dpo._split_reply(tokenizer, pair.prompt, reply)[0].tolist() for reply in (pair.chosen, pair.rejected)]
+    prompts = [pair_packing._split_reply(tokenizer, pair.prompt, reply)[0].tolist()
+               for reply in (pair.chosen, pair.rejected)]
     assert prompts[0] == prompts[1][:-1]  # the rejected reply leaves the prompt's final " " alone
-    rendered, status = dpo.render_pair(tokenizer, pair, 256, 128)
+    rendered, status = pair_packing.render_pair(tokenizer, pair, 256, 128)
     assert status == "ok" and rendered.prompt.tolist() == prompts[0]
     for reply, ids in ((pair.chosen, rendered.chosen), (pair.rejected, rendered.rejected)):
         whole = tokenizer.chat_ids([*pair.prompt, {"role": "assistant", "content": reply}])

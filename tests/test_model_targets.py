@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+import chat_data
 import dpo
-import sft
+import pair_packing
 from model import ModelConfig, Transformer, init_cache
 from parallel import AXES, batch_sharding
 from optim import TrainConfig
@@ -81,9 +82,9 @@ def test_every_other_program_we_ship_compiles_for_a_v4_8_with_the_attention_its_
     """The train step is the test above's."""
     mesh = v4_8_mesh()
     replicated = NamedSharding(mesh, P())
-    pair_row = dpo.pair_row(TINY.max_seq_len)
+    pair_row = pair_packing.pair_row(TINY.max_seq_len)
     texts = {
-        "sft": compile_step(TINY, TINY_TRAIN, mesh, row=sft.chat_row(TINY.max_seq_len)).as_text(),
+        "sft": compile_step(TINY, TINY_TRAIN, mesh, row=chat_data.chat_row(TINY.max_seq_len)).as_text(),
         "dpo step": compile_step(TINY, TINY_TRAIN, mesh, loss_fn=dpo.make_loss_fn(dpo.LossConfig()),
                                  row=pair_row).as_text(),
         # Before the mesh was passed, this pass (jitted without it) called the kernel on the whole
