@@ -122,7 +122,7 @@ class PairBatches(chat_data.ChatBatches):
 
 
 def pair_row(max_length: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """One batch row of pair_arrays, abstract: what train.compile_step compiles the step for."""
+    """One batch row of pair_arrays, abstract: what train_step.compile_step compiles the step for."""
     return {"tokens": jax.ShapeDtypeStruct((2, max_length + 1), jnp.int32),
             "weights": jax.ShapeDtypeStruct((2, max_length), jnp.float32),
             "pairs": jax.ShapeDtypeStruct((), jnp.float32),

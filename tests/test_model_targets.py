@@ -69,8 +69,6 @@ def test_the_tiny_train_step_compiled_for_a_tpu_v4_8_on_a_cpu_runs_the_mosaic_sp
 
 def test_a_grouped_query_train_step_compiled_for_a_tpu_v4_8_runs_splash_on_unrepeated_kv_heads():
     """4 query heads on 2 K/V heads: the MHA splash kernel takes the K/V heads as they are."""
-    import dataclasses
-
     gqa = dataclasses.replace(TINY, d_model=256, n_heads=4, n_kv_heads=2, tie_embeddings=True, n_layers=2)
     text = compile_step(gqa, TINY_TRAIN, v4_8_mesh()).as_text()
     assert splash_kernels(text) == SPLASH, f"splash kernels compiled: {sorted(splash_kernels(text))}"
