@@ -36,6 +36,7 @@ from hf_tokenizer import save_hf_tokenizer
 from model import ModelConfig, Transformer, num_params
 from runlog import check_writable, perplexity_text
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, PAD_ID, Tokenizer
+from tokenizer_files import tokenizer_from_bytes
 
 FLAGS = flags.FLAGS
 
@@ -243,7 +244,7 @@ def main(argv):
             if os.path.abspath(metrics_dir) != os.path.abspath(FLAGS.checkpoint):
                 results = tuple({**a, **b} for a, b in zip(results, run_results(metrics_dir, step)))
             card = model_card(model.config, run_config, step, FLAGS.license, results)
-            export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), FLAGS.out, card,
+            export_hf(model, tokenizer_from_bytes(tokenizer_bytes), FLAGS.out, card,
                       checkpoint.imported_of(run_config))
             print(f"wrote Hugging Face Llama folder {FLAGS.out}")
         else:

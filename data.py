@@ -41,6 +41,7 @@ from stages import (KEY_INDEX, STAGE_DIR, Split, components, dedup_partition, en
 from storage import expand_inputs, file_size, join, read_bytes, read_json, remove, write_bytes
 from stream import MANIFEST, token_dtype
 from tokenizer import Tokenizer
+from tokenizer_files import open_tokenizer, tokenizer_from_bytes
 
 USAGE = """Prepare a corpus: clean, deduplicate (exact and MinHash LSH, corpus-wide), language-ID,
 mix and pack raw text into token shards for train.py, in local worker processes (or on the Ray
@@ -170,7 +171,7 @@ def load_tokenizer(path: str) -> Tokenizer:
     config files beside it, or their folder); on gs://, the one file."""
     if "://" not in path and (os.path.isdir(path) or path.endswith(".json")):
         try:
-            return Tokenizer.load(path)
+            return open_tokenizer(path)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"--tokenizer={path}: {str(e).splitlines()[0]}") from None
     try:
@@ -179,7 +180,7 @@ def load_tokenizer(path: str) -> Tokenizer:
         raise FileNotFoundError(f"--tokenizer={path}: file not found (expected a SentencePiece .model, "
                                 "as tokenizer.py writes, or a Hugging Face tokenizer.json)") from None
     try:
-        return Tokenizer.from_bytes(data)
+        return tokenizer_from_bytes(data)
     except (RuntimeError, ValueError) as e:  # sentencepiece's parse error, or not one of ours
         raise ValueError(f"--tokenizer={path}: not a julian SentencePiece model or a Hugging Face tokenizer.json "
                          f"({str(e).split(chr(10))[0].strip()})") from None

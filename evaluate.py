@@ -59,6 +59,7 @@ from packed_scoring import ROW_LENGTHS, compile_scoring, plan_passes, rows_per_p
 from parallel import make_mesh
 from runlog import check_writable
 from tokenizer import Tokenizer, language_of
+from tokenizer_files import tokenizer_from_bytes
 
 FLAGS = flags.FLAGS
 
@@ -144,7 +145,7 @@ class JulianLM(TemplateLM):
         super().__init__()
         if checkpoint is not None:
             model, tokenizer_bytes, _ = load_checkpoint(checkpoint)
-            tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+            tokenizer = tokenizer_from_bytes(tokenizer_bytes)
         if model is None or tokenizer is None:
             raise ValueError("JulianLM needs a model and its tokenizer, or checkpoint=DIR")
         self.model = for_inference(_local_copy(model), dtype)
@@ -436,7 +437,7 @@ def main(argv):
         if not FLAGS.ppl_data:  # before the model loads: the tasks' data is there
             check_task_data(FLAGS.tasks, FLAGS.data_dir)
         model, tokenizer_bytes, _ = load_checkpoint(FLAGS.checkpoint, FLAGS.step)
-        tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+        tokenizer = tokenizer_from_bytes(tokenizer_bytes)
         start = time.perf_counter()
         if FLAGS.ppl_data:
             results = perplexity(model, tokenizer, FLAGS.ppl_data, FLAGS.batch_size, FLAGS.dtype)

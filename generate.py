@@ -36,6 +36,7 @@ import checkpoint
 import cli
 from model import Block, KVCache, Transformer, init_cache
 from tokenizer import DEFAULT_SYSTEM, PAD_ID, Tokenizer
+from tokenizer_files import tokenizer_from_bytes
 
 FLAGS = flags.FLAGS
 PAD_TO = 64  # prompt and cache lengths are rounded up to this: one compiled shape per bucket
@@ -328,7 +329,7 @@ def main(argv):
     if not FLAGS.prompt and not FLAGS.chat:
         raise cli.UsageError("--prompt is required (or --chat for a conversation)")
     model, tokenizer_bytes, config = checkpoint.load(FLAGS.checkpoint, model_overrides={"dtype": FLAGS.dtype})
-    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    tokenizer = tokenizer_from_bytes(tokenizer_bytes)
     more_stop_ids = generation_stop_ids(config)
     key = jax.random.key(FLAGS.seed)
     sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, numpy as safetensors_np
 
 from model import ModelConfig, Transformer
 from tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from tokenizer_files import open_tokenizer
 
 
 # (ours, Hugging Face's, transpose?) for the weights outside the blocks...
@@ -202,7 +203,7 @@ def import_hf(hf_dir: str, overrides: dict | None = None) -> tuple[Transformer, 
         config = model_config_from_hf(hf, config_path, overrides)
     except KeyError as e:
         raise ValueError(f"{config_path} has no {e}: expected a Hugging Face Llama config") from None
-    tokenizer = Tokenizer.load(hf_dir)  # its tokenizer.json, else the tokenizer.model a julian export writes
+    tokenizer = open_tokenizer(hf_dir)  # its tokenizer.json, else the tokenizer.model a julian export writes
     # The embedding may have more rows than the tokenizer has tokens (a table padded to a round
     # size), never fewer.
     if tokenizer.vocab_size > config.vocab_size:

@@ -12,8 +12,8 @@ transformers' `apply_chat_template`. Its chat is ChatML where the vocabulary has
 <|im_start|>/<|im_end|> and the files carry no template. One difference from ours, as in
 transformers: special-token strings inside a message are read as those tokens.
 
-Callers load one through `Tokenizer.load` and `Tokenizer.from_bytes`, which pick this kind for a
-tokenizer.json, its folder or its bytes.
+Callers open one through tokenizer_files.py (`open_tokenizer`, `tokenizer_from_bytes`), which picks
+this kind for a tokenizer.json, its folder or its bytes.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from google.api_core import exceptions as gcs_errors
 import storage
 from chat_formats import FileStats
 from tokenizer import Tokenizer
+from tokenizer_files import tokenizer_from_bytes
 
 VERSION = 1  # raise when rendering, mixing or packing change what the rows hold
 CHUNK = 512  # records per task sent to a worker
@@ -84,7 +85,7 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _start_worker(model_bytes: bytes) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.from_bytes(model_bytes)
+    _worker_tokenizer = tokenizer_from_bytes(model_bytes)
 
 
 def _render_chunk(render_one: Callable, records: list) -> tuple[list, float]:

@@ -23,6 +23,7 @@ from model import ModelConfig
 from parallel import shardings
 from train_step import TrainState, abstract_state, init_state
 from tokenizer import Tokenizer
+from tokenizer_files import open_tokenizer, tokenizer_from_bytes
 
 
 # A resumed run's TrainConfig may differ from the checkpoint's in these only: --grad_accum splits
@@ -145,10 +146,10 @@ def init_from_model(init_from: str, from_flags: ModelConfig, given: set[str]) ->
 def init_tokenizer(path: str | None, init_from: str, tokenizer_bytes: bytes) -> Tokenizer:
     """--init_from's tokenizer, the one its embeddings were trained with; --tokenizer, when
     given, must be the same."""
-    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    tokenizer = tokenizer_from_bytes(tokenizer_bytes)
     if path:
         try:
-            given = Tokenizer.load(path)
+            given = open_tokenizer(path)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"--tokenizer: {e}") from None
         if given.model_bytes != tokenizer_bytes:

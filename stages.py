@@ -21,7 +21,7 @@ import documents
 from prepare_config import PrepareConfig
 from storage import join, read_bytes, read_ranges, write_bytes
 from stream import token_dtype
-from tokenizer import Tokenizer
+from tokenizer_files import tokenizer_from_bytes
 
 STAGE_DIR = "_stages"
 KEY_INDEX = 4096  # key-range boundaries indexed per map output: up to this many partitions
@@ -327,7 +327,7 @@ def encode_split(config: PrepareConfig, tokenizer_bytes: bytes, split: int) -> d
     costly per-document work, spent only on them); writes the tokens and, last, a file of their
     languages, confidences and token counts (0: removed, or its language not kept)."""
     started = time.process_time()
-    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    tokenizer = tokenizer_from_bytes(tokenizer_bytes)
     meta = load_meta(config, split)
     summary = meta["summary"]
     n = len(meta["record"])

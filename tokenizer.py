@@ -1,4 +1,4 @@
-"""Tokenizers: the one interface (`Tokenizer`; `Tokenizer.load` picks the kind), and ours
+"""Tokenizers: the one interface (`Tokenizer`; tokenizer_files.py opens either kind), and ours
 (SentencePiece BPE: training, special ids, ChatML rendering, a CLI).
 
     python tokenizer.py --input=samples/a.txt,samples/b.txt --model_prefix=/tmp/tok --vocab_size=2000
@@ -31,7 +31,8 @@ Choices that are ours (each measured, see tests/test_tokenizer.py):
   `render_chat` emits them.
 
 A model imported from Hugging Face (convert.py) brings its own tokenizer: hf_tokenizer.py reads
-it behind the same interface, and writes either kind as a folder transformers loads.
+it behind the same interface, and writes either kind as a folder transformers loads;
+tokenizer_files.py opens whichever kind a path or a checkpoint holds.
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ def language_of(spec: str) -> tuple[str, str]:
 
 class Tokenizer:
     """A tokenizer of either kind, with the same interface: ours (SentencePiece, `SentencePieceTokenizer`)
-    or a Hugging Face one (`tokenizer.json`, hf_tokenizer.py's `HFTokenizer`). `Tokenizer.load` and
-    `Tokenizer.from_bytes` pick the kind.
+    or a Hugging Face one (`tokenizer.json`, hf_tokenizer.py's `HFTokenizer`). tokenizer_files.py's
+    `open_tokenizer` and `tokenizer_from_bytes` pick the kind.
 
     Special tokens by role, read from the tokenizer's own files (ours: the fixed ids above):
     bos_id, eos_id, pad_id, unk_id (None where the tokenizer has none: byte-level BPE has no
@@ -201,48 +202,9 @@ class Tokenizer:
     endcode_id: int | None
     chat_template: str | None  # jinja, as transformers renders it; None: the tokenizer cannot chat
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """A SentencePiece .model, a Hugging Face tokenizer.json (with the tokenizer_config.json,
-        special_tokens_map.json and chat_template.jinja beside it), or a folder holding either
-        (tokenizer.json first)."""
-        # hf_tokenizer.py subclasses Tokenizer, so it imports this file: imported here, not above.
-        import hf_tokenizer
-
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            if os.path.isfile(os.path.join(path, "tokenizer.json")):
-                return hf_tokenizer.HFTokenizer.from_folder(path)
-            if os.path.isfile(os.path.join(path, "tokenizer.model")):
-                return cls.load(os.path.join(path, "tokenizer.model"))
-            raise FileNotFoundError(f"{path!r} holds neither tokenizer.json nor tokenizer.model: expected a "
-                                    "Hugging Face tokenizer folder")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer not found: {path!r} (expected a SentencePiece .model file, as "
-                                    "tokenizer.py writes, a Hugging Face tokenizer.json or its folder)")
-        if path.endswith(".json"):
-            return hf_tokenizer.HFTokenizer.from_folder(os.path.dirname(path) or ".", os.path.basename(path))
-        with open(path, "rb") as f:
-            model_bytes = f.read()
-        try:
-            return SentencePieceTokenizer(model_bytes)
-        except RuntimeError as e:  # SentencePiece cannot parse it: truncated, or not a model
-            raise ValueError(f"{path!r} is not a SentencePiece model ({e}): expected "
-                             "a .model file as tokenizer.py writes") from None
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Tokenizer:
-        """The inverse of `model_bytes` (what a checkpoint stores); also a bare tokenizer.json's bytes."""
-        # hf_tokenizer.py subclasses Tokenizer, so it imports this file: imported here, not above.
-        import hf_tokenizer
-
-        if bytes(data[:1]) == b"{":
-            return hf_tokenizer.HFTokenizer.from_bundle(bytes(data))
-        return SentencePieceTokenizer(data)
-
     @property
     def model_bytes(self) -> bytes:
-        """The tokenizer serialized, so that a checkpoint can carry it (from_bytes reads it back)."""
+        """The tokenizer serialized, so that a checkpoint can carry it (tokenizer_from_bytes reads it back)."""
         raise NotImplementedError
 
     @property
@@ -338,6 +300,20 @@ class SentencePieceTokenizer(Tokenizer):
                 f"not a julian tokenizer: ids 0..7 are {pieces}, expected {SPECIAL_TOKENS}"
             )
         self._num_threads = os.cpu_count() or 1
+
+    @classmethod
+    def from_file(cls, path: str) -> SentencePieceTokenizer:
+        """A .model file as train_tokenizer writes it."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer not found: {path!r} (expected a SentencePiece .model file, as "
+                                    "tokenizer.py writes, a Hugging Face tokenizer.json or its folder)")
+        with open(path, "rb") as f:
+            model_bytes = f.read()
+        try:
+            return cls(model_bytes)
+        except RuntimeError as e:  # SentencePiece cannot parse it: truncated, or not a model
+            raise ValueError(f"{path!r} is not a SentencePiece model ({e}): expected "
+                             "a .model file as tokenizer.py writes") from None
 
     @property
     def model_bytes(self) -> bytes:
@@ -465,7 +441,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.stats or FLAGS.model:
         if not (FLAGS.stats and FLAGS.model):
             raise ValueError("--stats and --model go together: the files to measure and the model")
-        print(stats_table(language_stats(Tokenizer.load(FLAGS.model), FLAGS.stats)))
+        print(stats_table(language_stats(SentencePieceTokenizer.from_file(FLAGS.model), FLAGS.stats)))
         return
     for name in ("input", "model_prefix"):
         if not FLAGS[name].value:
@@ -480,7 +456,7 @@ def main(argv: Sequence[str]) -> None:
         character_coverage=FLAGS.character_coverage, max_sentences=FLAGS.max_sentences,
         verbose=FLAGS.verbose,
     )
-    tok = Tokenizer.load(path)
+    tok = SentencePieceTokenizer.from_file(path)
     print(f"wrote {path} ({tok.vocab_size} pieces) in {time.time() - start:.1f}s")
     sample = "Le chat dort.\nThe cat sleeps, 42 times."
     print(f"sample: {sample!r} -> {[tok.id_to_piece(i) for i in tok.encode(sample)]}")

@@ -62,6 +62,7 @@ from runlog import (IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, Wa
                     keep_metrics_until, open_wandb)
 from train_step import Evaluator, LossFn, TrainState, as_batch, dry_run, held_out_loss, make_train_step, token_loss
 from tokenizer import Tokenizer
+from tokenizer_files import open_tokenizer, tokenizer_from_bytes
 
 
 FLAGS = flags.FLAGS
@@ -461,7 +462,7 @@ def load_tokenizer(path: str | None, vocab_size: int) -> Tokenizer:
         raise ValueError("--tokenizer is required: a SentencePiece .model (see tokenizer.py), or a Hugging Face "
                          "tokenizer.json or its folder")
     try:
-        tokenizer = Tokenizer.load(path)
+        tokenizer = open_tokenizer(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--tokenizer: {e}") from None
     if tokenizer.vocab_size != vocab_size:
@@ -479,7 +480,7 @@ def evaluators(run: RunConfig, mesh: Mesh, validation_data, tokenizer_bytes: byt
     if run.eval_tasks:
         import evaluate  # lm-eval takes seconds to import: only when asked for
 
-        out.append(evaluate.benchmark_scorer(Tokenizer.from_bytes(tokenizer_bytes), list(run.eval_tasks),
+        out.append(evaluate.benchmark_scorer(tokenizer_from_bytes(tokenizer_bytes), list(run.eval_tasks),
                                              run.eval_data_dir, run.eval_limit or None, mesh))
     return out
 

@@ -66,6 +66,7 @@ import train_step  # noqa: E402
 from layer_ops import AUTO_ATTENTION  # noqa: E402
 from model import ModelConfig, Transformer, flops_per_token, num_params  # noqa: E402
 from tokenizer import BOS_ID, Tokenizer, train_tokenizer  # noqa: E402
+from tokenizer_files import open_tokenizer  # noqa: E402
 
 SEQ_LEN = 2048
 # What each backend can run; the first is what --attention=auto picks there (layer_ops.AUTO_ATTENTION).
@@ -375,7 +376,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as work:
                 texts = [os.path.join(ROOT, "samples", name) for name in sorted(os.listdir(os.path.join(ROOT, "samples")))
                          if name.endswith(".txt")]
-                tokenizer = Tokenizer.load(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=4096,
+                tokenizer = open_tokenizer(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=4096,
                                                            max_sentences=20_000))
             rows.append(evaluation(model, tokenizer, eval_size, setup["requests"]))
             save()

@@ -69,6 +69,7 @@ import stages  # noqa: E402
 import storage  # noqa: E402
 import stream  # noqa: E402
 from tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tokenizer_files import open_tokenizer  # noqa: E402
 
 V4_32_TOKENS_PER_STEP = 1024 * 2048
 STEP_SECONDS = 6 * 599_906_560 * V4_32_TOKENS_PER_STEP / (0.38 * 16 * 275e12)  # 38% MFU, 600M
@@ -439,7 +440,7 @@ def compare_with_datatrove(args, tmp: str, tokenizer_path: str) -> None:
 
     from hf_tokenizer import save_hf_tokenizer
 
-    save_hf_tokenizer(Tokenizer.load(tokenizer_path), os.path.join(tmp, "hf"))
+    save_hf_tokenizer(open_tokenizer(tokenizer_path), os.path.join(tmp, "hf"))
     tokenizer_json = os.path.join(tmp, "tokenizer.json")
     AutoTokenizer.from_pretrained(os.path.join(tmp, "hf")).backend_tokenizer.save(tokenizer_json)
     corpus = os.path.join(tmp, "compare")
@@ -521,7 +522,7 @@ def run(args, tmp: str) -> None:
     samples = sorted(os.path.join(ROOT, "samples", f) for f in os.listdir(os.path.join(ROOT, "samples"))
                      if f.endswith(".txt"))
     tokenizer_path = train_tokenizer(samples, os.path.join(tmp, "tok"), vocab_size=4096)
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = open_tokenizer(tokenizer_path)
     if args.datatrove_python:
         compare_with_datatrove(args, tmp, tokenizer_path)
     if args.compare_only:

@@ -35,6 +35,7 @@ import train  # noqa: E402
 import train_step  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import PAD_ID  # noqa: E402
+from tokenizer_files import open_tokenizer  # noqa: E402
 
 flags.DEFINE_integer("d_model", 192, "Model width (the tiny config's by default).")
 flags.DEFINE_integer("n_layers", 4, "Blocks.")
@@ -80,12 +81,12 @@ def packed_epoch(length: int, batch: int) -> None:
     against `batch` packed rows of 2 x length + 1 per step: the same tokens per step."""
     import tempfile
 
-    from tokenizer import Tokenizer, train_tokenizer
+    from tokenizer import train_tokenizer
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     books = sorted(os.path.join(repo, "samples", n) for n in os.listdir(os.path.join(repo, "samples")) if n.endswith(".txt"))
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = Tokenizer.load(train_tokenizer(books, os.path.join(tmp, "tok"), vocab_size=FLAGS.vocab_size))
+        tokenizer = open_tokenizer(train_tokenizer(books, os.path.join(tmp, "tok"), vocab_size=FLAGS.vocab_size))
     pairs = os.path.join(repo, "samples", "preference", "en_hh_rlhf_harmless_test_pairs_first200.jsonl")
     config = ModelConfig(vocab_size=FLAGS.vocab_size, d_model=FLAGS.d_model, n_layers=FLAGS.n_layers,
                          n_heads=max(FLAGS.d_model // 64, 1), d_ff=4 * FLAGS.d_model, max_seq_len=2 * length,

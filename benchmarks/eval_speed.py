@@ -116,10 +116,11 @@ def _model(work: str, config) -> tuple[str, str, int]:
     import checkpoint
     import convert
     from model import Transformer, num_params
-    from tokenizer import Tokenizer, train_tokenizer
+    from tokenizer import train_tokenizer
+    from tokenizer_files import open_tokenizer
 
     texts = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
-    tokenizer = Tokenizer.load(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=config.vocab_size))
+    tokenizer = open_tokenizer(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=config.vocab_size))
     model = Transformer(config, jax.random.key(0))
     checkpoint.save(os.path.join(work, "julian"), 0, model, tokenizer.model_bytes)
     convert.export_hf(model, tokenizer, os.path.join(work, "hf"))

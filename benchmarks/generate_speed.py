@@ -35,7 +35,8 @@ import checkpoint  # noqa: E402
 import convert  # noqa: E402
 import generate  # noqa: E402
 from model import ModelConfig, Transformer, num_params  # noqa: E402
-from tokenizer import BOS_ID, Tokenizer, train_tokenizer  # noqa: E402
+from tokenizer import BOS_ID, train_tokenizer  # noqa: E402
+from tokenizer_files import open_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -94,7 +95,7 @@ def main(argv):
         torch.set_num_threads(FLAGS.torch_threads)
     work = tempfile.mkdtemp(prefix="generate_speed_")
     texts = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
-    tokenizer = Tokenizer.load(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=CONFIG.vocab_size))
+    tokenizer = open_tokenizer(train_tokenizer(texts, os.path.join(work, "tok"), vocab_size=CONFIG.vocab_size))
     model = Transformer(CONFIG, jax.random.key(0))
     convert.export_hf(model, tokenizer, os.path.join(work, "hf"))
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(work, "hf"), dtype=torch.float32)

@@ -28,7 +28,8 @@ def make_folder(out: str) -> int:
     import transformers
 
     from hf_tokenizer import save_hf_tokenizer
-    from tokenizer import Tokenizer, train_tokenizer
+    from tokenizer import train_tokenizer
+    from tokenizer_files import open_tokenizer
 
     config = transformers.LlamaConfig(
         vocab_size=49_152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -40,7 +41,7 @@ def make_folder(out: str) -> int:
     texts = [os.path.join(samples, name) for name in sorted(os.listdir(samples)) if name.endswith(".txt")]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_path = train_tokenizer(texts, os.path.join(tmp, "tok"), vocab_size=4096)
-        save_hf_tokenizer(Tokenizer.load(tokenizer_path), out)
+        save_hf_tokenizer(open_tokenizer(tokenizer_path), out)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -36,7 +36,8 @@ import chat_data  # noqa: E402
 import chat_formats  # noqa: E402
 import prepared  # noqa: E402
 import sft  # noqa: E402
-from tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tokenizer import train_tokenizer  # noqa: E402
+from tokenizer_files import open_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_integer("conversations", 30_000, "Records in the corpus (the samples, repeated).")
@@ -81,7 +82,7 @@ def main(argv):
         write_corpus(corpus, FLAGS.conversations)
         tokenizer_path = train_tokenizer(sorted(os.path.join(REPO, "samples", n) for n in os.listdir(
             os.path.join(REPO, "samples")) if n.endswith(".txt")), os.path.join(tmp, "tok"), vocab_size=4096)
-        tokenizer = Tokenizer.load(tokenizer_path)
+        tokenizer = open_tokenizer(tokenizer_path)
         config = sft.DataConfig((corpus,), FLAGS.seq_len, validation_fraction=0.02)
         records, _ = chat_formats.load_conversations(corpus)
         render_one = functools.partial(chat_data.render, max_tokens=FLAGS.seq_len + 1)

@@ -42,7 +42,6 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from model import ModelConfig, flops_per_token, num_params  # noqa: E402
 import checkpoint  # noqa: E402
@@ -239,11 +238,12 @@ def bench_loop(name: str, batch: int, seq_len: int, steps: int, directory: str, 
     """train.fit itself on the bundled text (a 4,096-piece tokenizer trained here), its batches
     costing the loop `host_seconds` each (SlowHost): seconds per step and the share of wall time
     the loop waited for data, from metrics.jsonl's last record."""
-    from tokenizer import Tokenizer, train_tokenizer
+    from tokenizer import train_tokenizer
+    from tokenizer_files import open_tokenizer
     import stream as data
 
     files = sorted(os.path.join(ROOT, "samples", f) for f in os.listdir(os.path.join(ROOT, "samples")) if f.endswith(".txt"))
-    tokenizer = Tokenizer.load(train_tokenizer(files, os.path.join(directory, "tok"), vocab_size=4096))
+    tokenizer = open_tokenizer(train_tokenizer(files, os.path.join(directory, "tok"), vocab_size=4096))
     config = ModelConfig(**{**CONFIGS[name], "vocab_size": 4096}, max_seq_len=seq_len, scan_layers=False)
     train_config = TrainConfig(steps=steps, batch_size=batch, warmup_steps=1)
     out = os.path.join(directory, f"run_{host_seconds}")

@@ -86,10 +86,10 @@ def tiny_run(tmp_path_factory, tiny_tokenizer_path) -> str:
 def tiny(tiny_run):
     """The tiny run's model, as trained (bf16 activations), and its tokenizer."""
     import checkpoint
-    from tokenizer import Tokenizer
+    from tokenizer_files import tokenizer_from_bytes
 
     model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
-    return model, Tokenizer.from_bytes(tokenizer_bytes)
+    return model, tokenizer_from_bytes(tokenizer_bytes)
 
 
 @pytest.fixture(scope="session")
@@ -138,11 +138,11 @@ def tiny_hf(tmp_path_factory, tiny_run) -> str:
     """The tiny run's newest checkpoint exported as a Hugging Face Llama folder (convert.py)."""
     import checkpoint
     import convert
-    from tokenizer import Tokenizer
+    from tokenizer_files import tokenizer_from_bytes
 
     out = str(tmp_path_factory.mktemp("tiny_hf"))
     model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
-    convert.export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), out)
+    convert.export_hf(model, tokenizer_from_bytes(tokenizer_bytes), out)
     return out
 
 

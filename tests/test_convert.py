@@ -29,6 +29,7 @@ import hf_llama  # noqa: E402
 from conftest import DATA_FILES, REPO, run_script  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, IM_START_ID, PAD_ID, UNK_ID, Tokenizer  # noqa: E402
+from tokenizer_files import open_tokenizer, tokenizer_from_bytes
 
 ATOL = 1e-4  # fp32 on both sides: a wrong layout is off by O(1), rounding by ~1e-6
 
@@ -106,7 +107,7 @@ def _randomized(model: Transformer, seed: int) -> Transformer:
 
 @pytest.fixture(scope="module")
 def tok(tiny_tokenizer_path) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_path)
+    return open_tokenizer(tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,7 @@ def test_export_of_random_weights_matches_at_every_length_up_to_the_context(
 def test_cli_export_of_the_trained_run_gives_our_ids_and_logits_on_english_and_french(
         trained, trained_hf_dir, trained_hf_tokenizer):
     model, tokenizer_bytes = trained
-    ours_tok = Tokenizer.from_bytes(tokenizer_bytes)
+    ours_tok = tokenizer_from_bytes(tokenizer_bytes)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(trained_hf_dir, dtype=torch.float32).eval()
     assert isinstance(hf_model, transformers.LlamaForCausalLM)
 
@@ -246,7 +247,7 @@ def test_exported_chat_template_gives_generate_chat_ids_and_sft_training_ids(tok
 
 def test_exported_tokenizer_gives_sentencepiece_ids_on_accents_emoji_code_and_digits(
         trained, trained_hf_dir, trained_hf_tokenizer):
-    ours_tok = Tokenizer.from_bytes(trained[1])
+    ours_tok = tokenizer_from_bytes(trained[1])
     with open(os.path.join(trained_hf_dir, "tokenizer.model"), "rb") as f:
         assert f.read() == trained[1]
     hf = trained_hf_tokenizer
@@ -273,7 +274,7 @@ def replying_run(trained, tmp_path_factory) -> tuple[str, list[int]]:
     import generate
 
     model, tokenizer_bytes = trained
-    tok = Tokenizer.from_bytes(tokenizer_bytes)
+    tok = tokenizer_from_bytes(tokenizer_bytes)
     prompt = generate.chat_prompt(tok, [{"role": "system", "content": DEFAULT_SYSTEM},
                                         {"role": "user", "content": QUESTION}])
     reply = tok.encode(REPLY)
@@ -302,7 +303,7 @@ def test_transformers_generate_on_the_chat_template_stops_at_im_end_with_generat
     run, expected = replying_run
     hf_dir = str(tmp_path / "hf")
     model, tokenizer_bytes, _ = checkpoint.load(run)
-    convert.export_hf(model, Tokenizer.from_bytes(tokenizer_bytes), hf_dir)
+    convert.export_hf(model, tokenizer_from_bytes(tokenizer_bytes), hf_dir)
     ours = run_script("generate.py", f"--checkpoint={run}", "--chat", "--temperature=0",
                       f"--max_new_tokens={MAX_NEW}", f"--prompt={QUESTION}").stdout
     ours = ours.split(generate.rule("assistant") + "\n", 1)[1][:-1]
@@ -318,7 +319,7 @@ def test_transformers_generate_on_the_chat_template_stops_at_im_end_with_generat
                                  pad_token_id=PAD_ID)[0, start:].tolist()
     assert theirs == [*expected, IM_END_ID]
     assert ours == hf_tokenizer.decode(theirs, skip_special_tokens=True)
-    assert ours == Tokenizer.load(os.path.join(hf_dir, "tokenizer.model")).decode(expected)
+    assert ours == open_tokenizer(os.path.join(hf_dir, "tokenizer.model")).decode(expected)
     # Without the export's generation_config.json (stopping at </s> only) it runs past the reply.
     assert past[:len(theirs)] == theirs and len(past) > len(theirs)
 

@@ -34,6 +34,7 @@ import storage
 import stream
 from conftest import DATA_FILES, REPO, ray_nodes_taking_tasks, run_script, start_ray_node, stop_ray_node
 from tokenizer import BOS_ID, CODE_ID, ENDCODE_ID, EOS_ID, Tokenizer, train_tokenizer
+from tokenizer_files import open_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "text")
 
@@ -96,7 +97,7 @@ def documents_of(tokens: np.ndarray, tokenizer: Tokenizer) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer_path):
-    return Tokenizer.load(tiny_tokenizer_path)
+    return open_tokenizer(tiny_tokenizer_path)
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +410,7 @@ def test_mixture_reaches_the_requested_token_shares(tmp_path, corpus, tiny_token
     # Checked on the shards themselves: count the tokens of each language's documents.
     en, fr = set(corpus[1]), set(corpus[2])
     records = shard_records(str(tmp_path / "out"), manifest)
-    docs = documents_of(records.ravel(), Tokenizer.load(tiny_tokenizer_path))
+    docs = documents_of(records.ravel(), open_tokenizer(tiny_tokenizer_path))
     en_chars = sum(len(d) for d in docs if d in en)
     fr_chars = sum(len(d) for d in docs if d in fr)
     assert abs(en_chars / (en_chars + fr_chars) - 0.7) < 0.1
@@ -583,7 +584,7 @@ def test_each_source_is_read_in_its_own_layout(tmp_path):
 
 def test_the_report_recipe_reaches_each_source_token_target_within_one_percent(tmp_path, tiny_tokenizer_path):
     written = write_mirror(tmp_path / "mirror")
-    tokenizer = Tokenizer.load(tiny_tokenizer_path)
+    tokenizer = open_tokenizer(tiny_tokenizer_path)
     tokens = {name: sum(len(t) for t in tokenizer.encode_batch(docs)) for name, docs in written.items()}
     # Downsample four sources (to 40-60% of what they hold, language ID and cleaning apart) and
     # repeat Gutenberg about 2.5 times.
@@ -744,7 +745,7 @@ def test_file_level_problems_fail_at_once(tmp_path, tiny_tokenizer_path, gcs_buc
     with pytest.raises(FileNotFoundError, match="does not exist"):
         storage.read_bytes(f"gs://{gcs_bucket}/no/such/object.jsonl")
     with pytest.raises(FileNotFoundError, match="no manifest"):
-        stream.open_train_data(f"gs://{gcs_bucket}/nowhere", tokenizer=Tokenizer.load(tiny_tokenizer_path),
+        stream.open_train_data(f"gs://{gcs_bucket}/nowhere", tokenizer=open_tokenizer(tiny_tokenizer_path),
                              seq_len=64, seed=0, global_batch_size=4)
 
 
@@ -802,7 +803,7 @@ def test_stream_refuses_a_mismatched_model_or_batch_layout(prepared, tokenizer, 
     directory, _ = prepared
     with pytest.raises(ValueError, match="seq_len=64, but the model's context is 32"):
         open_stream(directory, tokenizer, seq_len=32)
-    other = Tokenizer.load(train_tokenizer(DATA_FILES[:1], str(tmp_path / "other"), vocab_size=400))
+    other = open_tokenizer(train_tokenizer(DATA_FILES[:1], str(tmp_path / "other"), vocab_size=400))
     with pytest.raises(ValueError, match="another tokenizer"):
         open_stream(directory, other)
     with pytest.raises(ValueError, match="not divisible by grad_accum"):
@@ -1063,7 +1064,7 @@ def test_a_models_own_tokenizer_json_prepares_the_corpus_in_its_vocabulary_and_s
     """Continued pretraining's data: a Hugging Face tokenizer.json (conftest: Llama-3-style byte-level
     BPE, no <|code|>), documents as <|begin_of_text|> text <|end_of_text|>, code without wrappers."""
     path = os.path.join(llama3_tokenizer_dir, "tokenizer.json")
-    tok = Tokenizer.load(path)
+    tok = open_tokenizer(path)
     code = pathlib.Path(REPO, "sft.py").read_text()
     stack = write_jsonl(tmp_path / "stack.jsonl", [{"text": code, "source": "stack"}])
     manifest = data.prepare(config(tmp_path, [*corpus[0], stack], path, num_cpus=1, num_shards=1,

@@ -30,6 +30,7 @@ import train_step
 from conftest import REPO, run_script
 from model import ModelConfig, Transformer, num_params
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, Tokenizer
+from tokenizer_files import open_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -43,7 +44,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer_path) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_path)
+    return open_tokenizer(tiny_tokenizer_path)
 
 
 def write_jsonl(path, records) -> str:
@@ -505,7 +506,7 @@ def test_dpo_trains_on_packed_pairs_and_resumes_from_the_cache(tiny_run, tmp_pat
 
 
 def test_a_llama3_template_splits_prompt_and_replies_where_transformers_renders_them(llama3_tokenizer_dir):
-    tokenizer = Tokenizer.load(llama3_tokenizer_dir)
+    tokenizer = open_tokenizer(llama3_tokenizer_dir)
     hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
     pair = chat_formats.to_pair(FORMAT_CASES["standard"])
     rendered, status = pair_packing.render_pair(tokenizer, pair, 256, 128)
@@ -530,7 +531,7 @@ def test_a_reply_whose_first_characters_merge_into_the_prompt_keeps_its_whole_re
                 "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     folder = conftest.write_hf_tokenizer(str(tmp_path), ["<|endoftext|>"],
                                          config={"eos_token": "<|endoftext|>", "chat_template": template})
-    tokenizer = Tokenizer.load(folder)
+    tokenizer = open_tokenizer(folder)
     pair = chat_formats.Pair(({"role": "user", "content": "Hi?"},), "Hello.", "\nGo away.")
     prompts = [pair_packing._split_reply(tokenizer, pair.prompt, reply)[0].tolist()
                for reply in (pair.chosen, pair.rejected)]

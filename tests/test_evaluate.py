@@ -23,6 +23,7 @@ import evaluate  # noqa: E402
 from conftest import REPO  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from tokenizer import BOS_ID  # noqa: E402
+from tokenizer_files import open_tokenizer
 
 DATA_DIR = os.path.join(REPO, "samples", "eval")
 TASKS = list(eval_tasks.REPORT_TASKS)
@@ -376,9 +377,8 @@ def test_with_a_models_own_hugging_face_tokenizer_requests_are_encoded_as_the_hf
     from lm_eval.models.huggingface import HFLM
 
     from model import ModelConfig, Transformer
-    from tokenizer import Tokenizer
 
-    tok = Tokenizer.load(llama3_tokenizer_dir)
+    tok = open_tokenizer(llama3_tokenizer_dir)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
     config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
                                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)

@@ -19,7 +19,8 @@ import generate as G
 from conftest import REPO
 from generate import generate, sample_logits
 from model import ModelConfig, Transformer
-from tokenizer import BOS_ID, EOS_ID, IM_END_ID, Tokenizer
+from tokenizer import BOS_ID, EOS_ID, IM_END_ID
+from tokenizer_files import open_tokenizer, tokenizer_from_bytes
 
 full_forward = eqx.filter_jit(lambda model, tokens: model(tokens))
 
@@ -102,7 +103,7 @@ PROMPTS = ["Sherlock Holmes", "Il était une fois, dans un petit village de Norm
 @pytest.fixture(scope="module")
 def tiny(tiny_run):
     model, tokenizer_bytes, _ = checkpoint.load(tiny_run, model_overrides={"dtype": "float32"})
-    return model, Tokenizer.from_bytes(tokenizer_bytes)
+    return model, tokenizer_from_bytes(tokenizer_bytes)
 
 
 def test_kv_cache_greedy_decoding_equals_greedy_by_full_recomputation(tiny):
@@ -250,7 +251,7 @@ def test_chat_with_a_llama3_template_stops_at_its_eot_token_not_at_eos(llama3_to
     hidden state of a token is its embedding, so each token's embedding (a basis vector) and the
     output matrix make a fixed chain: the prompt's last token -> A -> B -> <|eot_id|> -> C."""
     transformers = pytest.importorskip("transformers")
-    tokenizer = Tokenizer.load(llama3_tokenizer_dir)
+    tokenizer = open_tokenizer(llama3_tokenizer_dir)
     messages = [{"role": "system", "content": "Sois bref."}, {"role": "user", "content": "Bonjour"}]
     prompt = G.chat_prompt(tokenizer, messages)
     hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)

@@ -121,12 +121,12 @@ def test_a_slow_data_stream_shows_up_as_data_wait_and_the_summary_says_what_to_c
         tmp_path, tiny_tokenizer_path, capsys):
     import train
     from model import ModelConfig
-    from tokenizer import Tokenizer
+    from tokenizer_files import open_tokenizer
 
     model_config = ModelConfig(vocab_size=4096, d_model=64, n_layers=2, n_heads=2, d_ff=128, max_seq_len=32)
     config = train.TrainConfig(steps=6, batch_size=4, warmup_steps=1)
     run = train.RunConfig(output_dir=str(tmp_path), metrics_dir=str(tmp_path), log_every=2, peak_tflops=1.0)
-    tokenizer = Tokenizer.load(tiny_tokenizer_path)
+    tokenizer = open_tokenizer(tiny_tokenizer_path)
     data = SlowStream(train.open_data(DATA_FILES[0], "train", tokenizer, model_config, config), delay=0.3)
     train.fit(model_config, config, run, data, [], tokenizer.model_bytes,
               train.resolved_config(model_config, config, run))

@@ -21,6 +21,7 @@ import sft
 from conftest import REPO, run_script
 from model import ModelConfig, Transformer
 from tokenizer import BOS_ID, IM_END_ID, IM_START_ID, Tokenizer
+from tokenizer_files import open_tokenizer, tokenizer_from_bytes
 
 SYSTEM = sft.DEFAULT_SYSTEM
 
@@ -64,7 +65,7 @@ FORMAT_CASES = {
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer_path) -> Tokenizer:
-    return Tokenizer.load(tiny_tokenizer_path)
+    return open_tokenizer(tiny_tokenizer_path)
 
 
 def write_jsonl(path, records) -> str:
@@ -405,7 +406,7 @@ def test_another_setting_tokenizer_or_input_file_misses_the_cache(tokenizer, tmp
     assert "the closest entry differs in settings.seq_len)" in logs[-2]
     sft.prepare(dataclasses.replace(config, seed=1), tokenizer, cache=cache)
     assert "differs in settings.seed)" in logs[-2]
-    other = Tokenizer.load(train_tokenizer(conftest.DATA_FILES[:2], str(tmp_path / "other"), vocab_size=2048))
+    other = open_tokenizer(train_tokenizer(conftest.DATA_FILES[:2], str(tmp_path / "other"), vocab_size=2048))
     sft.prepare(config, other, cache=cache)
     assert "differs in tokenizer)" in logs[-2]
     path = config.train_data[0].rpartition(":")[0]
@@ -562,7 +563,7 @@ def test_fine_tuning_teaches_the_reply_pattern_but_not_the_repeated_user_message
 
     before, tokenizer_bytes, _ = checkpoint.load(tiny_run, model_overrides={"dtype": "float32"})
     after, _, _ = checkpoint.load(out, model_overrides={"dtype": "float32"})
-    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    tokenizer = tokenizer_from_bytes(tokenizer_bytes)
     user_before, reply_before = _mean_losses(before, tokenizer, PROMPTS)
     user_after, reply_after = _mean_losses(after, tokenizer, PROMPTS)
     print(f"user {user_before:.3f} -> {user_after:.3f}, reply {reply_before:.3f} -> {reply_after:.3f}")
@@ -593,7 +594,7 @@ def test_cli_names_the_file_line_and_reason_of_bad_records(tiny_tokenizer_path, 
 
 def test_a_llama3_template_renders_as_transformers_and_trains_exactly_each_reply_and_its_eot(llama3_tokenizer_dir):
     transformers = pytest.importorskip("transformers")
-    tokenizer = Tokenizer.load(llama3_tokenizer_dir)
+    tokenizer = open_tokenizer(llama3_tokenizer_dir)
     hf = transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
     turns = FORMAT_CASES["messages"][1][0]
     messages = as_messages(turns)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import hf_tokenizer
 import tokenizer as T
 from tokenizer import Tokenizer
+from tokenizer_files import open_tokenizer, tokenizer_from_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_FILES = sorted(glob.glob(os.path.join(REPO, "samples", "*.txt")))
@@ -44,7 +45,7 @@ def tok(tmp_path_factory) -> Tokenizer:
         DATA_FILES, prefix, vocab_size=2000, max_sentences=20_000, num_threads=2
     )
     assert path == prefix + ".model" and os.path.isfile(prefix + ".vocab")
-    return Tokenizer.load(path)
+    return open_tokenizer(path)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_loading_a_model_without_our_special_ids_is_refused(tmp_path):
         minloglevel=2,
     )
     with pytest.raises(ValueError, match="expected"):
-        Tokenizer.load(prefix + ".model")
+        open_tokenizer(prefix + ".model")
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def test_digits_are_split_into_single_pieces(tok):
 def test_digits_are_pieces_even_when_the_corpus_has_none_and_hf_agrees(tmp_path):
     no_digits = str.maketrans("", "", "0123456789")
     docs = ["\n".join(data_lines()[i : i + 20]).translate(no_digits) for i in range(0, 2000, 20)]
-    tok = Tokenizer.load(T.train_tokenizer(iter(docs), str(tmp_path / "nodigits"), vocab_size=600))
+    tok = open_tokenizer(T.train_tokenizer(iter(docs), str(tmp_path / "nodigits"), vocab_size=600))
     for digit in "0123456789":
         assert pieces(tok, tok.encode(digit)) == [digit]
     text = "Le 14 juillet 1789, à 10h30 : 3,14159 ; rare ½ and ∑ keep byte fallback."
@@ -170,7 +171,7 @@ def test_encode_batch_matches_encode(tok):
 
 
 def test_from_bytes_encodes_identically(tok):
-    copy = Tokenizer.from_bytes(tok.model_bytes)
+    copy = tokenizer_from_bytes(tok.model_bytes)
     assert copy.vocab_size == tok.vocab_size
     for text in (CODE, MIXED, *data_lines()[:50]):
         assert copy.encode(text) == tok.encode(text)
@@ -234,12 +235,12 @@ def test_a_missing_input_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         T.train_tokenizer([DATA_FILES[0], missing], str(tmp_path / "t"), vocab_size=1000)
     with pytest.raises(FileNotFoundError, match="nope.model"):
-        Tokenizer.load(str(tmp_path / "nope.model"))
+        open_tokenizer(str(tmp_path / "nope.model"))
 
 
 def test_trains_on_an_iterator_of_documents_with_newlines(tmp_path):
     docs = ["\n".join(data_lines()[i : i + 20]) for i in range(0, 2000, 20)]
-    tok = Tokenizer.load(T.train_tokenizer(iter(docs), str(tmp_path / "docs"), vocab_size=600))
+    tok = open_tokenizer(T.train_tokenizer(iter(docs), str(tmp_path / "docs"), vocab_size=600))
     assert tok.vocab_size == 600 and tok.decode(tok.encode(docs[3])) == docs[3]
 
 
@@ -315,7 +316,7 @@ def test_cli_trains_and_writes_the_model(tmp_path):
         capture_output=True, text=True, timeout=60, check=True,
     )
     assert os.path.isfile(prefix + ".model") and os.path.isfile(prefix + ".vocab")
-    assert Tokenizer.load(prefix + ".model").vocab_size == 800
+    assert open_tokenizer(prefix + ".model").vocab_size == 800
     assert "tokens/char" in result.stdout
 
 
@@ -326,7 +327,7 @@ def test_cli_trains_and_writes_the_model(tmp_path):
 def llama3(llama3_tokenizer_dir):
     """(ours, transformers') on the same Llama-3-style folder (conftest: byte-level BPE, trained)."""
     transformers = pytest.importorskip("transformers")
-    return Tokenizer.load(llama3_tokenizer_dir), transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    return open_tokenizer(llama3_tokenizer_dir), transformers.AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
 
 
 CONVERSATIONS = (
@@ -393,11 +394,11 @@ def test_special_token_strings_are_text_to_encode_but_the_templates_are_read_as_
 
 def test_a_hugging_face_tokenizer_round_trips_through_bytes_and_is_saved_back_byte_for_byte(llama3_tokenizer_dir,
                                                                                           tmp_path):
-    tok = Tokenizer.load(llama3_tokenizer_dir)
-    again = Tokenizer.from_bytes(tok.model_bytes)
+    tok = open_tokenizer(llama3_tokenizer_dir)
+    again = tokenizer_from_bytes(tok.model_bytes)
     assert again.model_bytes == tok.model_bytes
-    assert Tokenizer.load(os.path.join(llama3_tokenizer_dir, "tokenizer.json")).encode(MIXED) == tok.encode(MIXED)
-    for copy in (again, Tokenizer.load(llama3_tokenizer_dir)):
+    assert open_tokenizer(os.path.join(llama3_tokenizer_dir, "tokenizer.json")).encode(MIXED) == tok.encode(MIXED)
+    for copy in (again, open_tokenizer(llama3_tokenizer_dir)):
         assert (copy.bos_id, copy.eos_id, copy.end_of_turn_id, copy.vocab_size) == (
             tok.bos_id, tok.eos_id, tok.end_of_turn_id, tok.vocab_size)
         assert copy.chat_ids(CONVERSATIONS[0]) == tok.chat_ids(CONVERSATIONS[0])
@@ -415,7 +416,7 @@ def test_a_bare_chatml_tokenizer_json_gets_its_roles_by_name_and_chats_in_chatml
 
     transformers = pytest.importorskip("transformers")
     folder = conftest.write_hf_tokenizer(str(tmp_path / "smol"), ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))  # no config: roles by their usual names
+    tok = open_tokenizer(os.path.join(folder, "tokenizer.json"))  # no config: roles by their usual names
     assert tok.id_to_piece(tok.eos_id) == "<|endoftext|>"
     assert (tok.bos_id, tok.unk_id, tok.pad_id, tok.document_prefix) == (None, None, None, [])
     assert tok.chat_template == T.CHATML_TEMPLATE and tok.id_to_piece(tok.end_of_turn_id) == "<|im_end|>"
@@ -433,10 +434,10 @@ def test_a_role_that_names_a_token_not_in_the_vocabulary_is_refused_naming_it(ll
     shutil.copytree(llama3_tokenizer_dir, folder)
     (folder / "tokenizer_config.json").write_text('{"bos_token": "<|begin_of_text|>", "eos_token": "<eos>"}')
     with pytest.raises(ValueError, match=r"eos_token='<eos>' is not in tokenizer.json's vocabulary"):
-        Tokenizer.load(folder)
+        open_tokenizer(folder)
     (folder / "tokenizer_config.json").write_text('{"eos_token": null}')
     with pytest.raises(ValueError, match="no eos token"):
-        Tokenizer.load(folder)
+        open_tokenizer(folder)
 
 
 # TinyLlama-1.1B-Chat's template (Zephyr's): every message ends with eos.
@@ -467,7 +468,7 @@ def test_a_llama2_style_tokenizer_json_encodes_and_chats_as_transformers_5_rebui
               "add_bos_token": True, "add_eos_token": False, "legacy": False, "model_max_length": 100_000,
               "chat_template": ZEPHYR_TEMPLATE}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    tok, hf = Tokenizer.load(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok, hf = open_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert type(hf).__name__ == "LlamaTokenizer"
     assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id, None)
     lines = data_lines()

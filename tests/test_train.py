@@ -19,7 +19,7 @@ import checkpoint
 from conftest import DATA_FILES, REPO, TINY_STEPS, run_script
 from stream import TokenRecords
 from model import ModelConfig, num_params
-from tokenizer import Tokenizer
+from tokenizer_files import open_tokenizer, tokenizer_from_bytes
 from optim import TrainConfig, make_optimizer
 from parallel import make_mesh, shardings
 from parallel import check_batch
@@ -34,7 +34,7 @@ TINY = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, d_ff=128, 
 def test_tiny_run_loss_falls_below_the_unigram_entropy_of_its_data(tiny_run, tiny_tokenizer_path):
     # A model that ignores context can at best reach the entropy of the token frequencies; going
     # well below it means the model uses context. The bar is computed from the data, not chosen.
-    tokenizer = Tokenizer.load(tiny_tokenizer_path)
+    tokenizer = open_tokenizer(tiny_tokenizer_path)
     records = TokenRecords(DATA_FILES, tokenizer, 128, seed=0)
     counts = np.bincount(records.records.ravel(), minlength=tokenizer.vocab_size)
     p = counts[counts > 0] / counts.sum()
@@ -105,7 +105,7 @@ def test_k_micro_batches_give_the_same_update_as_one_k_times_larger_batch():
 
 
 def test_batch_of_a_step_is_a_pure_function_of_seed_and_step(tiny_tokenizer_path):
-    tokenizer = Tokenizer.load(tiny_tokenizer_path)
+    tokenizer = open_tokenizer(tiny_tokenizer_path)
     a = TokenRecords(DATA_FILES[:1], tokenizer, 64, seed=3)
     b = TokenRecords(DATA_FILES[:1], tokenizer, 64, seed=3)
     np.testing.assert_array_equal(a.batch(17, 8), b.batch(17, 8))
@@ -426,7 +426,7 @@ def test_eval_tasks_score_the_model_during_training_as_evaluate_py_does(tmp_path
     assert [s["step"] for s in scores] == [3]
     import evaluate
     model, tokenizer_bytes, _ = checkpoint.load(str(tmp_path))
-    reference = evaluate.run_tasks(model, Tokenizer.from_bytes(tokenizer_bytes), ["piqa"],
+    reference = evaluate.run_tasks(model, tokenizer_from_bytes(tokenizer_bytes), ["piqa"],
                                    os.path.join(REPO, "samples", "eval"), limit=6)["piqa"]
     assert scores[0]["piqa/acc"] == reference["acc,none"]
     assert scores[0]["piqa/acc_norm"] == reference["acc_norm,none"]
