@@ -1,9 +1,19 @@
-"""Fixtures shared by the test files: one real tokenizer and one real tiny training run per session."""
+"""Fixtures shared by the test files: one real tokenizer and one real tiny training run per test run.
 
+The suite runs on every core (`pytest -n auto --dist loadfile`, the README's command: pytest-xdist,
+one worker process per core, each test file on one worker, so a file's module-scoped fixtures are
+built once). What the whole run shares (the tokenizer, the tiny run, its Hugging Face export) is
+built once for all workers (`built_once`), and JAX's persistent compilation cache is one folder
+that every worker and every script a test starts reads and fills.
+"""
+
+import contextlib
+import fcntl
 import glob
 import os
 import pathlib
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +38,8 @@ os.environ["FSSPEC_GS_TOKEN"] = "anon"
 os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"
 
 # Tests run many small training processes with the same programs: share compiled executables
-# between them (and with this process) through JAX's persistent compilation cache.
+# between them (and with this process) through JAX's persistent compilation cache. Set in pytest's
+# main process before it starts its workers, so that they all inherit the one folder.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="julian-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
@@ -53,6 +64,35 @@ TINY_VOCAB = 4096  # configs/tiny.flags
 TINY_STEPS = 150
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core this process may use, as long as each has 6 GiB of memory (a
+    worker holds JAX, torch and the libraries' imports, and the scripts its tests start)."""
+    import psutil
+
+    return max(1, min(len(os.sched_getaffinity(0)), psutil.virtual_memory().total // (6 << 30)))
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """Yields (folder, whether to build it) for the test run's one copy of something expensive,
+    whatever the number of workers: the first worker that needs it builds it holding a lock, the
+    others wait for the lock and then read it. Under xdist the folder is in the run's temporary
+    root, which every worker's own folder is in."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        build = not done.exists()
+        if build:  # a worker whose build failed left part of it
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+        yield str(folder), build
+        if build:
+            done.touch()
+
+
 def run_script(script: str, *args: str, timeout: int = 600, netns: list[str] = ()) -> subprocess.CompletedProcess:
     """Run one of the repo's scripts as a user would (in a network namespace: `netns`'s command
     prefix); fail the test with its output if it fails."""
@@ -68,17 +108,19 @@ def tiny_tokenizer_path(tmp_path_factory) -> str:
     """A SentencePiece model with the tiny config's vocabulary, trained on the bundled sample."""
     from tokenizer import train_tokenizer
 
-    prefix = str(tmp_path_factory.mktemp("tokenizer") / "tiny")
-    return train_tokenizer(DATA_FILES, prefix, vocab_size=TINY_VOCAB)
+    with built_once(tmp_path_factory, "tokenizer") as (folder, build):
+        prefix = os.path.join(folder, "tiny")
+        return train_tokenizer(DATA_FILES, prefix, vocab_size=TINY_VOCAB) if build else prefix + ".model"
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_tokenizer_path) -> str:
     """Output dir of `train.py --flagfile=configs/tiny.flags` after TINY_STEPS steps on the sample."""
-    out = str(tmp_path_factory.mktemp("tiny_run"))
-    run_script("train.py", "--flagfile=configs/tiny.flags", f"--tokenizer={tiny_tokenizer_path}",
-               "--train_data=" + ",".join(DATA_FILES), f"--steps={TINY_STEPS}", f"--output_dir={out}",
-               "--log_every=10")
+    with built_once(tmp_path_factory, "tiny_run") as (out, build):
+        if build:
+            run_script("train.py", "--flagfile=configs/tiny.flags", f"--tokenizer={tiny_tokenizer_path}",
+                       "--train_data=" + ",".join(DATA_FILES), f"--steps={TINY_STEPS}", f"--output_dir={out}",
+                       "--log_every=10")
     return out
 
 
@@ -140,9 +182,10 @@ def tiny_hf(tmp_path_factory, tiny_run) -> str:
     import convert
     from tokenizer_files import tokenizer_from_bytes
 
-    out = str(tmp_path_factory.mktemp("tiny_hf"))
-    model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
-    convert.export_hf(model, tokenizer_from_bytes(tokenizer_bytes), out)
+    with built_once(tmp_path_factory, "tiny_hf") as (out, build):
+        if build:
+            model, tokenizer_bytes, _ = checkpoint.load(tiny_run)
+            convert.export_hf(model, tokenizer_from_bytes(tokenizer_bytes), out)
     return out
 
 
