@@ -58,7 +58,7 @@ if [[ $1 == ray-start || $1 == ray-stop ]]; then
   if [[ $1 == ray-stop ]]; then
     for ((w = ${#ips[@]} - 1; w >= 0; w--)); do  # the joined nodes first, the head last
       ssh "$w" "pid=\$(cat $dir/node-$w.pid 2>/dev/null) || { echo 'worker $w: no Ray node started by tpu.sh'; exit 0; }
-        ps -o args= -p \$pid | grep -q 'ray start --block' || { rm -f $dir/node-$w.pid; echo 'worker $w: its Ray node is gone'; exit 0; }
+        ps -ww -o args= -p \$pid | grep -q 'ray start --block' || { rm -f $dir/node-$w.pid; echo 'worker $w: its Ray node is gone'; exit 0; }  # -ww: the whole command line, whatever COLUMNS says
         kill -TERM \$pid 2>/dev/null  # ray start --block stops its node's processes on SIGTERM
         for i in \$(seq 600); do kill -0 \$pid 2>/dev/null || break; sleep 0.1; done
         pkill -KILL -s \$pid 2>/dev/null  # what outlived it in its session (setsid: sid = pid)
