@@ -4,10 +4,14 @@
     python benchmarks/eval_speed.py --data_dir=../shared/data/eval --skip=100 --limit=100
     python benchmarks/eval_speed.py --tasks=hellaswag,piqa --dtypes=float32
     python benchmarks/eval_speed.py --tasks=french --model=tiny           # the French preset, tiny model's shape
+    python benchmarks/eval_speed.py --model=smollm2 --dtypes=float32      # a Hugging Face folder, imported
 
 A random 100m-shaped model (d_model 640, 12 layers, 10 heads, d_ff 2560) with a 2,000-token
 SentencePiece vocabulary trained on the bundled text is saved as a julian checkpoint and exported
-with convert.py. Each run is a fresh process (imports, model load, task loading, scoring), so the
+with convert.py. `--model=smollm2` starts from the other side, as a user with an existing model
+does: a random `LlamaForCausalLM` of SmolLM2-135M's shape (grouped-query attention, tied
+embeddings; import_speed.py's folder) that both backends read from its Hugging Face folder, julian
+importing it on the way in (`evaluate.py --checkpoint=FOLDER`). Each run is a fresh process (imports, model load, task loading, scoring), so the
 figures are what a user waits for:
   * lm-eval's `hf` backend (transformers, torch, fp32), twice: "warm" is the second process;
   * julian (`evaluate.JulianLM`) per --dtypes, with an empty compilation cache ("cold"), then again
@@ -76,7 +80,8 @@ def define_flags() -> None:
                         "samples/eval and samples/eval_fr, plus --french_records records built in the schema of "
                         "each French task that has no bundled items (real timing, meaningless scores).")
     flags.DEFINE_integer("french_records", 40, "Default data: records per French task without bundled items.")
-    flags.DEFINE_enum("model", "100m", list(MODELS), "Model shape: 100m (vocabulary 2,000) or configs/tiny.flags'.")
+    flags.DEFINE_enum("model", "100m", [*MODELS, "smollm2"], "Model shape: 100m (vocabulary 2,000), configs/tiny.flags', "
+                      "or smollm2: SmolLM2-135M's, a Hugging Face folder both backends read.")
     flags.DEFINE_integer("skip", 0, "Skip this many items of each task file.")
     flags.DEFINE_integer("limit", None, "Then take this many items per task (default: all).")
     flags.DEFINE_integer("batch_size", 16, "Both backends' --batch_size.")
@@ -154,9 +159,15 @@ def measure(work: str) -> None:
     os.makedirs(data_dir)
     source = FLAGS.data_dir or _bundled_data(os.path.join(work, "bundled"), FLAGS.french_records)
     _slice_data(tasks, source, FLAGS.skip, FLAGS.limit, data_dir)
-    config = MODELS[FLAGS.model]
-    julian_dir, hf_dir, n_params = _model(work, config)
-    print(f"model: {n_params:,} parameters, vocab {config.vocab_size}; tasks {','.join(tasks)}; items {FLAGS.skip + 1}-"
+    if FLAGS.model == "smollm2":
+        from import_speed import make_folder
+
+        julian_dir = hf_dir = os.path.join(work, "hf")
+        n_params, vocab_size = make_folder(hf_dir), "49,152"
+    else:
+        julian_dir, hf_dir, n_params = _model(work, MODELS[FLAGS.model])
+        vocab_size = f"{MODELS[FLAGS.model].vocab_size:,}"
+    print(f"model: {n_params:,} parameters, vocab {vocab_size}; tasks {','.join(tasks)}; items {FLAGS.skip + 1}-"
           f"{'' if FLAGS.limit is None else FLAGS.skip + FLAGS.limit}; batch {FLAGS.batch_size}; "
           f"load {os.getloadavg()[0]:.1f}", file=sys.stderr)
     variants = [(f"julian, {dtype}", REPO, dtype) for dtype in FLAGS.dtypes]
