@@ -20,6 +20,8 @@ import tempfile
 
 import pytest
 
+import forked
+
 # The tests' gs:// paths are a local emulator's (the gcs_bucket fixture): no client may ask Google
 # anything. By default gcsfs 2026.10 is its ExtendedGcsFileSystem, which on a listing asks
 # Google's storage-control endpoint over gRPC whether the bucket is hierarchical, and building
@@ -96,8 +98,8 @@ def built_once(tmp_path_factory, name: str):
 def run_script(script: str, *args: str, timeout: int = 600, netns: list[str] = ()) -> subprocess.CompletedProcess:
     """Run one of the repo's scripts as a user would (in a network namespace: `netns`'s command
     prefix); fail the test with its output if it fails."""
-    result = subprocess.run([*netns, sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=timeout)
+    result = forked.run([*netns, sys.executable, os.path.join(REPO, script), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
     if result.returncode:
         pytest.fail(f"{script} {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result

@@ -27,6 +27,7 @@ import sys
 
 import pytest
 
+import forked
 from conftest import DATA_FILES, REPO
 
 SAMPLES = os.path.join(REPO, "samples")
@@ -298,8 +299,8 @@ def run(script: str, args: list[str], places: dict[str, str]) -> subprocess.Comp
     args = [arg.format(**places) for arg in args]
     # Offline, as the tests' rule is; the Hub checks of evaluate.py see it at once.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return forked.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env,
+                      capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

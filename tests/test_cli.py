@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import forked
 from conftest import REPO
 
 MISSING = "no/such/path"
@@ -33,8 +34,8 @@ MALFORMED = [("train.py", "--steps=many"), ("tokenizer.py", "--vocab_size=-"), (
 
 
 def run(script: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return forked.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
+                      capture_output=True, text=True, timeout=120)
 
 
 def assert_one_line_usage_error(result: subprocess.CompletedProcess, script: str, *named: str) -> None:

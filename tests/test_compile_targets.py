@@ -60,7 +60,7 @@ def test_tiny_dry_run_for_a_v4_8_prints_xla_tpu_figures_the_splash_kernels_and_f
 
 
 def test_dots_keeps_the_matmul_outputs_that_full_recomputes_in_the_program_compiled_for_a_v4_8():
-    model_config = ModelConfig(vocab_size=256, d_model=512, n_layers=2, n_heads=4, d_ff=2048, max_seq_len=1024,
+    model_config = ModelConfig(vocab_size=256, d_model=128, n_layers=1, n_heads=2, d_ff=512, max_seq_len=256,
                                scan_layers=False, attention="splash")
     mesh = make_mesh(1, budget.target_devices("v4-8"))
     # The matmuls of the compiled program (XLA:TPU's convolutions): full recomputes the forward's

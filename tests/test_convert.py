@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import equinox as eqx
@@ -26,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 import checkpoint  # noqa: E402
 import convert  # noqa: E402
 import hf_llama  # noqa: E402
+import forked
 from conftest import DATA_FILES, REPO, run_script  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, EOS_ID, IM_END_ID, IM_START_ID, PAD_ID, UNK_ID, Tokenizer  # noqa: E402
@@ -539,9 +539,9 @@ def test_cli_export_of_a_directory_without_a_checkpoint_fails_naming_it(tmp_path
     empty = tmp_path / "no_checkpoint_here"
     empty.mkdir()
     out = tmp_path / "hf"
-    result = subprocess.run([sys.executable, os.path.join(REPO, "convert.py"), "--to=hf",
-                             f"--checkpoint={empty}", f"--out={out}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = forked.run([sys.executable, os.path.join(REPO, "convert.py"), "--to=hf",
+                         f"--checkpoint={empty}", f"--out={out}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert str(empty) in result.stdout + result.stderr
     assert not os.path.exists(out / "model.safetensors")
@@ -656,9 +656,9 @@ def test_continued_pretraining_from_a_hugging_face_folder_takes_its_shape_and_to
     common = [f"--init_from={gqa_hf_dir}", f"--train_data={DATA_FILES[0]}", "--seq_len=32",
               "--steps=2", "--warmup_steps=1", "--batch_size=2", "--log_every=1", "--checkpoint_every=2",
               "--dtype=float32", "--scan_layers=false", "--eval_every=0"]
-    result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *common, "--n_kv_heads=4",
-                             f"--output_dir={tmp_path / 'refused'}"], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)
+    result = forked.run([sys.executable, os.path.join(REPO, "train.py"), *common, "--n_kv_heads=4",
+                         f"--output_dir={tmp_path / 'refused'}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
     assert result.returncode != 0 and "--n_kv_heads: the checkpoint has 2, the flags say 4" in result.stderr
     result = run_script("train.py", *common, f"--output_dir={run}")
     assert "imported Hugging Face folder" in result.stderr and f"parameters from {gqa_hf_dir}" in result.stdout + result.stderr

@@ -32,6 +32,7 @@ import prepare_config
 import stages
 import storage
 import stream
+import forked
 from conftest import DATA_FILES, REPO, ray_nodes_taking_tasks, run_script, start_ray_node, stop_ray_node
 from tokenizer import BOS_ID, CODE_ID, ENDCODE_ID, EOS_ID, Tokenizer, train_tokenizer
 from tokenizer_files import open_tokenizer
@@ -312,7 +313,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_splits_and_writes_iden
     command = [sys.executable, "data.py", "prepare", "--input=" + ",".join(corpus[0]), f"--output={out}",
                f"--tokenizer={tiny_tokenizer_path}", "--num_cpus=2", "--num_partitions=4",
                f"--split_mb={TINY_SPLIT_MB}", *CLI_SETTINGS]  # byte ranges: the unit of resumption
-    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = forked.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     workers: list = []
     while not list((out / "_stages").glob("map-*.meta.npz")):
@@ -325,7 +326,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_splits_and_writes_iden
     assert workers and not alive, "the killed driver's workers outlived it"
     assert not (out / "manifest.json").exists()
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "_stages").glob("map-*.meta.npz")}
-    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    forked.run(command, cwd=REPO, check=True, capture_output=True)
     assert {name: (out / "_stages" / name).stat().st_mtime_ns for name in finished} == finished
     directory, manifest = prepared
     assert shard_bytes(out) == shard_bytes(directory)
@@ -1012,16 +1013,16 @@ def test_a_run_that_fails_on_its_inputs_leaves_nothing_and_a_good_run_into_the_s
                            ("binary.txt", "is not text"), ("fake.jsonl.gz", "cannot be read"),
                            ("no_text.parquet", "no column 'text'"), ("cut.parquet", "not a readable Parquet file")]:
         started = time.time()
-        failed = subprocess.run([sys.executable, "data.py", "prepare", f"--input={corpus[0][0]},{tmp_path / name}",
-                                 *common], cwd=REPO, capture_output=True, text=True)
+        failed = forked.run([sys.executable, "data.py", "prepare", f"--input={corpus[0][0]},{tmp_path / name}",
+                             *common], cwd=REPO, capture_output=True, text=True)
         assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
         assert f"{tmp_path / name}" in failed.stderr and expected in failed.stderr, failed.stderr
         assert time.time() - started < 30  # before any worker or engine starts
         assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
     # A run that fails in its map tasks (a bad record, found there) leaves nothing either.
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": t} for t in corpus[1][:3]] + [{"txt": "x"}])
-    failed = subprocess.run([sys.executable, "data.py", "prepare", f"--input={bad}", *common], cwd=REPO,
-                            capture_output=True, text=True)
+    failed = forked.run([sys.executable, "data.py", "prepare", f"--input={bad}", *common], cwd=REPO,
+                        capture_output=True, text=True)
     assert failed.returncode == 2 and f"{bad}:4: no string field 'text'" in failed.stderr, failed.stderr
     assert not list(out.iterdir()), list(out.iterdir())
     run_script("data.py", "prepare", "--input=" + ",".join(corpus[0]), *common)
@@ -1030,7 +1031,7 @@ def test_a_run_that_fails_on_its_inputs_leaves_nothing_and_a_good_run_into_the_s
 
 def test_command_line_help_is_short_and_bad_flags_are_one_line_with_status_2(tmp_path, tiny_tokenizer_path):
     def run(*args):
-        return subprocess.run([sys.executable, "data.py", *args], cwd=REPO, capture_output=True, text=True)
+        return forked.run([sys.executable, "data.py", *args], cwd=REPO, capture_output=True, text=True)
 
     shown = run("prepare", "--help")
     assert shown.returncode == 0 and shown.stdout.index("--input") < 60 * 80  # the flags come early

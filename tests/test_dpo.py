@@ -5,7 +5,6 @@ import functools
 import json
 import os
 import re
-import subprocess
 import sys
 
 import equinox as eqx
@@ -27,6 +26,7 @@ import parallel
 import prepared
 import train
 import train_step
+import forked
 from conftest import REPO, run_script
 from model import ModelConfig, Transformer, num_params
 from tokenizer import BOS_ID, DEFAULT_SYSTEM, IM_END_ID, Tokenizer
@@ -441,9 +441,9 @@ def test_cli_reports_bad_input_in_one_line_with_exit_status_2(tiny_run, tmp_path
              (["--init_from=" + tiny_run, "--train_data=" + path, "--max_length=4096"], "--max_length=4096 exceeds"),
              (["--train_data=" + path], "--init_from is required")]
     for args, message in cases:
-        result = subprocess.run([sys.executable, "dpo.py", "--flagfile=configs/dpo_tiny.flags",
-                                 f"--output_dir={tmp_path}/out", *args], cwd=REPO, capture_output=True, text=True,
-                                timeout=300)
+        result = forked.run([sys.executable, "dpo.py", "--flagfile=configs/dpo_tiny.flags",
+                             f"--output_dir={tmp_path}/out", *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr

@@ -20,6 +20,7 @@ pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
 
 import eval_tasks  # noqa: E402
 import evaluate  # noqa: E402
+import forked
 from conftest import REPO  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from tokenizer import BOS_ID  # noqa: E402
@@ -202,8 +203,8 @@ def test_an_unknown_task_is_named_in_the_error(tiny):
 
 def test_the_command_line_names_a_missing_checkpoint(tmp_path):
     missing = str(tmp_path / "no_run")
-    result = subprocess.run([sys.executable, "evaluate.py", f"--checkpoint={missing}", "--tasks=piqa"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = forked.run([sys.executable, "evaluate.py", f"--checkpoint={missing}", "--tasks=piqa"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"--checkpoint {missing!r} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
@@ -254,7 +255,7 @@ def test_lm_evals_own_table_names_an_unpredicted_perplexity_instead_of_printing_
 
 def test_the_command_line_prints_both_tables_and_writes_the_results_json(tiny_run, tmp_path):
     output = tmp_path / "results.json"
-    result = subprocess.run(
+    result = forked.run(
         [sys.executable, "evaluate.py", f"--checkpoint={tiny_run}", "--tasks=lambada_openai",
          f"--data_dir={DATA_DIR}", "--limit=2", "--bootstrap_iters=0", f"--output={output}"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -346,7 +347,7 @@ def test_a_second_evaluate_process_loads_its_programs_from_a_gcs_cache(tiny_run,
     bucket = storage.Client.create_anonymous_client().bucket(gcs_bucket)
     runs = []
     for _ in range(2):
-        result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+        result = forked.run(args, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append((result, sorted(b.name for b in bucket.list_blobs(prefix="jax-cache/"))))
     (first, written), (second, after) = runs

@@ -8,7 +8,6 @@ records per task built here in the schema each task's YAML reads (tests/french_r
 
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +19,7 @@ pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
 import eval_tasks  # noqa: E402
 import evaluate  # noqa: E402
 import french_records  # noqa: E402
+import forked
 from conftest import REPO  # noqa: E402
 from tokenizer import BOS_ID  # noqa: E402
 
@@ -117,7 +117,7 @@ def test_the_comparison_table_has_a_french_section_with_the_published_baselines(
 
 
 def test_a_data_dir_without_a_tasks_file_is_refused_in_one_line_naming_task_and_file(tiny_run):
-    result = subprocess.run(
+    result = forked.run(
         [sys.executable, "evaluate.py", f"--checkpoint={tiny_run}", "--tasks=xwinograd_fr,xnli_fr",
          f"--data_dir={FR_DIR}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
@@ -168,7 +168,7 @@ def test_tokenizer_stats_give_tokens_per_word_and_bytes_per_token_per_language(t
              "fr_c.txt": "Il était une fois.\n"}
     for name, text in texts.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
-    result = subprocess.run(
+    result = forked.run(
         [sys.executable, "tokenizer.py", f"--model={tiny_tokenizer_path}",
          "--stats=" + ",".join(str(tmp_path / n) for n in texts)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -180,6 +180,6 @@ def test_tokenizer_stats_give_tokens_per_word_and_bytes_per_token_per_language(t
         n_bytes = sum(len(line.encode()) for line in lines)
         row = f"| {lang} | {tokens / words:.3f} | {n_bytes / tokens:.3f} | {words} | {n_bytes} | {tokens} |"
         assert row in result.stdout, result.stdout
-    missing = subprocess.run([sys.executable, "tokenizer.py", f"--model={tiny_tokenizer_path}", "--stats=nowhere.txt"],
-                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    missing = forked.run([sys.executable, "tokenizer.py", f"--model={tiny_tokenizer_path}", "--stats=nowhere.txt"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip() == "tokenizer.py: error: --stats file 'nowhere.txt' does not exist"

@@ -5,7 +5,6 @@ gives every step's prediction), and Hugging Face's `generate` on the exported ti
 """
 
 import os
-import subprocess
 import sys
 
 import equinox as eqx
@@ -16,6 +15,7 @@ import pytest
 
 import checkpoint
 import generate as G
+import forked
 from conftest import REPO
 from generate import generate, sample_logits
 from model import ModelConfig, Transformer
@@ -165,8 +165,8 @@ def test_chat_renders_chatml_and_replies_as_hugging_face_generate_does(tiny, tin
 
 
 def _run(*args, stdin=None):
-    return subprocess.run([sys.executable, "generate.py", *args], cwd=REPO, capture_output=True, text=True,
-                          input=stdin, timeout=300)
+    return forked.run([sys.executable, "generate.py", *args], cwd=REPO, capture_output=True, text=True,
+                      input=stdin, timeout=300)
 
 
 def test_the_chat_command_line_prints_the_question_above_the_streamed_reply(tiny_run, tiny):
@@ -218,8 +218,8 @@ def _compile_log(*args, env_cache):
     # JAX logs each persistent-cache hit and miss at WARNING with these two switches.
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(env_cache), JAX_LOG_COMPILES="1",
                JAX_EXPLAIN_CACHE_MISSES="1")
-    result = subprocess.run([sys.executable, "generate.py", *args], cwd=REPO, capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = forked.run([sys.executable, "generate.py", *args], cwd=REPO, capture_output=True, text=True,
+                        env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import forked
 from conftest import DATA_FILES, REPO
 import runlog
 from runlog import PHASES, IntervalLogger, PhaseTimes, ProfileConfig, ProfileWindow, WandbConfig, open_wandb
@@ -246,7 +247,7 @@ def test_wandb_offline_run_holds_the_metrics_config_and_loss_curve_and_a_resumed
     env = {**os.environ, **offline_wandb(tmp_path)}
     out = tmp_path / "run"
     for steps in (4, 6):  # the second command resumes at step 4 and trains to 6
-        result = subprocess.run(
+        result = forked.run(
             [sys.executable, os.path.join(REPO, "train.py"), *SMALL, f"--steps={steps}", "--log_every=1",
              "--wandb_project=x", "--wandb_run_name=tiny", f"--tokenizer={tiny_tokenizer_path}",
              f"--train_data={DATA_FILES[0]}", f"--output_dir={out}"],

@@ -4,7 +4,6 @@ import dataclasses
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import equinox as eqx
@@ -18,6 +17,7 @@ import checkpoint
 import conftest
 import prepared
 import sft
+import forked
 from conftest import REPO, run_script
 from model import ModelConfig, Transformer
 from tokenizer import BOS_ID, IM_END_ID, IM_START_ID, Tokenizer
@@ -581,7 +581,7 @@ def test_cli_names_the_file_line_and_reason_of_bad_records(tiny_tokenizer_path, 
     path = write_jsonl(tmp_path / "bad.jsonl", [
         {"instruction": "Say hi.", "output": "Hi."},
         {"messages": [{"role": "user", "content": "Anyone there?"}]}])
-    result = subprocess.run(
+    result = forked.run(
         [sys.executable, os.path.join(REPO, "sft.py"), "--flagfile=configs/sft_tiny.flags",
          "--vocab_size=4096", "--d_model=32", "--n_layers=1", "--n_heads=1", "--d_ff=32",
          f"--tokenizer={tiny_tokenizer_path}", f"--train_data={path}", "--steps=20",

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import forked
 from conftest import DATA_FILES, REPO
 
 STEPS = 2
@@ -25,7 +26,7 @@ def test_a_signal_during_cleanup_after_the_final_checkpoint_exits_0(signum, tiny
     import checkpoint
 
     out = tmp_path / "run"
-    process = subprocess.Popen(
+    process = forked.Popen(
         [sys.executable, os.path.join(REPO, "train.py"), "--flagfile=configs/tiny.flags",
          f"--tokenizer={tiny_tokenizer_path}", "--train_data=" + ",".join(DATA_FILES), f"--steps={STEPS}",
          "--warmup_steps=0", "--eval_every=0", f"--output_dir={out}"],

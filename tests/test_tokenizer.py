@@ -4,7 +4,6 @@ spec and against Hugging Face's LlamaTokenizer; Hugging Face tokenizers read as 
 import glob
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,6 +11,7 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import forked
 import hf_tokenizer
 import tokenizer as T
 from tokenizer import Tokenizer
@@ -310,7 +310,7 @@ def test_hf_chat_template_gives_render_chat_ids(tok, hf):
 
 def test_cli_trains_and_writes_the_model(tmp_path):
     prefix = str(tmp_path / "cli")
-    result = subprocess.run(
+    result = forked.run(
         [sys.executable, os.path.join(REPO, "tokenizer.py"), f"--input={DATA_FILES[0]}",
          f"--model_prefix={prefix}", "--vocab_size=800", "--max_sentences=2000"],
         capture_output=True, text=True, timeout=60, check=True,

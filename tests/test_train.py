@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import checkpoint
+import forked
 from conftest import DATA_FILES, REPO, TINY_STEPS, run_script
 from stream import TokenRecords
 from model import ModelConfig, num_params
@@ -128,11 +129,8 @@ def test_dry_run_prints_parameters_and_compiled_memory_without_training(tmp_path
 
 
 def _train_error(tmp_path, *args) -> str:
-    import subprocess
-    import sys
-    result = subprocess.run([sys.executable, "train.py", "--flagfile=configs/tiny.flags", "--steps=2", "--warmup_steps=0",
-                             f"--output_dir={tmp_path}", *args], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = forked.run([sys.executable, "train.py", "--flagfile=configs/tiny.flags", "--steps=2", "--warmup_steps=0",
+                     f"--output_dir={tmp_path}", *args], capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0
     return result.stderr
 
@@ -207,8 +205,8 @@ def train_command(out, tokenizer: str, *args: str) -> list[str]:
 
 
 def run_train(out, tokenizer, *args, env=None, expect=0) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_command(out, tokenizer, *args), cwd=REPO, capture_output=True,
-                            text=True, timeout=600, env=env)
+    result = forked.run(train_command(out, tokenizer, *args), cwd=REPO, capture_output=True,
+                        text=True, timeout=600, env=env)
     assert result.returncode == expect, result.stdout + result.stderr
     return result
 
@@ -253,7 +251,7 @@ def uninterrupted(tmp_path_factory, tiny_tokenizer_path):
 def test_sigterm_checkpoints_and_the_same_command_resumes_with_identical_losses(
         tmp_path, tiny_tokenizer_path, uninterrupted):
     command = train_command(tmp_path, tiny_tokenizer_path, "--steps=60")
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = forked.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
@@ -329,7 +327,7 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    processes = [subprocess.Popen(
+    processes = [forked.Popen(
         train_command(tmp_path / "two", tiny_tokenizer_path, "--steps=6", "--dtype=float32",
                       f"--coordinator_address=127.0.0.1:{port}",
                       "--num_processes=2", f"--process_id={i}"),
