@@ -33,8 +33,12 @@ import sys
 import tempfile
 import threading
 
+# What the scripts import, found by diffing sys.modules after a run of each (tensorboardX brings torch;
+# lm-eval brings datasets and transformers' tokenizers).
 PRELOADED = ("jax", "jax.numpy", "equinox", "optax", "orbax.checkpoint", "numpy", "absl.app", "absl.flags",
-             "sentencepiece", "tokenizers", "jaxtyping", "safetensors.numpy", "lm_eval.evaluator", "lm_eval.api.model")
+             "sentencepiece", "tokenizers", "jaxtyping", "safetensors.numpy", "lm_eval.evaluator", "lm_eval.api.model",
+             "tensorboardX", "matplotlib.pyplot", "scipy.stats", "pytablewriter", "google_crc32c", "gcsfs",
+             "google.cloud.storage")
 # Read by those libraries when they are imported: a child must see what the server saw.
 IMPORT_TIME_PREFIXES = ("JAX_", "JAXTYPING", "TF_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "DATASETS_", "TORCH",
                         "PYTHON", "OMP_", "MKL_", "LD_", "PATH")
