@@ -163,7 +163,9 @@ def measure(work: str) -> None:
         from import_speed import make_folder
 
         julian_dir = hf_dir = os.path.join(work, "hf")
-        n_params, vocab_size = make_folder(hf_dir), "49,152"
+        n_params = make_folder(hf_dir)
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            vocab_size = f"{json.load(f)['vocab_size']:,}"
     else:
         julian_dir, hf_dir, n_params = _model(work, MODELS[FLAGS.model])
         vocab_size = f"{MODELS[FLAGS.model].vocab_size:,}"
