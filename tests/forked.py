@@ -42,10 +42,13 @@ PRELOADED = ("jax", "jax.numpy", "equinox", "optax", "orbax.checkpoint", "numpy"
 # Read by those libraries when they are imported: a child must see what the server saw.
 IMPORT_TIME_PREFIXES = ("JAX_", "JAXTYPING", "TF_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "DATASETS_", "TORCH",
                         "PYTHON", "OMP_", "MKL_", "LD_", "PATH")
+# Set by a library for itself as it runs, not read at import: torch writes its compiler's cache
+# folder into the environment the first time a test's transformers model runs.
+SET_AT_RUN_TIME = ("TORCHINDUCTOR_CACHE_DIR",)
 
 
 def _import_time_env(env) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES)}
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES) and k not in SET_AT_RUN_TIME}
 
 
 class _Server:
