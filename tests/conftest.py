@@ -74,6 +74,26 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), psutil.virtual_memory().total // (6 << 30)))
 
 
+# The test files, longest first (summed test durations of a run, 2026-12-07), so that no worker
+# ends the run alone on a long file: test_bad_input.py first, which builds the shared tiny run,
+# beside test_model.py and test_data.py, which need none of it. Files not named come last.
+LONGEST_FIRST = ("test_bad_input.py", "test_model.py", "test_train.py", "test_data.py", "test_dpo.py",
+                 "test_compile_targets.py", "test_generate.py", "test_evaluate.py", "test_convert.py",
+                 "test_model_targets.py", "test_runlog.py", "test_sft.py", "test_budget.py", "test_data_cluster.py",
+                 "test_evaluate_fr.py", "test_benchmarks.py", "test_tokenizer.py", "test_cli.py", "test_optim.py",
+                 "test_signals.py", "test_loopback.py", "test_docs.py")
+
+
+def pytest_configure(config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # xdist would hand out the files by number of tests
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @contextlib.contextmanager
 def built_once(tmp_path_factory, name: str):
     """Yields (folder, whether to build it) for the test run's one copy of something expensive,

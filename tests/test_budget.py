@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import pytest
 
 import budget
 from budget import FIT_FRACTION, Pod, compile_program, fit_verdict
@@ -31,6 +32,7 @@ def test_cpu_peak_is_measured_once_per_cpu_model_and_core_count_then_read_from_t
     assert other != 123e12 and json.loads(cache.read_text()) == {key: 123e12, "another CPU, 3 cores": other}
 
 
+@pytest.mark.slow  # an XLA:TPU compile per flag tried
 def test_dry_run_fit_verdict_names_the_remat_flag_that_makes_a_step_fit():
     model_config = dataclasses.replace(TINY, max_seq_len=256, attention="einsum")
     config = TrainConfig(steps=10, batch_size=8, warmup_steps=1)
@@ -59,6 +61,7 @@ def test_cpu_peak_is_measured_in_the_runs_compute_dtype_under_a_key_naming_its_i
                                                                budget.cpu_key("float32"): fp32}
 
 
+@pytest.mark.slow  # an XLA:TPU compile per flag tried
 def test_fit_verdict_tries_only_a_grad_accum_whose_micro_batches_split_over_the_devices():
     devices = budget.target_devices("v4-8")  # 4 chips, through libtpu
     # Already at full remat, the pod's kernel and --fsdp=4: only --grad_accum is left to try.

@@ -17,6 +17,8 @@ from optim import TrainConfig
 from train_step import compile_step
 
 pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) is not installed: no XLA:TPU to compile with")
+# XLA:TPU compiles, 10-80 s each on a 2-core CPU: the slow tier, which .ci/run runs too.
+pytestmark = pytest.mark.slow
 
 # configs/tiny.flags' batch.
 TINY_TRAIN = TrainConfig(steps=300, batch_size=8, warmup_steps=30)
@@ -70,7 +72,6 @@ def test_dots_keeps_the_matmul_outputs_that_full_recomputes_in_the_program_compi
     assert matmuls["full"] > matmuls["dots"] > 0, matmuls
 
 
-@pytest.mark.slow  # two 4B-parameter compiles: ~25 s on an idle 2-core CPU
 def test_a_step_that_cannot_fit_a_v4_chip_is_refused_in_one_line_naming_the_flag_that_fits():
     # 4.4B parameters and their Adam state replicated on every chip: over 32 GiB before any
     # activation; sharded over the slice's 4 chips they fit.

@@ -158,6 +158,7 @@ def test_conservative_dpo_is_trl_sigmoid_on_the_pairs_and_on_the_swapped_pairs(m
     assert float(summed / count) == pytest.approx(0.8 * straight + 0.2 * flipped, abs=TOL)
 
 
+@pytest.mark.slow  # TRL's trainer and ours, a step each
 def test_gradients_and_one_optimizer_step_equal_trls_trainer(models, real_pairs, trl_setup, tmp_path):
     policy, reference = models
     settings = dict(learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -263,6 +264,7 @@ def test_stored_reference_is_loaded_only_to_compute_its_log_probabilities_then_f
     assert live() - before < reference_bytes / 10, (live() - before, reference_bytes)
 
 
+@pytest.mark.slow  # compiles the pair step and the reference pass
 def test_dry_run_counts_both_sequences_of_a_pair_and_what_the_reference_costs(capsys):
     config = train.TrainConfig(steps=10, batch_size=8, grad_accum=2, warmup_steps=1)
     loss_config, printed = dpo.LossConfig(), {}
@@ -327,6 +329,7 @@ def _language_pairs(tokenizer, n: int, seed: int) -> list[pair_packing.RenderedP
     return out
 
 
+@pytest.mark.slow  # 15 DPO steps per mask
 @pytest.mark.parametrize("mask", ["reply", "prompt"])
 def test_reward_accuracy_on_held_out_pairs_rises_to_09_and_only_with_the_reply_mask(mask, models, tokenizer):
     _, reference = models

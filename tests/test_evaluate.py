@@ -107,6 +107,7 @@ def test_rolling_loglikelihood_matches_the_hf_backend_scoring_text_after_bos(tin
     np.testing.assert_allclose(ours, reference.loglikelihood_rolling(requests), atol=LOGPROB_ATOL)
 
 
+@pytest.mark.slow  # lm-eval's HF backend generating beside ours
 def test_generate_until_matches_the_hf_backend_greedy_generation(tiny, hf_lm):
     settings = {"until": ["\n", "."], "max_gen_toks": 24, "do_sample": False}
     prompts = ["Sherlock Holmes took his bottle", "Il était une fois", "The door opened and"]

@@ -24,6 +24,8 @@ from optim import TrainConfig
 from train_step import compile_step, held_out_step
 
 pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) is not installed: no XLA:TPU to compile with")
+# XLA:TPU compiles, 15-60 s each on a 2-core CPU: the slow tier, which .ci/run runs too.
+pytestmark = pytest.mark.slow
 
 # Another process (a second test run, a dry run) may hold libtpu's lock: compiling needs no chip.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -75,7 +77,6 @@ def test_a_grouped_query_train_step_compiled_for_a_tpu_v4_8_runs_splash_on_unrep
     assert "tpu_custom_call" in text
 
 
-@pytest.mark.slow  # seven XLA:TPU compiles: ~1 min on an idle 2-core CPU
 def test_every_other_program_we_ship_compiles_for_a_v4_8_with_the_attention_its_rows_call_for():
     """The train step is the test above's."""
     mesh = v4_8_mesh()

@@ -166,6 +166,7 @@ def test_a_profile_window_3_5_traces_the_part_of_it_after_a_process_first_step(t
     assert trace_steps(tmp_path) == traced
 
 
+@pytest.mark.slow  # a traced training run
 def test_profile_steps_writes_a_trace_and_the_console_shows_the_time_breakdown(tmp_path, tiny_tokenizer_path):
     # As a user runs it; -X importtime lists every module the run imported.
     result = subprocess.run(

@@ -544,6 +544,7 @@ def _mean_losses(model, tokenizer: Tokenizer, prompts: list[str]) -> tuple[float
     return float(nll[user[:, 1:]].mean()), float(nll[reply[:, 1:]].mean())
 
 
+@pytest.mark.slow  # a fine-tuning run to convergence
 def test_fine_tuning_teaches_the_reply_pattern_but_not_the_repeated_user_messages(tiny_run, tmp_path):
     chats = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": REPLY}]}
              for _ in range(8) for p in PROMPTS]

@@ -176,6 +176,7 @@ def test_a_non_finite_step_leaves_parameters_and_moments_untouched():
     assert not np.array_equal(before.model.lm_head, state.model.lm_head)
 
 
+@pytest.mark.slow  # two XLA:TPU compiles
 def test_dry_run_shows_fsdp_dividing_the_per_device_state(tmp_path):
     fit_lines = []
     def argument_mib(*args):
@@ -248,6 +249,7 @@ def uninterrupted(tmp_path_factory, tiny_tokenizer_path):
     return logged(out)
 
 
+@pytest.mark.slow  # two 60-step runs
 def test_sigterm_checkpoints_and_the_same_command_resumes_with_identical_losses(
         tmp_path, tiny_tokenizer_path, uninterrupted):
     command = train_command(tmp_path, tiny_tokenizer_path, "--steps=60")
@@ -290,6 +292,7 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_checkpo
     assert logged(tmp_path) == uninterrupted
 
 
+@pytest.mark.slow  # three training runs
 def test_nan_steps_are_skipped_then_rolled_back_past_then_stop_the_run(tmp_path, tiny_tokenizer_path):
     once = run_train(tmp_path / "once", tiny_tokenizer_path, "--steps=12", env=with_faults("3"))
     record = [json.loads(l) for l in open(tmp_path / "once" / "metrics.jsonl")][-1]
@@ -322,6 +325,7 @@ def one_process_of_four(tmp_path_factory, tiny_tokenizer_path):
     return logged(out)
 
 
+@pytest.mark.slow  # two jax.distributed processes and a reference run
 def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, tiny_tokenizer_path,
                                                                      one_process_of_four):
     with socket.socket() as s:
@@ -350,6 +354,7 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(tmp_path, t
         np.testing.assert_allclose(one[step][1], two[step][1], rtol=5e-4)
 
 
+@pytest.mark.slow  # two runs on four fake devices
 def test_fsdp_over_two_devices_trains_like_replicated_parameters(tmp_path, tiny_tokenizer_path,
                                                                 one_process_of_four):
     run_train(tmp_path / "fsdp", tiny_tokenizer_path, "--steps=6", "--dtype=float32", "--fsdp=2",
@@ -379,6 +384,7 @@ def test_an_unwritable_output_dir_fails_before_training(tmp_path, tiny_tokenizer
     assert "parameters" not in err
 
 
+@pytest.mark.slow  # two 60-step runs through the GCS emulator
 def test_checkpoints_on_gcs_resume_like_local_ones(tmp_path, tiny_tokenizer_path, gcs_bucket, uninterrupted):
     # Orbax writes arrays through TensorStore and directories through gcsfs, both pointed at the
     # emulator by the fixture: the real clients, a local server.
