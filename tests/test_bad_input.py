@@ -1,17 +1,18 @@
 """Bad input, end to end: every script's command line against the inputs a user gets wrong.
 
 Each row runs one script as its own process, as a user would (forked with its libraries already
-imported: tests/forked.py), and checks its exit status (2 for bad input, 0 where bad records
-stay under --max_bad_fraction and are counted and skipped; never a traceback), that the error is one short line, `SCRIPT.py: error: ...`, naming the file,
-line, flag or shape at fault and what was expected, and, for the runs that go through, the
-counts they print. The rows of a script write into one output location; after them, a good run
-into that same location succeeds (`test_then_a_good_run_into_the_same_output_succeeds`): nothing
-a failed run left behind is trusted or blocks it.
+imported: tests/forked.py), and checks its exit status (2 for bad input, 0 where bad records stay
+under --max_bad_fraction and are counted and skipped; never a traceback), that the error is one
+short line, `SCRIPT.py: error: ...`, naming the file, line, flag or shape at fault and what was
+expected, and, for the runs that go through, the counts they print. The rows of a script write into
+one output location; after them, a good run into that same location succeeds
+(`test_then_a_good_run_into_the_same_output_succeeds`): nothing a failed run left behind is trusted
+or blocks it.
 
-Most rows fail on validation, before any compile, engine or pool: about a second each. The runs
-that train (bad records below the limit, the good runs) use the session's tiny model and tokenizer (conftest.py), two steps, and the shared compilation cache.
-The selected rows are independent processes: they run at once, one per core (`results`), and
-each test checks its own.
+Most rows fail on validation, before any compile, engine or pool: about a second each. The runs that
+train (bad records below the limit, the good runs) use the session's tiny model and tokenizer
+(conftest.py), two steps, and the shared compilation cache. The selected rows are independent
+processes: they run at once, one per core (`results`), and each test checks its own.
 """
 
 from __future__ import annotations
