@@ -617,6 +617,22 @@ def test_target_logps_are_optaxs_log_softmax_of_the_heads_logits_and_flag_the_ar
     assert np.asarray(target_logps(model, hidden, best)[1]).all()
 
 
+def test_of_tied_top_logits_only_the_first_tokens_is_the_argmax():
+    """argmax's rule, which lm-eval's `hf` backend applies through torch: of equal top logits,
+    the lowest token id is the greedy one. Integer weights and inputs make the products exact,
+    so tokens 3 and 7, given equal head columns larger than every other, tie exactly."""
+    rng = np.random.default_rng(15)
+    head = rng.integers(-2, 3, (64, VOCAB)).astype(np.float32)
+    head[:, [3, 7]] = 5.0
+    model = eqx.tree_at(lambda m: m.lm_head, build(dtype="float32"), jnp.asarray(head))
+    hidden = rng.integers(1, 4, (BATCH, SEQ, 64)).astype(np.float32)
+    targets = rng.choice(np.array([3, 7, 0, 1]), (BATCH, SEQ)).astype(np.int32)
+    logits = np.asarray(_head(model, hidden))
+    assert (logits[..., 3] == logits[..., 7]).all() and (np.argmax(logits, axis=-1) == 3).all()
+    greedy = np.asarray(target_logps(model, hidden, targets)[1])
+    np.testing.assert_array_equal(greedy, targets == 3)
+
+
 @model_jit
 def _chunked_loss_and_grads(model, hidden, targets, weights):
     def loss(m, h, chunk):
