@@ -499,6 +499,32 @@ def test_fused_attention_matches_einsum_on_packed_rows_in_values_and_gradients(i
         assert_close(g, w, rtol=4 * BF16_EPS)
 
 
+def test_einsum_attention_in_query_blocks_equals_softmax_attention_over_the_whole_mask():
+    """Past QUERY_BLOCK positions the einsum path scores a block of queries against the keys up
+    to the block's end; the result is NumPy's softmax over the whole causal mask (a random set
+    of earlier positions per query, as packed scoring's ancestors), K/V heads shared by two
+    query heads, and its gradients equal XLA's dot_product attention on segment ids."""
+    t = 2 * ops.QUERY_BLOCK + 44  # three blocks, the last one partial
+    rng = np.random.default_rng(31)
+    q = normal(32, (2, 4, t, 16))
+    k, v = normal(33, (2, 2, t, 16)), normal(34, (2, 2, t, 16))
+    mask = np.tril(rng.uniform(size=(2, t, t)) < 0.3) | np.eye(t, dtype=bool)
+    got = np.asarray(jax.jit(ops.attend, static_argnums=(4, 5))(q, k, v, jnp.asarray(mask), "einsum", "float32"))
+    scores = np.einsum("bhqd,bhkd->bhqk", np.asarray(q), np.repeat(np.asarray(k), 2, axis=1)) / 4.0
+    scores = np.where(mask[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bhkd->bqhd", probs, np.repeat(np.asarray(v), 2, axis=1))
+    assert_close(got, want, rtol=1e-5)
+
+    runs = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 2]], [100, 150, t - 250], axis=1), jnp.int32)
+    weights = normal(35, (2, t, 4, 16))
+    grads = lambda impl: jax.jit(jax.grad(lambda q, k, v: jnp.sum(
+        ops.attend(q, k, v, runs, impl, "float32") * weights), argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(grads("einsum"), grads("dot_product")):
+        assert_close(got, want, rtol=1e-5)
+
+
 def test_fused_attention_keeps_documents_apart():
     """A document's outputs do not change when another document of the row changes."""
     def out(impl, v_scale):
