@@ -449,7 +449,8 @@ def init_cache(config: ModelConfig, batch: int, size: int) -> KVCache:
 def _row_sum(x: Float[Array, "*batch n"]) -> Float[Array, " *batch"]:
     """Sum over the last axis. On a CPU as a product with a vector of ones: XLA:CPU runs that as
     a matrix-vector product, about 3x faster than its row reduction over a vocabulary-wide row
-    (benchmarks/eval_speed.py); elsewhere a reduction, which needs no fp32 matmul precision."""
+    (SmolLM2-135M's 49,152 logits, benchmarks/README.md); elsewhere a reduction, which needs no
+    fp32 matmul precision."""
     ones = lambda x: jnp.dot(x, jnp.ones(x.shape[-1], x.dtype), precision=jax.lax.Precision.HIGHEST)
     return jax.lax.platform_dependent(x, cpu=ones, default=lambda x: jnp.sum(x, axis=-1))
 
