@@ -40,10 +40,9 @@ ROW_LENGTHS = (256, 512, 1024, 2048)
 # activations stay in cache); accelerators get 4x (4,096, as before).
 TOKENS_PER_REQUEST = 64
 # Target positions per piece of the head: the padding a pass scores is below one piece, while the
-# compiled program is sized by a power of two of targets (few programs). On a 2-core CPU, pieces
-# of 64 and of 128 scored SmolLM2-135M's targets equally fast (64 x 49,152 fp32 logits a piece).
+# compiled program is sized by the pass's slots (one program per pass shape). On a 2-core CPU,
+# pieces of 64 and of 128 scored SmolLM2-135M's targets equally fast (64 x 49,152 fp32 logits a piece).
 HEAD_CHUNK = 64
-HEAD_BUCKETS = [HEAD_CHUNK << k for k in range(26)]  # target counts a head program is compiled for
 
 
 def _packed_hidden(model: Transformer, tokens: Int[Array, "rows length"], positions: Int[Array, "rows length"],
@@ -74,9 +73,22 @@ def _target_scores(model: Transformer, hidden: Float[Array, "rows length d_model
     return jax.lax.fori_loop(0, -(-count // HEAD_CHUNK), chunk, empty)
 
 
-# Two programs, not one: the body compiles once per row shape, the cheap head once per bucket of targets.
-_packed_hidden_jit = jax.jit(_packed_hidden)
-_target_scores_jit = jax.jit(_target_scores)
+def _scoring_pass(model: Transformer, tokens: Int[Array, "rows length"], positions: Int[Array, "rows length"],
+                  ends: Int[Array, "rows length"], index: Int[Array, " slots"], targets: Int[Array, " slots"],
+                  count: Int[Array, ""]) -> tuple[Float[Array, " slots"], Bool[Array, " slots"]]:
+    """The body over the rows, then the head over the first `count` of `index`, which has room
+    for every slot of the pass (rounded up to whole pieces): one program per pass shape. A
+    separate head, sized by its targets, made 9 programs of the report's tasks' 5 pass shapes,
+    and each process traces and lowers every program even when JAX's cache holds its code
+    (2.5 s against 1.4 s on SmolLM2-135M's shape)."""
+    return _target_scores(model, _packed_hidden(model, tokens, positions, ends), index, targets, count)
+
+
+_scoring_pass_jit = jax.jit(_scoring_pass)
+
+
+def _head_slots(rows: int, length: int) -> int:  # index and targets of a pass: its slots in whole pieces
+    return -(-rows * length // HEAD_CHUNK) * HEAD_CHUNK
 
 
 def rows_per_pass(batch_size: int, length: int, accelerator: bool) -> int:
@@ -85,8 +97,8 @@ def rows_per_pass(batch_size: int, length: int, accelerator: bool) -> int:
 
 
 def compile_scoring(model_config: ModelConfig, rows: int, length: int, device):
-    """One scoring pass (_packed_hidden, then _target_scores with every position a target: the
-    most a pass of `rows` x `length` scores) compiled for `device`, which may be a TPU or GPU
+    """One scoring pass (_scoring_pass with every position a target: the most a pass of
+    `rows` x `length` scores) compiled for `device`, which may be a TPU or GPU
     topology's (budget.py), from abstract shapes; allocates nothing. evaluate.JulianLM scores on
     one device per process, so this is the per-chip program."""
     config = dataclasses.replace(model_config, scan_layers=True, fp32_residual=True)  # as evaluate.for_inference
@@ -94,13 +106,9 @@ def compile_scoring(model_config: ModelConfig, rows: int, length: int, device):
     model = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place),
                          eqx.filter_eval_shape(Transformer, config, jax.random.key(0)))
     grid = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=place)
-    flat = jax.ShapeDtypeStruct((_bucket(rows * length, HEAD_BUCKETS),), jnp.int32, sharding=place)
+    flat = jax.ShapeDtypeStruct((_head_slots(rows, length),), jnp.int32, sharding=place)
     count = jax.ShapeDtypeStruct((), jnp.int32, sharding=place)
-
-    def scoring_pass(model, tokens, positions, ends, index, targets, count):
-        return _target_scores(model, _packed_hidden(model, tokens, positions, ends), index, targets, count)
-
-    return jax.jit(scoring_pass).lower(model, grid, grid, grid, flat, flat, count).compile()
+    return _scoring_pass_jit.lower(model, grid, grid, grid, flat, flat, count).compile()
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:
@@ -241,12 +249,11 @@ def score_pass(model: Transformer, packed: _Pass, requests: Sequence[tuple[list[
                 owners += [i] * len(continuation)
                 previous = seq
     count = len(index)
-    width = _bucket(count, HEAD_BUCKETS)
+    width = _head_slots(n_rows, length)
     index += [0] * (width - count)
     targets += [PAD_ID] * (width - count)
-    hidden = _packed_hidden_jit(model, tokens, positions, ends)
-    logprobs, greedy = _target_scores_jit(model, hidden, np.asarray(index, np.int32),
-                                          np.asarray(targets, np.int32), np.int32(count))
+    logprobs, greedy = _scoring_pass_jit(model, tokens, positions, ends, np.asarray(index, np.int32),
+                                         np.asarray(targets, np.int32), np.int32(count))
     logprobs = np.asarray(logprobs, np.float64)[: len(owners)]
     greedy = np.asarray(greedy)[: len(owners)]
     requests_here, which = np.unique(np.asarray(owners), return_inverse=True)
