@@ -33,7 +33,7 @@ from tokenizer import PAD_ID
 
 # Packed rows for scoring, one compiled body per length. Not 128: trees are cut to half the shortest
 # row, and 128-token rows of one 65-128-token tree each were 83% full where 256-token rows of
-# 128-token trees fill to 98% (6% less evaluation time for SmolLM2-135M's shape on the report's tasks).
+# 128-token trees fill to 98% (6% less scoring time for SmolLM2-135M's shape on the report's tasks).
 ROW_LENGTHS = (256, 512, 1024, 2048)
 # A scoring pass holds about batch_size x this many tokens on a CPU: 1,024 at the default batch of
 # 16, where a 2-core CPU ran the 100m shape's layers 1.3x faster per token than at 4,096 (the
@@ -186,9 +186,10 @@ def plan_passes(requests: Sequence[tuple[list[int], list[int]]], max_length: int
                 rows_per_pass: Callable[[int], int], rank: int = 0, world: int = 1) -> list[_Pass]:
     """Process `rank` of `world`'s forward passes: the requests' inputs form prefix trees
     (`_tree_units`, cut where cutting costs little to half the shortest row, so that first fit
-    can fill the shortest rows with two or more); the process takes every world-th tree, longest first, into rows of the
-    shortest length that holds it (first fit), rows of a length into passes. Passes go longest
-    rows first, as the `hf` backend orders its batches (memory errors show at once)."""
+    can fill the shortest rows with two or more); the process takes every world-th tree, longest
+    first, into rows of the shortest length that holds it (first fit), rows of a length into
+    passes. Passes go longest rows first, as the `hf` backend orders its batches (memory errors
+    show at once)."""
     for i, (context, continuation) in enumerate(requests):
         if not context or not continuation or len(continuation) > max_length:
             raise ValueError(f"request {i}: {len(context)} context and {len(continuation)} continuation "
