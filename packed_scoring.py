@@ -31,9 +31,10 @@ from jaxtyping import Array, Bool, Float, Int
 from model import ModelConfig, Transformer, target_logps
 from tokenizer import PAD_ID
 
-# Packed rows for scoring, one compiled body per length. Not 128: trees are cut to half the shortest
-# row, and 128-token rows of one 65-128-token tree each were 83% full where 256-token rows of
-# 128-token trees fill to 98% (6% less scoring time for SmolLM2-135M's shape on the report's tasks).
+# Packed rows for scoring, one compiled program per pass shape. Not 128: trees are cut to half
+# the shortest row, and 128-token rows of one 65-128-token tree each were 83% full where 256-token
+# rows of 128-token trees fill to 98% (6% less scoring time for SmolLM2-135M's shape on the
+# report's tasks).
 ROW_LENGTHS = (256, 512, 1024, 2048)
 # A scoring pass holds about batch_size x this many tokens on a CPU: 1,024 at the default batch of
 # 16, where a 2-core CPU ran the 100m shape's layers 1.3x faster per token than at 4,096 (the

@@ -110,6 +110,7 @@ def test_planned_rows_hold_every_request_once_and_short_trees_share_rows():
     tree_tokens = sum(unit.length for p in passes for row in p.rows for unit in row)
     assert tree_tokens / sum(p.n_rows * p.length for p in passes) > 0.85
 
+
 def test_rolling_loglikelihood_matches_the_hf_backend_scoring_text_after_bos(tiny, tiny_hf):
     from lm_eval.models.huggingface import HFLM
 
